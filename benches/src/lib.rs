@@ -1,0 +1,1 @@
+//! Benchmarks of `cluster`: criterion micro-benchmarks and the load benchmark.

@@ -1,0 +1,332 @@
+//! The seq/ack link: one per worker on each side.
+//!
+//! ```text
+//!            peer's handshake            close()/peer gone
+//!  Handshake ───────────────▶ Open ─────────────────────────▶ Closed
+//!      │  anything else: HandshakeExpected                      ▲
+//!      └────────────────────────────────────────────────────────┘
+//!
+//!  request(p) ─▶ seq n, pending[n] = p ─▶ reply(ack n) ─▶ p        (exactly once)
+//!                                      └▶ reply(ack n) again ─▶ DuplicateAck
+//!                                      └▶ close() ─▶ p returned as failed
+//! ```
+//!
+//! The link does not know what its requests mean: it hands out sequence numbers, remembers what
+//! each stands for (`P`) and when it must be answered, and matches replies to them. Every broken
+//! promise is an error value, never a panic.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use crate::wire::{PROTOCOL_VERSION, Seq};
+
+/// A violation of the link protocol by the peer (or use of a closed link).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum LinkError {
+    /// The peer's first message was not its handshake.
+    #[error("first message was not the handshake")]
+    HandshakeExpected,
+    /// The peer sent its handshake twice.
+    #[error("handshake repeated")]
+    DuplicateHandshake,
+    /// The peer speaks another protocol version.
+    #[error("protocol version mismatch: ours {ours}, peer {theirs}")]
+    VersionMismatch {
+        /// [`PROTOCOL_VERSION`].
+        ours: u16,
+        /// The peer's.
+        theirs: u16,
+    },
+    /// A reply for a request that was never sent.
+    #[error("ack {ack} answers no request")]
+    UnknownAck {
+        /// The ack received.
+        ack: Seq,
+    },
+    /// A second reply for a request already answered (or failed).
+    #[error("ack {ack} was already answered")]
+    DuplicateAck {
+        /// The ack received.
+        ack: Seq,
+    },
+    /// A reply of the wrong kind for its request (e.g. a connection ack for a listen query).
+    #[error("ack {ack} has the wrong kind of reply")]
+    WrongReply {
+        /// The ack received.
+        ack: Seq,
+    },
+    /// The link is closed.
+    #[error("link closed")]
+    Closed,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    Handshake,
+    Open,
+    Closed,
+}
+
+/// One side's view of a link: request numbering, pending requests and the handshake.
+#[derive(Debug)]
+pub struct Link<P> {
+    state: State,
+    next_seq: u64,
+    /// Ordered by seq, so the oldest request (the first deadline to expire) is first.
+    pending: BTreeMap<Seq, Pending<P>>,
+}
+
+#[derive(Debug)]
+struct Pending<P> {
+    what: P,
+    deadline: Option<Instant>,
+}
+
+impl<P> Default for Link<P> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<P> Link<P> {
+    /// A link waiting for the peer's handshake.
+    pub fn new() -> Self {
+        Self {
+            state: State::Handshake,
+            next_seq: 1,
+            pending: BTreeMap::new(),
+        }
+    }
+
+    /// Records the peer's handshake.
+    ///
+    /// # Errors
+    ///
+    /// [`LinkError::DuplicateHandshake`], [`LinkError::VersionMismatch`] or [`LinkError::Closed`].
+    pub fn handle_handshake(&mut self, version: u16) -> Result<(), LinkError> {
+        match self.state {
+            State::Closed => Err(LinkError::Closed),
+            State::Open => Err(LinkError::DuplicateHandshake),
+            State::Handshake if version != PROTOCOL_VERSION => Err(LinkError::VersionMismatch {
+                ours: PROTOCOL_VERSION,
+                theirs: version,
+            }),
+            State::Handshake => {
+                self.state = State::Open;
+                Ok(())
+            }
+        }
+    }
+
+    /// Checks that a message other than the handshake may be received now.
+    ///
+    /// # Errors
+    ///
+    /// [`LinkError::HandshakeExpected`] before the handshake, [`LinkError::Closed`] after close.
+    pub fn check_open(&self) -> Result<(), LinkError> {
+        match self.state {
+            State::Open => Ok(()),
+            State::Handshake => Err(LinkError::HandshakeExpected),
+            State::Closed => Err(LinkError::Closed),
+        }
+    }
+
+    /// Whether the handshake is done and the link not closed.
+    pub fn is_open(&self) -> bool {
+        self.state == State::Open
+    }
+
+    /// Whether the link is closed.
+    pub fn is_closed(&self) -> bool {
+        self.state == State::Closed
+    }
+
+    /// Starts a request: returns its sequence number and remembers `what` until the reply.
+    ///
+    /// Requests may be sent before the peer's handshake arrives (frames are ordered, and the
+    /// peer sends its handshake first on its own side).
+    ///
+    /// # Errors
+    ///
+    /// [`LinkError::Closed`]; `what` is handed back.
+    pub fn start_request(
+        &mut self,
+        what: P,
+        deadline: Option<Instant>,
+    ) -> Result<Seq, (LinkError, P)> {
+        if self.state == State::Closed {
+            return Err((LinkError::Closed, what));
+        }
+        let seq = Seq::new(self.next_seq);
+        self.next_seq += 1;
+        self.pending.insert(seq, Pending { what, deadline });
+        Ok(seq)
+    }
+
+    /// Matches a reply to its request and forgets the request.
+    ///
+    /// # Errors
+    ///
+    /// [`LinkError::UnknownAck`] for a number never issued, [`LinkError::DuplicateAck`] for one
+    /// already answered.
+    pub fn finish_request(&mut self, ack: Seq) -> Result<P, LinkError> {
+        self.check_open()?;
+        match self.pending.remove(&ack) {
+            Some(p) => Ok(p.what),
+            None if ack.get() > 0 && ack.get() < self.next_seq => {
+                Err(LinkError::DuplicateAck { ack })
+            }
+            None => Err(LinkError::UnknownAck { ack }),
+        }
+    }
+
+    /// Matches a reply only if `accept` agrees that its kind fits the request.
+    ///
+    /// # Errors
+    ///
+    /// As [`Self::finish_request`], plus [`LinkError::WrongReply`] (the request stays pending).
+    pub fn finish_request_if(
+        &mut self,
+        ack: Seq,
+        accept: impl FnOnce(&P) -> bool,
+    ) -> Result<P, LinkError> {
+        self.check_open()?;
+        match self.pending.get(&ack) {
+            Some(p) if !accept(&p.what) => Err(LinkError::WrongReply { ack }),
+            _ => self.finish_request(ack),
+        }
+    }
+
+    /// The pending request for `seq`, if any.
+    pub fn pending(&self, seq: Seq) -> Option<&P> {
+        self.pending.get(&seq).map(|p| &p.what)
+    }
+
+    /// How many requests await a reply.
+    pub fn pending_len(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// The earliest deadline among pending requests.
+    ///
+    /// Requests with deadlines are assumed to be issued with non-decreasing deadlines (one
+    /// timeout per kind), so this looks at the oldest requests first and stops at the first one
+    /// that has a deadline.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.pending.values().find_map(|p| p.deadline)
+    }
+
+    /// The requests whose deadline is at or before `now`, oldest first. They stay pending.
+    pub fn expired(&self, now: Instant) -> impl Iterator<Item = (Seq, &P)> + '_ {
+        self.pending
+            .iter()
+            .filter(move |(_, p)| p.deadline.is_some_and(|d| d <= now))
+            .map(|(seq, p)| (*seq, &p.what))
+    }
+
+    /// Closes the link; every pending request is returned as failed, oldest first.
+    pub fn close(&mut self) -> impl Iterator<Item = (Seq, P)> {
+        self.state = State::Closed;
+        std::mem::take(&mut self.pending)
+            .into_iter()
+            .map(|(seq, p)| (seq, p.what))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open() -> Link<&'static str> {
+        let mut link = Link::new();
+        link.handle_handshake(PROTOCOL_VERSION).unwrap();
+        link
+    }
+
+    #[test]
+    fn messages_before_the_handshake_are_refused() {
+        let mut link = Link::<()>::new();
+        assert_eq!(link.check_open(), Err(LinkError::HandshakeExpected));
+        assert_eq!(
+            link.finish_request(Seq::new(1)),
+            Err(LinkError::HandshakeExpected)
+        );
+        assert_eq!(
+            link.handle_handshake(PROTOCOL_VERSION + 1),
+            Err(LinkError::VersionMismatch {
+                ours: PROTOCOL_VERSION,
+                theirs: PROTOCOL_VERSION + 1
+            })
+        );
+        link.handle_handshake(PROTOCOL_VERSION).unwrap();
+        assert_eq!(
+            link.handle_handshake(PROTOCOL_VERSION),
+            Err(LinkError::DuplicateHandshake)
+        );
+    }
+
+    #[test]
+    fn each_reply_matches_exactly_once() {
+        let mut link = open();
+        let a = link.start_request("a", None).unwrap();
+        let b = link.start_request("b", None).unwrap();
+        assert_eq!((a.get(), b.get()), (1, 2));
+        assert_eq!(link.finish_request(b), Ok("b"));
+        assert_eq!(
+            link.finish_request(b),
+            Err(LinkError::DuplicateAck { ack: b })
+        );
+        assert_eq!(
+            link.finish_request(Seq::new(99)),
+            Err(LinkError::UnknownAck { ack: Seq::new(99) })
+        );
+        assert_eq!(
+            link.finish_request(Seq::new(0)),
+            Err(LinkError::UnknownAck { ack: Seq::new(0) })
+        );
+        assert_eq!(link.pending_len(), 1);
+        assert_eq!(link.finish_request(a), Ok("a"));
+    }
+
+    #[test]
+    fn wrong_kind_of_reply_leaves_the_request_pending() {
+        let mut link = open();
+        let a = link.start_request("query", None).unwrap();
+        assert_eq!(
+            link.finish_request_if(a, |p| *p == "conn"),
+            Err(LinkError::WrongReply { ack: a })
+        );
+        assert_eq!(link.finish_request_if(a, |p| *p == "query"), Ok("query"));
+    }
+
+    #[test]
+    fn close_fails_every_pending_request_and_refuses_new_ones() {
+        let mut link = open();
+        link.start_request("a", None).unwrap();
+        link.start_request("b", None).unwrap();
+        let failed: Vec<_> = link.close().map(|(_, p)| p).collect();
+        assert_eq!(failed, ["a", "b"]);
+        assert!(link.is_closed());
+        assert_eq!(link.start_request("c", None), Err((LinkError::Closed, "c")));
+        assert_eq!(link.finish_request(Seq::new(1)), Err(LinkError::Closed));
+    }
+
+    #[test]
+    fn deadlines_are_reported_oldest_first() {
+        let t0 = Instant::now();
+        let s = std::time::Duration::from_secs(1);
+        let mut link = open();
+        link.start_request("no deadline", None).unwrap();
+        let a = link.start_request("a", Some(t0 + s)).unwrap();
+        link.start_request("b", Some(t0 + 2 * s)).unwrap();
+        assert_eq!(link.next_deadline(), Some(t0 + s));
+        assert_eq!(link.expired(t0).count(), 0);
+        assert_eq!(
+            link.expired(t0 + s).map(|(seq, _)| seq).collect::<Vec<_>>(),
+            [a]
+        );
+        link.finish_request(a).unwrap();
+        assert_eq!(link.next_deadline(), Some(t0 + 2 * s));
+    }
+}

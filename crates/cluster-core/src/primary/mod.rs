@@ -1,0 +1,623 @@
+//! The primary's side of the protocol: every worker's link and lifecycle, and the registry.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use crate::error::ProtocolError;
+use crate::key::HandleKey;
+use crate::lifecycle::{ExitStatus, Lifecycle, Transition, WorkerState};
+use crate::link::Link;
+use crate::registry::{Registry, RegistryConfig, RegistryOutput};
+use crate::wire::{
+    self, BoundAddr, Distribution, EncodeError, Errno, HandleId, ListenInfo, ListenRequest,
+    PROTOCOL_VERSION, PrimaryMessage, WorkerId, WorkerMessage,
+};
+
+/// Settings of the primary's core.
+#[derive(Clone, Copy, Debug)]
+#[non_exhaustive]
+pub struct Config {
+    /// The registry's policy and bounds.
+    pub registry: RegistryConfig,
+    /// How long a worker may take to ack a handed-off connection before it is presumed hung and
+    /// killed.
+    pub handoff_timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            registry: RegistryConfig::default(),
+            handoff_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// What travels with a transmitted frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attachment<C> {
+    /// The accepted connection `C`.
+    Conn(C),
+    /// The listening socket of a shared handle.
+    Listener(HandleId),
+}
+
+/// A frame to send; its bytes were written to the buffer given to [`Primary::poll_output`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Transmit<C> {
+    /// The receiving worker.
+    pub worker: WorkerId,
+    /// The fd to attach, if any.
+    pub attachment: Option<Attachment<C>>,
+}
+
+/// Something that happened to a worker, in Node's order (`Fork`, `Online`, `Listening`,
+/// `Message`…, `Disconnect`, `Exit`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Event {
+    /// The worker's runtime sent its handshake.
+    Online {
+        /// The worker.
+        worker: WorkerId,
+        /// Its pid, as it reported it.
+        pid: u32,
+    },
+    /// The worker listens on a handle.
+    Listening {
+        /// The worker.
+        worker: WorkerId,
+        /// The handle.
+        handle: HandleId,
+        /// Its key.
+        key: HandleKey,
+        /// Where it is bound.
+        addr: BoundAddr,
+    },
+    /// A user message.
+    Message {
+        /// The sender.
+        worker: WorkerId,
+        /// The encoded value.
+        payload: Vec<u8>,
+    },
+    /// The worker's link closed.
+    Disconnect {
+        /// The worker.
+        worker: WorkerId,
+    },
+    /// The worker's process ended (always after its `Disconnect`).
+    Exit {
+        /// The worker.
+        worker: WorkerId,
+        /// How it ended.
+        status: ExitStatus,
+        /// Whether it left on purpose (a disconnect), as Node's `exitedAfterDisconnect`.
+        exited_after_disconnect: bool,
+    },
+    /// The worker broke the protocol; its link is being closed.
+    Error {
+        /// The worker.
+        worker: WorkerId,
+        /// What it did.
+        error: ProtocolError,
+    },
+}
+
+/// What the primary's driver must do next.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Output<C> {
+    /// Send the frame now in the buffer.
+    Transmit(Transmit<C>),
+    /// Create the socket for `handle` and report with [`Primary::handle_bound`].
+    Bind {
+        /// The handle.
+        handle: HandleId,
+        /// What was asked.
+        request: ListenRequest,
+        /// Whether the primary accepts on it or shares it.
+        distribution: Distribution,
+    },
+    /// Close the socket of `handle` (and unlink its path).
+    Unbind {
+        /// The handle.
+        handle: HandleId,
+    },
+    /// Close the connection without serving it (its handle has no worker left).
+    Close(C),
+    /// A worker acked the connection: drop the primary's copy.
+    Delivered {
+        /// The owner.
+        worker: WorkerId,
+        /// The connection.
+        conn: C,
+    },
+    /// Drop this worker's link (it broke the protocol). Report [`Primary::handle_exit`] later.
+    CloseLink {
+        /// The worker.
+        worker: WorkerId,
+    },
+    /// Kill this worker: it is hung. Its in-flight connections are re-dispatched once its link
+    /// closes.
+    Kill {
+        /// The worker.
+        worker: WorkerId,
+    },
+    /// Tell the user.
+    Event(Event),
+}
+
+enum Queued<C> {
+    Send {
+        worker: WorkerId,
+        message: PrimaryMessage,
+        attachment: Option<Attachment<C>>,
+    },
+    Ready(Output<C>),
+}
+
+#[derive(Debug)]
+enum Request<C> {
+    Handoff { handle: HandleId, conn: C },
+}
+
+#[derive(Debug)]
+struct WorkerEntry<C> {
+    lifecycle: Lifecycle,
+    link: Link<Request<C>>,
+    pid: Option<u32>,
+    /// Asked to disconnect or announced leaving: no new listens.
+    leaving: bool,
+    /// Missed a handoff deadline and was told to be killed.
+    hung: bool,
+}
+
+/// The primary's core: feed it what happens, drain what to do.
+///
+/// `C` is the driver's token for an accepted connection (see [`crate::registry::Registry`]).
+#[derive(Debug)]
+pub struct Primary<C> {
+    config: Config,
+    registry: Registry<C>,
+    workers: BTreeMap<WorkerId, WorkerEntry<C>>,
+    next_worker: u64,
+    out: VecDeque<Queued<C>>,
+}
+
+impl<C> std::fmt::Debug for Queued<C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Send {
+                worker, message, ..
+            } => write!(f, "Send({worker}, {message:?})"),
+            Self::Ready(_) => f.write_str("Ready(..)"),
+        }
+    }
+}
+
+impl<C: Copy + Eq + std::fmt::Debug> Primary<C> {
+    /// A primary with no workers.
+    pub fn new(config: Config) -> Self {
+        Self {
+            registry: Registry::new(config.registry),
+            config,
+            workers: BTreeMap::new(),
+            next_worker: 1,
+            out: VecDeque::new(),
+        }
+    }
+
+    /// Registers a new worker and returns its id (from 1, never reused). The driver spawns the
+    /// process with that id; the primary's handshake is queued for it.
+    pub fn add_worker(&mut self) -> WorkerId {
+        let worker = WorkerId::new(self.next_worker);
+        self.next_worker += 1;
+        let entry = WorkerEntry {
+            lifecycle: Lifecycle::new(),
+            link: Link::new(),
+            pid: None,
+            leaving: false,
+            hung: false,
+        };
+        self.workers.insert(worker, entry);
+        self.send(
+            worker,
+            PrimaryMessage::Hello {
+                version: PROTOCOL_VERSION,
+            },
+            None,
+        );
+        worker
+    }
+
+    /// A datagram arrived from `worker` with `fds` file descriptors attached (which the driver
+    /// keeps and closes: no worker message carries fds in this version).
+    pub fn handle_frame(&mut self, now: Instant, worker: WorkerId, frame: &[u8], fds: usize) {
+        if let Err(error) = self.process_frame(now, worker, frame, fds) {
+            self.fail(now, worker, error);
+        }
+    }
+
+    /// The datagram from `worker` was truncated by the receive buffer.
+    pub fn handle_truncated(&mut self, now: Instant, worker: WorkerId) {
+        self.fail(now, worker, ProtocolError::Truncated);
+    }
+
+    /// `worker`'s link reached end of stream (or failed). Its unacked connections are
+    /// re-dispatched, its handles left, and `Disconnect` (and a held-back `Exit`) reported.
+    pub fn handle_link_closed(&mut self, now: Instant, worker: WorkerId) {
+        let Some(entry) = self.workers.get_mut(&worker) else {
+            return;
+        };
+        // Pending handoffs are tracked by the registry too, which re-dispatches them.
+        entry.link.close().for_each(drop);
+        let transitions: Vec<_> = entry.lifecycle.link_closed().collect();
+        self.registry.remove_worker(worker);
+        self.drain_registry(now);
+        self.report(worker, transitions);
+    }
+
+    /// `worker`'s process exited.
+    pub fn handle_exit(&mut self, worker: WorkerId, status: ExitStatus) {
+        let Some(entry) = self.workers.get_mut(&worker) else {
+            return;
+        };
+        let transition = entry.lifecycle.exited(status);
+        self.report(worker, transition);
+    }
+
+    /// The driver finished binding `handle`.
+    pub fn handle_bound(
+        &mut self,
+        now: Instant,
+        handle: HandleId,
+        result: Result<BoundAddr, Errno>,
+    ) {
+        self.registry.bound(handle, result);
+        self.drain_registry(now);
+    }
+
+    /// The driver accepted `conn` on `handle`.
+    ///
+    /// # Errors
+    ///
+    /// Hands `conn` back when the handle takes no connections now (check
+    /// [`Self::wants_connections`] before accepting); the driver closes it.
+    pub fn handle_connection(&mut self, now: Instant, handle: HandleId, conn: C) -> Result<(), C> {
+        self.registry.connection(handle, conn)?;
+        self.drain_registry(now);
+        Ok(())
+    }
+
+    /// Whether the driver should accept on `handle` now.
+    pub fn wants_connections(&self, handle: HandleId) -> bool {
+        self.registry.wants_connections(handle)
+    }
+
+    /// Time passed: workers that missed a handoff deadline are reported hung and killed.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let expired: Vec<_> = self
+            .workers
+            .iter()
+            .filter(|(_, e)| !e.hung && !e.link.is_closed())
+            .filter_map(|(w, e)| e.link.expired(now).next().map(|(seq, _)| (*w, seq)))
+            .collect();
+        for (worker, seq) in expired {
+            if let Some(entry) = self.workers.get_mut(&worker) {
+                entry.hung = true;
+            }
+            self.registry.leave_all(worker);
+            self.drain_registry(now);
+            self.push(Output::Event(Event::Error {
+                worker,
+                error: ProtocolError::HandoffTimeout { seq },
+            }));
+            self.push(Output::Kill { worker });
+        }
+    }
+
+    /// When [`Self::handle_timeout`] should be called next.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.workers
+            .values()
+            .filter(|e| !e.hung)
+            .filter_map(|e| e.link.next_deadline())
+            .min()
+    }
+
+    /// Asks `worker` to disconnect: it is offered no more connections, its pending listens are
+    /// refused, and it is told to close its listeners and leave. Returns false if it is already
+    /// leaving or gone.
+    pub fn disconnect(&mut self, now: Instant, worker: WorkerId) -> bool {
+        let Some(entry) = self.workers.get_mut(&worker) else {
+            return false;
+        };
+        if entry.leaving || entry.link.is_closed() {
+            return false;
+        }
+        entry.leaving = true;
+        entry.lifecycle.leaving_on_purpose();
+        self.registry.leave_all(worker);
+        self.drain_registry(now);
+        self.send(worker, PrimaryMessage::Disconnect, None);
+        true
+    }
+
+    /// Queues a user message for `worker`.
+    ///
+    /// # Errors
+    ///
+    /// [`EncodeError::TooLarge`] when the frame would exceed [`wire::MAX_FRAME`]; nothing is
+    /// queued. Messages to unknown or disconnected workers are dropped silently (as Node's
+    /// `send` on a closed channel).
+    pub fn send_message(&mut self, worker: WorkerId, payload: Vec<u8>) -> Result<(), EncodeError> {
+        let message = PrimaryMessage::Message { payload };
+        wire::encode(&message, &mut Vec::new())?;
+        self.send(worker, message, None);
+        Ok(())
+    }
+
+    /// The next thing to do. For [`Output::Transmit`], the frame is written to `buf` (cleared
+    /// first).
+    #[must_use]
+    pub fn poll_output(&mut self, buf: &mut Vec<u8>) -> Option<Output<C>> {
+        loop {
+            match self.out.pop_front()? {
+                Queued::Ready(output) => return Some(output),
+                Queued::Send {
+                    worker,
+                    message,
+                    attachment,
+                } => {
+                    if self.workers.get(&worker).is_none_or(|e| e.link.is_closed()) {
+                        continue;
+                    }
+                    buf.clear();
+                    // Control frames are a few bytes; user messages were size-checked when queued.
+                    wire::encode(&message, buf).expect("queued frames fit in MAX_FRAME");
+                    return Some(Output::Transmit(Transmit { worker, attachment }));
+                }
+            }
+        }
+    }
+
+    /// The workers not yet removed (a worker is removed after its `Exit`).
+    pub fn workers(&self) -> impl Iterator<Item = WorkerId> + '_ {
+        self.workers.keys().copied()
+    }
+
+    /// A worker's state.
+    pub fn state(&self, worker: WorkerId) -> Option<WorkerState> {
+        self.workers.get(&worker).map(|e| e.lifecycle.state())
+    }
+
+    /// A worker's lifecycle (state, `exited_after_disconnect`, exit status).
+    pub fn lifecycle(&self, worker: WorkerId) -> Option<&Lifecycle> {
+        self.workers.get(&worker).map(|e| &e.lifecycle)
+    }
+
+    /// The pid the worker reported in its handshake.
+    pub fn pid(&self, worker: WorkerId) -> Option<u32> {
+        self.workers.get(&worker)?.pid
+    }
+
+    /// Connections handed to `worker` and not yet acked, over all handles.
+    pub fn in_flight(&self, worker: WorkerId) -> usize {
+        self.workers
+            .get(&worker)
+            .map_or(0, |e| e.link.pending_len())
+    }
+
+    /// The registry, for inspection.
+    pub fn registry(&self) -> &Registry<C> {
+        &self.registry
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    fn process_frame(
+        &mut self,
+        now: Instant,
+        worker: WorkerId,
+        frame: &[u8],
+        fds: usize,
+    ) -> Result<(), ProtocolError> {
+        let Some(entry) = self.workers.get_mut(&worker) else {
+            return Ok(());
+        };
+        if entry.link.is_closed() {
+            return Ok(());
+        }
+        let message: WorkerMessage = wire::decode(frame)?;
+        if fds != message.fd_count() {
+            return Err(ProtocolError::UnexpectedFds {
+                expected: message.fd_count(),
+                got: fds,
+            });
+        }
+        if let WorkerMessage::Online { version, pid } = message {
+            entry.link.handle_handshake(version)?;
+            entry.pid = Some(pid);
+            if entry.lifecycle.online() {
+                self.push(Output::Event(Event::Online { worker, pid }));
+            }
+            return Ok(());
+        }
+        entry.link.check_open()?;
+        match message {
+            WorkerMessage::Online { .. } => unreachable!("handled above"),
+            WorkerMessage::QueryServer { seq, request } => {
+                if entry.leaving {
+                    let result = Err(Errno::ESHUTDOWN);
+                    self.send(
+                        worker,
+                        PrimaryMessage::ListenReply { ack: seq, result },
+                        None,
+                    );
+                } else {
+                    self.registry.query(worker, seq, request);
+                }
+            }
+            WorkerMessage::Listening { handle } => {
+                let Some((key, addr)) = self.registry.info(handle) else {
+                    return Err(crate::registry::RegistryError::NotHeld { worker, handle }.into());
+                };
+                let event = Event::Listening {
+                    worker,
+                    handle,
+                    key: key.clone(),
+                    addr: addr.clone(),
+                };
+                entry.lifecycle.listening();
+                self.push(Output::Event(event));
+            }
+            WorkerMessage::Accepted { ack, accepted } => {
+                let Request::Handoff { handle, conn } = entry.link.finish_request(ack)?;
+                self.registry.ack(worker, handle, conn, accepted)?;
+            }
+            WorkerMessage::Ready { handle } => self.registry.ready(worker, handle)?,
+            WorkerMessage::Close { handle } => self.registry.close(worker, handle)?,
+            WorkerMessage::ExitedAfterDisconnect { seq } => {
+                entry.leaving = true;
+                entry.lifecycle.leaving_on_purpose();
+                self.registry.leave_all(worker);
+                self.send(worker, PrimaryMessage::DisconnectAck { ack: seq }, None);
+            }
+            WorkerMessage::Message { payload } => {
+                self.push(Output::Event(Event::Message { worker, payload }))
+            }
+        }
+        self.drain_registry(now);
+        Ok(())
+    }
+
+    /// A worker broke the protocol: report it and treat its link as closed at once.
+    fn fail(&mut self, now: Instant, worker: WorkerId, error: ProtocolError) {
+        let Some(entry) = self.workers.get(&worker) else {
+            return;
+        };
+        if entry.link.is_closed() {
+            return;
+        }
+        self.push(Output::Event(Event::Error { worker, error }));
+        self.push(Output::CloseLink { worker });
+        let Some(entry) = self.workers.get_mut(&worker) else {
+            return;
+        };
+        entry.link.close().for_each(drop);
+        let transitions: Vec<_> = entry.lifecycle.link_closed().collect();
+        self.registry.remove_worker(worker);
+        self.drain_registry(now);
+        self.report(worker, transitions);
+    }
+
+    fn report(&mut self, worker: WorkerId, transitions: impl IntoIterator<Item = Transition>) {
+        for transition in transitions {
+            let event = match transition {
+                Transition::Disconnect => Event::Disconnect { worker },
+                Transition::Exit {
+                    status,
+                    exited_after_disconnect,
+                } => {
+                    self.workers.remove(&worker);
+                    Event::Exit {
+                        worker,
+                        status,
+                        exited_after_disconnect,
+                    }
+                }
+            };
+            self.push(Output::Event(event));
+        }
+    }
+
+    fn drain_registry(&mut self, now: Instant) {
+        while let Some(output) = self.registry.poll() {
+            match output {
+                RegistryOutput::Bind {
+                    handle,
+                    request,
+                    distribution,
+                } => {
+                    self.push(Output::Bind {
+                        handle,
+                        request,
+                        distribution,
+                    });
+                }
+                RegistryOutput::Unbind { handle } => self.push(Output::Unbind { handle }),
+                RegistryOutput::Close(conn) => self.push(Output::Close(conn)),
+                RegistryOutput::Delivered { worker, conn } => {
+                    self.push(Output::Delivered { worker, conn })
+                }
+                RegistryOutput::Reply {
+                    worker,
+                    seq,
+                    result,
+                } => {
+                    let attachment = match &result {
+                        Ok(ListenInfo {
+                            handle,
+                            distribution: Distribution::Shared,
+                            ..
+                        }) => Some(Attachment::Listener(*handle)),
+                        _ => None,
+                    };
+                    self.send(
+                        worker,
+                        PrimaryMessage::ListenReply { ack: seq, result },
+                        attachment,
+                    );
+                }
+                RegistryOutput::Dispatch {
+                    worker,
+                    handle,
+                    conn,
+                } => {
+                    let deadline = Some(now + self.config.handoff_timeout);
+                    let started = match self.workers.get_mut(&worker) {
+                        Some(entry) => entry
+                            .link
+                            .start_request(Request::Handoff { handle, conn }, deadline),
+                        None => Err((crate::LinkError::Closed, Request::Handoff { handle, conn })),
+                    };
+                    match started {
+                        Ok(seq) => self.send(
+                            worker,
+                            PrimaryMessage::NewConn { seq, handle },
+                            Some(Attachment::Conn(conn)),
+                        ),
+                        // Unreachable while the registry forgets workers when their link closes;
+                        // if it ever happens, the connection goes to someone else, not astray.
+                        Err(_) => self.registry.remove_worker(worker),
+                    }
+                }
+            }
+        }
+    }
+
+    fn send(
+        &mut self,
+        worker: WorkerId,
+        message: PrimaryMessage,
+        attachment: Option<Attachment<C>>,
+    ) {
+        self.out.push_back(Queued::Send {
+            worker,
+            message,
+            attachment,
+        });
+    }
+
+    fn push(&mut self, output: Output<C>) {
+        self.out.push_back(Queued::Ready(output));
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,491 @@
+use std::time::{Duration, Instant};
+
+use super::*;
+use crate::link::LinkError;
+use crate::wire::{ListenFlags, ListenTarget, Seq, SocketKind};
+
+/// Drives a `Primary<u32>` with decoded messages and collects decoded outputs.
+struct Harness {
+    primary: Primary<u32>,
+    now: Instant,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Out {
+    Send(WorkerId, PrimaryMessage, Option<Attachment<u32>>),
+    Other(Output<u32>),
+}
+
+impl Harness {
+    fn new() -> Self {
+        Self {
+            primary: Primary::new(Config::default()),
+            now: Instant::now(),
+        }
+    }
+
+    fn outputs(&mut self) -> Vec<Out> {
+        let mut buf = Vec::new();
+        std::iter::from_fn(|| {
+            self.primary.poll_output(&mut buf).map(|o| match o {
+                Output::Transmit(t) => {
+                    Out::Send(t.worker, wire::decode(&buf).unwrap(), t.attachment)
+                }
+                other => Out::Other(other),
+            })
+        })
+        .collect()
+    }
+
+    fn events(&mut self) -> Vec<Event> {
+        self.outputs()
+            .into_iter()
+            .filter_map(|o| match o {
+                Out::Other(Output::Event(e)) => Some(e),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn recv(&mut self, worker: WorkerId, message: &WorkerMessage) {
+        let mut buf = Vec::new();
+        wire::encode(message, &mut buf).unwrap();
+        self.primary.handle_frame(self.now, worker, &buf, 0);
+    }
+
+    fn online(&mut self) -> WorkerId {
+        let w = self.primary.add_worker();
+        self.recv(
+            w,
+            &WorkerMessage::Online {
+                version: PROTOCOL_VERSION,
+                pid: 1000 + w.get() as u32,
+            },
+        );
+        w
+    }
+
+    /// Worker `w` listens on `addr` (binding it if new); returns the handle.
+    fn listen(&mut self, w: WorkerId, seq: u64, addr: &str) -> HandleId {
+        let request = ListenRequest {
+            target: ListenTarget::Ip(addr.parse().unwrap()),
+            kind: SocketKind::Stream,
+            backlog: 0,
+            flags: ListenFlags::default(),
+        };
+        self.recv(
+            w,
+            &WorkerMessage::QueryServer {
+                seq: Seq::new(seq),
+                request,
+            },
+        );
+        let mut handle = None;
+        let mut outs = self.outputs();
+        let bind = outs.iter().find_map(|o| match o {
+            Out::Other(Output::Bind { handle, .. }) => Some(*handle),
+            _ => None,
+        });
+        if let Some(h) = bind {
+            self.primary.handle_bound(
+                self.now,
+                h,
+                Ok(BoundAddr::Ip("127.0.0.1:4321".parse().unwrap())),
+            );
+            outs = self.outputs();
+        }
+        for o in outs {
+            if let Out::Send(
+                _,
+                PrimaryMessage::ListenReply {
+                    result: Ok(info), ..
+                },
+                _,
+            ) = o
+            {
+                handle = Some(info.handle);
+            }
+        }
+        let handle = handle.expect("listen succeeded");
+        self.recv(w, &WorkerMessage::Listening { handle });
+        handle
+    }
+}
+
+#[test]
+fn lifecycle_events_follow_node_order() {
+    let mut h = Harness::new();
+    let w = h.primary.add_worker();
+    assert_eq!(w, WorkerId::new(1));
+    assert_eq!(
+        h.outputs(),
+        [Out::Send(
+            w,
+            PrimaryMessage::Hello {
+                version: PROTOCOL_VERSION
+            },
+            None
+        )]
+    );
+    h.recv(
+        w,
+        &WorkerMessage::Online {
+            version: PROTOCOL_VERSION,
+            pid: 42,
+        },
+    );
+    assert_eq!(h.events(), [Event::Online { worker: w, pid: 42 }]);
+    assert_eq!(h.primary.state(w), Some(WorkerState::Online));
+    let handle = h.listen(w, 1, "127.0.0.1:0");
+    assert!(matches!(&h.events()[..], [Event::Listening { handle: x, .. }] if *x == handle));
+    assert_eq!(h.primary.state(w), Some(WorkerState::Listening));
+    // Exit seen before the link closes: Disconnect still comes first.
+    h.primary.handle_exit(w, ExitStatus::Signal(9));
+    assert_eq!(h.events(), []);
+    h.primary.handle_link_closed(h.now, w);
+    assert_eq!(
+        h.events(),
+        [
+            Event::Disconnect { worker: w },
+            Event::Exit {
+                worker: w,
+                status: ExitStatus::Signal(9),
+                exited_after_disconnect: false
+            }
+        ]
+    );
+    assert_eq!(h.primary.workers().count(), 0);
+    // The last worker left: the socket was closed.
+    assert!(h.primary.registry().is_empty());
+    // Ids are never reused.
+    assert_eq!(h.primary.add_worker(), WorkerId::new(2));
+}
+
+#[test]
+fn garbage_from_a_worker_disconnects_only_that_worker() {
+    let mut h = Harness::new();
+    let w1 = h.online();
+    let w2 = h.online();
+    h.outputs();
+    h.primary.handle_frame(h.now, w1, &[0xff, 0xff, 0xff], 0);
+    let outs = h.outputs();
+    assert!(
+        matches!(&outs[0], Out::Other(Output::Event(Event::Error { worker, error: ProtocolError::Decode(_) })) if *worker == w1)
+    );
+    assert_eq!(outs[1], Out::Other(Output::CloseLink { worker: w1 }));
+    assert_eq!(
+        outs[2],
+        Out::Other(Output::Event(Event::Disconnect { worker: w1 }))
+    );
+    // Later frames from it are ignored; w2 is untouched.
+    h.recv(w1, &WorkerMessage::Message { payload: vec![1] });
+    assert_eq!(h.events(), []);
+    h.recv(w2, &WorkerMessage::Message { payload: vec![2] });
+    assert_eq!(
+        h.events(),
+        [Event::Message {
+            worker: w2,
+            payload: vec![2]
+        }]
+    );
+}
+
+#[test]
+fn protocol_violations_are_typed_errors() {
+    let cases: Vec<(WorkerMessage, ProtocolError)> = vec![
+        (
+            WorkerMessage::Accepted {
+                ack: Seq::new(5),
+                accepted: true,
+            },
+            LinkError::UnknownAck { ack: Seq::new(5) }.into(),
+        ),
+        (
+            WorkerMessage::Online {
+                version: PROTOCOL_VERSION,
+                pid: 1,
+            },
+            LinkError::DuplicateHandshake.into(),
+        ),
+        (
+            WorkerMessage::Close {
+                handle: HandleId::new(9),
+            },
+            crate::registry::RegistryError::NotHeld {
+                worker: WorkerId::new(1),
+                handle: HandleId::new(9),
+            }
+            .into(),
+        ),
+    ];
+    for (message, expected) in cases {
+        let mut h = Harness::new();
+        let w = h.online();
+        h.outputs();
+        h.recv(w, &message);
+        assert_eq!(
+            h.events()[0],
+            Event::Error {
+                worker: w,
+                error: expected
+            }
+        );
+    }
+    let mut h = Harness::new();
+    let w = h.primary.add_worker();
+    h.recv(w, &WorkerMessage::Message { payload: vec![] });
+    assert_eq!(
+        h.events()[0],
+        Event::Error {
+            worker: w,
+            error: LinkError::HandshakeExpected.into()
+        }
+    );
+    let mut h = Harness::new();
+    let w = h.primary.add_worker();
+    h.recv(w, &WorkerMessage::Online { version: 0, pid: 1 });
+    assert!(matches!(
+        &h.events()[0],
+        Event::Error {
+            error: ProtocolError::Link(LinkError::VersionMismatch { .. }),
+            ..
+        }
+    ));
+    let mut h = Harness::new();
+    let w = h.online();
+    let mut buf = Vec::new();
+    wire::encode(&WorkerMessage::Message { payload: vec![] }, &mut buf).unwrap();
+    h.primary.handle_frame(h.now, w, &buf, 2);
+    assert!(h.events().contains(&Event::Error {
+        worker: w,
+        error: ProtocolError::UnexpectedFds {
+            expected: 0,
+            got: 2
+        }
+    }));
+}
+
+#[test]
+fn handoff_is_acked_before_the_primary_drops_its_copy() {
+    let mut h = Harness::new();
+    let w = h.online();
+    let handle = h.listen(w, 1, "127.0.0.1:0");
+    h.outputs();
+    assert!(h.primary.wants_connections(handle));
+    h.primary.handle_connection(h.now, handle, 7).unwrap();
+    let outs = h.outputs();
+    let [Out::Send(to, PrimaryMessage::NewConn { seq, handle: hh }, Some(Attachment::Conn(7)))] =
+        &outs[..]
+    else {
+        panic!("{outs:?}")
+    };
+    assert_eq!((*to, *hh), (w, handle));
+    assert_eq!(h.primary.in_flight(w), 1);
+    h.recv(
+        w,
+        &WorkerMessage::Accepted {
+            ack: *seq,
+            accepted: true,
+        },
+    );
+    assert_eq!(
+        h.outputs(),
+        [Out::Other(Output::Delivered { worker: w, conn: 7 })]
+    );
+    assert_eq!(h.primary.in_flight(w), 0);
+}
+
+#[test]
+fn worker_death_with_unacked_handoffs_redispatches_them() {
+    let mut h = Harness::new();
+    let w1 = h.online();
+    let w2 = h.online();
+    let handle = h.listen(w1, 1, "127.0.0.1:0");
+    assert_eq!(h.listen(w2, 1, "127.0.0.1:0"), handle);
+    h.outputs();
+    for conn in [1, 2] {
+        h.primary.handle_connection(h.now, handle, conn).unwrap();
+    }
+    let sent: Vec<_> = h.outputs();
+    assert!(
+        matches!(sent[..], [Out::Send(a, _, Some(Attachment::Conn(1))), Out::Send(b, _, Some(Attachment::Conn(2)))] if a == w1 && b == w2)
+    );
+    h.primary.handle_link_closed(h.now, w1);
+    let outs = h.outputs();
+    assert!(outs.iter().any(|o| matches!(o, Out::Send(w, PrimaryMessage::NewConn { .. }, Some(Attachment::Conn(1))) if *w == w2)), "{outs:?}");
+}
+
+#[test]
+fn hung_worker_is_killed_and_its_handoffs_wait_for_its_link_to_close() {
+    let mut h = Harness::new();
+    let w1 = h.online();
+    let w2 = h.online();
+    let handle = h.listen(w1, 1, "127.0.0.1:0");
+    h.listen(w2, 1, "127.0.0.1:0");
+    h.outputs();
+    h.primary.handle_connection(h.now, handle, 1).unwrap();
+    h.outputs();
+    let deadline = h.primary.poll_timeout().unwrap();
+    assert_eq!(deadline, h.now + Duration::from_secs(10));
+    h.primary
+        .handle_timeout(deadline - Duration::from_millis(1));
+    assert_eq!(h.outputs(), []);
+    h.primary.handle_timeout(deadline);
+    let outs = h.outputs();
+    assert!(
+        matches!(&outs[..], [Out::Other(Output::Event(Event::Error { error: ProtocolError::HandoffTimeout { .. }, .. })), Out::Other(Output::Kill { worker })] if *worker == w1),
+        "{outs:?}"
+    );
+    assert_eq!(
+        h.primary.poll_timeout(),
+        None,
+        "a hung worker's deadline is not re-armed"
+    );
+    // New connections skip the hung worker.
+    h.primary.handle_connection(h.now, handle, 2).unwrap();
+    assert!(matches!(&h.outputs()[..], [Out::Send(w, _, Some(Attachment::Conn(2)))] if *w == w2));
+    // Its link closes after the kill: connection 1 is re-dispatched.
+    h.primary.handle_link_closed(h.now, w1);
+    assert!(
+        h.outputs()
+            .iter()
+            .any(|o| matches!(o, Out::Send(w, _, Some(Attachment::Conn(1))) if *w == w2))
+    );
+}
+
+#[test]
+fn primary_disconnect_sets_exited_after_disconnect_and_refuses_new_listens() {
+    let mut h = Harness::new();
+    let w = h.online();
+    h.outputs();
+    assert!(h.primary.disconnect(h.now, w));
+    assert!(!h.primary.disconnect(h.now, w), "only once");
+    assert_eq!(
+        h.outputs(),
+        [Out::Send(w, PrimaryMessage::Disconnect, None)]
+    );
+    let request = ListenRequest {
+        target: ListenTarget::Ip("127.0.0.1:0".parse().unwrap()),
+        kind: SocketKind::Stream,
+        backlog: 0,
+        flags: ListenFlags::default(),
+    };
+    h.recv(
+        w,
+        &WorkerMessage::QueryServer {
+            seq: Seq::new(1),
+            request,
+        },
+    );
+    assert_eq!(
+        h.outputs(),
+        [Out::Send(
+            w,
+            PrimaryMessage::ListenReply {
+                ack: Seq::new(1),
+                result: Err(Errno::ESHUTDOWN)
+            },
+            None
+        )]
+    );
+    h.primary.handle_link_closed(h.now, w);
+    h.primary.handle_exit(w, ExitStatus::Code(0));
+    assert_eq!(
+        h.events(),
+        [
+            Event::Disconnect { worker: w },
+            Event::Exit {
+                worker: w,
+                status: ExitStatus::Code(0),
+                exited_after_disconnect: true
+            }
+        ]
+    );
+}
+
+#[test]
+fn worker_initiated_disconnect_is_acked_and_on_purpose() {
+    let mut h = Harness::new();
+    let w = h.online();
+    h.outputs();
+    h.recv(
+        w,
+        &WorkerMessage::ExitedAfterDisconnect { seq: Seq::new(3) },
+    );
+    assert_eq!(
+        h.outputs(),
+        [Out::Send(
+            w,
+            PrimaryMessage::DisconnectAck { ack: Seq::new(3) },
+            None
+        )]
+    );
+    assert_eq!(
+        h.primary.lifecycle(w).unwrap().exited_after_disconnect(),
+        Some(true)
+    );
+}
+
+#[test]
+fn shared_reply_carries_the_listener() {
+    let mut config = Config::default();
+    config.registry.policy = crate::SchedulingPolicy::Shared;
+    let mut h = Harness {
+        primary: Primary::new(config),
+        now: Instant::now(),
+    };
+    let w = h.online();
+    h.outputs();
+    let request = ListenRequest {
+        target: ListenTarget::Ip("127.0.0.1:0".parse().unwrap()),
+        kind: SocketKind::Stream,
+        backlog: 0,
+        flags: ListenFlags::default(),
+    };
+    h.recv(
+        w,
+        &WorkerMessage::QueryServer {
+            seq: Seq::new(1),
+            request,
+        },
+    );
+    let [
+        Out::Other(Output::Bind {
+            handle,
+            distribution: Distribution::Shared,
+            ..
+        }),
+    ] = h.outputs()[..]
+    else {
+        panic!()
+    };
+    h.primary.handle_bound(
+        h.now,
+        handle,
+        Ok(BoundAddr::Ip("127.0.0.1:9".parse().unwrap())),
+    );
+    let outs = h.outputs();
+    assert!(
+        matches!(&outs[..], [Out::Send(_, PrimaryMessage::ListenReply { .. }, Some(Attachment::Listener(x)))] if *x == handle)
+    );
+}
+
+#[test]
+fn user_messages_are_size_checked_before_queueing() {
+    let mut h = Harness::new();
+    let w = h.online();
+    h.outputs();
+    assert!(h.primary.send_message(w, vec![0; wire::MAX_FRAME]).is_err());
+    assert_eq!(h.outputs(), []);
+    h.primary.send_message(w, vec![1, 2]).unwrap();
+    assert_eq!(
+        h.outputs(),
+        [Out::Send(
+            w,
+            PrimaryMessage::Message {
+                payload: vec![1, 2]
+            },
+            None
+        )]
+    );
+}

@@ -1,0 +1,558 @@
+//! The handle registry: which sockets the primary holds, who listens on them, and where each
+//! accepted connection is.
+//!
+//! A listen request ([`Registry::query`]) finds or creates the handle for its [`HandleKey`]. A new
+//! handle is bound by the driver ([`RegistryOutput::Bind`], then [`Registry::bound`]); requests
+//! that arrive meanwhile wait for the same bind. A failed bind is answered to every waiter and
+//! forgets the key, so a retry binds again. When the last active member leaves, the driver closes
+//! the socket ([`RegistryOutput::Unbind`]) and the key is forgotten.
+
+mod round_robin;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+
+pub use round_robin::{RoundRobin, RoundRobinError, RoundRobinOutput};
+
+use crate::key::HandleKey;
+use crate::wire::{
+    BoundAddr, Distribution, Errno, HandleId, ListenInfo, ListenRequest, Seq, WorkerId,
+};
+
+/// How TCP and Unix stream connections reach workers (datagram sockets are always shared).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SchedulingPolicy {
+    /// The primary accepts and hands connections out in turn (Node's `SCHED_RR`, the default).
+    #[default]
+    RoundRobin,
+    /// Workers receive the listening socket and the kernel picks who accepts (Node's
+    /// `SCHED_NONE`).
+    Shared,
+}
+
+/// Limits of the registry.
+#[derive(Clone, Copy, Debug)]
+pub struct RegistryConfig {
+    /// TCP/Unix distribution.
+    pub policy: SchedulingPolicy,
+    /// Unacked handoffs per worker per handle.
+    pub window: usize,
+    /// Connections the primary holds per handle while no worker has room.
+    pub max_queued: usize,
+    /// Listens one worker may hold or wait for at once (a bound on what a worker can make the
+    /// primary allocate).
+    pub max_listens_per_worker: usize,
+}
+
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        Self {
+            policy: SchedulingPolicy::RoundRobin,
+            window: 4,
+            max_queued: 1024,
+            max_listens_per_worker: 1024,
+        }
+    }
+}
+
+/// What the registry asks its driver (the primary) to do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RegistryOutput<C> {
+    /// Create the socket for `handle` and report with [`Registry::bound`].
+    Bind {
+        /// The new handle.
+        handle: HandleId,
+        /// The first request for it.
+        request: ListenRequest,
+        /// Whether the socket is accepted on by the primary or shared with workers.
+        distribution: Distribution,
+    },
+    /// Close the connection without serving it.
+    Close(C),
+    /// Drop the primary's copy of `conn`: `worker` acked it.
+    Delivered {
+        /// The owner.
+        worker: WorkerId,
+        /// The connection.
+        conn: C,
+    },
+    /// Send `conn` to `worker` as a `NewConn` on `handle`.
+    Dispatch {
+        /// The receiver.
+        worker: WorkerId,
+        /// The handle it was accepted on.
+        handle: HandleId,
+        /// The connection.
+        conn: C,
+    },
+    /// Answer `worker`'s query `seq` (for a shared handle, with the listening fd attached).
+    Reply {
+        /// The asker.
+        worker: WorkerId,
+        /// Its query.
+        seq: Seq,
+        /// The answer.
+        result: Result<ListenInfo, Errno>,
+    },
+    /// Close the socket of `handle`: nobody listens on it any more.
+    Unbind {
+        /// The handle.
+        handle: HandleId,
+    },
+}
+
+/// A worker referred to a handle it does not hold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RegistryError {
+    /// No such handle, or the worker is not listening on it.
+    #[error("{worker} does not hold {handle}")]
+    NotHeld {
+        /// The worker.
+        worker: WorkerId,
+        /// The handle it named.
+        handle: HandleId,
+    },
+    /// A round-robin rule was broken (e.g. an ack for a connection not in flight to it).
+    #[error(transparent)]
+    RoundRobin(#[from] RoundRobinError),
+}
+
+#[derive(Debug)]
+enum Mode<C> {
+    RoundRobin(RoundRobin<C>),
+    Shared(BTreeSet<WorkerId>),
+}
+
+#[derive(Debug)]
+enum State<C> {
+    /// Waiting for the driver's bind; the queries to answer when it completes.
+    Binding(Vec<(WorkerId, Seq)>),
+    Bound(BoundAddr, Mode<C>),
+    /// The socket is closed and the key forgotten, but leaving members still have connections in
+    /// flight; kept until they are acked or the members are removed.
+    Closing(RoundRobin<C>),
+}
+
+#[derive(Debug)]
+struct Handle<C> {
+    key: HandleKey,
+    distribution: Distribution,
+    state: State<C>,
+}
+
+impl<C: Copy + Eq> Handle<C> {
+    /// Whether `worker` holds this handle or waits for it (what makes a fixed-port re-bind an
+    /// `EADDRINUSE` and moves a port-0 request to the next index).
+    fn is_held_by(&self, worker: WorkerId) -> bool {
+        match &self.state {
+            State::Binding(waiters) => waiters.iter().any(|(w, _)| *w == worker),
+            State::Bound(_, Mode::RoundRobin(rr)) => rr.is_active_member(worker),
+            State::Bound(_, Mode::Shared(members)) => members.contains(&worker),
+            State::Closing(_) => false,
+        }
+    }
+}
+
+/// The primary's handles, generic over the driver's connection token `C`.
+///
+/// `C` is opaque: the driver keeps the real socket (an `OwnedFd`) under it and acts on
+/// [`RegistryOutput`]s. The registry never holds an fd.
+#[derive(Debug)]
+pub struct Registry<C> {
+    config: RegistryConfig,
+    handles: BTreeMap<HandleId, Handle<C>>,
+    by_key: HashMap<HandleKey, HandleId>,
+    next_id: u32,
+    out: VecDeque<RegistryOutput<C>>,
+}
+
+impl<C: Copy + Eq> Registry<C> {
+    /// An empty registry.
+    pub fn new(config: RegistryConfig) -> Self {
+        Self {
+            config,
+            handles: BTreeMap::new(),
+            by_key: HashMap::new(),
+            next_id: 0,
+            out: VecDeque::new(),
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &RegistryConfig {
+        &self.config
+    }
+
+    /// A worker asks to listen. The answer comes as a [`RegistryOutput::Reply`], at once or after
+    /// the bind.
+    pub fn query(&mut self, worker: WorkerId, seq: Seq, request: ListenRequest) {
+        let held = self
+            .handles
+            .values()
+            .filter(|h| h.is_held_by(worker))
+            .count();
+        if held >= self.config.max_listens_per_worker {
+            return self.reply(worker, seq, Err(Errno::EMFILE));
+        }
+        let Some(key) = self.key_for(worker, &request) else {
+            return self.reply(worker, seq, Err(Errno::EINVAL));
+        };
+        if let Some(&id) = self.by_key.get(&key) {
+            let handle = &self.handles[&id];
+            if handle.is_held_by(worker) {
+                // Only reachable for fixed ports: port-0 requests moved to a free index.
+                return self.reply(worker, seq, Err(Errno::EADDRINUSE));
+            }
+            return self.join(id, worker, seq);
+        }
+        let id = HandleId::new(self.next_id);
+        self.next_id = self.next_id.wrapping_add(1);
+        let distribution = match self.config.policy {
+            _ if key.address_type().is_datagram() => Distribution::Shared,
+            SchedulingPolicy::RoundRobin => Distribution::RoundRobin,
+            SchedulingPolicy::Shared => Distribution::Shared,
+        };
+        self.by_key.insert(key.clone(), id);
+        self.handles.insert(
+            id,
+            Handle {
+                key,
+                distribution,
+                state: State::Binding(vec![(worker, seq)]),
+            },
+        );
+        self.out.push_back(RegistryOutput::Bind {
+            handle: id,
+            request,
+            distribution,
+        });
+    }
+
+    /// The driver finished binding `handle`: answer everyone waiting for it.
+    ///
+    /// Unknown handles are ignored (a bind result can only be reported once).
+    pub fn bound(&mut self, handle: HandleId, result: Result<BoundAddr, Errno>) {
+        let Some(h) = self.handles.get_mut(&handle) else {
+            return;
+        };
+        let State::Binding(waiters) = &mut h.state else {
+            return;
+        };
+        let waiters = std::mem::take(waiters);
+        match result {
+            Err(errno) => {
+                let h = self
+                    .handles
+                    .remove(&handle)
+                    .expect("handle looked up above");
+                self.by_key.remove(&h.key);
+                for (worker, seq) in waiters {
+                    self.reply(worker, seq, Err(errno));
+                }
+            }
+            Ok(addr) if waiters.is_empty() => {
+                let _ = addr;
+                self.forget(handle);
+            }
+            Ok(addr) => {
+                let mode = match h.distribution {
+                    Distribution::RoundRobin => Mode::RoundRobin(RoundRobin::new(
+                        self.config.window,
+                        self.config.max_queued,
+                    )),
+                    Distribution::Shared => Mode::Shared(BTreeSet::new()),
+                };
+                h.state = State::Bound(addr, mode);
+                for (worker, seq) in waiters {
+                    self.join(handle, worker, seq);
+                }
+            }
+        }
+    }
+
+    /// Whether the driver should accept on `handle` now (round-robin handles with an active
+    /// member and room in the queue).
+    pub fn wants_connections(&self, handle: HandleId) -> bool {
+        matches!(self.handles.get(&handle), Some(Handle { state: State::Bound(_, Mode::RoundRobin(rr)), .. }) if rr.wants_connections())
+    }
+
+    /// The driver accepted `conn` on `handle`.
+    ///
+    /// # Errors
+    ///
+    /// Hands `conn` back when the handle does not take connections now; the driver closes it.
+    pub fn connection(&mut self, handle: HandleId, conn: C) -> Result<(), C> {
+        match self.handles.get_mut(&handle) {
+            Some(Handle {
+                state: State::Bound(_, Mode::RoundRobin(rr)),
+                ..
+            }) => {
+                rr.push(conn)?;
+                self.collect(handle);
+                Ok(())
+            }
+            _ => Err(conn),
+        }
+    }
+
+    /// `worker` answered the handoff of `conn` on `handle`.
+    ///
+    /// # Errors
+    ///
+    /// [`RegistryError`] when the connection is not in flight to that worker on that handle.
+    pub fn ack(
+        &mut self,
+        worker: WorkerId,
+        handle: HandleId,
+        conn: C,
+        accepted: bool,
+    ) -> Result<(), RegistryError> {
+        let rr = self.round_robin(worker, handle)?;
+        rr.ack(worker, conn, accepted)?;
+        self.collect(handle);
+        Ok(())
+    }
+
+    /// `worker` has room again on `handle` after refusing a connection.
+    ///
+    /// # Errors
+    ///
+    /// [`RegistryError::NotHeld`] unless `worker` listens on the round-robin `handle`.
+    pub fn ready(&mut self, worker: WorkerId, handle: HandleId) -> Result<(), RegistryError> {
+        self.round_robin(worker, handle)?.ready(worker)?;
+        self.collect(handle);
+        Ok(())
+    }
+
+    /// `worker` closed its listener on `handle`.
+    ///
+    /// # Errors
+    ///
+    /// [`RegistryError::NotHeld`] if it does not hold the handle (closing twice is not an error).
+    pub fn close(&mut self, worker: WorkerId, handle: HandleId) -> Result<(), RegistryError> {
+        let not_held = RegistryError::NotHeld { worker, handle };
+        let h = self.handles.get_mut(&handle).ok_or(not_held)?;
+        match &mut h.state {
+            State::Bound(_, Mode::RoundRobin(rr)) | State::Closing(rr) if rr.is_member(worker) => {
+                rr.leave(worker)?;
+            }
+            State::Bound(_, Mode::Shared(members)) if members.contains(&worker) => {
+                members.remove(&worker);
+            }
+            _ => return Err(not_held),
+        }
+        self.collect(handle);
+        Ok(())
+    }
+
+    /// `worker` is disconnecting: it leaves every handle (keeping its in-flight connections until
+    /// acked) and its pending queries are refused with `ESHUTDOWN`.
+    pub fn leave_all(&mut self, worker: WorkerId) {
+        let ids: Vec<HandleId> = self.handles.keys().copied().collect();
+        for id in ids {
+            let Some(h) = self.handles.get_mut(&id) else {
+                continue;
+            };
+            match &mut h.state {
+                State::Binding(waiters) => {
+                    let (refused, kept) = std::mem::take(waiters)
+                        .into_iter()
+                        .partition(|(w, _)| *w == worker);
+                    *waiters = kept;
+                    for (_, seq) in refused {
+                        self.reply(worker, seq, Err(Errno::ESHUTDOWN));
+                    }
+                }
+                State::Bound(_, Mode::RoundRobin(rr)) | State::Closing(rr) => {
+                    if rr.is_member(worker) {
+                        let _ = rr.leave(worker);
+                    }
+                }
+                State::Bound(_, Mode::Shared(members)) => {
+                    members.remove(&worker);
+                }
+            }
+            self.collect(id);
+        }
+    }
+
+    /// `worker` is gone (its link closed): it leaves everything at once and its unacked
+    /// connections are re-dispatched to other workers.
+    pub fn remove_worker(&mut self, worker: WorkerId) {
+        let ids: Vec<HandleId> = self.handles.keys().copied().collect();
+        for id in ids {
+            let Some(h) = self.handles.get_mut(&id) else {
+                continue;
+            };
+            match &mut h.state {
+                State::Binding(waiters) => waiters.retain(|(w, _)| *w != worker),
+                State::Bound(_, Mode::RoundRobin(rr)) | State::Closing(rr) => rr.remove(worker),
+                State::Bound(_, Mode::Shared(members)) => {
+                    members.remove(&worker);
+                }
+            }
+            self.collect(id);
+        }
+    }
+
+    /// The key and address of a bound handle.
+    pub fn info(&self, handle: HandleId) -> Option<(&HandleKey, &BoundAddr)> {
+        match self.handles.get(&handle) {
+            Some(Handle {
+                key,
+                state: State::Bound(addr, _),
+                ..
+            }) => Some((key, addr)),
+            _ => None,
+        }
+    }
+
+    /// The handles the registry knows (bound, binding or closing).
+    pub fn handles(&self) -> impl Iterator<Item = HandleId> + '_ {
+        self.handles.keys().copied()
+    }
+
+    /// The round-robin state of `handle`, if it is one (for inspection and statistics).
+    pub fn round_robin_state(&self, handle: HandleId) -> Option<&RoundRobin<C>> {
+        match &self.handles.get(&handle)?.state {
+            State::Bound(_, Mode::RoundRobin(rr)) | State::Closing(rr) => Some(rr),
+            _ => None,
+        }
+    }
+
+    /// Whether no handle is left at all.
+    pub fn is_empty(&self) -> bool {
+        self.handles.is_empty()
+    }
+
+    /// The next thing for the driver to do.
+    #[must_use]
+    pub fn poll(&mut self) -> Option<RegistryOutput<C>> {
+        self.out.pop_front()
+    }
+
+    /// The key for `request` from `worker`: for port 0, at the lowest index this worker does not
+    /// hold yet (a failed or closed listen frees its index: Node's PR #60141 fix).
+    fn key_for(&self, worker: WorkerId, request: &ListenRequest) -> Option<HandleKey> {
+        let first = HandleKey::new(request, 0)?;
+        if !first.is_indexed() {
+            return Some(first);
+        }
+        (0..=u32::MAX)
+            .map(|index| HandleKey::new(request, index).expect("request was valid at index 0"))
+            .find(|key| {
+                !self
+                    .by_key
+                    .get(key)
+                    .is_some_and(|id| self.handles[id].is_held_by(worker))
+            })
+    }
+
+    fn join(&mut self, id: HandleId, worker: WorkerId, seq: Seq) {
+        let h = self
+            .handles
+            .get_mut(&id)
+            .expect("join is only called for known handles");
+        let addr = match &mut h.state {
+            State::Binding(waiters) => return waiters.push((worker, seq)),
+            State::Bound(addr, Mode::RoundRobin(rr)) => {
+                rr.add(worker);
+                addr.clone()
+            }
+            State::Bound(addr, Mode::Shared(members)) => {
+                members.insert(worker);
+                addr.clone()
+            }
+            State::Closing(_) => unreachable!("closing handles are not reachable by key"),
+        };
+        let info = ListenInfo {
+            handle: id,
+            addr,
+            distribution: h.distribution,
+        };
+        self.reply(worker, seq, Ok(info));
+        self.collect(id);
+    }
+
+    fn round_robin(
+        &mut self,
+        worker: WorkerId,
+        handle: HandleId,
+    ) -> Result<&mut RoundRobin<C>, RegistryError> {
+        match self.handles.get_mut(&handle).map(|h| &mut h.state) {
+            Some(State::Bound(_, Mode::RoundRobin(rr)) | State::Closing(rr))
+                if rr.is_member(worker) =>
+            {
+                Ok(rr)
+            }
+            _ => Err(RegistryError::NotHeld { worker, handle }),
+        }
+    }
+
+    fn reply(&mut self, worker: WorkerId, seq: Seq, result: Result<ListenInfo, Errno>) {
+        self.out.push_back(RegistryOutput::Reply {
+            worker,
+            seq,
+            result,
+        });
+    }
+
+    /// Moves a handle's round-robin outputs to the registry's, and retires the handle when its
+    /// last active member has left.
+    fn collect(&mut self, id: HandleId) {
+        let Some(h) = self.handles.get_mut(&id) else {
+            return;
+        };
+        if let State::Bound(_, Mode::RoundRobin(rr)) | State::Closing(rr) = &mut h.state {
+            while let Some(out) = rr.poll() {
+                self.out.push_back(match out {
+                    RoundRobinOutput::Close(conn) => RegistryOutput::Close(conn),
+                    RoundRobinOutput::Delivered { worker, conn } => {
+                        RegistryOutput::Delivered { worker, conn }
+                    }
+                    RoundRobinOutput::Dispatch { worker, conn } => RegistryOutput::Dispatch {
+                        worker,
+                        handle: id,
+                        conn,
+                    },
+                });
+            }
+        }
+        let orphaned = match &h.state {
+            State::Bound(_, Mode::RoundRobin(rr)) => !rr.has_active_members(),
+            State::Bound(_, Mode::Shared(members)) => members.is_empty(),
+            State::Closing(rr) => rr.is_empty(),
+            State::Binding(_) => false,
+        };
+        if orphaned {
+            self.forget(id);
+        }
+    }
+
+    /// Closes the socket of `id` and forgets its key; keeps the round-robin state while leaving
+    /// members still have connections in flight.
+    fn forget(&mut self, id: HandleId) {
+        let Some(h) = self.handles.remove(&id) else {
+            return;
+        };
+        if !matches!(h.state, State::Closing(_)) {
+            self.by_key.remove(&h.key);
+            self.out.push_back(RegistryOutput::Unbind { handle: id });
+        }
+        if let State::Bound(_, Mode::RoundRobin(rr)) | State::Closing(rr) = h.state
+            && !rr.is_empty()
+        {
+            self.handles.insert(
+                id,
+                Handle {
+                    key: h.key,
+                    distribution: h.distribution,
+                    state: State::Closing(rr),
+                },
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

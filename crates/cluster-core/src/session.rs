@@ -1,0 +1,490 @@
+//! The worker's side of the protocol.
+//!
+//! A [`WorkerSession`] sends the handshake first, numbers listen requests, matches the primary's
+//! replies, and decides what to do with each handed-off connection: a connection for a handle
+//! this worker has closed is refused at once (Node's `worker-handle-close`); any other is given
+//! to the driver, which must [`WorkerSession::accept`] or refuse it before touching the socket.
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+
+use crate::error::ProtocolError;
+use crate::link::{Link, LinkError};
+use crate::wire::{
+    self, EncodeError, Errno, HandleId, ListenInfo, ListenRequest, PROTOCOL_VERSION,
+    PrimaryMessage, Seq, WorkerMessage,
+};
+
+/// What the worker's driver is told.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SessionEvent {
+    /// A handed-off connection; the fd that came with the frame is it. Answer with
+    /// [`WorkerSession::accept`].
+    Connection {
+        /// Its seq, to name in the answer.
+        seq: Seq,
+        /// The handle it was accepted on.
+        handle: HandleId,
+    },
+    /// The primary acknowledged [`WorkerSession::exit_after_disconnect`]: close the link and exit.
+    DisconnectAcked,
+    /// The primary asks this worker to close its listeners, finish its connections and leave.
+    DisconnectRequested,
+    /// The answer to [`WorkerSession::listen`]. For a shared handle, the fd that came with the
+    /// frame is the listening socket. When the link closes first, the result is `ENOTCONN`.
+    ListenReply {
+        /// The request's seq.
+        seq: Seq,
+        /// The handle or the errno.
+        result: Result<ListenInfo, Errno>,
+    },
+    /// A user message.
+    Message {
+        /// The encoded value.
+        payload: Vec<u8>,
+    },
+}
+
+/// What a [`WorkerSession`] asks its driver to do next.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SessionOutput {
+    /// Send the frame now in the buffer (no fd attached).
+    Transmit,
+    /// Tell the user (or the listener).
+    Event(SessionEvent),
+}
+
+/// A driver mistake: answering a connection that was not offered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("connection {0} is not awaiting an answer")]
+pub struct UnknownConnection(pub Seq);
+
+#[derive(Debug, PartialEq, Eq)]
+enum Request {
+    Listen,
+    ExitedAfterDisconnect,
+}
+
+enum Queued {
+    Send(WorkerMessage),
+    Event(SessionEvent),
+}
+
+/// `Errno` for a request that failed because the link closed.
+const ENOTCONN: Errno = Errno(107);
+
+/// One worker's side of its link to the primary.
+#[derive(Debug)]
+pub struct WorkerSession {
+    link: Link<Request>,
+    handles: BTreeSet<HandleId>,
+    offered: HashMap<Seq, HandleId>,
+    disconnect_requested: bool,
+    out: VecDeque<Queued>,
+}
+
+impl std::fmt::Debug for Queued {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Send(m) => write!(f, "Send({m:?})"),
+            Self::Event(e) => write!(f, "Event({e:?})"),
+        }
+    }
+}
+
+impl WorkerSession {
+    /// A session for process `pid`; its handshake (`Online`) is the first output.
+    pub fn new(pid: u32) -> Self {
+        let mut session = Self {
+            link: Link::new(),
+            handles: BTreeSet::new(),
+            offered: HashMap::new(),
+            disconnect_requested: false,
+            out: VecDeque::new(),
+        };
+        session.send(WorkerMessage::Online {
+            version: PROTOCOL_VERSION,
+            pid,
+        });
+        session
+    }
+
+    /// Asks the primary for a listener; the answer is a [`SessionEvent::ListenReply`] with the
+    /// returned seq.
+    ///
+    /// # Errors
+    ///
+    /// [`LinkError::Closed`] after the link closed.
+    pub fn listen(&mut self, request: ListenRequest) -> Result<Seq, LinkError> {
+        let seq = self
+            .link
+            .start_request(Request::Listen, None)
+            .map_err(|(e, _)| e)?;
+        self.send(WorkerMessage::QueryServer { seq, request });
+        Ok(seq)
+    }
+
+    /// Tells the primary the listener for `handle` is ready.
+    pub fn listening(&mut self, handle: HandleId) {
+        if self.handles.contains(&handle) {
+            self.send(WorkerMessage::Listening { handle });
+        }
+    }
+
+    /// Answers an offered connection. Refusing pauses offers on its handle until
+    /// [`Self::ready`].
+    ///
+    /// # Errors
+    ///
+    /// [`UnknownConnection`] when `seq` was not offered or was already answered.
+    pub fn accept(&mut self, seq: Seq, accepted: bool) -> Result<(), UnknownConnection> {
+        self.offered.remove(&seq).ok_or(UnknownConnection(seq))?;
+        self.send(WorkerMessage::Accepted { ack: seq, accepted });
+        Ok(())
+    }
+
+    /// This worker has room again on `handle` after refusing.
+    pub fn ready(&mut self, handle: HandleId) {
+        if self.handles.contains(&handle) {
+            self.send(WorkerMessage::Ready { handle });
+        }
+    }
+
+    /// Closes this worker's listener on `handle`; later offers on it are refused. Closing twice
+    /// is a no-op.
+    pub fn close(&mut self, handle: HandleId) {
+        if self.handles.remove(&handle) {
+            self.send(WorkerMessage::Close { handle });
+        }
+    }
+
+    /// Announces that this worker leaves on purpose; wait for [`SessionEvent::DisconnectAcked`]
+    /// before closing the link.
+    ///
+    /// # Errors
+    ///
+    /// [`LinkError::Closed`].
+    pub fn exit_after_disconnect(&mut self) -> Result<Seq, LinkError> {
+        let seq = self
+            .link
+            .start_request(Request::ExitedAfterDisconnect, None)
+            .map_err(|(e, _)| e)?;
+        self.send(WorkerMessage::ExitedAfterDisconnect { seq });
+        Ok(seq)
+    }
+
+    /// Queues a user message.
+    ///
+    /// # Errors
+    ///
+    /// [`EncodeError::TooLarge`] when it would not fit in one frame; nothing is queued.
+    pub fn send_message(&mut self, payload: Vec<u8>) -> Result<(), EncodeError> {
+        let message = WorkerMessage::Message { payload };
+        wire::encode(&message, &mut Vec::new())?;
+        self.send(message);
+        Ok(())
+    }
+
+    /// The handles this worker listens on.
+    pub fn handles(&self) -> impl Iterator<Item = HandleId> + '_ {
+        self.handles.iter().copied()
+    }
+
+    /// Whether the primary asked this worker to disconnect.
+    pub fn is_disconnect_requested(&self) -> bool {
+        self.disconnect_requested
+    }
+
+    /// A datagram arrived from the primary with `fds` file descriptors. Fds not claimed by the
+    /// resulting event (see [`SessionEvent`]) must be closed by the driver.
+    ///
+    /// # Errors
+    ///
+    /// Any [`ProtocolError`]: the primary is broken; close the link and exit.
+    pub fn handle_frame(&mut self, frame: &[u8], fds: usize) -> Result<(), ProtocolError> {
+        let message: PrimaryMessage = wire::decode(frame)?;
+        if fds != message.fd_count() {
+            return Err(ProtocolError::UnexpectedFds {
+                expected: message.fd_count(),
+                got: fds,
+            });
+        }
+        if let PrimaryMessage::Hello { version } = message {
+            return Ok(self.link.handle_handshake(version)?);
+        }
+        self.link.check_open()?;
+        match message {
+            PrimaryMessage::Hello { .. } => unreachable!("handled above"),
+            PrimaryMessage::ListenReply { ack, result } => {
+                self.link
+                    .finish_request_if(ack, |r| *r == Request::Listen)?;
+                if let Ok(info) = &result {
+                    self.handles.insert(info.handle);
+                }
+                self.event(SessionEvent::ListenReply { seq: ack, result });
+            }
+            PrimaryMessage::NewConn { seq, handle } => {
+                if self.offered.contains_key(&seq) {
+                    return Err(ProtocolError::DuplicateConnection { seq });
+                }
+                if self.handles.contains(&handle) && !self.disconnect_requested {
+                    self.offered.insert(seq, handle);
+                    self.event(SessionEvent::Connection { seq, handle });
+                } else {
+                    self.send(WorkerMessage::Accepted {
+                        ack: seq,
+                        accepted: false,
+                    });
+                }
+            }
+            PrimaryMessage::Disconnect => {
+                self.disconnect_requested = true;
+                self.event(SessionEvent::DisconnectRequested);
+            }
+            PrimaryMessage::DisconnectAck { ack } => {
+                self.link
+                    .finish_request_if(ack, |r| *r == Request::ExitedAfterDisconnect)?;
+                self.event(SessionEvent::DisconnectAcked);
+            }
+            PrimaryMessage::Message { payload } => self.event(SessionEvent::Message { payload }),
+        }
+        Ok(())
+    }
+
+    /// The link closed: pending listens fail with `ENOTCONN`.
+    pub fn handle_link_closed(&mut self) {
+        let failed: Vec<_> = self.link.close().collect();
+        for (seq, request) in failed {
+            if request == Request::Listen {
+                self.event(SessionEvent::ListenReply {
+                    seq,
+                    result: Err(ENOTCONN),
+                });
+            }
+        }
+        self.offered.clear();
+    }
+
+    /// The next thing to do. For [`SessionOutput::Transmit`] the frame is written to `buf`
+    /// (cleared first).
+    #[must_use]
+    pub fn poll_output(&mut self, buf: &mut Vec<u8>) -> Option<SessionOutput> {
+        loop {
+            match self.out.pop_front()? {
+                Queued::Event(event) => return Some(SessionOutput::Event(event)),
+                Queued::Send(_) if self.link.is_closed() => continue,
+                Queued::Send(message) => {
+                    buf.clear();
+                    wire::encode(&message, buf).expect("queued frames fit in MAX_FRAME");
+                    return Some(SessionOutput::Transmit);
+                }
+            }
+        }
+    }
+
+    fn send(&mut self, message: WorkerMessage) {
+        self.out.push_back(Queued::Send(message));
+    }
+
+    fn event(&mut self, event: SessionEvent) {
+        self.out.push_back(Queued::Event(event));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::{BoundAddr, Distribution, ListenFlags, ListenTarget, SocketKind};
+
+    fn outputs(s: &mut WorkerSession) -> Vec<Result<WorkerMessage, SessionEvent>> {
+        let mut buf = Vec::new();
+        std::iter::from_fn(|| {
+            s.poll_output(&mut buf).map(|o| match o {
+                SessionOutput::Transmit => Ok(wire::decode(&buf).unwrap()),
+                SessionOutput::Event(e) => Err(e),
+            })
+        })
+        .collect()
+    }
+
+    fn frame(m: &PrimaryMessage) -> Vec<u8> {
+        let mut buf = Vec::new();
+        wire::encode(m, &mut buf).unwrap();
+        buf
+    }
+
+    fn connected() -> WorkerSession {
+        let mut s = WorkerSession::new(77);
+        assert_eq!(
+            outputs(&mut s),
+            [Ok(WorkerMessage::Online {
+                version: PROTOCOL_VERSION,
+                pid: 77
+            })]
+        );
+        s.handle_frame(
+            &frame(&PrimaryMessage::Hello {
+                version: PROTOCOL_VERSION,
+            }),
+            0,
+        )
+        .unwrap();
+        s
+    }
+
+    fn request() -> ListenRequest {
+        ListenRequest {
+            target: ListenTarget::Ip("127.0.0.1:0".parse().unwrap()),
+            kind: SocketKind::Stream,
+            backlog: 0,
+            flags: ListenFlags::default(),
+        }
+    }
+
+    fn listening(s: &mut WorkerSession) -> HandleId {
+        let seq = s.listen(request()).unwrap();
+        outputs(s);
+        let handle = HandleId::new(3);
+        let info = ListenInfo {
+            handle,
+            addr: BoundAddr::Ip("127.0.0.1:5555".parse().unwrap()),
+            distribution: Distribution::RoundRobin,
+        };
+        s.handle_frame(
+            &frame(&PrimaryMessage::ListenReply {
+                ack: seq,
+                result: Ok(info.clone()),
+            }),
+            0,
+        )
+        .unwrap();
+        assert_eq!(
+            outputs(s),
+            [Err(SessionEvent::ListenReply {
+                seq,
+                result: Ok(info)
+            })]
+        );
+        handle
+    }
+
+    #[test]
+    fn primary_must_say_hello_first_with_our_version() {
+        let mut s = WorkerSession::new(1);
+        let err = s
+            .handle_frame(&frame(&PrimaryMessage::Disconnect), 0)
+            .unwrap_err();
+        assert_eq!(err, ProtocolError::Link(LinkError::HandshakeExpected));
+        let mut s = WorkerSession::new(1);
+        let err = s
+            .handle_frame(&frame(&PrimaryMessage::Hello { version: 999 }), 0)
+            .unwrap_err();
+        assert!(matches!(
+            err,
+            ProtocolError::Link(LinkError::VersionMismatch { theirs: 999, .. })
+        ));
+    }
+
+    #[test]
+    fn connections_are_offered_once_and_answered_once() {
+        let mut s = connected();
+        let handle = listening(&mut s);
+        let seq = Seq::new(1);
+        s.handle_frame(&frame(&PrimaryMessage::NewConn { seq, handle }), 1)
+            .unwrap();
+        assert_eq!(
+            outputs(&mut s),
+            [Err(SessionEvent::Connection { seq, handle })]
+        );
+        let dup = s.handle_frame(&frame(&PrimaryMessage::NewConn { seq, handle }), 1);
+        assert_eq!(dup, Err(ProtocolError::DuplicateConnection { seq }));
+        s.accept(seq, true).unwrap();
+        assert_eq!(s.accept(seq, true), Err(UnknownConnection(seq)));
+        assert_eq!(
+            outputs(&mut s),
+            [Ok(WorkerMessage::Accepted {
+                ack: seq,
+                accepted: true
+            })]
+        );
+    }
+
+    #[test]
+    fn connection_for_a_closed_handle_is_refused_at_once() {
+        let mut s = connected();
+        let handle = listening(&mut s);
+        s.close(handle);
+        s.close(handle);
+        s.handle_frame(
+            &frame(&PrimaryMessage::NewConn {
+                seq: Seq::new(4),
+                handle,
+            }),
+            1,
+        )
+        .unwrap();
+        assert_eq!(
+            outputs(&mut s),
+            [
+                Ok(WorkerMessage::Close { handle }),
+                Ok(WorkerMessage::Accepted {
+                    ack: Seq::new(4),
+                    accepted: false
+                })
+            ]
+        );
+    }
+
+    #[test]
+    fn newconn_without_its_fd_is_a_protocol_error() {
+        let mut s = connected();
+        let handle = listening(&mut s);
+        let err = s.handle_frame(
+            &frame(&PrimaryMessage::NewConn {
+                seq: Seq::new(1),
+                handle,
+            }),
+            0,
+        );
+        assert_eq!(
+            err,
+            Err(ProtocolError::UnexpectedFds {
+                expected: 1,
+                got: 0
+            })
+        );
+    }
+
+    #[test]
+    fn replies_of_the_wrong_kind_are_rejected() {
+        let mut s = connected();
+        let seq = s.exit_after_disconnect().unwrap();
+        let reply = PrimaryMessage::ListenReply {
+            ack: seq,
+            result: Err(Errno::EINVAL),
+        };
+        assert_eq!(
+            s.handle_frame(&frame(&reply), 0),
+            Err(ProtocolError::Link(LinkError::WrongReply { ack: seq }))
+        );
+        s.handle_frame(&frame(&PrimaryMessage::DisconnectAck { ack: seq }), 0)
+            .unwrap();
+        assert!(outputs(&mut s).contains(&Err(SessionEvent::DisconnectAcked)));
+    }
+
+    #[test]
+    fn link_loss_fails_pending_listens_and_silences_sends() {
+        let mut s = connected();
+        let seq = s.listen(request()).unwrap();
+        s.handle_link_closed();
+        assert_eq!(
+            outputs(&mut s),
+            [Err(SessionEvent::ListenReply {
+                seq,
+                result: Err(ENOTCONN)
+            })]
+        );
+        assert_eq!(s.listen(request()), Err(LinkError::Closed));
+    }
+}

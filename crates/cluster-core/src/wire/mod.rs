@@ -1,0 +1,312 @@
+//! Wire messages exchanged between the primary and its workers.
+//!
+//! One message travels in one `SOCK_SEQPACKET` datagram, encoded with postcard (see [`codec`]).
+//! [`WorkerMessage`] flows from a worker to the primary and [`PrimaryMessage`] the other way. The
+//! first message on each side is the handshake ([`WorkerMessage::Online`] and
+//! [`PrimaryMessage::Hello`]); both are variant 0 of their enum with the protocol version as their
+//! first field, and must stay so in every future version so that a mismatch is always detected.
+//!
+//! Requests carry a [`Seq`]; their replies carry the same number as `ack`. `docs/PROTOCOL.md` lists
+//! every message with a byte example.
+
+pub mod codec;
+
+use std::fmt;
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+pub use codec::{DecodeError, EncodeError, MAX_FRAME, decode, encode};
+
+/// The version of this protocol. Both handshake messages carry it; a peer speaking another
+/// version is disconnected with [`crate::LinkError::VersionMismatch`].
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// A request number, unique per link and direction, starting at 1.
+///
+/// Unlike Node (one counter per process), each link numbers its own requests, so a duplicate or
+/// stale ack is detectable per worker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Seq(u64);
+
+impl Seq {
+    /// Wraps a raw sequence number (as read off the wire or in tests).
+    pub const fn new(raw: u64) -> Self {
+        Self(raw)
+    }
+
+    /// The raw number.
+    pub const fn get(self) -> u64 {
+        self.0
+    }
+}
+
+impl fmt::Display for Seq {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "#{}", self.0)
+    }
+}
+
+/// The primary's name for one listening handle, assigned when a listen is first requested and
+/// echoed in every later message about it (a compact stand-in for the [`crate::HandleKey`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct HandleId(u32);
+
+impl HandleId {
+    /// Wraps a raw handle number.
+    pub const fn new(raw: u32) -> Self {
+        Self(raw)
+    }
+
+    /// The raw number.
+    pub const fn get(self) -> u32 {
+        self.0
+    }
+}
+
+impl fmt::Display for HandleId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "handle {}", self.0)
+    }
+}
+
+/// A worker's id: assigned by the primary from 1 upwards and never reused (as Node's).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct WorkerId(u64);
+
+impl WorkerId {
+    /// Wraps a raw id, e.g. one read from `CLUSTER_WORKER_ID`.
+    pub const fn new(raw: u64) -> Self {
+        Self(raw)
+    }
+
+    /// The raw id.
+    pub const fn get(self) -> u64 {
+        self.0
+    }
+}
+
+impl fmt::Display for WorkerId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "worker {}", self.0)
+    }
+}
+
+/// A Linux `errno` value carried across the link, so that a worker can rebuild the exact
+/// `io::Error` the primary saw (`io::Error::from_raw_os_error`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Errno(pub i32);
+
+impl Errno {
+    /// `EINVAL`: the request is malformed.
+    pub const EINVAL: Self = Self(22);
+    /// `EADDRINUSE`: the address is taken (also: this worker already listens on this fixed port).
+    pub const EADDRINUSE: Self = Self(98);
+    /// `ESHUTDOWN`: the worker is disconnecting and may not start new listens.
+    pub const ESHUTDOWN: Self = Self(108);
+    /// `EMFILE`: the worker holds too many handles.
+    pub const EMFILE: Self = Self(24);
+}
+
+impl fmt::Display for Errno {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "errno {}", self.0)
+    }
+}
+
+/// What a listen is bound to.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum ListenTarget {
+    /// A file descriptor the primary already holds (Node's `listen({fd})`: fd N *in the primary*).
+    Fd(i32),
+    /// An IP address and port; port 0 asks for one ephemeral port shared by all workers.
+    Ip(SocketAddr),
+    /// A Unix socket path, as raw bytes (paths need not be UTF-8).
+    Path(Vec<u8>),
+}
+
+/// The socket type requested.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum SocketKind {
+    /// Datagrams (UDP): always shared, never round-robin.
+    Datagram,
+    /// Streams (TCP or Unix stream sockets).
+    Stream,
+}
+
+/// Options of a listen that change the socket the primary creates.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
+pub struct ListenFlags {
+    /// `IPV6_V6ONLY` on an IPv6 socket (otherwise `::` is dual-stack).
+    pub ipv6_only: bool,
+    /// `SO_REUSEADDR` on a datagram socket.
+    pub reuse_addr: bool,
+    /// Unix sockets: make the socket file readable by all.
+    pub readable_all: bool,
+    /// Unix sockets: make the socket file writable by all.
+    pub writable_all: bool,
+}
+
+/// A worker's listen request (Node's `queryServer`).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ListenRequest {
+    /// Where to listen.
+    pub target: ListenTarget,
+    /// Stream or datagram.
+    pub kind: SocketKind,
+    /// The accept backlog; 0 means the primary's default. The first worker's value is used.
+    pub backlog: u32,
+    /// Socket options.
+    pub flags: ListenFlags,
+}
+
+/// How connections of one handle reach workers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Distribution {
+    /// The primary accepts and hands each connection to one worker ([`PrimaryMessage::NewConn`]).
+    RoundRobin,
+    /// The worker received the listening socket itself and accepts on it (Node's `SCHED_NONE`).
+    Shared,
+}
+
+/// The address a handle is bound to, as the primary's `getsockname` reports it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum BoundAddr {
+    /// An IP socket; for port 0 this carries the real port.
+    Ip(SocketAddr),
+    /// A Unix socket path, or an fd-based listener with no name (empty).
+    Path(Vec<u8>),
+}
+
+/// A successful listen.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListenInfo {
+    /// The handle to name in `Listening`, `Close` and `Ready`.
+    pub handle: HandleId,
+    /// Where the handle is bound.
+    pub addr: BoundAddr,
+    /// Whether connections will come as `NewConn` or the listening fd is attached to this reply.
+    pub distribution: Distribution,
+}
+
+/// Messages from a worker to the primary.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WorkerMessage {
+    /// The handshake, sent by the worker's runtime before user code runs (Node's `online`).
+    /// Must stay variant 0 with `version` first.
+    Online {
+        /// The worker's [`PROTOCOL_VERSION`].
+        version: u16,
+        /// The worker's process id, as the worker sees it.
+        pid: u32,
+    },
+    /// Asks the primary for a listening handle (Node's `queryServer`). Answered by
+    /// [`PrimaryMessage::ListenReply`].
+    QueryServer {
+        /// The request number.
+        seq: Seq,
+        /// What to listen on.
+        request: ListenRequest,
+    },
+    /// The worker's listener for `handle` is ready (Node's `listening`).
+    Listening {
+        /// The handle from the [`ListenInfo`].
+        handle: HandleId,
+    },
+    /// Answers a [`PrimaryMessage::NewConn`] before the worker touches the socket.
+    Accepted {
+        /// The `seq` of the `NewConn`.
+        ack: Seq,
+        /// `false` hands the connection back to the primary for another worker; the worker is
+        /// then offered nothing more on that handle until it sends [`WorkerMessage::Ready`].
+        accepted: bool,
+    },
+    /// The worker has capacity again on `handle` after refusing a connection.
+    Ready {
+        /// The handle.
+        handle: HandleId,
+    },
+    /// The worker closed its listener for `handle` (Node's `close`).
+    Close {
+        /// The handle.
+        handle: HandleId,
+    },
+    /// The worker is leaving on purpose (Node's `exitedAfterDisconnect`); answered by
+    /// [`PrimaryMessage::DisconnectAck`], after which the worker closes the link.
+    ExitedAfterDisconnect {
+        /// The request number.
+        seq: Seq,
+    },
+    /// A user message; `payload` is opaque to the core.
+    Message {
+        /// The encoded user value.
+        payload: Vec<u8>,
+    },
+}
+
+/// Messages from the primary to a worker.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PrimaryMessage {
+    /// The handshake, the primary's first message to a new worker. Must stay variant 0 with
+    /// `version` first.
+    Hello {
+        /// The primary's [`PROTOCOL_VERSION`].
+        version: u16,
+    },
+    /// Answers a [`WorkerMessage::QueryServer`]. For [`Distribution::Shared`] the listening fd is
+    /// attached to this datagram.
+    ListenReply {
+        /// The `seq` of the query.
+        ack: Seq,
+        /// The handle, or the errno of the failed bind.
+        result: Result<ListenInfo, Errno>,
+    },
+    /// A connection accepted by the primary; exactly one fd is attached. Answered by
+    /// [`WorkerMessage::Accepted`].
+    NewConn {
+        /// The request number.
+        seq: Seq,
+        /// The handle it was accepted on.
+        handle: HandleId,
+    },
+    /// Asks the worker to close its listeners, finish its connections and leave (Node's
+    /// `disconnect`).
+    Disconnect,
+    /// Answers [`WorkerMessage::ExitedAfterDisconnect`].
+    DisconnectAck {
+        /// The `seq` of the request.
+        ack: Seq,
+    },
+    /// A user message; `payload` is opaque to the core.
+    Message {
+        /// The encoded user value.
+        payload: Vec<u8>,
+    },
+}
+
+impl PrimaryMessage {
+    /// How many fds must travel with this message (for [`Distribution::Shared`] replies, one).
+    pub fn fd_count(&self) -> usize {
+        match self {
+            Self::NewConn { .. } => 1,
+            Self::ListenReply {
+                result:
+                    Ok(ListenInfo {
+                        distribution: Distribution::Shared,
+                        ..
+                    }),
+                ..
+            } => 1,
+            _ => 0,
+        }
+    }
+}
+
+impl WorkerMessage {
+    /// How many fds must travel with this message (none, in this version).
+    pub fn fd_count(&self) -> usize {
+        0
+    }
+}

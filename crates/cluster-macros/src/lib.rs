@@ -1,0 +1,1 @@
+//! Procedural macros of `cluster` (`#[cluster::main]`); use them through the `cluster` crate.

@@ -1,0 +1,1 @@
+//! Examples of `cluster` live as `[[example]]` targets of this package.
