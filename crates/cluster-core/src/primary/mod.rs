@@ -7,7 +7,7 @@ use crate::error::ProtocolError;
 use crate::key::HandleKey;
 use crate::lifecycle::{ExitStatus, Lifecycle, Transition, WorkerState};
 use crate::link::Link;
-use crate::registry::{Registry, RegistryConfig, RegistryOutput};
+use crate::registry::{Registry, RegistryConfig, RegistryError, RegistryOutput};
 use crate::wire::{
     self, BoundAddr, Distribution, EncodeError, Errno, HandleId, ListenInfo, ListenRequest,
     PROTOCOL_VERSION, PrimaryMessage, WorkerId, WorkerMessage,
@@ -463,10 +463,15 @@ impl<C: Copy + Eq + std::fmt::Debug> Primary<C> {
                     self.registry.query(worker, seq, request);
                 }
             }
+            // The primary itself takes a leaving or hung worker off its handles, so such a worker
+            // may still name them until it learns of it: a race, not a violation.
+            WorkerMessage::Listening { handle } if !self.registry.is_held(worker, handle) => {
+                if !(entry.leaving || entry.hung) {
+                    return Err(RegistryError::NotHeld { worker, handle }.into());
+                }
+            }
             WorkerMessage::Listening { handle } => {
-                let Some((key, addr)) = self.registry.info(handle) else {
-                    return Err(crate::registry::RegistryError::NotHeld { worker, handle }.into());
-                };
+                let (key, addr) = self.registry.info(handle).expect("held handles are bound");
                 let event = Event::Listening {
                     worker,
                     handle,
@@ -480,8 +485,16 @@ impl<C: Copy + Eq + std::fmt::Debug> Primary<C> {
                 let Request::Handoff { handle, conn } = entry.link.finish_request(ack)?;
                 self.registry.ack(worker, handle, conn, accepted)?;
             }
-            WorkerMessage::Ready { handle } => self.registry.ready(worker, handle)?,
-            WorkerMessage::Close { handle } => self.registry.close(worker, handle)?,
+            WorkerMessage::Ready { handle } | WorkerMessage::Close { handle } => {
+                let result = match message {
+                    WorkerMessage::Close { .. } => self.registry.close(worker, handle),
+                    _ => self.registry.ready(worker, handle),
+                };
+                match result {
+                    Err(RegistryError::NotHeld { .. }) if entry.leaving || entry.hung => {}
+                    result => result?,
+                }
+            }
             WorkerMessage::ExitedAfterDisconnect { seq } => {
                 entry.leaving = true;
                 entry.lifecycle.leaving_on_purpose();

@@ -2,6 +2,7 @@ use std::time::{Duration, Instant};
 
 use super::*;
 use crate::link::LinkError;
+use crate::registry::RegistryError;
 use crate::wire::{ListenFlags, ListenTarget, Seq, SocketKind};
 
 /// Drives a `Primary<u32>` with decoded messages and collects decoded outputs.
@@ -211,7 +212,7 @@ fn protocol_violations_are_typed_errors() {
             WorkerMessage::Close {
                 handle: HandleId::new(9),
             },
-            crate::registry::RegistryError::NotHeld {
+            RegistryError::NotHeld {
                 worker: WorkerId::new(1),
                 handle: HandleId::new(9),
             }
@@ -487,5 +488,37 @@ fn user_messages_are_size_checked_before_queueing() {
             },
             None
         )]
+    );
+}
+
+#[test]
+fn a_worker_taken_off_its_handles_may_still_name_them() {
+    // The primary disconnects w while w's `Listening` and `Close` are already on the wire.
+    let mut h = Harness::new();
+    let w = h.online();
+    let handle = h.listen(w, 1, "127.0.0.1:0");
+    h.outputs();
+    h.primary.disconnect(h.now, w);
+    h.outputs();
+    h.recv(w, &WorkerMessage::Listening { handle });
+    h.recv(w, &WorkerMessage::Ready { handle });
+    h.recv(w, &WorkerMessage::Close { handle });
+    assert_eq!(h.events(), []);
+}
+
+#[test]
+fn listening_on_another_workers_handle_is_a_violation() {
+    let mut h = Harness::new();
+    let w1 = h.online();
+    let w2 = h.online();
+    let handle = h.listen(w1, 1, "127.0.0.1:0");
+    h.outputs();
+    h.recv(w2, &WorkerMessage::Listening { handle });
+    assert_eq!(
+        h.events()[0],
+        Event::Error {
+            worker: w2,
+            error: RegistryError::NotHeld { worker: w2, handle }.into()
+        }
     );
 }

@@ -395,6 +395,13 @@ impl<C: Copy + Eq> Registry<C> {
         }
     }
 
+    /// Whether `worker` listens on `handle` (as an active member).
+    pub fn is_held(&self, worker: WorkerId, handle: HandleId) -> bool {
+        self.handles
+            .get(&handle)
+            .is_some_and(|h| matches!(h.state, State::Bound(..)) && h.is_held_by(worker))
+    }
+
     /// The key and address of a bound handle.
     pub fn info(&self, handle: HandleId) -> Option<(&HandleKey, &BoundAddr)> {
         match self.handles.get(&handle) {

@@ -171,6 +171,24 @@ mod tests {
     }
 
     #[test]
+    fn ipv6_scope_and_flowinfo_survive_the_wire() {
+        use crate::wire::{ListenFlags, ListenRequest, ListenTarget, SocketKind};
+        let addr = std::net::SocketAddrV6::new("fe80::1".parse().unwrap(), 8080, 7, 2).into();
+        let msg = WorkerMessage::QueryServer {
+            seq: Seq::new(1),
+            request: ListenRequest {
+                target: ListenTarget::Ip(addr),
+                kind: SocketKind::Stream,
+                backlog: 0,
+                flags: ListenFlags::default(),
+            },
+        };
+        let mut buf = Vec::new();
+        encode(&msg, &mut buf).unwrap();
+        assert_eq!(decode::<WorkerMessage>(&buf).unwrap(), msg);
+    }
+
+    #[test]
     fn bad_frames_give_typed_errors() {
         assert_eq!(decode::<WorkerMessage>(&[]), Err(DecodeError::Empty));
         assert!(matches!(

@@ -120,7 +120,7 @@ pub enum ListenTarget {
     /// A file descriptor the primary already holds (Node's `listen({fd})`: fd N *in the primary*).
     Fd(i32),
     /// An IP address and port; port 0 asks for one ephemeral port shared by all workers.
-    Ip(SocketAddr),
+    Ip(#[serde(with = "socket_addr")] SocketAddr),
     /// A Unix socket path, as raw bytes (paths need not be UTF-8).
     Path(Vec<u8>),
 }
@@ -175,7 +175,7 @@ pub enum Distribution {
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum BoundAddr {
     /// An IP socket; for port 0 this carries the real port.
-    Ip(SocketAddr),
+    Ip(#[serde(with = "socket_addr")] SocketAddr),
     /// A Unix socket path, or an fd-based listener with no name (empty).
     Path(Vec<u8>),
 }
@@ -284,6 +284,37 @@ pub enum PrimaryMessage {
         /// The encoded user value.
         payload: Vec<u8>,
     },
+}
+
+/// Socket addresses on the wire. serde's own encoding of `SocketAddrV6` drops `flowinfo` and
+/// `scope_id`, which would silently move a link-local listen (`fe80::1%2`) off its interface.
+mod socket_addr {
+    use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    #[derive(Serialize, Deserialize)]
+    enum Wire {
+        V4([u8; 4], u16),
+        V6([u8; 16], u16, u32, u32),
+    }
+
+    pub(super) fn serialize<S: Serializer>(addr: &SocketAddr, s: S) -> Result<S::Ok, S::Error> {
+        match addr {
+            SocketAddr::V4(a) => Wire::V4(a.ip().octets(), a.port()),
+            SocketAddr::V6(a) => Wire::V6(a.ip().octets(), a.port(), a.flowinfo(), a.scope_id()),
+        }
+        .serialize(s)
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+        Ok(match Wire::deserialize(d)? {
+            Wire::V4(ip, port) => SocketAddrV4::new(Ipv4Addr::from(ip), port).into(),
+            Wire::V6(ip, port, flowinfo, scope_id) => {
+                SocketAddrV6::new(Ipv6Addr::from(ip), port, flowinfo, scope_id).into()
+            }
+        })
+    }
 }
 
 impl PrimaryMessage {
