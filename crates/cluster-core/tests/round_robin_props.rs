@@ -94,7 +94,7 @@ fn check(
     if rr.queued().len() >= max_queued {
         prop_assert!(!rr.wants_connections());
     }
-    for (w, _) in &model.active {
+    for w in model.active.keys() {
         prop_assert!(rr.is_active_member(*w));
     }
     Ok(())
@@ -171,19 +171,17 @@ fn run(ops: Vec<Op>, window: usize, max_queued: usize) -> Result<(), TestCaseErr
                 } else {
                     rr.ack(w, in_flight[pick % in_flight.len()], accepted)
                         .unwrap();
-                    if !accepted {
-                        if let Some(paused) = model.active.get_mut(&w) {
-                            *paused = true;
-                        }
+                    if !accepted && let Some(paused) = model.active.get_mut(&w) {
+                        *paused = true;
                     }
                 }
             }
             Op::Ready(w) => {
                 let w = WorkerId::new(w);
-                if rr.ready(w).is_ok() {
-                    if let Some(paused) = model.active.get_mut(&w) {
-                        *paused = false;
-                    }
+                if rr.ready(w).is_ok()
+                    && let Some(paused) = model.active.get_mut(&w)
+                {
+                    *paused = false;
                 }
             }
         }

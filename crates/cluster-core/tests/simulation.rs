@@ -233,14 +233,14 @@ impl Sim {
     }
 
     fn kill(&mut self, id: WorkerId) {
-        if let Some(w) = self.workers.get_mut(&id) {
-            if w.alive {
-                w.alive = false;
-                w.exit_code = -9;
-                // The kernel closes the fds of unread datagrams with the process.
-                w.inbox.clear();
-                // Connections it owned fail with it: that is the only loss allowed.
-            }
+        if let Some(w) = self.workers.get_mut(&id)
+            && w.alive
+        {
+            w.alive = false;
+            w.exit_code = -9;
+            // The kernel closes the fds of unread datagrams with the process.
+            w.inbox.clear();
+            // Connections it owned fail with it: that is the only loss allowed.
         }
         self.reap(id);
     }
@@ -255,10 +255,10 @@ impl Sim {
                         Attachment::Conn(c) => Fd::Conn(c),
                         Attachment::Listener(h) => Fd::Listener(h),
                     });
-                    if let Some(w) = self.workers.get_mut(&t.worker) {
-                        if w.alive {
-                            w.inbox.push_back((self.buf.clone(), fd));
-                        }
+                    if let Some(w) = self.workers.get_mut(&t.worker)
+                        && w.alive
+                    {
+                        w.inbox.push_back((self.buf.clone(), fd));
                     }
                 }
                 Output::Bind { handle, .. } => binds.push(handle),
@@ -378,10 +378,10 @@ impl Sim {
             return;
         }
         w.refusing = !w.refusing;
-        if !w.refusing {
-            if let Some(h) = w.handle {
-                w.session.ready(h);
-            }
+        if !w.refusing
+            && let Some(h) = w.handle
+        {
+            w.session.ready(h);
         }
         self.flush_worker(id);
     }
