@@ -119,6 +119,18 @@ impl<P> Link<P> {
         }
     }
 
+    /// Classifies a frame that did not decode: a handshake of another protocol version (whose
+    /// shape may differ from ours) is a [`LinkError::VersionMismatch`], anything else `None`.
+    pub fn foreign_handshake(&self, frame: &[u8]) -> Option<LinkError> {
+        let theirs = crate::wire::handshake_version(frame)?;
+        (self.state == State::Handshake && theirs != PROTOCOL_VERSION).then_some(
+            LinkError::VersionMismatch {
+                ours: PROTOCOL_VERSION,
+                theirs,
+            },
+        )
+    }
+
     /// Checks that a message other than the handshake may be received now.
     ///
     /// # Errors

@@ -203,7 +203,15 @@ impl WorkerSession {
     ///
     /// Any [`ProtocolError`]: the primary is broken; close the link and exit.
     pub fn handle_frame(&mut self, frame: &[u8], fds: usize) -> Result<(), ProtocolError> {
-        let message: PrimaryMessage = wire::decode(frame)?;
+        let message: PrimaryMessage = match wire::decode(frame) {
+            Ok(message) => message,
+            Err(e) => {
+                return Err(self
+                    .link
+                    .foreign_handshake(frame)
+                    .map_or(e.into(), Into::into));
+            }
+        };
         if fds != message.fd_count() {
             return Err(ProtocolError::UnexpectedFds {
                 expected: message.fd_count(),
@@ -384,6 +392,20 @@ mod tests {
             err,
             ProtocolError::Link(LinkError::VersionMismatch { theirs: 999, .. })
         ));
+    }
+
+    #[test]
+    fn a_future_primary_is_a_version_mismatch_not_garbage() {
+        let mut s = WorkerSession::new(1);
+        // Version 2's Hello with one more field.
+        let err = s.handle_frame(&[0, 2, 7], 0).unwrap_err();
+        assert_eq!(
+            err,
+            ProtocolError::Link(LinkError::VersionMismatch {
+                ours: PROTOCOL_VERSION,
+                theirs: 2
+            })
+        );
     }
 
     #[test]

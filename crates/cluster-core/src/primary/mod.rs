@@ -232,6 +232,13 @@ impl<C: Copy + Eq + std::fmt::Debug> Primary<C> {
         worker
     }
 
+    /// The driver could not start `worker`'s process: forget it without reporting events.
+    pub fn handle_spawn_failed(&mut self, worker: WorkerId) {
+        self.workers.remove(&worker);
+        self.out
+            .retain(|q| !matches!(q, Queued::Send { worker: w, .. } if *w == worker));
+    }
+
     /// A datagram arrived from `worker` with `fds` file descriptors attached (which the driver
     /// keeps and closes: no worker message carries fds in this version).
     pub fn handle_frame(&mut self, now: Instant, worker: WorkerId, frame: &[u8], fds: usize) {
@@ -433,7 +440,15 @@ impl<C: Copy + Eq + std::fmt::Debug> Primary<C> {
         if entry.link.is_closed() {
             return Ok(());
         }
-        let message: WorkerMessage = wire::decode(frame)?;
+        let message: WorkerMessage = match wire::decode(frame) {
+            Ok(message) => message,
+            Err(e) => {
+                return Err(entry
+                    .link
+                    .foreign_handshake(frame)
+                    .map_or(e.into(), Into::into));
+            }
+        };
         if fds != message.fd_count() {
             return Err(ProtocolError::UnexpectedFds {
                 expected: message.fd_count(),

@@ -522,3 +522,17 @@ fn listening_on_another_workers_handle_is_a_violation() {
         }
     );
 }
+
+#[test]
+fn a_worker_that_failed_to_spawn_is_forgotten_quietly() {
+    let mut h = Harness::new();
+    let w = h.primary.add_worker();
+    h.primary.handle_spawn_failed(w);
+    assert_eq!(h.outputs(), []);
+    assert_eq!(h.primary.workers().count(), 0);
+    assert_eq!(
+        h.primary.add_worker(),
+        WorkerId::new(2),
+        "ids are still never reused"
+    );
+}

@@ -102,6 +102,19 @@ pub fn decode<M: DeserializeOwned>(frame: &[u8]) -> Result<M, DecodeError> {
     Ok(message)
 }
 
+/// The protocol version of a handshake frame, read without decoding the rest.
+///
+/// Both handshakes are variant 0 with the version first, in every version of the protocol, so a
+/// peer of another version is recognised even when the rest of its handshake has changed shape.
+pub fn handshake_version(frame: &[u8]) -> Option<u16> {
+    match frame {
+        [0, rest @ ..] => postcard::take_from_bytes::<u16>(rest)
+            .ok()
+            .map(|(version, _)| version),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -186,6 +199,15 @@ mod tests {
         let mut buf = Vec::new();
         encode(&msg, &mut buf).unwrap();
         assert_eq!(decode::<WorkerMessage>(&buf).unwrap(), msg);
+    }
+
+    #[test]
+    fn handshake_version_is_read_from_any_future_handshake() {
+        // Version 2 with a field this version does not know.
+        assert_eq!(handshake_version(&[0, 2, 0xaa, 0xbb, 0xcc, 0xdd]), Some(2));
+        assert_eq!(handshake_version(&[0, 0x80, 0x01]), Some(128));
+        assert_eq!(handshake_version(&[1, 2]), None);
+        assert_eq!(handshake_version(&[]), None);
     }
 
     #[test]

@@ -16,7 +16,7 @@ use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
-pub use codec::{DecodeError, EncodeError, MAX_FRAME, decode, encode};
+pub use codec::{DecodeError, EncodeError, MAX_FRAME, decode, encode, handshake_version};
 
 /// The version of this protocol. Both handshake messages carry it; a peer speaking another
 /// version is disconnected with [`crate::LinkError::VersionMismatch`].
