@@ -1,1 +1,73 @@
-//! Multi-process tests of `cluster`: fixture binaries in `src/bin`, tests in `tests/`.
+//! Multi-process tests of `cluster`.
+//!
+//! Most tests are the primary themselves: they start a [`cluster::Primary`] whose workers run the
+//! `fixture` binary, and drive each worker with [`Command`]s sent as cluster messages; the
+//! fixture answers with [`Reply`]s. `primary_fixture` is a whole clustered program, for tests
+//! that need the primary in another process (its death, its signals).
+
+use serde::{Deserialize, Serialize};
+
+/// What a test asks a fixture worker to do.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum Command {
+    /// Bind `addr`; every connection is answered with `"<worker id>\n"` and closed.
+    Listen {
+        /// Passed to `ClusterListener::bind`.
+        addr: String,
+    },
+    /// Drop listener number `index` (counted in `Listen` order).
+    Close {
+        /// Which listener.
+        index: usize,
+    },
+    /// Block the worker's runtime for `ms` milliseconds (a hung worker).
+    Block {
+        /// How long.
+        ms: u64,
+    },
+    /// Exit the process at once with `code`.
+    Exit {
+        /// The exit code.
+        code: i32,
+    },
+    /// Leave the cluster on purpose, then exit 0.
+    Disconnect,
+}
+
+/// What a fixture worker answers.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Reply {
+    /// `Listen` succeeded.
+    Listening {
+        /// The listener's index.
+        index: usize,
+        /// Its real port.
+        port: u16,
+    },
+    /// `Listen` failed.
+    BindFailed {
+        /// `io::ErrorKind` as text.
+        kind: String,
+        /// The OS error code, if any.
+        errno: Option<i32>,
+    },
+    /// `Close` done.
+    Closed {
+        /// The listener's index.
+        index: usize,
+    },
+}
+
+/// Sends `signal` to process `pid` (the tests' one `unsafe` call).
+///
+/// # Errors
+///
+/// The process does not exist or may not be signalled.
+pub fn signal(pid: u32, signal: i32) -> std::io::Result<()> {
+    let pid = i32::try_from(pid).map_err(|_| std::io::ErrorKind::InvalidInput)?;
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    if unsafe { libc::kill(pid, signal) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}

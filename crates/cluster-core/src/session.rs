@@ -209,7 +209,7 @@ impl WorkerSession {
                 return Err(self
                     .link
                     .foreign_handshake(frame)
-                    .map_or(e.into(), Into::into));
+                    .map_or_else(|| e.into(), Into::into));
             }
         };
         if fds != message.fd_count() {

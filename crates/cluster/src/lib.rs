@@ -1,7 +1,43 @@
 //! `cluster`: a Tokio-native multi-process cluster runtime, Node's `cluster` module for async
 //! Rust.
 //!
-//! This facade re-exports the runtime ([`cluster_tokio`]) and its sans-IO protocol core
-//! ([`proto`]).
+//! A primary process re-executes its own binary as N workers. Workers call
+//! [`ClusterListener::bind`] as if they owned the port; the primary either accepts connections
+//! and hands each to a worker in turn (fds passed over a Unix seqpacket socket, one ack per
+//! handoff) or shares the listening socket with them.
+//!
+//! ```no_run
+//! // Every worker runs the body; the primary forks them, watches them, and drains them on
+//! // SIGTERM.
+//! #[cluster::main(workers = 4)]
+//! async fn main() -> std::io::Result<()> {
+//!     let mut listener = cluster::ClusterListener::bind("127.0.0.1:3000").await?;
+//!     while let Ok((stream, peer)) = listener.accept().await {
+//!         // Serve `stream` (hyper, tonic, or by hand).
+//!         drop((stream, peer));
+//!     }
+//!     Ok(())
+//! }
+//! ```
+//!
+//! The same program runs unclustered: outside a worker, [`ClusterListener::bind`] binds the
+//! socket itself.
+//!
+//! # Optional features
+//!
+//! - `macros` (default): `#[cluster::main]`.
 
-pub use cluster_tokio::proto;
+#[cfg(feature = "macros")]
+pub use cluster_macros::main;
+pub use cluster_tokio::{
+    ClusterListener, ENV_SCHED_POLICY, ENV_WORKERS, Event, Events, ExitStatus, Flavor,
+    ListenAddress, MainOutput, Message, ORPHAN_GRACE, Primary, Role, RuntimeOptions,
+    SchedulingPolicy, Settings, Stats, Worker, WorkerHandle, WorkerId, WorkerState, WorkerStats,
+    proto, run, run_workers, shutdown, worker, worker_count,
+};
+
+/// What `#[cluster::main]` expands to. Not public API.
+#[doc(hidden)]
+pub mod __private {
+    pub use cluster_tokio::{Flavor, Role, RuntimeOptions, run, run_workers};
+}

@@ -446,7 +446,7 @@ impl<C: Copy + Eq + std::fmt::Debug> Primary<C> {
                 return Err(entry
                     .link
                     .foreign_handshake(frame)
-                    .map_or(e.into(), Into::into));
+                    .map_or_else(|| e.into(), Into::into));
             }
         };
         if fds != message.fd_count() {

@@ -1,0 +1,574 @@
+//! The primary's driver: one task owning the core, every worker link, every listening socket and
+//! every accepted connection. Accepting, handing off, reading acks and sending all happen in its
+//! `poll`, with no channel hop on the connection path.
+
+use std::collections::{HashMap, VecDeque};
+use std::ffi::OsString;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::process::ExitStatusExt;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use proto::wire::{BoundAddr, Distribution, Errno, ListenRequest, ListenTarget, SocketKind};
+use proto::{Attachment, ExitStatus, HandleId, Output, WorkerId};
+use slab::Slab;
+use socket2::{Domain, Socket, Type};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Sleep;
+
+use super::{
+    Event, ListenAddress, Message, PrimaryShared, Stats, WorkerHandle, WorkerShared, WorkerStats,
+    spawn,
+};
+use crate::ipc::{Channel, Received};
+use crate::settings::Settings;
+
+/// What the driver is asked to do, or told, from outside its `poll`.
+pub(crate) enum Input {
+    Fork {
+        env: Vec<(OsString, OsString)>,
+        reply: oneshot::Sender<io::Result<WorkerHandle>>,
+    },
+    Disconnect {
+        worker: WorkerId,
+    },
+    Send {
+        worker: WorkerId,
+        payload: Vec<u8>,
+    },
+    Exited {
+        worker: WorkerId,
+        status: ExitStatus,
+    },
+    Stats {
+        reply: oneshot::Sender<Stats>,
+    },
+}
+
+/// How many inputs of one source are handled before the others get a turn.
+const BUDGET: usize = 64;
+/// Pause after an accept error that is not about one connection (EMFILE, ENFILE, ENOBUFS).
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+struct Link {
+    channel: Channel,
+    outgoing: VecDeque<(Vec<u8>, Option<Attachment<usize>>)>,
+}
+
+enum Listener {
+    /// Round robin: the primary accepts.
+    Accepting(TcpListener),
+    /// Shared: the fd is sent to workers, who accept on it.
+    Shared(std::net::TcpListener),
+}
+
+impl Listener {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        match self {
+            Self::Accepting(l) => l.as_fd(),
+            Self::Shared(l) => l.as_fd(),
+        }
+    }
+}
+
+pub(crate) struct Driver {
+    core: proto::Primary<usize>,
+    settings: Settings,
+    shared: Arc<PrimaryShared>,
+    inputs: mpsc::UnboundedReceiver<Input>,
+    input_tx: mpsc::UnboundedSender<Input>,
+    links: HashMap<WorkerId, Link>,
+    workers: HashMap<WorkerId, Arc<WorkerShared>>,
+    listeners: HashMap<HandleId, Listener>,
+    conns: Slab<TcpStream>,
+    timer: Pin<Box<Sleep>>,
+    accept_resume: Option<Instant>,
+    buf: Vec<u8>,
+    fds: Vec<OwnedFd>,
+    ids: Vec<WorkerId>,
+    handles: Vec<HandleId>,
+}
+
+fn now() -> Instant {
+    tokio::time::Instant::now().into_std()
+}
+
+impl Driver {
+    pub(crate) fn new(
+        settings: Settings,
+        shared: Arc<PrimaryShared>,
+        inputs: mpsc::UnboundedReceiver<Input>,
+        input_tx: mpsc::UnboundedSender<Input>,
+    ) -> Self {
+        Self {
+            core: proto::Primary::new(settings.core_config()),
+            settings,
+            shared,
+            inputs,
+            input_tx,
+            links: HashMap::new(),
+            workers: HashMap::new(),
+            listeners: HashMap::new(),
+            conns: Slab::new(),
+            timer: Box::pin(tokio::time::sleep(Duration::from_secs(3600))),
+            accept_resume: None,
+            buf: Vec::new(),
+            fds: Vec::new(),
+            ids: Vec::new(),
+            handles: Vec::new(),
+        }
+    }
+
+    fn poll_inputs(&mut self, cx: &mut Context<'_>) -> bool {
+        let mut progress = false;
+        for _ in 0..BUDGET {
+            let Poll::Ready(Some(input)) = self.inputs.poll_recv(cx) else {
+                break;
+            };
+            progress = true;
+            match input {
+                Input::Fork { env, reply } => {
+                    let _ = reply.send(self.fork(&env));
+                }
+                Input::Disconnect { worker } => {
+                    self.core.disconnect(now(), worker);
+                }
+                Input::Send { worker, payload } => {
+                    if let Err(error) = self.core.send_message(worker, payload) {
+                        tracing::warn!(%worker, %error, "message not sent");
+                    }
+                }
+                Input::Exited { worker, status } => self.core.handle_exit(worker, status),
+                Input::Stats { reply } => {
+                    let _ = reply.send(self.stats());
+                }
+            }
+            self.drain_core();
+        }
+        progress
+    }
+
+    fn poll_links(&mut self, cx: &mut Context<'_>) -> bool {
+        let mut progress = false;
+        self.ids.clear();
+        self.ids.extend(self.links.keys());
+        for i in 0..self.ids.len() {
+            let id = self.ids[i];
+            for _ in 0..BUDGET {
+                let Some(link) = self.links.get_mut(&id) else {
+                    break;
+                };
+                let received = match link.channel.poll_recv(cx, &mut self.fds) {
+                    Poll::Pending => break,
+                    Poll::Ready(received) => received,
+                };
+                progress = true;
+                match received {
+                    Ok(Received::Frame { len }) => {
+                        self.core
+                            .handle_frame(now(), id, link.channel.frame(len), self.fds.len());
+                    }
+                    Ok(Received::Truncated) => self.core.handle_truncated(now(), id),
+                    Ok(Received::Closed) | Err(_) => {
+                        self.links.remove(&id);
+                        self.core.handle_link_closed(now(), id);
+                    }
+                }
+                // No worker message carries fds in this protocol version: close any that came.
+                self.fds.clear();
+                self.drain_core();
+            }
+        }
+        progress
+    }
+
+    fn poll_accepts(&mut self, cx: &mut Context<'_>) -> bool {
+        if self.accept_resume.is_some_and(|t| now() < t) {
+            return false;
+        }
+        self.accept_resume = None;
+        let mut progress = false;
+        self.handles.clear();
+        self.handles.extend(self.listeners.keys());
+        for i in 0..self.handles.len() {
+            let handle = self.handles[i];
+            for _ in 0..BUDGET {
+                if !self.core.wants_connections(handle) {
+                    break;
+                }
+                let Some(Listener::Accepting(listener)) = self.listeners.get(&handle) else {
+                    break;
+                };
+                match listener.poll_accept(cx) {
+                    Poll::Pending => break,
+                    Poll::Ready(Ok((stream, _peer))) => {
+                        progress = true;
+                        let conn = self.conns.insert(stream);
+                        if let Err(conn) = self.core.handle_connection(now(), handle, conn) {
+                            self.conns.remove(conn);
+                        }
+                        self.drain_core();
+                    }
+                    Poll::Ready(Err(e)) if is_connection_error(&e) => progress = true,
+                    Poll::Ready(Err(error)) => {
+                        // Node skips failed accepts too; back off so EMFILE does not spin.
+                        tracing::warn!(%handle, %error, "accept failed; pausing accepts");
+                        self.accept_resume = Some(now() + ACCEPT_BACKOFF);
+                        return progress;
+                    }
+                }
+            }
+        }
+        progress
+    }
+
+    fn poll_timer(&mut self, cx: &mut Context<'_>) -> bool {
+        let deadline = [self.core.poll_timeout(), self.accept_resume]
+            .into_iter()
+            .flatten()
+            .min();
+        let Some(deadline) = deadline else {
+            return false;
+        };
+        if now() >= deadline {
+            self.core.handle_timeout(now());
+            self.drain_core();
+            return true;
+        }
+        let deadline = tokio::time::Instant::from_std(deadline);
+        if self.timer.deadline() != deadline {
+            self.timer.as_mut().reset(deadline);
+        }
+        // Registers the waker; the clock comparison above decides (a Sleep may be held back by
+        // the cooperative budget).
+        let _ = self.timer.as_mut().poll(cx);
+        false
+    }
+
+    fn flush_sends(&mut self, cx: &mut Context<'_>) -> bool {
+        let mut progress = false;
+        let mut broken = Vec::new();
+        for (id, link) in &mut self.links {
+            while let Some((frame, attachment)) = link.outgoing.front() {
+                let fd = match attachment {
+                    None => None,
+                    Some(Attachment::Conn(conn)) => self.conns.get(*conn).map(AsFd::as_fd),
+                    Some(Attachment::Listener(handle)) => {
+                        self.listeners.get(handle).map(Listener::as_fd)
+                    }
+                };
+                if attachment.is_some() && fd.is_none() {
+                    // The core keeps a handed-off connection until acked, so this is a bug; a
+                    // frame without its fd would be a protocol error at the worker.
+                    tracing::error!(worker = %id, "dropping a frame whose fd is gone");
+                    link.outgoing.pop_front();
+                    continue;
+                }
+                match link.channel.poll_send(cx, frame, fd) {
+                    Poll::Pending => break,
+                    Poll::Ready(Ok(())) => {
+                        progress = true;
+                        link.outgoing.pop_front();
+                    }
+                    Poll::Ready(Err(error)) => {
+                        tracing::debug!(worker = %id, %error, "link send failed");
+                        broken.push(*id);
+                        break;
+                    }
+                }
+            }
+        }
+        for id in broken {
+            self.links.remove(&id);
+            self.core.handle_link_closed(now(), id);
+            self.drain_core();
+            progress = true;
+        }
+        progress
+    }
+
+    /// Acts on everything the core asks for.
+    fn drain_core(&mut self) {
+        while let Some(output) = self.core.poll_output(&mut self.buf) {
+            match output {
+                Output::Transmit(t) => {
+                    if let Some(link) = self.links.get_mut(&t.worker) {
+                        link.outgoing.push_back((self.buf.clone(), t.attachment));
+                    }
+                }
+                Output::Bind {
+                    handle,
+                    request,
+                    distribution,
+                } => {
+                    let result = self.bind(handle, &request, distribution);
+                    self.core.handle_bound(now(), handle, result);
+                }
+                Output::Unbind { handle } => {
+                    self.listeners.remove(&handle);
+                }
+                Output::Close(conn) | Output::Delivered { conn, .. } => {
+                    self.conns.try_remove(conn);
+                }
+                Output::CloseLink { worker } => {
+                    self.links.remove(&worker);
+                }
+                Output::Kill { worker } => {
+                    if let Some(w) = self.workers.get(&worker) {
+                        let _ = crate::sys::kill(w.pid, libc::SIGKILL);
+                    }
+                }
+                Output::Event(event) => self.publish(event),
+                other => tracing::error!(?other, "unexpected core output"),
+            }
+        }
+    }
+
+    fn publish(&mut self, event: proto::Event) {
+        let handle = |workers: &HashMap<WorkerId, Arc<WorkerShared>>, id: &WorkerId| {
+            workers.get(id).map(|shared| WorkerHandle {
+                shared: shared.clone(),
+                tx: self.input_tx.clone(),
+            })
+        };
+        let event = match event {
+            proto::Event::Online { worker, .. } => {
+                let Some(w) = handle(&self.workers, &worker) else {
+                    return;
+                };
+                w.shared.update(|s| s.state = proto::WorkerState::Online);
+                Event::Online(w)
+            }
+            proto::Event::Listening { worker, addr, .. } => {
+                let Some(w) = handle(&self.workers, &worker) else {
+                    return;
+                };
+                w.shared.update(|s| s.state = proto::WorkerState::Listening);
+                Event::Listening {
+                    worker: w,
+                    address: ListenAddress::from_bound(addr),
+                }
+            }
+            proto::Event::Message { worker, payload } => {
+                let Some(w) = handle(&self.workers, &worker) else {
+                    return;
+                };
+                Event::Message {
+                    worker: w,
+                    message: Message::new(payload),
+                }
+            }
+            proto::Event::Disconnect { worker } => {
+                let Some(w) = handle(&self.workers, &worker) else {
+                    return;
+                };
+                let eod = self
+                    .core
+                    .lifecycle(worker)
+                    .and_then(proto::Lifecycle::exited_after_disconnect);
+                w.shared.update(|s| {
+                    s.state = proto::WorkerState::Disconnected;
+                    s.connected = false;
+                    s.exited_after_disconnect = eod;
+                });
+                Event::Disconnect(w)
+            }
+            proto::Event::Exit {
+                worker,
+                status,
+                exited_after_disconnect,
+            } => {
+                let Some(shared) = self.workers.remove(&worker) else {
+                    return;
+                };
+                self.shared
+                    .workers
+                    .lock()
+                    .expect("not poisoned")
+                    .remove(&worker);
+                let w = WorkerHandle {
+                    shared,
+                    tx: self.input_tx.clone(),
+                };
+                w.shared.update(|s| {
+                    s.state = proto::WorkerState::Dead;
+                    s.connected = false;
+                    s.exited_after_disconnect = Some(exited_after_disconnect);
+                    s.exit = Some(status);
+                });
+                Event::Exit { worker: w, status }
+            }
+            proto::Event::Error { worker, error } => {
+                tracing::warn!(%worker, %error, "worker broke the protocol; disconnecting it");
+                let Some(w) = handle(&self.workers, &worker) else {
+                    return;
+                };
+                Event::Error { worker: w, error }
+            }
+            other => {
+                tracing::debug!(?other, "unhandled core event");
+                return;
+            }
+        };
+        self.shared.publish(event);
+    }
+
+    fn stats(&self) -> Stats {
+        let mut workers: Vec<WorkerStats> = self
+            .workers
+            .values()
+            .map(|w| WorkerStats {
+                id: w.id,
+                pid: w.pid,
+                state: self.core.state(w.id).unwrap_or(proto::WorkerState::Dead),
+                in_flight: self.core.in_flight(w.id),
+            })
+            .collect();
+        workers.sort_by_key(|w| w.id);
+        Stats {
+            workers,
+            connections_held: self.conns.len(),
+            listeners: self.listeners.len(),
+        }
+    }
+
+    fn fork(&mut self, env: &[(OsString, OsString)]) -> io::Result<WorkerHandle> {
+        let id = self.core.add_worker();
+        let (mut child, socket) = match spawn::spawn(&self.settings, id, env) {
+            Ok(spawned) => spawned,
+            Err(error) => {
+                self.core.handle_spawn_failed(id);
+                return Err(error);
+            }
+        };
+        let pid = child.id().unwrap_or_default();
+        if self.settings.silent {
+            spawn::forward_output(id, &mut child);
+        }
+        let shared = Arc::new(WorkerShared::new(id, pid, self.settings.disconnect_timeout));
+        self.workers.insert(id, shared.clone());
+        self.links.insert(
+            id,
+            Link {
+                channel: Channel::new(socket),
+                outgoing: VecDeque::new(),
+            },
+        );
+        let tx = self.input_tx.clone();
+        tokio::spawn(async move {
+            let status = match child.wait().await {
+                Ok(status) => match (status.code(), status.signal()) {
+                    (Some(code), _) => ExitStatus::Code(code),
+                    (None, Some(signal)) => ExitStatus::Signal(signal),
+                    (None, None) => ExitStatus::Code(-1),
+                },
+                Err(error) => {
+                    tracing::error!(worker = %id, %error, "waiting for worker failed");
+                    ExitStatus::Code(-1)
+                }
+            };
+            let _ = tx.send(Input::Exited { worker: id, status });
+        });
+        let handle = WorkerHandle {
+            shared,
+            tx: self.input_tx.clone(),
+        };
+        self.shared
+            .workers
+            .lock()
+            .expect("not poisoned")
+            .insert(id, handle.clone());
+        self.drain_core();
+        self.shared.publish(Event::Fork(handle.clone()));
+        Ok(handle)
+    }
+
+    fn bind(
+        &mut self,
+        handle: HandleId,
+        request: &ListenRequest,
+        distribution: Distribution,
+    ) -> Result<BoundAddr, Errno> {
+        const EAFNOSUPPORT: Errno = Errno(97);
+        const EOPNOTSUPP: Errno = Errno(95);
+        let ListenTarget::Ip(addr) = request.target else {
+            return Err(EAFNOSUPPORT);
+        };
+        if request.kind != SocketKind::Stream {
+            return Err(EOPNOTSUPP);
+        }
+        let backlog = if request.backlog > 0 {
+            request.backlog
+        } else {
+            self.settings.backlog
+        };
+        let errno = |e: io::Error| Errno(e.raw_os_error().unwrap_or(Errno::EINVAL.0));
+        let (listener, local) = bind_tcp(addr, request.flags.ipv6_only, backlog).map_err(errno)?;
+        let listener = match distribution {
+            Distribution::RoundRobin => {
+                Listener::Accepting(TcpListener::from_std(listener).map_err(errno)?)
+            }
+            Distribution::Shared => Listener::Shared(listener),
+        };
+        self.listeners.insert(handle, listener);
+        Ok(BoundAddr::Ip(local))
+    }
+}
+
+fn bind_tcp(
+    addr: SocketAddr,
+    ipv6_only: bool,
+    backlog: u32,
+) -> io::Result<(std::net::TcpListener, SocketAddr)> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    // As libuv does for every TCP listener: rebinding a port in TIME_WAIT must work.
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(ipv6_only)?;
+    }
+    socket.bind(&addr.into())?;
+    socket.listen(i32::try_from(backlog).unwrap_or(i32::MAX))?;
+    socket.set_nonblocking(true)?;
+    let local = socket
+        .local_addr()?
+        .as_socket()
+        .ok_or(io::ErrorKind::InvalidData)?;
+    Ok((socket.into(), local))
+}
+
+/// Errors that concern one connection only (the next accept may succeed).
+fn is_connection_error(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionRefused
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+    )
+}
+
+impl Future for Driver {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        for _ in 0..16 {
+            let mut progress = this.poll_inputs(cx);
+            progress |= this.poll_links(cx);
+            progress |= this.poll_accepts(cx);
+            progress |= this.poll_timer(cx);
+            progress |= this.flush_sends(cx);
+            if !progress {
+                return Poll::Pending;
+            }
+        }
+        // Still busy: yield to other tasks and come back.
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+}

@@ -1,0 +1,503 @@
+//! The primary: forks workers, owns the listening sockets and hands out connections.
+
+mod driver;
+mod spawn;
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use proto::wire::BoundAddr;
+use proto::{ExitStatus, ProtocolError, WorkerId, WorkerState};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::settings::Settings;
+use driver::{Driver, Input};
+
+/// The primary process's handle on its cluster. Cheap to clone.
+///
+/// # Examples
+///
+/// ```no_run
+/// # async fn dox() -> std::io::Result<()> {
+/// use cluster_tokio::{Event, Primary, Settings};
+///
+/// let primary = Primary::start(Settings::default());
+/// let mut events = primary.events();
+/// for _ in 0..2 {
+///     primary.fork().await?;
+/// }
+/// while let Some(event) = events.recv().await {
+///     if let Event::Exit { worker, status } = event {
+///         eprintln!("worker {} exited: {status}", worker.id());
+///     }
+/// }
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Primary {
+    tx: mpsc::UnboundedSender<Input>,
+    shared: Arc<PrimaryShared>,
+}
+
+pub(crate) struct PrimaryShared {
+    subscribers: Mutex<Vec<mpsc::UnboundedSender<Event>>>,
+    workers: Mutex<BTreeMap<WorkerId, WorkerHandle>>,
+    settings: Settings,
+}
+
+impl PrimaryShared {
+    fn publish(&self, event: Event) {
+        let mut subscribers = self.subscribers.lock().expect("not poisoned");
+        subscribers.retain(|s| s.send(event.clone()).is_ok());
+    }
+}
+
+impl fmt::Debug for Primary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Primary")
+            .field("workers", &self.workers().len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Primary {
+    /// Starts the primary's driver on the current Tokio runtime.
+    ///
+    /// Workers are forked from the runtime's threads, and each worker is killed by the kernel
+    /// when the thread that forked it exits (`PR_SET_PDEATHSIG`): start the primary on a
+    /// long-lived runtime, never inside `spawn_blocking`.
+    ///
+    /// # Panics
+    ///
+    /// Outside a Tokio runtime.
+    pub fn start(settings: Settings) -> Self {
+        crate::sys::raise_fd_limit();
+        let (tx, rx) = mpsc::unbounded_channel();
+        let shared = Arc::new(PrimaryShared {
+            subscribers: Mutex::new(Vec::new()),
+            workers: Mutex::new(BTreeMap::new()),
+            settings: settings.clone(),
+        });
+        tokio::spawn(Driver::new(settings, shared.clone(), rx, tx.clone()));
+        Self { tx, shared }
+    }
+
+    /// Starts a worker (Node's `cluster.fork()`). Resolves once the process exists; its
+    /// `Online` and `Listening` events follow.
+    ///
+    /// # Errors
+    ///
+    /// The process could not be spawned (e.g. `exec` does not exist).
+    pub async fn fork(&self) -> io::Result<WorkerHandle> {
+        self.fork_with_env(std::iter::empty::<(OsString, OsString)>())
+            .await
+    }
+
+    /// Starts a worker with extra environment variables (Node's `cluster.fork(env)`).
+    ///
+    /// # Errors
+    ///
+    /// As [`Self::fork`].
+    pub async fn fork_with_env<K, V>(
+        &self,
+        env: impl IntoIterator<Item = (K, V)>,
+    ) -> io::Result<WorkerHandle>
+    where
+        K: Into<OsString>,
+        V: Into<OsString>,
+    {
+        let env = env.into_iter().map(|(k, v)| (k.into(), v.into())).collect();
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Input::Fork { env, reply })
+            .map_err(|_| stopped())?;
+        rx.await.map_err(|_| stopped())?
+    }
+
+    /// A stream of everything that happens to workers from now on, in Node's order per worker
+    /// (`Fork`, `Online`, `Listening`…, `Disconnect`, `Exit`). Every call makes an independent
+    /// subscriber.
+    pub fn events(&self) -> Events {
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.shared
+            .subscribers
+            .lock()
+            .expect("not poisoned")
+            .push(tx);
+        Events { rx }
+    }
+
+    /// The workers not yet exited, by id (Node's `cluster.workers`).
+    pub fn workers(&self) -> Vec<WorkerHandle> {
+        self.shared
+            .workers
+            .lock()
+            .expect("not poisoned")
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// One worker by id, if it has not exited.
+    pub fn worker(&self, id: WorkerId) -> Option<WorkerHandle> {
+        self.shared
+            .workers
+            .lock()
+            .expect("not poisoned")
+            .get(&id)
+            .cloned()
+    }
+
+    /// Disconnects every worker gracefully and waits until all have exited (Node's
+    /// `cluster.disconnect()`). Workers that do not exit within
+    /// [`Settings::disconnect_timeout`] are killed.
+    ///
+    /// # Errors
+    ///
+    /// The driver stopped.
+    pub async fn disconnect(&self) -> io::Result<()> {
+        let workers = self.workers();
+        let mut waits = tokio::task::JoinSet::new();
+        for worker in workers {
+            waits.spawn(async move { worker.disconnect().await });
+        }
+        while let Some(done) = waits.join_next().await {
+            done.map_err(io::Error::other)??;
+        }
+        Ok(())
+    }
+
+    /// A snapshot of the primary's bookkeeping (for metrics and tests).
+    ///
+    /// # Errors
+    ///
+    /// The driver stopped.
+    pub async fn stats(&self) -> io::Result<Stats> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Input::Stats { reply })
+            .map_err(|_| stopped())?;
+        rx.await.map_err(|_| stopped())
+    }
+
+    /// The settings the primary was started with.
+    pub fn settings(&self) -> &Settings {
+        &self.shared.settings
+    }
+}
+
+fn stopped() -> io::Error {
+    io::Error::new(io::ErrorKind::BrokenPipe, "the cluster primary has stopped")
+}
+
+/// What [`Primary::stats`] reports.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct Stats {
+    /// Every worker not yet exited, by id.
+    pub workers: Vec<WorkerStats>,
+    /// Accepted connections the primary still holds (queued or in flight, not yet acked).
+    pub connections_held: usize,
+    /// Listening sockets the primary holds.
+    pub listeners: usize,
+}
+
+/// One worker in [`Stats`].
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct WorkerStats {
+    /// Its id.
+    pub id: WorkerId,
+    /// Its pid.
+    pub pid: u32,
+    /// Its state.
+    pub state: WorkerState,
+    /// Connections handed to it and not yet acked.
+    pub in_flight: usize,
+}
+
+/// The stream returned by [`Primary::events`].
+#[derive(Debug)]
+pub struct Events {
+    rx: mpsc::UnboundedReceiver<Event>,
+}
+
+impl Events {
+    /// The next event.
+    pub async fn recv(&mut self) -> Option<Event> {
+        self.rx.recv().await
+    }
+}
+
+impl futures_core::Stream for Events {
+    type Item = Event;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Event>> {
+        self.rx.poll_recv(cx)
+    }
+}
+
+/// Where a worker listens, as the primary bound it (with the real port for port 0).
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ListenAddress {
+    /// An IP socket.
+    Ip(SocketAddr),
+    /// A Unix socket path.
+    Unix(PathBuf),
+}
+
+impl ListenAddress {
+    fn from_bound(addr: BoundAddr) -> Self {
+        match addr {
+            BoundAddr::Ip(addr) => Self::Ip(addr),
+            BoundAddr::Path(bytes) => {
+                use std::os::unix::ffi::OsStringExt;
+                Self::Unix(PathBuf::from(OsString::from_vec(bytes)))
+            }
+        }
+    }
+}
+
+impl fmt::Display for ListenAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Ip(addr) => write!(f, "{addr}"),
+            Self::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
+/// A message from a worker, encoded with postcard.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Message(Vec<u8>);
+
+impl Message {
+    pub(crate) fn new(bytes: Vec<u8>) -> Self {
+        Self(bytes)
+    }
+
+    /// Decodes the message as `T` (the type the worker sent).
+    ///
+    /// # Errors
+    ///
+    /// The bytes are not a `T`.
+    pub fn decode<T: DeserializeOwned>(&self) -> Result<T, postcard::Error> {
+        postcard::from_bytes(&self.0)
+    }
+
+    /// The encoded bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+/// Something that happened to a worker (Node's cluster events).
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub enum Event {
+    /// The worker process was started.
+    Fork(WorkerHandle),
+    /// Its runtime is up and talking to the primary.
+    Online(WorkerHandle),
+    /// It listens on `address`.
+    Listening {
+        /// The worker.
+        worker: WorkerHandle,
+        /// Where.
+        address: ListenAddress,
+    },
+    /// It sent a message.
+    Message {
+        /// The sender.
+        worker: WorkerHandle,
+        /// The message.
+        message: Message,
+    },
+    /// Its link to the primary closed.
+    Disconnect(WorkerHandle),
+    /// Its process ended (always after its `Disconnect`).
+    Exit {
+        /// The worker.
+        worker: WorkerHandle,
+        /// How it ended.
+        status: ExitStatus,
+    },
+    /// It broke the protocol and was disconnected.
+    Error {
+        /// The worker.
+        worker: WorkerHandle,
+        /// What it did.
+        error: ProtocolError,
+    },
+}
+
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Status {
+    state: WorkerState,
+    connected: bool,
+    exited_after_disconnect: Option<bool>,
+    exit: Option<ExitStatus>,
+}
+
+pub(crate) struct WorkerShared {
+    id: WorkerId,
+    pid: u32,
+    disconnect_timeout: Duration,
+    status: watch::Sender<Status>,
+}
+
+impl WorkerShared {
+    fn new(id: WorkerId, pid: u32, disconnect_timeout: Duration) -> Self {
+        let status = Status {
+            state: WorkerState::None,
+            connected: true,
+            exited_after_disconnect: None,
+            exit: None,
+        };
+        Self {
+            id,
+            pid,
+            disconnect_timeout,
+            status: watch::Sender::new(status),
+        }
+    }
+
+    fn update(&self, f: impl FnOnce(&mut Status)) {
+        self.status.send_modify(f);
+    }
+}
+
+/// The primary's handle on one worker (Node's `Worker` in the primary). Cheap to clone.
+#[derive(Clone)]
+pub struct WorkerHandle {
+    shared: Arc<WorkerShared>,
+    tx: mpsc::UnboundedSender<Input>,
+}
+
+impl fmt::Debug for WorkerHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WorkerHandle")
+            .field("id", &self.id().get())
+            .field("pid", &self.pid())
+            .field("state", &self.state())
+            .finish()
+    }
+}
+
+impl WorkerHandle {
+    /// The worker's id (from 1, never reused).
+    pub fn id(&self) -> WorkerId {
+        self.shared.id
+    }
+
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.shared.pid
+    }
+
+    /// Where it is in its life.
+    pub fn state(&self) -> WorkerState {
+        self.shared.status.borrow().state
+    }
+
+    /// Whether its link to the primary is open.
+    pub fn is_connected(&self) -> bool {
+        self.shared.status.borrow().connected
+    }
+
+    /// Whether its process has exited.
+    pub fn is_dead(&self) -> bool {
+        self.shared.status.borrow().exit.is_some()
+    }
+
+    /// `None` until it disconnects or exits; then whether it left on purpose (the primary
+    /// disconnected it, or it disconnected itself). A [`Self::kill`] is just a signal and leaves
+    /// this `false`, as in Node ≥ 15.
+    pub fn exited_after_disconnect(&self) -> Option<bool> {
+        self.shared.status.borrow().exited_after_disconnect
+    }
+
+    /// How it ended, once it has.
+    pub fn exit_status(&self) -> Option<ExitStatus> {
+        self.shared.status.borrow().exit
+    }
+
+    /// Sends it a signal (e.g. `libc::SIGTERM`). Does nothing once it is dead, so a recycled
+    /// pid is never signalled.
+    ///
+    /// # Errors
+    ///
+    /// The signal could not be delivered.
+    pub fn kill(&self, signal: i32) -> io::Result<()> {
+        if self.is_dead() {
+            return Ok(());
+        }
+        crate::sys::kill(self.pid(), signal)
+    }
+
+    /// Sends it a message, encoded with postcard, which the worker reads with
+    /// `Worker::recv`. Messages to a disconnected worker are dropped, as Node's `send` on a
+    /// closed channel.
+    ///
+    /// # Errors
+    ///
+    /// The value cannot be encoded, or is larger than one frame
+    /// ([`proto::wire::MAX_FRAME`]).
+    pub fn send<T: Serialize + ?Sized>(&self, value: &T) -> io::Result<()> {
+        let payload = postcard::to_stdvec(value).map_err(io::Error::other)?;
+        if payload.len() + 8 > proto::wire::MAX_FRAME {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "message larger than one frame",
+            ));
+        }
+        self.tx
+            .send(Input::Send {
+                worker: self.id(),
+                payload,
+            })
+            .map_err(|_| stopped())
+    }
+
+    /// Asks it to disconnect gracefully (close its listeners, finish its connections, exit) and
+    /// waits for its exit; kills it if it has not exited within
+    /// [`Settings::disconnect_timeout`].
+    ///
+    /// # Errors
+    ///
+    /// The primary's driver stopped.
+    pub async fn disconnect(&self) -> io::Result<()> {
+        self.tx
+            .send(Input::Disconnect { worker: self.id() })
+            .map_err(|_| stopped())?;
+        let deadline = self.shared.disconnect_timeout;
+        if tokio::time::timeout(deadline, self.exited()).await.is_err() {
+            tracing::warn!(worker = %self.id(), ?deadline, "worker did not exit after disconnect; killing it");
+            self.kill(libc::SIGKILL)?;
+            self.exited().await;
+        }
+        Ok(())
+    }
+
+    /// Waits until its process has exited and returns how.
+    pub async fn exited(&self) -> ExitStatus {
+        let mut rx = self.shared.status.subscribe();
+        let status = rx.wait_for(|s| s.exit.is_some() && !s.connected).await;
+        match status {
+            Ok(s) => s.exit.expect("checked by wait_for"),
+            // The sender lives in `self.shared`, so it cannot be dropped while we wait.
+            Err(_) => unreachable!("status sender outlives its handles"),
+        }
+    }
+}

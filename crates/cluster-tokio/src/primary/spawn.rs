@@ -1,0 +1,81 @@
+//! Starting a worker process: re-exec with the IPC socket at a fixed fd.
+
+use std::ffi::OsString;
+use std::io;
+use std::process::Stdio;
+
+use proto::WorkerId;
+use tokio::process::{Child, Command};
+use tokio_seqpacket::UnixSeqpacket;
+
+use crate::role::{ENV_IPC_FD, ENV_WORKER_ID};
+use crate::settings::Settings;
+use crate::sys;
+
+/// Spawns worker `id`; returns the process and the primary's end of its link.
+///
+/// Must run on a long-lived thread (the runtime's, never `spawn_blocking`): the worker's
+/// `PR_SET_PDEATHSIG` fires when the thread that forked it exits.
+pub(crate) fn spawn(
+    settings: &Settings,
+    id: WorkerId,
+    env: &[(OsString, OsString)],
+) -> io::Result<(Child, UnixSeqpacket)> {
+    let (ours, theirs) = UnixSeqpacket::pair()?;
+    let mut args = std::env::args_os();
+    let arg0 = args.next();
+    let mut command = match &settings.exec {
+        Some(exec) => Command::new(exec),
+        None => {
+            let mut command = Command::new("/proc/self/exe");
+            if let Some(arg0) = arg0 {
+                command.arg0(arg0);
+            }
+            command
+        }
+    };
+    match &settings.args {
+        Some(custom) => command.args(custom),
+        None => command.args(args),
+    };
+    command.envs(settings.env.iter().map(|(k, v)| (k, v)));
+    command.envs(env.iter().map(|(k, v)| (k, v)));
+    command
+        .env(ENV_WORKER_ID, id.get().to_string())
+        .env(ENV_IPC_FD, sys::IPC_FD.to_string());
+    if let Some(cwd) = &settings.cwd {
+        command.current_dir(cwd);
+    }
+    if settings.silent {
+        command.stdout(Stdio::piped()).stderr(Stdio::piped());
+    }
+    command.stdin(Stdio::null());
+    sys::prepare_child(&mut command, theirs.as_raw_fd());
+    let child = command.spawn()?;
+    // The child has its copy at fd 3; ours must go, or the primary would never see EOF.
+    drop(theirs);
+    Ok((child, ours))
+}
+
+/// Re-emits a silent worker's stdout and stderr line by line, prefixed with its id.
+pub(crate) fn forward_output(id: WorkerId, child: &mut Child) {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    if let Some(stdout) = child.stdout.take() {
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stdout).lines();
+            let mut out = tokio::io::stdout();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let _ = out.write_all(format!("[{id}] {line}\n").as_bytes()).await;
+            }
+        });
+    }
+    if let Some(stderr) = child.stderr.take() {
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stderr).lines();
+            let mut err = tokio::io::stderr();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let _ = err.write_all(format!("[{id}] {line}\n").as_bytes()).await;
+            }
+        });
+    }
+}

@@ -1,0 +1,80 @@
+//! Settings of the primary (Node's `cluster.setupPrimary`).
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use proto::SchedulingPolicy;
+
+/// The environment variable that overrides the scheduling policy: `rr` or `none`.
+pub const ENV_SCHED_POLICY: &str = "CLUSTER_SCHED_POLICY";
+
+/// How the primary starts and treats its workers.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct Settings {
+    /// The program workers run; `None` re-executes this binary through `/proc/self/exe`, which
+    /// works even after a deploy deleted the file.
+    pub exec: Option<PathBuf>,
+    /// Worker arguments; `None` passes this process's own arguments.
+    pub args: Option<Vec<OsString>>,
+    /// Extra environment for every worker.
+    pub env: Vec<(OsString, OsString)>,
+    /// Working directory of workers; `None` inherits the primary's.
+    pub cwd: Option<PathBuf>,
+    /// Pipe worker stdout/stderr through the primary, each line prefixed with the worker id.
+    pub silent: bool,
+    /// Round robin (default) or shared listening sockets; `CLUSTER_SCHED_POLICY=rr|none`
+    /// overrides what is set here.
+    pub policy: SchedulingPolicy,
+    /// Connections handed to one worker and not yet acked (1 is Node's behaviour).
+    pub window: usize,
+    /// Connections the primary holds per listener while no worker has room; past this bound,
+    /// new connections wait in the kernel's backlog.
+    pub max_queued: usize,
+    /// How long a worker may take to ack a handed-off connection before it is presumed hung
+    /// and killed.
+    pub handoff_timeout: Duration,
+    /// How long `disconnect` waits for a worker to exit before killing it.
+    pub disconnect_timeout: Duration,
+    /// The accept backlog of listening sockets created by the primary (Node's default: 511).
+    pub backlog: u32,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            exec: None,
+            args: None,
+            env: Vec::new(),
+            cwd: None,
+            silent: false,
+            policy: SchedulingPolicy::RoundRobin,
+            window: 4,
+            max_queued: 1024,
+            handoff_timeout: Duration::from_secs(10),
+            disconnect_timeout: Duration::from_secs(30),
+            backlog: 511,
+        }
+    }
+}
+
+impl Settings {
+    /// The policy after the `CLUSTER_SCHED_POLICY` override.
+    pub(crate) fn effective_policy(&self) -> SchedulingPolicy {
+        match std::env::var(ENV_SCHED_POLICY).as_deref() {
+            Ok("rr") => SchedulingPolicy::RoundRobin,
+            Ok("none") => SchedulingPolicy::Shared,
+            _ => self.policy,
+        }
+    }
+
+    pub(crate) fn core_config(&self) -> proto::Config {
+        let mut config = proto::Config::default();
+        config.registry.policy = self.effective_policy();
+        config.registry.window = self.window.max(1);
+        config.registry.max_queued = self.max_queued.max(1);
+        config.handoff_timeout = self.handoff_timeout;
+        config
+    }
+}

@@ -1,0 +1,341 @@
+//! The worker's driver task: reads frames from the primary, answers handoffs, and carries out
+//! what the worker's handles ask.
+
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use proto::wire::{BoundAddr, Distribution, ListenInfo, ListenRequest};
+use proto::{HandleId, Seq, SessionEvent, SessionOutput, WorkerSession};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc::error::TrySendError;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_seqpacket::UnixSeqpacket;
+
+use crate::ipc::{Channel, Received};
+
+/// Connections handed to this worker and not yet taken by `accept`; when full, further handoffs
+/// are refused and go to other workers until the listener catches up.
+pub(crate) const LISTENER_QUEUE: usize = 128;
+
+pub(crate) enum Command {
+    Listen {
+        request: ListenRequest,
+        reply: oneshot::Sender<io::Result<Granted>>,
+    },
+    Close {
+        handle: HandleId,
+    },
+    Ready {
+        handle: HandleId,
+    },
+    Send {
+        payload: Vec<u8>,
+    },
+    Disconnect {
+        reply: oneshot::Sender<io::Result<()>>,
+    },
+}
+
+/// What a successful listen gives the listener.
+pub(crate) enum Granted {
+    RoundRobin {
+        handle: HandleId,
+        addr: SocketAddr,
+        queue: mpsc::Receiver<TcpStream>,
+        paused: Arc<AtomicBool>,
+    },
+    Shared {
+        handle: HandleId,
+        listener: TcpListener,
+    },
+}
+
+struct Slot {
+    queue: mpsc::Sender<TcpStream>,
+    paused: Arc<AtomicBool>,
+}
+
+pub(crate) struct Driver {
+    channel: Channel,
+    session: WorkerSession,
+    commands: mpsc::UnboundedReceiver<Command>,
+    shutdown: watch::Sender<bool>,
+    connected: watch::Sender<bool>,
+    messages: mpsc::UnboundedSender<Vec<u8>>,
+    listens: HashMap<Seq, oneshot::Sender<io::Result<Granted>>>,
+    slots: HashMap<HandleId, Slot>,
+    disconnect: Option<oneshot::Sender<io::Result<()>>>,
+    /// This worker left on purpose and the primary acknowledged: the link is done.
+    left: bool,
+    outgoing: VecDeque<Vec<u8>>,
+    buf: Vec<u8>,
+}
+
+impl Driver {
+    pub(crate) fn new(
+        socket: UnixSeqpacket,
+        commands: mpsc::UnboundedReceiver<Command>,
+        shutdown: watch::Sender<bool>,
+        connected: watch::Sender<bool>,
+        messages: mpsc::UnboundedSender<Vec<u8>>,
+    ) -> Self {
+        Self {
+            channel: Channel::new(socket),
+            session: WorkerSession::new(std::process::id()),
+            commands,
+            shutdown,
+            connected,
+            messages,
+            listens: HashMap::new(),
+            slots: HashMap::new(),
+            disconnect: None,
+            left: false,
+            outgoing: VecDeque::new(),
+            buf: Vec::new(),
+        }
+    }
+
+    pub(crate) async fn run(mut self) {
+        let mut fds = Vec::new();
+        loop {
+            self.pump(&mut fds);
+            if let Err(error) = self.send_all().await {
+                tracing::debug!(%error, "link to the primary broke");
+                break;
+            }
+            if self.left {
+                break;
+            }
+            tokio::select! {
+                received = self.channel.recv(&mut fds) => match received {
+                    Ok(Received::Frame { len }) => {
+                        if let Err(error) = self.session.handle_frame(self.channel.frame(len), fds.len()) {
+                            tracing::error!(%error, "the primary broke the protocol; leaving");
+                            break;
+                        }
+                    }
+                    Ok(Received::Truncated) => {
+                        tracing::error!("truncated frame from the primary; leaving");
+                        break;
+                    }
+                    Ok(Received::Closed) | Err(_) => break,
+                },
+                command = self.commands.recv() => match command {
+                    Some(command) => self.command(command),
+                    None => break,
+                },
+            }
+        }
+        self.link_closed();
+    }
+
+    /// Acts on the session's outputs; fds no event claimed (a refused handoff) are closed.
+    fn pump(&mut self, fds: &mut Vec<OwnedFd>) {
+        while let Some(output) = self.session.poll_output(&mut self.buf) {
+            match output {
+                SessionOutput::Transmit => self.outgoing.push_back(self.buf.clone()),
+                SessionOutput::Event(event) => self.event(event, fds),
+                _ => {}
+            }
+        }
+        fds.clear();
+    }
+
+    async fn send_all(&mut self) -> io::Result<()> {
+        while let Some(frame) = self.outgoing.pop_front() {
+            self.channel.send(&frame, None).await?;
+        }
+        Ok(())
+    }
+
+    fn event(&mut self, event: SessionEvent, fds: &mut Vec<OwnedFd>) {
+        match event {
+            SessionEvent::ListenReply { seq, result } => {
+                let granted = result
+                    .map_err(|errno| io::Error::from_raw_os_error(errno.0))
+                    .and_then(|info| self.grant(info, fds));
+                let handle = granted.as_ref().ok().map(Granted::handle);
+                let delivered = match self.listens.remove(&seq) {
+                    Some(reply) => reply.send(granted).is_ok(),
+                    None => false,
+                };
+                match (handle, delivered) {
+                    (Some(handle), true) => self.session.listening(handle),
+                    // The bind was cancelled before the answer came: give the handle back.
+                    (Some(handle), false) => self.close(handle),
+                    (None, _) => {}
+                }
+            }
+            SessionEvent::Connection { seq, handle } => {
+                let accepted = match fds
+                    .pop()
+                    .map(|fd| TcpStream::from_std(std::net::TcpStream::from(fd)))
+                {
+                    Some(Ok(stream)) => self.deliver(handle, stream),
+                    _ => false,
+                };
+                // The session offered it, so answering cannot fail.
+                let _ = self.session.accept(seq, accepted);
+            }
+            SessionEvent::Message { payload } => {
+                let _ = self.messages.send(payload);
+            }
+            SessionEvent::DisconnectRequested => self.stop_serving(),
+            SessionEvent::DisconnectAcked => {
+                self.left = true;
+                if let Some(reply) = self.disconnect.take() {
+                    let _ = reply.send(Ok(()));
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn grant(&mut self, info: ListenInfo, fds: &mut Vec<OwnedFd>) -> io::Result<Granted> {
+        let handle = info.handle;
+        let granted = match (info.distribution, info.addr) {
+            (Distribution::RoundRobin, BoundAddr::Ip(addr)) => {
+                let (queue_tx, queue) = mpsc::channel(LISTENER_QUEUE);
+                let paused = Arc::new(AtomicBool::new(false));
+                self.slots.insert(
+                    handle,
+                    Slot {
+                        queue: queue_tx,
+                        paused: paused.clone(),
+                    },
+                );
+                Ok(Granted::RoundRobin {
+                    handle,
+                    addr,
+                    queue,
+                    paused,
+                })
+            }
+            (Distribution::Shared, BoundAddr::Ip(_)) => fds
+                .pop()
+                .ok_or_else(|| {
+                    io::Error::new(io::ErrorKind::InvalidData, "shared listener without its fd")
+                })
+                .and_then(|fd| {
+                    let listener = std::net::TcpListener::from(fd);
+                    listener.set_nonblocking(true)?;
+                    TcpListener::from_std(listener)
+                })
+                .map(|listener| Granted::Shared { handle, listener }),
+            (_, BoundAddr::Path(_)) => Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "unix socket listeners are not supported yet",
+            )),
+        };
+        if granted.is_err() {
+            self.close(handle);
+        }
+        granted
+    }
+
+    /// Hands a connection to its listener; false if the listener is full or gone.
+    fn deliver(&mut self, handle: HandleId, stream: TcpStream) -> bool {
+        let Some(slot) = self.slots.get(&handle) else {
+            return false;
+        };
+        match slot.queue.try_send(stream) {
+            Ok(()) => true,
+            Err(TrySendError::Full(_)) => {
+                // The primary stops offering until the listener drains and sends `Ready`.
+                slot.paused.store(true, Ordering::Release);
+                false
+            }
+            Err(TrySendError::Closed(_)) => {
+                self.close(handle);
+                false
+            }
+        }
+    }
+
+    fn close(&mut self, handle: HandleId) {
+        self.slots.remove(&handle);
+        self.session.close(handle);
+    }
+
+    /// Stops every listener and resolves `shutdown()`.
+    fn stop_serving(&mut self) {
+        let handles: Vec<_> = self.session.handles().collect();
+        for handle in handles {
+            self.close(handle);
+        }
+        self.shutdown.send_replace(true);
+    }
+
+    fn command(&mut self, command: Command) {
+        match command {
+            Command::Listen { request, reply } => {
+                if *self.shutdown.borrow() {
+                    let _ = reply.send(Err(io::Error::new(
+                        io::ErrorKind::NotConnected,
+                        "worker is shutting down",
+                    )));
+                    return;
+                }
+                match self.session.listen(request) {
+                    Ok(seq) => {
+                        self.listens.insert(seq, reply);
+                    }
+                    Err(_) => {
+                        let _ = reply.send(Err(io::Error::from(io::ErrorKind::NotConnected)));
+                    }
+                }
+            }
+            Command::Close { handle } => self.close(handle),
+            Command::Ready { handle } => self.session.ready(handle),
+            Command::Send { payload } => {
+                if let Err(error) = self.session.send_message(payload) {
+                    tracing::warn!(%error, "message to the primary not sent");
+                }
+            }
+            Command::Disconnect { reply } => {
+                self.stop_serving();
+                match self.session.exit_after_disconnect() {
+                    Ok(_) => self.disconnect = Some(reply),
+                    Err(_) => {
+                        let _ = reply.send(Err(io::Error::from(io::ErrorKind::NotConnected)));
+                    }
+                }
+            }
+        }
+    }
+
+    fn link_closed(mut self) {
+        self.session.handle_link_closed();
+        let mut fds = Vec::new();
+        self.pump(&mut fds);
+        self.slots.clear();
+        for (_, reply) in self.listens.drain() {
+            let _ = reply.send(Err(io::Error::from(io::ErrorKind::NotConnected)));
+        }
+        if let Some(reply) = self.disconnect.take() {
+            let _ = reply.send(Err(io::Error::from(io::ErrorKind::NotConnected)));
+        }
+        self.connected.send_replace(false);
+        self.shutdown.send_replace(true);
+        if !self.left {
+            // The primary went away (or dropped us): like Node's workers, leave. A short grace
+            // lets in-flight requests finish; PDEATHSIG covers a blocked runtime.
+            tokio::spawn(async {
+                tokio::time::sleep(super::ORPHAN_GRACE).await;
+                std::process::exit(0);
+            });
+        }
+    }
+}
+
+impl Granted {
+    pub(crate) fn handle(&self) -> HandleId {
+        match self {
+            Self::RoundRobin { handle, .. } | Self::Shared { handle, .. } => *handle,
+        }
+    }
+}

@@ -1,0 +1,174 @@
+//! The worker side: this process's link to its primary.
+
+mod driver;
+
+use std::fmt;
+use std::io;
+use std::os::fd::OwnedFd;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use proto::WorkerId;
+use proto::wire::ListenRequest;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::sync::{Mutex, mpsc, oneshot, watch};
+
+pub(crate) use driver::Granted;
+use driver::{Command, Driver};
+
+/// How long a worker whose primary went away keeps running so in-flight work can finish.
+pub const ORPHAN_GRACE: Duration = Duration::from_secs(1);
+
+static CURRENT: OnceLock<Worker> = OnceLock::new();
+
+/// This process's handle as a worker (Node's `cluster.worker`). Cheap to clone.
+#[derive(Clone)]
+pub struct Worker {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    id: WorkerId,
+    commands: mpsc::UnboundedSender<Command>,
+    shutdown: watch::Receiver<bool>,
+    connected: watch::Receiver<bool>,
+    messages: Mutex<mpsc::UnboundedReceiver<Vec<u8>>>,
+}
+
+impl fmt::Debug for Worker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Worker")
+            .field("id", &self.id().get())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The current worker, if this process is one.
+pub fn current() -> Option<Worker> {
+    CURRENT.get().cloned()
+}
+
+impl Worker {
+    /// Connects this process to its primary over the inherited link and registers it as the
+    /// current worker.
+    pub(crate) fn start(id: WorkerId, ipc: OwnedFd) -> io::Result<Self> {
+        if let Some(existing) = CURRENT.get() {
+            return Ok(existing.clone());
+        }
+        crate::sys::raise_fd_limit();
+        let socket = tokio_seqpacket::UnixSeqpacket::try_from(ipc)?;
+        let (commands, command_rx) = mpsc::unbounded_channel();
+        let (shutdown_tx, shutdown) = watch::channel(false);
+        let (connected_tx, connected) = watch::channel(true);
+        let (message_tx, messages) = mpsc::unbounded_channel();
+        let worker = Self {
+            inner: Arc::new(Inner {
+                id,
+                commands,
+                shutdown,
+                connected,
+                messages: Mutex::new(messages),
+            }),
+        };
+        let driver = Driver::new(socket, command_rx, shutdown_tx, connected_tx, message_tx);
+        tokio::spawn(driver.run());
+        Ok(CURRENT.get_or_init(|| worker).clone())
+    }
+
+    /// This worker's id (the primary's `WorkerHandle::id`).
+    pub fn id(&self) -> WorkerId {
+        self.inner.id
+    }
+
+    /// Whether the link to the primary is open.
+    pub fn is_connected(&self) -> bool {
+        *self.inner.connected.borrow()
+    }
+
+    /// Whether the primary asked this worker to leave, or went away.
+    pub fn is_shutting_down(&self) -> bool {
+        *self.inner.shutdown.borrow()
+    }
+
+    /// Resolves when this worker should stop serving: the primary asked it to disconnect, it
+    /// disconnected itself, or the primary went away. Listeners stop yielding connections at the
+    /// same moment. Pass it to `axum::serve(..).with_graceful_shutdown(..)`.
+    pub async fn shutdown(&self) {
+        let mut rx = self.inner.shutdown.clone();
+        let _ = rx.wait_for(|v| *v).await;
+    }
+
+    /// Sends a message to the primary, encoded with postcard; it arrives as
+    /// `Event::Message`.
+    ///
+    /// # Errors
+    ///
+    /// The value cannot be encoded or is larger than one frame.
+    pub fn send<T: Serialize + ?Sized>(&self, value: &T) -> io::Result<()> {
+        let payload = postcard::to_stdvec(value).map_err(io::Error::other)?;
+        if payload.len() + 8 > proto::wire::MAX_FRAME {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "message larger than one frame",
+            ));
+        }
+        self.command(Command::Send { payload })
+    }
+
+    /// The next message from the primary, decoded as `T`; `None` once the link is closed and
+    /// every message was read.
+    ///
+    /// # Errors
+    ///
+    /// The message is not a `T`.
+    pub async fn recv<T: DeserializeOwned>(&self) -> Option<Result<T, postcard::Error>> {
+        let bytes = self.inner.messages.lock().await.recv().await?;
+        Some(postcard::from_bytes(&bytes))
+    }
+
+    /// Leaves the cluster on purpose (Node's `worker.disconnect()` in a worker): closes every
+    /// listener, tells the primary (so its `exited_after_disconnect` is true), and closes the
+    /// link once the primary acknowledged. The process keeps running until `main` returns.
+    ///
+    /// # Errors
+    ///
+    /// The link was already closed.
+    pub async fn disconnect(&self) -> io::Result<()> {
+        let (reply, rx) = oneshot::channel();
+        self.command(Command::Disconnect { reply })?;
+        rx.await.map_err(|_| not_connected())?
+    }
+
+    pub(crate) async fn listen(&self, request: ListenRequest) -> io::Result<Granted> {
+        let (reply, rx) = oneshot::channel();
+        self.command(Command::Listen { request, reply })?;
+        rx.await.map_err(|_| not_connected())?
+    }
+
+    pub(crate) fn close(&self, handle: proto::HandleId) {
+        let _ = self.command(Command::Close { handle });
+    }
+
+    pub(crate) fn ready(&self, handle: proto::HandleId) {
+        let _ = self.command(Command::Ready { handle });
+    }
+
+    pub(crate) fn shutdown_receiver(&self) -> watch::Receiver<bool> {
+        self.inner.shutdown.clone()
+    }
+
+    fn command(&self, command: Command) -> io::Result<()> {
+        self.inner
+            .commands
+            .send(command)
+            .map_err(|_| not_connected())
+    }
+}
+
+fn not_connected() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::NotConnected,
+        "the link to the cluster primary is closed",
+    )
+}

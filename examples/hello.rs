@@ -1,0 +1,58 @@
+//! `hello`: a clustered HTTP server. Every worker answers `Hello from worker <id> (pid <pid>)`.
+//!
+//! ```sh
+//! CLUSTER_WORKERS=2 cargo run --release --example hello
+//! curl http://127.0.0.1:3000/      # twice: two workers answer in turn
+//! ```
+//!
+//! `ADDR` sets the address (default `127.0.0.1:3000`), `CLUSTER_WORKERS` the number of workers
+//! (default: one per CPU), `CLUSTER_SCHED_POLICY=none` shares the listening socket instead of
+//! handing connections out round robin. SIGTERM or Ctrl-C drains the workers and exits.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use hyper_util::server::graceful::GracefulShutdown;
+
+/// How long a worker waits for open connections once asked to leave.
+const DRAIN: Duration = Duration::from_secs(10);
+
+#[cluster::main]
+async fn main() -> std::io::Result<()> {
+    let addr = std::env::var("ADDR").unwrap_or_else(|_| "127.0.0.1:3000".to_owned());
+    let mut listener = cluster::ClusterListener::bind(&addr).await?;
+    let id = cluster::worker().map_or(0, |w| w.id().get());
+    let greeting = Bytes::from(format!(
+        "Hello from worker {id} (pid {})\n",
+        std::process::id()
+    ));
+    let connections = GracefulShutdown::new();
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _peer)) => stream,
+                Err(_) => break,
+            },
+            () = cluster::shutdown() => break,
+        };
+        let greeting = greeting.clone();
+        let service = service_fn(move |_: Request<Incoming>| {
+            let greeting = greeting.clone();
+            async move { Ok::<_, Infallible>(Response::new(Full::new(greeting))) }
+        });
+        let connection = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+        let connection = connections.watch(connection);
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+    }
+    drop(listener);
+    let _ = tokio::time::timeout(DRAIN, connections.shutdown()).await;
+    Ok(())
+}

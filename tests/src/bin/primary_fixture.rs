@@ -1,0 +1,34 @@
+//! A whole clustered program for tests that need the primary in its own process: every worker
+//! listens on `ADDR` (default `127.0.0.1:0`), prints `worker <id> pid <pid> port <port>` and
+//! answers each connection with its id.
+
+use std::io::Write;
+
+use cluster::{ClusterListener, RuntimeOptions};
+use tokio::io::AsyncWriteExt;
+
+fn main() -> std::io::Result<()> {
+    cluster::run_workers(RuntimeOptions::new(), Some(2), || async {
+        let addr = std::env::var("ADDR").unwrap_or_else(|_| "127.0.0.1:0".to_owned());
+        let mut listener = ClusterListener::bind(addr).await?;
+        let id = cluster::worker().expect("run as a worker").id().get();
+        let port = listener.local_addr()?.port();
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "worker {id} pid {} port {port}", std::process::id())?;
+        out.flush()?;
+        drop(out);
+        loop {
+            tokio::select! {
+                accepted = listener.accept() => {
+                    let Ok((mut stream, _)) = accepted else { break };
+                    tokio::spawn(async move {
+                        let _ = stream.write_all(format!("{id}\n").as_bytes()).await;
+                        let _ = stream.shutdown().await;
+                    });
+                }
+                () = cluster::shutdown() => break,
+            }
+        }
+        Ok(())
+    })
+}

@@ -1,0 +1,167 @@
+//! Worker lifecycle and events in Node's order (reference scenarios 1, 29, 32–36, 39, 44).
+
+mod support;
+
+use cluster::{Event, ExitStatus, WorkerState};
+use cluster_tests::Command;
+use support::{Cluster, POLICIES, who};
+
+fn names(events: &[Event]) -> Vec<&'static str> {
+    events
+        .iter()
+        .map(|e| match e {
+            Event::Fork(_) => "fork",
+            Event::Online(_) => "online",
+            Event::Listening { .. } => "listening",
+            Event::Message { .. } => "message",
+            Event::Disconnect(_) => "disconnect",
+            Event::Exit { .. } => "exit",
+            _ => "other",
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn lifecycle_basic_in_node_order() {
+    for policy in POLICIES {
+        let mut cluster = Cluster::start(policy);
+        let worker = cluster.primary.fork().await.unwrap();
+        assert_eq!(worker.id().get(), 1, "ids start at 1");
+        assert!(matches!(cluster.event().await, Event::Fork(w) if w.id() == worker.id()));
+        assert!(matches!(cluster.event().await, Event::Online(_)));
+        assert_eq!(worker.state(), WorkerState::Online);
+        let port = cluster.listen(&worker, "127.0.0.1:0").await;
+        assert_ne!(port, 0);
+        let listening = cluster
+            .expect(&worker, |e| matches!(e, Event::Listening { .. }))
+            .await;
+        let Event::Listening { address, .. } = listening else {
+            unreachable!()
+        };
+        assert_eq!(
+            address,
+            cluster::ListenAddress::Ip(([127, 0, 0, 1], port).into()),
+            "the real port, never 0"
+        );
+        assert_eq!(worker.state(), WorkerState::Listening);
+        assert_eq!(who(port).await, 1);
+        worker.kill(libc::SIGTERM).unwrap();
+        let life = cluster.life_of(&worker).await;
+        assert_eq!(names(&life), ["disconnect", "exit"], "{policy:?}");
+        assert!(matches!(
+            life[1],
+            Event::Exit {
+                status: ExitStatus::Signal(libc::SIGTERM),
+                ..
+            }
+        ));
+        assert_eq!(worker.state(), WorkerState::Dead);
+        assert!(worker.is_dead() && !worker.is_connected());
+        assert_eq!(
+            worker.exited_after_disconnect(),
+            Some(false),
+            "a kill is just a signal (Node >= 15)"
+        );
+        assert!(cluster.primary.workers().is_empty());
+    }
+}
+
+#[tokio::test]
+async fn exit_code_is_reported_once_with_its_events() {
+    let mut cluster = Cluster::start(cluster::SchedulingPolicy::RoundRobin);
+    let worker = cluster.fork().await;
+    worker.send(&Command::Exit { code: 42 }).unwrap();
+    let life = cluster.life_of(&worker).await;
+    assert_eq!(names(&life), ["disconnect", "exit"]);
+    assert!(matches!(
+        life[1],
+        Event::Exit {
+            status: ExitStatus::Code(42),
+            ..
+        }
+    ));
+    assert_eq!(worker.exited_after_disconnect(), Some(false));
+}
+
+#[tokio::test]
+async fn kill_from_primary_and_external_sigkill() {
+    let mut cluster = Cluster::start(cluster::SchedulingPolicy::RoundRobin);
+    let killed = cluster.fork().await;
+    let external = cluster.fork().await;
+    killed.kill(libc::SIGKILL).unwrap();
+    // Someone else kills the other one: the primary learns it the same way.
+    cluster_tests::signal(external.pid(), libc::SIGKILL).unwrap();
+    for worker in [&killed, &external] {
+        let life = cluster.life_of(worker).await;
+        assert_eq!(names(&life), ["disconnect", "exit"]);
+        assert_eq!(
+            worker.exit_status(),
+            Some(ExitStatus::Signal(libc::SIGKILL))
+        );
+        assert_eq!(worker.exited_after_disconnect(), Some(false));
+    }
+    // Killing a dead worker does nothing (its pid may belong to someone else by now).
+    killed.kill(libc::SIGKILL).unwrap();
+}
+
+#[tokio::test]
+async fn primary_disconnect_is_graceful_and_on_purpose() {
+    for policy in POLICIES {
+        let mut cluster = Cluster::start(policy);
+        let worker = cluster.fork().await;
+        let port = cluster.listen(&worker, "127.0.0.1:0").await;
+        assert_eq!(who(port).await, worker.id().get());
+        worker.disconnect().await.unwrap();
+        let life = cluster.life_of(&worker).await;
+        assert_eq!(
+            names(&life)
+                .iter()
+                .filter(|n| **n != "listening")
+                .collect::<Vec<_>>(),
+            [&"disconnect", &"exit"]
+        );
+        assert_eq!(worker.exit_status(), Some(ExitStatus::Code(0)));
+        assert_eq!(worker.exited_after_disconnect(), Some(true));
+        // The last worker left: the port is closed.
+        assert!(
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_err(),
+            "{policy:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn worker_initiated_disconnect_is_on_purpose() {
+    let mut cluster = Cluster::start(cluster::SchedulingPolicy::RoundRobin);
+    let worker = cluster.fork().await;
+    worker.send(&Command::Disconnect).unwrap();
+    let life = cluster.life_of(&worker).await;
+    assert_eq!(names(&life), ["disconnect", "exit"]);
+    // The ack handshake makes it true before the events are emitted.
+    assert_eq!(worker.exited_after_disconnect(), Some(true));
+    assert_eq!(worker.exit_status(), Some(ExitStatus::Code(0)));
+}
+
+#[tokio::test]
+async fn cluster_disconnect_all_then_again() {
+    let mut cluster = Cluster::start(cluster::SchedulingPolicy::RoundRobin);
+    // With no workers it completes at once.
+    cluster.primary.disconnect().await.unwrap();
+    for round in 0..2 {
+        let a = cluster.fork().await;
+        let b = cluster.fork().await;
+        let port = cluster.listen(&a, "127.0.0.1:0").await;
+        assert_eq!(cluster.listen(&b, "127.0.0.1:0").await, port);
+        cluster.primary.disconnect().await.unwrap();
+        assert!(cluster.primary.workers().is_empty(), "round {round}");
+        for w in [&a, &b] {
+            assert_eq!(w.exit_status(), Some(ExitStatus::Code(0)));
+            assert_eq!(w.exited_after_disconnect(), Some(true));
+        }
+    }
+    // Ids are never reused.
+    let next = cluster.fork().await;
+    assert_eq!(next.id().get(), 5);
+}

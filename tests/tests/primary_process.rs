@@ -1,0 +1,105 @@
+//! The primary as its own process: its death takes the workers with it (reference scenario 38),
+//! and SIGTERM drains them.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// A primary process and its workers' pids; all are killed on drop.
+struct Program {
+    primary: Child,
+    workers: Vec<u32>,
+}
+
+impl Program {
+    fn start(workers: usize) -> Self {
+        let mut primary = Command::new(env!("CARGO_BIN_EXE_primary_fixture"))
+            .env("CLUSTER_WORKERS", workers.to_string())
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn the primary");
+        let mut lines = BufReader::new(primary.stdout.take().unwrap()).lines();
+        let mut pids = Vec::new();
+        // Each worker prints one line once it listens; reading blocks at most until the primary
+        // exits (EOF), and the primary exits if its workers cannot start.
+        for _ in 0..workers {
+            let line = lines.next().expect("a worker line").expect("read");
+            let pid = line
+                .split_whitespace()
+                .nth(3)
+                .and_then(|p| p.parse().ok())
+                .expect("pid");
+            pids.push(pid);
+        }
+        Self {
+            primary,
+            workers: pids,
+        }
+    }
+}
+
+impl Drop for Program {
+    fn drop(&mut self) {
+        let _ = self.primary.kill();
+        let _ = self.primary.wait();
+        for pid in &self.workers {
+            let _ = cluster_tests::signal(*pid, libc::SIGKILL);
+        }
+    }
+}
+
+/// Whether `pid` is gone (no process, or a zombie nobody reaped).
+fn is_gone(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with('Z')),
+    }
+}
+
+fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn workers_do_not_outlive_a_killed_primary() {
+    let mut program = Program::start(2);
+    assert!(program.workers.iter().all(|pid| !is_gone(*pid)));
+    program.primary.kill().unwrap();
+    program.primary.wait().unwrap();
+    let workers = program.workers.clone();
+    wait_until("every worker is gone", || {
+        workers.iter().all(|pid| is_gone(*pid))
+    });
+}
+
+#[test]
+fn sigterm_drains_workers_and_exits_zero() {
+    let mut program = Program::start(2);
+    cluster_tests::signal(program.primary.id(), libc::SIGTERM).unwrap();
+    let deadline = Instant::now() + WAIT;
+    let status = loop {
+        if let Some(status) = program.primary.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the primary did not exit after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert!(status.success(), "{status:?}");
+    let workers = program.workers.clone();
+    wait_until("every worker is gone", || {
+        workers.iter().all(|pid| is_gone(*pid))
+    });
+}

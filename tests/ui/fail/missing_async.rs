@@ -1,0 +1,2 @@
+#[cluster::main]
+fn main() {}

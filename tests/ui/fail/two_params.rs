@@ -1,0 +1,4 @@
+#[cluster::main]
+async fn main(role: cluster::Role, _extra: u32) {
+    drop(role);
+}

@@ -1,0 +1,4 @@
+#[cluster::main]
+async fn main(_role: cluster::Role) -> std::io::Result<()> {
+    Ok(());
+}

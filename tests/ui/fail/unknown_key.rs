@@ -1,0 +1,2 @@
+#[cluster::main(threads = 4)]
+async fn main() {}

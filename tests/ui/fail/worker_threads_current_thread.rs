@@ -1,0 +1,2 @@
+#[cluster::main(worker_threads = 2)]
+async fn main() {}

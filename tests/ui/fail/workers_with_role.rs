@@ -1,0 +1,4 @@
+#[cluster::main(workers = 4)]
+async fn main(role: cluster::Role) {
+    drop(role);
+}

@@ -1,0 +1,2 @@
+#[cluster::main(workers = 0)]
+async fn main() {}
