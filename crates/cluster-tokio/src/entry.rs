@@ -141,9 +141,11 @@ where
 fn install_default_logging() {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let ansi = io::IsTerminal::is_terminal(&io::stderr());
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(io::stderr)
+        .with_ansi(ansi)
         .try_init();
 }
 
@@ -170,15 +172,15 @@ async fn supervise(primary: Primary, workers: usize) -> io::Result<()> {
     loop {
         tokio::select! {
             event = events.recv() => match event {
-                Some(Event::Online(worker)) => tracing::debug!(worker = %worker.id(), pid = worker.pid(), "online"),
+                Some(Event::Online(worker)) => tracing::debug!(worker = worker.id().get(), pid = worker.pid(), "online"),
                 Some(Event::Listening { worker, address }) => {
-                    tracing::info!(worker = %worker.id(), pid = worker.pid(), %address, "listening");
+                    tracing::info!(worker = worker.id().get(), pid = worker.pid(), %address, "listening");
                 }
                 Some(Event::Exit { worker, status }) => {
                     if status == ExitStatus::Code(0) {
-                        tracing::info!(worker = %worker.id(), pid = worker.pid(), "worker exited");
+                        tracing::info!(worker = worker.id().get(), pid = worker.pid(), "worker exited");
                     } else {
-                        tracing::warn!(worker = %worker.id(), pid = worker.pid(), %status, "worker exited");
+                        tracing::warn!(worker = worker.id().get(), pid = worker.pid(), %status, "worker exited");
                         failure.get_or_insert_with(|| format!("{} exited with {status}", worker.id()));
                     }
                     alive -= 1;
@@ -189,7 +191,7 @@ async fn supervise(primary: Primary, workers: usize) -> io::Result<()> {
                         };
                     }
                 }
-                Some(Event::Error { worker, error }) => tracing::warn!(worker = %worker.id(), %error, "protocol error"),
+                Some(Event::Error { worker, error }) => tracing::warn!(worker = worker.id().get(), %error, "protocol error"),
                 Some(_) => {}
                 None => return Ok(()),
             },

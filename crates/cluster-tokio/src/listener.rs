@@ -238,3 +238,44 @@ impl futures_core::Stream for ClusterListener {
         }
     }
 }
+
+/// With the `axum` feature, `axum::serve(listener, app)` works directly.
+///
+/// `accept` cannot fail in axum's trait: as axum's own `TcpListener` does, errors that concern
+/// one connection are skipped, and others (such as `EMFILE`) are logged and retried after a
+/// second. Once the worker is shutting down it waits forever: pair `axum::serve` with
+/// `.with_graceful_shutdown(cluster::shutdown())`, which ends the accept loop.
+///
+/// For `ConnectInfo<SocketAddr>`, wrap the listener with `axum::serve::ListenerExt::tap_io`
+/// (`listener.tap_io(|_| {})`) and use `into_make_service_with_connect_info::<SocketAddr>()`: axum
+/// implements `Connected` only for its own listeners and for `TapIo`, and the orphan rule keeps
+/// us from adding an impl for `ClusterListener`.
+#[cfg(feature = "axum")]
+impl axum::serve::Listener for ClusterListener {
+    type Io = TcpStream;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            match Self::accept(self).await {
+                Ok(accepted) => return accepted,
+                Err(e) if e.kind() == io::ErrorKind::NotConnected => std::future::pending().await,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::ConnectionRefused
+                            | io::ErrorKind::ConnectionAborted
+                            | io::ErrorKind::ConnectionReset
+                    ) => {}
+                Err(error) => {
+                    tracing::error!(%error, "accept failed; retrying in 1s");
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                }
+            }
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<Self::Addr> {
+        Self::local_addr(self)
+    }
+}
