@@ -15,6 +15,11 @@ pub enum Command {
         /// Passed to `ClusterListener::bind`.
         addr: String,
     },
+    /// Stop calling `accept` on listener `index` (connections handed over queue up in it).
+    Pause {
+        /// Which listener.
+        index: usize,
+    },
     /// Drop listener number `index` (counted in `Listen` order).
     Close {
         /// Which listener.
@@ -50,6 +55,11 @@ pub enum Reply {
         kind: String,
         /// The OS error code, if any.
         errno: Option<i32>,
+    },
+    /// `Pause` done.
+    Paused {
+        /// The listener's index.
+        index: usize,
     },
     /// `Close` done.
     Closed {

@@ -3,6 +3,7 @@
 mod support;
 
 use cluster::{Event, SchedulingPolicy};
+use cluster_tests::{Command, Reply};
 use support::{Cluster, who};
 
 #[tokio::test]
@@ -102,4 +103,52 @@ async fn worker_that_never_acks_is_killed_at_the_deadline_and_its_connection_ser
             .unwrap();
         assert_eq!(served_by, healthy.id().get());
     }
+}
+
+#[tokio::test]
+async fn connections_queued_in_a_closing_listener_go_to_another_worker() {
+    for disconnect in [false, true] {
+        let mut cluster = Cluster::start(SchedulingPolicy::RoundRobin);
+        let slow = cluster.fork().await;
+        let port = cluster.listen(&slow, "127.0.0.1:0").await;
+        // It stops accepting: handed-over connections wait in its listener, acked but unserved.
+        assert_eq!(
+            cluster.ask(&slow, Command::Pause { index: 0 }).await,
+            Reply::Paused { index: 0 }
+        );
+        let clients: Vec<_> = (0..3).map(|_| tokio::spawn(who(port))).collect();
+        let deadline = tokio::time::Instant::now() + support::WAIT;
+        while cluster.primary.stats().await.unwrap().connections_held > 0
+            || !all_connected(&clients)
+        {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "connections never reached the worker"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        let other = cluster.fork().await;
+        assert_eq!(cluster.listen(&other, "127.0.0.1:0").await, port);
+        // The slow worker leaves (its listener closes, or it is disconnected): nothing is lost.
+        if disconnect {
+            slow.disconnect().await.unwrap();
+        } else {
+            assert_eq!(
+                cluster.ask(&slow, Command::Close { index: 0 }).await,
+                Reply::Closed { index: 0 }
+            );
+        }
+        for client in clients {
+            let served_by = tokio::time::timeout(support::WAIT, client)
+                .await
+                .expect("client hung")
+                .unwrap();
+            assert_eq!(served_by, other.id().get(), "disconnect: {disconnect}");
+        }
+    }
+}
+
+fn all_connected(clients: &[tokio::task::JoinHandle<u64>]) -> bool {
+    // The clients are still waiting for an answer: they are connected (or connecting).
+    clients.iter().all(|c| !c.is_finished())
 }

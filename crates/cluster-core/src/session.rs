@@ -49,8 +49,12 @@ pub enum SessionEvent {
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum SessionOutput {
-    /// Send the frame now in the buffer (no fd attached).
-    Transmit,
+    /// Send the frame now in the buffer; with `with_fd`, attach the oldest fd given to
+    /// [`WorkerSession::give_back`] and not yet sent.
+    Transmit {
+        /// Whether the frame carries an fd.
+        with_fd: bool,
+    },
     /// Tell the user (or the listener).
     Event(SessionEvent),
 }
@@ -157,6 +161,12 @@ impl WorkerSession {
         if self.handles.remove(&handle) {
             self.send(WorkerMessage::Close { handle });
         }
+    }
+
+    /// Gives back a connection of `handle` that this worker acked but will not serve; the driver
+    /// attaches its fd to the resulting transmit (`with_fd`).
+    pub fn give_back(&mut self, handle: HandleId) {
+        self.send(WorkerMessage::Return { handle });
     }
 
     /// Announces that this worker leaves on purpose; wait for [`SessionEvent::DisconnectAcked`]
@@ -285,7 +295,9 @@ impl WorkerSession {
                 Queued::Send(message) => {
                     buf.clear();
                     wire::encode(&message, buf).expect("queued frames fit in MAX_FRAME");
-                    return Some(SessionOutput::Transmit);
+                    return Some(SessionOutput::Transmit {
+                        with_fd: message.fd_count() == 1,
+                    });
                 }
             }
         }
@@ -309,7 +321,7 @@ mod tests {
         let mut buf = Vec::new();
         std::iter::from_fn(|| {
             s.poll_output(&mut buf).map(|o| match o {
-                SessionOutput::Transmit => Ok(wire::decode(&buf).unwrap()),
+                SessionOutput::Transmit { .. } => Ok(wire::decode(&buf).unwrap()),
                 SessionOutput::Event(e) => Err(e),
             })
         })

@@ -35,8 +35,8 @@ struct SimWorker {
     session: WorkerSession,
     /// Primary → worker datagrams not yet read.
     inbox: VecDeque<(Vec<u8>, Option<Fd>)>,
-    /// Worker → primary datagrams not yet read.
-    outbox: VecDeque<Vec<u8>>,
+    /// Worker → primary datagrams not yet read, with the connection given back, if any.
+    outbox: VecDeque<(Vec<u8>, Option<Conn>)>,
     /// The process runs (it reads its inbox and answers).
     alive: bool,
     /// The primary has seen end of stream.
@@ -45,9 +45,32 @@ struct SimWorker {
     hung: bool,
     refusing: bool,
     handle: Option<HandleId>,
+    /// Acked but not yet taken by the application (a listener's queue).
+    waiting: Vec<Conn>,
+    /// Given back, waiting to be attached to their `Return` frames.
+    returning: VecDeque<Conn>,
     owned: BTreeSet<Conn>,
     events: Vec<&'static str>,
     exit_code: i32,
+}
+
+impl SimWorker {
+    fn holds(&self, conn: Conn) -> bool {
+        self.owned.contains(&conn)
+            || self.waiting.contains(&conn)
+            || self.returning.contains(&conn)
+            || self.outbox.iter().any(|(_, c)| *c == Some(conn))
+    }
+
+    /// Its listener closes: every connection the application has not taken goes back.
+    fn give_back_waiting(&mut self) {
+        if let Some(handle) = self.handle {
+            for conn in self.waiting.drain(..) {
+                self.session.give_back(handle);
+                self.returning.push_back(conn);
+            }
+        }
+    }
 }
 
 struct Sim {
@@ -59,6 +82,8 @@ struct Sim {
     delivered: BTreeMap<Conn, WorkerId>,
     closed: BTreeSet<Conn>,
     bound: BTreeSet<HandleId>,
+    /// The connection attached to the frame the primary is handling.
+    incoming: Option<Conn>,
     buf: Vec<u8>,
 }
 
@@ -69,6 +94,7 @@ enum Op {
     ReadInbox(usize),
     ReadOutbox(usize),
     Refuse(usize),
+    Serve(usize),
     Close(usize),
     Disconnect(usize),
     Kill(usize),
@@ -83,7 +109,8 @@ fn op() -> impl Strategy<Value = Op> {
         10 => Just(Op::Connect),
         14 => w.clone().prop_map(Op::ReadInbox),
         14 => w.clone().prop_map(Op::ReadOutbox),
-        2 => w.clone().prop_map(Op::Refuse),
+                2 => w.clone().prop_map(Op::Refuse),
+        4 => w.clone().prop_map(Op::Serve),
         1 => w.clone().prop_map(Op::Close),
         1 => w.clone().prop_map(Op::Disconnect),
         1 => w.clone().prop_map(Op::Kill),
@@ -116,6 +143,7 @@ impl Sim {
             delivered: BTreeMap::new(),
             closed: BTreeSet::new(),
             bound: BTreeSet::new(),
+            incoming: None,
             buf: Vec::new(),
         }
     }
@@ -138,6 +166,8 @@ impl Sim {
             hung: false,
             refusing: false,
             handle: None,
+            waiting: Vec::new(),
+            returning: VecDeque::new(),
             owned: BTreeSet::new(),
             events: Vec::new(),
             exit_code: 0,
@@ -161,9 +191,15 @@ impl Sim {
                 break;
             };
             match out {
-                SessionOutput::Transmit => {
+                SessionOutput::Transmit { with_fd } => {
+                    let fd = if with_fd {
+                        w.returning.pop_front()
+                    } else {
+                        None
+                    };
+                    assert_eq!(fd.is_some(), with_fd, "a Return without its connection");
                     if w.alive {
-                        w.outbox.push_back(buf.clone());
+                        w.outbox.push_back((buf.clone(), fd));
                     }
                 }
                 SessionOutput::Event(SessionEvent::Connection { seq, .. }) => {
@@ -173,14 +209,11 @@ impl Sim {
                     let accepted = !w.refusing;
                     w.session.accept(seq, accepted).unwrap();
                     if accepted {
-                        // The worker owns it from here; nobody else may.
+                        // The worker holds it from here; nobody else may.
                         for other in self.workers.values() {
-                            assert!(
-                                !other.owned.contains(&conn),
-                                "connection {conn} owned twice"
-                            );
+                            assert!(!other.holds(conn), "connection {conn} held by two workers");
                         }
-                        self.workers.get_mut(&id).unwrap().owned.insert(conn);
+                        self.workers.get_mut(&id).unwrap().waiting.push(conn);
                     }
                 }
                 SessionOutput::Event(SessionEvent::ListenReply {
@@ -191,6 +224,7 @@ impl Sim {
                 }
                 SessionOutput::Event(SessionEvent::ListenReply { result: Err(_), .. }) => {}
                 SessionOutput::Event(SessionEvent::DisconnectRequested) => {
+                    w.give_back_waiting();
                     let handles: Vec<_> = w.session.handles().collect();
                     for h in handles {
                         w.session.close(h);
@@ -274,10 +308,9 @@ impl Sim {
                     );
                 }
                 Output::Delivered { worker, conn } => {
-                    assert!(
-                        self.workers[&worker].owned.contains(&conn),
-                        "delivered to a worker that did not accept"
-                    );
+                    let w = &self.workers[&worker];
+                    // Acked earlier; it may already be on its way back.
+                    assert!(w.holds(conn), "delivered to a worker that did not accept");
                     assert!(
                         self.delivered.insert(conn, worker).is_none(),
                         "delivered twice"
@@ -287,6 +320,18 @@ impl Sim {
                     panic!("protocol error from a well-behaved {worker}")
                 }
                 Output::Kill { worker } => kills.push(worker),
+                Output::Returned { worker, handle } => {
+                    let conn = self
+                        .incoming
+                        .take()
+                        .expect("a Return carries its connection");
+                    // Back in the primary's custody.
+                    assert_eq!(self.delivered.remove(&conn), Some(worker));
+                    if let Err(conn) = self.primary.handle_returned(self.now, worker, handle, conn)
+                    {
+                        assert!(self.closed.insert(conn), "closed twice");
+                    }
+                }
                 Output::Event(event) => self.record(event),
                 other => panic!("unexpected output {other:?}"),
             }
@@ -363,9 +408,15 @@ impl Sim {
         let Some(w) = self.workers.get_mut(&id) else {
             return;
         };
-        if let Some(frame) = w.outbox.pop_front() {
-            self.primary.handle_frame(self.now, id, &frame, 0);
+        if let Some((frame, conn)) = w.outbox.pop_front() {
+            self.incoming = conn;
+            self.primary
+                .handle_frame(self.now, id, &frame, usize::from(conn.is_some()));
             self.flush_primary();
+            assert_eq!(
+                self.incoming, None,
+                "a connection came with a frame and nobody took it"
+            );
         }
         self.reap(id);
     }
@@ -386,11 +437,22 @@ impl Sim {
         self.flush_worker(id);
     }
 
+    fn serve(&mut self, id: WorkerId) {
+        if let Some(w) = self.workers.get_mut(&id)
+            && w.alive
+            && !w.hung
+        {
+            let waiting = std::mem::take(&mut w.waiting);
+            w.owned.extend(waiting);
+        }
+    }
+
     fn close(&mut self, id: WorkerId) {
         let Some(w) = self.workers.get_mut(&id) else {
             return;
         };
         if let (true, Some(h)) = (w.alive, w.handle) {
+            w.give_back_waiting();
             w.session.close(h);
         }
         self.flush_worker(id);
@@ -408,6 +470,7 @@ impl Sim {
             Op::ReadOutbox(i) => self.nth(i).into_iter().for_each(|id| self.read_outbox(id)),
             Op::Refuse(i) => self.nth(i).into_iter().for_each(|id| self.refuse(id)),
             Op::Close(i) => self.nth(i).into_iter().for_each(|id| self.close(id)),
+            Op::Serve(i) => self.nth(i).into_iter().for_each(|id| self.serve(id)),
             Op::Disconnect(i) => {
                 if let Some(id) = self.nth(i) {
                     self.primary.disconnect(self.now, id);
@@ -457,6 +520,12 @@ impl Sim {
                 self.refuse(*id);
             }
         }
+        let serve_all = |sim: &mut Self| {
+            for id in sim.workers.keys().copied().collect::<Vec<_>>() {
+                sim.serve(id);
+            }
+        };
+        serve_all(self);
         for _ in 0..10_000 {
             let mut moved = false;
             for id in self.workers.keys().copied().collect::<Vec<_>>() {
@@ -470,6 +539,7 @@ impl Sim {
                     moved = true;
                 }
             }
+            serve_all(self);
             if !moved {
                 return;
             }
@@ -498,7 +568,7 @@ impl Sim {
         }
         for (conn, worker) in &self.delivered {
             if let Some(w) = self.workers.get(worker) {
-                assert!(w.owned.contains(conn));
+                assert!(w.owned.contains(conn) || w.waiting.contains(conn));
             }
         }
         // Node's event order per worker.

@@ -148,6 +148,12 @@ fn vectors() -> Vec<Vector> {
             },
             "07 02 68 69",
         ),
+        worker(
+            WorkerMessage::Return {
+                handle: HandleId::new(0),
+            },
+            "08 00",
+        ),
         primary(
             PrimaryMessage::Hello {
                 version: PROTOCOL_VERSION,
@@ -259,6 +265,7 @@ fn variant_index(message: &Message) -> u8 {
             WorkerMessage::Close { .. } => 5,
             WorkerMessage::ExitedAfterDisconnect { .. } => 6,
             WorkerMessage::Message { .. } => 7,
+            WorkerMessage::Return { .. } => 8,
         },
         Message::Primary(m) => match m {
             PrimaryMessage::Hello { .. } => 0,
@@ -314,7 +321,7 @@ fn vectors_decode_to_their_messages() {
 
 #[test]
 fn every_variant_has_a_vector_led_by_its_index() {
-    let mut worker = [false; 8];
+    let mut worker = [false; 9];
     let mut primary = [false; 6];
     for v in vectors() {
         let index = variant_index(&v.message);
@@ -324,7 +331,7 @@ fn every_variant_has_a_vector_led_by_its_index() {
             Message::Primary(_) => primary[usize::from(index)] = true,
         }
     }
-    assert_eq!(worker, [true; 8], "WorkerMessage variants without a vector");
+    assert_eq!(worker, [true; 9], "WorkerMessage variants without a vector");
     assert_eq!(
         primary, [true; 6],
         "PrimaryMessage variants without a vector"

@@ -5,15 +5,13 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, ready};
 
 use proto::HandleId;
 use proto::wire::{ListenFlags, ListenRequest, ListenTarget, SocketKind};
 use tokio::net::{TcpListener, TcpStream, ToSocketAddrs};
-use tokio::sync::mpsc;
 
-use crate::worker::{self, Granted, Worker};
+use crate::worker::{self, Granted, HandoffQueue, Worker};
 
 /// A TCP listener for clustered servers.
 ///
@@ -68,8 +66,7 @@ enum Kind {
     },
     /// Connections handed over by the primary.
     RoundRobin {
-        queue: mpsc::Receiver<TcpStream>,
-        paused: Arc<AtomicBool>,
+        queue: Arc<HandoffQueue>,
         handle: HandleGuard,
     },
 }
@@ -79,6 +76,16 @@ enum Kind {
 struct HandleGuard {
     worker: Worker,
     handle: HandleId,
+}
+
+impl Drop for ClusterListener {
+    fn drop(&mut self) {
+        // Connections acked but never accepted go back to the primary (before the guard's
+        // `Close`), to be served by another worker.
+        if let Kind::RoundRobin { queue, handle } = &self.kind {
+            handle.worker.give_back(handle.handle, queue.close());
+        }
+    }
 }
 
 impl Drop for HandleGuard {
@@ -137,11 +144,9 @@ impl ClusterListener {
                 handle,
                 addr,
                 queue,
-                paused,
             } => (
                 Kind::RoundRobin {
                     queue,
-                    paused,
                     handle: HandleGuard { worker, handle },
                 },
                 addr,
@@ -221,19 +226,15 @@ impl futures_core::Stream for ClusterListener {
                 let (stream, _) = ready!(listener.poll_accept(cx))?;
                 Poll::Ready(Some(Ok(stream)))
             }
-            Kind::RoundRobin {
-                queue,
-                paused,
-                handle,
-            } => {
-                let stream = ready!(queue.poll_recv(cx));
-                // The primary stopped offering after we refused while full; say when there is
-                // room again.
-                if paused.load(Ordering::Acquire) && queue.len() <= queue.max_capacity() / 2 {
-                    paused.store(false, Ordering::Release);
+            Kind::RoundRobin { queue, handle } => {
+                let Some((stream, room_again)) = ready!(queue.poll_pop(cx)) else {
+                    return Poll::Ready(None);
+                };
+                // The primary stopped offering after we refused while full; say there is room.
+                if room_again {
                     handle.worker.ready(handle.handle);
                 }
-                Poll::Ready(stream.map(Ok))
+                Poll::Ready(Some(Ok(stream)))
             }
         }
     }

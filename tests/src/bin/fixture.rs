@@ -3,6 +3,7 @@
 use cluster::{ClusterListener, Role, RuntimeOptions, Worker};
 use cluster_tests::{Command, Reply};
 use tokio::io::AsyncWriteExt;
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 fn main() {
@@ -20,6 +21,7 @@ fn main() {
 async fn serve(worker: Worker) {
     let id = worker.id().get();
     let mut listeners: Vec<Option<JoinHandle<()>>> = Vec::new();
+    let mut pauses: Vec<watch::Sender<bool>> = Vec::new();
     loop {
         let command = tokio::select! {
             command = worker.recv::<Command>() => command,
@@ -35,8 +37,22 @@ async fn serve(worker: Worker) {
                 Ok(mut listener) => {
                     let port = listener.local_addr().expect("bound").port();
                     let index = listeners.len();
+                    let (pause, mut paused) = watch::channel(false);
+                    pauses.push(pause);
                     listeners.push(Some(tokio::spawn(async move {
-                        while let Ok((mut stream, _)) = listener.accept().await {
+                        loop {
+                            // While paused, connections queue up in the listener unaccepted.
+                            if paused.wait_for(|p| !*p).await.is_err() {
+                                return;
+                            }
+                            let accepted = tokio::select! {
+                                accepted = listener.accept() => accepted,
+                                // `accept` is cancel safe: pausing loses no connection.
+                                _ = paused.wait_for(|p| *p) => continue,
+                            };
+                            let Ok((mut stream, _)) = accepted else {
+                                return;
+                            };
                             tokio::spawn(async move {
                                 let _ = stream.write_all(format!("{id}\n").as_bytes()).await;
                                 let _ = stream.shutdown().await;
@@ -55,6 +71,10 @@ async fn serve(worker: Worker) {
                     worker.send(&reply).expect("send");
                 }
             },
+            Command::Pause { index } => {
+                pauses[index].send_replace(true);
+                worker.send(&Reply::Paused { index }).expect("send");
+            }
             Command::Close { index } => {
                 if let Some(task) = listeners.get_mut(index).and_then(Option::take) {
                     task.abort();

@@ -139,6 +139,14 @@ pub enum Output<C> {
         /// The worker.
         worker: WorkerId,
     },
+    /// The frame just handled carried a connection that `worker` gives back on `handle`: keep
+    /// its fd under a new token and call [`Primary::handle_returned`].
+    Returned {
+        /// The worker giving it back.
+        worker: WorkerId,
+        /// The handle it belongs to.
+        handle: HandleId,
+    },
     /// Kill this worker: it is hung. Its in-flight connections are re-dispatched once its link
     /// closes.
     Kill {
@@ -239,8 +247,8 @@ impl<C: Copy + Eq + std::fmt::Debug> Primary<C> {
             .retain(|q| !matches!(q, Queued::Send { worker: w, .. } if *w == worker));
     }
 
-    /// A datagram arrived from `worker` with `fds` file descriptors attached (which the driver
-    /// keeps and closes: no worker message carries fds in this version).
+    /// A datagram arrived from `worker` with `fds` file descriptors attached. The driver closes
+    /// them after draining the outputs, unless an [`Output::Returned`] claimed the fd.
     pub fn handle_frame(&mut self, now: Instant, worker: WorkerId, frame: &[u8], fds: usize) {
         if let Err(error) = self.process_frame(now, worker, frame, fds) {
             self.fail(now, worker, error);
@@ -294,6 +302,28 @@ impl<C: Copy + Eq + std::fmt::Debug> Primary<C> {
     /// [`Self::wants_connections`] before accepting); the driver closes it.
     pub fn handle_connection(&mut self, now: Instant, handle: HandleId, conn: C) -> Result<(), C> {
         self.registry.connection(handle, conn)?;
+        self.drain_registry(now);
+        Ok(())
+    }
+
+    /// The driver registered a connection `worker` gave back (after [`Output::Returned`]); it
+    /// goes to another worker first.
+    ///
+    /// # Errors
+    ///
+    /// Hands `conn` back when nobody is left to serve it; the driver closes it.
+    pub fn handle_returned(
+        &mut self,
+        now: Instant,
+        worker: WorkerId,
+        handle: HandleId,
+        conn: C,
+    ) -> Result<(), C> {
+        let leaving = self
+            .workers
+            .get(&worker)
+            .is_none_or(|e| e.leaving || e.hung || e.link.is_closed());
+        self.registry.give_back(worker, handle, conn, leaving)?;
         self.drain_registry(now);
         Ok(())
     }
@@ -519,6 +549,7 @@ impl<C: Copy + Eq + std::fmt::Debug> Primary<C> {
             WorkerMessage::Message { payload } => {
                 self.push(Output::Event(Event::Message { worker, payload }))
             }
+            WorkerMessage::Return { handle } => self.push(Output::Returned { worker, handle }),
         }
         self.drain_registry(now);
         Ok(())

@@ -295,6 +295,34 @@ impl<C: Copy + Eq> Registry<C> {
         }
     }
 
+    /// `worker` gives back `conn`, a connection of `handle` it acked but did not serve. Accepted
+    /// from a worker that holds the handle or is leaving (it may have closed the handle just
+    /// before).
+    ///
+    /// # Errors
+    ///
+    /// Hands `conn` back when the handle has no active member, or when `worker` has nothing to do
+    /// with it; the driver closes it.
+    pub fn give_back(
+        &mut self,
+        worker: WorkerId,
+        handle: HandleId,
+        conn: C,
+        leaving: bool,
+    ) -> Result<(), C> {
+        match self.handles.get_mut(&handle) {
+            Some(Handle {
+                state: State::Bound(_, Mode::RoundRobin(rr)),
+                ..
+            }) if leaving || rr.is_member(worker) => {
+                rr.give_back(conn)?;
+                self.collect(handle);
+                Ok(())
+            }
+            _ => Err(conn),
+        }
+    }
+
     /// `worker` answered the handoff of `conn` on `handle`.
     ///
     /// # Errors

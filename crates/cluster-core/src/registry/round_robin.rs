@@ -113,6 +113,21 @@ impl<C: Copy + Eq> RoundRobin<C> {
         Ok(())
     }
 
+    /// Takes back a connection a worker acked but could not serve. It goes to the front of the
+    /// queue, past the bound (it was accepted already).
+    ///
+    /// # Errors
+    ///
+    /// Hands `conn` back when no active member is left; the caller closes it.
+    pub fn give_back(&mut self, conn: C) -> Result<(), C> {
+        if !self.has_active_members() {
+            return Err(conn);
+        }
+        self.queue.push_front(conn);
+        self.pump();
+        Ok(())
+    }
+
     /// Whether the driver should accept more connections for this handle now.
     pub fn wants_connections(&self) -> bool {
         self.has_active_members() && self.queue.len() < self.max_queued
@@ -443,6 +458,20 @@ mod tests {
         drain(&mut rr);
         rr.ack(W1, 0, true).unwrap();
         assert!(rr.wants_connections());
+    }
+
+    #[test]
+    fn given_back_connections_go_first_or_are_refused_when_orphaned() {
+        let mut rr = RoundRobin::new(1, 1);
+        rr.add(W1);
+        rr.push(1).unwrap();
+        rr.push(2).unwrap();
+        assert!(!rr.wants_connections(), "queue at its bound");
+        rr.give_back(9).unwrap();
+        assert_eq!(rr.queued().copied().collect::<Vec<_>>(), [9, 2]);
+        rr.leave(W1).unwrap();
+        drain(&mut rr);
+        assert_eq!(rr.give_back(10), Err(10));
     }
 
     #[test]

@@ -244,6 +244,13 @@ pub enum WorkerMessage {
         /// The encoded user value.
         payload: Vec<u8>,
     },
+    /// Gives back a connection of `handle` that the worker acked but will not serve (its
+    /// listener closed before the application accepted it); exactly one fd is attached. The
+    /// primary hands it to another worker, or closes it if none is left.
+    Return {
+        /// The handle it was handed over on.
+        handle: HandleId,
+    },
 }
 
 /// Messages from the primary to a worker.
@@ -336,8 +343,11 @@ impl PrimaryMessage {
 }
 
 impl WorkerMessage {
-    /// How many fds must travel with this message (none, in this version).
+    /// How many fds must travel with this message (one with `Return`).
     pub fn fd_count(&self) -> usize {
-        0
+        match self {
+            Self::Return { .. } => 1,
+            _ => 0,
+        }
     }
 }

@@ -180,9 +180,10 @@ impl Driver {
                         self.core.handle_link_closed(now(), id);
                     }
                 }
-                // No worker message carries fds in this protocol version: close any that came.
-                self.fds.clear();
+                // Outputs first: a `Returned` claims the fd that came with the frame; any other fd
+                // is closed.
                 self.drain_core();
+                self.fds.clear();
             }
         }
         progress
@@ -319,6 +320,7 @@ impl Driver {
                 Output::CloseLink { worker } => {
                     self.links.remove(&worker);
                 }
+                Output::Returned { worker, handle } => self.take_back(worker, handle),
                 Output::Kill { worker } => {
                     if let Some(w) = self.workers.get(&worker) {
                         let _ = crate::sys::kill(w.pid, libc::SIGKILL);
@@ -327,6 +329,30 @@ impl Driver {
                 Output::Event(event) => self.publish(event),
                 other => tracing::error!(?other, "unexpected core output"),
             }
+        }
+    }
+
+    /// A worker gave back a connection it could not serve: it is served by another worker, or
+    /// closed if none is left.
+    fn take_back(&mut self, worker: WorkerId, handle: HandleId) {
+        let Some(fd) = self.fds.pop() else { return };
+        // Only a TCP stream may enter the connection slab; anything else is closed.
+        let socket = Socket::from(fd);
+        if !matches!(socket.r#type(), Ok(t) if t == Type::STREAM)
+            || !matches!(socket.domain(), Ok(d) if d == Domain::IPV4 || d == Domain::IPV6)
+        {
+            tracing::warn!(%worker, "a worker gave back something that is not a TCP connection");
+            return;
+        }
+        let stream = match TcpStream::from_std(std::net::TcpStream::from(socket)) {
+            Ok(stream) => stream,
+            Err(error) => {
+                return tracing::warn!(%worker, %error, "could not take a connection back");
+            }
+        };
+        let conn = self.conns.insert(stream);
+        if let Err(conn) = self.core.handle_returned(now(), worker, handle, conn) {
+            self.conns.remove(conn);
         }
     }
 

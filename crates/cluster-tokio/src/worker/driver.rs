@@ -4,22 +4,17 @@
 use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use proto::wire::{BoundAddr, Distribution, ListenInfo, ListenRequest};
 use proto::{HandleId, Seq, SessionEvent, SessionOutput, WorkerSession};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_seqpacket::UnixSeqpacket;
 
+use super::queue::{HandoffQueue, Offer};
 use crate::ipc::{Channel, Received};
-
-/// Connections handed to this worker and not yet taken by `accept`; when full, further handoffs
-/// are refused and go to other workers until the listener catches up.
-pub(crate) const LISTENER_QUEUE: usize = 128;
 
 pub(crate) enum Command {
     Listen {
@@ -31,6 +26,10 @@ pub(crate) enum Command {
     },
     Ready {
         handle: HandleId,
+    },
+    GiveBack {
+        handle: HandleId,
+        streams: Vec<TcpStream>,
     },
     Send {
         payload: Vec<u8>,
@@ -45,18 +44,12 @@ pub(crate) enum Granted {
     RoundRobin {
         handle: HandleId,
         addr: SocketAddr,
-        queue: mpsc::Receiver<TcpStream>,
-        paused: Arc<AtomicBool>,
+        queue: Arc<HandoffQueue>,
     },
     Shared {
         handle: HandleId,
         listener: TcpListener,
     },
-}
-
-struct Slot {
-    queue: mpsc::Sender<TcpStream>,
-    paused: Arc<AtomicBool>,
 }
 
 pub(crate) struct Driver {
@@ -67,11 +60,13 @@ pub(crate) struct Driver {
     connected: watch::Sender<bool>,
     messages: mpsc::UnboundedSender<Vec<u8>>,
     listens: HashMap<Seq, oneshot::Sender<io::Result<Granted>>>,
-    slots: HashMap<HandleId, Slot>,
+    queues: HashMap<HandleId, Arc<HandoffQueue>>,
+    /// Connections given back, in the order of their `Return` frames.
+    returning: VecDeque<OwnedFd>,
     disconnect: Option<oneshot::Sender<io::Result<()>>>,
     /// This worker left on purpose and the primary acknowledged: the link is done.
     left: bool,
-    outgoing: VecDeque<Vec<u8>>,
+    outgoing: VecDeque<(Vec<u8>, Option<OwnedFd>)>,
     buf: Vec<u8>,
 }
 
@@ -91,7 +86,8 @@ impl Driver {
             connected,
             messages,
             listens: HashMap::new(),
-            slots: HashMap::new(),
+            queues: HashMap::new(),
+            returning: VecDeque::new(),
             disconnect: None,
             left: false,
             outgoing: VecDeque::new(),
@@ -137,7 +133,14 @@ impl Driver {
     fn pump(&mut self, fds: &mut Vec<OwnedFd>) {
         while let Some(output) = self.session.poll_output(&mut self.buf) {
             match output {
-                SessionOutput::Transmit => self.outgoing.push_back(self.buf.clone()),
+                SessionOutput::Transmit { with_fd } => {
+                    let fd = if with_fd {
+                        self.returning.pop_front()
+                    } else {
+                        None
+                    };
+                    self.outgoing.push_back((self.buf.clone(), fd));
+                }
                 SessionOutput::Event(event) => self.event(event, fds),
                 _ => {}
             }
@@ -146,8 +149,10 @@ impl Driver {
     }
 
     async fn send_all(&mut self) -> io::Result<()> {
-        while let Some(frame) = self.outgoing.pop_front() {
-            self.channel.send(&frame, None).await?;
+        while let Some((frame, fd)) = self.outgoing.pop_front() {
+            self.channel
+                .send(&frame, fd.as_ref().map(AsFd::as_fd))
+                .await?;
         }
         Ok(())
     }
@@ -199,20 +204,12 @@ impl Driver {
         let handle = info.handle;
         let granted = match (info.distribution, info.addr) {
             (Distribution::RoundRobin, BoundAddr::Ip(addr)) => {
-                let (queue_tx, queue) = mpsc::channel(LISTENER_QUEUE);
-                let paused = Arc::new(AtomicBool::new(false));
-                self.slots.insert(
-                    handle,
-                    Slot {
-                        queue: queue_tx,
-                        paused: paused.clone(),
-                    },
-                );
+                let queue = Arc::new(HandoffQueue::default());
+                self.queues.insert(handle, queue.clone());
                 Ok(Granted::RoundRobin {
                     handle,
                     addr,
                     queue,
-                    paused,
                 })
             }
             (Distribution::Shared, BoundAddr::Ip(_)) => fds
@@ -237,27 +234,41 @@ impl Driver {
         granted
     }
 
-    /// Hands a connection to its listener; false if the listener is full or gone.
+    /// Hands a connection to its listener; false if the listener is full or gone (the primary
+    /// then offers it elsewhere, and offers this worker nothing more until `Ready`).
     fn deliver(&mut self, handle: HandleId, stream: TcpStream) -> bool {
-        let Some(slot) = self.slots.get(&handle) else {
+        let Some(queue) = self.queues.get(&handle) else {
             return false;
         };
-        match slot.queue.try_send(stream) {
-            Ok(()) => true,
-            Err(TrySendError::Full(_)) => {
-                // The primary stops offering until the listener drains and sends `Ready`.
-                slot.paused.store(true, Ordering::Release);
-                false
-            }
-            Err(TrySendError::Closed(_)) => {
+        match queue.offer(stream) {
+            Offer::Taken => true,
+            Offer::Full => false,
+            Offer::Closed => {
                 self.close(handle);
                 false
             }
         }
     }
 
+    /// Gives connections of `handle` back to the primary, to be served by another worker.
+    fn give_back(&mut self, handle: HandleId, streams: Vec<TcpStream>) {
+        for stream in streams {
+            match stream.into_std() {
+                Ok(stream) => {
+                    self.session.give_back(handle);
+                    self.returning.push_back(stream.into());
+                }
+                Err(error) => tracing::warn!(%error, "could not give a connection back"),
+            }
+        }
+    }
+
+    /// Closes this worker's listener on `handle`; what it never accepted goes back first.
     fn close(&mut self, handle: HandleId) {
-        self.slots.remove(&handle);
+        if let Some(queue) = self.queues.remove(&handle) {
+            let unaccepted = queue.close();
+            self.give_back(handle, unaccepted);
+        }
         self.session.close(handle);
     }
 
@@ -291,6 +302,7 @@ impl Driver {
             }
             Command::Close { handle } => self.close(handle),
             Command::Ready { handle } => self.session.ready(handle),
+            Command::GiveBack { handle, streams } => self.give_back(handle, streams),
             Command::Send { payload } => {
                 if let Err(error) = self.session.send_message(payload) {
                     tracing::warn!(%error, "message to the primary not sent");
@@ -312,7 +324,10 @@ impl Driver {
         self.session.handle_link_closed();
         let mut fds = Vec::new();
         self.pump(&mut fds);
-        self.slots.clear();
+        for (_, queue) in self.queues.drain() {
+            // The link is gone: there is nobody to give them back to.
+            drop(queue.close());
+        }
         for (_, reply) in self.listens.drain() {
             let _ = reply.send(Err(io::Error::from(io::ErrorKind::NotConnected)));
         }

@@ -1,6 +1,7 @@
 //! The worker side: this process's link to its primary.
 
 mod driver;
+mod queue;
 
 use std::fmt;
 use std::io;
@@ -16,6 +17,7 @@ use tokio::sync::{Mutex, mpsc, oneshot, watch};
 
 pub(crate) use driver::Granted;
 use driver::{Command, Driver};
+pub(crate) use queue::HandoffQueue;
 
 /// How long a worker whose primary went away keeps running so in-flight work can finish.
 pub const ORPHAN_GRACE: Duration = Duration::from_secs(1);
@@ -152,6 +154,13 @@ impl Worker {
 
     pub(crate) fn ready(&self, handle: proto::HandleId) {
         let _ = self.command(Command::Ready { handle });
+    }
+
+    /// Gives unaccepted connections of `handle` back to the primary, to be served elsewhere.
+    pub(crate) fn give_back(&self, handle: proto::HandleId, streams: Vec<tokio::net::TcpStream>) {
+        if !streams.is_empty() {
+            let _ = self.command(Command::GiveBack { handle, streams });
+        }
     }
 
     pub(crate) fn shutdown_receiver(&self) -> watch::Receiver<bool> {
