@@ -10,13 +10,20 @@ use serde::{Deserialize, Serialize};
 /// What a test asks a fixture worker to do.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum Command {
-    /// Bind `addr`; every connection is answered with `"<worker id>\n"` and closed.
+    /// Bind `addr`. Every connection is answered with `"<worker id>\n"` and a FIN, and held until
+    /// the client closes it. On shutdown the worker stops accepting and exits once every
+    /// connection it accepted has been closed by its client.
     Listen {
         /// Passed to `ClusterListener::bind`.
         addr: String,
     },
     /// Stop calling `accept` on listener `index` (connections handed over queue up in it).
     Pause {
+        /// Which listener.
+        index: usize,
+    },
+    /// Accept on listener `index` again.
+    Resume {
         /// Which listener.
         index: usize,
     },

@@ -165,3 +165,81 @@ async fn cluster_disconnect_all_then_again() {
     let next = cluster.fork().await;
     assert_eq!(next.id().get(), 5);
 }
+
+#[tokio::test]
+async fn disconnect_waits_for_open_connections() {
+    use tokio::io::AsyncReadExt;
+    let mut cluster = Cluster::start(cluster::SchedulingPolicy::RoundRobin);
+    let worker = cluster.fork().await;
+    let port = cluster.listen(&worker, "127.0.0.1:0").await;
+    // A client that keeps its connection open.
+    let mut client = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let mut line = [0; 2];
+    client.read_exact(&mut line).await.unwrap();
+    let disconnecting = {
+        let worker = worker.clone();
+        tokio::spawn(async move { worker.disconnect().await })
+    };
+    // The worker stops listening but stays until its client is done.
+    cluster
+        .expect(&worker, |e| matches!(e, Event::Listening { .. }))
+        .await;
+    let deadline = tokio::time::Instant::now() + support::WAIT;
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_ok()
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the port stayed open"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    assert!(
+        !worker.is_dead(),
+        "the worker left while a client was connected"
+    );
+    drop(client);
+    disconnecting.await.unwrap().unwrap();
+    assert_eq!(worker.exit_status(), Some(ExitStatus::Code(0)));
+    assert_eq!(worker.exited_after_disconnect(), Some(true));
+}
+
+#[tokio::test]
+async fn concurrent_disconnects_and_kills_leave_a_working_primary() {
+    let mut cluster = Cluster::start(cluster::SchedulingPolicy::RoundRobin);
+    let mut workers = Vec::new();
+    for _ in 0..4 {
+        let w = cluster.fork().await;
+        cluster.listen(&w, "127.0.0.1:0").await;
+        workers.push(w);
+    }
+    let mut storm = tokio::task::JoinSet::new();
+    for (i, w) in workers.iter().cloned().enumerate() {
+        storm.spawn(async move {
+            match i % 3 {
+                0 => w.disconnect().await.unwrap(),
+                1 => w.kill(libc::SIGKILL).unwrap(),
+                _ => w.send(&Command::Disconnect).unwrap(),
+            }
+        });
+    }
+    storm.spawn({
+        let primary = cluster.primary.clone();
+        async move { primary.disconnect().await.unwrap() }
+    });
+    while let Some(done) = storm.join_next().await {
+        done.unwrap();
+    }
+    for w in &workers {
+        tokio::time::timeout(support::WAIT, w.exited())
+            .await
+            .expect("a worker did not exit");
+    }
+    // The primary carries on.
+    let next = cluster.fork().await;
+    let port = cluster.listen(&next, "127.0.0.1:0").await;
+    assert_eq!(who(port).await, next.id().get());
+}

@@ -71,8 +71,28 @@ async fn port_taken_outside_the_cluster_is_addr_in_use_and_retry_works() {
             "{policy:?}"
         );
         // The worker stays alive, the primary kept no stale key: once released, the retry binds.
+        // Other tests in this process fork workers concurrently, and a child between fork and
+        // exec briefly holds a copy of every fd, so the released port may stay busy for a moment.
         drop(holder);
-        assert_eq!(cluster.listen(&w, &addr).await, port);
+        let deadline = tokio::time::Instant::now() + support::WAIT;
+        loop {
+            match cluster
+                .ask(&w, Command::Listen { addr: addr.clone() })
+                .await
+            {
+                Reply::Listening { port: bound, .. } => {
+                    assert_eq!(bound, port);
+                    break;
+                }
+                Reply::BindFailed {
+                    errno: Some(libc::EADDRINUSE),
+                    ..
+                } if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+                other => panic!("{policy:?}: retry failed: {other:?}"),
+            }
+        }
         assert_eq!(who(port).await, w.id().get());
     }
 }
@@ -146,4 +166,20 @@ async fn unresolvable_address_is_a_typed_error_in_the_worker() {
     );
     let port = cluster.listen(&w, "127.0.0.1:0").await;
     assert_eq!(who(port).await, w.id().get());
+}
+
+#[tokio::test]
+async fn unspecified_ipv6_is_dual_stack_and_shared() {
+    for policy in POLICIES {
+        let mut cluster = Cluster::start(policy);
+        let a = cluster.fork().await;
+        let b = cluster.fork().await;
+        let port = cluster.listen(&a, "[::]:0").await;
+        assert_eq!(cluster.listen(&b, "[::]:0").await, port);
+        // An IPv4 client reaches the `::` socket.
+        assert!(
+            [a.id().get(), b.id().get()].contains(&who(port).await),
+            "{policy:?}"
+        );
+    }
 }

@@ -132,6 +132,8 @@ async fn connections_queued_in_a_closing_listener_go_to_another_worker() {
         // The slow worker leaves (its listener closes, or it is disconnected): nothing is lost.
         if disconnect {
             slow.disconnect().await.unwrap();
+            // It left gracefully, within the deadline, not killed by it.
+            assert_eq!(slow.exit_status(), Some(cluster::ExitStatus::Code(0)));
         } else {
             assert_eq!(
                 cluster.ask(&slow, Command::Close { index: 0 }).await,
@@ -151,4 +153,144 @@ async fn connections_queued_in_a_closing_listener_go_to_another_worker() {
 fn all_connected(clients: &[tokio::task::JoinHandle<u64>]) -> bool {
     // The clients are still waiting for an answer: they are connected (or connecting).
     clients.iter().all(|c| !c.is_finished())
+}
+
+/// Polls the primary's stats until `done` holds (bounded by `support::WAIT`).
+async fn until(
+    cluster: &Cluster,
+    what: &str,
+    done: impl Fn(&cluster::Stats) -> bool,
+) -> cluster::Stats {
+    let deadline = tokio::time::Instant::now() + support::WAIT;
+    loop {
+        let stats = cluster.primary.stats().await.unwrap();
+        if done(&stats) {
+            return stats;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting until {what}: {stats:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+}
+
+fn worker_stats(stats: &cluster::Stats, worker: &cluster::WorkerHandle) -> cluster::WorkerStats {
+    stats
+        .workers
+        .iter()
+        .find(|w| w.id == worker.id())
+        .cloned()
+        .expect("worker in stats")
+}
+
+#[tokio::test]
+async fn a_stuck_worker_holds_at_most_its_window_and_a_new_worker_drains_the_queue() {
+    // Node's rule (window 1): the blocked worker holds one connection, the rest wait for the
+    // next worker and flow to it as soon as it joins.
+    let mut cluster = Cluster::with(SchedulingPolicy::RoundRobin, |s| s.window = 1);
+    let stuck = cluster.fork().await;
+    let port = cluster.listen(&stuck, "127.0.0.1:0").await;
+    stuck.kill(libc::SIGSTOP).unwrap();
+    let clients: Vec<_> = (0..4).map(|_| tokio::spawn(who(port))).collect();
+    until(&cluster, "4 connections are held", |s| {
+        s.connections_held == 4
+    })
+    .await;
+    assert_eq!(
+        worker_stats(&cluster.primary.stats().await.unwrap(), &stuck).in_flight,
+        1
+    );
+    let fresh = cluster.fork().await;
+    assert_eq!(cluster.listen(&fresh, "127.0.0.1:0").await, port);
+    // The three queued connections flow to the new worker at once.
+    until(&cluster, "the new worker took the queue", |s| {
+        let w = worker_stats(s, &fresh);
+        w.handoffs == 3 && w.in_flight == 0
+    })
+    .await;
+    stuck.kill(libc::SIGCONT).unwrap();
+    let mut served = std::collections::BTreeMap::new();
+    for client in clients {
+        let id = tokio::time::timeout(support::WAIT, client)
+            .await
+            .expect("client hung")
+            .unwrap();
+        *served.entry(id).or_insert(0) += 1;
+    }
+    assert_eq!(served.get(&stuck.id().get()), Some(&1), "{served:?}");
+    assert_eq!(served.get(&fresh.id().get()), Some(&3), "{served:?}");
+}
+
+#[tokio::test]
+async fn full_workers_are_not_ping_ponged_and_lose_nothing() {
+    // Both workers stop accepting: each fills its listener queue, refuses what was in flight, and
+    // is offered nothing more; the rest wait in the primary (bounded) until a worker has room.
+    let mut cluster = Cluster::with(SchedulingPolicy::RoundRobin, |s| s.max_queued = 64);
+    let a = cluster.fork().await;
+    let b = cluster.fork().await;
+    let port = cluster.listen(&a, "127.0.0.1:0").await;
+    assert_eq!(cluster.listen(&b, "127.0.0.1:0").await, port);
+    for w in [&a, &b] {
+        assert_eq!(
+            cluster.ask(w, Command::Pause { index: 0 }).await,
+            Reply::Paused { index: 0 }
+        );
+    }
+    let total = 2 * 128 + 40;
+    let clients: Vec<_> = (0..total).map(|_| tokio::spawn(who(port))).collect();
+    let stats = until(&cluster, "both workers refused and the rest is held", |s| {
+        s.workers.iter().all(|w| w.refused >= 1) && s.connections_held >= 40
+    })
+    .await;
+    // Handoffs already in flight when the queue filled are refused too: at most one window's
+    // worth (4) per worker, then nothing more. Node bounces such a connection thousands of times
+    // a second.
+    for w in &stats.workers {
+        assert!((1..=4).contains(&w.refused), "no ping-pong: {stats:?}");
+        assert_eq!(
+            w.handoffs - w.refused,
+            128,
+            "each took exactly its queue's worth: {stats:?}"
+        );
+    }
+    // Room again: everything is served, nothing lost.
+    for w in [&a, &b] {
+        w.send(&Command::Resume { index: 0 }).unwrap();
+    }
+    let mut served = 0;
+    for client in clients {
+        let id = tokio::time::timeout(support::WAIT, client)
+            .await
+            .expect("client hung")
+            .unwrap();
+        assert!(id == a.id().get() || id == b.id().get());
+        served += 1;
+    }
+    assert_eq!(served, total);
+}
+
+#[tokio::test]
+async fn closing_with_a_connection_in_flight_serves_it_elsewhere() {
+    let mut cluster = Cluster::with(SchedulingPolicy::RoundRobin, |s| s.window = 1);
+    let closing = cluster.fork().await;
+    let port = cluster.listen(&closing, "127.0.0.1:0").await;
+    closing.kill(libc::SIGSTOP).unwrap();
+    let client = tokio::spawn(who(port));
+    until(&cluster, "the handoff is in flight", |s| {
+        s.workers.iter().any(|w| w.in_flight == 1)
+    })
+    .await;
+    let other = cluster.fork().await;
+    assert_eq!(cluster.listen(&other, "127.0.0.1:0").await, port);
+    // The close and the handoff cross. The closing worker may still accept the connection before
+    // it closes; if not, the connection is refused or given back and served by the other worker.
+    // Either way it is served, never dropped (Node's worker-handle-close).
+    closing.send(&Command::Close { index: 0 }).unwrap();
+    closing.kill(libc::SIGCONT).unwrap();
+    let served_by = tokio::time::timeout(support::WAIT, client)
+        .await
+        .expect("client hung")
+        .unwrap();
+    assert!([closing.id().get(), other.id().get()].contains(&served_by));
 }

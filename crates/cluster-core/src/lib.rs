@@ -36,7 +36,7 @@ pub use error::ProtocolError;
 pub use key::{AddressType, HandleKey};
 pub use lifecycle::{ExitStatus, Lifecycle, WorkerState};
 pub use link::{Link, LinkError};
-pub use primary::{Attachment, Config, Event, Output, Primary, Transmit};
+pub use primary::{Attachment, Config, Counters, Event, Output, Primary, Transmit};
 pub use registry::{Registry, RegistryConfig, RegistryOutput, RoundRobin, SchedulingPolicy};
 pub use session::{SessionEvent, SessionOutput, WorkerSession};
 pub use wire::{HandleId, PROTOCOL_VERSION, Seq, WorkerId};

@@ -171,6 +171,20 @@ enum Request<C> {
     Handoff { handle: HandleId, conn: C },
 }
 
+/// Per-worker totals since the worker was added.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Counters {
+    /// Connections handed to it (`NewConn` sent), re-dispatches included.
+    pub handoffs: u64,
+    /// Handoffs it acked with `accepted: true`.
+    pub delivered: u64,
+    /// Handoffs it refused (`accepted: false`).
+    pub refused: u64,
+    /// Connections it gave back after acking them (`Return`).
+    pub returned: u64,
+}
+
 #[derive(Debug)]
 struct WorkerEntry<C> {
     lifecycle: Lifecycle,
@@ -180,6 +194,7 @@ struct WorkerEntry<C> {
     leaving: bool,
     /// Missed a handoff deadline and was told to be killed.
     hung: bool,
+    counters: Counters,
 }
 
 /// The primary's core: feed it what happens, drain what to do.
@@ -228,6 +243,7 @@ impl<C: Copy + Eq + std::fmt::Debug> Primary<C> {
             pid: None,
             leaving: false,
             hung: false,
+            counters: Counters::default(),
         };
         self.workers.insert(worker, entry);
         self.send(
@@ -440,6 +456,11 @@ impl<C: Copy + Eq + std::fmt::Debug> Primary<C> {
         self.workers.get(&worker)?.pid
     }
 
+    /// `worker`'s totals (handoffs, deliveries, refusals, returns).
+    pub fn counters(&self, worker: WorkerId) -> Option<Counters> {
+        self.workers.get(&worker).map(|e| e.counters)
+    }
+
     /// Connections handed to `worker` and not yet acked, over all handles.
     pub fn in_flight(&self, worker: WorkerId) -> usize {
         self.workers
@@ -528,6 +549,11 @@ impl<C: Copy + Eq + std::fmt::Debug> Primary<C> {
             }
             WorkerMessage::Accepted { ack, accepted } => {
                 let Request::Handoff { handle, conn } = entry.link.finish_request(ack)?;
+                if accepted {
+                    entry.counters.delivered += 1;
+                } else {
+                    entry.counters.refused += 1;
+                }
                 self.registry.ack(worker, handle, conn, accepted)?;
             }
             WorkerMessage::Ready { handle } | WorkerMessage::Close { handle } => {
@@ -549,7 +575,10 @@ impl<C: Copy + Eq + std::fmt::Debug> Primary<C> {
             WorkerMessage::Message { payload } => {
                 self.push(Output::Event(Event::Message { worker, payload }))
             }
-            WorkerMessage::Return { handle } => self.push(Output::Returned { worker, handle }),
+            WorkerMessage::Return { handle } => {
+                entry.counters.returned += 1;
+                self.push(Output::Returned { worker, handle });
+            }
         }
         self.drain_registry(now);
         Ok(())
@@ -640,9 +669,13 @@ impl<C: Copy + Eq + std::fmt::Debug> Primary<C> {
                 } => {
                     let deadline = Some(now + self.config.handoff_timeout);
                     let started = match self.workers.get_mut(&worker) {
-                        Some(entry) => entry
-                            .link
-                            .start_request(Request::Handoff { handle, conn }, deadline),
+                        Some(entry) => {
+                            let started = entry
+                                .link
+                                .start_request(Request::Handoff { handle, conn }, deadline);
+                            entry.counters.handoffs += u64::from(started.is_ok());
+                            started
+                        }
                         None => Err((crate::LinkError::Closed, Request::Handoff { handle, conn })),
                     };
                     match started {

@@ -536,3 +536,49 @@ fn a_worker_that_failed_to_spawn_is_forgotten_quietly() {
         "ids are still never reused"
     );
 }
+
+#[test]
+fn counters_track_handoffs_refusals_and_deliveries() {
+    let mut h = Harness::new();
+    let w1 = h.online();
+    let w2 = h.online();
+    let handle = h.listen(w1, 1, "127.0.0.1:0");
+    h.listen(w2, 1, "127.0.0.1:0");
+    h.outputs();
+    h.primary.handle_connection(h.now, handle, 1).unwrap();
+    let seq = h
+        .outputs()
+        .into_iter()
+        .find_map(|o| match o {
+            Out::Send(w, PrimaryMessage::NewConn { seq, .. }, _) if w == w1 => Some(seq),
+            _ => None,
+        })
+        .unwrap();
+    h.recv(
+        w1,
+        &WorkerMessage::Accepted {
+            ack: seq,
+            accepted: false,
+        },
+    );
+    let c1 = h.primary.counters(w1).unwrap();
+    assert_eq!((c1.handoffs, c1.refused, c1.delivered), (1, 1, 0));
+    // Re-dispatched to w2, which takes it.
+    let seq2 = h
+        .outputs()
+        .into_iter()
+        .find_map(|o| match o {
+            Out::Send(w, PrimaryMessage::NewConn { seq, .. }, _) if w == w2 => Some(seq),
+            _ => None,
+        })
+        .unwrap();
+    h.recv(
+        w2,
+        &WorkerMessage::Accepted {
+            ack: seq2,
+            accepted: true,
+        },
+    );
+    let c2 = h.primary.counters(w2).unwrap();
+    assert_eq!((c2.handoffs, c2.refused, c2.delivered), (1, 0, 1));
+}

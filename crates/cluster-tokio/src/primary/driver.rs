@@ -449,11 +449,15 @@ impl Driver {
         let mut workers: Vec<WorkerStats> = self
             .workers
             .values()
-            .map(|w| WorkerStats {
+            .map(|w| (w, self.core.counters(w.id).unwrap_or_default()))
+            .map(|(w, counters)| WorkerStats {
                 id: w.id,
                 pid: w.pid,
                 state: self.core.state(w.id).unwrap_or(proto::WorkerState::Dead),
                 in_flight: self.core.in_flight(w.id),
+                handoffs: counters.handoffs,
+                refused: counters.refused,
+                returned: counters.returned,
             })
             .collect();
         workers.sort_by_key(|w| w.id);

@@ -224,6 +224,12 @@ pub struct WorkerStats {
     pub state: WorkerState,
     /// Connections handed to it and not yet acked.
     pub in_flight: usize,
+    /// Connections handed to it so far, re-dispatches included.
+    pub handoffs: u64,
+    /// Handoffs it refused (its listener was full or closing).
+    pub refused: u64,
+    /// Connections it gave back unserved (its listener closed before accepting them).
+    pub returned: u64,
 }
 
 /// The stream returned by [`Primary::events`].
