@@ -32,6 +32,11 @@ pub enum Command {
         /// Which listener.
         index: usize,
     },
+    /// Report an environment variable and the working directory.
+    Env {
+        /// The variable's name.
+        name: String,
+    },
     /// Block the worker's runtime for `ms` milliseconds (a hung worker).
     Block {
         /// How long.
@@ -63,6 +68,13 @@ pub enum Reply {
         /// The OS error code, if any.
         errno: Option<i32>,
     },
+    /// `Env`: the variable's value and the working directory.
+    Env {
+        /// The value, if set.
+        value: Option<String>,
+        /// The current directory.
+        cwd: String,
+    },
     /// `Pause` done.
     Paused {
         /// The listener's index.
@@ -87,4 +99,24 @@ pub fn signal(pid: u32, signal: i32) -> std::io::Result<()> {
         return Err(std::io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// Makes `command`'s process start with at most `limit` open files (soft and hard), so that it
+/// runs out of fds under load.
+pub fn limit_open_files(command: &mut std::process::Command, limit: u64) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the hook runs between fork and exec and only calls setrlimit(2), which is
+    // async-signal-safe and allocates nothing.
+    unsafe {
+        command.pre_exec(move || {
+            let rlimit = libc::rlimit {
+                rlim_cur: limit,
+                rlim_max: limit,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &rlimit) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
 }

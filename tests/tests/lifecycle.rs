@@ -168,8 +168,14 @@ async fn cluster_disconnect_all_then_again() {
 
 #[tokio::test]
 async fn disconnect_waits_for_open_connections() {
+    for policy in POLICIES {
+        disconnect_waits_for_open_connections_under(policy).await;
+    }
+}
+
+async fn disconnect_waits_for_open_connections_under(policy: cluster::SchedulingPolicy) {
     use tokio::io::AsyncReadExt;
-    let mut cluster = Cluster::start(cluster::SchedulingPolicy::RoundRobin);
+    let mut cluster = Cluster::start(policy);
     let worker = cluster.fork().await;
     let port = cluster.listen(&worker, "127.0.0.1:0").await;
     // A client that keeps its connection open.
@@ -242,4 +248,49 @@ async fn concurrent_disconnects_and_kills_leave_a_working_primary() {
     let next = cluster.fork().await;
     let port = cluster.listen(&next, "127.0.0.1:0").await;
     assert_eq!(who(port).await, next.id().get());
+}
+
+#[tokio::test]
+async fn environment_cwd_and_hidden_role_markers() {
+    let dir = std::env::temp_dir();
+    let mut cluster = Cluster::with(cluster::SchedulingPolicy::RoundRobin, |s| {
+        s.env.push(("FROM_SETTINGS".into(), "all".into()));
+        s.cwd = Some(dir.clone());
+    });
+    let worker = cluster
+        .primary
+        .fork_with_env([("FROM_FORK", "one"), ("FROM_SETTINGS", "overridden")])
+        .await
+        .unwrap();
+    let ask = |name: &str| Command::Env { name: name.into() };
+    let env = |reply| match reply {
+        cluster_tests::Reply::Env { value, cwd } => (value, cwd),
+        other => panic!("{other:?}"),
+    };
+    let (value, cwd) = env(cluster.ask(&worker, ask("FROM_FORK")).await);
+    assert_eq!(value.as_deref(), Some("one"));
+    assert_eq!(
+        std::path::Path::new(&cwd).canonicalize().unwrap(),
+        dir.canonicalize().unwrap()
+    );
+    assert_eq!(
+        env(cluster.ask(&worker, ask("FROM_SETTINGS")).await)
+            .0
+            .as_deref(),
+        Some("overridden")
+    );
+    // The role markers are gone before user code runs (grandchildren do not inherit them).
+    assert_eq!(
+        env(cluster.ask(&worker, ask("CLUSTER_WORKER_ID")).await).0,
+        None
+    );
+    assert_eq!(
+        env(cluster.ask(&worker, ask("CLUSTER_IPC_FD")).await).0,
+        None
+    );
+    // The primary's own environment is passed on.
+    assert_eq!(
+        env(cluster.ask(&worker, ask("PATH")).await).0,
+        std::env::var("PATH").ok()
+    );
 }

@@ -80,6 +80,11 @@ async fn serve(worker: Worker) {
                 }
                 worker.send(&Reply::Closed { index }).expect("send");
             }
+            Command::Env { name } => {
+                let value = std::env::var(&name).ok();
+                let cwd = std::env::current_dir().expect("cwd").display().to_string();
+                worker.send(&Reply::Env { value, cwd }).expect("send");
+            }
             Command::Block { ms } => std::thread::sleep(std::time::Duration::from_millis(ms)),
             Command::Exit { code } => std::process::exit(code),
             Command::Disconnect => {
