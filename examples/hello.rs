@@ -6,8 +6,9 @@
 //! ```
 //!
 //! `ADDR` sets the address (default `127.0.0.1:3000`), `CLUSTER_WORKERS` the number of workers
-//! (default: one per CPU), `CLUSTER_SCHED_POLICY=none` shares the listening socket instead of
-//! handing connections out round robin. SIGTERM or Ctrl-C drains the workers and exits.
+//! (default: one per CPU; `0` runs the same program unclustered, in one process),
+//! `CLUSTER_SCHED_POLICY=none` shares the listening socket instead of handing connections out
+//! round robin. SIGTERM or Ctrl-C drains the workers and exits.
 
 use std::convert::Infallible;
 use std::time::Duration;

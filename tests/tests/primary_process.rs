@@ -103,3 +103,31 @@ fn sigterm_drains_workers_and_exits_zero() {
         workers.iter().all(|pid| is_gone(*pid))
     });
 }
+
+#[test]
+fn zero_workers_runs_the_same_program_unclustered() {
+    let mut primary = Command::new(env!("CARGO_BIN_EXE_primary_fixture"))
+        .env("CLUSTER_WORKERS", "0")
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let mut lines = BufReader::new(primary.stdout.take().unwrap()).lines();
+    let line = lines.next().expect("a line").expect("read");
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(fields[1], "0", "no worker id: {line}");
+    assert_eq!(
+        fields[3].parse::<u32>().unwrap(),
+        primary.id(),
+        "served from the process itself"
+    );
+    let port: u16 = fields[5].parse().unwrap();
+    let mut answer = String::new();
+    std::io::Read::read_to_string(
+        &mut std::net::TcpStream::connect(("127.0.0.1", port)).unwrap(),
+        &mut answer,
+    )
+    .unwrap();
+    assert_eq!(answer.trim(), "0");
+    cluster_tests::signal(primary.id(), libc::SIGTERM).unwrap();
+    assert!(primary.wait().unwrap().success());
+}

@@ -125,6 +125,11 @@ where
     Fut: Future<Output = R>,
     R: MainOutput,
 {
+    if !role::is_worker() && worker_count(workers) == 0 {
+        // `CLUSTER_WORKERS=0`: no cluster at all, the body runs in this process.
+        let runtime = options.build().expect("failed to build the Tokio runtime");
+        return runtime.block_on(body());
+    }
     run(options, move |role| async move {
         match role {
             Role::Worker(_) => body().await,
@@ -150,14 +155,15 @@ fn install_default_logging() {
 }
 
 /// The number of workers to start: `CLUSTER_WORKERS` if set, else `configured`, else the
-/// available parallelism.
+/// available parallelism. `CLUSTER_WORKERS=0` asks [`run_workers`] to run unclustered: the body
+/// runs in this process, with no primary.
 pub fn worker_count(configured: Option<usize>) -> usize {
-    std::env::var(ENV_WORKERS)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .or(configured)
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from))
-        .max(1)
+    match std::env::var(ENV_WORKERS).ok().and_then(|v| v.parse().ok()) {
+        Some(workers) => workers,
+        None => configured
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from))
+            .max(1),
+    }
 }
 
 async fn supervise(primary: Primary, workers: usize) -> io::Result<()> {

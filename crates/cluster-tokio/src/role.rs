@@ -46,6 +46,15 @@ pub(crate) fn detect() {
     });
 }
 
+/// Whether this process is a worker (without taking its link).
+pub(crate) fn is_worker() -> bool {
+    detect();
+    matches!(
+        *DETECTED.lock().expect("not poisoned"),
+        Some(Detected::Worker { .. })
+    )
+}
+
 /// Takes what [`detect`] found (once: the link fd can be owned only once).
 pub(crate) fn take() -> Option<Detected> {
     detect();

@@ -11,7 +11,8 @@ fn main() -> std::io::Result<()> {
     cluster::run_workers(RuntimeOptions::new(), Some(2), || async {
         let addr = std::env::var("ADDR").unwrap_or_else(|_| "127.0.0.1:0".to_owned());
         let mut listener = ClusterListener::bind(addr).await?;
-        let id = cluster::worker().expect("run as a worker").id().get();
+        // Unclustered (`CLUSTER_WORKERS=0`), the body runs in the primary process: id 0.
+        let id = cluster::worker().map_or(0, |w| w.id().get());
         let port = listener.local_addr()?.port();
         let mut out = std::io::stdout().lock();
         writeln!(out, "worker {id} pid {} port {port}", std::process::id())?;
