@@ -120,3 +120,58 @@ pub fn limit_open_files(command: &mut std::process::Command, limit: u64) {
         });
     }
 }
+
+/// Sends `bytes` (and optionally `fd`) as one datagram on the inherited link at fd 3, bypassing
+/// the runtime: for the `rogue` worker, which breaks the protocol on purpose.
+///
+/// # Errors
+///
+/// The send failed.
+pub fn send_raw_on_link(
+    bytes: &[u8],
+    fd: Option<std::os::fd::BorrowedFd<'_>>,
+) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let mut iov = libc::iovec {
+        iov_base: bytes.as_ptr() as *mut libc::c_void,
+        iov_len: bytes.len(),
+    };
+    #[repr(C, align(8))]
+    struct Control([u8; 64]);
+    let mut control = Control([0; 64]);
+    // SAFETY: every pointer handed to sendmsg points into a live local buffer of the stated size;
+    // the control message is built with the CMSG_* helpers inside `control`.
+    unsafe {
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &raw mut iov;
+        msg.msg_iovlen = 1;
+        if let Some(fd) = fd {
+            let space = libc::CMSG_SPACE(size_of::<libc::c_int>() as u32) as usize;
+            msg.msg_control = control.0.as_mut_ptr().cast();
+            msg.msg_controllen = space;
+            let header = libc::CMSG_FIRSTHDR(&msg);
+            (*header).cmsg_level = libc::SOL_SOCKET;
+            (*header).cmsg_type = libc::SCM_RIGHTS;
+            (*header).cmsg_len = libc::CMSG_LEN(size_of::<libc::c_int>() as u32) as usize;
+            libc::CMSG_DATA(header)
+                .cast::<libc::c_int>()
+                .write_unaligned(fd.as_raw_fd());
+        }
+        if libc::sendmsg(3, &msg, libc::MSG_NOSIGNAL) < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Blocks until the link at fd 3 reaches end of stream (the primary closed it).
+pub fn wait_for_link_eof() {
+    let mut buf = [0u8; 70_000];
+    loop {
+        // SAFETY: recv(2) into a live local buffer of the stated size.
+        let n = unsafe { libc::recv(3, buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n <= 0 {
+            return;
+        }
+    }
+}

@@ -1,0 +1,65 @@
+//! A worker that breaks the protocol is disconnected with a typed error; the primary carries on
+//! (design invariant 3).
+
+mod support;
+
+use cluster::proto::{LinkError, ProtocolError};
+use cluster::{Event, SchedulingPolicy};
+use support::{Cluster, who};
+
+type Expected = fn(&ProtocolError) -> bool;
+
+#[tokio::test]
+async fn a_rogue_worker_is_disconnected_and_the_primary_carries_on() {
+    let mut cluster = Cluster::start(SchedulingPolicy::RoundRobin);
+    let good = cluster.fork().await;
+    let port = cluster.listen(&good, "127.0.0.1:0").await;
+    let mut rogue_cluster = Cluster::with(SchedulingPolicy::RoundRobin, |s| {
+        s.exec = Some(env!("CARGO_BIN_EXE_rogue").into());
+    });
+    let expectations: [(&str, Expected); 4] = [
+        ("garbage", |e| matches!(e, ProtocolError::Decode(_))),
+        ("oversized", |e| matches!(e, ProtocolError::Truncated)),
+        ("version", |e| {
+            matches!(
+                e,
+                ProtocolError::Link(LinkError::VersionMismatch { theirs: 99, .. })
+            )
+        }),
+        ("fd", |e| {
+            matches!(
+                e,
+                ProtocolError::UnexpectedFds {
+                    expected: 0,
+                    got: 1
+                }
+            )
+        }),
+    ];
+    for (offence, expected) in expectations {
+        let rogue = rogue_cluster
+            .primary
+            .fork_with_env([("ROGUE", offence)])
+            .await
+            .unwrap();
+        let error = rogue_cluster
+            .expect(&rogue, |e| matches!(e, Event::Error { .. }))
+            .await;
+        let Event::Error { error, .. } = error else {
+            unreachable!()
+        };
+        assert!(expected(&error), "{offence}: {error:?}");
+        // Disconnected by the primary; the rogue sees end of stream and exits.
+        rogue_cluster
+            .expect(&rogue, |e| matches!(e, Event::Disconnect(_)))
+            .await;
+        rogue_cluster
+            .expect(&rogue, |e| matches!(e, Event::Exit { .. }))
+            .await;
+    }
+    // The primary that met the rogues is still responsive, and holds nothing of theirs.
+    let after = rogue_cluster.primary.stats().await.unwrap();
+    assert!(after.workers.is_empty(), "{after:?}");
+    // And a primary in the same process was never disturbed.
+    assert_eq!(who(port).await, good.id().get());
+}
