@@ -18,7 +18,8 @@
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-use crate::wire::{PROTOCOL_VERSION, Seq};
+use crate::error::ProtocolError;
+use crate::wire::{Message, PROTOCOL_VERSION, Seq};
 
 /// A violation of the link protocol by the peer (or use of a closed link).
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -117,6 +118,31 @@ impl<P> Link<P> {
                 Ok(())
             }
         }
+    }
+
+    /// Decodes a frame that came with `fds` file descriptors and checks that they are the
+    /// number its message carries. A handshake of another protocol version is reported as
+    /// [`LinkError::VersionMismatch`] even when it does not decode.
+    ///
+    /// # Errors
+    ///
+    /// [`ProtocolError::Decode`], [`ProtocolError::Link`] or [`ProtocolError::UnexpectedFds`].
+    pub fn receive<M: Message>(&self, frame: &[u8], fds: usize) -> Result<M, ProtocolError> {
+        let message: M = match crate::wire::decode(frame) {
+            Ok(message) => message,
+            Err(e) => {
+                return Err(self
+                    .foreign_handshake(frame)
+                    .map_or_else(|| e.into(), Into::into));
+            }
+        };
+        if fds != message.fd_count() {
+            return Err(ProtocolError::UnexpectedFds {
+                expected: message.fd_count(),
+                got: fds,
+            });
+        }
+        Ok(message)
     }
 
     /// Classifies a frame that did not decode: a handshake of another protocol version (whose

@@ -213,21 +213,7 @@ impl WorkerSession {
     ///
     /// Any [`ProtocolError`]: the primary is broken; close the link and exit.
     pub fn handle_frame(&mut self, frame: &[u8], fds: usize) -> Result<(), ProtocolError> {
-        let message: PrimaryMessage = match wire::decode(frame) {
-            Ok(message) => message,
-            Err(e) => {
-                return Err(self
-                    .link
-                    .foreign_handshake(frame)
-                    .map_or_else(|| e.into(), Into::into));
-            }
-        };
-        if fds != message.fd_count() {
-            return Err(ProtocolError::UnexpectedFds {
-                expected: message.fd_count(),
-                got: fds,
-            });
-        }
+        let message: PrimaryMessage = self.link.receive(frame, fds)?;
         if let PrimaryMessage::Hello { version } = message {
             return Ok(self.link.handle_handshake(version)?);
         }

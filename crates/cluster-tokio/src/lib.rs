@@ -13,6 +13,7 @@
 mod entry;
 mod ipc;
 mod listener;
+mod payload;
 mod primary;
 mod role;
 mod settings;

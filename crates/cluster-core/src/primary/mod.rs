@@ -491,21 +491,7 @@ impl<C: Copy + Eq + std::fmt::Debug> Primary<C> {
         if entry.link.is_closed() {
             return Ok(());
         }
-        let message: WorkerMessage = match wire::decode(frame) {
-            Ok(message) => message,
-            Err(e) => {
-                return Err(entry
-                    .link
-                    .foreign_handshake(frame)
-                    .map_or_else(|| e.into(), Into::into));
-            }
-        };
-        if fds != message.fd_count() {
-            return Err(ProtocolError::UnexpectedFds {
-                expected: message.fd_count(),
-                got: fds,
-            });
-        }
+        let message: WorkerMessage = entry.link.receive(frame, fds)?;
         if let WorkerMessage::Online { version, pid } = message {
             entry.link.handle_handshake(version)?;
             entry.pid = Some(pid);
@@ -594,14 +580,7 @@ impl<C: Copy + Eq + std::fmt::Debug> Primary<C> {
         }
         self.push(Output::Event(Event::Error { worker, error }));
         self.push(Output::CloseLink { worker });
-        let Some(entry) = self.workers.get_mut(&worker) else {
-            return;
-        };
-        entry.link.close().for_each(drop);
-        let transitions: Vec<_> = entry.lifecycle.link_closed().collect();
-        self.registry.remove_worker(worker);
-        self.drain_registry(now);
-        self.report(worker, transitions);
+        self.handle_link_closed(now, worker);
     }
 
     fn report(&mut self, worker: WorkerId, transitions: impl IntoIterator<Item = Transition>) {

@@ -13,6 +13,10 @@ use serde::de::DeserializeOwned;
 /// well-behaved peer. Control frames are a few bytes; the bound exists for user messages.
 pub const MAX_FRAME: usize = 64 * 1024;
 
+/// The largest user message payload that fits in one frame: the frame also carries the variant
+/// (one byte) and the payload's length (a varint of three bytes at this size).
+pub const MAX_PAYLOAD: usize = MAX_FRAME - 4;
+
 /// A frame could not be encoded.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -172,8 +176,7 @@ mod tests {
 
     #[test]
     fn largest_message_that_fits_is_accepted() {
-        // variant (1 byte) + varint length of the payload (3 bytes) + payload.
-        let payload_len = MAX_FRAME - 4;
+        let payload_len = MAX_PAYLOAD;
         let msg = WorkerMessage::Message {
             payload: vec![1; payload_len],
         };
@@ -181,6 +184,10 @@ mod tests {
         encode(&msg, &mut buf).unwrap();
         assert_eq!(buf.len(), MAX_FRAME);
         assert_eq!(decode::<WorkerMessage>(&buf).unwrap(), msg);
+        let one_more = WorkerMessage::Message {
+            payload: vec![1; MAX_PAYLOAD + 1],
+        };
+        assert!(encode(&one_more, &mut Vec::new()).is_err());
     }
 
     #[test]

@@ -16,7 +16,9 @@ use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
-pub use codec::{DecodeError, EncodeError, MAX_FRAME, decode, encode, handshake_version};
+pub use codec::{
+    DecodeError, EncodeError, MAX_FRAME, MAX_PAYLOAD, decode, encode, handshake_version,
+};
 
 /// The version of this protocol. Both handshake messages carry it; a peer speaking another
 /// version is disconnected with [`crate::LinkError::VersionMismatch`].
@@ -321,6 +323,24 @@ mod socket_addr {
                 SocketAddrV6::new(Ipv6Addr::from(ip), port, flowinfo, scope_id).into()
             }
         })
+    }
+}
+
+/// A message of either direction.
+pub trait Message: Serialize + serde::de::DeserializeOwned {
+    /// How many fds must travel with this message.
+    fn fd_count(&self) -> usize;
+}
+
+impl Message for PrimaryMessage {
+    fn fd_count(&self) -> usize {
+        Self::fd_count(self)
+    }
+}
+
+impl Message for WorkerMessage {
+    fn fd_count(&self) -> usize {
+        Self::fd_count(self)
     }
 }
 

@@ -461,13 +461,7 @@ impl WorkerHandle {
     /// The value cannot be encoded, or is larger than one frame
     /// ([`proto::wire::MAX_FRAME`]).
     pub fn send<T: Serialize + ?Sized>(&self, value: &T) -> io::Result<()> {
-        let payload = postcard::to_stdvec(value).map_err(io::Error::other)?;
-        if payload.len() + 8 > proto::wire::MAX_FRAME {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "message larger than one frame",
-            ));
-        }
+        let payload = crate::payload::encode(value)?;
         self.tx
             .send(Input::Send {
                 worker: self.id(),

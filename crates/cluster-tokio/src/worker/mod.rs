@@ -108,13 +108,7 @@ impl Worker {
     ///
     /// The value cannot be encoded or is larger than one frame.
     pub fn send<T: Serialize + ?Sized>(&self, value: &T) -> io::Result<()> {
-        let payload = postcard::to_stdvec(value).map_err(io::Error::other)?;
-        if payload.len() + 8 > proto::wire::MAX_FRAME {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "message larger than one frame",
-            ));
-        }
+        let payload = crate::payload::encode(value)?;
         self.command(Command::Send { payload })
     }
 
