@@ -30,6 +30,7 @@ pub mod link;
 pub mod primary;
 pub mod registry;
 pub mod session;
+pub mod supervisor;
 pub mod wire;
 
 pub use error::ProtocolError;
@@ -39,4 +40,5 @@ pub use link::{Link, LinkError};
 pub use primary::{Attachment, Config, Counters, Event, Output, Primary, Transmit};
 pub use registry::{Registry, RegistryConfig, RegistryOutput, RoundRobin, SchedulingPolicy};
 pub use session::{SessionEvent, SessionOutput, WorkerSession};
+pub use supervisor::{Supervisor, SupervisorConfig, SupervisorEvent, SupervisorOutput};
 pub use wire::{HandleId, PROTOCOL_VERSION, Seq, WorkerId};

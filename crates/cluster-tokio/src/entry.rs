@@ -5,9 +5,7 @@ use std::io;
 
 use tokio::signal::unix::{SignalKind, signal};
 
-use proto::ExitStatus;
-
-use crate::primary::{Event, Primary};
+use crate::primary::Primary;
 use crate::role::{self, Detected};
 use crate::settings::Settings;
 use crate::worker::{self, Worker};
@@ -113,12 +111,12 @@ where
     }
 }
 
-/// Runs `body` in every worker while the primary forks [`worker_count`]`(workers)` of them,
-/// reports their exits, and on SIGTERM or SIGINT disconnects them gracefully and returns.
+/// Runs `body` in every worker while the primary keeps [`worker_count`]`(workers)` of them
+/// running with a [`Supervisor`](crate::Supervisor) (restarts with backoff, crash-loop breaker,
+/// graceful shutdown on SIGTERM, fast on SIGINT).
 ///
-/// This is `#[cluster::main(workers = N)]`. Respawning crashed workers is not done yet: once
-/// every worker has exited, the primary returns `Ok` if all exited with code 0 and an error
-/// naming the first failure otherwise.
+/// This is `#[cluster::main(workers = N)]`. The primary returns `Ok` after a shutdown signal, or
+/// once every worker left on purpose; an error once every slot failed.
 pub fn run_workers<F, Fut, R>(options: RuntimeOptions, workers: Option<usize>, body: F) -> R
 where
     F: FnOnce() -> Fut,
@@ -135,7 +133,11 @@ where
             Role::Worker(_) => body().await,
             Role::Primary(primary) => {
                 install_default_logging();
-                R::from_primary(supervise(primary, worker_count(workers)).await)
+                R::from_primary(
+                    crate::Supervisor::new(primary)
+                        .run(worker_count(workers))
+                        .await,
+                )
             }
         }
     })
@@ -164,49 +166,6 @@ pub fn worker_count(configured: Option<usize>) -> usize {
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from))
             .max(1),
     }
-}
-
-async fn supervise(primary: Primary, workers: usize) -> io::Result<()> {
-    let mut events = primary.events();
-    let mut terminate = signal(SignalKind::terminate())?;
-    let mut interrupt = signal(SignalKind::interrupt())?;
-    for _ in 0..workers {
-        primary.fork().await?;
-    }
-    let mut alive = workers;
-    let mut failure = None;
-    loop {
-        tokio::select! {
-            event = events.recv() => match event {
-                Some(Event::Online(worker)) => tracing::debug!(worker = worker.id().get(), pid = worker.pid(), "online"),
-                Some(Event::Listening { worker, address }) => {
-                    tracing::info!(worker = worker.id().get(), pid = worker.pid(), %address, "listening");
-                }
-                Some(Event::Exit { worker, status }) => {
-                    if status == ExitStatus::Code(0) {
-                        tracing::info!(worker = worker.id().get(), pid = worker.pid(), "worker exited");
-                    } else {
-                        tracing::warn!(worker = worker.id().get(), pid = worker.pid(), %status, "worker exited");
-                        failure.get_or_insert_with(|| format!("{} exited with {status}", worker.id()));
-                    }
-                    alive -= 1;
-                    if alive == 0 {
-                        return match failure {
-                            None => Ok(()),
-                            Some(failure) => Err(io::Error::other(failure)),
-                        };
-                    }
-                }
-                Some(Event::Error { worker, error }) => tracing::warn!(worker = worker.id().get(), %error, "protocol error"),
-                Some(_) => {}
-                None => return Ok(()),
-            },
-            _ = terminate.recv() => break,
-            _ = interrupt.recv() => break,
-        }
-    }
-    tracing::info!("signal received: disconnecting workers");
-    primary.disconnect().await
 }
 
 /// Resolves when this process should stop serving: in a worker, when the primary asks it to

@@ -17,6 +17,7 @@ mod payload;
 mod primary;
 mod role;
 mod settings;
+mod supervisor;
 mod sys;
 mod worker;
 
@@ -28,6 +29,8 @@ pub use primary::{
     Event, Events, ListenAddress, Message, Primary, Stats, WorkerHandle, WorkerStats,
 };
 pub use proto;
+pub use proto::supervisor::{FATAL_EXIT_CODE, SupervisorConfig};
 pub use proto::{ExitStatus, SchedulingPolicy, WorkerId, WorkerState};
 pub use settings::{ENV_SCHED_POLICY, Settings};
+pub use supervisor::Supervisor;
 pub use worker::{ORPHAN_GRACE, Worker, current as worker};

@@ -30,10 +30,10 @@
 #[cfg(feature = "macros")]
 pub use cluster_macros::main;
 pub use cluster_tokio::{
-    ClusterListener, ENV_SCHED_POLICY, ENV_WORKERS, Event, Events, ExitStatus, Flavor,
-    ListenAddress, MainOutput, Message, ORPHAN_GRACE, Primary, Role, RuntimeOptions,
-    SchedulingPolicy, Settings, Stats, Worker, WorkerHandle, WorkerId, WorkerState, WorkerStats,
-    proto, run, run_workers, shutdown, worker, worker_count,
+    ClusterListener, ENV_SCHED_POLICY, ENV_WORKERS, Event, Events, ExitStatus, FATAL_EXIT_CODE,
+    Flavor, ListenAddress, MainOutput, Message, ORPHAN_GRACE, Primary, Role, RuntimeOptions,
+    SchedulingPolicy, Settings, Stats, Supervisor, SupervisorConfig, Worker, WorkerHandle,
+    WorkerId, WorkerState, WorkerStats, proto, run, run_workers, shutdown, worker, worker_count,
 };
 
 /// What `#[cluster::main]` expands to. Not public API.

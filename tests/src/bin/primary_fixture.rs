@@ -1,6 +1,6 @@
 //! A whole clustered program for tests that need the primary in its own process: every worker
 //! listens on `ADDR` (default `127.0.0.1:0`), prints `worker <id> pid <pid> port <port>` and
-//! answers each connection with its id.
+//! answers each connection with its id. With `FIXTURE_EXIT_AT_BOOT=<code>` workers exit at once.
 
 use std::io::Write;
 
@@ -9,6 +9,10 @@ use tokio::io::AsyncWriteExt;
 
 fn main() -> std::io::Result<()> {
     cluster::run_workers(RuntimeOptions::new(), Some(2), || async {
+        if let Ok(code) = std::env::var("FIXTURE_EXIT_AT_BOOT") {
+            // A worker that crashes before it listens (for the supervisor's tests).
+            std::process::exit(code.parse().expect("an exit code"));
+        }
         let addr = std::env::var("ADDR").unwrap_or_else(|_| "127.0.0.1:0".to_owned());
         let mut listener = ClusterListener::bind(addr).await?;
         // Unclustered (`CLUSTER_WORKERS=0`), the body runs in the primary process: id 0.

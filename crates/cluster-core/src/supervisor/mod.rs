@@ -1,0 +1,400 @@
+//! The supervisor's policy: which worker slots to (re)start and when.
+//!
+//! A slot is one of the N workers a cluster should run. When its worker crashes, the slot waits
+//! an exponential backoff with full jitter and starts a new one; a slot that keeps crashing opens
+//! its breaker and stays empty, while its siblings keep serving. A worker that exits with the
+//! fatal code is not replaced; one that exits 0 or leaves on purpose has finished and is not
+//! replaced either. Like the rest of the core this performs no
+//! I/O and reads no clock; randomness comes from a seed.
+//!
+//! ```text
+//!  Spawning ──spawned──▶ Booting ──listening──▶ Running
+//!     ▲                    │ boot deadline: Kill     │
+//!     │ backoff elapsed    ▼ crash                   ▼ crash
+//!  Waiting ◀──────────── (failure) ────────────────────
+//!                          │ N failures in the window │ fatal exit code │ left on purpose
+//!                          ▼                          ▼                 ▼
+//!                        Broken                     Broken            Stopped
+//! ```
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::time::{Duration, Instant};
+
+use crate::lifecycle::ExitStatus;
+use crate::wire::WorkerId;
+
+/// The supervisor's settings (defaults from PM2, systemd and gunicorn; see
+/// `docs/operations.md`).
+#[derive(Clone, Copy, Debug)]
+#[non_exhaustive]
+pub struct SupervisorConfig {
+    /// The first backoff before restarting a crashed worker.
+    pub backoff_initial: Duration,
+    /// The longest backoff.
+    pub backoff_max: Duration,
+    /// A worker that ran this long resets its slot's backoff.
+    pub healthy_after: Duration,
+    /// Crashes within [`Self::crash_loop_window`] that open the slot's breaker.
+    pub crash_loop_failures: usize,
+    /// The window of the breaker.
+    pub crash_loop_window: Duration,
+    /// An exit code that means "do not restart me" (configuration error); `None` disables it.
+    pub fatal_exit_code: Option<i32>,
+    /// How long a new worker may take to listen before it is killed; `None` waits forever.
+    pub boot_timeout: Option<Duration>,
+}
+
+impl Default for SupervisorConfig {
+    fn default() -> Self {
+        Self {
+            backoff_initial: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(15),
+            healthy_after: Duration::from_secs(30),
+            crash_loop_failures: 5,
+            crash_loop_window: Duration::from_secs(10),
+            fatal_exit_code: Some(FATAL_EXIT_CODE),
+            boot_timeout: Some(Duration::from_secs(60)),
+        }
+    }
+}
+
+/// The default fatal exit code: 78, `EX_CONFIG` of `sysexits.h` ("configuration error").
+pub const FATAL_EXIT_CODE: i32 = 78;
+
+/// One of the workers a cluster should run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SlotId(usize);
+
+impl SlotId {
+    /// The slot's index, from 0.
+    pub const fn index(self) -> usize {
+        self.0
+    }
+}
+
+impl fmt::Display for SlotId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "slot {}", self.0)
+    }
+}
+
+/// Why the supervisor wants a worker killed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum KillReason {
+    /// It did not listen within the boot deadline.
+    BootTimeout,
+}
+
+/// What the supervisor reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SupervisorEvent {
+    /// A crashed worker's slot will start a new worker after `delay`.
+    Respawning {
+        /// The slot.
+        slot: SlotId,
+        /// The backoff.
+        delay: Duration,
+        /// Crashes of this slot within the breaker's window, this one included.
+        recent_failures: usize,
+    },
+    /// The slot crashed too often and stays empty.
+    CrashLoop {
+        /// The slot.
+        slot: SlotId,
+        /// Crashes within the window.
+        failures: usize,
+    },
+    /// The worker exited with the fatal code; its slot stays empty.
+    Fatal {
+        /// The slot.
+        slot: SlotId,
+        /// The worker.
+        worker: WorkerId,
+    },
+}
+
+/// What the driver must do next.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SupervisorOutput {
+    /// Start a worker for `slot` and report it with [`Supervisor::handle_spawned`] (or
+    /// [`Supervisor::handle_spawn_failed`]).
+    Spawn {
+        /// The slot.
+        slot: SlotId,
+    },
+    /// Kill `worker`; its exit is reported as usual.
+    Kill {
+        /// The worker.
+        worker: WorkerId,
+        /// Why.
+        reason: KillReason,
+    },
+    /// Tell the user.
+    Event(SupervisorEvent),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    Spawning,
+    Booting {
+        worker: WorkerId,
+        deadline: Option<Instant>,
+        since: Instant,
+    },
+    Running {
+        worker: WorkerId,
+        since: Instant,
+    },
+    Waiting {
+        until: Instant,
+    },
+    Broken,
+    Stopped,
+}
+
+#[derive(Debug)]
+struct Slot {
+    state: State,
+    /// Consecutive crashes since the slot was last healthy (the backoff exponent).
+    attempt: u32,
+    /// Crash times within the breaker's window.
+    failures: VecDeque<Instant>,
+}
+
+/// The policy that keeps N workers running.
+#[derive(Debug)]
+pub struct Supervisor {
+    config: SupervisorConfig,
+    slots: Vec<Slot>,
+    rng: u64,
+    stopping: bool,
+    out: VecDeque<SupervisorOutput>,
+}
+
+impl Supervisor {
+    /// A supervisor for `workers` slots; a `Spawn` for each is the first output. `seed` drives the
+    /// backoff jitter.
+    pub fn new(config: SupervisorConfig, workers: usize, seed: u64) -> Self {
+        let slots = (0..workers).map(|_| Slot {
+            state: State::Spawning,
+            attempt: 0,
+            failures: VecDeque::new(),
+        });
+        let mut supervisor = Self {
+            config,
+            slots: slots.collect(),
+            rng: seed,
+            stopping: false,
+            out: VecDeque::new(),
+        };
+        for index in 0..workers {
+            supervisor.out.push_back(SupervisorOutput::Spawn {
+                slot: SlotId(index),
+            });
+        }
+        supervisor
+    }
+
+    /// The worker for `slot` was started.
+    pub fn handle_spawned(&mut self, now: Instant, slot: SlotId, worker: WorkerId) {
+        let deadline = self.config.boot_timeout.map(|t| now + t);
+        if let Some(s) = self.slots.get_mut(slot.0) {
+            s.state = State::Booting {
+                worker,
+                deadline,
+                since: now,
+            };
+        }
+    }
+
+    /// The worker for `slot` could not even be started: counts as a crash.
+    pub fn handle_spawn_failed(&mut self, now: Instant, slot: SlotId) {
+        if slot.0 < self.slots.len() {
+            self.failed(now, slot.0, None);
+        }
+    }
+
+    /// `worker` listens: it has booted.
+    pub fn handle_listening(&mut self, now: Instant, worker: WorkerId) {
+        if let Some(slot) = self.slot_of(worker)
+            && let State::Booting { .. } = self.slots[slot].state
+        {
+            self.slots[slot].state = State::Running { worker, since: now };
+        }
+    }
+
+    /// `worker` exited. A crash (a non-zero code or a signal) is restarted after a backoff. A
+    /// worker that exited 0 or left on purpose (it was disconnected, or disconnected itself) has
+    /// finished and is not replaced; one that exited with the fatal code is not replaced either.
+    pub fn handle_exit(
+        &mut self,
+        now: Instant,
+        worker: WorkerId,
+        status: ExitStatus,
+        on_purpose: bool,
+    ) {
+        let Some(slot) = self.slot_of(worker) else {
+            return;
+        };
+        if self.stopping || on_purpose || status == ExitStatus::Code(0) {
+            // Finished, not crashed (systemd's `Restart=on-failure`): the slot stays empty.
+            self.slots[slot].state = State::Stopped;
+        } else if self
+            .config
+            .fatal_exit_code
+            .is_some_and(|code| status == ExitStatus::Code(code))
+        {
+            self.slots[slot].state = State::Broken;
+            self.out
+                .push_back(SupervisorOutput::Event(SupervisorEvent::Fatal {
+                    slot: SlotId(slot),
+                    worker,
+                }));
+        } else {
+            self.failed(now, slot, Some(worker));
+        }
+    }
+
+    /// Time passed: start slots whose backoff elapsed, kill workers past their boot deadline.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        for (index, slot) in self.slots.iter_mut().enumerate() {
+            match slot.state {
+                State::Waiting { until } if until <= now && !self.stopping => {
+                    slot.state = State::Spawning;
+                    self.out.push_back(SupervisorOutput::Spawn {
+                        slot: SlotId(index),
+                    });
+                }
+                State::Booting {
+                    worker,
+                    deadline: Some(deadline),
+                    since,
+                } if deadline <= now => {
+                    // Killed once; its exit will count as a crash.
+                    slot.state = State::Booting {
+                        worker,
+                        deadline: None,
+                        since,
+                    };
+                    self.out.push_back(SupervisorOutput::Kill {
+                        worker,
+                        reason: KillReason::BootTimeout,
+                    });
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// When [`Self::handle_timeout`] should be called next.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.slots
+            .iter()
+            .filter_map(|slot| match slot.state {
+                State::Waiting { until } if !self.stopping => Some(until),
+                State::Booting { deadline, .. } => deadline,
+                _ => None,
+            })
+            .min()
+    }
+
+    /// The next thing to do.
+    #[must_use]
+    pub fn poll_output(&mut self) -> Option<SupervisorOutput> {
+        self.out.pop_front()
+    }
+
+    /// The cluster is shutting down: nothing is restarted any more.
+    pub fn stop(&mut self) {
+        self.stopping = true;
+        self.out
+            .retain(|o| !matches!(o, SupervisorOutput::Spawn { .. }));
+        for slot in &mut self.slots {
+            if matches!(slot.state, State::Waiting { .. } | State::Spawning) {
+                slot.state = State::Stopped;
+            }
+        }
+    }
+
+    /// Whether no slot has or will have a worker (all broken or stopped).
+    pub fn is_done(&self) -> bool {
+        self.slots
+            .iter()
+            .all(|s| matches!(s.state, State::Broken | State::Stopped))
+    }
+
+    /// Slots whose breaker is open or whose worker was fatal.
+    pub fn broken(&self) -> usize {
+        self.slots
+            .iter()
+            .filter(|s| s.state == State::Broken)
+            .count()
+    }
+
+    /// The slot of `worker`, if it belongs to one.
+    pub fn slot_of(&self, worker: WorkerId) -> Option<usize> {
+        self.slots.iter().position(|s| match s.state {
+            State::Booting { worker: w, .. } | State::Running { worker: w, .. } => w == worker,
+            _ => false,
+        })
+    }
+
+    fn failed(&mut self, now: Instant, index: usize, _worker: Option<WorkerId>) {
+        let config = self.config;
+        let slot = &mut self.slots[index];
+        if let State::Running { since, .. } = slot.state
+            && now.saturating_duration_since(since) >= config.healthy_after
+        {
+            slot.attempt = 0;
+        }
+        slot.failures.push_back(now);
+        while slot
+            .failures
+            .front()
+            .is_some_and(|t| now.saturating_duration_since(*t) > config.crash_loop_window)
+        {
+            slot.failures.pop_front();
+        }
+        let failures = slot.failures.len();
+        if failures >= config.crash_loop_failures {
+            slot.state = State::Broken;
+            self.out
+                .push_back(SupervisorOutput::Event(SupervisorEvent::CrashLoop {
+                    slot: SlotId(index),
+                    failures,
+                }));
+            return;
+        }
+        let ceiling = config
+            .backoff_initial
+            .saturating_mul(1 << slot.attempt.min(30))
+            .min(config.backoff_max);
+        slot.attempt = slot.attempt.saturating_add(1);
+        // Full jitter: uniform in [0, ceiling].
+        let delay = ceiling.mul_f64(next_unit(&mut self.rng));
+        self.slots[index].state = State::Waiting { until: now + delay };
+        self.out
+            .push_back(SupervisorOutput::Event(SupervisorEvent::Respawning {
+                slot: SlotId(index),
+                delay,
+                recent_failures: failures,
+            }));
+    }
+}
+
+/// splitmix64: a uniform number in [0, 1].
+fn next_unit(state: &mut u64) -> f64 {
+    *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^= z >> 31;
+    (z >> 11) as f64 / (1u64 << 53) as f64
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,257 @@
+use super::*;
+
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+fn drain(s: &mut Supervisor) -> Vec<SupervisorOutput> {
+    std::iter::from_fn(|| s.poll_output()).collect()
+}
+
+fn spawns(outputs: &[SupervisorOutput]) -> Vec<usize> {
+    outputs
+        .iter()
+        .filter_map(|o| match o {
+            SupervisorOutput::Spawn { slot } => Some(slot.index()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Starts every pending slot with fresh worker ids; returns them in slot order.
+fn start_all(s: &mut Supervisor, now: Instant, next: &mut u64) -> Vec<WorkerId> {
+    let mut started = Vec::new();
+    for slot in spawns(&drain(s)) {
+        let worker = WorkerId::new(*next);
+        *next += 1;
+        s.handle_spawned(now, SlotId(slot), worker);
+        s.handle_listening(now, worker);
+        started.push(worker);
+    }
+    started
+}
+
+#[test]
+fn starts_every_slot_then_respawns_a_crash_after_a_jittered_backoff() {
+    let t0 = Instant::now();
+    let mut s = Supervisor::new(SupervisorConfig::default(), 3, 7);
+    let mut next = 1;
+    let workers = start_all(&mut s, t0, &mut next);
+    assert_eq!(workers.len(), 3);
+    s.handle_exit(t0 + ms(5), workers[1], ExitStatus::Signal(9), false);
+    let out = drain(&mut s);
+    let [
+        SupervisorOutput::Event(SupervisorEvent::Respawning {
+            slot,
+            delay,
+            recent_failures: 1,
+        }),
+    ] = out[..]
+    else {
+        panic!("{out:?}")
+    };
+    assert_eq!(slot.index(), 1);
+    assert!(
+        delay <= ms(100),
+        "full jitter below the first ceiling: {delay:?}"
+    );
+    assert_eq!(s.poll_timeout(), Some(t0 + ms(5) + delay));
+    s.handle_timeout(t0 + ms(5) + delay);
+    assert_eq!(spawns(&drain(&mut s)), [1]);
+}
+
+#[test]
+fn backoff_ceiling_doubles_caps_and_resets_after_a_healthy_run() {
+    let config = SupervisorConfig {
+        crash_loop_failures: 100,
+        ..SupervisorConfig::default()
+    };
+    let mut s = Supervisor::new(config, 1, 1);
+    let mut now = Instant::now();
+    let mut next = 1;
+    let mut worker = start_all(&mut s, now, &mut next)[0];
+    let mut ceilings_exceeded = 0;
+    for attempt in 0..12u32 {
+        s.handle_exit(now, worker, ExitStatus::Code(1), false);
+        let out = drain(&mut s);
+        let SupervisorOutput::Event(SupervisorEvent::Respawning { delay, .. }) = out[0] else {
+            panic!("{out:?}")
+        };
+        let ceiling = ms(100)
+            .saturating_mul(1 << attempt)
+            .min(Duration::from_secs(15));
+        ceilings_exceeded += usize::from(delay > ceiling);
+        now += delay + ms(1);
+        s.handle_timeout(now);
+        worker = start_all(&mut s, now, &mut next)[0];
+    }
+    assert_eq!(ceilings_exceeded, 0);
+    // After 30 s of health the next crash waits at most the first ceiling again.
+    now += Duration::from_secs(31);
+    s.handle_exit(now, worker, ExitStatus::Code(1), false);
+    let SupervisorOutput::Event(SupervisorEvent::Respawning { delay, .. }) = drain(&mut s)[0]
+    else {
+        panic!()
+    };
+    assert!(delay <= ms(100), "{delay:?}");
+}
+
+#[test]
+fn crash_loop_opens_the_breaker_and_siblings_are_untouched() {
+    let mut s = Supervisor::new(SupervisorConfig::default(), 2, 3);
+    let mut now = Instant::now();
+    let mut next = 1;
+    let workers = start_all(&mut s, now, &mut next);
+    let (mut looping, healthy) = (workers[0], workers[1]);
+    for failure in 1..=5 {
+        s.handle_exit(now, looping, ExitStatus::Code(1), false);
+        let out = drain(&mut s);
+        if failure < 5 {
+            let SupervisorOutput::Event(SupervisorEvent::Respawning {
+                delay,
+                recent_failures,
+                ..
+            }) = out[0]
+            else {
+                panic!("{out:?}")
+            };
+            assert_eq!(recent_failures, failure);
+            now += delay;
+            s.handle_timeout(now);
+            looping = start_all(&mut s, now, &mut next)[0];
+        } else {
+            assert_eq!(
+                out,
+                [SupervisorOutput::Event(SupervisorEvent::CrashLoop {
+                    slot: SlotId(0),
+                    failures: 5
+                })]
+            );
+        }
+    }
+    assert_eq!(s.broken(), 1);
+    assert!(!s.is_done(), "the healthy sibling still runs");
+    assert_eq!(s.slot_of(healthy), Some(1));
+    assert_eq!(
+        s.poll_timeout(),
+        None,
+        "nothing scheduled for a broken slot"
+    );
+}
+
+#[test]
+fn crashes_spread_beyond_the_window_do_not_open_the_breaker() {
+    let mut s = Supervisor::new(SupervisorConfig::default(), 1, 9);
+    let mut now = Instant::now();
+    let mut next = 1;
+    let mut worker = start_all(&mut s, now, &mut next)[0];
+    for _ in 0..10 {
+        now += Duration::from_secs(4);
+        s.handle_exit(now, worker, ExitStatus::Code(1), false);
+        let out = drain(&mut s);
+        let SupervisorOutput::Event(SupervisorEvent::Respawning {
+            delay,
+            recent_failures,
+            ..
+        }) = out[0]
+        else {
+            panic!("{out:?}")
+        };
+        assert!(recent_failures <= 3);
+        now += delay;
+        s.handle_timeout(now);
+        worker = start_all(&mut s, now, &mut next)[0];
+    }
+    assert_eq!(s.broken(), 0);
+}
+
+#[test]
+fn fatal_exit_and_leaving_on_purpose_are_not_respawned() {
+    let mut s = Supervisor::new(SupervisorConfig::default(), 2, 5);
+    let now = Instant::now();
+    let mut next = 1;
+    let workers = start_all(&mut s, now, &mut next);
+    s.handle_exit(now, workers[0], ExitStatus::Code(FATAL_EXIT_CODE), false);
+    assert_eq!(
+        drain(&mut s),
+        [SupervisorOutput::Event(SupervisorEvent::Fatal {
+            slot: SlotId(0),
+            worker: workers[0]
+        })]
+    );
+    s.handle_exit(now, workers[1], ExitStatus::Code(0), true);
+    assert_eq!(drain(&mut s), []);
+    assert!(s.is_done());
+}
+
+#[test]
+fn a_worker_that_never_listens_is_killed_at_the_boot_deadline_and_counts_as_a_crash() {
+    let config = SupervisorConfig {
+        boot_timeout: Some(Duration::from_secs(60)),
+        ..SupervisorConfig::default()
+    };
+    let mut s = Supervisor::new(config, 1, 2);
+    let t0 = Instant::now();
+    assert_eq!(spawns(&drain(&mut s)), [0]);
+    let worker = WorkerId::new(1);
+    s.handle_spawned(t0, SlotId(0), worker);
+    assert_eq!(s.poll_timeout(), Some(t0 + Duration::from_secs(60)));
+    s.handle_timeout(t0 + Duration::from_secs(60));
+    assert_eq!(
+        drain(&mut s),
+        [SupervisorOutput::Kill {
+            worker,
+            reason: KillReason::BootTimeout
+        }]
+    );
+    assert_eq!(s.poll_timeout(), None, "killed once");
+    s.handle_exit(
+        t0 + Duration::from_secs(61),
+        worker,
+        ExitStatus::Signal(9),
+        false,
+    );
+    assert!(matches!(
+        drain(&mut s)[..],
+        [SupervisorOutput::Event(SupervisorEvent::Respawning { .. })]
+    ));
+}
+
+#[test]
+fn a_clean_exit_is_finished_not_crashed() {
+    let mut s = Supervisor::new(SupervisorConfig::default(), 1, 6);
+    let now = Instant::now();
+    let mut next = 1;
+    let worker = start_all(&mut s, now, &mut next)[0];
+    s.handle_exit(now, worker, ExitStatus::Code(0), false);
+    assert_eq!(drain(&mut s), []);
+    assert!(s.is_done());
+    assert_eq!(s.broken(), 0);
+}
+
+#[test]
+fn stopping_cancels_pending_respawns() {
+    let mut s = Supervisor::new(SupervisorConfig::default(), 2, 4);
+    let now = Instant::now();
+    let mut next = 1;
+    let workers = start_all(&mut s, now, &mut next);
+    s.handle_exit(now, workers[0], ExitStatus::Code(1), false);
+    drain(&mut s);
+    s.stop();
+    s.handle_timeout(now + Duration::from_secs(60));
+    assert_eq!(drain(&mut s), []);
+    s.handle_exit(now, workers[1], ExitStatus::Code(0), true);
+    assert!(s.is_done());
+}
+
+#[test]
+fn failed_spawns_back_off_like_crashes() {
+    let mut s = Supervisor::new(SupervisorConfig::default(), 1, 8);
+    let now = Instant::now();
+    drain(&mut s);
+    s.handle_spawn_failed(now, SlotId(0));
+    assert!(matches!(
+        drain(&mut s)[..],
+        [SupervisorOutput::Event(SupervisorEvent::Respawning { .. })]
+    ));
+}
