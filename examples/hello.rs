@@ -5,6 +5,8 @@
 //! curl http://127.0.0.1:3000/      # twice: two workers answer in turn
 //! ```
 //!
+//! `GET /delay/<ms>` answers after `ms` milliseconds, to watch a reload or a shutdown drain it.
+//!
 //! `ADDR` sets the address (default `127.0.0.1:3000`), `CLUSTER_WORKERS` the number of workers
 //! (default: one per CPU; `0` runs the same program unclustered, in one process),
 //! `CLUSTER_SCHED_POLICY=none` shares the listening socket instead of handing connections out
@@ -43,9 +45,20 @@ async fn main() -> std::io::Result<()> {
             () = cluster::shutdown() => break,
         };
         let greeting = greeting.clone();
-        let service = service_fn(move |_: Request<Incoming>| {
+        let service = service_fn(move |request: Request<Incoming>| {
             let greeting = greeting.clone();
-            async move { Ok::<_, Infallible>(Response::new(Full::new(greeting))) }
+            // `/delay/<ms>` answers after that long: a request in flight, to watch drains.
+            let delay = request
+                .uri()
+                .path()
+                .strip_prefix("/delay/")
+                .and_then(|ms| ms.parse().ok());
+            async move {
+                if let Some(ms) = delay {
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                }
+                Ok::<_, Infallible>(Response::new(Full::new(greeting)))
+            }
         });
         let connection = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
         let connection = connections.watch(connection);

@@ -26,7 +26,8 @@ pub use entry::{
 };
 pub use listener::ClusterListener;
 pub use primary::{
-    Event, Events, ListenAddress, Message, Primary, Stats, WorkerHandle, WorkerStats,
+    Event, Events, ListenAddress, Message, Primary, ReloadAborted, ReloadReport, Stats,
+    WorkerHandle, WorkerStats,
 };
 pub use proto;
 pub use proto::supervisor::{FATAL_EXIT_CODE, SupervisorConfig};

@@ -37,6 +37,9 @@ pub struct Settings {
     pub handoff_timeout: Duration,
     /// How long `disconnect` waits for a worker to exit before killing it.
     pub disconnect_timeout: Duration,
+    /// How long a rolling reload waits for a replacement worker to listen before it gives up
+    /// (and keeps the old workers).
+    pub boot_timeout: Duration,
     /// The accept backlog of listening sockets created by the primary (Node's default: 511).
     pub backlog: u32,
 }
@@ -54,6 +57,7 @@ impl Default for Settings {
             max_queued: 1024,
             handoff_timeout: Duration::from_secs(10),
             disconnect_timeout: Duration::from_secs(30),
+            boot_timeout: Duration::from_secs(60),
             backlog: 511,
         }
     }

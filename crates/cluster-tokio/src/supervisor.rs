@@ -19,9 +19,10 @@ const FAST_SHUTDOWN: Duration = Duration::from_secs(5);
 /// worker that exited with the fatal code or left on purpose, and kills workers that do not
 /// listen within the boot deadline (all configurable with [`SupervisorConfig`]).
 ///
-/// [`run`](Self::run) also owns shutdown: SIGTERM disconnects every worker gracefully (bounded by
-/// `Settings::disconnect_timeout`, then SIGKILL), SIGINT stops them fast (SIGTERM, then SIGKILL
-/// after 5 s), and a second signal during either kills them at once.
+/// [`run`](Self::run) also owns the signals: SIGHUP replaces every worker one at a time
+/// ([`Primary::reload`]); SIGTERM disconnects every worker gracefully (bounded by
+/// `Settings::disconnect_timeout`, then SIGKILL); SIGINT stops them fast (SIGTERM, then SIGKILL
+/// after 5 s); a second SIGTERM or SIGINT during either kills them at once.
 ///
 /// # Examples
 ///
@@ -64,6 +65,8 @@ impl Supervisor {
         let Self { primary, config } = self;
         let mut terminate = signal(SignalKind::terminate())?;
         let mut interrupt = signal(SignalKind::interrupt())?;
+        let mut hangup = signal(SignalKind::hangup())?;
+        let mut reloading: Option<tokio::task::JoinHandle<()>> = None;
         let mut events = primary.events();
         let mut policy = Policy::new(config, workers, seed());
         let mut failure = None;
@@ -71,7 +74,12 @@ impl Supervisor {
             while let Some(output) = policy.poll_output() {
                 match output {
                     SupervisorOutput::Spawn { slot } => match primary.fork().await {
-                        Ok(worker) => policy.handle_spawned(now(), slot, worker.id()),
+                        Ok(worker) => {
+                            if !policy.handle_spawned(now(), slot, worker.id()) {
+                                // A reload's replacement took the slot meanwhile.
+                                tokio::spawn(async move { worker.disconnect().await });
+                            }
+                        }
                         Err(error) => {
                             tracing::error!(%slot, %error, "could not start a worker");
                             policy.handle_spawn_failed(now(), slot);
@@ -106,7 +114,27 @@ impl Supervisor {
                     tracing::info!("SIGINT: stopping workers");
                     return shut_down(&primary, &mut terminate, &mut interrupt, stop_fast(&primary)).await;
                 }
+                _ = hangup.recv() => {
+                    if reloading.as_ref().is_some_and(|r| !r.is_finished()) {
+                        tracing::warn!("SIGHUP: a reload is already running");
+                    } else {
+                        tracing::info!("SIGHUP: rolling reload");
+                        let primary = primary.clone();
+                        reloading = Some(tokio::spawn(async move {
+                            match primary.reload().await {
+                                Ok(report) if report.is_complete() => {
+                                    tracing::info!(replaced = report.replaced.len(), "reload complete");
+                                }
+                                Ok(report) => tracing::error!(replaced = report.replaced.len(), aborted = ?report.aborted, "reload aborted; the old workers keep serving"),
+                                Err(error) => tracing::error!(%error, "reload failed"),
+                            }
+                        }));
+                    }
+                }
                 event = events.recv() => match event {
+                    Some(Event::Replaced { old, new }) => {
+                        policy.handle_replaced(now(), old.id(), new.id());
+                    }
                     Some(Event::Listening { worker, address }) => {
                         tracing::info!(worker = worker.id().get(), pid = worker.pid(), %address, "listening");
                         policy.handle_listening(now(), worker.id());

@@ -2,6 +2,8 @@
 
 #![allow(dead_code, unreachable_pub)]
 
+pub mod program;
+
 use std::collections::VecDeque;
 use std::time::Duration;
 

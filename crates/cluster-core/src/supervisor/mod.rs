@@ -159,6 +159,8 @@ enum State {
 #[derive(Debug)]
 struct Slot {
     state: State,
+    /// The slot's most recent worker, even after it exited (to follow a replacement).
+    last: Option<WorkerId>,
     /// Consecutive crashes since the slot was last healthy (the backoff exponent).
     attempt: u32,
     /// Crash times within the breaker's window.
@@ -181,6 +183,7 @@ impl Supervisor {
     pub fn new(config: SupervisorConfig, workers: usize, seed: u64) -> Self {
         let slots = (0..workers).map(|_| Slot {
             state: State::Spawning,
+            last: None,
             attempt: 0,
             failures: VecDeque::new(),
         });
@@ -199,15 +202,51 @@ impl Supervisor {
         supervisor
     }
 
-    /// The worker for `slot` was started.
-    pub fn handle_spawned(&mut self, now: Instant, slot: SlotId, worker: WorkerId) {
+    /// The worker for `slot` was started. Returns false when the slot no longer wants it (a
+    /// replacement took the slot meanwhile, or the cluster is stopping): disconnect it.
+    pub fn handle_spawned(&mut self, now: Instant, slot: SlotId, worker: WorkerId) -> bool {
         let deadline = self.config.boot_timeout.map(|t| now + t);
-        if let Some(s) = self.slots.get_mut(slot.0) {
-            s.state = State::Booting {
-                worker,
-                deadline,
-                since: now,
-            };
+        match self.slots.get_mut(slot.0) {
+            Some(s) if s.state == State::Spawning => {
+                s.state = State::Booting {
+                    worker,
+                    deadline,
+                    since: now,
+                };
+                s.last = Some(worker);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// A rolling reload replaced `old` with `new`, which listens: `new` takes `old`'s slot (and
+    /// `old`'s exit will not be restarted). If `old` had crashed and its slot was waiting to
+    /// restart, the replacement fills it instead. Returns false if `old` had no slot that could
+    /// take `new`.
+    pub fn handle_replaced(&mut self, now: Instant, old: WorkerId, new: WorkerId) -> bool {
+        let Some(index) = self.slots.iter().position(|s| s.last == Some(old)) else {
+            return false;
+        };
+        let slot = &mut self.slots[index];
+        match slot.state {
+            State::Booting { .. }
+            | State::Running { .. }
+            | State::Waiting { .. }
+            | State::Spawning => {
+                slot.state = State::Running {
+                    worker: new,
+                    since: now,
+                };
+                slot.last = Some(new);
+                self.out.retain(|o| {
+                    *o != SupervisorOutput::Spawn {
+                        slot: SlotId(index),
+                    }
+                });
+                true
+            }
+            State::Broken | State::Stopped => false,
         }
     }
 

@@ -24,7 +24,7 @@ fn start_all(s: &mut Supervisor, now: Instant, next: &mut u64) -> Vec<WorkerId> 
     for slot in spawns(&drain(s)) {
         let worker = WorkerId::new(*next);
         *next += 1;
-        s.handle_spawned(now, SlotId(slot), worker);
+        assert!(s.handle_spawned(now, SlotId(slot), worker));
         s.handle_listening(now, worker);
         started.push(worker);
     }
@@ -194,7 +194,7 @@ fn a_worker_that_never_listens_is_killed_at_the_boot_deadline_and_counts_as_a_cr
     let t0 = Instant::now();
     assert_eq!(spawns(&drain(&mut s)), [0]);
     let worker = WorkerId::new(1);
-    s.handle_spawned(t0, SlotId(0), worker);
+    assert!(s.handle_spawned(t0, SlotId(0), worker));
     assert_eq!(s.poll_timeout(), Some(t0 + Duration::from_secs(60)));
     s.handle_timeout(t0 + Duration::from_secs(60));
     assert_eq!(
@@ -254,4 +254,57 @@ fn failed_spawns_back_off_like_crashes() {
         drain(&mut s)[..],
         [SupervisorOutput::Event(SupervisorEvent::Respawning { .. })]
     ));
+}
+
+#[test]
+fn a_replacement_takes_the_slot_and_the_old_exit_is_not_restarted() {
+    let mut s = Supervisor::new(SupervisorConfig::default(), 2, 10);
+    let now = Instant::now();
+    let mut next = 1;
+    let workers = start_all(&mut s, now, &mut next);
+    let new = WorkerId::new(10);
+    assert!(s.handle_replaced(now, workers[0], new));
+    assert_eq!(s.slot_of(new), Some(0));
+    s.handle_exit(now, workers[0], ExitStatus::Code(0), true);
+    assert_eq!(drain(&mut s), []);
+    // The replacement is supervised like any worker: its crash is restarted.
+    s.handle_exit(now, new, ExitStatus::Signal(9), false);
+    assert!(matches!(
+        drain(&mut s)[..],
+        [SupervisorOutput::Event(SupervisorEvent::Respawning { .. })]
+    ));
+}
+
+#[test]
+fn a_replacement_fills_a_slot_whose_old_worker_crashed_mid_reload() {
+    let mut s = Supervisor::new(SupervisorConfig::default(), 1, 11);
+    let now = Instant::now();
+    let mut next = 1;
+    let old = start_all(&mut s, now, &mut next)[0];
+    s.handle_exit(now, old, ExitStatus::Signal(9), false);
+    drain(&mut s);
+    let new = WorkerId::new(10);
+    assert!(s.handle_replaced(now, old, new));
+    // The pending restart is cancelled.
+    s.handle_timeout(now + Duration::from_secs(60));
+    assert_eq!(drain(&mut s), []);
+    assert_eq!(s.slot_of(new), Some(0));
+}
+
+#[test]
+fn a_spawn_that_lost_its_slot_to_a_replacement_is_refused() {
+    let mut s = Supervisor::new(SupervisorConfig::default(), 1, 12);
+    let now = Instant::now();
+    let mut next = 1;
+    let old = start_all(&mut s, now, &mut next)[0];
+    s.handle_exit(now, old, ExitStatus::Signal(9), false);
+    drain(&mut s);
+    s.handle_timeout(now + Duration::from_secs(20));
+    assert_eq!(spawns(&drain(&mut s)), [0]);
+    // The fork is under way when the replacement arrives.
+    assert!(s.handle_replaced(now, old, WorkerId::new(10)));
+    assert!(
+        !s.handle_spawned(now, SlotId(0), WorkerId::new(11)),
+        "the slot is taken"
+    );
 }

@@ -53,6 +53,7 @@ pub(crate) struct PrimaryShared {
     subscribers: Mutex<Vec<mpsc::UnboundedSender<Event>>>,
     workers: Mutex<BTreeMap<WorkerId, WorkerHandle>>,
     settings: Settings,
+    reloading: tokio::sync::Mutex<()>,
 }
 
 impl PrimaryShared {
@@ -87,6 +88,7 @@ impl Primary {
             subscribers: Mutex::new(Vec::new()),
             workers: Mutex::new(BTreeMap::new()),
             settings: settings.clone(),
+            reloading: tokio::sync::Mutex::new(()),
         });
         tokio::spawn(Driver::new(settings, shared.clone(), rx, tx.clone()));
         Self { tx, shared }
@@ -177,6 +179,84 @@ impl Primary {
         Ok(())
     }
 
+    /// Replaces every worker, one at a time, without dropping a connection (a rolling reload,
+    /// also triggered by SIGHUP under a [`Supervisor`](crate::Supervisor)).
+    ///
+    /// For each worker: a replacement is started first and must listen within
+    /// [`Settings::boot_timeout`]; then the old worker is taken out of the round robin and
+    /// disconnected, so it finishes its connections (within [`Settings::disconnect_timeout`])
+    /// and exits. A replacement that crashes or does not listen in time aborts the reload: it is
+    /// killed, the remaining old workers keep serving, and the report says why.
+    ///
+    /// A replacement counts as ready at its first `Listening`; it gets the settings' environment,
+    /// not the extra environment its predecessor was forked with.
+    ///
+    /// # Errors
+    ///
+    /// Another reload is running, or a replacement could not be spawned at all.
+    pub async fn reload(&self) -> io::Result<ReloadReport> {
+        let Ok(_only_one) = self.shared.reloading.try_lock() else {
+            return Err(io::Error::other("a reload is already running"));
+        };
+        let mut report = ReloadReport {
+            replaced: Vec::new(),
+            aborted: None,
+        };
+        for old in self.workers() {
+            if old.is_dead() || !old.is_connected() {
+                continue;
+            }
+            let mut events = self.events();
+            let new = self.fork().await?;
+            let ready = async {
+                loop {
+                    match events.recv().await {
+                        Some(Event::Listening { worker, .. }) if worker.id() == new.id() => {
+                            return Ok(());
+                        }
+                        Some(Event::Exit { worker, status }) if worker.id() == new.id() => {
+                            return Err(status);
+                        }
+                        Some(_) => {}
+                        None => return Err(ExitStatus::Code(-1)),
+                    }
+                }
+            };
+            let reason = match tokio::time::timeout(self.shared.settings.boot_timeout, ready).await
+            {
+                Ok(Ok(())) => None,
+                Ok(Err(status)) => {
+                    Some(format!("the replacement exited before listening: {status}"))
+                }
+                Err(_) => Some(format!(
+                    "the replacement did not listen within {:?}",
+                    self.shared.settings.boot_timeout
+                )),
+            };
+            if let Some(reason) = reason {
+                let _ = new.kill(libc::SIGKILL);
+                tracing::error!(old = old.id().get(), new = new.id().get(), %reason, "reload aborted");
+                report.aborted = Some(ReloadAborted {
+                    worker: old.id(),
+                    reason,
+                });
+                return Ok(report);
+            }
+            self.shared.publish(Event::Replaced {
+                old: old.clone(),
+                new: new.clone(),
+            });
+            old.disconnect().await?;
+            tracing::info!(
+                old = old.id().get(),
+                new = new.id().get(),
+                "worker replaced"
+            );
+            report.replaced.push((old.id(), new.id()));
+        }
+        Ok(report)
+    }
+
     /// A snapshot of the primary's bookkeeping (for metrics and tests).
     ///
     /// # Errors
@@ -198,6 +278,33 @@ impl Primary {
 
 fn stopped() -> io::Error {
     io::Error::new(io::ErrorKind::BrokenPipe, "the cluster primary has stopped")
+}
+
+/// What [`Primary::reload`] did.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct ReloadReport {
+    /// `(old, new)` for every worker replaced, in order.
+    pub replaced: Vec<(WorkerId, WorkerId)>,
+    /// Why the reload stopped early, if it did; the workers not yet replaced keep serving.
+    pub aborted: Option<ReloadAborted>,
+}
+
+impl ReloadReport {
+    /// Whether every worker was replaced.
+    pub fn is_complete(&self) -> bool {
+        self.aborted.is_none()
+    }
+}
+
+/// Why a rolling reload stopped.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct ReloadAborted {
+    /// The worker whose replacement failed (it keeps serving).
+    pub worker: WorkerId,
+    /// What happened to the replacement.
+    pub reason: String,
 }
 
 /// What [`Primary::stats`] reports.
@@ -329,6 +436,13 @@ pub enum Event {
         worker: WorkerHandle,
         /// The message.
         message: Message,
+    },
+    /// A rolling reload replaced `old` with `new`, which listens; `old` is disconnected next.
+    Replaced {
+        /// The worker being retired.
+        old: WorkerHandle,
+        /// Its replacement.
+        new: WorkerHandle,
     },
     /// Its link to the primary closed.
     Disconnect(WorkerHandle),

@@ -1,0 +1,67 @@
+//! An HTTP server for the load tests (`hello` with more to say): every worker listens on `ADDR`
+//! (default `127.0.0.1:0`) and prints `worker <id> pid <pid> port <port>`; `GET /` answers
+//! `worker <id>`, `GET /delay/<ms>` prints `delaying <id> <ms>` and answers after `ms`
+//! milliseconds. On shutdown a worker finishes its open requests (within 30 s) and exits.
+
+use std::convert::Infallible;
+use std::io::Write;
+use std::time::Duration;
+
+use cluster::{ClusterListener, RuntimeOptions};
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use hyper_util::server::graceful::GracefulShutdown;
+
+fn main() -> std::io::Result<()> {
+    cluster::run_workers(RuntimeOptions::new(), Some(2), || async {
+        let addr = std::env::var("ADDR").unwrap_or_else(|_| "127.0.0.1:0".to_owned());
+        let mut listener = ClusterListener::bind(addr).await?;
+        let id = cluster::worker().map_or(0, |w| w.id().get());
+        say(&format!(
+            "worker {id} pid {} port {}",
+            std::process::id(),
+            listener.local_addr()?.port()
+        ));
+        let connections = GracefulShutdown::new();
+        loop {
+            let stream = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(_) => break,
+                },
+                () = cluster::shutdown() => break,
+            };
+            let service = service_fn(move |request: Request<Incoming>| async move {
+                let path = request.uri().path();
+                if let Some(ms) = path
+                    .strip_prefix("/delay/")
+                    .and_then(|ms| ms.parse::<u64>().ok())
+                {
+                    say(&format!("delaying {id} {ms}"));
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                }
+                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(format!(
+                    "worker {id}\n"
+                )))))
+            });
+            let connection = connections
+                .watch(http1::Builder::new().serve_connection(TokioIo::new(stream), service));
+            tokio::spawn(async move {
+                let _ = connection.await;
+            });
+        }
+        drop(listener);
+        let _ = tokio::time::timeout(Duration::from_secs(30), connections.shutdown()).await;
+        Ok(())
+    })
+}
+
+fn say(line: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
