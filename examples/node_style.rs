@@ -42,7 +42,7 @@ async fn main(role: Role) -> std::io::Result<()> {
                         Some(Event::Listening { worker, address }) => {
                             tracing::info!("worker {} (pid {}) listening on {address}", worker.id(), worker.pid());
                         }
-                        Some(Event::Exit { worker, status }) => {
+                        Some(Event::Exit { worker, status, .. }) => {
                             tracing::warn!("worker {} (pid {}) died: {status}", worker.id(), worker.pid());
                         }
                         Some(_) => {}

@@ -294,3 +294,29 @@ async fn environment_cwd_and_hidden_role_markers() {
         std::env::var("PATH").ok()
     );
 }
+
+#[tokio::test]
+async fn a_worker_whose_runtime_blocks_is_killed_for_missing_heartbeats() {
+    let mut cluster = Cluster::with(cluster::SchedulingPolicy::RoundRobin, |s| {
+        s.heartbeat_timeout = Some(std::time::Duration::from_millis(1500));
+    });
+    let blocked = cluster.fork().await;
+    let healthy = cluster.fork().await;
+    blocked.send(&Command::Block { ms: 60_000 }).unwrap();
+    let exit = cluster
+        .expect(&blocked, |e| matches!(e, Event::Exit { .. }))
+        .await;
+    let Event::Exit { status, killed, .. } = exit else {
+        unreachable!()
+    };
+    assert_eq!(status, ExitStatus::Signal(libc::SIGKILL));
+    assert_eq!(killed, Some(cluster::KillReason::HeartbeatTimeout));
+    assert_eq!(
+        blocked.killed(),
+        Some(cluster::KillReason::HeartbeatTimeout)
+    );
+    // Its sibling keeps beating and serving.
+    let port = cluster.listen(&healthy, "127.0.0.1:0").await;
+    assert_eq!(who(port).await, healthy.id().get());
+    assert!(!healthy.is_dead());
+}

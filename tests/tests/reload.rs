@@ -147,3 +147,28 @@ fn sigterm_lets_requests_in_flight_complete() {
     assert_eq!(status, 200, "{body}");
     assert!(program.wait().success(), "{}", program.stderr());
 }
+
+#[test]
+fn a_hung_worker_is_detected_and_replaced() {
+    let env = [
+        ("CLUSTER_WORKERS", "2"),
+        ("CLUSTER_HEARTBEAT_TIMEOUT_MS", "1500"),
+        ("RUST_LOG", "info"),
+    ];
+    let mut program = Program::start(env!("CARGO_BIN_EXE_http_fixture"), &env);
+    let (_, _, port) = program.worker();
+    program.worker();
+    // This request blocks the runtime of whichever worker gets it, for a minute.
+    std::thread::spawn(move || get(port, "/block/60000"));
+    program.line("blocking ");
+    let (id, _, replacement_port) = program.worker();
+    assert_eq!((id, replacement_port), (3, port), "a replacement listens");
+    program.wait_for_log("missed its heartbeats");
+    // The cluster serves on.
+    let deadline = Instant::now() + WAIT;
+    while !matches!(get(port, "/"), Ok((200, body)) if body == "worker 3") {
+        assert!(Instant::now() < deadline, "the replacement never served");
+    }
+    program.signal(libc::SIGTERM);
+    assert!(program.wait().success(), "{}", program.stderr());
+}

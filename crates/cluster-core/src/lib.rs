@@ -35,7 +35,7 @@ pub mod wire;
 
 pub use error::ProtocolError;
 pub use key::{AddressType, HandleKey};
-pub use lifecycle::{ExitStatus, Lifecycle, WorkerState};
+pub use lifecycle::{ExitStatus, KillReason, Lifecycle, WorkerState};
 pub use link::{Link, LinkError};
 pub use primary::{Attachment, Config, Counters, Event, Output, Primary, Transmit};
 pub use registry::{Registry, RegistryConfig, RegistryOutput, RoundRobin, SchedulingPolicy};

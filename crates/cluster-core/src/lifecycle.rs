@@ -59,6 +59,28 @@ impl fmt::Display for ExitStatus {
     }
 }
 
+/// Why the primary or the supervisor killed a worker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum KillReason {
+    /// It did not listen within the boot deadline.
+    BootTimeout,
+    /// It did not ack a handed-off connection in time.
+    HandoffTimeout,
+    /// Its runtime sent no heartbeat (nor anything else) in time: it is hung.
+    HeartbeatTimeout,
+}
+
+impl fmt::Display for KillReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::BootTimeout => "did not listen within the boot deadline",
+            Self::HandoffTimeout => "did not ack a connection in time",
+            Self::HeartbeatTimeout => "missed its heartbeats (hung runtime)",
+        })
+    }
+}
+
 /// A lifecycle transition the primary reports as an event.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Transition {

@@ -169,6 +169,12 @@ impl WorkerSession {
         self.send(WorkerMessage::Return { handle });
     }
 
+    /// Tells the primary this worker's runtime is alive; call every
+    /// [`HEARTBEAT_INTERVAL`](crate::wire::HEARTBEAT_INTERVAL) from a task on that runtime.
+    pub fn heartbeat(&mut self) {
+        self.send(WorkerMessage::Heartbeat);
+    }
+
     /// Announces that this worker leaves on purpose; wait for [`SessionEvent::DisconnectAcked`]
     /// before closing the link.
     ///

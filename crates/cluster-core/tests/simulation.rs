@@ -134,6 +134,9 @@ impl Sim {
         config.registry.policy = SchedulingPolicy::RoundRobin;
         config.registry.window = window;
         config.registry.max_queued = max_queued;
+        // Simulated workers send no heartbeats (that path has its own unit tests); hangs here
+        // are caught by the handoff deadline.
+        config.heartbeat_timeout = None;
         Self {
             primary: Primary::new(config),
             now: Instant::now(),
@@ -319,7 +322,7 @@ impl Sim {
                 Output::CloseLink { worker } => {
                     panic!("protocol error from a well-behaved {worker}")
                 }
-                Output::Kill { worker } => kills.push(worker),
+                Output::Kill { worker, .. } => kills.push(worker),
                 Output::Returned { worker, handle } => {
                     let conn = self
                         .incoming

@@ -154,6 +154,7 @@ fn vectors() -> Vec<Vector> {
             },
             "08 00",
         ),
+        worker(WorkerMessage::Heartbeat, "09"),
         primary(
             PrimaryMessage::Hello {
                 version: PROTOCOL_VERSION,
@@ -266,6 +267,7 @@ fn variant_index(message: &Message) -> u8 {
             WorkerMessage::ExitedAfterDisconnect { .. } => 6,
             WorkerMessage::Message { .. } => 7,
             WorkerMessage::Return { .. } => 8,
+            WorkerMessage::Heartbeat => 9,
         },
         Message::Primary(m) => match m {
             PrimaryMessage::Hello { .. } => 0,
@@ -321,7 +323,7 @@ fn vectors_decode_to_their_messages() {
 
 #[test]
 fn every_variant_has_a_vector_led_by_its_index() {
-    let mut worker = [false; 9];
+    let mut worker = [false; 10];
     let mut primary = [false; 6];
     for v in vectors() {
         let index = variant_index(&v.message);
@@ -331,7 +333,10 @@ fn every_variant_has_a_vector_led_by_its_index() {
             Message::Primary(_) => primary[usize::from(index)] = true,
         }
     }
-    assert_eq!(worker, [true; 9], "WorkerMessage variants without a vector");
+    assert_eq!(
+        worker, [true; 10],
+        "WorkerMessage variants without a vector"
+    );
     assert_eq!(
         primary, [true; 6],
         "PrimaryMessage variants without a vector"

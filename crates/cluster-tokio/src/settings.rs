@@ -9,6 +9,10 @@ use proto::SchedulingPolicy;
 /// The environment variable that overrides the scheduling policy: `rr` or `none`.
 pub const ENV_SCHED_POLICY: &str = "CLUSTER_SCHED_POLICY";
 
+/// The environment variable that overrides [`Settings::heartbeat_timeout`], in milliseconds
+/// (`0` disables hang detection).
+pub const ENV_HEARTBEAT_TIMEOUT_MS: &str = "CLUSTER_HEARTBEAT_TIMEOUT_MS";
+
 /// How the primary starts and treats its workers.
 #[derive(Clone, Debug)]
 #[non_exhaustive]
@@ -37,6 +41,11 @@ pub struct Settings {
     pub handoff_timeout: Duration,
     /// How long `disconnect` waits for a worker to exit before killing it.
     pub disconnect_timeout: Duration,
+    /// How long a worker may stay silent before it is presumed hung, killed and (under a
+    /// supervisor) replaced. Its runtime sends a heartbeat every second from a task, so a
+    /// current-thread runtime blocked by user code is caught; `None` disables the check.
+    /// `CLUSTER_HEARTBEAT_TIMEOUT_MS` overrides it.
+    pub heartbeat_timeout: Option<Duration>,
     /// How long a rolling reload waits for a replacement worker to listen before it gives up
     /// (and keeps the old workers).
     pub boot_timeout: Duration,
@@ -58,6 +67,7 @@ impl Default for Settings {
             handoff_timeout: Duration::from_secs(10),
             disconnect_timeout: Duration::from_secs(30),
             boot_timeout: Duration::from_secs(60),
+            heartbeat_timeout: Some(Duration::from_secs(30)),
             backlog: 511,
         }
     }
@@ -79,6 +89,14 @@ impl Settings {
         config.registry.window = self.window.max(1);
         config.registry.max_queued = self.max_queued.max(1);
         config.handoff_timeout = self.handoff_timeout;
+        config.heartbeat_timeout = match std::env::var(ENV_HEARTBEAT_TIMEOUT_MS)
+            .ok()
+            .and_then(|v| v.parse().ok())
+        {
+            Some(0) => None,
+            Some(ms) => Some(Duration::from_millis(ms)),
+            None => self.heartbeat_timeout,
+        };
         config
     }
 }

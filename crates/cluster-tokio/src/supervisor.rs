@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use proto::supervisor::{
     Supervisor as Policy, SupervisorConfig, SupervisorEvent, SupervisorOutput,
 };
-use proto::{ExitStatus, WorkerId};
+use proto::{ExitStatus, KillReason, WorkerId};
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::primary::{Event, Primary};
@@ -139,9 +139,9 @@ impl Supervisor {
                         tracing::info!(worker = worker.id().get(), pid = worker.pid(), %address, "listening");
                         policy.handle_listening(now(), worker.id());
                     }
-                    Some(Event::Exit { worker, status }) => {
+                    Some(Event::Exit { worker, status, killed }) => {
                         let on_purpose = worker.exited_after_disconnect() == Some(true);
-                        log_exit(worker.id(), worker.pid(), status, on_purpose);
+                        log_exit(worker.id(), worker.pid(), status, on_purpose, killed);
                         policy.handle_exit(now(), worker.id(), status, on_purpose);
                     }
                     Some(Event::Error { worker, error }) => {
@@ -221,8 +221,16 @@ fn report(event: SupervisorEvent, failure: &mut Option<String>) {
     }
 }
 
-fn log_exit(worker: WorkerId, pid: u32, status: ExitStatus, on_purpose: bool) {
-    if on_purpose || status == ExitStatus::Code(0) {
+fn log_exit(
+    worker: WorkerId,
+    pid: u32,
+    status: ExitStatus,
+    on_purpose: bool,
+    killed: Option<KillReason>,
+) {
+    if let Some(reason) = killed {
+        tracing::warn!(worker = worker.get(), pid, %status, %reason, "worker exited");
+    } else if on_purpose || status == ExitStatus::Code(0) {
         tracing::info!(worker = worker.get(), pid, %status, "worker exited");
     } else {
         tracing::warn!(worker = worker.get(), pid, %status, "worker exited");

@@ -1,7 +1,8 @@
 //! An HTTP server for the load tests (`hello` with more to say): every worker listens on `ADDR`
 //! (default `127.0.0.1:0`) and prints `worker <id> pid <pid> port <port>`; `GET /` answers
 //! `worker <id>`, `GET /delay/<ms>` prints `delaying <id> <ms>` and answers after `ms`
-//! milliseconds. On shutdown a worker finishes its open requests (within 30 s) and exits.
+//! milliseconds, `GET /block/<ms>` blocks the worker's runtime that long (a hung worker). On
+//! shutdown a worker finishes its open requests (within 30 s) and exits.
 
 use std::convert::Infallible;
 use std::io::Write;
@@ -37,6 +38,14 @@ fn main() -> std::io::Result<()> {
             };
             let service = service_fn(move |request: Request<Incoming>| async move {
                 let path = request.uri().path();
+                if let Some(ms) = path
+                    .strip_prefix("/block/")
+                    .and_then(|ms| ms.parse::<u64>().ok())
+                {
+                    // Blocks the whole (current-thread) runtime: a hung worker.
+                    say(&format!("blocking {id} {ms}"));
+                    std::thread::sleep(Duration::from_millis(ms));
+                }
                 if let Some(ms) = path
                     .strip_prefix("/delay/")
                     .and_then(|ms| ms.parse::<u64>().ok())

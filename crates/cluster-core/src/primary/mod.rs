@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use crate::error::ProtocolError;
 use crate::key::HandleKey;
-use crate::lifecycle::{ExitStatus, Lifecycle, Transition, WorkerState};
+use crate::lifecycle::{ExitStatus, KillReason, Lifecycle, Transition, WorkerState};
 use crate::link::Link;
 use crate::registry::{Registry, RegistryConfig, RegistryError, RegistryOutput};
 use crate::wire::{
@@ -22,6 +22,9 @@ pub struct Config {
     /// How long a worker may take to ack a handed-off connection before it is presumed hung and
     /// killed.
     pub handoff_timeout: Duration,
+    /// How long a worker may stay silent (no heartbeat, no frame) after its handshake before it
+    /// is presumed hung and killed; `None` disables the check.
+    pub heartbeat_timeout: Option<Duration>,
 }
 
 impl Default for Config {
@@ -29,6 +32,7 @@ impl Default for Config {
         Self {
             registry: RegistryConfig::default(),
             handoff_timeout: Duration::from_secs(10),
+            heartbeat_timeout: Some(Duration::from_secs(30)),
         }
     }
 }
@@ -95,6 +99,8 @@ pub enum Event {
         status: ExitStatus,
         /// Whether it left on purpose (a disconnect), as Node's `exitedAfterDisconnect`.
         exited_after_disconnect: bool,
+        /// Why the primary killed it, if it did.
+        killed: Option<KillReason>,
     },
     /// The worker broke the protocol; its link is being closed.
     Error {
@@ -152,6 +158,8 @@ pub enum Output<C> {
     Kill {
         /// The worker.
         worker: WorkerId,
+        /// Why.
+        reason: KillReason,
     },
     /// Tell the user.
     Event(Event),
@@ -192,8 +200,10 @@ struct WorkerEntry<C> {
     pid: Option<u32>,
     /// Asked to disconnect or announced leaving: no new listens.
     leaving: bool,
-    /// Missed a handoff deadline and was told to be killed.
-    hung: bool,
+    /// Told to be killed, and why: it is offered nothing more.
+    killed: Option<KillReason>,
+    /// When a frame last came from it, after its handshake.
+    last_seen: Option<Instant>,
     counters: Counters,
 }
 
@@ -242,7 +252,8 @@ impl<C: Copy + Eq + std::fmt::Debug> Primary<C> {
             link: Link::new(),
             pid: None,
             leaving: false,
-            hung: false,
+            killed: None,
+            last_seen: None,
             counters: Counters::default(),
         };
         self.workers.insert(worker, entry);
@@ -338,7 +349,7 @@ impl<C: Copy + Eq + std::fmt::Debug> Primary<C> {
         let leaving = self
             .workers
             .get(&worker)
-            .is_none_or(|e| e.leaving || e.hung || e.link.is_closed());
+            .is_none_or(|e| e.leaving || e.killed.is_some() || e.link.is_closed());
         self.registry.give_back(worker, handle, conn, leaving)?;
         self.drain_registry(now);
         Ok(())
@@ -349,34 +360,55 @@ impl<C: Copy + Eq + std::fmt::Debug> Primary<C> {
         self.registry.wants_connections(handle)
     }
 
-    /// Time passed: workers that missed a handoff deadline are reported hung and killed.
+    /// Time passed: workers that missed a handoff deadline or went silent are killed.
     pub fn handle_timeout(&mut self, now: Instant) {
-        let expired: Vec<_> = self
+        let heartbeat = self.config.heartbeat_timeout;
+        let doomed: Vec<_> = self
             .workers
             .iter()
-            .filter(|(_, e)| !e.hung && !e.link.is_closed())
-            .filter_map(|(w, e)| e.link.expired(now).next().map(|(seq, _)| (*w, seq)))
+            .filter(|(_, e)| e.killed.is_none() && !e.link.is_closed())
+            .filter_map(|(w, e)| {
+                if let Some((seq, _)) = e.link.expired(now).next() {
+                    Some((*w, KillReason::HandoffTimeout, Some(seq)))
+                } else if let (Some(seen), Some(timeout)) = (e.last_seen, heartbeat)
+                    && now.saturating_duration_since(seen) >= timeout
+                {
+                    Some((*w, KillReason::HeartbeatTimeout, None))
+                } else {
+                    None
+                }
+            })
             .collect();
-        for (worker, seq) in expired {
+        for (worker, reason, seq) in doomed {
             if let Some(entry) = self.workers.get_mut(&worker) {
-                entry.hung = true;
+                entry.killed = Some(reason);
             }
+            // Offered nothing more; its in-flight connections move on when its link closes.
             self.registry.leave_all(worker);
             self.drain_registry(now);
-            self.push(Output::Event(Event::Error {
-                worker,
-                error: ProtocolError::HandoffTimeout { seq },
-            }));
-            self.push(Output::Kill { worker });
+            if let Some(seq) = seq {
+                self.push(Output::Event(Event::Error {
+                    worker,
+                    error: ProtocolError::HandoffTimeout { seq },
+                }));
+            }
+            self.push(Output::Kill { worker, reason });
         }
     }
 
     /// When [`Self::handle_timeout`] should be called next.
     pub fn poll_timeout(&self) -> Option<Instant> {
+        let heartbeat = self.config.heartbeat_timeout;
         self.workers
             .values()
-            .filter(|e| !e.hung)
-            .filter_map(|e| e.link.next_deadline())
+            .filter(|e| e.killed.is_none() && !e.link.is_closed())
+            .flat_map(|e| {
+                [
+                    e.link.next_deadline(),
+                    e.last_seen.zip(heartbeat).map(|(seen, t)| seen + t),
+                ]
+            })
+            .flatten()
             .min()
     }
 
@@ -492,6 +524,8 @@ impl<C: Copy + Eq + std::fmt::Debug> Primary<C> {
             return Ok(());
         }
         let message: WorkerMessage = entry.link.receive(frame, fds)?;
+        // Any frame is a sign of life, not just heartbeats.
+        entry.last_seen = Some(now);
         if let WorkerMessage::Online { version, pid } = message {
             entry.link.handle_handshake(version)?;
             entry.pid = Some(pid);
@@ -518,7 +552,7 @@ impl<C: Copy + Eq + std::fmt::Debug> Primary<C> {
             // The primary itself takes a leaving or hung worker off its handles, so such a worker
             // may still name them until it learns of it: a race, not a violation.
             WorkerMessage::Listening { handle } if !self.registry.is_held(worker, handle) => {
-                if !(entry.leaving || entry.hung) {
+                if !(entry.leaving || entry.killed.is_some()) {
                     return Err(RegistryError::NotHeld { worker, handle }.into());
                 }
             }
@@ -548,7 +582,8 @@ impl<C: Copy + Eq + std::fmt::Debug> Primary<C> {
                     _ => self.registry.ready(worker, handle),
                 };
                 match result {
-                    Err(RegistryError::NotHeld { .. }) if entry.leaving || entry.hung => {}
+                    Err(RegistryError::NotHeld { .. })
+                        if entry.leaving || entry.killed.is_some() => {}
                     result => result?,
                 }
             }
@@ -561,6 +596,7 @@ impl<C: Copy + Eq + std::fmt::Debug> Primary<C> {
             WorkerMessage::Message { payload } => {
                 self.push(Output::Event(Event::Message { worker, payload }))
             }
+            WorkerMessage::Heartbeat => {}
             WorkerMessage::Return { handle } => {
                 entry.counters.returned += 1;
                 self.push(Output::Returned { worker, handle });
@@ -591,11 +627,12 @@ impl<C: Copy + Eq + std::fmt::Debug> Primary<C> {
                     status,
                     exited_after_disconnect,
                 } => {
-                    self.workers.remove(&worker);
+                    let killed = self.workers.remove(&worker).and_then(|e| e.killed);
                     Event::Exit {
                         worker,
                         status,
                         exited_after_disconnect,
+                        killed,
                     }
                 }
             };

@@ -1,6 +1,7 @@
 use std::time::{Duration, Instant};
 
 use super::*;
+use crate::lifecycle::KillReason;
 use crate::link::LinkError;
 use crate::registry::RegistryError;
 use crate::wire::{ListenFlags, ListenTarget, Seq, SocketKind};
@@ -151,7 +152,8 @@ fn lifecycle_events_follow_node_order() {
             Event::Exit {
                 worker: w,
                 status: ExitStatus::Signal(9),
-                exited_after_disconnect: false
+                exited_after_disconnect: false,
+                killed: None,
             }
         ]
     );
@@ -334,13 +336,13 @@ fn hung_worker_is_killed_and_its_handoffs_wait_for_its_link_to_close() {
     h.primary.handle_timeout(deadline);
     let outs = h.outputs();
     assert!(
-        matches!(&outs[..], [Out::Other(Output::Event(Event::Error { error: ProtocolError::HandoffTimeout { .. }, .. })), Out::Other(Output::Kill { worker })] if *worker == w1),
+        matches!(&outs[..], [Out::Other(Output::Event(Event::Error { error: ProtocolError::HandoffTimeout { .. }, .. })), Out::Other(Output::Kill { worker, reason: KillReason::HandoffTimeout })] if *worker == w1),
         "{outs:?}"
     );
+    // The hung worker's deadline is not re-armed; what remains is its healthy sibling's heartbeat.
     assert_eq!(
         h.primary.poll_timeout(),
-        None,
-        "a hung worker's deadline is not re-armed"
+        Some(h.now + Duration::from_secs(30))
     );
     // New connections skip the hung worker.
     h.primary.handle_connection(h.now, handle, 2).unwrap();
@@ -398,7 +400,8 @@ fn primary_disconnect_sets_exited_after_disconnect_and_refuses_new_listens() {
             Event::Exit {
                 worker: w,
                 status: ExitStatus::Code(0),
-                exited_after_disconnect: true
+                exited_after_disconnect: true,
+                killed: None,
             }
         ]
     );
@@ -581,4 +584,39 @@ fn counters_track_handoffs_refusals_and_deliveries() {
     );
     let c2 = h.primary.counters(w2).unwrap();
     assert_eq!((c2.handoffs, c2.refused, c2.delivered), (1, 0, 1));
+}
+
+#[test]
+fn a_silent_worker_is_killed_at_its_heartbeat_deadline_and_the_reason_is_in_its_exit() {
+    let mut h = Harness::new();
+    let w = h.online();
+    h.outputs();
+    let deadline = h.primary.poll_timeout().expect("a heartbeat deadline");
+    assert_eq!(deadline, h.now + Duration::from_secs(30));
+    // A heartbeat (any frame) moves the deadline.
+    h.now += Duration::from_secs(20);
+    h.recv(w, &WorkerMessage::Heartbeat);
+    assert_eq!(
+        h.primary.poll_timeout(),
+        Some(h.now + Duration::from_secs(30))
+    );
+    h.primary.handle_timeout(h.now + Duration::from_secs(29));
+    assert_eq!(h.outputs(), []);
+    h.primary.handle_timeout(h.now + Duration::from_secs(30));
+    assert_eq!(
+        h.outputs(),
+        [Out::Other(Output::Kill {
+            worker: w,
+            reason: KillReason::HeartbeatTimeout
+        })]
+    );
+    assert_eq!(h.primary.poll_timeout(), None, "killed once");
+    h.primary.handle_link_closed(h.now, w);
+    h.primary.handle_exit(w, ExitStatus::Signal(9));
+    assert!(h.events().contains(&Event::Exit {
+        worker: w,
+        status: ExitStatus::Signal(9),
+        exited_after_disconnect: false,
+        killed: Some(KillReason::HeartbeatTimeout),
+    }));
 }

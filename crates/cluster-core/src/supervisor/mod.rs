@@ -22,6 +22,7 @@ use std::fmt;
 use std::time::{Duration, Instant};
 
 use crate::lifecycle::ExitStatus;
+pub use crate::lifecycle::KillReason;
 use crate::wire::WorkerId;
 
 /// The supervisor's settings (defaults from PM2, systemd and gunicorn; see
@@ -77,14 +78,6 @@ impl fmt::Display for SlotId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "slot {}", self.0)
     }
-}
-
-/// Why the supervisor wants a worker killed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum KillReason {
-    /// It did not listen within the boot deadline.
-    BootTimeout,
 }
 
 /// What the supervisor reports.

@@ -24,6 +24,9 @@ pub use codec::{
 /// version is disconnected with [`crate::LinkError::VersionMismatch`].
 pub const PROTOCOL_VERSION: u16 = 1;
 
+/// How often a worker's runtime sends [`WorkerMessage::Heartbeat`].
+pub const HEARTBEAT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// A request number, unique per link and direction, starting at 1.
 ///
 /// Unlike Node (one counter per process), each link numbers its own requests, so a duplicate or
@@ -253,6 +256,10 @@ pub enum WorkerMessage {
         /// The handle it was handed over on.
         handle: HandleId,
     },
+    /// Sent every [`HEARTBEAT_INTERVAL`] by the worker's runtime: a blocked runtime stops
+    /// sending it, and the primary kills a worker it has heard nothing from for its heartbeat
+    /// timeout.
+    Heartbeat,
 }
 
 /// Messages from the primary to a worker.

@@ -321,7 +321,8 @@ impl Driver {
                     self.links.remove(&worker);
                 }
                 Output::Returned { worker, handle } => self.take_back(worker, handle),
-                Output::Kill { worker } => {
+                Output::Kill { worker, reason } => {
+                    tracing::warn!(%worker, %reason, "killing worker");
                     if let Some(w) = self.workers.get(&worker) {
                         let _ = crate::sys::kill(w.pid, libc::SIGKILL);
                     }
@@ -409,6 +410,7 @@ impl Driver {
                 worker,
                 status,
                 exited_after_disconnect,
+                killed,
             } => {
                 let Some(shared) = self.workers.remove(&worker) else {
                     return;
@@ -427,8 +429,13 @@ impl Driver {
                     s.connected = false;
                     s.exited_after_disconnect = Some(exited_after_disconnect);
                     s.exit = Some(status);
+                    s.killed = killed;
                 });
-                Event::Exit { worker: w, status }
+                Event::Exit {
+                    worker: w,
+                    status,
+                    killed,
+                }
             }
             proto::Event::Error { worker, error } => {
                 tracing::warn!(%worker, %error, "worker broke the protocol; disconnecting it");

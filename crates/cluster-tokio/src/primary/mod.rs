@@ -15,7 +15,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use proto::wire::BoundAddr;
-use proto::{ExitStatus, ProtocolError, WorkerId, WorkerState};
+use proto::{ExitStatus, KillReason, ProtocolError, WorkerId, WorkerState};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -37,7 +37,7 @@ use driver::{Driver, Input};
 ///     primary.fork().await?;
 /// }
 /// while let Some(event) = events.recv().await {
-///     if let Event::Exit { worker, status } = event {
+///     if let Event::Exit { worker, status, .. } = event {
 ///         eprintln!("worker {} exited: {status}", worker.id());
 ///     }
 /// }
@@ -214,7 +214,7 @@ impl Primary {
                         Some(Event::Listening { worker, .. }) if worker.id() == new.id() => {
                             return Ok(());
                         }
-                        Some(Event::Exit { worker, status }) if worker.id() == new.id() => {
+                        Some(Event::Exit { worker, status, .. }) if worker.id() == new.id() => {
                             return Err(status);
                         }
                         Some(_) => {}
@@ -452,6 +452,8 @@ pub enum Event {
         worker: WorkerHandle,
         /// How it ended.
         status: ExitStatus,
+        /// Why the primary killed it, if it did (a hang, a missed ack).
+        killed: Option<KillReason>,
     },
     /// It broke the protocol and was disconnected.
     Error {
@@ -468,6 +470,7 @@ pub(crate) struct Status {
     connected: bool,
     exited_after_disconnect: Option<bool>,
     exit: Option<ExitStatus>,
+    killed: Option<KillReason>,
 }
 
 pub(crate) struct WorkerShared {
@@ -484,6 +487,7 @@ impl WorkerShared {
             connected: true,
             exited_after_disconnect: None,
             exit: None,
+            killed: None,
         };
         Self {
             id,
@@ -546,6 +550,11 @@ impl WorkerHandle {
     /// this `false`, as in Node ≥ 15.
     pub fn exited_after_disconnect(&self) -> Option<bool> {
         self.shared.status.borrow().exited_after_disconnect
+    }
+
+    /// Why the primary killed it, once it is dead and if it did.
+    pub fn killed(&self) -> Option<KillReason> {
+        self.shared.status.borrow().killed
     }
 
     /// How it ended, once it has.

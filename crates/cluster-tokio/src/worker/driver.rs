@@ -97,6 +97,10 @@ impl Driver {
 
     pub(crate) async fn run(mut self) {
         let mut fds = Vec::new();
+        // On this worker's runtime: if user code blocks it, the heartbeats stop and the primary
+        // notices.
+        let mut heartbeat = tokio::time::interval(proto::wire::HEARTBEAT_INTERVAL);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             self.pump(&mut fds);
             if let Err(error) = self.send_all().await {
@@ -124,6 +128,7 @@ impl Driver {
                     Some(command) => self.command(command),
                     None => break,
                 },
+                _ = heartbeat.tick() => self.session.heartbeat(),
             }
         }
         self.link_closed();
