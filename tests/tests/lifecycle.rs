@@ -320,3 +320,10 @@ async fn a_worker_whose_runtime_blocks_is_killed_for_missing_heartbeats() {
     assert_eq!(who(port).await, healthy.id().get());
     assert!(!healthy.is_dead());
 }
+
+#[tokio::test]
+async fn scaling_without_a_supervisor_is_a_clear_error() {
+    let cluster = Cluster::start(cluster::SchedulingPolicy::RoundRobin);
+    let error = cluster.primary.scale(3).await.unwrap_err();
+    assert!(error.to_string().contains("no supervisor"), "{error}");
+}

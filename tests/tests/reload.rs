@@ -172,3 +172,35 @@ fn a_hung_worker_is_detected_and_replaced() {
     program.signal(libc::SIGTERM);
     assert!(program.wait().success(), "{}", program.stderr());
 }
+
+#[test]
+fn sigttin_and_sigttou_scale_up_and_drain_down() {
+    let mut program = Program::start(
+        env!("CARGO_BIN_EXE_http_fixture"),
+        &[("CLUSTER_WORKERS", "2"), ("RUST_LOG", "info")],
+    );
+    let (_, _, port) = program.worker();
+    program.worker();
+    program.signal(libc::SIGTTIN);
+    let (id, _, third_port) = program.worker();
+    assert_eq!((id, third_port), (3, port));
+    let deadline = Instant::now() + WAIT;
+    while !matches!(get(port, "/"), Ok((200, body)) if body == "worker 3") {
+        assert!(Instant::now() < deadline, "the added worker never served");
+    }
+    // One fewer: the newest slot's worker drains and exits 0, and is not replaced.
+    program.signal(libc::SIGTTOU);
+    program.wait_for_log("worker exited worker=3");
+    assert!(
+        program.stderr().contains("from=3 to=2"),
+        "{}",
+        program.stderr()
+    );
+    let load = Load::start(port, 2);
+    load.wait_for(50);
+    let (_, failures, served_by) = load.stop();
+    assert!(failures.is_empty(), "{failures:?}");
+    assert!(!served_by.contains("worker 3"), "{served_by:?}");
+    program.signal(libc::SIGTERM);
+    assert!(program.wait().success(), "{}", program.stderr());
+}

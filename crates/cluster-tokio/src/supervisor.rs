@@ -11,6 +11,14 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use crate::primary::{Event, Primary};
 
+/// What `Primary::scale` asks of the running supervisor.
+pub(crate) enum Control {
+    Scale {
+        workers: usize,
+        reply: tokio::sync::oneshot::Sender<()>,
+    },
+}
+
 /// How long a fast shutdown (SIGINT) waits for workers after signalling them.
 const FAST_SHUTDOWN: Duration = Duration::from_secs(5);
 
@@ -20,7 +28,7 @@ const FAST_SHUTDOWN: Duration = Duration::from_secs(5);
 /// listen within the boot deadline (all configurable with [`SupervisorConfig`]).
 ///
 /// [`run`](Self::run) also owns the signals: SIGHUP replaces every worker one at a time
-/// ([`Primary::reload`]); SIGTERM disconnects every worker gracefully (bounded by
+/// ([`Primary::reload`]); SIGTTIN and SIGTTOU add and remove one worker ([`Primary::scale`]); SIGTERM disconnects every worker gracefully (bounded by
 /// `Settings::disconnect_timeout`, then SIGKILL); SIGINT stops them fast (SIGTERM, then SIGKILL
 /// after 5 s); a second SIGTERM or SIGINT during either kills them at once.
 ///
@@ -66,6 +74,11 @@ impl Supervisor {
         let mut terminate = signal(SignalKind::terminate())?;
         let mut interrupt = signal(SignalKind::interrupt())?;
         let mut hangup = signal(SignalKind::hangup())?;
+        let mut more = signal(SignalKind::from_raw(libc::SIGTTIN))?;
+        let mut fewer = signal(SignalKind::from_raw(libc::SIGTTOU))?;
+        let (control, mut controls) = tokio::sync::mpsc::unbounded_channel();
+        primary.attach_supervisor(Some(control));
+        let _detach = Detach(&primary);
         let mut reloading: Option<tokio::task::JoinHandle<()>> = None;
         let mut events = primary.events();
         let mut policy = Policy::new(config, workers, seed());
@@ -114,6 +127,19 @@ impl Supervisor {
                     tracing::info!("SIGINT: stopping workers");
                     return shut_down(&primary, &mut terminate, &mut interrupt, stop_fast(&primary)).await;
                 }
+                Some(Control::Scale { workers, reply }) = controls.recv() => {
+                    scale(&mut policy, &primary, workers);
+                    let _ = reply.send(());
+                }
+                _ = more.recv() => {
+                    let target = policy.active() + 1;
+                    scale(&mut policy, &primary, target);
+                }
+                _ = fewer.recv() => {
+                    // Never below one worker by signal; `Primary::scale(0)` can.
+                    let target = policy.active().saturating_sub(1).max(1);
+                    scale(&mut policy, &primary, target);
+                }
                 _ = hangup.recv() => {
                     if reloading.as_ref().is_some_and(|r| !r.is_finished()) {
                         tracing::warn!("SIGHUP: a reload is already running");
@@ -152,6 +178,28 @@ impl Supervisor {
                 },
                 () = sleep_until(timer) => policy.handle_timeout(now()),
             }
+        }
+    }
+}
+
+/// Forgets the supervisor's control channel when `run` ends.
+struct Detach<'a>(&'a Primary);
+
+impl Drop for Detach<'_> {
+    fn drop(&mut self) {
+        self.0.attach_supervisor(None);
+    }
+}
+
+/// Adds or removes slots until `target` are active; removed workers drain and exit.
+fn scale(policy: &mut Policy, primary: &Primary, target: usize) {
+    tracing::info!(from = policy.active(), to = target, "scaling");
+    while policy.active() < target {
+        policy.add_slot();
+    }
+    while policy.active() > target {
+        if let Some(worker) = policy.remove_slot().and_then(|w| primary.worker(w)) {
+            tokio::spawn(async move { worker.disconnect().await });
         }
     }
 }

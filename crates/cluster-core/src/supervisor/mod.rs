@@ -147,6 +147,8 @@ enum State {
     },
     Broken,
     Stopped,
+    /// Scaled away: the cluster no longer wants this slot.
+    Removed,
 }
 
 #[derive(Debug)]
@@ -239,7 +241,7 @@ impl Supervisor {
                 });
                 true
             }
-            State::Broken | State::Stopped => false,
+            State::Broken | State::Stopped | State::Removed => false,
         }
     }
 
@@ -354,9 +356,53 @@ impl Supervisor {
 
     /// Whether no slot has or will have a worker (all broken or stopped).
     pub fn is_done(&self) -> bool {
+        // Scaled to zero is idle, not done: it may be scaled up again.
         self.slots
             .iter()
-            .all(|s| matches!(s.state, State::Broken | State::Stopped))
+            .all(|s| matches!(s.state, State::Broken | State::Stopped | State::Removed))
+            && self.slots.iter().any(|s| s.state != State::Removed)
+    }
+
+    /// Slots that have, or will have, a worker.
+    pub fn active(&self) -> usize {
+        self.slots
+            .iter()
+            .filter(|s| !matches!(s.state, State::Broken | State::Stopped | State::Removed))
+            .count()
+    }
+
+    /// Adds a slot; its `Spawn` is the next output.
+    pub fn add_slot(&mut self) -> SlotId {
+        let slot = SlotId(self.slots.len());
+        self.slots.push(Slot {
+            state: State::Spawning,
+            last: None,
+            attempt: 0,
+            failures: VecDeque::new(),
+        });
+        self.out.push_back(SupervisorOutput::Spawn { slot });
+        slot
+    }
+
+    /// Removes the newest active slot. Returns its worker, which the driver disconnects (it
+    /// drains and exits, and is not restarted); `None` if the slot had no worker running, or
+    /// there was no active slot.
+    pub fn remove_slot(&mut self) -> Option<WorkerId> {
+        let index = self
+            .slots
+            .iter()
+            .rposition(|s| !matches!(s.state, State::Broken | State::Stopped | State::Removed))?;
+        let worker = match self.slots[index].state {
+            State::Booting { worker, .. } | State::Running { worker, .. } => Some(worker),
+            _ => None,
+        };
+        self.slots[index].state = State::Removed;
+        self.out.retain(|o| {
+            *o != SupervisorOutput::Spawn {
+                slot: SlotId(index),
+            }
+        });
+        worker
     }
 
     /// Slots whose breaker is open or whose worker was fatal.

@@ -54,6 +54,8 @@ pub(crate) struct PrimaryShared {
     workers: Mutex<BTreeMap<WorkerId, WorkerHandle>>,
     settings: Settings,
     reloading: tokio::sync::Mutex<()>,
+    /// The running supervisor's control channel, for `scale`.
+    supervisor: Mutex<Option<mpsc::UnboundedSender<crate::supervisor::Control>>>,
 }
 
 impl PrimaryShared {
@@ -89,6 +91,7 @@ impl Primary {
             workers: Mutex::new(BTreeMap::new()),
             settings: settings.clone(),
             reloading: tokio::sync::Mutex::new(()),
+            supervisor: Mutex::new(None),
         });
         tokio::spawn(Driver::new(settings, shared.clone(), rx, tx.clone()));
         Self { tx, shared }
@@ -255,6 +258,31 @@ impl Primary {
             report.replaced.push((old.id(), new.id()));
         }
         Ok(report)
+    }
+
+    /// Sets the number of workers a running [`Supervisor`](crate::Supervisor) keeps (also
+    /// SIGTTIN and SIGTTOU: one more, one fewer). New workers start at once; removed ones are
+    /// disconnected and drain like any disconnect. Resolves once the change is under way.
+    ///
+    /// # Errors
+    ///
+    /// No supervisor is running for this primary.
+    pub async fn scale(&self, workers: usize) -> io::Result<()> {
+        let control = self.shared.supervisor.lock().expect("not poisoned").clone();
+        let control =
+            control.ok_or_else(|| io::Error::other("no supervisor is running for this primary"))?;
+        let (reply, rx) = oneshot::channel();
+        control
+            .send(crate::supervisor::Control::Scale { workers, reply })
+            .map_err(|_| stopped())?;
+        rx.await.map_err(|_| stopped())
+    }
+
+    pub(crate) fn attach_supervisor(
+        &self,
+        control: Option<mpsc::UnboundedSender<crate::supervisor::Control>>,
+    ) {
+        *self.shared.supervisor.lock().expect("not poisoned") = control;
     }
 
     /// A snapshot of the primary's bookkeeping (for metrics and tests).
