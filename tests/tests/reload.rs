@@ -204,3 +204,40 @@ fn sigttin_and_sigttou_scale_up_and_drain_down() {
     program.signal(libc::SIGTERM);
     assert!(program.wait().success(), "{}", program.stderr());
 }
+
+#[test]
+fn a_failed_replacement_aborts_the_reload_and_the_old_workers_keep_serving() {
+    let flag = std::env::temp_dir().join(format!("cluster-bad-deploy-{}", std::process::id()));
+    let _ = std::fs::remove_file(&flag);
+    let env = [
+        ("CLUSTER_WORKERS", "2"),
+        ("RUST_LOG", "info"),
+        ("FIXTURE_FAIL_IF", flag.to_str().unwrap()),
+    ];
+    let mut program = Program::start(env!("CARGO_BIN_EXE_http_fixture"), &env);
+    let (_, _, port) = program.worker();
+    program.worker();
+    // A bad deploy: new workers crash at boot.
+    std::fs::write(&flag, b"").unwrap();
+    let load = Load::start(port, 2);
+    program.signal(libc::SIGHUP);
+    program.wait_for_log("reload aborted");
+    assert!(
+        program
+            .stderr()
+            .contains("the replacement exited before listening"),
+        "{}",
+        program.stderr()
+    );
+    load.wait_for(100);
+    let (_, failures, served_by) = load.stop();
+    std::fs::remove_file(&flag).unwrap();
+    assert!(failures.is_empty(), "{failures:?}");
+    assert_eq!(
+        served_by,
+        ["worker 1", "worker 2"].map(str::to_owned).into(),
+        "the old workers kept serving"
+    );
+    program.signal(libc::SIGTERM);
+    assert!(program.wait().success(), "{}", program.stderr());
+}

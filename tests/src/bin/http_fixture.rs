@@ -2,7 +2,8 @@
 //! (default `127.0.0.1:0`) and prints `worker <id> pid <pid> port <port>`; `GET /` answers
 //! `worker <id>`, `GET /delay/<ms>` prints `delaying <id> <ms>` and answers after `ms`
 //! milliseconds, `GET /block/<ms>` blocks the worker's runtime that long (a hung worker). On
-//! shutdown a worker finishes its open requests (within 30 s) and exits.
+//! shutdown a worker finishes its open requests (within 30 s) and exits. Workers started while
+//! the file named by `FIXTURE_FAIL_IF` exists exit 1 at once.
 
 use std::convert::Infallible;
 use std::io::Write;
@@ -19,6 +20,12 @@ use hyper_util::server::graceful::GracefulShutdown;
 
 fn main() -> std::io::Result<()> {
     cluster::run_workers(RuntimeOptions::new(), Some(2), || async {
+        if std::env::var_os("FIXTURE_FAIL_IF")
+            .is_some_and(|path| std::path::Path::new(&path).exists())
+        {
+            // Workers started after the file appeared crash at boot (a bad deploy).
+            std::process::exit(1);
+        }
         let addr = std::env::var("ADDR").unwrap_or_else(|_| "127.0.0.1:0".to_owned());
         let mut listener = ClusterListener::bind(addr).await?;
         let id = cluster::worker().map_or(0, |w| w.id().get());
