@@ -13,10 +13,13 @@
 //! round robin. SIGTERM or Ctrl-C drains the workers and exits.
 
 use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
+use hyper::header::{CONNECTION, HeaderValue};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response};
@@ -25,6 +28,10 @@ use hyper_util::server::graceful::GracefulShutdown;
 
 /// How long a worker waits for open connections once asked to leave.
 const DRAIN: Duration = Duration::from_secs(10);
+
+/// How long a leaving worker keeps idle keep-alive connections open, answering any request on
+/// them with `Connection: close`, before it closes them.
+const KEEP_ALIVE_GRACE: Duration = Duration::from_millis(500);
 
 #[cluster::main]
 async fn main() -> std::io::Result<()> {
@@ -36,6 +43,7 @@ async fn main() -> std::io::Result<()> {
         std::process::id()
     ));
     let connections = GracefulShutdown::new();
+    let draining = Arc::new(AtomicBool::new(false));
     loop {
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -45,8 +53,10 @@ async fn main() -> std::io::Result<()> {
             () = cluster::shutdown() => break,
         };
         let greeting = greeting.clone();
+        let draining = draining.clone();
         let service = service_fn(move |request: Request<Incoming>| {
             let greeting = greeting.clone();
+            let draining = draining.clone();
             // `/delay/<ms>` answers after that long: a request in flight, to watch drains.
             let delay = request
                 .uri()
@@ -57,7 +67,14 @@ async fn main() -> std::io::Result<()> {
                 if let Some(ms) = delay {
                     tokio::time::sleep(Duration::from_millis(ms)).await;
                 }
-                Ok::<_, Infallible>(Response::new(Full::new(greeting)))
+                let mut response = Response::new(Full::new(greeting));
+                if draining.load(Ordering::Relaxed) {
+                    // Leaving: tell keep-alive clients to reconnect (to the other workers).
+                    response
+                        .headers_mut()
+                        .insert(CONNECTION, HeaderValue::from_static("close"));
+                }
+                Ok::<_, Infallible>(response)
             }
         });
         let connection = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
@@ -67,6 +84,11 @@ async fn main() -> std::io::Result<()> {
         });
     }
     drop(listener);
+    // Closing an idle keep-alive connection races with a request the client is sending on it.
+    // First answer every request with `Connection: close` for a moment, so busy clients move on
+    // cleanly; then close what is left.
+    draining.store(true, Ordering::Relaxed);
+    let _ = tokio::time::timeout(KEEP_ALIVE_GRACE, std::future::pending::<()>()).await;
     let _ = tokio::time::timeout(DRAIN, connections.shutdown()).await;
     Ok(())
 }
