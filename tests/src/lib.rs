@@ -175,3 +175,21 @@ pub fn wait_for_link_eof() {
         }
     }
 }
+
+/// Waits for `child` to exit, at most `timeout`; kills it and panics past that.
+pub fn wait_for_exit(
+    child: &mut std::process::Child,
+    timeout: std::time::Duration,
+) -> std::process::ExitStatus {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("process {} did not exit within {timeout:?}", child.id());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}

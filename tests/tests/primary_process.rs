@@ -86,17 +86,7 @@ fn workers_do_not_outlive_a_killed_primary() {
 fn sigterm_drains_workers_and_exits_zero() {
     let mut program = Program::start(2);
     cluster_tests::signal(program.primary.id(), libc::SIGTERM).unwrap();
-    let deadline = Instant::now() + WAIT;
-    let status = loop {
-        if let Some(status) = program.primary.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the primary did not exit after SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    let status = cluster_tests::wait_for_exit(&mut program.primary, WAIT);
     assert!(status.success(), "{status:?}");
     let workers = program.workers.clone();
     wait_until("every worker is gone", || {

@@ -4,7 +4,7 @@
 use std::io::Read;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 #[test]
 fn privileged_port_is_permission_denied_in_the_worker() {
@@ -22,17 +22,7 @@ fn privileged_port_is_permission_denied_in_the_worker() {
         command.uid(65534).gid(65534);
     }
     let mut primary = command.spawn().expect("spawn");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        if let Some(status) = primary.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = primary.kill();
-            panic!("the primary did not exit");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    let status = cluster_tests::wait_for_exit(&mut primary, Duration::from_secs(20));
     let mut stderr = String::new();
     primary
         .stderr

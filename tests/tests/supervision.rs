@@ -21,17 +21,7 @@ fn primary(workers: usize, env: &[(&str, &str)]) -> Child {
 
 /// Waits (bounded) for the primary to exit; returns its status and stderr.
 fn wait_exit(mut child: Child) -> (std::process::ExitStatus, String) {
-    let deadline = Instant::now() + WAIT;
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("the primary did not exit");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    let status = cluster_tests::wait_for_exit(&mut child, WAIT);
     let mut stderr = String::new();
     child
         .stderr

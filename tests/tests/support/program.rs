@@ -108,18 +108,7 @@ impl Program {
 
     /// Waits (bounded) for the primary to exit.
     pub fn wait(&mut self) -> std::process::ExitStatus {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the primary did not exit: {}",
-                self.stderr()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        cluster_tests::wait_for_exit(&mut self.child, WAIT)
     }
 }
 
