@@ -84,11 +84,12 @@ async fn main() -> std::io::Result<()> {
         });
     }
     drop(listener);
-    // Closing an idle keep-alive connection races with a request the client is sending on it.
+    // Closing a connection hyper considers idle races with a request the client is sending on it
+    // (an idle keep-alive connection, or a fresh one whose first request has not arrived yet).
     // First answer every request with `Connection: close` for a moment, so busy clients move on
     // cleanly; then close what is left.
     draining.store(true, Ordering::Relaxed);
-    let _ = tokio::time::timeout(KEEP_ALIVE_GRACE, std::future::pending::<()>()).await;
+    tokio::time::sleep(KEEP_ALIVE_GRACE).await;
     let _ = tokio::time::timeout(DRAIN, connections.shutdown()).await;
     Ok(())
 }

@@ -7,11 +7,14 @@
 
 use std::convert::Infallible;
 use std::io::Write;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use cluster::{ClusterListener, RuntimeOptions};
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
+use hyper::header::{CONNECTION, HeaderValue};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response};
@@ -35,6 +38,7 @@ fn main() -> std::io::Result<()> {
             listener.local_addr()?.port()
         ));
         let connections = GracefulShutdown::new();
+        let draining = Arc::new(AtomicBool::new(false));
         loop {
             let stream = tokio::select! {
                 accepted = listener.accept() => match accepted {
@@ -43,26 +47,35 @@ fn main() -> std::io::Result<()> {
                 },
                 () = cluster::shutdown() => break,
             };
-            let service = service_fn(move |request: Request<Incoming>| async move {
-                let path = request.uri().path();
-                if let Some(ms) = path
-                    .strip_prefix("/block/")
-                    .and_then(|ms| ms.parse::<u64>().ok())
-                {
-                    // Blocks the whole (current-thread) runtime: a hung worker.
-                    say(&format!("blocking {id} {ms}"));
-                    std::thread::sleep(Duration::from_millis(ms));
+            let draining = draining.clone();
+            let service = service_fn(move |request: Request<Incoming>| {
+                let draining = draining.clone();
+                async move {
+                    let path = request.uri().path();
+                    if let Some(ms) = path
+                        .strip_prefix("/block/")
+                        .and_then(|ms| ms.parse::<u64>().ok())
+                    {
+                        // Blocks the whole (current-thread) runtime: a hung worker.
+                        say(&format!("blocking {id} {ms}"));
+                        std::thread::sleep(Duration::from_millis(ms));
+                    }
+                    if let Some(ms) = path
+                        .strip_prefix("/delay/")
+                        .and_then(|ms| ms.parse::<u64>().ok())
+                    {
+                        say(&format!("delaying {id} {ms}"));
+                        tokio::time::sleep(Duration::from_millis(ms)).await;
+                    }
+                    let mut response =
+                        Response::new(Full::new(Bytes::from(format!("worker {id}\n"))));
+                    if draining.load(Ordering::Relaxed) {
+                        response
+                            .headers_mut()
+                            .insert(CONNECTION, HeaderValue::from_static("close"));
+                    }
+                    Ok::<_, Infallible>(response)
                 }
-                if let Some(ms) = path
-                    .strip_prefix("/delay/")
-                    .and_then(|ms| ms.parse::<u64>().ok())
-                {
-                    say(&format!("delaying {id} {ms}"));
-                    tokio::time::sleep(Duration::from_millis(ms)).await;
-                }
-                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(format!(
-                    "worker {id}\n"
-                )))))
             });
             let connection = connections
                 .watch(http1::Builder::new().serve_connection(TokioIo::new(stream), service));
@@ -71,6 +84,11 @@ fn main() -> std::io::Result<()> {
             });
         }
         drop(listener);
+        // As `examples/hello.rs`: closing a connection hyper considers idle races with a request
+        // the client is sending on it (a fresh connection counts as idle until its first request
+        // arrives). Answer with `Connection: close` for a moment, then close what is left.
+        draining.store(true, Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_millis(500)).await;
         let _ = tokio::time::timeout(Duration::from_secs(30), connections.shutdown()).await;
         Ok(())
     })
