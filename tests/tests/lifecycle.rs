@@ -298,7 +298,7 @@ async fn environment_cwd_and_hidden_role_markers() {
 #[tokio::test]
 async fn a_worker_whose_runtime_blocks_is_killed_for_missing_heartbeats() {
     let mut cluster = Cluster::with(cluster::SchedulingPolicy::RoundRobin, |s| {
-        s.heartbeat_timeout = Some(std::time::Duration::from_millis(1500));
+        s.heartbeat_timeout = Some(std::time::Duration::from_secs(3));
     });
     let blocked = cluster.fork().await;
     let healthy = cluster.fork().await;
