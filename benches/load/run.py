@@ -1,0 +1,254 @@
+#!/usr/bin/env python3
+"""The side-by-side load benchmark: `cluster` (round robin, shared, unclustered) against a plain
+2-process SO_REUSEPORT hyper server and Node's own cluster (rr, none), in one interleaved run.
+
+    python3 benches/load/run.py                 # all cells, 3 repetitions, 10 s each
+    python3 benches/load/run.py --duration 5 --reps 1 --no-write
+
+It builds what it needs (release), installs wrk if missing (apt-get), pins wrk to CPU 1, restarts
+every server for every repetition, reads server CPU time from /proc/<pid>/stat, and writes
+docs/benchmarks.md. Load goes to 127.0.0.1 only, for a bounded duration.
+"""
+import argparse, os, re, shutil, signal, socket, statistics, subprocess, sys, time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+HZ = os.sysconf("SC_CLK_TCK")
+HELLO = os.path.join(ROOT, "target/release/examples/hello")
+REUSEPORT = os.path.join(ROOT, "target/release/reuseport")
+NODE_CLUSTER = os.path.join(ROOT, "benches/node/cluster.js")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def configs():
+    def hello(workers, policy=None):
+        def start(port):
+            env = dict(os.environ, ADDR=f"127.0.0.1:{port}", CLUSTER_WORKERS=str(workers), RUST_LOG="warn")
+            if policy:
+                env["CLUSTER_SCHED_POLICY"] = policy
+            return subprocess.Popen([HELLO], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return start
+
+    def reuseport(port):
+        env = dict(os.environ, ADDR=f"127.0.0.1:{port}", WORKERS="2")
+        return subprocess.Popen([REUSEPORT], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def node(policy):
+        def start(port):
+            env = dict(os.environ, PORT=str(port), WORKERS="2", NODE_CLUSTER_SCHED_POLICY=policy)
+            return subprocess.Popen(["node", NODE_CLUSTER], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return start
+
+    found = [
+        ("cluster-rr-2", hello(2, "rr"), True),
+        ("cluster-shared-2", hello(2, "none"), False),
+        ("unclustered-1", hello(0), False),
+        ("reuseport-2", reuseport, False),
+    ]
+    if shutil.which("node"):
+        found += [("node-rr-2", node("rr"), True), ("node-none-2", node("none"), False)]
+    return found
+
+
+def tree(pid):
+    """pid and all its descendants."""
+    pids, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        pids.append(p)
+        try:
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    todo += [int(c) for c in f.read().split()]
+        except OSError:
+            pass
+    return pids
+
+
+def cpu_ticks(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])
+    except OSError:
+        return 0
+
+
+def rss_kib(pid):
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return int(re.search(r"VmRSS:\s+(\d+)", f.read()).group(1))
+    except (OSError, AttributeError):
+        return 0
+
+
+def wait_ready(port, proc, timeout=30):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            sys.exit(f"server exited with {proc.returncode} before listening")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as c:
+                c.sendall(b"GET / HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n")
+                if c.recv(64).startswith(b"HTTP/1.1 200"):
+                    return
+        except OSError:
+            time.sleep(0.05)
+    sys.exit("server never answered")
+
+
+def stop(proc):
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        for p in tree(proc.pid):
+            os.kill(p, signal.SIGKILL)
+        proc.wait()
+
+
+def run_cell(start, workload, duration):
+    port = free_port()
+    proc = start(port)
+    try:
+        wait_ready(port, proc)
+        time.sleep(0.3)
+        pids = tree(proc.pid)
+        before = {p: cpu_ticks(p) for p in pids}
+        cmd = ["taskset", "-c", "1", "wrk", "-t1", "-c64", f"-d{duration}s", "--latency"]
+        if workload == "close":
+            cmd += ["-H", "Connection: close"]
+        out = subprocess.run(cmd + [f"http://127.0.0.1:{port}/"], capture_output=True, text=True, timeout=duration + 60).stdout
+        after = {p: cpu_ticks(p) for p in pids}
+        rss = {p: rss_kib(p) for p in pids}
+    finally:
+        stop(proc)
+    requests = int(re.search(r"(\d+) requests in", out).group(1))
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    errors = sum(int(n) for n in re.findall(r"(?:connect|read|write|timeout) (\d+)", out))
+    errors += int(m.group(1)) if (m := re.search(r"Non-2xx or 3xx responses: (\d+)", out)) else 0
+
+    def ms(label):
+        m = re.search(rf"{label}%\s+([\d.]+)(us|ms|s)", out)
+        return float(m.group(1)) * {"us": 0.001, "ms": 1, "s": 1000}[m.group(2)] if m else float("nan")
+
+    total_us = sum(after[p] - before[p] for p in pids) / HZ * 1e6
+    primary_us = (after[proc.pid] - before[proc.pid]) / HZ * 1e6
+    return {
+        "rps": rps, "errors": errors, "p50": ms("50"), "p99": ms("99"),
+        "cpu_us": total_us / max(requests, 1), "primary_us": primary_us / max(requests, 1),
+        "primary_rss": rss[proc.pid], "worker_rss": max([rss[p] for p in pids if p != proc.pid] or [0]),
+    }
+
+
+def startup(workers, reps=3):
+    times = []
+    for _ in range(reps):
+        port = free_port()
+        env = dict(os.environ, ADDR=f"127.0.0.1:{port}", CLUSTER_WORKERS=str(workers), RUST_LOG="info")
+        t0 = time.monotonic()
+        proc = subprocess.Popen([HELLO], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        seen = 0
+        for line in proc.stderr:
+            if "listening" in line:
+                seen += 1
+                if seen == workers:
+                    break
+        times.append((time.monotonic() - t0) * 1000)
+        stop(proc)
+    return statistics.median(times)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--duration", type=int, default=10)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--no-write", action="store_true", help="print only; do not write docs/benchmarks.md")
+    args = ap.parse_args()
+    if not shutil.which("wrk"):
+        subprocess.run(["apt-get", "update", "-qq"], check=False)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "wrk"], check=True)
+    subprocess.run(["cargo", "build", "--release", "-q", "--example", "hello", "-p", "examples",
+                    "--bin", "reuseport", "-p", "benches"], cwd=ROOT, check=True)
+    cells = configs()
+    results = {}
+    for rep in range(args.reps):
+        for workload in ("keepalive", "close"):
+            for name, start, _ in cells:
+                r = run_cell(start, workload, args.duration)
+                results.setdefault((name, workload), []).append(r)
+                print(f"rep {rep + 1} {workload:9} {name:16} {r['rps']:>9.0f} req/s  "
+                      f"p50 {r['p50']:.2f} ms  p99 {r['p99']:.2f} ms  cpu {r['cpu_us']:.1f} us/req  "
+                      f"primary {r['primary_us']:.1f} us/req  errors {r['errors']}", flush=True)
+    boot = {n: startup(n) for n in (1, 4, 16)}
+    report = render(cells, results, boot, args)
+    print(report)
+    if not args.no_write:
+        with open(os.path.join(ROOT, "docs/benchmarks.md"), "w") as f:
+            f.write(report)
+
+
+def med(values):
+    return statistics.median(values)
+
+
+def spread(values):
+    return f"{min(values):,.0f}–{max(values):,.0f}"
+
+
+def render(cells, results, boot, args):
+    machine = subprocess.run(["uname", "-sr"], capture_output=True, text=True).stdout.strip()
+    model = re.search(r"model name\s*:\s*(.+)", open("/proc/cpuinfo").read())
+    lines = [
+        "# Benchmarks",
+        "",
+        "Generated by `python3 benches/load/run.py` (this file is overwritten by it). "
+        f"Machine: {os.cpu_count()} CPUs ({model.group(1) if model else 'unknown'}), {machine}. "
+        f"wrk pinned to CPU 1 (`taskset -c 1 wrk -t1 -c64 -d{args.duration}s`), servers unpinned and restarted for "
+        f"every repetition; {args.reps} interleaved repetitions, medians with the range. CPU is the user+system time of "
+        "every server process (primary and workers) per request. On 2 cores wrk itself needs one: compare ratios "
+        "and CPU per request, not absolute rates.",
+        "",
+        "| config | what |",
+        "|---|---|",
+        "| cluster-rr-2 | `examples/hello`, 2 workers, round robin (the primary accepts and hands each connection over) |",
+        "| cluster-shared-2 | the same, shared listening socket (`CLUSTER_SCHED_POLICY=none`) |",
+        "| unclustered-1 | the same program, `CLUSTER_WORKERS=0`: one process, current-thread runtime |",
+        "| reuseport-2 | `benches/src/bin/reuseport.rs`: 2 hyper processes with SO_REUSEPORT, no primary |",
+        "| node-rr-2, node-none-2 | `benches/node/cluster.js`: Node's cluster, 2 workers |",
+    ]
+    for workload, title in (("keepalive", "Keep-alive (64 connections)"), ("close", "Connection churn (`Connection: close`)")):
+        lines += ["", f"## {title}", "",
+                  "| config | req/s | range | p50 ms | p99 ms | server CPU µs/req | primary CPU µs/req | errors |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for name, _, has_primary in cells:
+            rs = results[(name, workload)]
+            primary = f"{med([r['primary_us'] for r in rs]):.1f}" if has_primary else "–"
+            lines.append(f"| {name} | {med([r['rps'] for r in rs]):,.0f} | {spread([r['rps'] for r in rs])} | "
+                         f"{med([r['p50'] for r in rs]):.2f} | {med([r['p99'] for r in rs]):.2f} | "
+                         f"{med([r['cpu_us'] for r in rs]):.1f} | {primary} | {sum(r['errors'] for r in rs)} |")
+    def ratio(a, b, workload):
+        x = med([r["rps"] for r in results[(a, workload)]])
+        y = med([r["rps"] for r in results.get((b, workload), [{"rps": float("nan")}])])
+        return x / y
+    def cpu_ratio(a, b, workload):
+        return med([r["cpu_us"] for r in results[(a, workload)]]) / med([r["cpu_us"] for r in results[(b, workload)]])
+    lines += ["", "## Against the targets (design.md §5)", "",
+              "| target | measured |", "|---|---|",
+              f"| churn ≥ 3× Node cluster rr | {ratio('cluster-rr-2', 'node-rr-2', 'close'):.2f}× |",
+              f"| churn ≥ 0.9× (goal 1.0×) the SO_REUSEPORT server | {ratio('cluster-rr-2', 'reuseport-2', 'close'):.2f}× |",
+              f"| churn server CPU ≤ 1.2× the SO_REUSEPORT server's | {cpu_ratio('cluster-rr-2', 'reuseport-2', 'close'):.2f}× |",
+              f"| keep-alive ≥ 0.95× the SO_REUSEPORT server | {ratio('cluster-rr-2', 'reuseport-2', 'keepalive'):.2f}× |",
+              f"| primary CPU < 10 µs per handoff | {med([r['primary_us'] for r in results[('cluster-rr-2', 'close')]]):.1f} µs |",
+              f"| start to all workers listening < 50 ms per worker | 1: {boot[1]:.0f} ms, 4: {boot[4]:.0f} ms, 16: {boot[16]:.0f} ms |",
+              f"| primary RSS < 10 MiB | {med([r['primary_rss'] for r in results[('cluster-rr-2', 'close')]]) / 1024:.1f} MiB (worker {med([r['worker_rss'] for r in results[('cluster-rr-2', 'close')]]) / 1024:.1f} MiB) |",
+              ""]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
