@@ -148,3 +148,33 @@ pub(crate) fn kill(pid: u32, signal: i32) -> io::Result<()> {
     }
     Ok(())
 }
+
+/// Accepts one connection as a non-blocking, close-on-exec fd (`accept4`): the primary only
+/// passes it on, so it is never registered with the reactor; the worker that gets it registers
+/// it (non-blocking travels with the open file description).
+pub(crate) fn accept(listener: std::os::fd::BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: accept4 with null address pointers only writes the new fd, which we own at once.
+    let fd = unsafe {
+        libc::accept4(
+            listener.as_raw_fd(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: accept4 returned a new, open fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Registers a listening socket with the reactor, for readiness only (see [`accept`]).
+pub(crate) fn register_listener(
+    listener: std::net::TcpListener,
+) -> io::Result<tokio::io::unix::AsyncFd<std::net::TcpListener>> {
+    // SAFETY: the `TcpListener` owns its fd, is moved into the `AsyncFd` and stays there, and
+    // returns the same open fd for as long as it lives.
+    Ok(unsafe { tokio::io::unix::AsyncFd::register(listener) }?)
+}

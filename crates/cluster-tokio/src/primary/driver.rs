@@ -18,7 +18,7 @@ use proto::wire::{BoundAddr, Distribution, Errno, ListenRequest, ListenTarget, S
 use proto::{Attachment, ExitStatus, HandleId, Output, WorkerId};
 use slab::Slab;
 use socket2::{Domain, Socket, Type};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::unix::AsyncFd;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Sleep;
 
@@ -62,8 +62,10 @@ struct Link {
 }
 
 enum Listener {
-    /// Round robin: the primary accepts.
-    Accepting(TcpListener),
+    /// Round robin: the primary accepts. Readiness comes from the reactor, but accepted
+    /// connections are never registered with it: the primary only passes them on, so
+    /// registering would cost two `epoll_ctl` per connection for nothing.
+    Accepting(AsyncFd<std::net::TcpListener>),
     /// Shared: the fd is sent to workers, who accept on it.
     Shared(std::net::TcpListener),
 }
@@ -71,7 +73,7 @@ enum Listener {
 impl Listener {
     fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
         match self {
-            Self::Accepting(l) => l.as_fd(),
+            Self::Accepting(l) => l.get_ref().as_fd(),
             Self::Shared(l) => l.as_fd(),
         }
     }
@@ -86,7 +88,7 @@ pub(crate) struct Driver {
     links: HashMap<WorkerId, Link>,
     workers: HashMap<WorkerId, Arc<WorkerShared>>,
     listeners: HashMap<HandleId, Listener>,
-    conns: Slab<TcpStream>,
+    conns: Slab<OwnedFd>,
     timer: Pin<Box<Sleep>>,
     accept_resume: Option<Instant>,
     buf: Vec<u8>,
@@ -206,18 +208,28 @@ impl Driver {
                 let Some(Listener::Accepting(listener)) = self.listeners.get(&handle) else {
                     break;
                 };
-                match listener.poll_accept(cx) {
+                let accepted = match listener.poll_read_ready(cx) {
                     Poll::Pending => break,
-                    Poll::Ready(Ok((stream, _peer))) => {
-                        progress = true;
-                        let conn = self.conns.insert(stream);
+                    Poll::Ready(Err(e)) => Err(e),
+                    Poll::Ready(Ok(mut ready)) => {
+                        match ready.try_io(|l| crate::sys::accept(l.get_ref().as_fd())) {
+                            Ok(accepted) => accepted,
+                            // No connection left: readiness is cleared, poll again to wait.
+                            Err(_would_block) => continue,
+                        }
+                    }
+                };
+                progress = true;
+                match accepted {
+                    Ok(conn) => {
+                        let conn = self.conns.insert(conn);
                         if let Err(conn) = self.core.handle_connection(now(), handle, conn) {
                             self.conns.remove(conn);
                         }
                         self.drain_core();
                     }
-                    Poll::Ready(Err(e)) if is_connection_error(&e) => progress = true,
-                    Poll::Ready(Err(error)) => {
+                    Err(e) if is_connection_error(&e) => {}
+                    Err(error) => {
                         // Node skips failed accepts too; back off so EMFILE does not spin.
                         tracing::warn!(%handle, %error, "accept failed; pausing accepts");
                         self.accept_resume = Some(now() + ACCEPT_BACKOFF);
@@ -345,13 +357,7 @@ impl Driver {
             tracing::warn!(%worker, "a worker gave back something that is not a TCP connection");
             return;
         }
-        let stream = match TcpStream::from_std(std::net::TcpStream::from(socket)) {
-            Ok(stream) => stream,
-            Err(error) => {
-                return tracing::warn!(%worker, %error, "could not take a connection back");
-            }
-        };
-        let conn = self.conns.insert(stream);
+        let conn = self.conns.insert(socket.into());
         if let Err(conn) = self.core.handle_returned(now(), worker, handle, conn) {
             self.conns.remove(conn);
         }
@@ -549,7 +555,7 @@ impl Driver {
         let (listener, local) = bind_tcp(addr, request.flags.ipv6_only, backlog).map_err(errno)?;
         let listener = match distribution {
             Distribution::RoundRobin => {
-                Listener::Accepting(TcpListener::from_std(listener).map_err(errno)?)
+                Listener::Accepting(crate::sys::register_listener(listener).map_err(errno)?)
             }
             Distribution::Shared => Listener::Shared(listener),
         };
