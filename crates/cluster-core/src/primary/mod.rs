@@ -207,6 +207,21 @@ struct WorkerEntry<C> {
     counters: Counters,
 }
 
+impl<C> WorkerEntry<C> {
+    /// Whether the primary itself took this worker off its handles (it is leaving, or was told
+    /// to be killed): it may still name them in frames already on the wire, a race rather than a
+    /// violation.
+    fn is_retired(&self) -> bool {
+        self.leaving || self.killed.is_some()
+    }
+
+    /// The worker leaves on purpose: no new listens, and its exit counts as intended.
+    fn leave_on_purpose(&mut self) {
+        self.leaving = true;
+        self.lifecycle.leaving_on_purpose();
+    }
+}
+
 /// The primary's core: feed it what happens, drain what to do.
 ///
 /// `C` is the driver's token for an accepted connection (see [`crate::registry::Registry`]).
@@ -349,7 +364,7 @@ impl<C: Copy + Eq + std::fmt::Debug> Primary<C> {
         let leaving = self
             .workers
             .get(&worker)
-            .is_none_or(|e| e.leaving || e.killed.is_some() || e.link.is_closed());
+            .is_none_or(|e| e.is_retired() || e.link.is_closed());
         self.registry.give_back(worker, handle, conn, leaving)?;
         self.drain_registry(now);
         Ok(())
@@ -422,8 +437,7 @@ impl<C: Copy + Eq + std::fmt::Debug> Primary<C> {
         if entry.leaving || entry.link.is_closed() {
             return false;
         }
-        entry.leaving = true;
-        entry.lifecycle.leaving_on_purpose();
+        entry.leave_on_purpose();
         self.registry.leave_all(worker);
         self.drain_registry(now);
         self.send(worker, PrimaryMessage::Disconnect, None);
@@ -549,10 +563,8 @@ impl<C: Copy + Eq + std::fmt::Debug> Primary<C> {
                     self.registry.query(worker, seq, request);
                 }
             }
-            // The primary itself takes a leaving or hung worker off its handles, so such a worker
-            // may still name them until it learns of it: a race, not a violation.
             WorkerMessage::Listening { handle } if !self.registry.is_held(worker, handle) => {
-                if !(entry.leaving || entry.killed.is_some()) {
+                if !entry.is_retired() {
                     return Err(RegistryError::NotHeld { worker, handle }.into());
                 }
             }
@@ -582,14 +594,12 @@ impl<C: Copy + Eq + std::fmt::Debug> Primary<C> {
                     _ => self.registry.ready(worker, handle),
                 };
                 match result {
-                    Err(RegistryError::NotHeld { .. })
-                        if entry.leaving || entry.killed.is_some() => {}
+                    Err(RegistryError::NotHeld { .. }) if entry.is_retired() => {}
                     result => result?,
                 }
             }
             WorkerMessage::ExitedAfterDisconnect { seq } => {
-                entry.leaving = true;
-                entry.lifecycle.leaving_on_purpose();
+                entry.leave_on_purpose();
                 self.registry.leave_all(worker);
                 self.send(worker, PrimaryMessage::DisconnectAck { ack: seq }, None);
             }
