@@ -2,6 +2,7 @@
 
 use crate::link::LinkError;
 use crate::registry::RegistryError;
+use crate::user::MessageTooLarge;
 use crate::wire::{DecodeError, Seq};
 
 /// A peer broke the protocol. The link to it is closed; the process carries on.
@@ -34,6 +35,9 @@ pub enum ProtocolError {
         /// Its seq.
         seq: Seq,
     },
+    /// A user message grew past [`crate::user::MAX_MESSAGE`].
+    #[error(transparent)]
+    MessageTooLarge(#[from] MessageTooLarge),
     /// A worker did not ack a handed-off connection in time; it is presumed hung.
     #[error("handoff {seq} not acked in time")]
     HandoffTimeout {

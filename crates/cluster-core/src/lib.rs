@@ -31,6 +31,7 @@ pub mod primary;
 pub mod registry;
 pub mod session;
 pub mod supervisor;
+pub mod user;
 pub mod wire;
 
 pub use error::ProtocolError;

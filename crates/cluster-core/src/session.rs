@@ -9,9 +9,10 @@ use std::collections::{BTreeSet, HashMap, VecDeque};
 
 use crate::error::ProtocolError;
 use crate::link::{Link, LinkError};
+use crate::user::{self, MessageTooLarge, Reassembly, UserFrame};
 use crate::wire::{
-    self, EncodeError, Errno, HandleId, ListenInfo, ListenRequest, PROTOCOL_VERSION,
-    PrimaryMessage, Seq, WorkerMessage,
+    self, Envelope, Errno, HandleId, ListenInfo, ListenRequest, PROTOCOL_VERSION, PrimaryMessage,
+    Seq, WorkerMessage,
 };
 
 /// What the worker's driver is told.
@@ -38,10 +39,11 @@ pub enum SessionEvent {
         /// The handle or the errno.
         result: Result<ListenInfo, Errno>,
     },
-    /// A user message.
-    Message {
-        /// The encoded value.
-        payload: Vec<u8>,
+    /// A user message, request or reply (fragments put back together). With `envelope.fd`, the
+    /// fd that came with the frame is part of it.
+    User {
+        /// What the primary sent.
+        envelope: Envelope,
     },
 }
 
@@ -85,6 +87,7 @@ pub struct WorkerSession {
     handles: BTreeSet<HandleId>,
     offered: HashMap<Seq, HandleId>,
     disconnect_requested: bool,
+    reassembly: Reassembly,
     out: VecDeque<Queued>,
 }
 
@@ -105,6 +108,7 @@ impl WorkerSession {
             handles: BTreeSet::new(),
             offered: HashMap::new(),
             disconnect_requested: false,
+            reassembly: Reassembly::default(),
             out: VecDeque::new(),
         };
         session.send(WorkerMessage::Online {
@@ -190,15 +194,20 @@ impl WorkerSession {
         Ok(seq)
     }
 
-    /// Queues a user message.
+    /// Queues a user message, request or reply; a payload larger than one frame is queued as
+    /// fragments (see [`crate::user`]). With `envelope.fd`, the frame asks for an fd like
+    /// [`Self::give_back`]'s: the driver attaches the oldest fd it set aside and has not sent.
     ///
     /// # Errors
     ///
-    /// [`EncodeError::TooLarge`] when it would not fit in one frame; nothing is queued.
-    pub fn send_message(&mut self, payload: Vec<u8>) -> Result<(), EncodeError> {
-        let message = WorkerMessage::Message { payload };
-        wire::encode(&message, &mut Vec::new())?;
-        self.send(message);
+    /// The payload is over [`MAX_MESSAGE`](crate::user::MAX_MESSAGE); nothing is queued.
+    pub fn send_user(&mut self, envelope: Envelope) -> Result<(), MessageTooLarge> {
+        for frame in user::split(envelope)? {
+            match frame {
+                UserFrame::Fragment(data) => self.send(WorkerMessage::Fragment { data }),
+                UserFrame::Last(envelope) => self.send(WorkerMessage::User(envelope)),
+            }
+        }
         Ok(())
     }
 
@@ -257,7 +266,11 @@ impl WorkerSession {
                     .finish_request_if(ack, |r| *r == Request::ExitedAfterDisconnect)?;
                 self.event(SessionEvent::DisconnectAcked);
             }
-            PrimaryMessage::Message { payload } => self.event(SessionEvent::Message { payload }),
+            PrimaryMessage::User(envelope) => {
+                let envelope = self.reassembly.complete(envelope)?;
+                self.event(SessionEvent::User { envelope });
+            }
+            PrimaryMessage::Fragment { data } => self.reassembly.fragment(&data)?,
         }
         Ok(())
     }

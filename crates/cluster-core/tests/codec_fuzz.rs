@@ -2,8 +2,9 @@
 //! panic, and whatever decodes re-encodes to a frame that decodes to the same message.
 
 use cluster_core::wire::{
-    self, BoundAddr, DecodeError, Distribution, Errno, HandleId, ListenFlags, ListenInfo,
-    ListenRequest, ListenTarget, MAX_FRAME, PrimaryMessage, Seq, SocketKind, WorkerMessage,
+    self, BoundAddr, DecodeError, Distribution, Envelope, Errno, HandleId, ListenFlags, ListenInfo,
+    ListenRequest, ListenTarget, MAX_FRAME, PrimaryMessage, Seq, SocketKind, UserKind,
+    WorkerMessage,
 };
 use proptest::prelude::*;
 
@@ -47,6 +48,16 @@ fn payload() -> impl Strategy<Value = Vec<u8>> {
     proptest::collection::vec(any::<u8>(), 0..300)
 }
 
+fn envelope() -> impl Strategy<Value = Envelope> {
+    let kind = prop_oneof![
+        Just(UserKind::Message),
+        seq().prop_map(|seq| UserKind::Request { seq }),
+        seq().prop_map(|ack| UserKind::Reply { ack }),
+        seq().prop_map(|ack| UserKind::Refusal { ack }),
+    ];
+    (kind, any::<bool>(), payload()).prop_map(|(kind, fd, payload)| Envelope { kind, fd, payload })
+}
+
 fn worker_message() -> impl Strategy<Value = WorkerMessage> {
     prop_oneof![
         (any::<u16>(), any::<u32>())
@@ -58,7 +69,10 @@ fn worker_message() -> impl Strategy<Value = WorkerMessage> {
         handle().prop_map(|handle| WorkerMessage::Ready { handle }),
         handle().prop_map(|handle| WorkerMessage::Close { handle }),
         seq().prop_map(|seq| WorkerMessage::ExitedAfterDisconnect { seq }),
-        payload().prop_map(|payload| WorkerMessage::Message { payload }),
+        envelope().prop_map(WorkerMessage::User),
+        handle().prop_map(|handle| WorkerMessage::Return { handle }),
+        Just(WorkerMessage::Heartbeat),
+        payload().prop_map(|data| WorkerMessage::Fragment { data }),
     ]
 }
 
@@ -82,7 +96,8 @@ fn primary_message() -> impl Strategy<Value = PrimaryMessage> {
         (seq(), handle()).prop_map(|(seq, handle)| PrimaryMessage::NewConn { seq, handle }),
         Just(PrimaryMessage::Disconnect),
         seq().prop_map(|ack| PrimaryMessage::DisconnectAck { ack }),
-        payload().prop_map(|payload| PrimaryMessage::Message { payload }),
+        envelope().prop_map(PrimaryMessage::User),
+        payload().prop_map(|data| PrimaryMessage::Fragment { data }),
     ]
 }
 

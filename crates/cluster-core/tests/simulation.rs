@@ -291,6 +291,7 @@ impl Sim {
                     let fd = t.attachment.map(|a| match a {
                         Attachment::Conn(c) => Fd::Conn(c),
                         Attachment::Listener(h) => Fd::Listener(h),
+                        Attachment::Owned(_) => unreachable!("the simulation sends no user fds"),
                     });
                     if let Some(w) = self.workers.get_mut(&t.worker)
                         && w.alive
@@ -360,7 +361,7 @@ impl Sim {
             Event::Listening { worker, .. } => (worker, "listening"),
             Event::Disconnect { worker } => (worker, "disconnect"),
             Event::Exit { worker, .. } => (worker, "exit"),
-            Event::Message { worker, .. } => (worker, "message"),
+            Event::User { worker, .. } => (worker, "message"),
             Event::Error {
                 worker,
                 error: cluster_core::ProtocolError::HandoffTimeout { .. },

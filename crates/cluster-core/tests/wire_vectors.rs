@@ -4,8 +4,9 @@
 use std::net::{SocketAddr, SocketAddrV6};
 
 use cluster_core::wire::{
-    self, BoundAddr, Distribution, Errno, HandleId, ListenFlags, ListenInfo, ListenRequest,
-    ListenTarget, PROTOCOL_VERSION, PrimaryMessage, Seq, SocketKind, WorkerMessage,
+    self, BoundAddr, Distribution, Envelope, Errno, HandleId, ListenFlags, ListenInfo,
+    ListenRequest, ListenTarget, PROTOCOL_VERSION, PrimaryMessage, Seq, SocketKind, UserKind,
+    WorkerMessage,
 };
 
 const PROTOCOL_MD: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/PROTOCOL.md");
@@ -143,10 +144,20 @@ fn vectors() -> Vec<Vector> {
             "06 05",
         ),
         worker(
-            WorkerMessage::Message {
+            WorkerMessage::User(Envelope {
+                kind: UserKind::Message,
+                fd: false,
                 payload: b"hi".to_vec(),
-            },
-            "07 02 68 69",
+            }),
+            "07 00 00 02 68 69",
+        ),
+        worker(
+            WorkerMessage::User(Envelope {
+                kind: UserKind::Request { seq: Seq::new(3) },
+                fd: true,
+                payload: b"hi".to_vec(),
+            }),
+            "07 01 03 01 02 68 69",
         ),
         worker(
             WorkerMessage::Return {
@@ -155,6 +166,12 @@ fn vectors() -> Vec<Vector> {
             "08 00",
         ),
         worker(WorkerMessage::Heartbeat, "09"),
+        worker(
+            WorkerMessage::Fragment {
+                data: b"hi".to_vec(),
+            },
+            "0a 02 68 69",
+        ),
         primary(
             PrimaryMessage::Hello {
                 version: PROTOCOL_VERSION,
@@ -207,10 +224,26 @@ fn vectors() -> Vec<Vector> {
         primary(PrimaryMessage::Disconnect, "03"),
         primary(PrimaryMessage::DisconnectAck { ack: Seq::new(5) }, "04 05"),
         primary(
-            PrimaryMessage::Message {
-                payload: b"hi".to_vec(),
+            PrimaryMessage::User(Envelope {
+                kind: UserKind::Reply { ack: Seq::new(3) },
+                fd: false,
+                payload: b"ok".to_vec(),
+            }),
+            "05 02 03 00 02 6f 6b",
+        ),
+        primary(
+            PrimaryMessage::User(Envelope {
+                kind: UserKind::Refusal { ack: Seq::new(3) },
+                fd: false,
+                payload: b"no".to_vec(),
+            }),
+            "05 03 03 00 02 6e 6f",
+        ),
+        primary(
+            PrimaryMessage::Fragment {
+                data: b"hi".to_vec(),
             },
-            "05 02 68 69",
+            "06 02 68 69",
         ),
     ]
 }
@@ -265,9 +298,10 @@ fn variant_index(message: &Message) -> u8 {
             WorkerMessage::Ready { .. } => 4,
             WorkerMessage::Close { .. } => 5,
             WorkerMessage::ExitedAfterDisconnect { .. } => 6,
-            WorkerMessage::Message { .. } => 7,
+            WorkerMessage::User(_) => 7,
             WorkerMessage::Return { .. } => 8,
             WorkerMessage::Heartbeat => 9,
+            WorkerMessage::Fragment { .. } => 10,
         },
         Message::Primary(m) => match m {
             PrimaryMessage::Hello { .. } => 0,
@@ -275,7 +309,8 @@ fn variant_index(message: &Message) -> u8 {
             PrimaryMessage::NewConn { .. } => 2,
             PrimaryMessage::Disconnect => 3,
             PrimaryMessage::DisconnectAck { .. } => 4,
-            PrimaryMessage::Message { .. } => 5,
+            PrimaryMessage::User(_) => 5,
+            PrimaryMessage::Fragment { .. } => 6,
         },
     }
 }
@@ -323,8 +358,8 @@ fn vectors_decode_to_their_messages() {
 
 #[test]
 fn every_variant_has_a_vector_led_by_its_index() {
-    let mut worker = [false; 10];
-    let mut primary = [false; 6];
+    let mut worker = [false; 11];
+    let mut primary = [false; 7];
     for v in vectors() {
         let index = variant_index(&v.message);
         assert_eq!(from_hex(v.hex)[0], index, "{}", v.hex);
@@ -334,11 +369,11 @@ fn every_variant_has_a_vector_led_by_its_index() {
         }
     }
     assert_eq!(
-        worker, [true; 10],
+        worker, [true; 11],
         "WorkerMessage variants without a vector"
     );
     assert_eq!(
-        primary, [true; 6],
+        primary, [true; 7],
         "PrimaryMessage variants without a vector"
     );
 }

@@ -8,8 +8,9 @@ use crate::key::HandleKey;
 use crate::lifecycle::{ExitStatus, KillReason, Lifecycle, Transition, WorkerState};
 use crate::link::Link;
 use crate::registry::{Registry, RegistryConfig, RegistryError, RegistryOutput};
+use crate::user::{self, MessageTooLarge, Reassembly, UserFrame};
 use crate::wire::{
-    self, BoundAddr, Distribution, EncodeError, Errno, HandleId, ListenInfo, ListenRequest,
+    self, BoundAddr, Distribution, Envelope, Errno, HandleId, ListenInfo, ListenRequest,
     PROTOCOL_VERSION, PrimaryMessage, WorkerId, WorkerMessage,
 };
 
@@ -44,6 +45,9 @@ pub enum Attachment<C> {
     Conn(C),
     /// The listening socket of a shared handle.
     Listener(HandleId),
+    /// An fd the user sends with a message, held by the driver under `C`: close it once the frame
+    /// is sent. If the frame is never sent, an [`Output::Close`] of it comes instead.
+    Owned(C),
 }
 
 /// A frame to send; its bytes were written to the buffer given to [`Primary::poll_output`].
@@ -79,12 +83,13 @@ pub enum Event {
         /// Where it is bound.
         addr: BoundAddr,
     },
-    /// A user message.
-    Message {
+    /// A user message, request or reply (with its fragments put back together). With
+    /// `envelope.fd`, the fd that came with the frame is part of it.
+    User {
         /// The sender.
         worker: WorkerId,
-        /// The encoded value.
-        payload: Vec<u8>,
+        /// What it sent.
+        envelope: Envelope,
     },
     /// The worker's link closed.
     Disconnect {
@@ -205,6 +210,8 @@ struct WorkerEntry<C> {
     /// When a frame last came from it, after its handshake.
     last_seen: Option<Instant>,
     counters: Counters,
+    /// A user message arriving in fragments.
+    reassembly: Reassembly,
 }
 
 impl<C> WorkerEntry<C> {
@@ -270,6 +277,7 @@ impl<C: Copy + Eq + std::fmt::Debug> Primary<C> {
             killed: None,
             last_seen: None,
             counters: Counters::default(),
+            reassembly: Reassembly::default(),
         };
         self.workers.insert(worker, entry);
         self.send(
@@ -444,17 +452,39 @@ impl<C: Copy + Eq + std::fmt::Debug> Primary<C> {
         true
     }
 
-    /// Queues a user message for `worker`.
+    /// Queues a user message, request or reply for `worker`, with `fd` (the driver's token for
+    /// an fd to attach) when `envelope.fd` is set. A payload larger than one frame is queued as
+    /// fragments (see [`crate::user`]).
+    ///
+    /// Messages to unknown or disconnected workers are dropped (as Node's `send` on a closed
+    /// channel), and their fd comes back as [`Output::Close`].
     ///
     /// # Errors
     ///
-    /// [`EncodeError::TooLarge`] when the frame would exceed [`wire::MAX_FRAME`]; nothing is
-    /// queued. Messages to unknown or disconnected workers are dropped silently (as Node's
-    /// `send` on a closed channel).
-    pub fn send_message(&mut self, worker: WorkerId, payload: Vec<u8>) -> Result<(), EncodeError> {
-        let message = PrimaryMessage::Message { payload };
-        wire::encode(&message, &mut Vec::new())?;
-        self.send(worker, message, None);
+    /// The payload is over [`MAX_MESSAGE`](crate::user::MAX_MESSAGE); nothing is queued and `fd`
+    /// is returned.
+    pub fn send_user(
+        &mut self,
+        worker: WorkerId,
+        mut envelope: Envelope,
+        fd: Option<C>,
+    ) -> Result<(), (MessageTooLarge, Option<C>)> {
+        envelope.fd = fd.is_some();
+        let frames = user::split(envelope).map_err(|e| (e, fd))?;
+        for frame in frames {
+            match frame {
+                UserFrame::Fragment(data) => {
+                    self.send(worker, PrimaryMessage::Fragment { data }, None);
+                }
+                UserFrame::Last(envelope) => {
+                    self.send(
+                        worker,
+                        PrimaryMessage::User(envelope),
+                        fd.map(Attachment::Owned),
+                    );
+                }
+            }
+        }
         Ok(())
     }
 
@@ -471,6 +501,9 @@ impl<C: Copy + Eq + std::fmt::Debug> Primary<C> {
                     attachment,
                 } => {
                     if self.workers.get(&worker).is_none_or(|e| e.link.is_closed()) {
+                        if let Some(Attachment::Owned(fd)) = attachment {
+                            return Some(Output::Close(fd));
+                        }
                         continue;
                     }
                     buf.clear();
@@ -603,9 +636,11 @@ impl<C: Copy + Eq + std::fmt::Debug> Primary<C> {
                 self.registry.leave_all(worker);
                 self.send(worker, PrimaryMessage::DisconnectAck { ack: seq }, None);
             }
-            WorkerMessage::Message { payload } => {
-                self.push(Output::Event(Event::Message { worker, payload }))
+            WorkerMessage::User(envelope) => {
+                let envelope = entry.reassembly.complete(envelope)?;
+                self.push(Output::Event(Event::User { worker, envelope }));
             }
+            WorkerMessage::Fragment { data } => entry.reassembly.fragment(&data)?,
             WorkerMessage::Heartbeat => {}
             WorkerMessage::Return { handle } => {
                 entry.counters.returned += 1;

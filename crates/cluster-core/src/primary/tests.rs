@@ -4,7 +4,8 @@ use super::*;
 use crate::lifecycle::KillReason;
 use crate::link::LinkError;
 use crate::registry::RegistryError;
-use crate::wire::{ListenFlags, ListenTarget, Seq, SocketKind};
+use crate::user::{FRAGMENT_SIZE, MAX_MESSAGE};
+use crate::wire::{Envelope, ListenFlags, ListenTarget, Seq, SocketKind, UserKind};
 
 /// Drives a `Primary<u32>` with decoded messages and collects decoded outputs.
 struct Harness {
@@ -181,16 +182,28 @@ fn garbage_from_a_worker_disconnects_only_that_worker() {
         Out::Other(Output::Event(Event::Disconnect { worker: w1 }))
     );
     // Later frames from it are ignored; w2 is untouched.
-    h.recv(w1, &WorkerMessage::Message { payload: vec![1] });
+    h.recv(w1, &user_message(vec![1]));
     assert_eq!(h.events(), []);
-    h.recv(w2, &WorkerMessage::Message { payload: vec![2] });
+    h.recv(w2, &user_message(vec![2]));
     assert_eq!(
         h.events(),
-        [Event::Message {
+        [Event::User {
             worker: w2,
-            payload: vec![2]
+            envelope: envelope(vec![2]),
         }]
     );
+}
+
+fn envelope(payload: Vec<u8>) -> Envelope {
+    Envelope {
+        kind: UserKind::Message,
+        fd: false,
+        payload,
+    }
+}
+
+fn user_message(payload: Vec<u8>) -> WorkerMessage {
+    WorkerMessage::User(envelope(payload))
 }
 
 #[test]
@@ -236,7 +249,7 @@ fn protocol_violations_are_typed_errors() {
     }
     let mut h = Harness::new();
     let w = h.primary.add_worker();
-    h.recv(w, &WorkerMessage::Message { payload: vec![] });
+    h.recv(w, &user_message(vec![]));
     assert_eq!(
         h.events()[0],
         Event::Error {
@@ -257,7 +270,7 @@ fn protocol_violations_are_typed_errors() {
     let mut h = Harness::new();
     let w = h.online();
     let mut buf = Vec::new();
-    wire::encode(&WorkerMessage::Message { payload: vec![] }, &mut buf).unwrap();
+    wire::encode(&user_message(vec![]), &mut buf).unwrap();
     h.primary.handle_frame(h.now, w, &buf, 2);
     assert!(h.events().contains(&Event::Error {
         worker: w,
@@ -479,19 +492,89 @@ fn user_messages_are_size_checked_before_queueing() {
     let mut h = Harness::new();
     let w = h.online();
     h.outputs();
-    assert!(h.primary.send_message(w, vec![0; wire::MAX_FRAME]).is_err());
+    let too_large = envelope(vec![0; MAX_MESSAGE + 1]);
+    let refused = h.primary.send_user(w, too_large, Some(9)).unwrap_err();
+    assert_eq!(refused.1, Some(9), "the fd comes back to the caller");
     assert_eq!(h.outputs(), []);
-    h.primary.send_message(w, vec![1, 2]).unwrap();
+    h.primary.send_user(w, envelope(vec![1, 2]), None).unwrap();
     assert_eq!(
         h.outputs(),
         [Out::Send(
             w,
-            PrimaryMessage::Message {
-                payload: vec![1, 2]
-            },
+            PrimaryMessage::User(envelope(vec![1, 2])),
             None
         )]
     );
+}
+
+#[test]
+fn a_large_message_goes_out_in_fragments_with_its_fd_on_the_last_frame() {
+    let mut h = Harness::new();
+    let w = h.online();
+    h.outputs();
+    let payload: Vec<u8> = (0..200_000u32).map(|i| i as u8).collect();
+    h.primary
+        .send_user(w, envelope(payload.clone()), Some(4))
+        .unwrap();
+    let outs = h.outputs();
+    assert_eq!(outs.len(), 200_000 / FRAGMENT_SIZE + 1);
+    let mut joined = Vec::new();
+    for (i, out) in outs.into_iter().enumerate() {
+        match out {
+            Out::Send(to, PrimaryMessage::Fragment { data }, None) if to == w => {
+                joined.extend(data);
+            }
+            Out::Send(to, PrimaryMessage::User(e), Some(Attachment::Owned(4))) if to == w => {
+                assert!(e.fd);
+                joined.extend(e.payload);
+            }
+            other => panic!("frame {i}: {other:?}"),
+        }
+    }
+    assert_eq!(joined, payload);
+}
+
+#[test]
+fn fragments_from_a_worker_are_put_back_together_and_bounded() {
+    let mut h = Harness::new();
+    let w = h.online();
+    h.outputs();
+    h.recv(w, &WorkerMessage::Fragment { data: vec![1, 2] });
+    h.recv(w, &WorkerMessage::Heartbeat);
+    h.recv(w, &user_message(vec![3]));
+    assert_eq!(
+        h.events(),
+        [Event::User {
+            worker: w,
+            envelope: envelope(vec![1, 2, 3]),
+        }]
+    );
+    // A worker that never ends its message is cut off at the limit.
+    let chunk = vec![0; FRAGMENT_SIZE];
+    for _ in 0..=MAX_MESSAGE / chunk.len() {
+        h.recv(
+            w,
+            &WorkerMessage::Fragment {
+                data: chunk.clone(),
+            },
+        );
+    }
+    let events = h.events();
+    assert!(
+        matches!(&events[..], [Event::Error { worker, error: ProtocolError::MessageTooLarge(_) }, Event::Disconnect { .. }] if *worker == w),
+        "{events:?}"
+    );
+}
+
+#[test]
+fn an_fd_sent_to_a_worker_whose_link_closed_is_handed_back_to_be_closed() {
+    let mut h = Harness::new();
+    let w = h.online();
+    h.outputs();
+    h.primary.send_user(w, envelope(vec![1]), Some(5)).unwrap();
+    h.primary.handle_link_closed(h.now, w);
+    let outs = h.outputs();
+    assert!(outs.contains(&Out::Other(Output::Close(5))), "{outs:?}");
 }
 
 #[test]

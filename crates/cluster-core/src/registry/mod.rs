@@ -15,7 +15,8 @@ pub use round_robin::{RoundRobin, RoundRobinError, RoundRobinOutput};
 
 use crate::key::HandleKey;
 use crate::wire::{
-    BoundAddr, Distribution, Errno, HandleId, ListenInfo, ListenRequest, Seq, WorkerId,
+    BoundAddr, Distribution, Errno, HandleId, ListenInfo, ListenRequest, Seq, SocketKind,
+    WorkerId,
 };
 
 /// How TCP and Unix stream connections reach workers (datagram sockets are always shared).
@@ -208,7 +209,8 @@ impl<C: Copy + Eq> Registry<C> {
         let id = HandleId::new(self.next_id);
         self.next_id = self.next_id.wrapping_add(1);
         let distribution = match self.config.policy {
-            _ if key.address_type().is_datagram() => Distribution::Shared,
+            // UDP, and an inherited datagram fd: never round robin.
+            _ if request.kind == SocketKind::Datagram => Distribution::Shared,
             SchedulingPolicy::RoundRobin => Distribution::RoundRobin,
             SchedulingPolicy::Shared => Distribution::Shared,
         };

@@ -13,8 +13,9 @@ use serde::de::DeserializeOwned;
 /// well-behaved peer. Control frames are a few bytes; the bound exists for user messages.
 pub const MAX_FRAME: usize = 64 * 1024;
 
-/// The largest user message payload that fits in one frame: the frame also carries the variant
-/// (one byte) and the payload's length (a varint of three bytes at this size).
+/// The most bytes one frame carries in its one byte-string field (a `Fragment`'s data): the
+/// frame also carries the variant (one byte) and the length (a varint of three bytes at this
+/// size). User messages larger than a frame are split (see [`crate::user`]).
 pub const MAX_PAYLOAD: usize = MAX_FRAME - 4;
 
 /// A frame could not be encoded.
@@ -163,8 +164,8 @@ mod tests {
     #[test]
     fn oversized_message_is_refused_and_buffer_untouched() {
         let mut buf = vec![7, 7];
-        let msg = WorkerMessage::Message {
-            payload: vec![0; MAX_FRAME],
+        let msg = WorkerMessage::Fragment {
+            data: vec![0; MAX_FRAME],
         };
         let err = encode(&msg, &mut buf).unwrap_err();
         assert!(
@@ -177,15 +178,15 @@ mod tests {
     #[test]
     fn largest_message_that_fits_is_accepted() {
         let payload_len = MAX_PAYLOAD;
-        let msg = WorkerMessage::Message {
-            payload: vec![1; payload_len],
+        let msg = WorkerMessage::Fragment {
+            data: vec![1; payload_len],
         };
         let mut buf = Vec::new();
         encode(&msg, &mut buf).unwrap();
         assert_eq!(buf.len(), MAX_FRAME);
         assert_eq!(decode::<WorkerMessage>(&buf).unwrap(), msg);
-        let one_more = WorkerMessage::Message {
-            payload: vec![1; MAX_PAYLOAD + 1],
+        let one_more = WorkerMessage::Fragment {
+            data: vec![1; MAX_PAYLOAD + 1],
         };
         assert!(encode(&one_more, &mut Vec::new()).is_err());
     }

@@ -244,11 +244,8 @@ pub enum WorkerMessage {
         /// The request number.
         seq: Seq,
     },
-    /// A user message; `payload` is opaque to the core.
-    Message {
-        /// The encoded user value.
-        payload: Vec<u8>,
-    },
+    /// A user message, request or reply; with `fd`, one fd is attached.
+    User(Envelope),
     /// Gives back a connection of `handle` that the worker acked but will not serve (its
     /// listener closed before the application accepted it); exactly one fd is attached. The
     /// primary hands it to another worker, or closes it if none is left.
@@ -260,6 +257,12 @@ pub enum WorkerMessage {
     /// sending it, and the primary kills a worker it has heard nothing from for its heartbeat
     /// timeout.
     Heartbeat,
+    /// The next bytes of the payload of the next [`WorkerMessage::User`] (a message larger than
+    /// one frame travels as fragments and a final `User`; see [`crate::user`]).
+    Fragment {
+        /// A slice of the payload.
+        data: Vec<u8>,
+    },
 }
 
 /// Messages from the primary to a worker.
@@ -295,11 +298,46 @@ pub enum PrimaryMessage {
         /// The `seq` of the request.
         ack: Seq,
     },
-    /// A user message; `payload` is opaque to the core.
-    Message {
-        /// The encoded user value.
-        payload: Vec<u8>,
+    /// A user message, request or reply; with `fd`, one fd is attached.
+    User(Envelope),
+    /// The next bytes of the payload of the next [`PrimaryMessage::User`].
+    Fragment {
+        /// A slice of the payload.
+        data: Vec<u8>,
     },
+}
+
+/// What a user frame is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum UserKind {
+    /// A message; nothing answers it.
+    Message,
+    /// A request, answered by one `Reply` or `Refusal` with the same number.
+    Request {
+        /// The request number, chosen by the sender (unique per link and direction).
+        seq: Seq,
+    },
+    /// The answer to a request.
+    Reply {
+        /// The request's `seq`.
+        ack: Seq,
+    },
+    /// A request that was not answered: the payload is the reason, as UTF-8 text.
+    Refusal {
+        /// The request's `seq`.
+        ack: Seq,
+    },
+}
+
+/// A user frame: a postcard-encoded user value, opaque to the core, and maybe one fd.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Envelope {
+    /// Message, request or reply.
+    pub kind: UserKind,
+    /// Whether one fd travels with this frame.
+    pub fd: bool,
+    /// The encoded value (the whole of it, once fragments are put back together).
+    pub payload: Vec<u8>,
 }
 
 /// Socket addresses on the wire. serde's own encoding of `SocketAddrV6` drops `flowinfo` and
@@ -356,6 +394,7 @@ impl PrimaryMessage {
     pub fn fd_count(&self) -> usize {
         match self {
             Self::NewConn { .. } => 1,
+            Self::User(Envelope { fd: true, .. }) => 1,
             Self::ListenReply {
                 result:
                     Ok(ListenInfo {
@@ -373,7 +412,7 @@ impl WorkerMessage {
     /// How many fds must travel with this message (one with `Return`).
     pub fn fd_count(&self) -> usize {
         match self {
-            Self::Return { .. } => 1,
+            Self::Return { .. } | Self::User(Envelope { fd: true, .. }) => 1,
             _ => 0,
         }
     }
