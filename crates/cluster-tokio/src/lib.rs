@@ -13,10 +13,11 @@
 mod entry;
 mod ipc;
 mod listener;
-mod payload;
+mod message;
 mod primary;
 mod role;
 mod settings;
+mod socket;
 mod supervisor;
 mod sys;
 mod worker;
@@ -24,7 +25,8 @@ mod worker;
 pub use entry::{
     ENV_WORKERS, Flavor, MainOutput, Role, RuntimeOptions, run, run_workers, shutdown, worker_count,
 };
-pub use listener::ClusterListener;
+pub use listener::{ClusterListener, ClusterUdpSocket, ClusterUnixListener, ListenOptions};
+pub use message::{DEFAULT_REQUEST_TIMEOUT, RequestError};
 pub use primary::{
     Event, Events, ListenAddress, Message, Primary, ReloadAborted, ReloadReport, Stats,
     WorkerHandle, WorkerStats,

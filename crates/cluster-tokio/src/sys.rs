@@ -1,5 +1,6 @@
-//! The crate's only `unsafe` code: what must happen between `fork` and `exec` of a worker, and
-//! taking over the inherited IPC fd and environment in the worker before any thread starts.
+//! The crate's only `unsafe` code: what must happen between `fork` and `exec` of a worker,
+//! taking over the inherited IPC fd and environment in the worker before any thread starts, and
+//! the few raw fd calls std and socket2 do not offer (`accept4` without a reactor, `fcntl`).
 
 use std::io;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
@@ -172,9 +173,27 @@ pub(crate) fn accept(listener: std::os::fd::BorrowedFd<'_>) -> io::Result<OwnedF
 
 /// Registers a listening socket with the reactor, for readiness only (see [`accept`]).
 pub(crate) fn register_listener(
-    listener: std::net::TcpListener,
-) -> io::Result<tokio::io::unix::AsyncFd<std::net::TcpListener>> {
-    // SAFETY: the `TcpListener` owns its fd, is moved into the `AsyncFd` and stays there, and
+    listener: OwnedFd,
+) -> io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
+    // SAFETY: the `OwnedFd` owns its fd, is moved into the `AsyncFd` and stays there, and
     // returns the same open fd for as long as it lives.
     Ok(unsafe { tokio::io::unix::AsyncFd::register(listener) }?)
+}
+
+/// A close-on-exec duplicate of fd number `fd` of this process (Node's `listen({ fd })`): the
+/// caller gets its own copy and the original stays where it was.
+///
+/// # Errors
+///
+/// `EBADF` when `fd` is not open.
+pub(crate) fn duplicate_fd(fd: RawFd) -> io::Result<OwnedFd> {
+    // The stdio fds are never sockets a cluster listens on, and `F_DUPFD_CLOEXEC` only reads `fd`.
+    // SAFETY: fcntl(F_DUPFD_CLOEXEC) on any integer is memory-safe: it fails with EBADF when
+    // `fd` is not open and otherwise returns a new fd, which we own at once.
+    let duplicate = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 3) };
+    if duplicate < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fcntl returned a new, open fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(duplicate) })
 }

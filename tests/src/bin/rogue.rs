@@ -16,7 +16,7 @@ fn main() {
         "fd" => {
             let stdin = std::io::stdin();
             cluster_tests::send_raw_on_link(&online, None)
-                .and_then(|()| cluster_tests::send_raw_on_link(&[7, 0], Some(stdin.as_fd())))
+                .and_then(|()| cluster_tests::send_raw_on_link(&[9], Some(stdin.as_fd())))
         }
         other => panic!("unknown offence {other}"),
     };

@@ -15,8 +15,7 @@ pub use round_robin::{RoundRobin, RoundRobinError, RoundRobinOutput};
 
 use crate::key::HandleKey;
 use crate::wire::{
-    BoundAddr, Distribution, Errno, HandleId, ListenInfo, ListenRequest, Seq, SocketKind,
-    WorkerId,
+    BoundAddr, Distribution, Errno, HandleId, ListenInfo, ListenRequest, Seq, SocketKind, WorkerId,
 };
 
 /// How TCP and Unix stream connections reach workers (datagram sockets are always shared).

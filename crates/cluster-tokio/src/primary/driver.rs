@@ -6,7 +6,6 @@ use std::collections::{HashMap, VecDeque};
 use std::ffi::OsString;
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::process::ExitStatusExt;
 use std::pin::Pin;
@@ -14,8 +13,8 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use proto::wire::{BoundAddr, Distribution, Errno, ListenRequest, ListenTarget, SocketKind};
-use proto::{Attachment, ExitStatus, HandleId, Output, WorkerId};
+use proto::wire::{BoundAddr, Distribution, Envelope, Errno, ListenRequest, SocketKind, UserKind};
+use proto::{Attachment, ExitStatus, HandleId, Output, Seq, WorkerId};
 use slab::Slab;
 use socket2::{Domain, Socket, Type};
 use tokio::io::unix::AsyncFd;
@@ -27,7 +26,9 @@ use super::{
     spawn,
 };
 use crate::ipc::{Channel, Received};
+use crate::message::{Answer, PendingRequests, ReplySender};
 use crate::settings::Settings;
+use crate::socket::{self, SocketFile};
 
 /// What the driver is asked to do, or told, from outside its `poll`.
 pub(crate) enum Input {
@@ -41,6 +42,17 @@ pub(crate) enum Input {
     Send {
         worker: WorkerId,
         payload: Vec<u8>,
+        fd: Option<OwnedFd>,
+    },
+    Request {
+        worker: WorkerId,
+        payload: Vec<u8>,
+        reply: ReplySender,
+    },
+    Answer {
+        worker: WorkerId,
+        ack: Seq,
+        answer: Answer,
     },
     Exited {
         worker: WorkerId,
@@ -59,22 +71,30 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 struct Link {
     channel: Channel,
     outgoing: VecDeque<(Vec<u8>, Option<Attachment<usize>>)>,
+    /// The primary's requests to this worker; dropped with the link, which fails them.
+    requests: PendingRequests,
 }
 
-enum Listener {
+struct Listener {
+    socket: ListenerSocket,
+    /// The Unix socket file, removed with the handle.
+    _file: Option<SocketFile>,
+}
+
+enum ListenerSocket {
     /// Round robin: the primary accepts. Readiness comes from the reactor, but accepted
     /// connections are never registered with it: the primary only passes them on, so
     /// registering would cost two `epoll_ctl` per connection for nothing.
-    Accepting(AsyncFd<std::net::TcpListener>),
-    /// Shared: the fd is sent to workers, who accept on it.
-    Shared(std::net::TcpListener),
+    Accepting(AsyncFd<OwnedFd>),
+    /// Shared: the fd is sent to workers, who accept (or receive datagrams) on it.
+    Shared(OwnedFd),
 }
 
 impl Listener {
     fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
-        match self {
-            Self::Accepting(l) => l.get_ref().as_fd(),
-            Self::Shared(l) => l.as_fd(),
+        match &self.socket {
+            ListenerSocket::Accepting(l) => l.get_ref().as_fd(),
+            ListenerSocket::Shared(l) => l.as_fd(),
         }
     }
 }
@@ -141,10 +161,32 @@ impl Driver {
                 Input::Disconnect { worker } => {
                     self.core.disconnect(now(), worker);
                 }
-                Input::Send { worker, payload } => {
-                    if let Err(error) = self.core.send_message(worker, payload) {
-                        tracing::warn!(%worker, %error, "message not sent");
+                Input::Send {
+                    worker,
+                    payload,
+                    fd,
+                } => self.send_user(worker, UserKind::Message, payload, fd),
+                Input::Request {
+                    worker,
+                    payload,
+                    reply,
+                } => {
+                    // No link: the reply sender is dropped, which fails the request.
+                    if let Some(link) = self.links.get_mut(&worker) {
+                        let seq = link.requests.start(reply);
+                        self.send_user(worker, UserKind::Request { seq }, payload, None);
                     }
+                }
+                Input::Answer {
+                    worker,
+                    ack,
+                    answer,
+                } => {
+                    let (kind, payload) = match answer {
+                        Answer::Reply(payload) => (UserKind::Reply { ack }, payload),
+                        Answer::Refusal(reason) => (UserKind::Refusal { ack }, reason.into_bytes()),
+                    };
+                    self.send_user(worker, kind, payload, None);
                 }
                 Input::Exited { worker, status } => self.core.handle_exit(worker, status),
                 Input::Stats { reply } => {
@@ -205,7 +247,11 @@ impl Driver {
                 if !self.core.wants_connections(handle) {
                     break;
                 }
-                let Some(Listener::Accepting(listener)) = self.listeners.get(&handle) else {
+                let Some(Listener {
+                    socket: ListenerSocket::Accepting(listener),
+                    ..
+                }) = self.listeners.get(&handle)
+                else {
                     break;
                 };
                 let accepted = match listener.poll_read_ready(cx) {
@@ -275,6 +321,7 @@ impl Driver {
                     Some(Attachment::Listener(handle)) => {
                         self.listeners.get(handle).map(Listener::as_fd)
                     }
+                    Some(Attachment::Owned(fd)) => self.conns.get(*fd).map(AsFd::as_fd),
                 };
                 if attachment.is_some() && fd.is_none() {
                     // The core keeps a handed-off connection until acked, so this is a bug; a
@@ -287,7 +334,10 @@ impl Driver {
                     Poll::Pending => break,
                     Poll::Ready(Ok(())) => {
                         progress = true;
-                        link.outgoing.pop_front();
+                        // A user's fd was copied into the datagram: the primary's copy goes.
+                        if let Some((_, Some(Attachment::Owned(fd)))) = link.outgoing.pop_front() {
+                            self.conns.try_remove(fd);
+                        }
                     }
                     Poll::Ready(Err(error)) => {
                         tracing::debug!(worker = %id, %error, "link send failed");
@@ -352,9 +402,9 @@ impl Driver {
         // Only a TCP stream may enter the connection slab; anything else is closed.
         let socket = Socket::from(fd);
         if !matches!(socket.r#type(), Ok(t) if t == Type::STREAM)
-            || !matches!(socket.domain(), Ok(d) if d == Domain::IPV4 || d == Domain::IPV6)
+            || !matches!(socket.domain(), Ok(d) if d == Domain::IPV4 || d == Domain::IPV6 || d == Domain::UNIX)
         {
-            tracing::warn!(%worker, "a worker gave back something that is not a TCP connection");
+            tracing::warn!(%worker, "a worker gave back something that is not a connection");
             return;
         }
         let conn = self.conns.insert(socket.into());
@@ -388,13 +438,46 @@ impl Driver {
                     address: ListenAddress::from_bound(addr),
                 }
             }
-            proto::Event::Message { worker, payload } => {
+            proto::Event::User { worker, envelope } => {
+                let fd = if envelope.fd { self.fds.pop() } else { None };
+                let responder = match envelope.kind {
+                    UserKind::Message => None,
+                    UserKind::Request { seq } => {
+                        let tx = self.input_tx.downgrade();
+                        let responder: crate::message::Responder = Box::new(move |answer| {
+                            tx.upgrade()
+                                .and_then(|tx| {
+                                    tx.send(Input::Answer {
+                                        worker,
+                                        ack: seq,
+                                        answer,
+                                    })
+                                    .ok()
+                                })
+                                .ok_or_else(super::stopped)
+                        });
+                        Some(responder)
+                    }
+                    UserKind::Reply { ack } => {
+                        if let Some(link) = self.links.get_mut(&worker) {
+                            link.requests.finish(ack, Answer::Reply(envelope.payload));
+                        }
+                        return;
+                    }
+                    UserKind::Refusal { ack } => {
+                        if let Some(link) = self.links.get_mut(&worker) {
+                            let reason = String::from_utf8_lossy(&envelope.payload).into_owned();
+                            link.requests.finish(ack, Answer::Refusal(reason));
+                        }
+                        return;
+                    }
+                };
                 let Some(w) = handle(&self.workers, &worker) else {
                     return;
                 };
                 Event::Message {
                     worker: w,
-                    message: Message::new(payload),
+                    message: Message::new(envelope.payload, fd, responder),
                 }
             }
             proto::Event::Disconnect { worker } => {
@@ -501,6 +584,7 @@ impl Driver {
             Link {
                 channel: Channel::new(socket),
                 outgoing: VecDeque::new(),
+                requests: PendingRequests::default(),
             },
         );
         let tx = self.input_tx.clone();
@@ -538,51 +622,50 @@ impl Driver {
         request: &ListenRequest,
         distribution: Distribution,
     ) -> Result<BoundAddr, Errno> {
-        const EAFNOSUPPORT: Errno = Errno(97);
-        const EOPNOTSUPP: Errno = Errno(95);
-        let ListenTarget::Ip(addr) = request.target else {
-            return Err(EAFNOSUPPORT);
-        };
-        if request.kind != SocketKind::Stream {
-            return Err(EOPNOTSUPP);
-        }
-        let backlog = if request.backlog > 0 {
-            request.backlog
-        } else {
-            self.settings.backlog
-        };
         let errno = |e: io::Error| Errno(e.raw_os_error().unwrap_or(Errno::EINVAL.0));
-        let (listener, local) = bind_tcp(addr, request.flags.ipv6_only, backlog).map_err(errno)?;
-        let listener = match distribution {
-            Distribution::RoundRobin => {
-                Listener::Accepting(crate::sys::register_listener(listener).map_err(errno)?)
-            }
-            Distribution::Shared => Listener::Shared(listener),
+        let bound = socket::bind(request, self.settings.backlog, false).map_err(errno)?;
+        let (fd, addr, file) = socket::into_fd(bound);
+        // An inherited datagram socket cannot be accepted on, whatever the policy.
+        let accepting =
+            distribution == Distribution::RoundRobin && request.kind == SocketKind::Stream;
+        let socket = if accepting {
+            ListenerSocket::Accepting(crate::sys::register_listener(fd).map_err(errno)?)
+        } else {
+            ListenerSocket::Shared(fd)
         };
-        self.listeners.insert(handle, listener);
-        Ok(BoundAddr::Ip(local))
+        self.listeners.insert(
+            handle,
+            Listener {
+                socket,
+                _file: file,
+            },
+        );
+        Ok(addr)
     }
-}
 
-fn bind_tcp(
-    addr: SocketAddr,
-    ipv6_only: bool,
-    backlog: u32,
-) -> io::Result<(std::net::TcpListener, SocketAddr)> {
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
-    // As libuv does for every TCP listener: rebinding a port in TIME_WAIT must work.
-    socket.set_reuse_address(true)?;
-    if addr.is_ipv6() {
-        socket.set_only_v6(ipv6_only)?;
+    /// Queues a user frame for `worker`; an fd waits in the connection slab until sent.
+    fn send_user(
+        &mut self,
+        worker: WorkerId,
+        kind: UserKind,
+        payload: Vec<u8>,
+        fd: Option<OwnedFd>,
+    ) {
+        let envelope = Envelope {
+            kind,
+            fd: fd.is_some(),
+            payload,
+        };
+        let token = fd.map(|fd| self.conns.insert(fd));
+        // Sizes were checked when the value was encoded.
+        if let Err((error, token)) = self.core.send_user(worker, envelope, token) {
+            tracing::warn!(%worker, %error, "message not sent");
+            if let Some(token) = token {
+                self.conns.remove(token);
+            }
+        }
+        self.drain_core();
     }
-    socket.bind(&addr.into())?;
-    socket.listen(i32::try_from(backlog).unwrap_or(i32::MAX))?;
-    socket.set_nonblocking(true)?;
-    let local = socket
-        .local_addr()?
-        .as_socket()
-        .ok_or(io::ErrorKind::InvalidData)?;
-    Ok((socket.into(), local))
 }
 
 /// Errors that concern one connection only (the next accept may succeed).

@@ -16,8 +16,13 @@ use std::time::Duration;
 
 use proto::wire::BoundAddr;
 use proto::{ExitStatus, KillReason, ProtocolError, WorkerId, WorkerState};
+use std::os::fd::OwnedFd;
+
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+
+pub use crate::message::Message;
+use crate::message::{DEFAULT_REQUEST_TIMEOUT, RequestError};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::settings::Settings;
@@ -127,6 +132,27 @@ impl Primary {
             .send(Input::Fork { env, reply })
             .map_err(|_| stopped())?;
         rx.await.map_err(|_| stopped())?
+    }
+
+    /// Sends `value` to every connected worker (Node's loop over `cluster.workers`); returns how
+    /// many it was sent to.
+    ///
+    /// # Errors
+    ///
+    /// As [`WorkerHandle::send`].
+    pub fn broadcast<T: Serialize + ?Sized>(&self, value: &T) -> io::Result<usize> {
+        let payload = crate::message::encode(value)?;
+        let mut sent = 0;
+        for worker in self.workers().iter().filter(|w| w.is_connected()) {
+            let input = Input::Send {
+                worker: worker.id(),
+                payload: payload.clone(),
+                fd: None,
+            };
+            self.tx.send(input).map_err(|_| stopped())?;
+            sent += 1;
+        }
+        Ok(sent)
     }
 
     /// A stream of everything that happens to workers from now on, in Node's order per worker
@@ -419,30 +445,6 @@ impl fmt::Display for ListenAddress {
     }
 }
 
-/// A message from a worker, encoded with postcard.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Message(Vec<u8>);
-
-impl Message {
-    pub(crate) fn new(bytes: Vec<u8>) -> Self {
-        Self(bytes)
-    }
-
-    /// Decodes the message as `T` (the type the worker sent).
-    ///
-    /// # Errors
-    ///
-    /// The bytes are not a `T`.
-    pub fn decode<T: DeserializeOwned>(&self) -> Result<T, postcard::Error> {
-        postcard::from_bytes(&self.0)
-    }
-
-    /// The encoded bytes.
-    pub fn as_bytes(&self) -> &[u8] {
-        &self.0
-    }
-}
-
 /// Something that happened to a worker (Node's cluster events).
 #[derive(Clone, Debug)]
 #[non_exhaustive]
@@ -458,7 +460,7 @@ pub enum Event {
         /// Where.
         address: ListenAddress,
     },
-    /// It sent a message.
+    /// It sent a message or a request (answer it with [`Message::reply`]).
     Message {
         /// The sender.
         worker: WorkerHandle,
@@ -604,21 +606,85 @@ impl WorkerHandle {
     }
 
     /// Sends it a message, encoded with postcard, which the worker reads with
-    /// `Worker::recv`. Messages to a disconnected worker are dropped, as Node's `send` on a
-    /// closed channel.
+    /// [`Worker::recv`](crate::Worker::recv). Messages arrive in order; values larger than one
+    /// frame are split and put back together transparently, up to 16 MiB
+    /// ([`MAX_MESSAGE`](proto::user::MAX_MESSAGE)). Messages to a disconnected worker are
+    /// dropped, as Node's `send` on a closed channel.
     ///
     /// # Errors
     ///
-    /// The value cannot be encoded, or is larger than one frame
-    /// ([`proto::wire::MAX_FRAME`]).
+    /// The value cannot be encoded or is over 16 MiB (`InvalidInput`; nothing is sent).
     pub fn send<T: Serialize + ?Sized>(&self, value: &T) -> io::Result<()> {
-        let payload = crate::payload::encode(value)?;
+        self.send_fd(value, None)
+    }
+
+    /// Sends it a message with a file descriptor, such as a socket (`std::net::TcpStream`,
+    /// `UdpSocket`, `UnixStream`, any `OwnedFd`): the worker gets its own copy, with
+    /// [`Message::take_fd`]. The primary's copy is closed once sent.
+    ///
+    /// # Errors
+    ///
+    /// As [`Self::send`]; on error the fd is closed.
+    pub fn send_with_fd<T: Serialize + ?Sized>(
+        &self,
+        value: &T,
+        fd: impl Into<OwnedFd>,
+    ) -> io::Result<()> {
+        self.send_fd(value, Some(fd.into()))
+    }
+
+    fn send_fd<T: Serialize + ?Sized>(&self, value: &T, fd: Option<OwnedFd>) -> io::Result<()> {
+        let payload = crate::message::encode(value)?;
         self.tx
             .send(Input::Send {
                 worker: self.id(),
                 payload,
+                fd,
             })
             .map_err(|_| stopped())
+    }
+
+    /// Asks the worker and waits for its answer (up to [`DEFAULT_REQUEST_TIMEOUT`], 30 s): the
+    /// worker gets a message from [`Worker::recv_message`](crate::Worker::recv_message) that
+    /// [`is_request`](Message::is_request), and answers with [`Message::reply`].
+    ///
+    /// # Errors
+    ///
+    /// [`RequestError`]: no answer in time, refused, the worker disconnected, or a reply of
+    /// another type.
+    pub async fn request<Q, R>(&self, request: &Q) -> Result<R, RequestError>
+    where
+        Q: Serialize + ?Sized,
+        R: DeserializeOwned,
+    {
+        self.request_with_timeout(request, DEFAULT_REQUEST_TIMEOUT)
+            .await
+    }
+
+    /// [`Self::request`] with its own timeout.
+    ///
+    /// # Errors
+    ///
+    /// As [`Self::request`].
+    pub async fn request_with_timeout<Q, R>(
+        &self,
+        request: &Q,
+        timeout: Duration,
+    ) -> Result<R, RequestError>
+    where
+        Q: Serialize + ?Sized,
+        R: DeserializeOwned,
+    {
+        let payload = crate::message::encode(request).map_err(RequestError::Send)?;
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Input::Request {
+                worker: self.id(),
+                payload,
+                reply,
+            })
+            .map_err(|_| RequestError::Disconnected)?;
+        crate::message::await_reply(rx, timeout).await
     }
 
     /// Asks it to disconnect gracefully (close its listeners, finish its connections, exit) and

@@ -3,18 +3,17 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
-use std::net::SocketAddr;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 
-use proto::wire::{BoundAddr, Distribution, ListenInfo, ListenRequest};
+use proto::wire::{BoundAddr, Distribution, Envelope, ListenInfo, ListenRequest, UserKind};
 use proto::{HandleId, Seq, SessionEvent, SessionOutput, WorkerSession};
-use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_seqpacket::UnixSeqpacket;
 
 use super::queue::{HandoffQueue, Offer};
 use crate::ipc::{Channel, Received};
+use crate::message::{Answer, Message, PendingRequests, ReplySender};
 
 pub(crate) enum Command {
     Listen {
@@ -29,10 +28,19 @@ pub(crate) enum Command {
     },
     GiveBack {
         handle: HandleId,
-        streams: Vec<TcpStream>,
+        conns: Vec<OwnedFd>,
     },
     Send {
         payload: Vec<u8>,
+        fd: Option<OwnedFd>,
+    },
+    Request {
+        payload: Vec<u8>,
+        reply: ReplySender,
+    },
+    Answer {
+        ack: Seq,
+        answer: Answer,
     },
     Disconnect {
         reply: oneshot::Sender<io::Result<()>>,
@@ -41,14 +49,17 @@ pub(crate) enum Command {
 
 /// What a successful listen gives the listener.
 pub(crate) enum Granted {
+    /// Connections come through `queue`.
     RoundRobin {
         handle: HandleId,
-        addr: SocketAddr,
+        addr: BoundAddr,
         queue: Arc<HandoffQueue>,
     },
+    /// The primary's socket itself.
     Shared {
         handle: HandleId,
-        listener: TcpListener,
+        addr: BoundAddr,
+        socket: OwnedFd,
     },
 }
 
@@ -56,13 +67,17 @@ pub(crate) struct Driver {
     channel: Channel,
     session: WorkerSession,
     commands: mpsc::UnboundedReceiver<Command>,
+    /// For answers to requests from the primary (weak: the driver must not keep itself alive).
+    answers: mpsc::WeakUnboundedSender<Command>,
     shutdown: watch::Sender<bool>,
     connected: watch::Sender<bool>,
-    messages: mpsc::UnboundedSender<Vec<u8>>,
+    messages: mpsc::UnboundedSender<Message>,
     listens: HashMap<Seq, oneshot::Sender<io::Result<Granted>>>,
     queues: HashMap<HandleId, Arc<HandoffQueue>>,
-    /// Connections given back, in the order of their `Return` frames.
-    returning: VecDeque<OwnedFd>,
+    /// Fds to attach to frames that carry one (`Return`, a user message with an fd), in the order
+    /// of those frames.
+    attachments: VecDeque<OwnedFd>,
+    requests: PendingRequests,
     disconnect: Option<oneshot::Sender<io::Result<()>>>,
     /// This worker left on purpose and the primary acknowledged: the link is done.
     left: bool,
@@ -74,20 +89,23 @@ impl Driver {
     pub(crate) fn new(
         socket: UnixSeqpacket,
         commands: mpsc::UnboundedReceiver<Command>,
+        answers: mpsc::WeakUnboundedSender<Command>,
         shutdown: watch::Sender<bool>,
         connected: watch::Sender<bool>,
-        messages: mpsc::UnboundedSender<Vec<u8>>,
+        messages: mpsc::UnboundedSender<Message>,
     ) -> Self {
         Self {
             channel: Channel::new(socket),
             session: WorkerSession::new(std::process::id()),
             commands,
+            answers,
             shutdown,
             connected,
             messages,
             listens: HashMap::new(),
             queues: HashMap::new(),
-            returning: VecDeque::new(),
+            attachments: VecDeque::new(),
+            requests: PendingRequests::default(),
             disconnect: None,
             left: false,
             outgoing: VecDeque::new(),
@@ -140,7 +158,7 @@ impl Driver {
             match output {
                 SessionOutput::Transmit { with_fd } => {
                     let fd = if with_fd {
-                        self.returning.pop_front()
+                        self.attachments.pop_front()
                     } else {
                         None
                     };
@@ -181,19 +199,14 @@ impl Driver {
                 }
             }
             SessionEvent::Connection { seq, handle } => {
-                let accepted = match fds
-                    .pop()
-                    .map(|fd| TcpStream::from_std(std::net::TcpStream::from(fd)))
-                {
-                    Some(Ok(stream)) => self.deliver(handle, stream),
-                    _ => false,
+                let accepted = match fds.pop() {
+                    Some(conn) => self.deliver(handle, conn),
+                    None => false,
                 };
                 // The session offered it, so answering cannot fail.
                 let _ = self.session.accept(seq, accepted);
             }
-            SessionEvent::Message { payload } => {
-                let _ = self.messages.send(payload);
-            }
+            SessionEvent::User { envelope } => self.user(envelope, fds),
             SessionEvent::DisconnectRequested => self.stop_serving(),
             SessionEvent::DisconnectAcked => {
                 self.left = true;
@@ -207,8 +220,9 @@ impl Driver {
 
     fn grant(&mut self, info: ListenInfo, fds: &mut Vec<OwnedFd>) -> io::Result<Granted> {
         let handle = info.handle;
-        let granted = match (info.distribution, info.addr) {
-            (Distribution::RoundRobin, BoundAddr::Ip(addr)) => {
+        let addr = info.addr;
+        let granted = match info.distribution {
+            Distribution::RoundRobin => {
                 let queue = Arc::new(HandoffQueue::default());
                 self.queues.insert(handle, queue.clone());
                 Ok(Granted::RoundRobin {
@@ -217,21 +231,16 @@ impl Driver {
                     queue,
                 })
             }
-            (Distribution::Shared, BoundAddr::Ip(_)) => fds
+            Distribution::Shared => fds
                 .pop()
                 .ok_or_else(|| {
                     io::Error::new(io::ErrorKind::InvalidData, "shared listener without its fd")
                 })
-                .and_then(|fd| {
-                    let listener = std::net::TcpListener::from(fd);
-                    listener.set_nonblocking(true)?;
-                    TcpListener::from_std(listener)
-                })
-                .map(|listener| Granted::Shared { handle, listener }),
-            (_, BoundAddr::Path(_)) => Err(io::Error::new(
-                io::ErrorKind::Unsupported,
-                "unix socket listeners are not supported yet",
-            )),
+                .map(|socket| Granted::Shared {
+                    handle,
+                    addr,
+                    socket,
+                }),
         };
         if granted.is_err() {
             self.close(handle);
@@ -239,13 +248,55 @@ impl Driver {
         granted
     }
 
+    /// A user message, request or answer from the primary.
+    fn user(&mut self, envelope: Envelope, fds: &mut Vec<OwnedFd>) {
+        let fd = if envelope.fd { fds.pop() } else { None };
+        let responder = match envelope.kind {
+            UserKind::Message => None,
+            UserKind::Request { seq } => {
+                let answers = self.answers.clone();
+                let responder: crate::message::Responder = Box::new(move |answer| {
+                    answers
+                        .upgrade()
+                        .and_then(|tx| tx.send(Command::Answer { ack: seq, answer }).ok())
+                        .ok_or_else(super::not_connected)
+                });
+                Some(responder)
+            }
+            UserKind::Reply { ack } => {
+                return self.requests.finish(ack, Answer::Reply(envelope.payload));
+            }
+            UserKind::Refusal { ack } => {
+                let reason = String::from_utf8_lossy(&envelope.payload).into_owned();
+                return self.requests.finish(ack, Answer::Refusal(reason));
+            }
+        };
+        let _ = self
+            .messages
+            .send(Message::new(envelope.payload, fd, responder));
+    }
+
+    /// Queues a user frame; its fd, if any, goes with it.
+    fn send_user(&mut self, kind: UserKind, payload: Vec<u8>, fd: Option<OwnedFd>) {
+        let envelope = Envelope {
+            kind,
+            fd: fd.is_some(),
+            payload,
+        };
+        // Sizes were checked when the value was encoded.
+        match self.session.send_user(envelope) {
+            Ok(()) => self.attachments.extend(fd),
+            Err(error) => tracing::warn!(%error, "message to the primary not sent"),
+        }
+    }
+
     /// Hands a connection to its listener; false if the listener is full or gone (the primary
     /// then offers it elsewhere, and offers this worker nothing more until `Ready`).
-    fn deliver(&mut self, handle: HandleId, stream: TcpStream) -> bool {
+    fn deliver(&mut self, handle: HandleId, conn: OwnedFd) -> bool {
         let Some(queue) = self.queues.get(&handle) else {
             return false;
         };
-        match queue.offer(stream) {
+        match queue.offer(conn) {
             Offer::Taken => true,
             Offer::Full => false,
             Offer::Closed => {
@@ -256,15 +307,10 @@ impl Driver {
     }
 
     /// Gives connections of `handle` back to the primary, to be served by another worker.
-    fn give_back(&mut self, handle: HandleId, streams: Vec<TcpStream>) {
-        for stream in streams {
-            match stream.into_std() {
-                Ok(stream) => {
-                    self.session.give_back(handle);
-                    self.returning.push_back(stream.into());
-                }
-                Err(error) => tracing::warn!(%error, "could not give a connection back"),
-            }
+    fn give_back(&mut self, handle: HandleId, conns: Vec<OwnedFd>) {
+        for conn in conns {
+            self.session.give_back(handle);
+            self.attachments.push_back(conn);
         }
     }
 
@@ -307,12 +353,18 @@ impl Driver {
             }
             Command::Close { handle } => self.close(handle),
             Command::Ready { handle } => self.session.ready(handle),
-            Command::GiveBack { handle, streams } => self.give_back(handle, streams),
-            Command::Send { payload } => {
-                if let Err(error) = self.session.send_message(payload) {
-                    tracing::warn!(%error, "message to the primary not sent");
-                }
+            Command::GiveBack { handle, conns } => self.give_back(handle, conns),
+            Command::Send { payload, fd } => self.send_user(UserKind::Message, payload, fd),
+            Command::Request { payload, reply } => {
+                let seq = self.requests.start(reply);
+                self.send_user(UserKind::Request { seq }, payload, None);
             }
+            Command::Answer { ack, answer } => match answer {
+                Answer::Reply(payload) => self.send_user(UserKind::Reply { ack }, payload, None),
+                Answer::Refusal(reason) => {
+                    self.send_user(UserKind::Refusal { ack }, reason.into_bytes(), None);
+                }
+            },
             Command::Disconnect { reply } => {
                 self.stop_serving();
                 match self.session.exit_after_disconnect() {

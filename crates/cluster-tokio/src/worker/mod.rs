@@ -15,6 +15,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::{Mutex, mpsc, oneshot, watch};
 
+use crate::message::{DEFAULT_REQUEST_TIMEOUT, Message, RequestError};
+
 pub(crate) use driver::Granted;
 use driver::{Command, Driver};
 pub(crate) use queue::HandoffQueue;
@@ -35,7 +37,7 @@ struct Inner {
     commands: mpsc::UnboundedSender<Command>,
     shutdown: watch::Receiver<bool>,
     connected: watch::Receiver<bool>,
-    messages: Mutex<mpsc::UnboundedReceiver<Vec<u8>>>,
+    messages: Mutex<mpsc::UnboundedReceiver<Message>>,
 }
 
 impl fmt::Debug for Worker {
@@ -73,7 +75,15 @@ impl Worker {
                 messages: Mutex::new(messages),
             }),
         };
-        let driver = Driver::new(socket, command_rx, shutdown_tx, connected_tx, message_tx);
+        let answers = worker.inner.commands.downgrade();
+        let driver = Driver::new(
+            socket,
+            command_rx,
+            answers,
+            shutdown_tx,
+            connected_tx,
+            message_tx,
+        );
         tokio::spawn(driver.run());
         Ok(CURRENT.get_or_init(|| worker).clone())
     }
@@ -102,25 +112,91 @@ impl Worker {
     }
 
     /// Sends a message to the primary, encoded with postcard; it arrives as
-    /// `Event::Message`.
+    /// [`Event::Message`](crate::Event::Message). Messages arrive in the order they are sent.
+    /// Values larger than one frame are split and put back together transparently, up to
+    /// [`MAX_MESSAGE`](proto::user::MAX_MESSAGE) (16 MiB).
     ///
     /// # Errors
     ///
-    /// The value cannot be encoded or is larger than one frame.
+    /// The value cannot be encoded or is over 16 MiB (`InvalidInput`, nothing is sent), or the
+    /// link is closed (`NotConnected`).
     pub fn send<T: Serialize + ?Sized>(&self, value: &T) -> io::Result<()> {
-        let payload = crate::payload::encode(value)?;
-        self.command(Command::Send { payload })
+        let payload = crate::message::encode(value)?;
+        self.command(Command::Send { payload, fd: None })
+    }
+
+    /// Sends a message with a file descriptor, such as a socket (`std::net::TcpStream`,
+    /// `UdpSocket`, `UnixStream`, or any `OwnedFd`): the primary gets its own copy, with
+    /// [`Message::take_fd`]. Tokio sockets convert with `into_std()`.
+    ///
+    /// # Errors
+    ///
+    /// As [`Self::send`]; on error the fd is closed.
+    pub fn send_with_fd<T: Serialize + ?Sized>(
+        &self,
+        value: &T,
+        fd: impl Into<OwnedFd>,
+    ) -> io::Result<()> {
+        let payload = crate::message::encode(value)?;
+        self.command(Command::Send {
+            payload,
+            fd: Some(fd.into()),
+        })
     }
 
     /// The next message from the primary, decoded as `T`; `None` once the link is closed and
-    /// every message was read.
+    /// every message was read. A request read this way is refused (it has no way to be
+    /// answered); use [`Self::recv_message`] where requests may come.
     ///
     /// # Errors
     ///
     /// The message is not a `T`.
     pub async fn recv<T: DeserializeOwned>(&self) -> Option<Result<T, postcard::Error>> {
-        let bytes = self.inner.messages.lock().await.recv().await?;
-        Some(postcard::from_bytes(&bytes))
+        let message = self.recv_message().await?;
+        Some(message.decode())
+    }
+
+    /// The next message or request from the primary, undecoded, with its fd and its reply
+    /// handle; `None` once the link is closed and every message was read.
+    pub async fn recv_message(&self) -> Option<Message> {
+        self.inner.messages.lock().await.recv().await
+    }
+
+    /// Asks the primary and waits for its answer (up to [`DEFAULT_REQUEST_TIMEOUT`], 30 s): the
+    /// primary gets an [`Event::Message`](crate::Event::Message) whose message
+    /// [`is_request`](Message::is_request), and answers with [`Message::reply`].
+    ///
+    /// # Errors
+    ///
+    /// [`RequestError`]: no answer in time, refused, link closed, or a reply of another type.
+    pub async fn request<Q, R>(&self, request: &Q) -> Result<R, RequestError>
+    where
+        Q: Serialize + ?Sized,
+        R: DeserializeOwned,
+    {
+        self.request_with_timeout(request, DEFAULT_REQUEST_TIMEOUT)
+            .await
+    }
+
+    /// [`Self::request`] with its own timeout.
+    ///
+    /// # Errors
+    ///
+    /// As [`Self::request`].
+    pub async fn request_with_timeout<Q, R>(
+        &self,
+        request: &Q,
+        timeout: Duration,
+    ) -> Result<R, RequestError>
+    where
+        Q: Serialize + ?Sized,
+        R: DeserializeOwned,
+    {
+        let payload = crate::message::encode(request).map_err(RequestError::Send)?;
+        let (reply, rx) = oneshot::channel();
+        self.command(Command::Request { payload, reply })
+            .map_err(|_| RequestError::Disconnected)?;
+        crate::message::await_reply(rx, timeout).await
     }
 
     /// Leaves the cluster on purpose (Node's `worker.disconnect()` in a worker): closes every
@@ -151,9 +227,9 @@ impl Worker {
     }
 
     /// Gives unaccepted connections of `handle` back to the primary, to be served elsewhere.
-    pub(crate) fn give_back(&self, handle: proto::HandleId, streams: Vec<tokio::net::TcpStream>) {
-        if !streams.is_empty() {
-            let _ = self.command(Command::GiveBack { handle, streams });
+    pub(crate) fn give_back(&self, handle: proto::HandleId, conns: Vec<OwnedFd>) {
+        if !conns.is_empty() {
+            let _ = self.command(Command::GiveBack { handle, conns });
         }
     }
 
@@ -169,7 +245,7 @@ impl Worker {
     }
 }
 
-fn not_connected() -> io::Error {
+pub(crate) fn not_connected() -> io::Error {
     io::Error::new(
         io::ErrorKind::NotConnected,
         "the link to the cluster primary is closed",

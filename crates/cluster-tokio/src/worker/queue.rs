@@ -8,7 +8,7 @@ use std::collections::VecDeque;
 use std::sync::Mutex;
 use std::task::{Context, Poll, Waker};
 
-use tokio::net::TcpStream;
+use std::os::fd::OwnedFd;
 
 /// Connections one listener may hold unaccepted; past it, handoffs are refused (and the primary
 /// pauses offers to this worker until the listener drains to half).
@@ -16,7 +16,7 @@ pub(crate) const CAPACITY: usize = 128;
 
 #[derive(Debug, Default)]
 struct State {
-    items: VecDeque<TcpStream>,
+    items: VecDeque<OwnedFd>,
     waker: Option<Waker>,
     closed: bool,
     /// A handoff was refused because the queue was full: say `Ready` once it drains.
@@ -24,7 +24,7 @@ struct State {
 }
 
 /// What [`HandoffQueue::offer`] did with a connection.
-/// A refused stream is dropped: that closes only the worker's copy, and the primary, which keeps
+/// A refused connection is dropped: that closes only the worker's copy, and the primary, which keeps
 /// its own until the refusal reaches it, offers the connection to another worker.
 pub(crate) enum Offer {
     Taken,
@@ -46,7 +46,7 @@ impl HandoffQueue {
     }
 
     /// The driver hands over a connection.
-    pub(crate) fn offer(&self, stream: TcpStream) -> Offer {
+    pub(crate) fn offer(&self, conn: OwnedFd) -> Offer {
         let mut state = self.lock();
         if state.closed {
             return Offer::Closed;
@@ -55,7 +55,7 @@ impl HandoffQueue {
             state.refused = true;
             return Offer::Full;
         }
-        state.items.push_back(stream);
+        state.items.push_back(conn);
         if let Some(waker) = state.waker.take() {
             waker.wake();
         }
@@ -64,7 +64,7 @@ impl HandoffQueue {
 
     /// The listener takes the next connection; `None` once closed. The flag is true when the
     /// primary should be told there is room again.
-    pub(crate) fn poll_pop(&self, cx: &Context<'_>) -> Poll<Option<(TcpStream, bool)>> {
+    pub(crate) fn poll_pop(&self, cx: &Context<'_>) -> Poll<Option<(OwnedFd, bool)>> {
         let mut state = self.lock();
         match state.items.pop_front() {
             Some(stream) => {
@@ -83,7 +83,7 @@ impl HandoffQueue {
     }
 
     /// Closes the queue and returns what the application never accepted.
-    pub(crate) fn close(&self) -> Vec<TcpStream> {
+    pub(crate) fn close(&self) -> Vec<OwnedFd> {
         let mut state = self.lock();
         state.closed = true;
         if let Some(waker) = state.waker.take() {

@@ -1,17 +1,15 @@
 //! `ClusterListener`: a TCP listener that works the same in a worker and in a plain process.
 
-use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::RawFd;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
-use proto::HandleId;
-use proto::wire::{ListenFlags, ListenRequest, ListenTarget, SocketKind};
+use proto::wire::{BoundAddr, ListenTarget, SocketKind};
 use tokio::net::{TcpListener, TcpStream, ToSocketAddrs};
 
-use crate::worker::{self, Granted, HandoffQueue, Worker};
+use super::{Acquired, HandleGuard, Handoff, ListenOptions, Shutdown};
 
 /// A TCP listener for clustered servers.
 ///
@@ -43,55 +41,29 @@ use crate::worker::{self, Granted, HandoffQueue, Worker};
 /// [`accept`](Self::accept) and `poll_next` are cancel safe: a connection is never lost by
 /// dropping the future.
 pub struct ClusterListener {
-    kind: Kind,
+    source: Source,
     local_addr: SocketAddr,
-    shutdown: Option<Pin<Box<dyn Future<Output = ()> + Send + Sync>>>,
+    shutdown: Shutdown,
 }
 
 impl std::fmt::Debug for ClusterListener {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ClusterListener")
-            .field("kind", &self.kind)
+            .field("source", &self.source)
             .field("local_addr", &self.local_addr)
             .finish()
     }
 }
 
 #[derive(Debug)]
-enum Kind {
-    /// Not a worker, or a shared socket.
-    Direct {
+enum Source {
+    /// A socket this process accepts on: bound here, or the primary's shared socket.
+    Listener {
         listener: TcpListener,
         _guard: Option<HandleGuard>,
     },
     /// Connections handed over by the primary.
-    RoundRobin {
-        queue: Arc<HandoffQueue>,
-        handle: HandleGuard,
-    },
-}
-
-/// Gives the handle back to the primary when the listener goes.
-#[derive(Debug)]
-struct HandleGuard {
-    worker: Worker,
-    handle: HandleId,
-}
-
-impl Drop for ClusterListener {
-    fn drop(&mut self) {
-        // Connections acked but never accepted go back to the primary (before the guard's
-        // `Close`), to be served by another worker.
-        if let Kind::RoundRobin { queue, handle } = &self.kind {
-            handle.worker.give_back(handle.handle, queue.close());
-        }
-    }
-}
-
-impl Drop for HandleGuard {
-    fn drop(&mut self) {
-        self.worker.close(self.handle);
-    }
+    Handoff(Handoff),
 }
 
 impl ClusterListener {
@@ -103,9 +75,19 @@ impl ClusterListener {
     /// `PermissionDenied` for a privileged port, `AddrNotAvailable`…): the same `io::Error` a
     /// plain bind would give. The worker stays alive and may retry.
     pub async fn bind(addr: impl ToSocketAddrs) -> io::Result<Self> {
+        Self::bind_with(addr, ListenOptions::default()).await
+    }
+
+    /// [`Self::bind`] with options: backlog, `ipv6_only`, `exclusive`, `reuse_port`.
+    ///
+    /// # Errors
+    ///
+    /// As [`Self::bind`].
+    pub async fn bind_with(addr: impl ToSocketAddrs, options: ListenOptions) -> io::Result<Self> {
         let mut last = None;
         for addr in tokio::net::lookup_host(addr).await? {
-            match Self::bind_addr(addr).await {
+            let acquired = super::acquire(ListenTarget::Ip(addr), SocketKind::Stream, &options);
+            match acquired.await.and_then(Self::from_acquired) {
                 Ok(listener) => return Ok(listener),
                 Err(e) => last = Some(e),
             }
@@ -115,57 +97,64 @@ impl ClusterListener {
         }))
     }
 
-    async fn bind_addr(addr: SocketAddr) -> io::Result<Self> {
-        let Some(worker) = worker::current() else {
-            let listener = TcpListener::bind(addr).await?;
-            let local_addr = listener.local_addr()?;
-            return Ok(Self {
-                kind: Kind::Direct {
-                    listener,
-                    _guard: None,
-                },
-                local_addr,
-                shutdown: None,
-            });
-        };
-        let request = ListenRequest {
-            target: ListenTarget::Ip(addr),
-            kind: SocketKind::Stream,
-            backlog: 0,
-            flags: ListenFlags::default(),
-        };
-        let granted = worker.listen(request).await?;
-        let mut shutdown = worker.shutdown_receiver();
-        let shutdown: Pin<Box<dyn Future<Output = ()> + Send + Sync>> = Box::pin(async move {
-            let _ = shutdown.wait_for(|v| *v).await;
-        });
-        let (kind, local_addr) = match granted {
-            Granted::RoundRobin {
-                handle,
-                addr,
-                queue,
-            } => (
-                Kind::RoundRobin {
-                    queue,
-                    handle: HandleGuard { worker, handle },
-                },
-                addr,
-            ),
-            Granted::Shared { handle, listener } => {
-                let local_addr = listener.local_addr()?;
-                (
-                    Kind::Direct {
-                        listener,
-                        _guard: Some(HandleGuard { worker, handle }),
-                    },
-                    local_addr,
-                )
+    /// Listens on the primary's fd `fd`, a listening TCP socket it inherited (Node's
+    /// `listen({ fd })`; e.g. from systemd or a parent process). Outside a worker, on this
+    /// process's own fd `fd`. The fd itself stays open and untouched: the primary listens on a
+    /// copy.
+    ///
+    /// # Errors
+    ///
+    /// The fd is not open, not a listening stream socket, or a Unix socket (use
+    /// [`ClusterUnixListener::from_primary_fd`](super::ClusterUnixListener::from_primary_fd)).
+    pub async fn from_primary_fd(fd: RawFd) -> io::Result<Self> {
+        let options = ListenOptions::default();
+        Self::from_acquired(
+            super::acquire(ListenTarget::Fd(fd), SocketKind::Stream, &options).await?,
+        )
+    }
+
+    /// Wraps a listener this process bound itself: the primary is not involved (Node's
+    /// `listen(handle)`), but the stream still ends when the worker shuts down.
+    ///
+    /// # Errors
+    ///
+    /// It cannot be made non-blocking or registered with the runtime.
+    pub fn from_std(listener: std::net::TcpListener) -> io::Result<Self> {
+        listener.set_nonblocking(true)?;
+        let local_addr = listener.local_addr()?;
+        Ok(Self {
+            source: Source::Listener {
+                listener: TcpListener::from_std(listener)?,
+                _guard: None,
+            },
+            local_addr,
+            shutdown: Shutdown::new(),
+        })
+    }
+
+    fn from_acquired(acquired: Acquired) -> io::Result<Self> {
+        let not_tcp =
+            || super::wrong_family("a Unix socket, not TCP: use ClusterUnixListener for it");
+        let (source, addr) = match acquired {
+            Acquired::Socket {
+                fd, addr, guard, ..
+            } => {
+                let listener = std::net::TcpListener::from(fd);
+                let source = Source::Listener {
+                    listener: TcpListener::from_std(listener)?,
+                    _guard: guard,
+                };
+                (source, addr)
             }
+            Acquired::Handoff { handoff, addr } => (Source::Handoff(handoff), addr),
+        };
+        let BoundAddr::Ip(local_addr) = addr else {
+            return Err(not_tcp());
         };
         Ok(Self {
-            kind,
+            source,
             local_addr,
-            shutdown: Some(shutdown),
+            shutdown: Shutdown::new(),
         })
     }
 
@@ -201,12 +190,9 @@ impl ClusterListener {
     ///
     /// As [`Self::accept`].
     pub fn poll_accept(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<TcpStream>> {
-        match std::task::ready!(futures_core::Stream::poll_next(Pin::new(self), cx)) {
+        match ready!(futures_core::Stream::poll_next(Pin::new(self), cx)) {
             Some(result) => Poll::Ready(result),
-            None => Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::NotConnected,
-                "the worker is shutting down",
-            ))),
+            None => Poll::Ready(Err(super::shutting_down())),
         }
     }
 }
@@ -216,25 +202,20 @@ impl futures_core::Stream for ClusterListener {
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;
-        if let Some(shutdown) = &mut this.shutdown
-            && shutdown.as_mut().poll(cx).is_ready()
-        {
+        if this.shutdown.is_ready(cx) {
             return Poll::Ready(None);
         }
-        match &mut this.kind {
-            Kind::Direct { listener, .. } => {
+        match &mut this.source {
+            Source::Listener { listener, .. } => {
                 let (stream, _) = ready!(listener.poll_accept(cx))?;
                 Poll::Ready(Some(Ok(stream)))
             }
-            Kind::RoundRobin { queue, handle } => {
-                let Some((stream, room_again)) = ready!(queue.poll_pop(cx)) else {
+            Source::Handoff(handoff) => {
+                let Some(conn) = ready!(handoff.poll_next(cx)) else {
                     return Poll::Ready(None);
                 };
-                // The primary stopped offering after we refused while full; say there is room.
-                if room_again {
-                    handle.worker.ready(handle.handle);
-                }
-                Poll::Ready(Some(Ok(stream)))
+                let stream = std::net::TcpStream::from(conn);
+                Poll::Ready(Some(TcpStream::from_std(stream)))
             }
         }
     }

@@ -1,0 +1,250 @@
+//! What user code binds: [`ClusterListener`] (TCP), [`ClusterUnixListener`] and
+//! [`ClusterUdpSocket`]. Each works the same in a worker (the primary owns the socket) and in a
+//! plain process (it binds itself); this module holds what they share.
+
+mod tcp;
+mod udp;
+mod unix;
+
+use std::future::Future;
+use std::io;
+use std::os::fd::OwnedFd;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+
+use proto::HandleId;
+use proto::wire::{BoundAddr, ListenFlags, ListenRequest, ListenTarget, SocketKind};
+
+pub use tcp::ClusterListener;
+pub use udp::ClusterUdpSocket;
+pub use unix::ClusterUnixListener;
+
+use crate::socket::{self, SocketFile};
+use crate::worker::{self, Granted, HandoffQueue, Worker};
+
+/// The backlog of sockets a process binds itself (Node's default).
+const DEFAULT_BACKLOG: u32 = 511;
+
+/// Options of a bind, for [`ClusterListener::bind_with`], [`ClusterUnixListener::bind_with`] and
+/// [`ClusterUdpSocket::bind_with`]. The defaults are those of a plain bind.
+///
+/// ```
+/// let options = cluster_tokio::ListenOptions::new().backlog(1024).ipv6_only(true);
+/// # let _ = options;
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[must_use]
+pub struct ListenOptions {
+    backlog: u32,
+    ipv6_only: bool,
+    reuse_addr: bool,
+    reuse_port: bool,
+    exclusive: bool,
+    readable_all: bool,
+    writable_all: bool,
+}
+
+impl ListenOptions {
+    /// The defaults.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The accept backlog (0, the default, means the primary's [`Settings::backlog`]
+    /// (crate::Settings::backlog), 511). The primary creates each socket once: the first
+    /// worker's backlog is the one applied, as in Node.
+    pub fn backlog(mut self, backlog: u32) -> Self {
+        self.backlog = backlog;
+        self
+    }
+
+    /// `IPV6_V6ONLY`: `::` then leaves IPv4 to others (by default `::` is dual-stack).
+    pub fn ipv6_only(mut self, on: bool) -> Self {
+        self.ipv6_only = on;
+        self
+    }
+
+    /// UDP: `SO_REUSEADDR`, so other sockets may bind the same address (Node's `reuseAddr`).
+    pub fn reuse_addr(mut self, on: bool) -> Self {
+        self.reuse_addr = on;
+        self
+    }
+
+    /// Each worker binds its own socket with `SO_REUSEPORT` and the kernel balances between
+    /// them; the primary is not involved (Node's `reusePort`).
+    pub fn reuse_port(mut self, on: bool) -> Self {
+        self.reuse_port = on;
+        self
+    }
+
+    /// The worker binds the socket itself and the primary is not involved (Node's
+    /// `exclusive`): port 0 gives each worker its own port, and a fixed port is `AddrInUse` in
+    /// the second worker.
+    pub fn exclusive(mut self, on: bool) -> Self {
+        self.exclusive = on;
+        self
+    }
+
+    /// Unix sockets: make the socket file readable by everyone (Node's `readableAll`).
+    pub fn readable_all(mut self, on: bool) -> Self {
+        self.readable_all = on;
+        self
+    }
+
+    /// Unix sockets: make the socket file writable by everyone (Node's `writableAll`).
+    pub fn writable_all(mut self, on: bool) -> Self {
+        self.writable_all = on;
+        self
+    }
+
+    fn request(&self, target: ListenTarget, kind: SocketKind) -> ListenRequest {
+        ListenRequest {
+            target,
+            kind,
+            backlog: self.backlog,
+            flags: ListenFlags {
+                ipv6_only: self.ipv6_only,
+                reuse_addr: self.reuse_addr,
+                readable_all: self.readable_all,
+                writable_all: self.writable_all,
+            },
+        }
+    }
+}
+
+/// What a bind got.
+enum Acquired {
+    /// A socket in this process: bound here, or the primary's shared socket (with its guard).
+    Socket {
+        fd: OwnedFd,
+        addr: BoundAddr,
+        guard: Option<HandleGuard>,
+        file: Option<SocketFile>,
+    },
+    /// Connections handed over by the primary, one by one.
+    Handoff { handoff: Handoff, addr: BoundAddr },
+}
+
+/// Binds `target`: through the primary in a worker, unless `options` bypass it; here otherwise.
+async fn acquire(
+    target: ListenTarget,
+    kind: SocketKind,
+    options: &ListenOptions,
+) -> io::Result<Acquired> {
+    let request = options.request(target, kind);
+    let bypass = options.exclusive || options.reuse_port;
+    let Some(worker) = worker::current().filter(|_| !bypass) else {
+        let bound = socket::bind(&request, DEFAULT_BACKLOG, options.reuse_port)?;
+        let (fd, addr, file) = socket::into_fd(bound);
+        return Ok(Acquired::Socket {
+            fd,
+            addr,
+            guard: None,
+            file,
+        });
+    };
+    Ok(match worker.listen(request).await? {
+        Granted::RoundRobin {
+            handle,
+            addr,
+            queue,
+        } => Acquired::Handoff {
+            handoff: Handoff {
+                queue,
+                guard: HandleGuard { worker, handle },
+            },
+            addr,
+        },
+        Granted::Shared {
+            handle,
+            addr,
+            socket,
+        } => Acquired::Socket {
+            fd: socket,
+            addr,
+            guard: Some(HandleGuard { worker, handle }),
+            file: None,
+        },
+    })
+}
+
+/// Gives the handle back to the primary when the listener goes.
+#[derive(Debug)]
+struct HandleGuard {
+    worker: Worker,
+    handle: HandleId,
+}
+
+impl Drop for HandleGuard {
+    fn drop(&mut self) {
+        self.worker.close(self.handle);
+    }
+}
+
+/// Connections the primary hands this worker on one round-robin handle.
+#[derive(Debug)]
+struct Handoff {
+    queue: Arc<HandoffQueue>,
+    guard: HandleGuard,
+}
+
+impl Handoff {
+    /// The next connection; `None` once the worker stopped serving.
+    fn poll_next(&mut self, cx: &Context<'_>) -> Poll<Option<OwnedFd>> {
+        let Some((conn, room_again)) = ready!(self.queue.poll_pop(cx)) else {
+            return Poll::Ready(None);
+        };
+        // The primary stopped offering after we refused while full; say there is room.
+        if room_again {
+            self.guard.worker.ready(self.guard.handle);
+        }
+        Poll::Ready(Some(conn))
+    }
+}
+
+impl Drop for Handoff {
+    fn drop(&mut self) {
+        // Connections acked but never accepted go back to the primary (before the guard's
+        // `Close`), to be served by another worker.
+        self.guard
+            .worker
+            .give_back(self.guard.handle, self.queue.close());
+    }
+}
+
+/// Resolves when the worker stops serving (never outside a worker, or with a bypassing bind in
+/// a worker that is not shutting down).
+struct Shutdown(Option<Pin<Box<dyn Future<Output = ()> + Send + Sync>>>);
+
+impl Shutdown {
+    fn new() -> Self {
+        Self(worker::current().map(|worker| {
+            let mut rx = worker.shutdown_receiver();
+            let wait: Pin<Box<dyn Future<Output = ()> + Send + Sync>> = Box::pin(async move {
+                let _ = rx.wait_for(|v| *v).await;
+            });
+            wait
+        }))
+    }
+
+    fn is_ready(&mut self, cx: &mut Context<'_>) -> bool {
+        self.0
+            .as_mut()
+            .is_some_and(|wait| wait.as_mut().poll(cx).is_ready())
+    }
+}
+
+impl std::fmt::Debug for Shutdown {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Shutdown")
+    }
+}
+
+fn shutting_down() -> io::Error {
+    io::Error::new(io::ErrorKind::NotConnected, "the worker is shutting down")
+}
+
+fn wrong_family(what: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, what.to_owned())
+}

@@ -1,0 +1,211 @@
+//! `ClusterUnixListener`: a Unix stream socket listener, clustered like TCP.
+
+use std::ffi::OsString;
+use std::io;
+use std::os::fd::RawFd;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use proto::wire::{BoundAddr, ListenTarget, SocketKind};
+use tokio::net::{UnixListener, UnixStream};
+
+use super::{Acquired, HandleGuard, Handoff, ListenOptions, Shutdown};
+use crate::socket::SocketFile;
+
+/// A Unix stream socket listener for clustered servers (Node's `listen(path)`), with the
+/// distribution of [`ClusterListener`](super::ClusterListener): in a worker, the primary owns
+/// the socket and hands out connections in turn (or shares the socket, by policy).
+///
+/// - A path longer than `sun_path` (107 bytes) works: it is bound through its directory.
+/// - A socket file left by a crashed run (nothing accepts on it) is replaced; a live one, or a
+///   file that is not a socket, is `AddrInUse`.
+/// - The file is removed when the last worker listening on it leaves (or, unclustered, when the
+///   listener is dropped), unless something else replaced it meanwhile.
+/// - [`ListenOptions::readable_all`] and [`ListenOptions::writable_all`] open its mode.
+///
+/// Relative paths are resolved against this process's working directory.
+///
+/// ```no_run
+/// # async fn dox() -> std::io::Result<()> {
+/// let mut listener = cluster_tokio::ClusterUnixListener::bind("/run/app.sock").await?;
+/// let (stream, _peer) = listener.accept().await?;
+/// # let _ = stream;
+/// # Ok(()) }
+/// ```
+pub struct ClusterUnixListener {
+    source: Source,
+    path: PathBuf,
+    shutdown: Shutdown,
+}
+
+#[derive(Debug)]
+enum Source {
+    Listener {
+        listener: UnixListener,
+        _guard: Option<HandleGuard>,
+        _file: Option<SocketFile>,
+    },
+    Handoff(Handoff),
+}
+
+impl std::fmt::Debug for ClusterUnixListener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterUnixListener")
+            .field("source", &self.source)
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+impl ClusterUnixListener {
+    /// Listens on the Unix socket at `path`.
+    ///
+    /// # Errors
+    ///
+    /// `AddrInUse` (something listens there, or the file is not a socket), `PermissionDenied`,
+    /// `NotFound` (no such directory), `InvalidInput` (the file name alone is too long).
+    pub async fn bind(path: impl AsRef<Path>) -> io::Result<Self> {
+        Self::bind_with(path, ListenOptions::default()).await
+    }
+
+    /// [`Self::bind`] with options: backlog, `readable_all`, `writable_all`, `exclusive`.
+    ///
+    /// # Errors
+    ///
+    /// As [`Self::bind`].
+    pub async fn bind_with(path: impl AsRef<Path>, options: ListenOptions) -> io::Result<Self> {
+        // The primary may run elsewhere: send it an absolute path, as Node does.
+        let path = std::path::absolute(path.as_ref())?;
+        let target = ListenTarget::Path(path.as_os_str().as_bytes().to_vec());
+        Self::from_acquired(super::acquire(target, SocketKind::Stream, &options).await?)
+    }
+
+    /// Listens on the primary's fd `fd`, a listening Unix stream socket it inherited (Node's
+    /// `listen({ fd })`); outside a worker, on this process's own fd `fd`.
+    ///
+    /// # Errors
+    ///
+    /// The fd is not open, not a listening stream socket, or not a Unix socket.
+    pub async fn from_primary_fd(fd: RawFd) -> io::Result<Self> {
+        let options = ListenOptions::default();
+        Self::from_acquired(
+            super::acquire(ListenTarget::Fd(fd), SocketKind::Stream, &options).await?,
+        )
+    }
+
+    fn from_acquired(acquired: Acquired) -> io::Result<Self> {
+        let (source, addr) = match acquired {
+            Acquired::Socket {
+                fd,
+                addr,
+                guard,
+                file,
+            } => {
+                let listener = std::os::unix::net::UnixListener::from(fd);
+                let source = Source::Listener {
+                    listener: UnixListener::from_std(listener)?,
+                    _guard: guard,
+                    _file: file,
+                };
+                (source, addr)
+            }
+            Acquired::Handoff { handoff, addr } => (Source::Handoff(handoff), addr),
+        };
+        let BoundAddr::Path(path) = addr else {
+            return Err(super::wrong_family(
+                "a TCP socket, not Unix: use ClusterListener for it",
+            ));
+        };
+        Ok(Self {
+            source,
+            path: PathBuf::from(OsString::from_vec(path)),
+            shutdown: Shutdown::new(),
+        })
+    }
+
+    /// The socket's path (empty for an unnamed inherited socket).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Waits for the next connection. Peers of Unix sockets are usually unnamed.
+    ///
+    /// # Errors
+    ///
+    /// An accept error, or `NotConnected` once the worker is shutting down.
+    pub async fn accept(&mut self) -> io::Result<(UnixStream, tokio::net::unix::SocketAddr)> {
+        let stream = std::future::poll_fn(|cx| self.poll_accept(cx)).await?;
+        let peer = stream.peer_addr()?;
+        Ok((stream, peer))
+    }
+
+    /// Polls for the next connection.
+    ///
+    /// # Errors
+    ///
+    /// As [`Self::accept`].
+    pub fn poll_accept(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<UnixStream>> {
+        match ready!(futures_core::Stream::poll_next(Pin::new(self), cx)) {
+            Some(result) => Poll::Ready(result),
+            None => Poll::Ready(Err(super::shutting_down())),
+        }
+    }
+}
+
+impl futures_core::Stream for ClusterUnixListener {
+    type Item = io::Result<UnixStream>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        if this.shutdown.is_ready(cx) {
+            return Poll::Ready(None);
+        }
+        match &mut this.source {
+            Source::Listener { listener, .. } => {
+                let (stream, _) = ready!(listener.poll_accept(cx))?;
+                Poll::Ready(Some(Ok(stream)))
+            }
+            Source::Handoff(handoff) => {
+                let Some(conn) = ready!(handoff.poll_next(cx)) else {
+                    return Poll::Ready(None);
+                };
+                let stream = std::os::unix::net::UnixStream::from(conn);
+                Poll::Ready(Some(UnixStream::from_std(stream)))
+            }
+        }
+    }
+}
+
+/// With the `axum` feature, `axum::serve(listener, app)` works directly; errors are handled as
+/// for [`ClusterListener`](super::ClusterListener).
+#[cfg(feature = "axum")]
+impl axum::serve::Listener for ClusterUnixListener {
+    type Io = UnixStream;
+    type Addr = tokio::net::unix::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            match Self::accept(self).await {
+                Ok(accepted) => return accepted,
+                Err(e) if e.kind() == io::ErrorKind::NotConnected => std::future::pending().await,
+                Err(e) if e.kind() == io::ErrorKind::ConnectionAborted => {}
+                Err(error) => {
+                    tracing::error!(%error, "accept failed; retrying in 1s");
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                }
+            }
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<Self::Addr> {
+        match &self.source {
+            Source::Listener { listener, .. } => listener.local_addr(),
+            Source::Handoff(_) => Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "connections are handed over by the primary; see ClusterUnixListener::path",
+            )),
+        }
+    }
+}

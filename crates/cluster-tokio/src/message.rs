@@ -1,0 +1,278 @@
+//! Typed messages between the primary and its workers, both directions alike: fire-and-forget
+//! messages (maybe carrying an fd) and requests answered by one reply.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::io;
+use std::os::fd::OwnedFd;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use proto::Seq;
+use proto::user::MAX_MESSAGE;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::sync::oneshot;
+
+/// How long [`Worker::request`](crate::Worker::request) and
+/// [`WorkerHandle::request`](crate::WorkerHandle::request) wait for a reply.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Encodes a user value with postcard, refusing it before anything is sent if it is over the
+/// protocol's limit ([`MAX_MESSAGE`], 16 MiB; larger than one frame is fine: it is split).
+pub(crate) fn encode<T: Serialize + ?Sized>(value: &T) -> io::Result<Vec<u8>> {
+    let payload = postcard::to_stdvec(value).map_err(|e| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("message cannot be encoded: {e}"),
+        )
+    })?;
+    if payload.len() > MAX_MESSAGE {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "message of {} bytes exceeds the {MAX_MESSAGE}-byte limit",
+                payload.len()
+            ),
+        ));
+    }
+    Ok(payload)
+}
+
+/// How a request ended, as the side that answers it says.
+pub(crate) enum Answer {
+    Reply(Vec<u8>),
+    Refusal(String),
+}
+
+/// Sends an [`Answer`] back over the link the request came on.
+pub(crate) type Responder = Box<dyn FnOnce(Answer) -> io::Result<()> + Send>;
+
+/// A message or request from the other side of the link: a postcard-encoded value, maybe with a
+/// file descriptor (a socket sent along with it).
+///
+/// Cheap to clone: clones share the fd (the first [`take_fd`](Self::take_fd) gets it) and the
+/// reply (the first [`reply`](Self::reply) answers). A request dropped unanswered is answered
+/// with a refusal, so the requester learns at once instead of at its timeout.
+#[derive(Clone)]
+pub struct Message {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    payload: Vec<u8>,
+    fd: Mutex<Option<OwnedFd>>,
+    responder: Mutex<Option<Responder>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Some(responder) = lock(&self.responder).take() {
+            let _ = responder(Answer::Refusal(
+                "the request was dropped without a reply".into(),
+            ));
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Nothing panics while holding these locks; recover anyway.
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl fmt::Debug for Message {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Message")
+            .field("len", &self.inner.payload.len())
+            .field("fd", &lock(&self.inner.fd).is_some())
+            .field("request", &self.is_request())
+            .finish()
+    }
+}
+
+impl Message {
+    pub(crate) fn new(payload: Vec<u8>, fd: Option<OwnedFd>, responder: Option<Responder>) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                payload,
+                fd: Mutex::new(fd),
+                responder: Mutex::new(responder),
+            }),
+        }
+    }
+
+    /// Decodes the value as `T` (the type the other side sent).
+    ///
+    /// # Errors
+    ///
+    /// The bytes are not a `T`.
+    pub fn decode<T: DeserializeOwned>(&self) -> Result<T, postcard::Error> {
+        postcard::from_bytes(&self.inner.payload)
+    }
+
+    /// The encoded bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.inner.payload
+    }
+
+    /// Takes the file descriptor sent with the message, if any (once).
+    pub fn take_fd(&self) -> Option<OwnedFd> {
+        lock(&self.inner.fd).take()
+    }
+
+    /// Takes the fd sent with the message as a Tokio `TcpStream`.
+    ///
+    /// # Errors
+    ///
+    /// No fd came with the message (`NotFound`), or it is not a TCP socket (`InvalidData`; the
+    /// fd is closed).
+    pub fn take_tcp_stream(&self) -> io::Result<tokio::net::TcpStream> {
+        let socket = self.take_socket(socket2::Type::STREAM, true)?;
+        tokio::net::TcpStream::from_std(socket.into())
+    }
+
+    /// Takes the fd sent with the message as a Tokio `UdpSocket`.
+    ///
+    /// # Errors
+    ///
+    /// As [`Self::take_tcp_stream`], for a UDP socket.
+    pub fn take_udp_socket(&self) -> io::Result<tokio::net::UdpSocket> {
+        let socket = self.take_socket(socket2::Type::DGRAM, true)?;
+        tokio::net::UdpSocket::from_std(socket.into())
+    }
+
+    fn take_socket(&self, ty: socket2::Type, ip: bool) -> io::Result<socket2::Socket> {
+        let fd = self
+            .take_fd()
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no fd came with it"))?;
+        let socket = socket2::Socket::from(fd);
+        let is_ip = matches!(socket.domain(), Ok(d) if d == socket2::Domain::IPV4 || d == socket2::Domain::IPV6);
+        if socket.r#type().ok() != Some(ty) || is_ip != ip {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "the fd is not a socket of that kind",
+            ));
+        }
+        socket.set_nonblocking(true)?;
+        Ok(socket)
+    }
+
+    /// Whether it is a request that still awaits its reply.
+    pub fn is_request(&self) -> bool {
+        lock(&self.inner.responder).is_some()
+    }
+
+    /// Answers the request with `value`.
+    ///
+    /// # Errors
+    ///
+    /// It is not a request or was already answered (`InvalidInput`), `value` cannot be
+    /// encoded or is over the size limit (`InvalidInput`), or the link closed (`NotConnected`).
+    pub fn reply<R: Serialize + ?Sized>(&self, value: &R) -> io::Result<()> {
+        let payload = encode(value)?;
+        self.answer(Answer::Reply(payload))
+    }
+
+    /// Answers the request with a refusal; the requester gets [`RequestError::Refused`] with
+    /// `reason`.
+    ///
+    /// # Errors
+    ///
+    /// As [`Self::reply`].
+    pub fn refuse(&self, reason: impl fmt::Display) -> io::Result<()> {
+        self.answer(Answer::Refusal(reason.to_string()))
+    }
+
+    fn answer(&self, answer: Answer) -> io::Result<()> {
+        let responder = lock(&self.inner.responder).take().ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "not a request, or already answered",
+            )
+        })?;
+        responder(answer)
+    }
+}
+
+/// Why a request got no reply.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RequestError {
+    /// No answer came in time (a late one is dropped).
+    #[error("no reply within {0:?}")]
+    TimedOut(Duration),
+    /// The other side refused it, or dropped it unanswered.
+    #[error("request refused: {0}")]
+    Refused(String),
+    /// The link closed before an answer came (or was never open).
+    #[error("the link closed before the reply came")]
+    Disconnected,
+    /// The request could not be encoded or is over the size limit; nothing was sent.
+    #[error("request not sent")]
+    Send(#[source] io::Error),
+    /// The reply is not the type asked for.
+    #[error("the reply is not the expected type")]
+    Decode(#[source] postcard::Error),
+}
+
+impl From<RequestError> for io::Error {
+    fn from(error: RequestError) -> Self {
+        let kind = match &error {
+            RequestError::TimedOut(_) => io::ErrorKind::TimedOut,
+            RequestError::Refused(_) => io::ErrorKind::ConnectionRefused,
+            RequestError::Disconnected => io::ErrorKind::NotConnected,
+            RequestError::Send(e) => e.kind(),
+            RequestError::Decode(_) => io::ErrorKind::InvalidData,
+        };
+        Self::new(kind, error)
+    }
+}
+
+pub(crate) type ReplySender = oneshot::Sender<Result<Vec<u8>, RequestError>>;
+
+/// Requests one side sent over one link and still waits for.
+#[derive(Default)]
+pub(crate) struct PendingRequests {
+    next: u64,
+    waiting: HashMap<Seq, ReplySender>,
+    /// Size after the last sweep of requests whose waiter gave up.
+    swept_at: usize,
+}
+
+impl PendingRequests {
+    /// Numbers a new request.
+    pub(crate) fn start(&mut self, reply: ReplySender) -> Seq {
+        if self.waiting.len() > 2 * self.swept_at.max(32) {
+            self.waiting.retain(|_, tx| !tx.is_closed());
+            self.swept_at = self.waiting.len();
+        }
+        self.next += 1;
+        let seq = Seq::new(self.next);
+        self.waiting.insert(seq, reply);
+        seq
+    }
+
+    /// An answer came; one for a request nobody waits for (timed out) is dropped.
+    pub(crate) fn finish(&mut self, ack: Seq, answer: Answer) {
+        if let Some(tx) = self.waiting.remove(&ack) {
+            let _ = tx.send(match answer {
+                Answer::Reply(payload) => Ok(payload),
+                Answer::Refusal(reason) => Err(RequestError::Refused(reason)),
+            });
+        }
+    }
+}
+
+/// Waits for the answer to a request and decodes it.
+pub(crate) async fn await_reply<R: DeserializeOwned>(
+    rx: oneshot::Receiver<Result<Vec<u8>, RequestError>>,
+    timeout: Duration,
+) -> Result<R, RequestError> {
+    let payload = tokio::time::timeout(timeout, rx)
+        .await
+        .map_err(|_| RequestError::TimedOut(timeout))?
+        .map_err(|_| RequestError::Disconnected)??;
+    postcard::from_bytes(&payload).map_err(RequestError::Decode)
+}
