@@ -49,6 +49,132 @@ pub enum Command {
     },
     /// Leave the cluster on purpose, then exit 0.
     Disconnect,
+    /// Like `Listen`, with a listener of another kind or with options.
+    ListenSpec(Listen),
+    /// Bind a UDP socket that answers every datagram with `"worker <id>: <payload>"`.
+    Udp {
+        /// Where.
+        target: UdpTarget,
+        /// Options.
+        options: Options,
+    },
+    /// Start a UDP bind and drop it at once, before the primary's answer; then report the
+    /// worker's open fd count once the answer has come and gone.
+    UdpCancelled {
+        /// Where.
+        addr: String,
+    },
+    /// Report this process's open fd count.
+    CountFds,
+    /// Send `count` messages `Reply::Numbered` of `size` bytes each to the primary, in order.
+    Flood {
+        /// How many.
+        count: u32,
+        /// Payload size.
+        size: usize,
+    },
+    /// One of a numbered series; the worker checks the order and reports it on `Check`.
+    Numbered {
+        /// Its place in the series, from 0.
+        index: u32,
+        /// Filler.
+        payload: Vec<u8>,
+    },
+    /// Report how many `Numbered` arrived and whether in order.
+    Check,
+    /// Ask the primary `text` as a request and report its answer (or error) as `Reply::Answer`.
+    Ask {
+        /// The question.
+        text: String,
+        /// The request's timeout.
+        timeout_ms: u64,
+    },
+    /// Sent as a request by the primary: answered with `Reply::Answer` `"<id>: <text>"`, refused
+    /// if `text` is `"refuse"`, dropped unanswered if it is `"drop"`.
+    Question {
+        /// The question.
+        text: String,
+    },
+    /// Comes with a TCP stream: the worker writes `"<id>\n"` to it, and sends a UDP socket back
+    /// with `Reply::Handle` for each of `send_back` (sent while the primary keeps sending).
+    Handle {
+        /// How many handles the worker sends back, starting when the first `Handle` arrives.
+        send_back: u32,
+    },
+}
+
+/// Where a `ListenSpec` listens.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum Listen {
+    /// `ClusterListener::bind_with`.
+    Tcp {
+        /// The address.
+        addr: String,
+        /// Options.
+        options: Options,
+    },
+    /// `ClusterUnixListener::bind_with`.
+    Unix {
+        /// The path.
+        path: String,
+        /// Options.
+        options: Options,
+    },
+    /// `ClusterListener::from_primary_fd` (or the Unix one with `unix`).
+    PrimaryFd {
+        /// The primary's fd.
+        fd: i32,
+        /// Whether it is a Unix socket.
+        unix: bool,
+    },
+    /// `ClusterListener::from_std` of a listener the worker binds itself.
+    Own {
+        /// The address.
+        addr: String,
+    },
+}
+
+/// Where a `Udp` socket binds.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum UdpTarget {
+    /// `ClusterUdpSocket::bind_with`.
+    Addr(String),
+    /// `ClusterUdpSocket::from_primary_fd`.
+    PrimaryFd(i32),
+}
+
+/// `ListenOptions`, as data.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
+#[allow(clippy::struct_excessive_bools)]
+pub struct Options {
+    /// Backlog.
+    pub backlog: u32,
+    /// `ipv6_only`.
+    pub ipv6_only: bool,
+    /// `reuse_addr`.
+    pub reuse_addr: bool,
+    /// `reuse_port`.
+    pub reuse_port: bool,
+    /// `exclusive`.
+    pub exclusive: bool,
+    /// `readable_all`.
+    pub readable_all: bool,
+    /// `writable_all`.
+    pub writable_all: bool,
+}
+
+impl Options {
+    /// As `cluster::ListenOptions`.
+    pub fn to_listen_options(self) -> cluster::ListenOptions {
+        cluster::ListenOptions::new()
+            .backlog(self.backlog)
+            .ipv6_only(self.ipv6_only)
+            .reuse_addr(self.reuse_addr)
+            .reuse_port(self.reuse_port)
+            .exclusive(self.exclusive)
+            .readable_all(self.readable_all)
+            .writable_all(self.writable_all)
+    }
 }
 
 /// What a fixture worker answers.
@@ -84,6 +210,42 @@ pub enum Reply {
     Closed {
         /// The listener's index.
         index: usize,
+    },
+    /// `Udp` bound.
+    UdpBound {
+        /// Its real port.
+        port: u16,
+    },
+    /// `CountFds`, `UdpCancelled`.
+    Fds {
+        /// Open fds.
+        count: usize,
+    },
+    /// One of `Flood`.
+    Numbered {
+        /// Its place, from 0.
+        index: u32,
+        /// Filler.
+        payload: Vec<u8>,
+    },
+    /// `Check`.
+    Checked {
+        /// How many `Numbered` came.
+        count: u32,
+        /// Whether each came in order.
+        in_order: bool,
+        /// Total payload bytes.
+        bytes: usize,
+    },
+    /// `Ask`'s result, or the answer to a `Question`.
+    Answer {
+        /// The answer or the error.
+        result: Result<String, String>,
+    },
+    /// Sent with a UDP socket, for `Handle`.
+    Handle {
+        /// Its place, from 0.
+        index: u32,
     },
 }
 

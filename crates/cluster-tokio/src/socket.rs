@@ -195,12 +195,7 @@ impl<'a> ShortPath<'a> {
         if path.as_os_str().len() <= SUN_PATH_MAX {
             return Ok(Self { path, dir: None });
         }
-        let too_long = || {
-            io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("Unix socket path too long: {}", path.display()),
-            )
-        };
+        let too_long = || io::Error::from_raw_os_error(libc::ENAMETOOLONG);
         let (Some(parent), Some(_)) = (path.parent(), path.file_name()) else {
             return Err(too_long());
         };
@@ -234,7 +229,8 @@ fn remove_if_stale(path: &Path) -> io::Result<()> {
     let Ok(meta) = fs::symlink_metadata(path) else {
         return Ok(());
     };
-    let in_use = || io::Error::from(io::ErrorKind::AddrInUse);
+    // A raw errno, so the worker gets the very error a plain bind would give.
+    let in_use = || io::Error::from_raw_os_error(libc::EADDRINUSE);
     if !meta.file_type().is_socket() {
         return Err(in_use());
     }

@@ -1,8 +1,14 @@
 //! A worker for the multi-process tests: does what the test (its primary) tells it.
 
-use cluster::{ClusterListener, Role, RuntimeOptions, Worker};
-use cluster_tests::{Command, Reply};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use std::future::Future;
+use std::io;
+use std::time::Duration;
+
+use cluster::{
+    ClusterListener, ClusterUdpSocket, ClusterUnixListener, Message, Role, RuntimeOptions, Worker,
+};
+use cluster_tests::{Command, Listen, Reply, UdpTarget};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
 
@@ -26,38 +32,135 @@ struct Listener {
 async fn serve(worker: Worker) {
     let id = worker.id().get();
     let mut listeners: Vec<Option<Listener>> = Vec::new();
+    let mut udp = Vec::new();
+    let mut series = Series::default();
+    let mut handles_sent = false;
     loop {
-        let command = tokio::select! {
-            command = worker.recv::<Command>() => command,
+        let message = tokio::select! {
+            message = worker.recv_message() => message,
             () = worker.shutdown() => break,
         };
-        let command = match command {
-            Some(Ok(command)) => command,
-            Some(Err(error)) => panic!("undecodable command: {error}"),
-            None => break,
+        let Some(message) = message else { break };
+        let command = match message.decode::<Command>() {
+            Ok(command) => command,
+            Err(error) => panic!("undecodable command: {error}"),
         };
         match command {
-            Command::Listen { addr } => match ClusterListener::bind(addr).await {
-                Ok(listener) => {
-                    let port = listener.local_addr().expect("bound").port();
-                    let index = listeners.len();
-                    let (pause, paused) = watch::channel(false);
-                    listeners.push(Some(Listener {
-                        task: tokio::spawn(accept_loop(id, listener, paused)),
-                        pause,
-                    }));
-                    worker
-                        .send(&Reply::Listening { index, port })
-                        .expect("send");
+            Command::Listen { addr } => {
+                let bound = ClusterListener::bind(addr).await;
+                listened(&worker, &mut listeners, bound, |l| {
+                    l.local_addr().expect("bound").port()
+                });
+            }
+            Command::ListenSpec(spec) => match spec {
+                Listen::Tcp { addr, options } => {
+                    let bound = ClusterListener::bind_with(addr, options.to_listen_options()).await;
+                    listened(&worker, &mut listeners, bound, |l| {
+                        l.local_addr().expect("bound").port()
+                    });
                 }
-                Err(error) => {
-                    let reply = Reply::BindFailed {
-                        kind: format!("{:?}", error.kind()),
-                        errno: error.raw_os_error(),
-                    };
-                    worker.send(&reply).expect("send");
+                Listen::Unix { path, options } => {
+                    let bound =
+                        ClusterUnixListener::bind_with(path, options.to_listen_options()).await;
+                    listened(&worker, &mut listeners, bound, |_| 0);
+                }
+                Listen::PrimaryFd { fd, unix: false } => {
+                    let bound = ClusterListener::from_primary_fd(fd).await;
+                    listened(&worker, &mut listeners, bound, |l| {
+                        l.local_addr().expect("bound").port()
+                    });
+                }
+                Listen::PrimaryFd { fd, unix: true } => {
+                    let bound = ClusterUnixListener::from_primary_fd(fd).await;
+                    listened(&worker, &mut listeners, bound, |_| 0);
+                }
+                Listen::Own { addr } => {
+                    let bound =
+                        std::net::TcpListener::bind(addr).and_then(ClusterListener::from_std);
+                    listened(&worker, &mut listeners, bound, |l| {
+                        l.local_addr().expect("bound").port()
+                    });
                 }
             },
+            Command::Udp { target, options } => {
+                let bound = match target {
+                    UdpTarget::Addr(addr) => {
+                        ClusterUdpSocket::bind_with(addr, options.to_listen_options()).await
+                    }
+                    UdpTarget::PrimaryFd(fd) => ClusterUdpSocket::from_primary_fd(fd).await,
+                };
+                match bound {
+                    Ok(socket) => {
+                        let port = socket.local_addr().expect("bound").port();
+                        udp.push(tokio::spawn(udp_echo(id, socket)));
+                        worker.send(&Reply::UdpBound { port }).expect("send");
+                    }
+                    Err(error) => worker.send(&bind_failed(&error)).expect("send"),
+                }
+            }
+            Command::UdpCancelled { addr } => {
+                {
+                    let mut bind = std::pin::pin!(ClusterUdpSocket::bind(addr));
+                    // Polled once (the request goes out), then dropped before any answer.
+                    let polled =
+                        std::future::poll_fn(|cx| std::task::Poll::Ready(bind.as_mut().poll(cx)))
+                            .await;
+                    assert!(polled.is_pending(), "answered within one poll: {polled:?}");
+                }
+                // The answer comes back on the link; a round trip after it proves it was handled.
+                let _ = ClusterUdpSocket::bind("127.0.0.1:0").await.expect("bind");
+                worker
+                    .send(&Reply::Fds { count: open_fds() })
+                    .expect("send");
+            }
+            Command::CountFds => worker
+                .send(&Reply::Fds { count: open_fds() })
+                .expect("send"),
+            Command::Flood { count, size } => {
+                for index in 0..count {
+                    let payload = vec![(index % 251) as u8; size];
+                    worker
+                        .send(&Reply::Numbered { index, payload })
+                        .expect("send");
+                }
+            }
+            Command::Numbered { index, payload } => series.push(index, &payload),
+            Command::Check => worker.send(&series.report()).expect("send"),
+            Command::Ask { text, timeout_ms } => {
+                let worker = worker.clone();
+                tokio::spawn(async move {
+                    let timeout = Duration::from_millis(timeout_ms);
+                    let result = worker
+                        .request_with_timeout::<_, String>(&text, timeout)
+                        .await
+                        .map_err(|e| e.to_string());
+                    worker.send(&Reply::Answer { result }).expect("send");
+                });
+            }
+            Command::Question { text } => answer(id, &message, &text),
+            Command::Handle { send_back } => {
+                let mut stream = message
+                    .take_tcp_stream()
+                    .expect("a TCP stream came with it");
+                tokio::spawn(async move {
+                    let _ = stream.write_all(format!("{id}\n").as_bytes()).await;
+                    let _ = stream.shutdown().await;
+                });
+                if !handles_sent {
+                    handles_sent = true;
+                    let worker = worker.clone();
+                    // Sent while the primary is still sending its own: both ways at once.
+                    tokio::spawn(async move {
+                        for index in 0..send_back {
+                            let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp");
+                            worker
+                                .send_with_fd(&Reply::Handle { index }, socket)
+                                .expect("send");
+                            tokio::task::yield_now().await;
+                        }
+                    });
+                }
+            }
             Command::Pause { index } => {
                 listeners[index]
                     .as_ref()
@@ -85,13 +188,16 @@ async fn serve(worker: Worker) {
                 let cwd = std::env::current_dir().expect("cwd").display().to_string();
                 worker.send(&Reply::Env { value, cwd }).expect("send");
             }
-            Command::Block { ms } => std::thread::sleep(std::time::Duration::from_millis(ms)),
+            Command::Block { ms } => std::thread::sleep(Duration::from_millis(ms)),
             Command::Exit { code } => std::process::exit(code),
             Command::Disconnect => {
                 worker.disconnect().await.expect("disconnect");
                 break;
             }
         }
+    }
+    for task in udp {
+        task.abort();
     }
     // Leaving: every listener stopped accepting; wait until the clients close what was accepted.
     for Listener { task, pause } in listeners.into_iter().flatten() {
@@ -101,7 +207,114 @@ async fn serve(worker: Worker) {
     }
 }
 
-async fn accept_loop(id: u64, mut listener: ClusterListener, mut paused: watch::Receiver<bool>) {
+/// Starts serving a bound listener and reports it, or reports the bind error.
+fn listened<L: Accept>(
+    worker: &Worker,
+    listeners: &mut Vec<Option<Listener>>,
+    bound: io::Result<L>,
+    port: impl FnOnce(&L) -> u16,
+) {
+    let reply = match bound {
+        Ok(listener) => {
+            let index = listeners.len();
+            let port = port(&listener);
+            let (pause, paused) = watch::channel(false);
+            let id = worker.id().get();
+            listeners.push(Some(Listener {
+                task: tokio::spawn(accept_loop(id, listener, paused)),
+                pause,
+            }));
+            Reply::Listening { index, port }
+        }
+        Err(error) => bind_failed(&error),
+    };
+    worker.send(&reply).expect("send");
+}
+
+fn bind_failed(error: &io::Error) -> Reply {
+    Reply::BindFailed {
+        kind: format!("{:?}", error.kind()),
+        errno: error.raw_os_error(),
+    }
+}
+
+/// Answers a `Question` request.
+fn answer(id: u64, message: &Message, text: &str) {
+    assert!(message.is_request(), "questions come as requests");
+    match text {
+        "refuse" => message.refuse("nope").expect("refuse"),
+        // Dropped unanswered: the runtime refuses it on our behalf.
+        "drop" => {}
+        _ => message
+            .reply(&Reply::Answer {
+                result: Ok(format!("{id}: {text}")),
+            })
+            .expect("reply"),
+    }
+}
+
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").expect("/proc").count()
+}
+
+async fn udp_echo(id: u64, socket: ClusterUdpSocket) {
+    let mut buf = vec![0; 65_536];
+    while let Ok((len, peer)) = socket.recv_from(&mut buf).await {
+        let mut answer = format!("worker {id}: ").into_bytes();
+        answer.extend_from_slice(&buf[..len]);
+        let _ = socket.send_to(&answer, peer).await;
+    }
+}
+
+/// A numbered series of messages, checked for order.
+#[derive(Default)]
+struct Series {
+    count: u32,
+    in_order: bool,
+    bytes: usize,
+}
+
+impl Series {
+    fn push(&mut self, index: u32, payload: &[u8]) {
+        if self.count == 0 {
+            self.in_order = true;
+        }
+        self.in_order &=
+            index == self.count && payload.iter().all(|b| u32::from(*b) == index % 251);
+        self.count += 1;
+        self.bytes += payload.len();
+    }
+
+    fn report(&self) -> Reply {
+        Reply::Checked {
+            count: self.count,
+            in_order: self.in_order,
+            bytes: self.bytes,
+        }
+    }
+}
+
+/// The listeners the fixture serves alike.
+trait Accept: Send + 'static {
+    type Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    fn accept(&mut self) -> impl Future<Output = io::Result<Self::Stream>> + Send;
+}
+
+impl Accept for ClusterListener {
+    type Stream = tokio::net::TcpStream;
+    async fn accept(&mut self) -> io::Result<Self::Stream> {
+        Self::accept(self).await.map(|(stream, _)| stream)
+    }
+}
+
+impl Accept for ClusterUnixListener {
+    type Stream = tokio::net::UnixStream;
+    async fn accept(&mut self) -> io::Result<Self::Stream> {
+        Self::accept(self).await.map(|(stream, _)| stream)
+    }
+}
+
+async fn accept_loop<L: Accept>(id: u64, mut listener: L, mut paused: watch::Receiver<bool>) {
     let mut connections = JoinSet::new();
     loop {
         // While paused, connections queue up in the listener unaccepted.
@@ -113,7 +326,7 @@ async fn accept_loop(id: u64, mut listener: ClusterListener, mut paused: watch::
             // `accept` is cancel safe: pausing loses no connection.
             _ = paused.wait_for(|p| *p) => continue,
         };
-        let Ok((mut stream, _)) = accepted else { break };
+        let Ok(mut stream) = accepted else { break };
         connections.spawn(async move {
             let _ = stream.write_all(format!("{id}\n").as_bytes()).await;
             let _ = stream.shutdown().await;

@@ -191,7 +191,7 @@ struct Handoff {
 
 impl Handoff {
     /// The next connection; `None` once the worker stopped serving.
-    fn poll_next(&mut self, cx: &Context<'_>) -> Poll<Option<OwnedFd>> {
+    fn poll_next(&self, cx: &Context<'_>) -> Poll<Option<OwnedFd>> {
         let Some((conn, room_again)) = ready!(self.queue.poll_pop(cx)) else {
             return Poll::Ready(None);
         };
