@@ -7,12 +7,14 @@
 //!
 //! `GET /delay/<ms>` answers after `ms` milliseconds, to watch a reload or a shutdown drain it.
 //!
-//! `ADDR` sets the address (default `127.0.0.1:3000`), `CLUSTER_WORKERS` the number of workers
+//! `ADDR` sets the address (default `127.0.0.1:3000`; `unix:<path>` listens on a Unix socket,
+//! `curl --unix-socket <path> http://localhost/`), `CLUSTER_WORKERS` the number of workers
 //! (default: one per CPU; `0` runs the same program unclustered, in one process),
 //! `CLUSTER_SCHED_POLICY=none` shares the listening socket instead of handing connections out
 //! round robin. SIGTERM or Ctrl-C drains the workers and exits.
 
 use std::convert::Infallible;
+use std::io;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -25,6 +27,7 @@ use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use hyper_util::server::graceful::GracefulShutdown;
+use tokio::io::{AsyncRead, AsyncWrite};
 
 /// How long a worker waits for open connections once asked to leave.
 const DRAIN: Duration = Duration::from_secs(10);
@@ -34,9 +37,35 @@ const DRAIN: Duration = Duration::from_secs(10);
 const KEEP_ALIVE_GRACE: Duration = Duration::from_millis(500);
 
 #[cluster::main]
-async fn main() -> std::io::Result<()> {
+async fn main() -> io::Result<()> {
     let addr = std::env::var("ADDR").unwrap_or_else(|_| "127.0.0.1:3000".to_owned());
-    let mut listener = cluster::ClusterListener::bind(&addr).await?;
+    match addr.strip_prefix("unix:") {
+        Some(path) => serve(cluster::ClusterUnixListener::bind(path).await?).await,
+        None => serve(cluster::ClusterListener::bind(&addr).await?).await,
+    }
+}
+
+/// The two listeners `hello` serves alike.
+trait Accept {
+    type Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    async fn accept(&mut self) -> io::Result<Self::Stream>;
+}
+
+impl Accept for cluster::ClusterListener {
+    type Stream = tokio::net::TcpStream;
+    async fn accept(&mut self) -> io::Result<Self::Stream> {
+        Self::accept(self).await.map(|(stream, _peer)| stream)
+    }
+}
+
+impl Accept for cluster::ClusterUnixListener {
+    type Stream = tokio::net::UnixStream;
+    async fn accept(&mut self) -> io::Result<Self::Stream> {
+        Self::accept(self).await.map(|(stream, _peer)| stream)
+    }
+}
+
+async fn serve(mut listener: impl Accept) -> io::Result<()> {
     let id = cluster::worker().map_or(0, |w| w.id().get());
     let greeting = Bytes::from(format!(
         "Hello from worker {id} (pid {})\n",
@@ -47,7 +76,7 @@ async fn main() -> std::io::Result<()> {
     loop {
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _peer)) => stream,
+                Ok(stream) => stream,
                 Err(_) => break,
             },
             () = cluster::shutdown() => break,

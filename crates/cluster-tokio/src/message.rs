@@ -39,6 +39,14 @@ pub(crate) fn encode<T: Serialize + ?Sized>(value: &T) -> io::Result<Vec<u8>> {
     Ok(payload)
 }
 
+/// Decodes a whole payload as `T`; bytes left over mean it was not a `T`.
+pub(crate) fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, postcard::Error> {
+    match postcard::take_from_bytes(bytes)? {
+        (value, []) => Ok(value),
+        _ => Err(postcard::Error::DeserializeBadEncoding),
+    }
+}
+
 /// How a request ended, as the side that answers it says.
 pub(crate) enum Answer {
     Reply(Vec<u8>),
@@ -107,9 +115,11 @@ impl Message {
     ///
     /// # Errors
     ///
-    /// The bytes are not a `T`.
+    /// The bytes are not a `T`, or are a `T` followed by more bytes. postcard does not describe
+    /// types on the wire, so a value of another type that happens to decode as a `T` is not
+    /// always detected: both sides must agree on the type (a shared enum is the usual way).
     pub fn decode<T: DeserializeOwned>(&self) -> Result<T, postcard::Error> {
-        postcard::from_bytes(&self.inner.payload)
+        decode(&self.inner.payload)
     }
 
     /// The encoded bytes.
@@ -274,5 +284,5 @@ pub(crate) async fn await_reply<R: DeserializeOwned>(
         .await
         .map_err(|_| RequestError::TimedOut(timeout))?
         .map_err(|_| RequestError::Disconnected)??;
-    postcard::from_bytes(&payload).map_err(RequestError::Decode)
+    decode(&payload).map_err(RequestError::Decode)
 }

@@ -150,7 +150,7 @@ impl Worker {
     ///
     /// # Errors
     ///
-    /// The message is not a `T`.
+    /// The message is not a `T` (see [`Message::decode`]).
     pub async fn recv<T: DeserializeOwned>(&self) -> Option<Result<T, postcard::Error>> {
         let message = self.recv_message().await?;
         Some(message.decode())

@@ -1,0 +1,226 @@
+//! Typed messages between the primary and its workers: order, size, requests, fds, broadcast
+//! (reference scenario 43).
+
+mod support;
+
+use std::io::Read;
+
+use cluster::{Event, RequestError, SchedulingPolicy};
+use cluster_tests::{Command, Reply};
+use support::{Cluster, WAIT};
+
+/// The next message event of any worker, decoded as a `Reply`.
+async fn next_reply(cluster: &mut Cluster) -> (cluster::WorkerHandle, cluster::Message) {
+    loop {
+        if let Event::Message { worker, message } = cluster.event().await {
+            return (worker, message);
+        }
+    }
+}
+
+#[tokio::test]
+async fn messages_arrive_in_order_both_ways_small_and_large() {
+    let mut cluster = Cluster::start(SchedulingPolicy::RoundRobin);
+    let w = cluster.fork().await;
+    // Primary → worker: small ones, then ones of several frames (up to 3 MB), in one series.
+    let sizes = (0..2000)
+        .map(|_| 16)
+        .chain([70_000, 1_000_000, 3_000_000, 16]);
+    let mut expected_bytes = 0;
+    let mut count = 0;
+    for (index, size) in (0u32..).zip(sizes) {
+        let payload = vec![(index % 251) as u8; size];
+        w.send(&Command::Numbered { index, payload }).unwrap();
+        expected_bytes += size;
+        count += 1;
+    }
+    assert_eq!(
+        cluster.ask(&w, Command::Check).await,
+        Reply::Checked {
+            count,
+            in_order: true,
+            bytes: expected_bytes
+        }
+    );
+    // Worker → primary: the same, while the primary keeps sending.
+    for (count, size) in [(2000, 16), (3, 2_500_000)] {
+        w.send(&Command::Flood { count, size }).unwrap();
+        for index in 0..count {
+            let (from, message) = next_reply(&mut cluster).await;
+            assert_eq!(from.id(), w.id());
+            let Reply::Numbered {
+                index: got,
+                payload,
+            } = message.decode().unwrap()
+            else {
+                panic!("unexpected message");
+            };
+            assert_eq!((got, payload.len()), (index, size));
+            assert!(payload.iter().all(|b| u32::from(*b) == index % 251));
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_message_over_the_limit_is_refused_before_anything_is_sent() {
+    let mut cluster = Cluster::start(SchedulingPolicy::RoundRobin);
+    let w = cluster.fork().await;
+    let too_large = vec![0u8; cluster::proto::user::MAX_MESSAGE + 1];
+    let error = w.send(&too_large).unwrap_err();
+    assert_eq!(error.kind(), std::io::ErrorKind::InvalidInput, "{error}");
+    assert!(error.to_string().contains("exceeds"), "{error}");
+    let error = w.request::<_, Reply>(&too_large).await.unwrap_err();
+    assert!(matches!(error, RequestError::Send(_)), "{error:?}");
+    // The link is untouched.
+    assert!(matches!(
+        cluster.ask(&w, Command::CountFds).await,
+        Reply::Fds { .. }
+    ));
+}
+
+#[tokio::test]
+async fn requests_are_answered_refused_or_timed_out_both_ways() {
+    let mut cluster = Cluster::start(SchedulingPolicy::RoundRobin);
+    let w = cluster.fork().await;
+    let id = w.id().get();
+    // Primary → worker.
+    let question = |text: &str| Command::Question { text: text.into() };
+    let answer: Reply = w.request(&question("hi")).await.unwrap();
+    assert_eq!(
+        answer,
+        Reply::Answer {
+            result: Ok(format!("{id}: hi"))
+        }
+    );
+    let refused = w
+        .request::<_, Reply>(&question("refuse"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&refused, RequestError::Refused(r) if r == "nope"),
+        "{refused:?}"
+    );
+    // Dropped unanswered: refused at once, not at the timeout.
+    let started = std::time::Instant::now();
+    let dropped = w.request::<_, Reply>(&question("drop")).await.unwrap_err();
+    assert!(matches!(dropped, RequestError::Refused(_)), "{dropped:?}");
+    assert!(started.elapsed() < WAIT);
+    // A reply of another type is a typed error.
+    let wrong = w.request::<_, u64>(&question("hi")).await;
+    assert!(wrong.is_err(), "{wrong:?}");
+
+    // Worker → primary: answered.
+    let ask = |text: &str, timeout_ms| Command::Ask {
+        text: text.into(),
+        timeout_ms,
+    };
+    w.send(&ask("ping", 20_000)).unwrap();
+    let (_, request) = next_reply(&mut cluster).await;
+    assert!(request.is_request());
+    assert_eq!(request.decode::<String>().unwrap(), "ping");
+    request.reply(&"pong".to_owned()).unwrap();
+    assert!(
+        request.reply(&"again".to_owned()).is_err(),
+        "answered twice"
+    );
+    let (_, result) = next_reply(&mut cluster).await;
+    assert_eq!(
+        result.decode::<Reply>().unwrap(),
+        Reply::Answer {
+            result: Ok("pong".into())
+        }
+    );
+    // Not answered in time: the worker gets a timeout; the late answer is dropped harmlessly.
+    w.send(&ask("slow", 100)).unwrap();
+    let (_, slow) = next_reply(&mut cluster).await;
+    let (_, result) = next_reply(&mut cluster).await;
+    let Reply::Answer { result: Err(error) } = result.decode().unwrap() else {
+        panic!("answered without an answer")
+    };
+    assert!(error.contains("no reply within"), "{error}");
+    slow.reply(&"too late".to_owned()).unwrap();
+    // The worker carries on.
+    w.send(&ask("again", 20_000)).unwrap();
+    let (_, request) = next_reply(&mut cluster).await;
+    request.reply(&"yes".to_owned()).unwrap();
+    let (_, result) = next_reply(&mut cluster).await;
+    assert_eq!(
+        result.decode::<Reply>().unwrap(),
+        Reply::Answer {
+            result: Ok("yes".into())
+        }
+    );
+    // A request to a worker that is gone fails as such.
+    w.kill(libc::SIGKILL).unwrap();
+    tokio::time::timeout(WAIT, w.exited()).await.unwrap();
+    let gone = w.request::<_, Reply>(&question("hi")).await.unwrap_err();
+    assert!(matches!(gone, RequestError::Disconnected), "{gone:?}");
+}
+
+#[tokio::test]
+async fn handles_pass_both_ways_at_once() {
+    const COUNT: u32 = 200;
+    let mut cluster = Cluster::start(SchedulingPolicy::RoundRobin);
+    let w = cluster.fork().await;
+    let id = w.id().get();
+    let baseline = support::open_fds();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut clients = Vec::new();
+    // Every message carries a connection; the worker answers on it, and sends sockets back at
+    // the same time.
+    for _ in 0..COUNT {
+        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server_side, _) = listener.accept().unwrap();
+        w.send_with_fd(&Command::Handle { send_back: COUNT }, server_side)
+            .unwrap();
+        clients.push(client);
+    }
+    let mut received = 0;
+    while received < COUNT {
+        let (_, message) = next_reply(&mut cluster).await;
+        let Reply::Handle { index } = message.decode().unwrap() else {
+            panic!("unexpected message")
+        };
+        assert_eq!(index, received);
+        let socket = message
+            .take_udp_socket()
+            .expect("a UDP socket came with it");
+        assert!(socket.local_addr().is_ok());
+        assert!(message.take_fd().is_none(), "an fd is taken once");
+        received += 1;
+    }
+    for mut client in clients {
+        client.set_read_timeout(Some(WAIT)).unwrap();
+        let mut text = String::new();
+        client.read_to_string(&mut text).unwrap();
+        assert_eq!(text, format!("{id}\n"));
+    }
+    drop(listener);
+    // The primary kept no copy of what it sent.
+    let stats = cluster.primary.stats().await.unwrap();
+    assert_eq!(stats.connections_held, 0, "{stats:?}");
+    assert_eq!(support::open_fds(), baseline);
+}
+
+#[tokio::test]
+async fn broadcast_reaches_every_connected_worker() {
+    let mut cluster = Cluster::start(SchedulingPolicy::RoundRobin);
+    let mut workers = Vec::new();
+    for _ in 0..3 {
+        workers.push(cluster.fork().await);
+    }
+    assert_eq!(cluster.primary.broadcast(&Command::CountFds).unwrap(), 3);
+    let mut from = Vec::new();
+    for _ in 0..3 {
+        let (worker, message) = tokio::time::timeout(WAIT, next_reply(&mut cluster))
+            .await
+            .unwrap();
+        assert!(matches!(message.decode().unwrap(), Reply::Fds { .. }));
+        from.push(worker.id());
+    }
+    from.sort();
+    assert_eq!(from, workers.iter().map(|w| w.id()).collect::<Vec<_>>());
+    // A worker that left is not counted.
+    workers[0].disconnect().await.unwrap();
+    assert_eq!(cluster.primary.broadcast(&Command::CountFds).unwrap(), 2);
+}
