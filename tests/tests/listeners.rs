@@ -235,6 +235,12 @@ async fn listening_on_an_inherited_fd_shares_the_primarys_socket() {
     }
 }
 
+/// A port nothing listens on right now.
+fn free_port() -> u16 {
+    let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    probe.local_addr().unwrap().port()
+}
+
 /// Sends `text` to 127.0.0.1:`port` and returns the answer.
 async fn udp_exchange(port: u16, text: &str) -> String {
     let client = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
@@ -425,4 +431,75 @@ async fn a_udp_bind_dropped_before_the_reply_leaves_nothing_behind() {
         stats.listeners, 0,
         "the primary kept a handle nobody uses: {stats:?}"
     );
+}
+
+/// The accept backlog of the IPv4 TCP socket listening on `port`, as the kernel reports it to
+/// `ss` (`sock_diag` over netlink: for a listener, `idiag_wqueue` is its backlog).
+fn listen_backlog(port: u16) -> Option<u32> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    const NETLINK_SOCK_DIAG: i32 = 4;
+    const SOCK_DIAG_BY_FAMILY: u16 = 20;
+    const NLMSG_DONE: u16 = 3;
+    const NLM_F_REQUEST_DUMP: u16 = 0x1 | 0x300;
+    const TCP_LISTEN: u32 = 10;
+    let socket = Socket::new(
+        Domain::from(libc::AF_NETLINK),
+        Type::DGRAM,
+        Some(Protocol::from(NETLINK_SOCK_DIAG)),
+    )
+    .unwrap();
+    // nlmsghdr (16 bytes), then inet_diag_req_v2 (56 bytes), all in native byte order.
+    let mut request = Vec::new();
+    request.extend_from_slice(&72u32.to_ne_bytes());
+    request.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+    request.extend_from_slice(&NLM_F_REQUEST_DUMP.to_ne_bytes());
+    request.extend_from_slice(&[0; 8]); // seq, pid
+    request.extend_from_slice(&[libc::AF_INET as u8, libc::IPPROTO_TCP as u8, 0, 0]);
+    request.extend_from_slice(&(1u32 << TCP_LISTEN).to_ne_bytes());
+    request.extend_from_slice(&[0; 48]); // inet_diag_sockid: match all
+    socket.send(&request).unwrap();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let len = std::io::Read::read(&mut &socket, &mut buf).unwrap();
+        let bytes = &buf[..len];
+        let mut at = 0;
+        while at + 16 <= bytes.len() {
+            let msg_len = u32::from_ne_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
+            let msg_type = u16::from_ne_bytes(bytes[at + 4..at + 6].try_into().unwrap());
+            if msg_type == NLMSG_DONE || msg_len < 16 {
+                return None;
+            }
+            // inet_diag_msg: family, state, timer, retrans, then sockid (sport big-endian first).
+            let body = &bytes[at + 16..at + msg_len];
+            let sport = u16::from_be_bytes([body[4], body[5]]);
+            if sport == port {
+                // After sockid (48 bytes): expires, rqueue, wqueue.
+                return Some(u32::from_ne_bytes(body[60..64].try_into().unwrap()));
+            }
+            at += (msg_len + 3) & !3;
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_first_workers_backlog_is_the_one_the_primary_applies() {
+    for policy in POLICIES {
+        let mut cluster = Cluster::start(policy);
+        let (w1, w2) = (cluster.fork().await, cluster.fork().await);
+        let with_backlog = |backlog| Options {
+            backlog,
+            ..Options::default()
+        };
+        let port = free_port();
+        let addr = format!("127.0.0.1:{port}");
+        for (w, backlog) in [(&w1, 7), (&w2, 100)] {
+            let bound = port_of(&listen(&mut cluster, w, tcp(&addr, with_backlog(backlog))).await);
+            assert_eq!(bound, port);
+        }
+        assert_eq!(listen_backlog(port), Some(7), "{policy:?}");
+        // No backlog asked: the primary's setting (Node's default, 511).
+        let other =
+            port_of(&listen(&mut cluster, &w2, tcp("127.0.0.1:0", Options::default())).await);
+        assert_eq!(listen_backlog(other), Some(511), "{policy:?}");
+    }
 }

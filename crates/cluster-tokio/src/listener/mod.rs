@@ -51,9 +51,9 @@ impl ListenOptions {
         Self::default()
     }
 
-    /// The accept backlog (0, the default, means the primary's [`Settings::backlog`]
-    /// (crate::Settings::backlog), 511). The primary creates each socket once: the first
-    /// worker's backlog is the one applied, as in Node.
+    /// The accept backlog; 0, the default, means the primary's
+    /// [`Settings::backlog`](crate::Settings::backlog) (511). The primary creates each socket
+    /// once: the first worker's backlog is the one applied, as in Node.
     pub fn backlog(mut self, backlog: u32) -> Self {
         self.backlog = backlog;
         self
