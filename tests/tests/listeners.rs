@@ -219,6 +219,19 @@ async fn listening_on_an_inherited_fd_shares_the_primarys_socket() {
             "{reply:?}"
         );
 
+        // The same fd asked for as the other kind is another handle, refused on its own.
+        let tcp_fd = UdpTarget::PrimaryFd(tcp_listener.as_raw_fd());
+        let reply = cluster
+            .ask(
+                &w2,
+                Command::Udp {
+                    target: tcp_fd,
+                    options: Options::default(),
+                },
+            )
+            .await;
+        assert_eq!(failure_kind(&reply), "InvalidInput", "{policy:?}");
+
         let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let udp_port = udp.local_addr().unwrap().port();
         let target = UdpTarget::PrimaryFd(udp.as_raw_fd());

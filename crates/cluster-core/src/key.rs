@@ -8,8 +8,9 @@ use crate::wire::{ListenFlags, ListenRequest, ListenTarget, SocketKind};
 /// `udp4`, `udp6`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum AddressType {
-    /// A listener on an inherited fd; its family is whatever the fd is.
-    Fd,
+    /// A listener on an inherited fd; its family is whatever the fd is. The kind is part of it,
+    /// so a request for the fd as the other kind never joins the handle.
+    Fd(SocketKind),
     /// TCP over IPv4.
     Tcp4,
     /// TCP over IPv6.
@@ -26,7 +27,7 @@ impl AddressType {
     /// The type of a request; `None` for a combination that cannot exist (a datagram Unix path).
     pub fn of(request: &ListenRequest) -> Option<Self> {
         Some(match (&request.target, request.kind) {
-            (ListenTarget::Fd(_), _) => Self::Fd,
+            (ListenTarget::Fd(_), kind) => Self::Fd(kind),
             (ListenTarget::Ip(a), SocketKind::Stream) if a.is_ipv4() => Self::Tcp4,
             (ListenTarget::Ip(_), SocketKind::Stream) => Self::Tcp6,
             (ListenTarget::Ip(a), SocketKind::Datagram) if a.is_ipv4() => Self::Udp4,
@@ -43,7 +44,8 @@ impl AddressType {
 
     fn as_str(self) -> &'static str {
         match self {
-            Self::Fd => "fd",
+            Self::Fd(SocketKind::Stream) => "fd",
+            Self::Fd(SocketKind::Datagram) => "fd-dgram",
             Self::Tcp4 => "4",
             Self::Tcp6 => "6",
             Self::Udp4 => "udp4",

@@ -84,6 +84,9 @@ impl Reassembly {
                 max: MAX_MESSAGE,
             });
         }
+        if self.partial.is_empty() {
+            self.partial.reserve_exact(data.len());
+        }
         self.partial.extend_from_slice(data);
         Ok(())
     }
@@ -105,6 +108,8 @@ impl Reassembly {
                 max: MAX_MESSAGE,
             });
         }
+        // Exactly: the bound is on what the receiver holds, not only on the length.
+        payload.reserve_exact(envelope.payload.len());
         payload.extend_from_slice(&envelope.payload);
         envelope.payload = payload;
         Ok(envelope)

@@ -14,6 +14,9 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::oneshot;
 
+/// A refusal's reason is cut to this many bytes, so that a refusal always fits in one frame.
+const MAX_REASON: usize = 4096;
+
 /// How long [`Worker::request`](crate::Worker::request) and
 /// [`WorkerHandle::request`](crate::WorkerHandle::request) wait for a reply.
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -192,7 +195,15 @@ impl Message {
     ///
     /// As [`Self::reply`].
     pub fn refuse(&self, reason: impl fmt::Display) -> io::Result<()> {
-        self.answer(Answer::Refusal(reason.to_string()))
+        let mut reason = reason.to_string();
+        if reason.len() > MAX_REASON {
+            let mut end = MAX_REASON;
+            while !reason.is_char_boundary(end) {
+                end -= 1;
+            }
+            reason.truncate(end);
+        }
+        self.answer(Answer::Refusal(reason))
     }
 
     fn answer(&self, answer: Answer) -> io::Result<()> {

@@ -84,7 +84,8 @@ pub(crate) fn bind(request: &ListenRequest, backlog: u32, reuse_port: bool) -> i
 }
 
 /// Takes a copy of this process's fd `fd`, which must be a socket of `kind` (listening, for
-/// streams) as Node's `listen({ fd })` requires.
+/// streams) as Node's `listen({ fd })` requires. The copy shares the open file description, so
+/// `fd` becomes non-blocking too (as in Node, whose event loop needs it so).
 pub(crate) fn inherit(fd: i32, kind: SocketKind) -> io::Result<Bound> {
     let socket = Socket::from(crate::sys::duplicate_fd(fd)?);
     let invalid = |what: &str| {
@@ -225,6 +226,11 @@ impl<'a> ShortPath<'a> {
 }
 
 /// Removes a socket file nobody accepts on any more.
+///
+/// The probe is a non-blocking `connect`, because the primary binds from its one driver task: a
+/// blocking connect to a live listener with a full backlog would stall it. Only a refused
+/// connection means stale; anything else (connected, in progress, a socket of another type) means
+/// the path is someone's.
 fn remove_if_stale(path: &Path) -> io::Result<()> {
     let Ok(meta) = fs::symlink_metadata(path) else {
         return Ok(());
@@ -234,8 +240,9 @@ fn remove_if_stale(path: &Path) -> io::Result<()> {
     if !meta.file_type().is_socket() {
         return Err(in_use());
     }
-    match std::os::unix::net::UnixStream::connect(path) {
-        Ok(_) => Err(in_use()),
+    let probe = Socket::new(Domain::UNIX, Type::STREAM, None)?;
+    probe.set_nonblocking(true)?;
+    match probe.connect(&SockAddr::unix(path)?) {
         Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
             tracing::info!(path = %path.display(), "removing a stale socket file");
             match fs::remove_file(path) {
@@ -243,7 +250,8 @@ fn remove_if_stale(path: &Path) -> io::Result<()> {
                 _ => Ok(()),
             }
         }
-        Err(e) => Err(e),
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => Err(e),
+        _ => Err(in_use()),
     }
 }
 

@@ -99,8 +99,8 @@ impl ClusterListener {
 
     /// Listens on the primary's fd `fd`, a listening TCP socket it inherited (Node's
     /// `listen({ fd })`; e.g. from systemd or a parent process). Outside a worker, on this
-    /// process's own fd `fd`. The fd itself stays open and untouched: the primary listens on a
-    /// copy.
+    /// process's own fd `fd`. The fd itself stays open: the primary listens on a copy (which
+    /// shares its open file description, so `fd` becomes non-blocking, as in Node).
     ///
     /// # Errors
     ///

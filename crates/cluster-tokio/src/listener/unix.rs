@@ -43,9 +43,10 @@ pub struct ClusterUnixListener {
 #[derive(Debug)]
 enum Source {
     Listener {
+        /// Removed before the socket closes (fields drop in order).
+        _file: Option<SocketFile>,
         listener: UnixListener,
         _guard: Option<HandleGuard>,
-        _file: Option<SocketFile>,
     },
     Handoff(Handoff),
 }
@@ -64,8 +65,10 @@ impl ClusterUnixListener {
     ///
     /// # Errors
     ///
-    /// `AddrInUse` (something listens there, or the file is not a socket), `PermissionDenied`,
-    /// `NotFound` (no such directory), `InvalidInput` (the file name alone is too long).
+    /// `AddrInUse` (something listens there, or the file is not a stream socket),
+    /// `PermissionDenied`, `NotFound` (no such directory), `InvalidFilename` (`ENAMETOOLONG`:
+    /// the file name alone does not fit), `InvalidInput` (`ListenOptions::reuse_port`, which Unix
+    /// sockets do not have).
     pub async fn bind(path: impl AsRef<Path>) -> io::Result<Self> {
         Self::bind_with(path, ListenOptions::default()).await
     }
@@ -76,6 +79,11 @@ impl ClusterUnixListener {
     ///
     /// As [`Self::bind`].
     pub async fn bind_with(path: impl AsRef<Path>, options: ListenOptions) -> io::Result<Self> {
+        if options.reuse_port {
+            return Err(super::wrong_family(
+                "SO_REUSEPORT does not apply to Unix sockets",
+            ));
+        }
         // The primary may run elsewhere: send it an absolute path, as Node does.
         let path = std::path::absolute(path.as_ref())?;
         let target = ListenTarget::Path(path.as_os_str().as_bytes().to_vec());

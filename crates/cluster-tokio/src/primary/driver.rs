@@ -76,9 +76,10 @@ struct Link {
 }
 
 struct Listener {
-    socket: ListenerSocket,
-    /// The Unix socket file, removed with the handle.
+    /// The Unix socket file, removed with the handle, before the socket closes (fields drop in
+    /// order): nobody sees a file whose socket refuses connections and takes it for stale.
     _file: Option<SocketFile>,
+    socket: ListenerSocket,
 }
 
 enum ListenerSocket {
@@ -220,7 +221,7 @@ impl Driver {
                     }
                     Ok(Received::Truncated) => self.core.handle_truncated(now(), id),
                     Ok(Received::Closed) | Err(_) => {
-                        self.links.remove(&id);
+                        self.remove_link(id);
                         self.core.handle_link_closed(now(), id);
                     }
                 }
@@ -348,7 +349,7 @@ impl Driver {
             }
         }
         for id in broken {
-            self.links.remove(&id);
+            self.remove_link(id);
             self.core.handle_link_closed(now(), id);
             self.drain_core();
             progress = true;
@@ -360,11 +361,14 @@ impl Driver {
     fn drain_core(&mut self) {
         while let Some(output) = self.core.poll_output(&mut self.buf) {
             match output {
-                Output::Transmit(t) => {
-                    if let Some(link) = self.links.get_mut(&t.worker) {
-                        link.outgoing.push_back((self.buf.clone(), t.attachment));
+                Output::Transmit(t) => match self.links.get_mut(&t.worker) {
+                    Some(link) => link.outgoing.push_back((self.buf.clone(), t.attachment)),
+                    None => {
+                        if let Some(Attachment::Owned(fd)) = t.attachment {
+                            self.conns.try_remove(fd);
+                        }
                     }
-                }
+                },
                 Output::Bind {
                     handle,
                     request,
@@ -379,9 +383,7 @@ impl Driver {
                 Output::Close(conn) | Output::Delivered { conn, .. } => {
                     self.conns.try_remove(conn);
                 }
-                Output::CloseLink { worker } => {
-                    self.links.remove(&worker);
-                }
+                Output::CloseLink { worker } => self.remove_link(worker),
                 Output::Returned { worker, handle } => self.take_back(worker, handle),
                 Output::Kill { worker, reason } => {
                     tracing::warn!(%worker, %reason, "killing worker");
@@ -391,6 +393,18 @@ impl Driver {
                 }
                 Output::Event(event) => self.publish(event),
                 other => tracing::error!(?other, "unexpected core output"),
+            }
+        }
+    }
+
+    /// Drops a worker's link. User fds still waiting in its queue are closed (the core's tokens
+    /// for connections in flight are re-dispatched or closed by the core itself).
+    fn remove_link(&mut self, worker: WorkerId) {
+        if let Some(link) = self.links.remove(&worker) {
+            for (_, attachment) in link.outgoing {
+                if let Some(Attachment::Owned(fd)) = attachment {
+                    self.conns.try_remove(fd);
+                }
             }
         }
     }

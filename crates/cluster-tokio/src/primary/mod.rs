@@ -251,8 +251,11 @@ impl Primary {
                     }
                 }
             };
-            let reason = match tokio::time::timeout(self.shared.settings.boot_timeout, ready).await
-            {
+            let outcome = tokio::time::timeout(self.shared.settings.boot_timeout, ready).await;
+            // Nothing else to wait for: an unread subscriber would hold every later event
+            // (and the fds and requests of messages) until the old worker has drained.
+            drop(events);
+            let reason = match outcome {
                 Ok(Ok(())) => None,
                 Ok(Err(status)) => {
                     Some(format!("the replacement exited before listening: {status}"))

@@ -215,7 +215,14 @@ impl Worker {
     pub(crate) async fn listen(&self, request: ListenRequest) -> io::Result<Granted> {
         let (reply, rx) = oneshot::channel();
         self.command(Command::Listen { request, reply })?;
-        rx.await.map_err(|_| not_connected())?
+        let mut pending = PendingListen {
+            worker: self,
+            rx: Some(rx),
+        };
+        let rx = pending.rx.as_mut().expect("set above");
+        let granted = rx.await.map_err(|_| not_connected())?;
+        pending.rx = None;
+        granted
     }
 
     pub(crate) fn close(&self, handle: proto::HandleId) {
@@ -242,6 +249,24 @@ impl Worker {
             .commands
             .send(command)
             .map_err(|_| not_connected())
+    }
+}
+
+/// A listen whose future may be dropped: the driver closes a grant it could not deliver, but a
+/// grant delivered into the channel just before the drop is only found here.
+struct PendingListen<'a> {
+    worker: &'a Worker,
+    rx: Option<oneshot::Receiver<io::Result<Granted>>>,
+}
+
+impl Drop for PendingListen<'_> {
+    fn drop(&mut self) {
+        if let Some(Ok(Ok(granted))) = self.rx.as_mut().map(oneshot::Receiver::try_recv) {
+            if let Granted::RoundRobin { handle, queue, .. } = &granted {
+                self.worker.give_back(*handle, queue.close());
+            }
+            self.worker.close(granted.handle());
+        }
     }
 }
 
