@@ -1,9 +1,11 @@
-//! The primary's fd count returns to its baseline across connections, listens, worker deaths
-//! and restarts (design invariant 4). One test per file: fd counts are per process.
+//! The primary's fd count returns to its baseline across connections, listens (TCP, Unix, UDP),
+//! fds sent with messages, worker deaths and restarts (design invariant 4). One test per file:
+//! fd counts are per process.
 
 mod support;
 
 use cluster::{Event, SchedulingPolicy};
+use cluster_tests::{Command, Listen, Options, Reply, UdpTarget};
 use support::{Cluster, open_fds, who};
 
 #[tokio::test]
@@ -25,8 +27,28 @@ async fn primary_fds_return_to_baseline() {
         for _ in 0..50 {
             who(port).await;
         }
-        // One dies hard with a handoff in flight, the other leaves gracefully.
+        let path =
+            std::env::temp_dir().join(format!("cluster-fd-leaks-{}.sock", std::process::id()));
+        let unix = Listen::Unix {
+            path: path.to_str().unwrap().into(),
+            options: Options::default(),
+        };
+        let reply = cluster.ask(&b, Command::ListenSpec(unix)).await;
+        assert!(matches!(reply, Reply::Listening { .. }), "{reply:?}");
+        let udp = Command::Udp {
+            target: UdpTarget::Addr("127.0.0.1:0".into()),
+            options: Options::default(),
+        };
+        assert!(matches!(cluster.ask(&b, udp).await, Reply::UdpBound { .. }));
+        // One dies hard with a handoff in flight and, queued behind megabytes it will never
+        // read, an fd sent with a message; the other leaves gracefully.
         a.kill(libc::SIGSTOP).unwrap();
+        for index in 0..4 {
+            let payload = vec![0; 1_000_000];
+            a.send(&Command::Numbered { index, payload }).unwrap();
+        }
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        a.send_with_fd(&Command::CountFds, socket).unwrap();
         let client = tokio::spawn(who(port));
         let client2 = tokio::spawn(who(port));
         a.kill(libc::SIGKILL).unwrap();
@@ -47,5 +69,9 @@ async fn primary_fds_return_to_baseline() {
             "round {round}: {stats:?}"
         );
         assert_eq!(open_fds(), baseline, "round {round}: fds leaked");
+        assert!(
+            !path.exists(),
+            "round {round}: the socket file outlived its worker"
+        );
     }
 }

@@ -163,7 +163,6 @@ async fn handles_pass_both_ways_at_once() {
     let mut cluster = Cluster::start(SchedulingPolicy::RoundRobin);
     let w = cluster.fork().await;
     let id = w.id().get();
-    let baseline = support::open_fds();
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let mut clients = Vec::new();
     // Every message carries a connection; the worker answers on it, and sends sockets back at
@@ -196,10 +195,10 @@ async fn handles_pass_both_ways_at_once() {
         assert_eq!(text, format!("{id}\n"));
     }
     drop(listener);
-    // The primary kept no copy of what it sent.
+    // The primary kept no copy of what it sent (its fds wait in the connection slab until sent;
+    // this binary's other tests open fds concurrently, so the slab is what is checked).
     let stats = cluster.primary.stats().await.unwrap();
     assert_eq!(stats.connections_held, 0, "{stats:?}");
-    assert_eq!(support::open_fds(), baseline);
 }
 
 #[tokio::test]
