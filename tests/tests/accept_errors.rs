@@ -24,6 +24,22 @@ fn primary_out_of_fds_pauses_accepting_and_loses_nothing() {
         workers.push(fields[3].parse::<u32>().unwrap());
         port = fields[5].parse::<u16>().unwrap();
     }
+    // Workers stopped: no acks come, so the primary keeps every connection it accepts (8 in
+    // flight, the rest queued) and must run out of fds, whatever the timing.
+    let stderr = primary.stderr.take().unwrap();
+    let (lines_tx, lines_rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let mut all = String::new();
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = lines_tx.send(line.clone());
+            all.push_str(&line);
+            all.push('\n');
+        }
+        all
+    });
+    for pid in &workers {
+        cluster_tests::signal(*pid, libc::SIGSTOP).unwrap();
+    }
     // Many more clients at once than the primary has fds for.
     let clients: Vec<_> = (0..100)
         .map(|_| {
@@ -39,24 +55,27 @@ fn primary_out_of_fds_pauses_accepting_and_loses_nothing() {
             })
         })
         .collect();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let ran_out = loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match lines_rx.recv_timeout(left) {
+            Ok(line) if line.contains("accept failed; pausing accepts") => break true,
+            Ok(_) => {}
+            Err(_) => break false,
+        }
+    };
+    for pid in &workers {
+        cluster_tests::signal(*pid, libc::SIGCONT).unwrap();
+    }
+    assert!(ran_out, "the primary never ran out of fds");
     for client in clients {
         let answer = client.join().unwrap();
         assert!(matches!(answer.trim(), "1" | "2"), "answer {answer:?}");
     }
     cluster_tests::signal(primary.id(), libc::SIGTERM).unwrap();
     let status = primary.wait().unwrap();
-    let mut stderr = String::new();
-    primary
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut stderr)
-        .unwrap();
+    let stderr = reader.join().unwrap();
     std::io::stderr().write_all(stderr.as_bytes()).unwrap();
-    assert!(
-        stderr.contains("accept failed; pausing accepts"),
-        "the primary never ran out of fds"
-    );
     assert!(status.success(), "{status:?}");
     for pid in workers {
         let _ = cluster_tests::signal(pid, libc::SIGKILL);
