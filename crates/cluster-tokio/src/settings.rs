@@ -13,6 +13,9 @@ pub const ENV_SCHED_POLICY: &str = "CLUSTER_SCHED_POLICY";
 /// (`0` disables hang detection).
 pub const ENV_HEARTBEAT_TIMEOUT_MS: &str = "CLUSTER_HEARTBEAT_TIMEOUT_MS";
 
+/// The environment variable that overrides [`Settings::window`] (a positive number).
+pub const ENV_HANDOFF_WINDOW: &str = "CLUSTER_HANDOFF_WINDOW";
+
 /// How the primary starts and treats its workers.
 #[derive(Clone, Debug)]
 #[non_exhaustive]
@@ -31,7 +34,8 @@ pub struct Settings {
     /// Round robin (default) or shared listening sockets; `CLUSTER_SCHED_POLICY=rr|none`
     /// overrides what is set here.
     pub policy: SchedulingPolicy,
-    /// Connections handed to one worker and not yet acked (1 is Node's behaviour).
+    /// Connections handed to one worker and not yet acked (1 is Node's behaviour);
+    /// `CLUSTER_HANDOFF_WINDOW` overrides it.
     pub window: usize,
     /// Connections the primary holds per listener while no worker has room; past this bound,
     /// new connections wait in the kernel's backlog.
@@ -62,7 +66,7 @@ impl Default for Settings {
             cwd: None,
             silent: false,
             policy: SchedulingPolicy::RoundRobin,
-            window: 4,
+            window: 8,
             max_queued: 1024,
             handoff_timeout: Duration::from_secs(10),
             disconnect_timeout: Duration::from_secs(30),
@@ -86,7 +90,11 @@ impl Settings {
     pub(crate) fn core_config(&self) -> proto::Config {
         let mut config = proto::Config::default();
         config.registry.policy = self.effective_policy();
-        config.registry.window = self.window.max(1);
+        let window = std::env::var(ENV_HANDOFF_WINDOW)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(self.window);
+        config.registry.window = window.max(1);
         config.registry.max_queued = self.max_queued.max(1);
         config.handoff_timeout = self.handoff_timeout;
         config.heartbeat_timeout = match std::env::var(ENV_HEARTBEAT_TIMEOUT_MS)

@@ -47,7 +47,7 @@ impl Default for RegistryConfig {
     fn default() -> Self {
         Self {
             policy: SchedulingPolicy::RoundRobin,
-            window: 4,
+            window: 8,
             max_queued: 1024,
             max_listens_per_worker: 1024,
         }
