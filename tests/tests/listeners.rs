@@ -422,6 +422,50 @@ async fn udp_reuse_addr_and_ipv6_only() {
     };
     let port = port_of(&cluster.ask(&w, udp("[::]:0", v6only)).await);
     assert!(std::net::UdpSocket::bind(("0.0.0.0", port)).is_ok());
+    // And it serves IPv6.
+    let client = tokio::net::UdpSocket::bind("[::1]:0").await.unwrap();
+    client.send_to(b"six", ("::1", port)).await.unwrap();
+    let mut buf = [0; 64];
+    let (len, _) = tokio::time::timeout(WAIT, client.recv_from(&mut buf))
+        .await
+        .expect("no answer over IPv6")
+        .unwrap();
+    assert_eq!(
+        &buf[..len],
+        format!("worker {}: six", w.id().get()).as_bytes()
+    );
+}
+
+#[tokio::test]
+async fn outside_a_worker_the_listeners_bind_themselves() {
+    // This test process is no worker: the same API binds here, as a plain server would.
+    let scratch = Scratch::new("unclustered");
+    let path = scratch.0.join("plain.sock");
+    let mut unix = cluster::ClusterUnixListener::bind(&path).await.unwrap();
+    assert_eq!(unix.path(), path);
+    let client = tokio::net::UnixStream::connect(&path).await.unwrap();
+    let (_served, _) = tokio::time::timeout(WAIT, unix.accept())
+        .await
+        .unwrap()
+        .unwrap();
+    drop((client, unix));
+    assert!(
+        !path.exists(),
+        "an unclustered listener removes its socket file"
+    );
+
+    let udp = cluster::ClusterUdpSocket::bind("127.0.0.1:0")
+        .await
+        .unwrap();
+    let port = udp.local_addr().unwrap().port();
+    let client = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    client.send_to(b"x", ("127.0.0.1", port)).await.unwrap();
+    let mut buf = [0; 8];
+    let (len, _) = tokio::time::timeout(WAIT, udp.recv_from(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&buf[..len], b"x");
 }
 
 #[tokio::test]
