@@ -169,6 +169,29 @@ async fn acquire(
     })
 }
 
+/// Binds the first address `addr` resolves to that works, as `TcpListener::bind` does, and
+/// builds the listener with `make`.
+async fn bind_first<T>(
+    addr: impl tokio::net::ToSocketAddrs,
+    kind: SocketKind,
+    options: &ListenOptions,
+    make: fn(Acquired) -> io::Result<T>,
+) -> io::Result<T> {
+    let mut last = None;
+    for addr in tokio::net::lookup_host(addr).await? {
+        match acquire(ListenTarget::Ip(addr), kind, options)
+            .await
+            .and_then(make)
+        {
+            Ok(bound) => return Ok(bound),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        io::Error::new(io::ErrorKind::InvalidInput, "address resolved to nothing")
+    }))
+}
+
 /// Gives the handle back to the primary when the listener goes.
 #[derive(Debug)]
 struct HandleGuard {

@@ -84,17 +84,7 @@ impl ClusterListener {
     ///
     /// As [`Self::bind`].
     pub async fn bind_with(addr: impl ToSocketAddrs, options: ListenOptions) -> io::Result<Self> {
-        let mut last = None;
-        for addr in tokio::net::lookup_host(addr).await? {
-            let acquired = super::acquire(ListenTarget::Ip(addr), SocketKind::Stream, &options);
-            match acquired.await.and_then(Self::from_acquired) {
-                Ok(listener) => return Ok(listener),
-                Err(e) => last = Some(e),
-            }
-        }
-        Err(last.unwrap_or_else(|| {
-            io::Error::new(io::ErrorKind::InvalidInput, "address resolved to nothing")
-        }))
+        super::bind_first(addr, SocketKind::Stream, &options, Self::from_acquired).await
     }
 
     /// Listens on the primary's fd `fd`, a listening TCP socket it inherited (Node's

@@ -55,17 +55,7 @@ impl ClusterUdpSocket {
     ///
     /// As [`Self::bind`].
     pub async fn bind_with(addr: impl ToSocketAddrs, options: ListenOptions) -> io::Result<Self> {
-        let mut last = None;
-        for addr in tokio::net::lookup_host(addr).await? {
-            let acquired = super::acquire(ListenTarget::Ip(addr), SocketKind::Datagram, &options);
-            match acquired.await.and_then(Self::from_acquired) {
-                Ok(socket) => return Ok(socket),
-                Err(e) => last = Some(e),
-            }
-        }
-        Err(last.unwrap_or_else(|| {
-            io::Error::new(io::ErrorKind::InvalidInput, "address resolved to nothing")
-        }))
+        super::bind_first(addr, SocketKind::Datagram, &options, Self::from_acquired).await
     }
 
     /// Uses the primary's fd `fd`, a bound UDP socket it inherited (Node's `bind({ fd })`);
