@@ -236,6 +236,102 @@ impl Drop for Handoff {
     }
 }
 
+/// What a stream listener is made of, per socket family (tokio has no trait over
+/// `TcpListener` and `UnixListener`).
+trait Family {
+    type Listener: std::fmt::Debug + Send + Sync;
+    type Stream;
+    fn listener(fd: OwnedFd) -> io::Result<Self::Listener>;
+    fn stream(fd: OwnedFd) -> io::Result<Self::Stream>;
+    fn poll_accept(
+        listener: &Self::Listener,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<Self::Stream>>;
+}
+
+/// The connections of one stream listener, whatever their source, until the worker stops
+/// serving.
+#[derive(Debug)]
+struct Incoming<F: Family> {
+    source: Source<F>,
+    shutdown: Shutdown,
+}
+
+#[derive(Debug)]
+enum Source<F: Family> {
+    /// A socket this process accepts on: bound here, or the primary's shared socket.
+    Listener {
+        /// Removed before the socket closes (fields drop in order): nobody sees a file whose
+        /// socket refuses connections and takes it for stale.
+        _file: Option<SocketFile>,
+        listener: F::Listener,
+        _guard: Option<HandleGuard>,
+    },
+    /// Connections handed over by the primary.
+    Handoff(Handoff),
+}
+
+impl<F: Family> Incoming<F> {
+    /// From what a bind got, with where it is bound.
+    fn new(acquired: Acquired) -> io::Result<(Self, BoundAddr)> {
+        let (source, addr) = match acquired {
+            Acquired::Socket {
+                fd,
+                addr,
+                guard,
+                file,
+            } => {
+                let source = Source::Listener {
+                    _file: file,
+                    listener: F::listener(fd)?,
+                    _guard: guard,
+                };
+                (source, addr)
+            }
+            Acquired::Handoff { handoff, addr } => (Source::Handoff(handoff), addr),
+        };
+        let incoming = Self {
+            source,
+            shutdown: Shutdown::new(),
+        };
+        Ok((incoming, addr))
+    }
+
+    /// From a listener this process bound on its own.
+    fn own(listener: F::Listener) -> Self {
+        Self {
+            source: Source::Listener {
+                _file: None,
+                listener,
+                _guard: None,
+            },
+            shutdown: Shutdown::new(),
+        }
+    }
+
+    /// The socket accepted on here, if connections are not handed over.
+    #[cfg_attr(not(feature = "axum"), allow(dead_code))]
+    fn listener(&self) -> Option<&F::Listener> {
+        match &self.source {
+            Source::Listener { listener, .. } => Some(listener),
+            Source::Handoff(_) => None,
+        }
+    }
+
+    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<io::Result<F::Stream>>> {
+        if self.shutdown.is_ready(cx) {
+            return Poll::Ready(None);
+        }
+        match &mut self.source {
+            Source::Listener { listener, .. } => F::poll_accept(listener, cx).map(Some),
+            Source::Handoff(handoff) => match ready!(handoff.poll_next(cx)) {
+                Some(conn) => Poll::Ready(Some(F::stream(conn))),
+                None => Poll::Ready(None),
+            },
+        }
+    }
+}
+
 /// Resolves when the worker stops serving (never outside a worker, or with a bypassing bind in
 /// a worker that is not shutting down).
 struct Shutdown(Option<Pin<Box<dyn Future<Output = ()> + Send + Sync>>>);

@@ -2,14 +2,14 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::RawFd;
+use std::os::fd::{OwnedFd, RawFd};
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
 use proto::wire::{BoundAddr, ListenTarget, SocketKind};
 use tokio::net::{TcpListener, TcpStream, ToSocketAddrs};
 
-use super::{Acquired, HandleGuard, Handoff, ListenOptions, Shutdown};
+use super::{Acquired, Family, Incoming, ListenOptions};
 
 /// A TCP listener for clustered servers.
 ///
@@ -41,29 +41,38 @@ use super::{Acquired, HandleGuard, Handoff, ListenOptions, Shutdown};
 /// [`accept`](Self::accept) and `poll_next` are cancel safe: a connection is never lost by
 /// dropping the future.
 pub struct ClusterListener {
-    source: Source,
+    incoming: Incoming<Tcp>,
     local_addr: SocketAddr,
-    shutdown: Shutdown,
 }
 
 impl std::fmt::Debug for ClusterListener {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ClusterListener")
-            .field("source", &self.source)
+            .field("incoming", &self.incoming)
             .field("local_addr", &self.local_addr)
             .finish()
     }
 }
 
+/// TCP, for [`Incoming`].
 #[derive(Debug)]
-enum Source {
-    /// A socket this process accepts on: bound here, or the primary's shared socket.
-    Listener {
-        listener: TcpListener,
-        _guard: Option<HandleGuard>,
-    },
-    /// Connections handed over by the primary.
-    Handoff(Handoff),
+enum Tcp {}
+
+impl Family for Tcp {
+    type Listener = TcpListener;
+    type Stream = TcpStream;
+
+    fn listener(fd: OwnedFd) -> io::Result<TcpListener> {
+        TcpListener::from_std(std::net::TcpListener::from(fd))
+    }
+
+    fn stream(fd: OwnedFd) -> io::Result<TcpStream> {
+        TcpStream::from_std(std::net::TcpStream::from(fd))
+    }
+
+    fn poll_accept(listener: &TcpListener, cx: &mut Context<'_>) -> Poll<io::Result<TcpStream>> {
+        listener.poll_accept(cx).map_ok(|(stream, _)| stream)
+    }
 }
 
 impl ClusterListener {
@@ -113,38 +122,21 @@ impl ClusterListener {
         listener.set_nonblocking(true)?;
         let local_addr = listener.local_addr()?;
         Ok(Self {
-            source: Source::Listener {
-                listener: TcpListener::from_std(listener)?,
-                _guard: None,
-            },
+            incoming: Incoming::own(TcpListener::from_std(listener)?),
             local_addr,
-            shutdown: Shutdown::new(),
         })
     }
 
     fn from_acquired(acquired: Acquired) -> io::Result<Self> {
-        let not_tcp =
-            || super::wrong_family("a Unix socket, not TCP: use ClusterUnixListener for it");
-        let (source, addr) = match acquired {
-            Acquired::Socket {
-                fd, addr, guard, ..
-            } => {
-                let listener = std::net::TcpListener::from(fd);
-                let source = Source::Listener {
-                    listener: TcpListener::from_std(listener)?,
-                    _guard: guard,
-                };
-                (source, addr)
-            }
-            Acquired::Handoff { handoff, addr } => (Source::Handoff(handoff), addr),
-        };
+        let (incoming, addr) = Incoming::new(acquired)?;
         let BoundAddr::Ip(local_addr) = addr else {
-            return Err(not_tcp());
+            return Err(super::wrong_family(
+                "a Unix socket, not TCP: use ClusterUnixListener for it",
+            ));
         };
         Ok(Self {
-            source,
+            incoming,
             local_addr,
-            shutdown: Shutdown::new(),
         })
     }
 
@@ -191,23 +183,7 @@ impl futures_core::Stream for ClusterListener {
     type Item = io::Result<TcpStream>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let this = &mut *self;
-        if this.shutdown.is_ready(cx) {
-            return Poll::Ready(None);
-        }
-        match &mut this.source {
-            Source::Listener { listener, .. } => {
-                let (stream, _) = ready!(listener.poll_accept(cx))?;
-                Poll::Ready(Some(Ok(stream)))
-            }
-            Source::Handoff(handoff) => {
-                let Some(conn) = ready!(handoff.poll_next(cx)) else {
-                    return Poll::Ready(None);
-                };
-                let stream = std::net::TcpStream::from(conn);
-                Poll::Ready(Some(TcpStream::from_std(stream)))
-            }
-        }
+        self.incoming.poll_next(cx)
     }
 }
 

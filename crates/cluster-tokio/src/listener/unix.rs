@@ -2,7 +2,7 @@
 
 use std::ffi::OsString;
 use std::io;
-use std::os::fd::RawFd;
+use std::os::fd::{OwnedFd, RawFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -11,8 +11,7 @@ use std::task::{Context, Poll, ready};
 use proto::wire::{BoundAddr, ListenTarget, SocketKind};
 use tokio::net::{UnixListener, UnixStream};
 
-use super::{Acquired, HandleGuard, Handoff, ListenOptions, Shutdown};
-use crate::socket::SocketFile;
+use super::{Acquired, Family, Incoming, ListenOptions};
 
 /// A Unix stream socket listener for clustered servers (Node's `listen(path)`), with the
 /// distribution of [`ClusterListener`](super::ClusterListener): in a worker, the primary owns
@@ -35,28 +34,37 @@ use crate::socket::SocketFile;
 /// # Ok(()) }
 /// ```
 pub struct ClusterUnixListener {
-    source: Source,
+    incoming: Incoming<Unix>,
     path: PathBuf,
-    shutdown: Shutdown,
-}
-
-#[derive(Debug)]
-enum Source {
-    Listener {
-        /// Removed before the socket closes (fields drop in order).
-        _file: Option<SocketFile>,
-        listener: UnixListener,
-        _guard: Option<HandleGuard>,
-    },
-    Handoff(Handoff),
 }
 
 impl std::fmt::Debug for ClusterUnixListener {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ClusterUnixListener")
-            .field("source", &self.source)
+            .field("incoming", &self.incoming)
             .field("path", &self.path)
             .finish()
+    }
+}
+
+/// Unix stream sockets, for [`Incoming`].
+#[derive(Debug)]
+enum Unix {}
+
+impl Family for Unix {
+    type Listener = UnixListener;
+    type Stream = UnixStream;
+
+    fn listener(fd: OwnedFd) -> io::Result<UnixListener> {
+        UnixListener::from_std(std::os::unix::net::UnixListener::from(fd))
+    }
+
+    fn stream(fd: OwnedFd) -> io::Result<UnixStream> {
+        UnixStream::from_std(std::os::unix::net::UnixStream::from(fd))
+    }
+
+    fn poll_accept(listener: &UnixListener, cx: &mut Context<'_>) -> Poll<io::Result<UnixStream>> {
+        listener.poll_accept(cx).map_ok(|(stream, _)| stream)
     }
 }
 
@@ -104,32 +112,15 @@ impl ClusterUnixListener {
     }
 
     fn from_acquired(acquired: Acquired) -> io::Result<Self> {
-        let (source, addr) = match acquired {
-            Acquired::Socket {
-                fd,
-                addr,
-                guard,
-                file,
-            } => {
-                let listener = std::os::unix::net::UnixListener::from(fd);
-                let source = Source::Listener {
-                    listener: UnixListener::from_std(listener)?,
-                    _guard: guard,
-                    _file: file,
-                };
-                (source, addr)
-            }
-            Acquired::Handoff { handoff, addr } => (Source::Handoff(handoff), addr),
-        };
+        let (incoming, addr) = Incoming::new(acquired)?;
         let BoundAddr::Path(path) = addr else {
             return Err(super::wrong_family(
                 "a TCP socket, not Unix: use ClusterListener for it",
             ));
         };
         Ok(Self {
-            source,
+            incoming,
             path: PathBuf::from(OsString::from_vec(path)),
-            shutdown: Shutdown::new(),
         })
     }
 
@@ -166,23 +157,7 @@ impl futures_core::Stream for ClusterUnixListener {
     type Item = io::Result<UnixStream>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let this = &mut *self;
-        if this.shutdown.is_ready(cx) {
-            return Poll::Ready(None);
-        }
-        match &mut this.source {
-            Source::Listener { listener, .. } => {
-                let (stream, _) = ready!(listener.poll_accept(cx))?;
-                Poll::Ready(Some(Ok(stream)))
-            }
-            Source::Handoff(handoff) => {
-                let Some(conn) = ready!(handoff.poll_next(cx)) else {
-                    return Poll::Ready(None);
-                };
-                let stream = std::os::unix::net::UnixStream::from(conn);
-                Poll::Ready(Some(UnixStream::from_std(stream)))
-            }
-        }
+        self.incoming.poll_next(cx)
     }
 }
 
@@ -208,9 +183,9 @@ impl axum::serve::Listener for ClusterUnixListener {
     }
 
     fn local_addr(&self) -> io::Result<Self::Addr> {
-        match &self.source {
-            Source::Listener { listener, .. } => listener.local_addr(),
-            Source::Handoff(_) => Err(io::Error::new(
+        match self.incoming.listener() {
+            Some(listener) => listener.local_addr(),
+            None => Err(io::Error::new(
                 io::ErrorKind::Unsupported,
                 "connections are handed over by the primary; see ClusterUnixListener::path",
             )),
