@@ -223,3 +223,34 @@ async fn broadcast_reaches_every_connected_worker() {
     workers[0].disconnect().await.unwrap();
     assert_eq!(cluster.primary.broadcast(&Command::CountFds).unwrap(), 2);
 }
+
+#[tokio::test]
+async fn large_messages_and_handoffs_share_the_link_without_losing_either() {
+    let mut cluster = Cluster::start(SchedulingPolicy::RoundRobin);
+    let w = cluster.fork().await;
+    let port = cluster.listen(&w, "127.0.0.1:0").await;
+    // Megabytes of fragments on the link while connections are handed over on it.
+    let sender = {
+        let w = w.clone();
+        tokio::spawn(async move {
+            for index in 0..20u32 {
+                let payload = vec![(index % 251) as u8; 1_000_000];
+                w.send(&Command::Numbered { index, payload }).unwrap();
+                tokio::task::yield_now().await;
+            }
+        })
+    };
+    let clients: Vec<_> = (0..200).map(|_| tokio::spawn(support::who(port))).collect();
+    for client in clients {
+        assert_eq!(client.await.unwrap(), w.id().get());
+    }
+    sender.await.unwrap();
+    assert_eq!(
+        cluster.ask(&w, Command::Check).await,
+        Reply::Checked {
+            count: 20,
+            in_order: true,
+            bytes: 20_000_000
+        }
+    );
+}
