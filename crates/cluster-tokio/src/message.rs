@@ -142,7 +142,7 @@ impl Message {
     /// No fd came with the message (`NotFound`), or it is not a TCP socket (`InvalidData`; the
     /// fd is closed).
     pub fn take_tcp_stream(&self) -> io::Result<tokio::net::TcpStream> {
-        let socket = self.take_socket(socket2::Type::STREAM, true)?;
+        let socket = self.take_ip_socket(socket2::Type::STREAM)?;
         tokio::net::TcpStream::from_std(socket.into())
     }
 
@@ -152,17 +152,17 @@ impl Message {
     ///
     /// As [`Self::take_tcp_stream`], for a UDP socket.
     pub fn take_udp_socket(&self) -> io::Result<tokio::net::UdpSocket> {
-        let socket = self.take_socket(socket2::Type::DGRAM, true)?;
+        let socket = self.take_ip_socket(socket2::Type::DGRAM)?;
         tokio::net::UdpSocket::from_std(socket.into())
     }
 
-    fn take_socket(&self, ty: socket2::Type, ip: bool) -> io::Result<socket2::Socket> {
+    fn take_ip_socket(&self, ty: socket2::Type) -> io::Result<socket2::Socket> {
         let fd = self
             .take_fd()
             .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no fd came with it"))?;
         let socket = socket2::Socket::from(fd);
         let is_ip = matches!(socket.domain(), Ok(d) if d == socket2::Domain::IPV4 || d == socket2::Domain::IPV6);
-        if socket.r#type().ok() != Some(ty) || is_ip != ip {
+        if socket.r#type().ok() != Some(ty) || !is_ip {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 "the fd is not a socket of that kind",

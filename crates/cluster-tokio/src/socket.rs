@@ -5,7 +5,7 @@ use std::ffi::OsStr;
 use std::fs;
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -253,9 +253,4 @@ fn remove_if_stale(path: &Path) -> io::Result<()> {
         Err(e) if e.kind() == io::ErrorKind::PermissionDenied => Err(e),
         _ => Err(in_use()),
     }
-}
-
-/// Converts a socket into the fd type std and tokio build from.
-pub(crate) fn into_fd(bound: Bound) -> (OwnedFd, BoundAddr, Option<SocketFile>) {
-    (bound.socket.into(), bound.addr, bound.file)
 }

@@ -136,7 +136,8 @@ async fn acquire(
     let bypass = options.exclusive || options.reuse_port;
     let Some(worker) = worker::current().filter(|_| !bypass) else {
         let bound = socket::bind(&request, DEFAULT_BACKLOG, options.reuse_port)?;
-        let (fd, addr, file) = socket::into_fd(bound);
+        let socket::Bound { socket, addr, file } = bound;
+        let fd = OwnedFd::from(socket);
         return Ok(Acquired::Socket {
             fd,
             addr,

@@ -638,7 +638,8 @@ impl Driver {
     ) -> Result<BoundAddr, Errno> {
         let errno = |e: io::Error| Errno(e.raw_os_error().unwrap_or(Errno::EINVAL.0));
         let bound = socket::bind(request, self.settings.backlog, false).map_err(errno)?;
-        let (fd, addr, file) = socket::into_fd(bound);
+        let socket::Bound { socket, addr, file } = bound;
+        let fd = OwnedFd::from(socket);
         // An inherited datagram socket cannot be accepted on, whatever the policy.
         let accepting =
             distribution == Distribution::RoundRobin && request.kind == SocketKind::Stream;
