@@ -1,5 +1,5 @@
 //! The primary as its own process: its death takes the workers with it (reference scenario 38),
-//! and SIGTERM drains them.
+//! SIGTERM drains them, and only its thread runs under `SCHED_BATCH`.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -15,9 +15,14 @@ struct Program {
 
 impl Program {
     fn start(workers: usize) -> Self {
+        Self::start_with(workers, &[])
+    }
+
+    fn start_with(workers: usize, env: &[(&str, &str)]) -> Self {
         let mut primary = Command::new(env!("CARGO_BIN_EXE_primary_fixture"))
             .env("CLUSTER_WORKERS", workers.to_string())
             .env("RUST_LOG", "warn")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .spawn()
             .expect("spawn the primary");
@@ -120,4 +125,47 @@ fn zero_workers_runs_the_same_program_unclustered() {
     assert_eq!(answer.trim(), "0");
     cluster_tests::signal(primary.id(), libc::SIGTERM).unwrap();
     assert!(primary.wait().unwrap().success());
+}
+
+/// The scheduling policy of thread `tid` (field 41 of its `stat`).
+fn policy(pid: u32, tid: u32) -> u32 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).expect("stat");
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    // Fields after the command start at field 3.
+    fields[41 - 3].parse().expect("a policy number")
+}
+
+#[test]
+fn the_primary_thread_is_batch_scheduled_under_round_robin_and_workers_are_not() {
+    let batch = u32::try_from(libc::SCHED_BATCH).unwrap();
+    let other = u32::try_from(libc::SCHED_OTHER).unwrap();
+    let program = Program::start(2);
+    let primary = program.primary.id();
+    // The main thread runs the current-thread runtime, hence the driver.
+    assert_eq!(policy(primary, primary), batch, "the primary's thread");
+    for worker in &program.workers {
+        assert_eq!(policy(*worker, *worker), other, "worker {worker}");
+    }
+    drop(program);
+
+    for env in [
+        [
+            ("CLUSTER_BATCH_SCHEDULING", "0"),
+            ("CLUSTER_SCHED_POLICY", "rr"),
+        ],
+        // Shared sockets leave the primary nothing to batch.
+        [
+            ("CLUSTER_BATCH_SCHEDULING", "1"),
+            ("CLUSTER_SCHED_POLICY", "none"),
+        ],
+    ] {
+        let program = Program::start_with(2, &env);
+        let primary = program.primary.id();
+        assert_eq!(policy(primary, primary), other, "{env:?}");
+    }
 }

@@ -34,6 +34,8 @@ pub use primary::{
 pub use proto;
 pub use proto::supervisor::{FATAL_EXIT_CODE, SupervisorConfig};
 pub use proto::{ExitStatus, KillReason, SchedulingPolicy, WorkerId, WorkerState};
-pub use settings::{ENV_HANDOFF_WINDOW, ENV_HEARTBEAT_TIMEOUT_MS, ENV_SCHED_POLICY, Settings};
+pub use settings::{
+    ENV_BATCH_SCHEDULING, ENV_HANDOFF_WINDOW, ENV_HEARTBEAT_TIMEOUT_MS, ENV_SCHED_POLICY, Settings,
+};
 pub use supervisor::Supervisor;
 pub use worker::{ORPHAN_GRACE, Worker, current as worker};

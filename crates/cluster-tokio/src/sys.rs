@@ -1,6 +1,7 @@
 //! The crate's only `unsafe` code: what must happen between `fork` and `exec` of a worker,
 //! taking over the inherited IPC fd and environment in the worker before any thread starts, and
-//! the few raw fd calls std and socket2 do not offer (`accept4` without a reactor, `fcntl`).
+//! the few raw calls std and socket2 do not offer (`accept4` without a reactor, `fcntl`,
+//! scheduling policy).
 
 use std::io;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
@@ -8,13 +9,19 @@ use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 /// The fd number at which a worker finds its end of the IPC socket.
 pub(crate) const IPC_FD: RawFd = 3;
 
-/// Makes `command`'s child find `ipc` at [`IPC_FD`] and die with the thread that spawns it.
-pub(crate) fn prepare_child(command: &mut tokio::process::Command, ipc: RawFd) {
+/// Makes `command`'s child find `ipc` at [`IPC_FD`] and die with the thread that spawns it;
+/// with `reset_scheduling`, the child runs under `SCHED_OTHER` whatever the forking thread's
+/// policy (see [`use_batch_scheduling`]).
+pub(crate) fn prepare_child(
+    command: &mut tokio::process::Command,
+    ipc: RawFd,
+    reset_scheduling: bool,
+) {
     let primary = libc::pid_t::try_from(std::process::id()).expect("pids fit in pid_t");
     // SAFETY: the hook runs in the child between fork and exec and only calls
     // `child_after_fork`, which is async-signal-safe and allocation-free.
     unsafe {
-        command.pre_exec(move || child_after_fork(ipc, primary));
+        command.pre_exec(move || child_after_fork(ipc, primary, reset_scheduling));
     }
 }
 
@@ -25,8 +32,13 @@ pub(crate) fn prepare_child(command: &mut tokio::process::Command, ipc: RawFd) {
 /// # Safety
 ///
 /// Must only be called in the child between `fork` and `exec` (in a `pre_exec` hook): it calls
-/// only async-signal-safe functions and allocates nothing.
-unsafe fn child_after_fork(ipc: RawFd, primary: libc::pid_t) -> io::Result<()> {
+/// only async-signal-safe functions (and `sched_setscheduler`, a bare syscall wrapper) and
+/// allocates nothing.
+unsafe fn child_after_fork(
+    ipc: RawFd,
+    primary: libc::pid_t,
+    reset_scheduling: bool,
+) -> io::Result<()> {
     // SAFETY: plain syscalls on fds this process owns; no allocation, no locks (async-signal-safe
     // as `pre_exec` requires).
     unsafe {
@@ -52,8 +64,38 @@ unsafe fn child_after_fork(ipc: RawFd, primary: libc::pid_t) -> io::Result<()> {
         if libc::getppid() != primary {
             libc::_exit(1);
         }
+        if reset_scheduling {
+            let param = libc::sched_param { sched_priority: 0 };
+            if libc::sched_setscheduler(0, libc::SCHED_OTHER, &raw const param) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
     }
     Ok(())
+}
+
+/// Moves the calling thread from `SCHED_OTHER` to `SCHED_BATCH`, and says whether it did: a
+/// thread under any other policy (set by whoever started the process) is left alone.
+///
+/// A `SCHED_BATCH` thread gets the same CPU share but does not preempt the running task when it
+/// wakes; the primary then accepts several connections per wakeup instead of one.
+pub(crate) fn use_batch_scheduling() -> io::Result<bool> {
+    // SAFETY: sched_getscheduler and sched_setscheduler on the calling thread (0), with a
+    // `sched_param` that lives across the call; neither has other preconditions.
+    unsafe {
+        let policy = libc::sched_getscheduler(0);
+        if policy < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if policy != libc::SCHED_OTHER {
+            return Ok(false);
+        }
+        let param = libc::sched_param { sched_priority: 0 };
+        if libc::sched_setscheduler(0, libc::SCHED_BATCH, &raw const param) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(true)
 }
 
 /// Takes ownership of the IPC fd a worker inherited, marking it close-on-exec so the worker's own

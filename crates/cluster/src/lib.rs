@@ -32,12 +32,12 @@
 pub use cluster_macros::main;
 pub use cluster_tokio::{
     ClusterListener, ClusterUdpSocket, ClusterUnixListener, DEFAULT_REQUEST_TIMEOUT,
-    ENV_HANDOFF_WINDOW, ENV_HEARTBEAT_TIMEOUT_MS, ENV_SCHED_POLICY, ENV_WORKERS, Event, Events,
-    ExitStatus, FATAL_EXIT_CODE, Flavor, KillReason, ListenAddress, ListenOptions, MainOutput,
-    Message, ORPHAN_GRACE, Primary, ReloadAborted, ReloadReport, RequestError, Role,
-    RuntimeOptions, SchedulingPolicy, Settings, Stats, Supervisor, SupervisorConfig, Worker,
-    WorkerHandle, WorkerId, WorkerState, WorkerStats, proto, run, run_workers, shutdown, worker,
-    worker_count,
+    ENV_BATCH_SCHEDULING, ENV_HANDOFF_WINDOW, ENV_HEARTBEAT_TIMEOUT_MS, ENV_SCHED_POLICY,
+    ENV_WORKERS, Event, Events, ExitStatus, FATAL_EXIT_CODE, Flavor, KillReason, ListenAddress,
+    ListenOptions, MainOutput, Message, ORPHAN_GRACE, Primary, ReloadAborted, ReloadReport,
+    RequestError, Role, RuntimeOptions, SchedulingPolicy, Settings, Stats, Supervisor,
+    SupervisorConfig, Worker, WorkerHandle, WorkerId, WorkerState, WorkerStats, proto, run,
+    run_workers, shutdown, worker, worker_count,
 };
 
 /// What `#[cluster::main]` expands to. Not public API.

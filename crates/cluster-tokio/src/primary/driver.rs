@@ -116,6 +116,10 @@ pub(crate) struct Driver {
     fds: Vec<OwnedFd>,
     ids: Vec<WorkerId>,
     handles: Vec<HandleId>,
+    /// The thread's scheduling policy is decided on the first poll, on the thread that polls.
+    scheduling_decided: bool,
+    /// This thread was moved to `SCHED_BATCH`: workers must be moved back.
+    batch_scheduling: bool,
 }
 
 fn now() -> Instant {
@@ -145,6 +149,23 @@ impl Driver {
             fds: Vec::new(),
             ids: Vec::new(),
             handles: Vec::new(),
+            scheduling_decided: false,
+            batch_scheduling: false,
+        }
+    }
+
+    /// Applies [`Settings::batch_scheduling`] to the thread running the driver, which on a
+    /// current-thread runtime is the only one that ever will.
+    fn decide_scheduling(&mut self) {
+        self.scheduling_decided = true;
+        let current_thread = tokio::runtime::Handle::current().runtime_flavor()
+            == tokio::runtime::RuntimeFlavor::CurrentThread;
+        if !current_thread || !self.settings.effective_batch_scheduling() {
+            return;
+        }
+        match crate::sys::use_batch_scheduling() {
+            Ok(applied) => self.batch_scheduling = applied,
+            Err(error) => tracing::debug!(%error, "SCHED_BATCH refused; keeping the policy"),
         }
     }
 
@@ -580,7 +601,8 @@ impl Driver {
 
     fn fork(&mut self, env: &[(OsString, OsString)]) -> io::Result<WorkerHandle> {
         let id = self.core.add_worker();
-        let (mut child, socket) = match spawn::spawn(&self.settings, id, env) {
+        let (mut child, socket) = match spawn::spawn(&self.settings, id, env, self.batch_scheduling)
+        {
             Ok(spawned) => spawned,
             Err(error) => {
                 self.core.handle_spawn_failed(id);
@@ -698,6 +720,9 @@ impl Future for Driver {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let this = self.get_mut();
+        if !this.scheduling_decided {
+            this.decide_scheduling();
+        }
         for _ in 0..16 {
             let mut progress = this.poll_inputs(cx);
             progress |= this.poll_links(cx);

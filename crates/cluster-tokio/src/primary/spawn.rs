@@ -16,10 +16,14 @@ use crate::sys;
 ///
 /// Must run on a long-lived thread (the runtime's, never `spawn_blocking`): the worker's
 /// `PR_SET_PDEATHSIG` fires when the thread that forked it exits.
+///
+/// With `reset_scheduling`, the worker runs under the default scheduling policy even though the
+/// forking thread does not.
 pub(crate) fn spawn(
     settings: &Settings,
     id: WorkerId,
     env: &[(OsString, OsString)],
+    reset_scheduling: bool,
 ) -> io::Result<(Child, UnixSeqpacket)> {
     let (ours, theirs) = UnixSeqpacket::pair()?;
     let mut args = std::env::args_os();
@@ -50,7 +54,7 @@ pub(crate) fn spawn(
         command.stdout(Stdio::piped()).stderr(Stdio::piped());
     }
     command.stdin(Stdio::null());
-    sys::prepare_child(&mut command, theirs.as_raw_fd());
+    sys::prepare_child(&mut command, theirs.as_raw_fd(), reset_scheduling);
     let child = command.spawn()?;
     // The child has its copy at fd 3; ours must go, or the primary would never see EOF.
     drop(theirs);
