@@ -25,9 +25,9 @@ def free_port():
 
 
 def configs():
-    def hello(workers, policy=None):
+    def hello(workers, policy=None, **extra):
         def start(port):
-            env = dict(os.environ, ADDR=f"127.0.0.1:{port}", CLUSTER_WORKERS=str(workers), RUST_LOG="warn")
+            env = dict(os.environ, ADDR=f"127.0.0.1:{port}", CLUSTER_WORKERS=str(workers), RUST_LOG="warn", **extra)
             if policy:
                 env["CLUSTER_SCHED_POLICY"] = policy
             return subprocess.Popen([HELLO], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -45,6 +45,7 @@ def configs():
 
     found = [
         ("cluster-rr-2", hello(2, "rr"), True),
+        ("cluster-rr-2-nobatch", hello(2, "rr", CLUSTER_BATCH_SCHEDULING="0"), True),
         ("cluster-shared-2", hello(2, "none"), False),
         ("unclustered-1", hello(0), False),
         ("reuseport-2", reuseport, False),
@@ -216,6 +217,7 @@ def render(cells, results, boot, args):
         "| config | what |",
         "|---|---|",
         "| cluster-rr-2 | `examples/hello`, 2 workers, round robin (the primary accepts and hands each connection over) |",
+        "| cluster-rr-2-nobatch | the same with `CLUSTER_BATCH_SCHEDULING=0`: the primary's thread keeps the default scheduling policy (the lever's effect) |",
         "| cluster-shared-2 | the same, shared listening socket (`CLUSTER_SCHED_POLICY=none`) |",
         "| unclustered-1 | the same program, `CLUSTER_WORKERS=0`: one process, current-thread runtime |",
         "| reuseport-2 | `benches/src/bin/reuseport.rs`: 2 hyper processes with SO_REUSEPORT, no primary |",
