@@ -2,8 +2,9 @@
 """The side-by-side load benchmark: `cluster` (round robin, shared, unclustered) against a plain
 2-process SO_REUSEPORT hyper server and Node's own cluster (rr, none), in one interleaved run.
 
-    python3 benches/load/run.py                 # all cells, 3 repetitions, 10 s each
+    python3 benches/load/run.py                 # all cells, both layouts, 3 repetitions, 10 s each
     python3 benches/load/run.py --duration 5 --reps 1 --no-write
+    python3 benches/load/run.py --only cluster-rr-2,reuseport-2 --layouts pinned --workloads close
 
 It builds what it needs (release), installs wrk if missing (apt-get), pins wrk to CPU 1, restarts
 every server for every repetition, reads server CPU time from /proc/<pid>/stat, and writes
@@ -24,23 +25,36 @@ def free_port():
         return s.getsockname()[1]
 
 
+# Where the servers run. wrk always runs on CPU 1; servers and their children inherit the affinity.
+LAYOUTS = {
+    "spread": ("servers unpinned (they share both CPUs with wrk)", None),
+    "pinned": ("every server process on CPU 0, wrk alone on CPU 1 (the steadiest layout: "
+               "it compares CPU efficiency, the only thing this machine can show)", {0}),
+}
+
+
+def launch(cmd, env, cpus):
+    preexec = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=preexec)
+
+
 def configs():
     def hello(workers, policy=None, **extra):
-        def start(port):
+        def start(port, cpus):
             env = dict(os.environ, ADDR=f"127.0.0.1:{port}", CLUSTER_WORKERS=str(workers), RUST_LOG="warn", **extra)
             if policy:
                 env["CLUSTER_SCHED_POLICY"] = policy
-            return subprocess.Popen([HELLO], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            return launch([HELLO], env, cpus)
         return start
 
-    def reuseport(port):
+    def reuseport(port, cpus):
         env = dict(os.environ, ADDR=f"127.0.0.1:{port}", WORKERS="2")
-        return subprocess.Popen([REUSEPORT], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return launch([REUSEPORT], env, cpus)
 
     def node(policy):
-        def start(port):
+        def start(port, cpus):
             env = dict(os.environ, PORT=str(port), WORKERS="2", NODE_CLUSTER_SCHED_POLICY=policy)
-            return subprocess.Popen(["node", NODE_CLUSTER], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            return launch(["node", NODE_CLUSTER], env, cpus)
         return start
 
     found = [
@@ -112,9 +126,9 @@ def stop(proc):
         proc.wait()
 
 
-def run_cell(start, workload, duration):
+def run_cell(start, cpus, workload, duration):
     port = free_port()
-    proc = start(port)
+    proc = start(port, cpus)
     try:
         wait_ready(port, proc)
         time.sleep(0.3)
@@ -168,29 +182,40 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--duration", type=int, default=10)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--layouts", default="pinned,spread", help=f"comma-separated, of: {', '.join(LAYOUTS)}")
+    ap.add_argument("--only", help="comma-separated config names (implies --no-write)")
+    ap.add_argument("--workloads", default="keepalive,close")
     ap.add_argument("--no-write", action="store_true", help="print only; do not write docs/benchmarks.md")
     args = ap.parse_args()
+    layouts = args.layouts.split(",")
+    workloads = args.workloads.split(",")
+    if unknown := [l for l in layouts if l not in LAYOUTS]:
+        sys.exit(f"unknown layouts: {unknown}")
     if not shutil.which("wrk"):
         subprocess.run(["apt-get", "update", "-qq"], check=False)
         subprocess.run(["apt-get", "install", "-y", "-qq", "wrk"], check=True)
     subprocess.run(["cargo", "build", "--release", "-q", "--example", "hello", "-p", "examples",
                     "--bin", "reuseport", "-p", "benches"], cwd=ROOT, check=True)
     cells = configs()
+    if args.only:
+        cells = [c for c in cells if c[0] in args.only.split(",")]
     results = {}
     for rep in range(args.reps):
-        for workload in ("keepalive", "close"):
-            for name, start, _ in cells:
-                r = run_cell(start, workload, args.duration)
-                results.setdefault((name, workload), []).append(r)
-                print(f"rep {rep + 1} {workload:9} {name:16} {r['rps']:>9.0f} req/s  "
-                      f"p50 {r['p50']:.2f} ms  p99 {r['p99']:.2f} ms  cpu {r['cpu_us']:.1f} us/req  "
-                      f"primary {r['primary_us']:.1f} us/req  errors {r['errors']}", flush=True)
+        for layout in layouts:
+            for workload in workloads:
+                for name, start, _ in cells:
+                    r = run_cell(start, LAYOUTS[layout][1], workload, args.duration)
+                    results.setdefault((layout, name, workload), []).append(r)
+                    print(f"rep {rep + 1} {layout:6} {workload:9} {name:20} {r['rps']:>9.0f} req/s  "
+                          f"p50 {r['p50']:.2f} ms  p99 {r['p99']:.2f} ms  cpu {r['cpu_us']:.1f} us/req  "
+                          f"primary {r['primary_us']:.1f} us/req  errors {r['errors']}", flush=True)
+    if args.only or args.no_write:
+        return
     boot = {n: startup(n) for n in (1, 4, 16)}
-    report = render(cells, results, boot, args)
+    report = render(cells, layouts, results, boot, args)
     print(report)
-    if not args.no_write:
-        with open(os.path.join(ROOT, "docs/benchmarks.md"), "w") as f:
-            f.write(report)
+    with open(os.path.join(ROOT, "docs/benchmarks.md"), "w") as f:
+        f.write(report)
 
 
 def med(values):
@@ -201,7 +226,7 @@ def spread(values):
     return f"{min(values):,.0f}–{max(values):,.0f}"
 
 
-def render(cells, results, boot, args):
+def render(cells, layouts, results, boot, args):
     machine = subprocess.run(["uname", "-sr"], capture_output=True, text=True).stdout.strip()
     model = re.search(r"model name\s*:\s*(.+)", open("/proc/cpuinfo").read())
     lines = [
@@ -209,10 +234,10 @@ def render(cells, results, boot, args):
         "",
         "Generated by `python3 benches/load/run.py` (this file is overwritten by it). "
         f"Machine: {os.cpu_count()} CPUs ({model.group(1) if model else 'unknown'}), {machine}. "
-        f"wrk pinned to CPU 1 (`taskset -c 1 wrk -t1 -c64 -d{args.duration}s`), servers unpinned and restarted for "
-        f"every repetition; {args.reps} interleaved repetitions, medians with the range. CPU is the user+system time of "
-        "every server process (primary and workers) per request. On 2 cores wrk itself needs one: compare ratios "
-        "and CPU per request, not absolute rates.",
+        f"wrk pinned to CPU 1 (`taskset -c 1 wrk -t1 -c64 -d{args.duration}s`), every server restarted for "
+        f"every repetition; {args.reps} interleaved repetitions (layouts, workloads and configs interleaved inside "
+        "each), medians with the range. CPU is the user+system time of every server process (primary and workers) "
+        "per request. On 2 cores wrk itself needs one: compare ratios and CPU per request, not absolute rates.",
         "",
         "| config | what |",
         "|---|---|",
@@ -223,31 +248,45 @@ def render(cells, results, boot, args):
         "| reuseport-2 | `benches/src/bin/reuseport.rs`: 2 hyper processes with SO_REUSEPORT, no primary |",
         "| node-rr-2, node-none-2 | `benches/node/cluster.js`: Node's cluster, 2 workers |",
     ]
-    for workload, title in (("keepalive", "Keep-alive (64 connections)"), ("close", "Connection churn (`Connection: close`)")):
-        lines += ["", f"## {title}", "",
-                  "| config | req/s | range | p50 ms | p99 ms | server CPU µs/req | primary CPU µs/req | errors |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for name, _, has_primary in cells:
-            rs = results[(name, workload)]
-            primary = f"{med([r['primary_us'] for r in rs]):.1f}" if has_primary else "–"
-            lines.append(f"| {name} | {med([r['rps'] for r in rs]):,.0f} | {spread([r['rps'] for r in rs])} | "
-                         f"{med([r['p50'] for r in rs]):.2f} | {med([r['p99'] for r in rs]):.2f} | "
-                         f"{med([r['cpu_us'] for r in rs]):.1f} | {primary} | {sum(r['errors'] for r in rs)} |")
-    def ratio(a, b, workload):
-        x = med([r["rps"] for r in results[(a, workload)]])
-        y = med([r["rps"] for r in results.get((b, workload), [{"rps": float("nan")}])])
-        return x / y
-    def cpu_ratio(a, b, workload):
-        return med([r["cpu_us"] for r in results[(a, workload)]]) / med([r["cpu_us"] for r in results[(b, workload)]])
+    for layout in layouts:
+        lines += ["", f"## Layout `{layout}`: {LAYOUTS[layout][0]}"]
+        for workload, title in (("keepalive", "Keep-alive (64 connections)"), ("close", "Connection churn (`Connection: close`)")):
+            lines += ["", f"### {title}", "",
+                      "| config | req/s | range | p50 ms | p99 ms | server CPU µs/req | primary CPU µs/req | errors |",
+                      "|---|---|---|---|---|---|---|---|"]
+            for name, _, has_primary in cells:
+                rs = results[(layout, name, workload)]
+                primary = f"{med([r['primary_us'] for r in rs]):.1f}" if has_primary else "–"
+                lines.append(f"| {name} | {med([r['rps'] for r in rs]):,.0f} | {spread([r['rps'] for r in rs])} | "
+                             f"{med([r['p50'] for r in rs]):.2f} | {med([r['p99'] for r in rs]):.2f} | "
+                             f"{med([r['cpu_us'] for r in rs]):.1f} | {primary} | {sum(r['errors'] for r in rs)} |")
     lines += ["", "## Against the targets (design.md §5)", "",
-              "| target | measured |", "|---|---|",
-              f"| churn ≥ 3× Node cluster rr | {ratio('cluster-rr-2', 'node-rr-2', 'close'):.2f}× |",
-              f"| churn ≥ 0.9× (goal 1.0×) the SO_REUSEPORT server | {ratio('cluster-rr-2', 'reuseport-2', 'close'):.2f}× |",
-              f"| churn server CPU ≤ 1.2× the SO_REUSEPORT server's | {cpu_ratio('cluster-rr-2', 'reuseport-2', 'close'):.2f}× |",
-              f"| keep-alive ≥ 0.95× the SO_REUSEPORT server | {ratio('cluster-rr-2', 'reuseport-2', 'keepalive'):.2f}× |",
-              f"| primary CPU < 10 µs per handoff | {med([r['primary_us'] for r in results[('cluster-rr-2', 'close')]]):.1f} µs |",
+              "| target | " + " | ".join(f"`{l}`" for l in layouts) + " |",
+              "|---|" + "---|" * len(layouts)]
+
+    def row(target, value):
+        lines.append(f"| {target} | " + " | ".join(value(l) for l in layouts) + " |")
+
+    def rps(layout, name, workload):
+        rs = results.get((layout, name, workload))
+        return med([r["rps"] for r in rs]) if rs else float("nan")
+
+    def cpu(layout, name, workload):
+        return med([r["cpu_us"] for r in results[(layout, name, workload)]])
+
+    row("churn ≥ 3× Node cluster rr", lambda l: f"{rps(l, 'cluster-rr-2', 'close') / rps(l, 'node-rr-2', 'close'):.2f}×")
+    row("churn ≥ 0.9× (goal 1.0×) the SO_REUSEPORT server",
+        lambda l: f"{rps(l, 'cluster-rr-2', 'close') / rps(l, 'reuseport-2', 'close'):.2f}×")
+    row("churn server CPU ≤ 1.2× the SO_REUSEPORT server's",
+        lambda l: f"{cpu(l, 'cluster-rr-2', 'close') / cpu(l, 'reuseport-2', 'close'):.2f}×")
+    row("keep-alive ≥ 0.95× the SO_REUSEPORT server",
+        lambda l: f"{rps(l, 'cluster-rr-2', 'keepalive') / rps(l, 'reuseport-2', 'keepalive'):.2f}×")
+    row("primary CPU < 10 µs per handoff",
+        lambda l: f"{med([r['primary_us'] for r in results[(l, 'cluster-rr-2', 'close')]]):.1f} µs")
+    rr = [r for l in layouts for r in results[(l, "cluster-rr-2", "close")]]
+    lines += ["", "| other target | measured |", "|---|---|",
               f"| start to all workers listening < 50 ms per worker | 1: {boot[1]:.0f} ms, 4: {boot[4]:.0f} ms, 16: {boot[16]:.0f} ms |",
-              f"| primary RSS < 10 MiB | {med([r['primary_rss'] for r in results[('cluster-rr-2', 'close')]]) / 1024:.1f} MiB (worker {med([r['worker_rss'] for r in results[('cluster-rr-2', 'close')]]) / 1024:.1f} MiB) |",
+              f"| primary RSS < 10 MiB | {med([r['primary_rss'] for r in rr]) / 1024:.1f} MiB (worker {med([r['worker_rss'] for r in rr]) / 1024:.1f} MiB) |",
               ""]
     return "\n".join(lines) + "\n"
 
