@@ -295,3 +295,50 @@ async fn closing_with_a_connection_in_flight_serves_it_elsewhere() {
         .unwrap();
     assert!([closing.id().get(), other.id().get()].contains(&served_by));
 }
+
+/// Bursts of simultaneous connections: the primary accepts while connections keep arriving, and
+/// stops when `poll(2)` says the queue is empty; a connection that lands between that answer and
+/// the end of the burst must still be accepted (a lost wakeup would leave it unanswered).
+#[tokio::test]
+async fn bursts_of_simultaneous_connections_are_all_served() {
+    const BURSTS: usize = 20;
+    const CLIENTS: usize = 50;
+    let mut cluster = Cluster::start(SchedulingPolicy::RoundRobin);
+    let a = cluster.fork().await;
+    let port = cluster.listen(&a, "127.0.0.1:0").await;
+    let b = cluster.fork().await;
+    assert_eq!(cluster.listen(&b, "127.0.0.1:0").await, port);
+    let answered = tokio::task::spawn_blocking(move || {
+        let mut answered = std::collections::BTreeMap::new();
+        for _ in 0..BURSTS {
+            let start = std::sync::Arc::new(std::sync::Barrier::new(CLIENTS));
+            let clients: Vec<_> = (0..CLIENTS)
+                .map(|_| {
+                    let start = start.clone();
+                    std::thread::spawn(move || {
+                        start.wait();
+                        let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
+                        stream.set_read_timeout(Some(support::WAIT))?;
+                        let mut text = String::new();
+                        std::io::Read::read_to_string(&mut stream, &mut text)?;
+                        Ok::<_, std::io::Error>(text.trim().parse::<u64>().ok())
+                    })
+                })
+                .collect();
+            for client in clients {
+                let id = client.join().unwrap().expect("served in time");
+                *answered.entry(id).or_insert(0) += 1;
+            }
+        }
+        answered
+    })
+    .await
+    .unwrap();
+    let ids = [Some(a.id().get()), Some(b.id().get())];
+    assert_eq!(
+        answered.keys().copied().collect::<Vec<_>>(),
+        ids,
+        "{answered:?}"
+    );
+    assert_eq!(answered.values().sum::<usize>(), BURSTS * CLIENTS);
+}

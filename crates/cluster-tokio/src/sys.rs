@@ -1,6 +1,6 @@
 //! The crate's only `unsafe` code: what must happen between `fork` and `exec` of a worker,
 //! taking over the inherited IPC fd and environment in the worker before any thread starts, and
-//! the few raw calls std and socket2 do not offer (`accept4` without a reactor, `fcntl`,
+//! the few raw calls std and socket2 do not offer (`accept4` without a reactor, `poll`, `fcntl`,
 //! scheduling policy).
 
 use std::io;
@@ -211,6 +211,25 @@ pub(crate) fn accept(listener: std::os::fd::BorrowedFd<'_>) -> io::Result<OwnedF
     }
     // SAFETY: accept4 returned a new, open fd that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Whether a connection waits in `listener`'s accept queue, asked with a zero-timeout `poll(2)`.
+///
+/// Cheaper than finding out with [`accept`]: the kernel allocates the new socket and its file
+/// before it looks at the queue, so an `accept4` that fails with `EAGAIN` costs as much as one
+/// that succeeds (3.3 µs against 0.2 µs for `poll` on the benchmark machine). An error says
+/// "maybe", so the caller falls back to accepting until `EAGAIN`.
+pub(crate) fn connection_waiting(listener: std::os::fd::BorrowedFd<'_>) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut entry = libc::pollfd {
+        fd: listener.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: poll reads and writes only the one `pollfd` it is given, which lives across the
+    // call; a zero timeout never blocks.
+    let ready = unsafe { libc::poll(&raw mut entry, 1, 0) };
+    ready != 0
 }
 
 /// Registers a listening socket with the reactor, for readiness only (see [`accept`]).

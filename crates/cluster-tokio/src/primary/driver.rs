@@ -281,7 +281,18 @@ impl Driver {
                     Poll::Ready(Err(e)) => Err(e),
                     Poll::Ready(Ok(mut ready)) => {
                         match ready.try_io(|l| crate::sys::accept(l.get_ref().as_fd())) {
-                            Ok(accepted) => accepted,
+                            Ok(accepted) => {
+                                // Ending the loop with an accept that fails would cost as much
+                                // as one more connection: ask whether one waits, and if not,
+                                // clear readiness (a connection arriving meanwhile raises a new
+                                // edge, which the reactor has not seen yet, so it is not lost).
+                                if accepted.is_ok()
+                                    && !crate::sys::connection_waiting(ready.get_ref().as_fd())
+                                {
+                                    ready.clear_ready();
+                                }
+                                accepted
+                            }
                             // No connection left: readiness is cleared, poll again to wait.
                             Err(_would_block) => continue,
                         }
