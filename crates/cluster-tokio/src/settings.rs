@@ -63,7 +63,7 @@ pub struct Settings {
     /// no longer preempts a busy worker each time a connection arrives: it runs a moment later
     /// and hands off every connection that arrived meanwhile, for about a quarter less CPU per
     /// connection (docs/benchmarks.md). The cost is latency when every CPU is busy, bounded by
-    /// the kernel's time slice (milliseconds at most; p99 unchanged in the benchmarks).
+    /// the kernel's time slice (a few milliseconds; p99 no worse in the benchmarks).
     ///
     /// Applied only on a current-thread runtime (`#[cluster::main]`'s primary), to the thread
     /// that runs the primary, and only if that thread is under the default policy (a policy set
