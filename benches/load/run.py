@@ -212,10 +212,31 @@ def main():
     if args.only or args.no_write:
         return
     boot = {n: startup(n) for n in (1, 4, 16)}
-    report = render(cells, layouts, results, boot, args)
+    micro = micro_benchmarks()
+    report = render(cells, layouts, results, boot, micro, args)
     print(report)
     with open(os.path.join(ROOT, "docs/benchmarks.md"), "w") as f:
         f.write(report)
+
+
+def micro_benchmarks():
+    """The criterion benchmarks of the sans-IO core and the message rates over a real link, as
+    (name, figure) rows."""
+    rows = []
+    out = subprocess.run(["cargo", "bench", "-q", "-p", "benches", "--bench", "core", "--",
+                          "--warm-up-time", "1", "--measurement-time", "3"],
+                         cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    for name, low, mid, unit, high in re.findall(
+            r"^(\S.*?)\s+time:\s+\[([\d.]+) \S+ ([\d.]+) (\S+) ([\d.]+) \S+\]", out, re.M):
+        rows.append((f"criterion: {name.strip()}", f"{mid} {unit} ({low}–{high})"))
+    out = subprocess.run(["cargo", "run", "-q", "--release", "-p", "benches", "--bin", "messages"],
+                         cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    for line in out.splitlines():
+        if m := re.match(r"^(\S.*?)\s{2,}(\d+ msg/s)", line):
+            rows.append((f"messages: {m.group(1)}", m.group(2)))
+        elif m := re.match(r"^\s+\(throughput\)\s+(.+)$", line):
+            rows.append(("messages: 1 MiB throughput", m.group(1).strip()))
+    return rows
 
 
 def med(values):
@@ -226,7 +247,7 @@ def spread(values):
     return f"{min(values):,.0f}–{max(values):,.0f}"
 
 
-def render(cells, layouts, results, boot, args):
+def render(cells, layouts, results, boot, micro, args):
     machine = subprocess.run(["uname", "-sr"], capture_output=True, text=True).stdout.strip()
     model = re.search(r"model name\s*:\s*(.+)", open("/proc/cpuinfo").read())
     lines = [
@@ -287,7 +308,12 @@ def render(cells, layouts, results, boot, args):
     lines += ["", "| other target | measured |", "|---|---|",
               f"| start to all workers listening < 50 ms per worker | 1: {boot[1]:.0f} ms, 4: {boot[4]:.0f} ms, 16: {boot[16]:.0f} ms |",
               f"| primary RSS < 10 MiB | {med([r['primary_rss'] for r in rr]) / 1024:.1f} MiB (worker {med([r['worker_rss'] for r in rr]) / 1024:.1f} MiB) |",
-              ""]
+              "", "## Hot paths", "",
+              "`cargo bench -p benches --bench core` (criterion: the sans-IO core alone, no syscalls) and "
+              "`cargo run --release -p benches --bin messages` (user messages over a real link, 1 worker).", "",
+              "| what | figure |", "|---|---|"]
+    lines += [f"| {name} | {figure} |" for name, figure in micro]
+    lines.append("")
     return "\n".join(lines) + "\n"
 
 
