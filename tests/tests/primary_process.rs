@@ -1,5 +1,6 @@
 //! The primary as its own process: its death takes the workers with it (reference scenario 38),
-//! SIGTERM drains them, and only its thread runs under `SCHED_BATCH`.
+//! SIGTERM drains them, only its thread runs under `SCHED_BATCH`, and a silent primary passes its
+//! workers' output on.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -167,5 +168,61 @@ fn the_primary_thread_is_batch_scheduled_under_round_robin_and_workers_are_not()
         let program = Program::start_with(2, &env);
         let primary = program.primary.id();
         assert_eq!(policy(primary, primary), other, "{env:?}");
+    }
+}
+
+#[test]
+fn silent_workers_output_is_prefixed_and_complete_when_the_primary_exits_with_them() {
+    const LINES: usize = 1000;
+    let mut primary = Command::new(env!("CARGO_BIN_EXE_silent_fixture"))
+        .env("FIXTURE_LINES", LINES.to_string())
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn the primary");
+    // Bytes, not UTF-8: each worker writes one line that is not.
+    let read_all = |pipe: Box<dyn std::io::Read + Send>| {
+        std::thread::spawn(move || {
+            BufReader::new(pipe)
+                .split(b'\n')
+                .map(|line| String::from_utf8_lossy(&line.expect("read")).into_owned())
+                .collect::<Vec<_>>()
+        })
+    };
+    let stdout = read_all(Box::new(primary.stdout.take().unwrap()));
+    let stderr = read_all(Box::new(primary.stderr.take().unwrap()));
+    let status = cluster_tests::wait_for_exit(&mut primary, WAIT);
+    assert!(status.success(), "{status:?}");
+    // The pipes close when the primary and its workers are gone (bounded by the exit above).
+    let (stdout, stderr) = (stdout.join().unwrap(), stderr.join().unwrap());
+    for worker in [1, 2] {
+        let raw = format!("[worker {worker}] raw {worker} \u{fffd}");
+        assert!(stdout.contains(&raw), "no {raw:?} in the output");
+    }
+    let stdout: Vec<String> = stdout
+        .into_iter()
+        .filter(|l| !l.contains(" raw "))
+        .collect();
+    for (stream, lines) in [("out", &stdout), ("err", &stderr)] {
+        for worker in [1, 2] {
+            let ours: Vec<&String> = lines
+                .iter()
+                .filter(|l| l.starts_with(&format!("[worker {worker}] ")))
+                .collect();
+            let expected: Vec<String> = (0..LINES)
+                .map(|n| format!("[worker {worker}] {stream} {worker} {n}"))
+                .collect();
+            assert_eq!(
+                ours.len(),
+                LINES,
+                "{stream} of worker {worker}: {} of {LINES} lines",
+                ours.len()
+            );
+            assert!(
+                ours.iter().zip(&expected).all(|(a, b)| *a == b),
+                "{stream} of worker {worker} out of order or altered"
+            );
+        }
     }
 }

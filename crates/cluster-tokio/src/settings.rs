@@ -32,7 +32,9 @@ pub struct Settings {
     pub env: Vec<(OsString, OsString)>,
     /// Working directory of workers; `None` inherits the primary's.
     pub cwd: Option<PathBuf>,
-    /// Pipe worker stdout/stderr through the primary, each line prefixed with the worker id.
+    /// Pipe worker stdout/stderr through the primary, each line prefixed with the worker id
+    /// (`[worker 3] ...`). A worker's exit is reported once its output is through (waiting at
+    /// most a second, in case a process it started still holds the pipes).
     pub silent: bool,
     /// Round robin (default) or shared listening sockets; `CLUSTER_SCHED_POLICY=rr|none`
     /// overrides what is set here.

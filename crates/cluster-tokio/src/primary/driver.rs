@@ -65,6 +65,8 @@ pub(crate) enum Input {
 
 /// How many inputs of one source are handled before the others get a turn.
 const BUDGET: usize = 64;
+/// How long the exit of a silent worker waits for its output to be forwarded.
+const OUTPUT_DRAIN: Duration = Duration::from_secs(1);
 /// Pause after an accept error that is not about one connection (EMFILE, ENFILE, ENOBUFS).
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
@@ -621,9 +623,11 @@ impl Driver {
             }
         };
         let pid = child.id().unwrap_or_default();
-        if self.settings.silent {
-            spawn::forward_output(id, &mut child);
-        }
+        let output = if self.settings.silent {
+            spawn::forward_output(id, &mut child)
+        } else {
+            Vec::new()
+        };
         let shared = Arc::new(WorkerShared::new(id, pid, self.settings.disconnect_timeout));
         self.workers.insert(id, shared.clone());
         self.links.insert(
@@ -647,6 +651,13 @@ impl Driver {
                     ExitStatus::Code(-1)
                 }
             };
+            // What a silent worker wrote just before it exited may still be in its pipes: let it
+            // through before the exit is reported, so a primary that returns on the last exit
+            // loses none of it. Bounded, since a process the worker started may hold the pipes.
+            let drained = tokio::time::Instant::now() + OUTPUT_DRAIN;
+            for task in output {
+                let _ = tokio::time::timeout_at(drained, task).await;
+            }
             let _ = tx.send(Input::Exited { worker: id, status });
         });
         let handle = WorkerHandle {

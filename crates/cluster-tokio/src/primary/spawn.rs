@@ -6,6 +6,7 @@ use std::process::Stdio;
 
 use proto::WorkerId;
 use tokio::process::{Child, Command};
+use tokio::task::JoinHandle;
 use tokio_seqpacket::UnixSeqpacket;
 
 use crate::role::{ENV_IPC_FD, ENV_WORKER_ID};
@@ -61,25 +62,42 @@ pub(crate) fn spawn(
     Ok((child, ours))
 }
 
-/// Re-emits a silent worker's stdout and stderr line by line, prefixed with its id.
-pub(crate) fn forward_output(id: WorkerId, child: &mut Child) {
-    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-    if let Some(stdout) = child.stdout.take() {
-        tokio::spawn(async move {
-            let mut lines = BufReader::new(stdout).lines();
-            let mut out = tokio::io::stdout();
-            while let Ok(Some(line)) = lines.next_line().await {
-                let _ = out.write_all(format!("[{id}] {line}\n").as_bytes()).await;
+/// Re-emits a silent worker's stdout and stderr line by line, prefixed with its id. The tasks end
+/// when the worker's end of the pipes closes, after flushing what they wrote.
+pub(crate) fn forward_output(id: WorkerId, child: &mut Child) -> Vec<JoinHandle<()>> {
+    use tokio::io::{AsyncBufReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+
+    async fn forward(
+        id: WorkerId,
+        from: impl tokio::io::AsyncRead + Unpin,
+        mut to: impl AsyncWrite + Unpin,
+    ) {
+        let mut from = BufReader::new(from);
+        let prefix = format!("[{id}] ");
+        let mut line = prefix.clone().into_bytes();
+        // Bytes, not `String` lines: output that is not UTF-8 passes through instead of ending
+        // the forwarding (and then blocking the worker on a full pipe).
+        while let Ok(read) = from.read_until(b'\n', &mut line).await
+            && read > 0
+        {
+            if !line.ends_with(b"\n") {
+                line.push(b'\n');
             }
-        });
+            // A closed stdout must not block the worker either: keep reading.
+            let _ = to.write_all(&line).await;
+            line.truncate(prefix.len());
+        }
+        // tokio's stdout writes from a blocking thread: without this the last line may still be
+        // on its way when the primary exits.
+        let _ = to.flush().await;
+    }
+
+    let mut tasks = Vec::new();
+    if let Some(stdout) = child.stdout.take() {
+        tasks.push(tokio::spawn(forward(id, stdout, tokio::io::stdout())));
     }
     if let Some(stderr) = child.stderr.take() {
-        tokio::spawn(async move {
-            let mut lines = BufReader::new(stderr).lines();
-            let mut err = tokio::io::stderr();
-            while let Ok(Some(line)) = lines.next_line().await {
-                let _ = err.write_all(format!("[{id}] {line}\n").as_bytes()).await;
-            }
-        });
+        tasks.push(tokio::spawn(forward(id, stderr, tokio::io::stderr())));
     }
+    tasks
 }
