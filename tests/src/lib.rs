@@ -329,6 +329,12 @@ pub fn send_raw_on_link(
 /// Blocks until the link at fd 3 reaches end of stream (the primary closed it).
 pub fn wait_for_link_eof() {
     let mut buf = [0u8; 70_000];
+    // The link is inherited non-blocking; a blocking recv is what waits here.
+    // SAFETY: fcntl on fd 3, which this process owns (the inherited link).
+    unsafe {
+        let flags = libc::fcntl(3, libc::F_GETFL);
+        libc::fcntl(3, libc::F_SETFL, flags & !libc::O_NONBLOCK);
+    }
     loop {
         // SAFETY: recv(2) into a live local buffer of the stated size.
         let n = unsafe { libc::recv(3, buf.as_mut_ptr().cast(), buf.len(), 0) };
@@ -336,6 +342,14 @@ pub fn wait_for_link_eof() {
             return;
         }
     }
+}
+
+/// Shuts down the reading side of the inherited link at fd 3: the primary's sends fail with
+/// `EPIPE` from now on, while what this process sends still arrives.
+pub fn stop_reading_link() {
+    // SAFETY: shutdown(2) on fd 3, which this process owns (the inherited link).
+    let done = unsafe { libc::shutdown(3, libc::SHUT_RD) };
+    assert_eq!(done, 0, "shutdown: {}", std::io::Error::last_os_error());
 }
 
 /// Waits for `child` to exit, at most `timeout`; kills it and panics past that.

@@ -63,3 +63,39 @@ async fn a_rogue_worker_is_disconnected_and_the_primary_carries_on() {
     // And a primary in the same process was never disturbed.
     assert_eq!(who(port).await, good.id().get());
 }
+
+/// A worker whose end of the link stops reading (a send of the primary fails with `EPIPE`) is
+/// still heard: what it sends keeps arriving until its end closes. Dropping the link at the
+/// failed send would lose, say, the error a worker reports just before it exits.
+#[tokio::test]
+async fn a_worker_that_stops_reading_is_still_heard() {
+    let mut cluster = Cluster::with(SchedulingPolicy::RoundRobin, |s| {
+        s.exec = Some(env!("CARGO_BIN_EXE_rogue").into());
+    });
+    let rogue = cluster
+        .primary
+        .fork_with_env([("ROGUE", "hangup")])
+        .await
+        .unwrap();
+    cluster.adopt(&rogue);
+    let first = next_tick(&mut cluster).await;
+    // Fails with EPIPE in the primary: the rogue has shut down its reading side.
+    rogue.send(&"are you there").unwrap();
+    let mut last = first;
+    for _ in 0..10 {
+        let tick = next_tick(&mut cluster).await;
+        assert!(tick > last, "ticks arrive in order: {tick} after {last}");
+        last = tick;
+    }
+}
+
+/// The next tick of the `hangup` rogue; any other event of it (a disconnect) fails the test.
+async fn next_tick(cluster: &mut Cluster) -> u8 {
+    loop {
+        match cluster.event().await {
+            Event::Message { message, .. } => return message.decode::<u8>().unwrap(),
+            Event::Fork(_) | Event::Online(_) => {}
+            other => panic!("expected a message, got {other:?}"),
+        }
+    }
+}

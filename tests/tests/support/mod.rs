@@ -46,6 +46,11 @@ impl Cluster {
         }
     }
 
+    /// Makes `worker`, forked some other way, go (SIGKILL) with the cluster.
+    pub fn adopt(&mut self, worker: &WorkerHandle) {
+        self.workers.push(worker.clone());
+    }
+
     /// Forks a worker and waits until it is online.
     pub async fn fork(&mut self) -> WorkerHandle {
         let worker = self.primary.fork().await.expect("fork");

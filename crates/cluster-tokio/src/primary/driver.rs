@@ -75,6 +75,22 @@ struct Link {
     outgoing: VecDeque<(Vec<u8>, Option<Attachment<usize>>)>,
     /// The primary's requests to this worker; dropped with the link, which fails them.
     requests: PendingRequests,
+    /// The worker's end is closed (a send failed with `EPIPE`): nothing more is sent, but what
+    /// the worker sent before it closed is still read, up to the end of stream that closes the
+    /// link. A worker that reports an error and exits at once is heard.
+    hung_up: bool,
+}
+
+impl Link {
+    /// Stops sending: queued frames are dropped and the fds users sent with them closed.
+    fn hang_up(&mut self, conns: &mut Slab<OwnedFd>) {
+        self.hung_up = true;
+        for (_, attachment) in self.outgoing.drain(..) {
+            if let Some(Attachment::Owned(fd)) = attachment {
+                conns.try_remove(fd);
+            }
+        }
+    }
 }
 
 struct Listener {
@@ -374,6 +390,12 @@ impl Driver {
                             self.conns.try_remove(fd);
                         }
                     }
+                    Poll::Ready(Err(error)) if is_hang_up(&error) => {
+                        tracing::debug!(worker = %id, "the worker closed its link; reading what it sent");
+                        link.hang_up(&mut self.conns);
+                        progress = true;
+                        break;
+                    }
                     Poll::Ready(Err(error)) => {
                         tracing::debug!(worker = %id, %error, "link send failed");
                         broken.push(*id);
@@ -396,8 +418,12 @@ impl Driver {
         while let Some(output) = self.core.poll_output(&mut self.buf) {
             match output {
                 Output::Transmit(t) => match self.links.get_mut(&t.worker) {
-                    Some(link) => link.outgoing.push_back((self.buf.clone(), t.attachment)),
-                    None => {
+                    Some(link) if !link.hung_up => {
+                        link.outgoing.push_back((self.buf.clone(), t.attachment));
+                    }
+                    // A handed-off connection stays in the core's books and is dispatched again
+                    // when the link closes; a user's fd is closed.
+                    _ => {
                         if let Some(Attachment::Owned(fd)) = t.attachment {
                             self.conns.try_remove(fd);
                         }
@@ -614,14 +640,14 @@ impl Driver {
 
     fn fork(&mut self, env: &[(OsString, OsString)]) -> io::Result<WorkerHandle> {
         let id = self.core.add_worker();
-        let (mut child, socket) = match spawn::spawn(&self.settings, id, env, self.batch_scheduling)
-        {
-            Ok(spawned) => spawned,
-            Err(error) => {
-                self.core.handle_spawn_failed(id);
-                return Err(error);
-            }
-        };
+        let (mut child, channel) =
+            match spawn::spawn(&self.settings, id, env, self.batch_scheduling) {
+                Ok(spawned) => spawned,
+                Err(error) => {
+                    self.core.handle_spawn_failed(id);
+                    return Err(error);
+                }
+            };
         let pid = child.id().unwrap_or_default();
         let output = if self.settings.silent {
             spawn::forward_output(id, &mut child)
@@ -633,9 +659,10 @@ impl Driver {
         self.links.insert(
             id,
             Link {
-                channel: Channel::new(socket),
+                channel,
                 outgoing: VecDeque::new(),
                 requests: PendingRequests::default(),
+                hung_up: false,
             },
         );
         let tx = self.input_tx.clone();
@@ -725,6 +752,14 @@ impl Driver {
         }
         self.drain_core();
     }
+}
+
+/// Errors of a send on a link whose other end is closed; what is queued for reading is not lost.
+fn is_hang_up(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+    )
 }
 
 /// Errors that concern one connection only (the next accept may succeed).

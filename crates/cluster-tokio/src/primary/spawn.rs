@@ -9,6 +9,7 @@ use tokio::process::{Child, Command};
 use tokio::task::JoinHandle;
 use tokio_seqpacket::UnixSeqpacket;
 
+use crate::ipc::Channel;
 use crate::role::{ENV_IPC_FD, ENV_WORKER_ID};
 use crate::settings::Settings;
 use crate::sys;
@@ -25,8 +26,9 @@ pub(crate) fn spawn(
     id: WorkerId,
     env: &[(OsString, OsString)],
     reset_scheduling: bool,
-) -> io::Result<(Child, UnixSeqpacket)> {
+) -> io::Result<(Child, Channel)> {
     let (ours, theirs) = UnixSeqpacket::pair()?;
+    let ours = Channel::new(ours.into())?;
     let mut args = std::env::args_os();
     let arg0 = args.next();
     let mut command = match &settings.exec {

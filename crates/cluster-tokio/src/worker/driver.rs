@@ -9,7 +9,6 @@ use std::sync::Arc;
 use proto::wire::{BoundAddr, Distribution, Envelope, ListenInfo, ListenRequest, UserKind};
 use proto::{HandleId, Seq, SessionEvent, SessionOutput, WorkerSession};
 use tokio::sync::{mpsc, oneshot, watch};
-use tokio_seqpacket::UnixSeqpacket;
 
 use super::queue::{HandoffQueue, Offer};
 use crate::ipc::{Channel, Received};
@@ -87,7 +86,7 @@ pub(crate) struct Driver {
 
 impl Driver {
     pub(crate) fn new(
-        socket: UnixSeqpacket,
+        channel: Channel,
         commands: mpsc::UnboundedReceiver<Command>,
         answers: mpsc::WeakUnboundedSender<Command>,
         shutdown: watch::Sender<bool>,
@@ -95,7 +94,7 @@ impl Driver {
         messages: mpsc::UnboundedSender<Message>,
     ) -> Self {
         Self {
-            channel: Channel::new(socket),
+            channel,
             session: WorkerSession::new(std::process::id()),
             commands,
             answers,

@@ -15,6 +15,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::{Mutex, mpsc, oneshot, watch};
 
+use crate::ipc::Channel;
 use crate::message::{DEFAULT_REQUEST_TIMEOUT, Message, RequestError};
 
 pub(crate) use driver::Granted;
@@ -61,7 +62,7 @@ impl Worker {
             return Ok(existing.clone());
         }
         crate::sys::raise_fd_limit();
-        let socket = tokio_seqpacket::UnixSeqpacket::try_from(ipc)?;
+        let channel = Channel::new(ipc)?;
         let (commands, command_rx) = mpsc::unbounded_channel();
         let (shutdown_tx, shutdown) = watch::channel(false);
         let (connected_tx, connected) = watch::channel(true);
@@ -77,7 +78,7 @@ impl Worker {
         };
         let answers = worker.inner.commands.downgrade();
         let driver = Driver::new(
-            socket,
+            channel,
             command_rx,
             answers,
             shutdown_tx,
