@@ -369,3 +369,53 @@ pub(crate) fn recv_frame(
     let truncated = header.msg_flags & (libc::MSG_TRUNC | libc::MSG_CTRUNC) != 0;
     Ok(Datagram { len, truncated })
 }
+
+/// A non-blocking, close-on-exec, disarmed timer on the monotonic clock (`timerfd_create(2)`).
+pub(crate) fn timer() -> io::Result<OwnedFd> {
+    // SAFETY: timerfd_create takes no pointers; on success it returns a new fd nothing else owns.
+    let fd = unsafe {
+        libc::timerfd_create(
+            libc::CLOCK_MONOTONIC,
+            libc::TFD_NONBLOCK | libc::TFD_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a new open fd, owned from here on.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Arms `timer` to expire once, `after` from now (at least a nanosecond: zero would disarm it).
+pub(crate) fn arm_timer(timer: BorrowedFd<'_>, after: std::time::Duration) -> io::Result<()> {
+    let after = after.max(std::time::Duration::from_nanos(1));
+    let value = libc::itimerspec {
+        it_interval: libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        },
+        it_value: libc::timespec {
+            tv_sec: libc::time_t::try_from(after.as_secs()).unwrap_or(libc::time_t::MAX),
+            tv_nsec: libc::c_long::from(after.subsec_nanos()),
+        },
+    };
+    // SAFETY: `value` lives across the call and is only read; the old value is not asked for.
+    let armed = unsafe {
+        libc::timerfd_settime(timer.as_raw_fd(), 0, &raw const value, std::ptr::null_mut())
+    };
+    if armed < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Consumes an expiry of `timer`; `WouldBlock` if it has not expired since it was last read.
+pub(crate) fn read_timer(timer: BorrowedFd<'_>) -> io::Result<()> {
+    let mut expirations = [0u8; 8];
+    // SAFETY: read(2) into a live local buffer of the stated size.
+    let read = unsafe { libc::read(timer.as_raw_fd(), expirations.as_mut_ptr().cast(), 8) };
+    if read < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}

@@ -21,6 +21,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Sleep;
 
+use super::alarm::Alarm;
 use super::{
     Event, ListenAddress, Message, PrimaryShared, Stats, WorkerHandle, WorkerShared, WorkerStats,
     spawn,
@@ -118,6 +119,16 @@ impl Listener {
     }
 }
 
+/// How the driver waits for its next deadline.
+enum Timer {
+    /// Not needed yet (the timer fd is made on the first deadline, inside the runtime).
+    Unset,
+    /// A timer fd of the driver's own (see [`Alarm`]).
+    Alarm(Alarm),
+    /// The fallback when no timer fd can be had.
+    Sleep(Pin<Box<Sleep>>),
+}
+
 pub(crate) struct Driver {
     core: proto::Primary<usize>,
     settings: Settings,
@@ -128,7 +139,7 @@ pub(crate) struct Driver {
     workers: HashMap<WorkerId, Arc<WorkerShared>>,
     listeners: HashMap<HandleId, Listener>,
     conns: Slab<OwnedFd>,
-    timer: Pin<Box<Sleep>>,
+    timer: Timer,
     accept_resume: Option<Instant>,
     buf: Vec<u8>,
     fds: Vec<OwnedFd>,
@@ -161,7 +172,7 @@ impl Driver {
             workers: HashMap::new(),
             listeners: HashMap::new(),
             conns: Slab::new(),
-            timer: Box::pin(tokio::time::sleep(Duration::from_secs(3600))),
+            timer: Timer::Unset,
             accept_resume: None,
             buf: Vec::new(),
             fds: Vec::new(),
@@ -351,14 +362,37 @@ impl Driver {
             self.drain_core();
             return true;
         }
-        let deadline = tokio::time::Instant::from_std(deadline);
-        if self.timer.deadline() != deadline {
-            self.timer.as_mut().reset(deadline);
+        if let Timer::Unset = self.timer {
+            self.timer = match Alarm::new() {
+                Ok(alarm) => Timer::Alarm(alarm),
+                Err(error) => {
+                    tracing::debug!(%error, "no timer fd; deadlines use a tokio timer");
+                    Timer::Sleep(Box::pin(tokio::time::sleep_until(deadline.into())))
+                }
+            };
         }
-        // Registers the waker; the clock comparison above decides (a Sleep may be held back by
-        // the cooperative budget).
-        let _ = self.timer.as_mut().poll(cx);
-        false
+        match &mut self.timer {
+            Timer::Alarm(alarm) => match alarm.poll_ring(cx, deadline) {
+                // Rang early (the deadline moved later): set it again on the next turn.
+                Ok(rang) => rang,
+                Err(error) => {
+                    tracing::debug!(%error, "timer fd failed; deadlines use a tokio timer");
+                    self.timer = Timer::Sleep(Box::pin(tokio::time::sleep_until(deadline.into())));
+                    true
+                }
+            },
+            Timer::Sleep(sleep) => {
+                let deadline = tokio::time::Instant::from_std(deadline);
+                if sleep.deadline() != deadline {
+                    sleep.as_mut().reset(deadline);
+                }
+                // Registers the waker; the clock comparison above decides (a Sleep may be held
+                // back by the cooperative budget).
+                let _ = sleep.as_mut().poll(cx);
+                false
+            }
+            Timer::Unset => false,
+        }
     }
 
     fn flush_sends(&mut self, cx: &mut Context<'_>) -> bool {

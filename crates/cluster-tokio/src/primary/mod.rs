@@ -1,5 +1,6 @@
 //! The primary: forks workers, owns the listening sockets and hands out connections.
 
+mod alarm;
 mod driver;
 mod spawn;
 
