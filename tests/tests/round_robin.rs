@@ -239,8 +239,10 @@ async fn full_workers_are_not_ping_ponged_and_lose_nothing() {
     }
     let total = 2 * 128 + 40;
     let clients: Vec<_> = (0..total).map(|_| tokio::spawn(who(port))).collect();
+    // Settled: every handoff answered (refusals of the last ones in flight may still be on
+    // their way when the first ones are counted).
     let stats = until(&cluster, "both workers refused and the rest is held", |s| {
-        s.workers.iter().all(|w| w.refused >= 1) && s.connections_held >= 40
+        s.workers.iter().all(|w| w.refused >= 1 && w.in_flight == 0) && s.connections_held >= 40
     })
     .await;
     // Handoffs already in flight when the queue filled are refused too: at most one window's
