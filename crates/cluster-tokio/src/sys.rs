@@ -1,7 +1,7 @@
 //! The crate's only `unsafe` code: what must happen between `fork` and `exec` of a worker,
 //! taking over the inherited IPC fd and environment in the worker before any thread starts, and
 //! the few raw calls std and socket2 do not offer (`accept4` without a reactor, `poll`, `fcntl`,
-//! scheduling policy, `sendmsg`/`recvmsg` with fds for the links).
+//! scheduling policy, `sendmsg`/`recvmsg` with fds for the links, a timer fd).
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
