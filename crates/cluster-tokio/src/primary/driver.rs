@@ -129,6 +129,13 @@ enum Timer {
     Sleep(Pin<Box<Sleep>>),
 }
 
+impl Timer {
+    /// The fallback; `poll_timer` sets it for its deadline before polling it.
+    fn sleep() -> Self {
+        Self::Sleep(Box::pin(tokio::time::sleep(Duration::ZERO)))
+    }
+}
+
 pub(crate) struct Driver {
     core: proto::Primary<usize>,
     settings: Settings,
@@ -367,7 +374,7 @@ impl Driver {
                 Ok(alarm) => Timer::Alarm(alarm),
                 Err(error) => {
                     tracing::debug!(%error, "no timer fd; deadlines use a tokio timer");
-                    Timer::Sleep(Box::pin(tokio::time::sleep_until(deadline.into())))
+                    Timer::sleep()
                 }
             };
         }
@@ -377,7 +384,7 @@ impl Driver {
                 Ok(rang) => rang,
                 Err(error) => {
                     tracing::debug!(%error, "timer fd failed; deadlines use a tokio timer");
-                    self.timer = Timer::Sleep(Box::pin(tokio::time::sleep_until(deadline.into())));
+                    self.timer = Timer::sleep();
                     true
                 }
             },
@@ -494,12 +501,8 @@ impl Driver {
     /// Drops a worker's link. User fds still waiting in its queue are closed (the core's tokens
     /// for connections in flight are re-dispatched or closed by the core itself).
     fn remove_link(&mut self, worker: WorkerId) {
-        if let Some(link) = self.links.remove(&worker) {
-            for (_, attachment) in link.outgoing {
-                if let Some(Attachment::Owned(fd)) = attachment {
-                    self.conns.try_remove(fd);
-                }
-            }
+        if let Some(mut link) = self.links.remove(&worker) {
+            link.hang_up(&mut self.conns);
         }
     }
 
