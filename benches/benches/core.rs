@@ -1,5 +1,6 @@
-//! The core's hot path: one handoff (accept → `NewConn` frame → `Accepted` frame → delivered) and
-//! the codec under it. Run with `cargo bench -p benches`.
+//! The core's hot path: one handoff (accept → `NewConn` frame → a cumulative `Accepted` frame
+//! when the `NewConn` asks for one, as a worker answers → delivered) and the codec under it. Run
+//! with `cargo bench -p benches`.
 
 use std::hint::black_box;
 use std::time::Instant;
@@ -70,31 +71,28 @@ fn handoff(c: &mut Criterion) {
     let mut ack = Vec::new();
     let mut conn = 0usize;
     c.bench_function(
-        "core: handoff round trip (accept, NewConn, Accepted, delivered)",
+        "core: handoff round trip (accept, NewConn, Accepted when asked, delivered)",
         |b| {
             b.iter(|| {
                 conn += 1;
                 primary.handle_connection(now, handle, conn).unwrap();
-                let mut seq = None;
+                let mut asked = None;
                 while let Some(output) = primary.poll_output(&mut buf) {
                     if let Output::Transmit(_) = output
-                        && let Ok(PrimaryMessage::NewConn { seq: s, .. }) = wire::decode(&buf)
+                        && let Ok(PrimaryMessage::NewConn {
+                            seq, reply: true, ..
+                        }) = wire::decode(&buf)
                     {
-                        seq = Some(s);
+                        asked = Some(seq);
                     }
                 }
-                ack.clear();
-                wire::encode(
-                    &WorkerMessage::Accepted {
-                        ack: seq.unwrap(),
-                        accepted: true,
-                    },
-                    &mut ack,
-                )
-                .unwrap();
-                primary.handle_frame(now, worker, &ack, 0);
-                while let Some(output) = primary.poll_output(&mut buf) {
-                    black_box(output);
+                if let Some(through) = asked {
+                    ack.clear();
+                    wire::encode(&WorkerMessage::Accepted { through }, &mut ack).unwrap();
+                    primary.handle_frame(now, worker, &ack, 0);
+                    while let Some(output) = primary.poll_output(&mut buf) {
+                        black_box(output);
+                    }
                 }
             });
         },
@@ -106,6 +104,7 @@ fn codec(c: &mut Criterion) {
     let message = PrimaryMessage::NewConn {
         seq: Seq::new(123_456),
         handle: HandleId::new(3),
+        reply: false,
     };
     c.bench_function("codec: encode NewConn", |b| {
         b.iter(|| {
@@ -114,8 +113,7 @@ fn codec(c: &mut Criterion) {
         });
     });
     let frame = encoded(&WorkerMessage::Accepted {
-        ack: Seq::new(123_456),
-        accepted: true,
+        through: Seq::new(123_456),
     });
     c.bench_function("codec: decode Accepted", |b| {
         b.iter(|| wire::decode::<WorkerMessage>(black_box(&frame)).unwrap());

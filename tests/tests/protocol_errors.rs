@@ -17,7 +17,7 @@ async fn a_rogue_worker_is_disconnected_and_the_primary_carries_on() {
     let mut rogue_cluster = Cluster::with(SchedulingPolicy::RoundRobin, |s| {
         s.exec = Some(env!("CARGO_BIN_EXE_rogue").into());
     });
-    let expectations: [(&str, Expected); 4] = [
+    let expectations: [(&str, Expected); 5] = [
         ("garbage", |e| matches!(e, ProtocolError::Decode(_))),
         ("oversized", |e| matches!(e, ProtocolError::Truncated)),
         ("version", |e| {
@@ -35,6 +35,7 @@ async fn a_rogue_worker_is_disconnected_and_the_primary_carries_on() {
                 }
             )
         }),
+        ("notconn", |e| matches!(e, ProtocolError::NotAConnection)),
     ];
     for (offence, expected) in expectations {
         let rogue = rogue_cluster

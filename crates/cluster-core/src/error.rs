@@ -38,6 +38,10 @@ pub enum ProtocolError {
     /// A user message grew past [`crate::user::MAX_MESSAGE`].
     #[error(transparent)]
     MessageTooLarge(#[from] MessageTooLarge),
+    /// A worker sent back, as a connection (`Refused`, `Return`), an fd that is not a stream
+    /// socket.
+    #[error("the fd sent back as a connection is not a stream socket")]
+    NotAConnection,
     /// A worker did not ack a handed-off connection in time; it is presumed hung.
     #[error("handoff {seq} not acked in time")]
     HandoffTimeout {

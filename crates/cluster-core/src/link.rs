@@ -236,9 +236,51 @@ impl<P> Link<P> {
         }
     }
 
+    /// Matches a cumulative reply: every pending request up to and including `through` that
+    /// `answered` agrees it covers is forgotten and returned, oldest first (the others stay
+    /// pending).
+    ///
+    /// # Errors
+    ///
+    /// [`LinkError::UnknownAck`] when `through` was never issued, [`LinkError::DuplicateAck`]
+    /// when it covers no pending request (all of them were answered already).
+    pub fn finish_through(
+        &mut self,
+        through: Seq,
+        answered: impl Fn(&P) -> bool,
+    ) -> Result<Vec<(Seq, P)>, LinkError> {
+        self.check_open()?;
+        if through.get() == 0 || through.get() >= self.next_seq {
+            return Err(LinkError::UnknownAck { ack: through });
+        }
+        let covered: Vec<Seq> = self
+            .pending
+            .range(..=through)
+            .filter(|(_, p)| answered(&p.what))
+            .map(|(seq, _)| *seq)
+            .collect();
+        if covered.is_empty() {
+            return Err(LinkError::DuplicateAck { ack: through });
+        }
+        Ok(covered
+            .into_iter()
+            .filter_map(|seq| self.pending.remove(&seq).map(|p| (seq, p.what)))
+            .collect())
+    }
+
     /// The pending request for `seq`, if any.
     pub fn pending(&self, seq: Seq) -> Option<&P> {
         self.pending.get(&seq).map(|p| &p.what)
+    }
+
+    /// The pending request for `seq`, if any, to update what it stands for.
+    pub fn pending_mut(&mut self, seq: Seq) -> Option<&mut P> {
+        self.pending.get_mut(&seq).map(|p| &mut p.what)
+    }
+
+    /// The pending requests, oldest first.
+    pub fn pending_requests(&self) -> impl Iterator<Item = (Seq, &P)> + '_ {
+        self.pending.iter().map(|(seq, p)| (*seq, &p.what))
     }
 
     /// How many requests await a reply.
@@ -325,6 +367,37 @@ mod tests {
         );
         assert_eq!(link.pending_len(), 1);
         assert_eq!(link.finish_request(a), Ok("a"));
+    }
+
+    #[test]
+    fn a_cumulative_reply_answers_everything_it_covers_once() {
+        let mut link = open();
+        for what in ["a", "b", "kept", "d", "e"] {
+            link.start_request(what, None).unwrap();
+        }
+        let answered = |p: &&str| *p != "kept";
+        assert_eq!(
+            link.finish_through(Seq::new(6), answered),
+            Err(LinkError::UnknownAck { ack: Seq::new(6) })
+        );
+        assert_eq!(
+            link.finish_through(Seq::new(0), answered),
+            Err(LinkError::UnknownAck { ack: Seq::new(0) })
+        );
+        let done = link.finish_through(Seq::new(4), answered).unwrap();
+        assert_eq!(
+            done,
+            [(Seq::new(1), "a"), (Seq::new(2), "b"), (Seq::new(4), "d")]
+        );
+        assert_eq!(link.pending(Seq::new(3)), Some(&"kept"));
+        assert_eq!(
+            link.finish_through(Seq::new(4), answered),
+            Err(LinkError::DuplicateAck { ack: Seq::new(4) })
+        );
+        assert_eq!(
+            link.finish_through(Seq::new(5), answered).unwrap(),
+            [(Seq::new(5), "e")]
+        );
     }
 
     #[test]

@@ -3,9 +3,15 @@
 //! A [`WorkerSession`] sends the handshake first, numbers listen requests, matches the primary's
 //! replies, and decides what to do with each handed-off connection: a connection for a handle
 //! this worker has closed is refused at once (Node's `worker-handle-close`); any other is given
-//! to the driver, which must [`WorkerSession::accept`] or refuse it before touching the socket.
+//! to the driver, which must [`WorkerSession::accept`] or [`WorkerSession::refuse`] it, in the
+//! order offered.
+//!
+//! Acks are cumulative and lazy: an accepted connection is acknowledged at once only when the
+//! primary asked (`NewConn::reply`, every half window); otherwise with the next one asked for, or
+//! before the next heartbeat or the leaving announcement. The primary kept no copy of the
+//! connection, so a refusal sends it back.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, VecDeque};
 
 use crate::error::ProtocolError;
 use crate::link::{Link, LinkError};
@@ -20,7 +26,7 @@ use crate::wire::{
 #[non_exhaustive]
 pub enum SessionEvent {
     /// A handed-off connection; the fd that came with the frame is it. Answer with
-    /// [`WorkerSession::accept`].
+    /// [`WorkerSession::accept`] or [`WorkerSession::refuse`].
     Connection {
         /// Its seq, to name in the answer.
         seq: Seq,
@@ -51,20 +57,41 @@ pub enum SessionEvent {
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum SessionOutput {
-    /// Send the frame now in the buffer; with `with_fd`, attach the oldest fd given to
-    /// [`WorkerSession::give_back`] and not yet sent.
+    /// Send the frame now in the buffer, with the fd `attach` names.
     Transmit {
-        /// Whether the frame carries an fd.
-        with_fd: bool,
+        /// Which fd the frame carries, if any.
+        attach: SessionAttach,
     },
     /// Tell the user (or the listener).
     Event(SessionEvent),
 }
 
-/// A driver mistake: answering a connection that was not offered.
+/// Which fd a [`SessionOutput::Transmit`] carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SessionAttach {
+    /// None.
+    Nothing,
+    /// The oldest fd the driver set aside for a frame that carries one and has not sent yet:
+    /// the connection of [`WorkerSession::refuse`] or [`WorkerSession::give_back`], or the fd of
+    /// a user message.
+    SetAside,
+    /// The fd that came with the frame just handled (a connection refused at once).
+    Received,
+}
+
+/// A driver mistake: answering a connection that was not offered, or not the oldest one offered.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("connection {0} is not awaiting an answer")]
+#[error("connection {0} is not the next awaiting an answer")]
 pub struct UnknownConnection(pub Seq);
+
+/// A connection offered to the driver and not answered yet.
+#[derive(Debug)]
+struct Offered {
+    seq: Seq,
+    /// The primary asked for an ack at once.
+    reply: bool,
+}
 
 #[derive(Debug, PartialEq, Eq)]
 enum Request {
@@ -73,7 +100,8 @@ enum Request {
 }
 
 enum Queued {
-    Send(WorkerMessage),
+    /// A frame, and whether its fd is the one received with the frame being handled.
+    Send(WorkerMessage, bool),
     Event(SessionEvent),
 }
 
@@ -85,7 +113,10 @@ const ENOTCONN: Errno = Errno(107);
 pub struct WorkerSession {
     link: Link<Request>,
     handles: BTreeSet<HandleId>,
-    offered: HashMap<Seq, HandleId>,
+    /// Oldest first; answered in this order.
+    offered: VecDeque<Offered>,
+    /// The highest accepted connection not acknowledged yet.
+    unacked: Option<Seq>,
     disconnect_requested: bool,
     reassembly: Reassembly,
     out: VecDeque<Queued>,
@@ -94,7 +125,7 @@ pub struct WorkerSession {
 impl std::fmt::Debug for Queued {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Self::Send(m) => write!(f, "Send({m:?})"),
+            Self::Send(m, _) => write!(f, "Send({m:?})"),
             Self::Event(e) => write!(f, "Event({e:?})"),
         }
     }
@@ -106,7 +137,8 @@ impl WorkerSession {
         let mut session = Self {
             link: Link::new(),
             handles: BTreeSet::new(),
-            offered: HashMap::new(),
+            offered: VecDeque::new(),
+            unacked: None,
             disconnect_requested: false,
             reassembly: Reassembly::default(),
             out: VecDeque::new(),
@@ -140,16 +172,50 @@ impl WorkerSession {
         }
     }
 
-    /// Answers an offered connection. Refusing pauses offers on its handle until
+    /// Takes the oldest offered connection (`seq`). Its ack is sent now if the primary asked,
+    /// later otherwise.
+    ///
+    /// # Errors
+    ///
+    /// [`UnknownConnection`] when `seq` is not the oldest connection awaiting an answer.
+    pub fn accept(&mut self, seq: Seq) -> Result<(), UnknownConnection> {
+        let offered = self.answer(seq)?;
+        self.unacked = Some(seq);
+        if offered.reply {
+            self.flush_acks();
+        }
+        Ok(())
+    }
+
+    /// Refuses the oldest offered connection (`seq`): the driver sets its fd aside, and it goes
+    /// back to the primary (see [`SessionAttach::SetAside`]). Offers on its handle pause until
     /// [`Self::ready`].
     ///
     /// # Errors
     ///
-    /// [`UnknownConnection`] when `seq` was not offered or was already answered.
-    pub fn accept(&mut self, seq: Seq, accepted: bool) -> Result<(), UnknownConnection> {
-        self.offered.remove(&seq).ok_or(UnknownConnection(seq))?;
-        self.send(WorkerMessage::Accepted { ack: seq, accepted });
+    /// [`UnknownConnection`] when `seq` is not the oldest connection awaiting an answer.
+    pub fn refuse(&mut self, seq: Seq) -> Result<(), UnknownConnection> {
+        let offered = self.answer(seq)?;
+        if offered.reply {
+            // The primary waits for an answer to come: acknowledge what came before.
+            self.flush_acks();
+        }
+        self.send(WorkerMessage::Refused { ack: seq });
         Ok(())
+    }
+
+    fn answer(&mut self, seq: Seq) -> Result<Offered, UnknownConnection> {
+        match self.offered.front() {
+            Some(offered) if offered.seq == seq => Ok(self.offered.pop_front().expect("just seen")),
+            _ => Err(UnknownConnection(seq)),
+        }
+    }
+
+    /// Sends the ack of every connection accepted so far, if one is owed.
+    fn flush_acks(&mut self) {
+        if let Some(through) = self.unacked.take() {
+            self.send(WorkerMessage::Accepted { through });
+        }
     }
 
     /// This worker has room again on `handle` after refusing.
@@ -167,15 +233,18 @@ impl WorkerSession {
         }
     }
 
-    /// Gives back a connection of `handle` that this worker acked but will not serve; the driver
-    /// attaches its fd to the resulting transmit (`with_fd`).
+    /// Gives back a connection of `handle` that this worker accepted but will not serve; the
+    /// driver sets its fd aside for the resulting transmit ([`SessionAttach::SetAside`]).
     pub fn give_back(&mut self, handle: HandleId) {
+        // Acked first: the primary settles the handoff before it takes the connection back.
+        self.flush_acks();
         self.send(WorkerMessage::Return { handle });
     }
 
-    /// Tells the primary this worker's runtime is alive; call every
+    /// Tells the primary this worker's runtime is alive, with the acks it still owes; call every
     /// [`HEARTBEAT_INTERVAL`](crate::wire::HEARTBEAT_INTERVAL) from a task on that runtime.
     pub fn heartbeat(&mut self) {
+        self.flush_acks();
         self.send(WorkerMessage::Heartbeat);
     }
 
@@ -190,6 +259,7 @@ impl WorkerSession {
             .link
             .start_request(Request::ExitedAfterDisconnect, None)
             .map_err(|(e, _)| e)?;
+        self.flush_acks();
         self.send(WorkerMessage::ExitedAfterDisconnect { seq });
         Ok(seq)
     }
@@ -243,18 +313,19 @@ impl WorkerSession {
                 }
                 self.event(SessionEvent::ListenReply { seq: ack, result });
             }
-            PrimaryMessage::NewConn { seq, handle } => {
-                if self.offered.contains_key(&seq) {
+            PrimaryMessage::NewConn { seq, handle, reply } => {
+                if self.offered.iter().any(|o| o.seq == seq) {
                     return Err(ProtocolError::DuplicateConnection { seq });
                 }
                 if self.handles.contains(&handle) && !self.disconnect_requested {
-                    self.offered.insert(seq, handle);
+                    self.offered.push_back(Offered { seq, reply });
                     self.event(SessionEvent::Connection { seq, handle });
                 } else {
-                    self.send(WorkerMessage::Accepted {
-                        ack: seq,
-                        accepted: false,
-                    });
+                    if reply {
+                        self.flush_acks();
+                    }
+                    self.out
+                        .push_back(Queued::Send(WorkerMessage::Refused { ack: seq }, true));
                 }
             }
             PrimaryMessage::Disconnect => {
@@ -296,20 +367,23 @@ impl WorkerSession {
         loop {
             match self.out.pop_front()? {
                 Queued::Event(event) => return Some(SessionOutput::Event(event)),
-                Queued::Send(_) if self.link.is_closed() => continue,
-                Queued::Send(message) => {
+                Queued::Send(_, _) if self.link.is_closed() => continue,
+                Queued::Send(message, received) => {
                     buf.clear();
                     wire::encode(&message, buf).expect("queued frames fit in MAX_FRAME");
-                    return Some(SessionOutput::Transmit {
-                        with_fd: message.fd_count() == 1,
-                    });
+                    let attach = match (message.fd_count(), received) {
+                        (0, _) => SessionAttach::Nothing,
+                        (_, false) => SessionAttach::SetAside,
+                        (_, true) => SessionAttach::Received,
+                    };
+                    return Some(SessionOutput::Transmit { attach });
                 }
             }
         }
     }
 
     fn send(&mut self, message: WorkerMessage) {
-        self.out.push_back(Queued::Send(message));
+        self.out.push_back(Queued::Send(message, false));
     }
 
     fn event(&mut self, event: SessionEvent) {
@@ -414,38 +488,114 @@ mod tests {
     #[test]
     fn a_future_primary_is_a_version_mismatch_not_garbage() {
         let mut s = WorkerSession::new(1);
-        // Version 2's Hello with one more field.
-        let err = s.handle_frame(&[0, 2, 7], 0).unwrap_err();
+        // Version 3's Hello with one more field.
+        let err = s.handle_frame(&[0, 3, 7], 0).unwrap_err();
         assert_eq!(
             err,
             ProtocolError::Link(LinkError::VersionMismatch {
                 ours: PROTOCOL_VERSION,
-                theirs: 2
+                theirs: 3
             })
         );
     }
 
+    fn new_conn(seq: u64, handle: HandleId, reply: bool) -> Vec<u8> {
+        frame(&PrimaryMessage::NewConn {
+            seq: Seq::new(seq),
+            handle,
+            reply,
+        })
+    }
+
     #[test]
-    fn connections_are_offered_once_and_answered_once() {
+    fn connections_are_offered_once_and_answered_once_in_order() {
         let mut s = connected();
         let handle = listening(&mut s);
-        let seq = Seq::new(1);
-        s.handle_frame(&frame(&PrimaryMessage::NewConn { seq, handle }), 1)
-            .unwrap();
+        let (one, two) = (Seq::new(1), Seq::new(2));
+        s.handle_frame(&new_conn(1, handle, true), 1).unwrap();
+        s.handle_frame(&new_conn(2, handle, true), 1).unwrap();
         assert_eq!(
             outputs(&mut s),
-            [Err(SessionEvent::Connection { seq, handle })]
+            [
+                Err(SessionEvent::Connection { seq: one, handle }),
+                Err(SessionEvent::Connection { seq: two, handle })
+            ]
         );
-        let dup = s.handle_frame(&frame(&PrimaryMessage::NewConn { seq, handle }), 1);
-        assert_eq!(dup, Err(ProtocolError::DuplicateConnection { seq }));
-        s.accept(seq, true).unwrap();
-        assert_eq!(s.accept(seq, true), Err(UnknownConnection(seq)));
+        let dup = s.handle_frame(&new_conn(1, handle, true), 1);
+        assert_eq!(dup, Err(ProtocolError::DuplicateConnection { seq: one }));
+        assert_eq!(s.accept(two), Err(UnknownConnection(two)));
+        s.accept(one).unwrap();
+        assert_eq!(s.accept(one), Err(UnknownConnection(one)));
         assert_eq!(
             outputs(&mut s),
-            [Ok(WorkerMessage::Accepted {
-                ack: seq,
-                accepted: true
-            })]
+            [Ok(WorkerMessage::Accepted { through: one })]
+        );
+        s.refuse(two).unwrap();
+        assert_eq!(s.refuse(two), Err(UnknownConnection(two)));
+        let mut buf = Vec::new();
+        assert_eq!(
+            s.poll_output(&mut buf),
+            Some(SessionOutput::Transmit {
+                attach: SessionAttach::SetAside
+            })
+        );
+        assert_eq!(
+            wire::decode::<WorkerMessage>(&buf),
+            Ok(WorkerMessage::Refused { ack: two })
+        );
+    }
+
+    #[test]
+    fn acks_wait_until_asked_for_then_cover_everything_accepted() {
+        let mut s = connected();
+        let handle = listening(&mut s);
+        for seq in 1..=3 {
+            s.handle_frame(&new_conn(seq, handle, false), 1).unwrap();
+            outputs(&mut s);
+            s.accept(Seq::new(seq)).unwrap();
+        }
+        assert_eq!(outputs(&mut s), [], "no ack was asked for");
+        // Asked with a refusal: the acks owed go first, then the refusal.
+        s.handle_frame(&new_conn(4, handle, true), 1).unwrap();
+        outputs(&mut s);
+        s.refuse(Seq::new(4)).unwrap();
+        assert_eq!(
+            outputs(&mut s),
+            [
+                Ok(WorkerMessage::Accepted {
+                    through: Seq::new(3)
+                }),
+                Ok(WorkerMessage::Refused { ack: Seq::new(4) })
+            ]
+        );
+        // Unasked acks ride the heartbeat, and the leaving announcement.
+        s.handle_frame(&new_conn(5, handle, false), 1).unwrap();
+        outputs(&mut s);
+        s.accept(Seq::new(5)).unwrap();
+        s.heartbeat();
+        s.heartbeat();
+        assert_eq!(
+            outputs(&mut s),
+            [
+                Ok(WorkerMessage::Accepted {
+                    through: Seq::new(5)
+                }),
+                Ok(WorkerMessage::Heartbeat),
+                Ok(WorkerMessage::Heartbeat)
+            ]
+        );
+        s.handle_frame(&new_conn(6, handle, false), 1).unwrap();
+        outputs(&mut s);
+        s.accept(Seq::new(6)).unwrap();
+        let leaving = s.exit_after_disconnect().unwrap();
+        assert_eq!(
+            outputs(&mut s),
+            [
+                Ok(WorkerMessage::Accepted {
+                    through: Seq::new(6)
+                }),
+                Ok(WorkerMessage::ExitedAfterDisconnect { seq: leaving })
+            ]
         );
     }
 
@@ -455,23 +605,22 @@ mod tests {
         let handle = listening(&mut s);
         s.close(handle);
         s.close(handle);
-        s.handle_frame(
-            &frame(&PrimaryMessage::NewConn {
-                seq: Seq::new(4),
-                handle,
-            }),
-            1,
-        )
-        .unwrap();
+        s.handle_frame(&new_conn(4, handle, false), 1).unwrap();
         assert_eq!(
             outputs(&mut s),
             [
                 Ok(WorkerMessage::Close { handle }),
-                Ok(WorkerMessage::Accepted {
-                    ack: Seq::new(4),
-                    accepted: false
-                })
+                Ok(WorkerMessage::Refused { ack: Seq::new(4) })
             ]
+        );
+        // The connection goes back: it is the fd that came with the frame.
+        s.handle_frame(&new_conn(5, handle, false), 1).unwrap();
+        let mut buf = Vec::new();
+        assert_eq!(
+            s.poll_output(&mut buf),
+            Some(SessionOutput::Transmit {
+                attach: SessionAttach::Received
+            })
         );
     }
 
@@ -479,13 +628,7 @@ mod tests {
     fn newconn_without_its_fd_is_a_protocol_error() {
         let mut s = connected();
         let handle = listening(&mut s);
-        let err = s.handle_frame(
-            &frame(&PrimaryMessage::NewConn {
-                seq: Seq::new(1),
-                handle,
-            }),
-            0,
-        );
+        let err = s.handle_frame(&new_conn(1, handle, true), 0);
         assert_eq!(
             err,
             Err(ProtocolError::UnexpectedFds {

@@ -64,8 +64,8 @@ fn worker_message() -> impl Strategy<Value = WorkerMessage> {
             .prop_map(|(version, pid)| WorkerMessage::Online { version, pid }),
         (seq(), request()).prop_map(|(seq, request)| WorkerMessage::QueryServer { seq, request }),
         handle().prop_map(|handle| WorkerMessage::Listening { handle }),
-        (seq(), any::<bool>())
-            .prop_map(|(ack, accepted)| WorkerMessage::Accepted { ack, accepted }),
+        seq().prop_map(|through| WorkerMessage::Accepted { through }),
+        seq().prop_map(|ack| WorkerMessage::Refused { ack }),
         handle().prop_map(|handle| WorkerMessage::Ready { handle }),
         handle().prop_map(|handle| WorkerMessage::Close { handle }),
         seq().prop_map(|seq| WorkerMessage::ExitedAfterDisconnect { seq }),
@@ -93,7 +93,11 @@ fn primary_message() -> impl Strategy<Value = PrimaryMessage> {
     prop_oneof![
         any::<u16>().prop_map(|version| PrimaryMessage::Hello { version }),
         (seq(), result).prop_map(|(ack, result)| PrimaryMessage::ListenReply { ack, result }),
-        (seq(), handle()).prop_map(|(seq, handle)| PrimaryMessage::NewConn { seq, handle }),
+        (seq(), handle(), any::<bool>()).prop_map(|(seq, handle, reply)| PrimaryMessage::NewConn {
+            seq,
+            handle,
+            reply
+        }),
         Just(PrimaryMessage::Disconnect),
         seq().prop_map(|ack| PrimaryMessage::DisconnectAck { ack }),
         envelope().prop_map(PrimaryMessage::User),

@@ -1,9 +1,10 @@
 //! A deterministic simulation of one primary and several workers exchanging real encoded frames.
 //!
 //! The "kernel" here is a pair of queues per worker. File descriptors travel as tokens beside the
-//! frame they were attached to. A worker that dies loses its unread inbox (the kernel closes
-//! those fds) while what it already sent is still read by the primary before end of stream, as
-//! on a real `SOCK_SEQPACKET` socket.
+//! frame they were attached to. The primary keeps no copy of a connection it sends, but it keeps
+//! the worker's end of the link open: when a worker is gone, the primary reads what it sent
+//! before it went, then reads back the datagrams it never read (their connections are the
+//! primary's again), as on a real `SOCK_SEQPACKET` socket.
 //!
 //! Properties checked over random schedules (spawns, connections, refusals, closes, disconnects,
 //! kills, hangs): every connection the primary accepted is served by exactly one worker or
@@ -15,9 +16,9 @@ use std::time::{Duration, Instant};
 
 use cluster_core::lifecycle::ExitStatus;
 use cluster_core::primary::{Attachment, Config, Event, Output, Primary};
-use cluster_core::session::{SessionEvent, SessionOutput, WorkerSession};
+use cluster_core::session::{SessionAttach, SessionEvent, SessionOutput, WorkerSession};
 use cluster_core::wire::{
-    BoundAddr, HandleId, ListenFlags, ListenRequest, ListenTarget, SocketKind,
+    self, BoundAddr, HandleId, ListenFlags, ListenRequest, ListenTarget, PrimaryMessage, SocketKind,
 };
 use cluster_core::{SchedulingPolicy, WorkerId};
 use proptest::prelude::*;
@@ -47,7 +48,7 @@ struct SimWorker {
     handle: Option<HandleId>,
     /// Acked but not yet taken by the application (a listener's queue).
     waiting: Vec<Conn>,
-    /// Given back, waiting to be attached to their `Return` frames.
+    /// Refused or given back, waiting to be attached to their `Refused` or `Return` frames.
     returning: VecDeque<Conn>,
     owned: BTreeSet<Conn>,
     events: Vec<&'static str>,
@@ -194,13 +195,17 @@ impl Sim {
                 break;
             };
             match out {
-                SessionOutput::Transmit { with_fd } => {
-                    let fd = if with_fd {
-                        w.returning.pop_front()
-                    } else {
-                        None
+                SessionOutput::Transmit { attach } => {
+                    let fd = match attach {
+                        SessionAttach::SetAside => {
+                            Some(w.returning.pop_front().expect("a frame without its fd"))
+                        }
+                        SessionAttach::Received => match fd.take() {
+                            Some(Fd::Conn(conn)) => Some(conn),
+                            other => panic!("refused at once without its connection: {other:?}"),
+                        },
+                        _ => None,
                     };
-                    assert_eq!(fd.is_some(), with_fd, "a Return without its connection");
                     if w.alive {
                         w.outbox.push_back((buf.clone(), fd));
                     }
@@ -210,7 +215,12 @@ impl Sim {
                         panic!("connection without its fd")
                     };
                     let accepted = !w.refusing;
-                    w.session.accept(seq, accepted).unwrap();
+                    if accepted {
+                        w.session.accept(seq).unwrap();
+                    } else {
+                        w.returning.push_back(conn);
+                        w.session.refuse(seq).unwrap();
+                    }
                     if accepted {
                         // The worker holds it from here; nobody else may.
                         for other in self.workers.values() {
@@ -235,9 +245,9 @@ impl Sim {
                     w.session.exit_after_disconnect().unwrap();
                 }
                 SessionOutput::Event(SessionEvent::DisconnectAcked) => {
-                    // The worker closes its link and exits 0; what it sent is still read.
+                    // The worker closes its link and exits 0; what it sent is still read, and
+                    // what it never read is read back.
                     w.alive = false;
-                    w.inbox.clear();
                 }
                 SessionOutput::Event(_) => {}
                 other => panic!("unexpected session output {other:?}"),
@@ -246,16 +256,28 @@ impl Sim {
         self.reap(id);
     }
 
-    /// A dead worker whose outbox has been read: the primary sees EOF, then the exit.
+    /// A dead worker whose outbox has been read: the primary reads back what it never read, then
+    /// closes the link and reports the exit.
     fn reap(&mut self, id: WorkerId) {
-        let Some(w) = self.workers.get(&id) else {
+        let Some(w) = self.workers.get_mut(&id) else {
             return;
         };
         if w.alive || w.link_closed || !w.outbox.is_empty() {
             return;
         }
         let code = w.exit_code;
-        self.workers.get_mut(&id).unwrap().link_closed = true;
+        w.link_closed = true;
+        for (frame, fd) in std::mem::take(&mut w.inbox) {
+            if let (Ok(PrimaryMessage::NewConn { seq, .. }), Some(Fd::Conn(conn))) =
+                (wire::decode::<PrimaryMessage>(&frame), fd)
+            {
+                assert_eq!(
+                    self.primary.handle_reclaimed(id, seq),
+                    Some(conn),
+                    "an unread handoff is the primary's again"
+                );
+            }
+        }
         self.primary.handle_link_closed(self.now, id);
         self.flush_primary();
         self.primary.handle_exit(
@@ -275,9 +297,8 @@ impl Sim {
         {
             w.alive = false;
             w.exit_code = -9;
-            // The kernel closes the fds of unread datagrams with the process.
-            w.inbox.clear();
-            // Connections it owned fail with it: that is the only loss allowed.
+            // Its unread datagrams stay in its end of the link, which the primary holds open.
+            // Connections it read fail with it: that is the only loss allowed.
         }
         self.reap(id);
     }
@@ -293,8 +314,9 @@ impl Sim {
                         Attachment::Listener(h) => Fd::Listener(h),
                         Attachment::Owned(_) => unreachable!("the simulation sends no user fds"),
                     });
+                    // A dead worker's end is open until the primary closes the link.
                     if let Some(w) = self.workers.get_mut(&t.worker)
-                        && w.alive
+                        && !w.link_closed
                     {
                         w.inbox.push_back((self.buf.clone(), fd));
                     }
@@ -313,7 +335,7 @@ impl Sim {
                 }
                 Output::Delivered { worker, conn } => {
                     let w = &self.workers[&worker];
-                    // Acked earlier; it may already be on its way back.
+                    // Acked, or read by a worker that went away with it.
                     assert!(w.holds(conn), "delivered to a worker that did not accept");
                     assert!(
                         self.delivered.insert(conn, worker).is_none(),
@@ -324,6 +346,9 @@ impl Sim {
                     panic!("protocol error from a well-behaved {worker}")
                 }
                 Output::Kill { worker, .. } => kills.push(worker),
+                Output::Reclaimed { conn, .. } => {
+                    assert_eq!(self.incoming.take(), Some(conn), "a refusal carries its fd");
+                }
                 Output::Returned { worker, handle } => {
                     let conn = self
                         .incoming
@@ -404,8 +429,8 @@ impl Sim {
             .expect("the primary speaks the protocol");
         let mut fd = fd;
         self.flush_worker_with(id, &mut fd);
-        // An fd no event claimed is closed by the worker (a refused connection stays the
-        // primary's: it still holds its own copy).
+        // Every connection is claimed: accepted, refused (sent back) or refused at once.
+        assert!(!matches!(fd, Some(Fd::Conn(_))), "a connection nobody took");
     }
 
     fn read_outbox(&mut self, id: WorkerId) {
@@ -487,13 +512,27 @@ impl Sim {
                     w.hung = true;
                 }
             }
-            Op::Tick => {
-                self.now += Duration::from_secs(11);
-                self.primary.handle_timeout(self.now);
-                self.flush_primary();
-            }
+            Op::Tick => self.tick(),
         }
         self.check_accounting();
+    }
+
+    /// The handoff deadline passes. Live runtimes sent their heartbeats meanwhile, with the acks
+    /// they owed, and the primary read them.
+    fn tick(&mut self) {
+        for id in self.workers.keys().copied().collect::<Vec<_>>() {
+            let w = self.workers.get_mut(&id).unwrap();
+            if w.alive && !w.hung {
+                w.session.heartbeat();
+                self.flush_worker(id);
+                while self.workers.get(&id).is_some_and(|w| !w.outbox.is_empty()) {
+                    self.read_outbox(id);
+                }
+            }
+        }
+        self.now += Duration::from_secs(11);
+        self.primary.handle_timeout(self.now);
+        self.flush_primary();
     }
 
     /// The primary holds exactly the connections neither delivered nor closed.
@@ -556,9 +595,7 @@ impl Sim {
         // may land on another hung worker, found out at the next deadline.
         for _ in 0..8 {
             self.settle();
-            self.now += Duration::from_secs(11);
-            self.primary.handle_timeout(self.now);
-            self.flush_primary();
+            self.tick();
         }
         self.settle();
         self.check_accounting();

@@ -57,7 +57,7 @@ fn vectors() -> Vec<Vector> {
                 version: PROTOCOL_VERSION,
                 pid: 4242,
             },
-            "00 01 92 21",
+            "00 02 92 21",
         ),
         worker(
             WorkerMessage::QueryServer {
@@ -115,17 +115,15 @@ fn vectors() -> Vec<Vector> {
         ),
         worker(
             WorkerMessage::Accepted {
-                ack: Seq::new(1),
-                accepted: true,
+                through: Seq::new(1),
             },
-            "03 01 01",
+            "03 01",
         ),
         worker(
             WorkerMessage::Accepted {
-                ack: Seq::new(2),
-                accepted: false,
+                through: Seq::new(300),
             },
-            "03 02 00",
+            "03 ac 02",
         ),
         worker(
             WorkerMessage::Ready {
@@ -172,11 +170,12 @@ fn vectors() -> Vec<Vector> {
             },
             "0a 02 68 69",
         ),
+        worker(WorkerMessage::Refused { ack: Seq::new(7) }, "0b 07"),
         primary(
             PrimaryMessage::Hello {
                 version: PROTOCOL_VERSION,
             },
-            "00 01",
+            "00 02",
         ),
         primary(
             PrimaryMessage::ListenReply {
@@ -218,8 +217,17 @@ fn vectors() -> Vec<Vector> {
             PrimaryMessage::NewConn {
                 seq: Seq::new(1),
                 handle: HandleId::new(0),
+                reply: false,
             },
-            "02 01 00",
+            "02 01 00 00",
+        ),
+        primary(
+            PrimaryMessage::NewConn {
+                seq: Seq::new(4),
+                handle: HandleId::new(2),
+                reply: true,
+            },
+            "02 04 02 01",
         ),
         primary(PrimaryMessage::Disconnect, "03"),
         primary(PrimaryMessage::DisconnectAck { ack: Seq::new(5) }, "04 05"),
@@ -302,6 +310,7 @@ fn variant_index(message: &Message) -> u8 {
             WorkerMessage::Return { .. } => 8,
             WorkerMessage::Heartbeat => 9,
             WorkerMessage::Fragment { .. } => 10,
+            WorkerMessage::Refused { .. } => 11,
         },
         Message::Primary(m) => match m {
             PrimaryMessage::Hello { .. } => 0,
@@ -358,7 +367,7 @@ fn vectors_decode_to_their_messages() {
 
 #[test]
 fn every_variant_has_a_vector_led_by_its_index() {
-    let mut worker = [false; 11];
+    let mut worker = [false; 12];
     let mut primary = [false; 7];
     for v in vectors() {
         let index = variant_index(&v.message);
@@ -369,7 +378,7 @@ fn every_variant_has_a_vector_led_by_its_index() {
         }
     }
     assert_eq!(
-        worker, [true; 11],
+        worker, [true; 12],
         "WorkerMessage variants without a vector"
     );
     assert_eq!(

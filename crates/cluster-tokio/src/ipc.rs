@@ -29,6 +29,23 @@ pub(crate) enum Received {
     Closed,
 }
 
+/// What a received datagram (or the failure to receive one) means for the link.
+fn classify(datagram: io::Result<sys::Datagram>, fds: &[OwnedFd]) -> io::Result<Received> {
+    let datagram = match datagram {
+        Ok(datagram) => datagram,
+        Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return Ok(Received::Closed),
+        Err(e) => return Err(e),
+    };
+    Ok(match datagram {
+        sys::Datagram {
+            truncated: true, ..
+        } => Received::Truncated,
+        sys::Datagram { len, .. } if len > MAX_FRAME => Received::Truncated,
+        sys::Datagram { len: 0, .. } if fds.is_empty() => Received::Closed,
+        sys::Datagram { len, .. } => Received::Frame { len },
+    })
+}
+
 /// A link socket with its receive buffer.
 #[derive(Debug)]
 pub(crate) struct Channel {
@@ -69,21 +86,16 @@ impl Channel {
                 Err(_would_block) => {}
             }
         };
-        let datagram = match datagram {
-            Ok(datagram) => datagram,
-            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {
-                return Poll::Ready(Ok(Received::Closed));
-            }
-            Err(e) => return Poll::Ready(Err(e)),
-        };
-        Poll::Ready(Ok(match datagram {
-            sys::Datagram {
-                truncated: true, ..
-            } => Received::Truncated,
-            sys::Datagram { len, .. } if len > MAX_FRAME => Received::Truncated,
-            sys::Datagram { len: 0, .. } if fds.is_empty() => Received::Closed,
-            sys::Datagram { len, .. } => Received::Frame { len },
-        }))
+        Poll::Ready(classify(datagram, fds))
+    }
+
+    /// Receives one datagram if one waits, without the reactor: for reading a link to its end
+    /// once its worker is gone.
+    pub(crate) fn try_recv(&mut self, fds: &mut Vec<OwnedFd>) -> io::Result<Option<Received>> {
+        match sys::recv_frame(self.socket.get_ref().as_fd(), &mut self.buf, fds) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+            datagram => classify(datagram, fds).map(Some),
+        }
     }
 
     pub(crate) async fn recv(&mut self, fds: &mut Vec<OwnedFd>) -> io::Result<Received> {

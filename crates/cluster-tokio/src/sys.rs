@@ -269,7 +269,7 @@ pub(crate) fn duplicate_fd(fd: RawFd) -> io::Result<OwnedFd> {
 #[repr(C, align(8))]
 struct ControlBuffer([u8; 128]);
 
-/// Sends `frame` as one datagram on the non-blocking socket `socket`, with `fd` attached
+/// Sends `frame` as one datagram on `socket` without blocking, with `fd` attached
 /// (`SCM_RIGHTS`) if given. Returns the bytes sent.
 pub(crate) fn send_frame(
     socket: BorrowedFd<'_>,
@@ -309,10 +309,12 @@ pub(crate) fn send_frame(
                 .write_unaligned(fd.as_raw_fd());
         }
     }
+    // MSG_NOSIGNAL: a closed peer is an EPIPE error, not a SIGPIPE; MSG_DONTWAIT: never blocks,
+    // whatever the socket's mode.
+    let flags = libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT;
     // SAFETY: `header` points at `iov` (describing `frame`, read-only for sendmsg) and at the
-    // control buffer, all alive for the call. MSG_NOSIGNAL: a closed peer is an EPIPE error,
-    // not a SIGPIPE.
-    let sent = unsafe { libc::sendmsg(socket.as_raw_fd(), &raw const header, libc::MSG_NOSIGNAL) };
+    // control buffer, all alive for the call.
+    let sent = unsafe { libc::sendmsg(socket.as_raw_fd(), &raw const header, flags) };
     usize::try_from(sent).map_err(|_| io::Error::last_os_error())
 }
 
@@ -325,8 +327,8 @@ pub(crate) struct Datagram {
     pub(crate) truncated: bool,
 }
 
-/// Receives one datagram from the non-blocking socket `socket` into `buf`; the fds that came
-/// with it are appended to `fds` (close-on-exec).
+/// Receives one datagram from `socket` into `buf` without blocking (`WouldBlock` when none
+/// waits); the fds that came with it are appended to `fds` (close-on-exec).
 pub(crate) fn recv_frame(
     socket: BorrowedFd<'_>,
     buf: &mut [u8],
@@ -343,10 +345,11 @@ pub(crate) fn recv_frame(
     header.msg_iovlen = 1;
     header.msg_control = control.0.as_mut_ptr().cast();
     header.msg_controllen = control.0.len();
+    // MSG_DONTWAIT: the primary also reads a worker's end, whose blocking mode the worker sets.
+    let flags = libc::MSG_CMSG_CLOEXEC | libc::MSG_DONTWAIT;
     // SAFETY: `header` points at `iov` (describing `buf`, writable) and at the control buffer,
     // both alive for the call; the kernel writes at most their lengths.
-    let received =
-        unsafe { libc::recvmsg(socket.as_raw_fd(), &raw mut header, libc::MSG_CMSG_CLOEXEC) };
+    let received = unsafe { libc::recvmsg(socket.as_raw_fd(), &raw mut header, flags) };
     let len = usize::try_from(received).map_err(|_| io::Error::last_os_error())?;
     // SAFETY: after a successful recvmsg, `header.msg_control`/`msg_controllen` describe the
     // control messages the kernel wrote into `control`; CMSG_FIRSTHDR/NXTHDR walk only inside

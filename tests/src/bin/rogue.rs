@@ -3,11 +3,20 @@
 
 use std::os::fd::AsFd;
 
-use cluster::proto::wire::{Envelope, UserKind, WorkerMessage};
+use cluster::proto::wire::{self, Envelope, HandleId, UserKind, WorkerMessage};
+
+fn encoded(message: &WorkerMessage) -> Vec<u8> {
+    let mut frame = Vec::new();
+    wire::encode(message, &mut frame).expect("encodes");
+    frame
+}
 
 fn main() {
-    // A valid handshake first (`Online { version: 1, pid: 1 }`), so the offence is what follows.
-    let online = [0, 1, 1];
+    // A valid handshake first, so the offence is what follows.
+    let online = encoded(&WorkerMessage::Online {
+        version: cluster::proto::PROTOCOL_VERSION,
+        pid: 1,
+    });
     let offence = std::env::var("ROGUE").expect("ROGUE");
     let sent = match offence.as_str() {
         "garbage" => cluster_tests::send_raw_on_link(&online, None)
@@ -15,6 +24,15 @@ fn main() {
         "oversized" => cluster_tests::send_raw_on_link(&online, None)
             .and_then(|()| cluster_tests::send_raw_on_link(&[7; 70_000], None)),
         "version" => cluster_tests::send_raw_on_link(&[0, 99, 1], None),
+        "notconn" => {
+            // Gives back, as a connection, its stdin (/dev/null).
+            let stdin = std::io::stdin();
+            let give_back = encoded(&WorkerMessage::Return {
+                handle: HandleId::new(0),
+            });
+            cluster_tests::send_raw_on_link(&online, None)
+                .and_then(|()| cluster_tests::send_raw_on_link(&give_back, Some(stdin.as_fd())))
+        }
         "fd" => {
             let stdin = std::io::stdin();
             cluster_tests::send_raw_on_link(&online, None)
@@ -32,9 +50,7 @@ fn main() {
                     // A postcard `u8` is the byte itself.
                     payload: vec![tick],
                 });
-                let mut frame = Vec::new();
-                cluster::proto::wire::encode(&message, &mut frame).expect("encode");
-                if cluster_tests::send_raw_on_link(&frame, None).is_err() {
+                if cluster_tests::send_raw_on_link(&encoded(&message), None).is_err() {
                     return;
                 }
                 std::thread::sleep(std::time::Duration::from_millis(20));

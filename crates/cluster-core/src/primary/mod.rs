@@ -21,7 +21,8 @@ pub struct Config {
     /// The registry's policy and bounds.
     pub registry: RegistryConfig,
     /// How long a worker may take to ack a handed-off connection before it is presumed hung and
-    /// killed.
+    /// killed. Acks that were not asked for may wait for the worker's next heartbeat, so the
+    /// deadline is this plus [`HEARTBEAT_INTERVAL`](crate::wire::HEARTBEAT_INTERVAL).
     pub handoff_timeout: Duration,
     /// How long a worker may stay silent (no heartbeat, no frame) after its handshake before it
     /// is presumed hung and killed; `None` disables the check.
@@ -41,7 +42,10 @@ impl Default for Config {
 /// What travels with a transmitted frame.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Attachment<C> {
-    /// The accepted connection `C`.
+    /// The accepted connection `C`. Once the frame is sent, the driver closes its copy of the
+    /// fd but keeps the token: the connection is in the worker's receive queue, and the driver
+    /// may get it back from there ([`Primary::handle_reclaimed`]) until the core settles the
+    /// token with [`Output::Delivered`] or [`Output::Close`].
     Conn(C),
     /// The listening socket of a shared handle.
     Listener(HandleId),
@@ -138,17 +142,28 @@ pub enum Output<C> {
     },
     /// Close the connection without serving it (its handle has no worker left).
     Close(C),
-    /// A worker acked the connection: drop the primary's copy.
+    /// A worker acked the connection, or went away after reading it: forget the token (the
+    /// driver closed its copy of the fd when it sent it).
     Delivered {
         /// The owner.
         worker: WorkerId,
         /// The connection.
         conn: C,
     },
-    /// Drop this worker's link (it broke the protocol). Report [`Primary::handle_exit`] later.
+    /// Drop this worker's link (it broke the protocol): take back what it never read
+    /// ([`Primary::handle_reclaimed`]), then report [`Primary::handle_link_closed`] (and
+    /// [`Primary::handle_exit`] later).
     CloseLink {
         /// The worker.
         worker: WorkerId,
+    },
+    /// The frame just handled (a refusal) carried connection `conn` back: the fd that came with
+    /// it is `conn` again. Keep it under that token; it is dispatched to another worker next.
+    Reclaimed {
+        /// The worker that refused it.
+        worker: WorkerId,
+        /// The connection.
+        conn: C,
     },
     /// The frame just handled carried a connection that `worker` gives back on `handle`: keep
     /// its fd under a new token and call [`Primary::handle_returned`].
@@ -158,8 +173,8 @@ pub enum Output<C> {
         /// The handle it belongs to.
         handle: HandleId,
     },
-    /// Kill this worker: it is hung. Its in-flight connections are re-dispatched once its link
-    /// closes.
+    /// Kill this worker: it is hung. The connections it never read are re-dispatched once its
+    /// link closes.
     Kill {
         /// The worker.
         worker: WorkerId,
@@ -181,7 +196,26 @@ enum Queued<C> {
 
 #[derive(Debug)]
 enum Request<C> {
-    Handoff { handle: HandleId, conn: C },
+    /// A connection sent to the worker. `reclaimed`: the driver holds its fd again (it never
+    /// left, or was read back from the worker's end), so it is dispatched again when the link
+    /// closes instead of being counted as the worker's.
+    Handoff {
+        handle: HandleId,
+        conn: C,
+        reclaimed: bool,
+    },
+}
+
+impl<C> Request<C> {
+    fn is_reclaimed(&self) -> bool {
+        matches!(
+            self,
+            Self::Handoff {
+                reclaimed: true,
+                ..
+            }
+        )
+    }
 }
 
 /// Per-worker totals since the worker was added.
@@ -190,9 +224,9 @@ enum Request<C> {
 pub struct Counters {
     /// Connections handed to it (`NewConn` sent), re-dispatches included.
     pub handoffs: u64,
-    /// Handoffs it acked with `accepted: true`.
+    /// Handoffs it acked, or read and then went away with.
     pub delivered: u64,
-    /// Handoffs it refused (`accepted: false`).
+    /// Handoffs it refused.
     pub refused: u64,
     /// Connections it gave back after acking them (`Return`).
     pub returned: u64,
@@ -209,6 +243,10 @@ struct WorkerEntry<C> {
     killed: Option<KillReason>,
     /// When a frame last came from it, after its handshake.
     last_seen: Option<Instant>,
+    /// Broke the protocol: its frames are ignored until the driver closes the link.
+    failed: bool,
+    /// Handoffs sent since the last one that asked for an immediate ack.
+    unasked: usize,
     counters: Counters,
     /// A user message arriving in fragments.
     reassembly: Reassembly,
@@ -276,6 +314,8 @@ impl<C: Copy + Eq + std::fmt::Debug> Primary<C> {
             leaving: false,
             killed: None,
             last_seen: None,
+            failed: false,
+            unasked: 0,
             counters: Counters::default(),
             reassembly: Reassembly::default(),
         };
@@ -305,19 +345,56 @@ impl<C: Copy + Eq + std::fmt::Debug> Primary<C> {
         }
     }
 
+    /// The frame from `worker` gives back a connection (`Refused`, `Return`), but the fd that
+    /// came with it is not a stream socket: a protocol error, reported instead of handling the
+    /// frame.
+    pub fn handle_not_a_connection(&mut self, now: Instant, worker: WorkerId) {
+        self.fail(now, worker, ProtocolError::NotAConnection);
+    }
+
     /// The datagram from `worker` was truncated by the receive buffer.
     pub fn handle_truncated(&mut self, now: Instant, worker: WorkerId) {
         self.fail(now, worker, ProtocolError::Truncated);
     }
 
-    /// `worker`'s link reached end of stream (or failed). Its unacked connections are
-    /// re-dispatched, its handles left, and `Disconnect` (and a held-back `Exit`) reported.
+    /// `worker`'s link is gone (the worker exited, failed, or the link broke), and the driver
+    /// took back what the worker never read ([`Self::handle_reclaimed`]). Those connections are
+    /// dispatched again; the unacked ones the worker did read went with it (they count as
+    /// delivered). Its handles are left, and `Disconnect` (and a held-back `Exit`) reported.
     pub fn handle_link_closed(&mut self, now: Instant, worker: WorkerId) {
         let Some(entry) = self.workers.get_mut(&worker) else {
             return;
         };
-        // Pending handoffs are tracked by the registry too, which re-dispatches them.
-        entry.link.close().for_each(drop);
+        if entry.link.is_closed() {
+            return;
+        }
+        // A `NewConn` still queued here never reached the driver, which holds its fd.
+        for queued in &self.out {
+            if let Queued::Send {
+                worker: to,
+                message: PrimaryMessage::NewConn { seq, .. },
+                ..
+            } = queued
+                && *to == worker
+                && let Some(Request::Handoff { reclaimed, .. }) = entry.link.pending_mut(*seq)
+            {
+                *reclaimed = true;
+            }
+        }
+        for (_, request) in entry.link.close() {
+            let Request::Handoff {
+                handle,
+                conn,
+                reclaimed,
+            } = request;
+            if !reclaimed {
+                entry.counters.delivered += 1;
+                // Both books agree on what is in flight, so this cannot fail; if it did, the
+                // token would only stay in the registry's books until the handle is forgotten.
+                let _ = self.registry.ack(worker, handle, conn, true);
+            }
+        }
+        // The registry dispatches the reclaimed ones again.
         let transitions: Vec<_> = entry.lifecycle.link_closed().collect();
         self.registry.remove_worker(worker);
         self.drain_registry(now);
@@ -378,6 +455,23 @@ impl<C: Copy + Eq + std::fmt::Debug> Primary<C> {
         Ok(())
     }
 
+    /// The driver holds the fd of handoff `seq` to `worker` again: its `NewConn` was never sent
+    /// (the link hung up or is being dropped), or was read back from the worker's end of the
+    /// link after the worker went away. Returns the token to keep it under; `None` when `seq` is
+    /// not a handoff in flight to `worker` (the driver closes the fd). Call before
+    /// [`Self::handle_link_closed`], which dispatches it again.
+    pub fn handle_reclaimed(&mut self, worker: WorkerId, seq: wire::Seq) -> Option<C> {
+        match self.workers.get_mut(&worker)?.link.pending_mut(seq)? {
+            Request::Handoff {
+                conn, reclaimed, ..
+            } if !*reclaimed => {
+                *reclaimed = true;
+                Some(*conn)
+            }
+            Request::Handoff { .. } => None,
+        }
+    }
+
     /// Whether the driver should accept on `handle` now.
     pub fn wants_connections(&self, handle: HandleId) -> bool {
         self.registry.wants_connections(handle)
@@ -389,7 +483,7 @@ impl<C: Copy + Eq + std::fmt::Debug> Primary<C> {
         let doomed: Vec<_> = self
             .workers
             .iter()
-            .filter(|(_, e)| e.killed.is_none() && !e.link.is_closed())
+            .filter(|(_, e)| e.killed.is_none() && !e.failed && !e.link.is_closed())
             .filter_map(|(w, e)| {
                 if let Some((seq, _)) = e.link.expired(now).next() {
                     Some((*w, KillReason::HandoffTimeout, Some(seq)))
@@ -424,7 +518,7 @@ impl<C: Copy + Eq + std::fmt::Debug> Primary<C> {
         let heartbeat = self.config.heartbeat_timeout;
         self.workers
             .values()
-            .filter(|e| e.killed.is_none() && !e.link.is_closed())
+            .filter(|e| e.killed.is_none() && !e.failed && !e.link.is_closed())
             .flat_map(|e| {
                 [
                     e.link.next_deadline(),
@@ -567,7 +661,7 @@ impl<C: Copy + Eq + std::fmt::Debug> Primary<C> {
         let Some(entry) = self.workers.get_mut(&worker) else {
             return Ok(());
         };
-        if entry.link.is_closed() {
+        if entry.link.is_closed() || entry.failed {
             return Ok(());
         }
         let message: WorkerMessage = entry.link.receive(frame, fds)?;
@@ -612,14 +706,22 @@ impl<C: Copy + Eq + std::fmt::Debug> Primary<C> {
                 entry.lifecycle.listening();
                 self.push(Output::Event(event));
             }
-            WorkerMessage::Accepted { ack, accepted } => {
-                let Request::Handoff { handle, conn } = entry.link.finish_request(ack)?;
-                if accepted {
-                    entry.counters.delivered += 1;
-                } else {
-                    entry.counters.refused += 1;
+            WorkerMessage::Accepted { through } => {
+                // A reclaimed handoff never reached the worker, which cannot have acked it.
+                let acked = entry.link.finish_through(through, |r| !r.is_reclaimed())?;
+                entry.counters.delivered += acked.len() as u64;
+                for (_, Request::Handoff { handle, conn, .. }) in acked {
+                    self.registry.ack(worker, handle, conn, true)?;
                 }
-                self.registry.ack(worker, handle, conn, accepted)?;
+            }
+            WorkerMessage::Refused { ack } => {
+                let Request::Handoff { handle, conn, .. } =
+                    entry.link.finish_request_if(ack, |r| !r.is_reclaimed())?;
+                entry.counters.refused += 1;
+                // First: the driver must hold the fd again before it is dispatched.
+                self.out
+                    .push_back(Queued::Ready(Output::Reclaimed { worker, conn }));
+                self.registry.ack(worker, handle, conn, false)?;
             }
             WorkerMessage::Ready { handle } | WorkerMessage::Close { handle } => {
                 let result = match message {
@@ -651,17 +753,20 @@ impl<C: Copy + Eq + std::fmt::Debug> Primary<C> {
         Ok(())
     }
 
-    /// A worker broke the protocol: report it and treat its link as closed at once.
+    /// A worker broke the protocol: report it, offer it nothing more, ignore what else it sends,
+    /// and have the driver close its link (which takes back what the worker never read first).
     fn fail(&mut self, now: Instant, worker: WorkerId, error: ProtocolError) {
-        let Some(entry) = self.workers.get(&worker) else {
+        let Some(entry) = self.workers.get_mut(&worker) else {
             return;
         };
-        if entry.link.is_closed() {
+        if entry.link.is_closed() || entry.failed {
             return;
         }
+        entry.failed = true;
+        self.registry.leave_all(worker);
+        self.drain_registry(now);
         self.push(Output::Event(Event::Error { worker, error }));
         self.push(Output::CloseLink { worker });
-        self.handle_link_closed(now, worker);
     }
 
     fn report(&mut self, worker: WorkerId, transitions: impl IntoIterator<Item = Transition>) {
@@ -728,21 +833,36 @@ impl<C: Copy + Eq + std::fmt::Debug> Primary<C> {
                     handle,
                     conn,
                 } => {
-                    let deadline = Some(now + self.config.handoff_timeout);
+                    // Unasked acks may wait for the worker's next heartbeat.
+                    let deadline =
+                        Some(now + self.config.handoff_timeout + wire::HEARTBEAT_INTERVAL);
+                    let handoff = Request::Handoff {
+                        handle,
+                        conn,
+                        reclaimed: false,
+                    };
+                    // Ask for an ack every half window: the window refills before it runs dry,
+                    // at a fraction of the acks (a window of 1 asks every time, as Node).
+                    let ask_every = self.config.registry.window.div_ceil(2).max(1);
                     let started = match self.workers.get_mut(&worker) {
                         Some(entry) => {
-                            let started = entry
-                                .link
-                                .start_request(Request::Handoff { handle, conn }, deadline);
-                            entry.counters.handoffs += u64::from(started.is_ok());
-                            started
+                            let started = entry.link.start_request(handoff, deadline);
+                            if started.is_ok() {
+                                entry.counters.handoffs += 1;
+                                entry.unasked += 1;
+                            }
+                            let reply = entry.unasked >= ask_every;
+                            if reply {
+                                entry.unasked = 0;
+                            }
+                            started.map(|seq| (seq, reply))
                         }
-                        None => Err((crate::LinkError::Closed, Request::Handoff { handle, conn })),
+                        None => Err((crate::LinkError::Closed, handoff)),
                     };
                     match started {
-                        Ok(seq) => self.send(
+                        Ok((seq, reply)) => self.send(
                             worker,
-                            PrimaryMessage::NewConn { seq, handle },
+                            PrimaryMessage::NewConn { seq, handle, reply },
                             Some(Attachment::Conn(conn)),
                         ),
                         // Unreachable while the registry forgets workers when their link closes;

@@ -177,11 +177,12 @@ fn garbage_from_a_worker_disconnects_only_that_worker() {
         matches!(&outs[0], Out::Other(Output::Event(Event::Error { worker, error: ProtocolError::Decode(_) })) if *worker == w1)
     );
     assert_eq!(outs[1], Out::Other(Output::CloseLink { worker: w1 }));
-    assert_eq!(
-        outs[2],
-        Out::Other(Output::Event(Event::Disconnect { worker: w1 }))
-    );
-    // Later frames from it are ignored; w2 is untouched.
+    assert_eq!(outs.len(), 2);
+    // Frames from it are ignored from now on, before and after the driver closes its link.
+    h.recv(w1, &user_message(vec![1]));
+    assert_eq!(h.events(), []);
+    h.primary.handle_link_closed(h.now, w1);
+    assert_eq!(h.events(), [Event::Disconnect { worker: w1 }]);
     h.recv(w1, &user_message(vec![1]));
     assert_eq!(h.events(), []);
     h.recv(w2, &user_message(vec![2]));
@@ -211,10 +212,16 @@ fn protocol_violations_are_typed_errors() {
     let cases: Vec<(WorkerMessage, ProtocolError)> = vec![
         (
             WorkerMessage::Accepted {
-                ack: Seq::new(5),
-                accepted: true,
+                through: Seq::new(5),
             },
             LinkError::UnknownAck { ack: Seq::new(5) }.into(),
+        ),
+        (
+            WorkerMessage::Refused { ack: Seq::new(1) },
+            ProtocolError::UnexpectedFds {
+                expected: 1,
+                got: 0,
+            },
         ),
         (
             WorkerMessage::Online {
@@ -281,54 +288,169 @@ fn protocol_violations_are_typed_errors() {
     }));
 }
 
+/// The `NewConn`s in `outs`: (worker, seq, reply, conn).
+fn handoffs(outs: &[Out]) -> Vec<(WorkerId, Seq, bool, u32)> {
+    outs.iter()
+        .filter_map(|o| match o {
+            Out::Send(
+                w,
+                PrimaryMessage::NewConn { seq, reply, .. },
+                Some(Attachment::Conn(conn)),
+            ) => Some((*w, *seq, *reply, *conn)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn receive_with_fd(h: &mut Harness, worker: WorkerId, message: &WorkerMessage) {
+    let mut buf = Vec::new();
+    wire::encode(message, &mut buf).unwrap();
+    h.primary.handle_frame(h.now, worker, &buf, 1);
+}
+
 #[test]
-fn handoff_is_acked_before_the_primary_drops_its_copy() {
+fn handoffs_ask_for_an_ack_every_half_window_and_one_ack_settles_them_all() {
     let mut h = Harness::new();
     let w = h.online();
     let handle = h.listen(w, 1, "127.0.0.1:0");
     h.outputs();
     assert!(h.primary.wants_connections(handle));
-    h.primary.handle_connection(h.now, handle, 7).unwrap();
-    let outs = h.outputs();
-    let [Out::Send(to, PrimaryMessage::NewConn { seq, handle: hh }, Some(Attachment::Conn(7)))] =
-        &outs[..]
-    else {
-        panic!("{outs:?}")
-    };
-    assert_eq!((*to, *hh), (w, handle));
-    assert_eq!(h.primary.in_flight(w), 1);
-    h.recv(
-        w,
-        &WorkerMessage::Accepted {
-            ack: *seq,
-            accepted: true,
-        },
-    );
+    for conn in 1..=5 {
+        h.primary.handle_connection(h.now, handle, conn).unwrap();
+    }
+    let sent = handoffs(&h.outputs());
+    // The default window is 8: every fourth handoff asks.
+    let asked: Vec<_> = sent.iter().map(|(_, _, reply, _)| *reply).collect();
+    assert_eq!(asked, [false, false, false, true, false]);
+    assert!(sent.iter().all(|(to, ..)| *to == w));
+    assert_eq!(h.primary.in_flight(w), 5);
+    h.recv(w, &WorkerMessage::Accepted { through: sent[3].1 });
     assert_eq!(
         h.outputs(),
-        [Out::Other(Output::Delivered { worker: w, conn: 7 })]
+        (1..=4)
+            .map(|conn| Out::Other(Output::Delivered { worker: w, conn }))
+            .collect::<Vec<_>>()
     );
-    assert_eq!(h.primary.in_flight(w), 0);
+    assert_eq!(h.primary.in_flight(w), 1);
+    assert_eq!(h.primary.counters(w).unwrap().delivered, 4);
+    // The same ack again covers nothing: a protocol error.
+    h.recv(w, &WorkerMessage::Accepted { through: sent[3].1 });
+    assert_eq!(
+        h.events()[0],
+        Event::Error {
+            worker: w,
+            error: LinkError::DuplicateAck { ack: sent[3].1 }.into()
+        }
+    );
 }
 
 #[test]
-fn worker_death_with_unacked_handoffs_redispatches_them() {
+fn a_window_of_one_asks_for_every_ack() {
+    let mut h = Harness {
+        primary: Primary::new(Config {
+            registry: RegistryConfig {
+                window: 1,
+                ..RegistryConfig::default()
+            },
+            ..Config::default()
+        }),
+        now: Instant::now(),
+    };
+    let w = h.online();
+    let handle = h.listen(w, 1, "127.0.0.1:0");
+    h.outputs();
+    h.primary.handle_connection(h.now, handle, 1).unwrap();
+    let sent = handoffs(&h.outputs());
+    assert_eq!(sent, [(w, Seq::new(1), true, 1)]);
+}
+
+#[test]
+fn a_refused_connection_comes_back_with_its_fd_and_goes_to_another_worker() {
+    let mut h = Harness::new();
+    let w1 = h.online();
+    let w2 = h.online();
+    let handle = h.listen(w1, 1, "127.0.0.1:0");
+    h.listen(w2, 1, "127.0.0.1:0");
+    h.outputs();
+    h.primary.handle_connection(h.now, handle, 1).unwrap();
+    let [(to, seq, _, 1)] = handoffs(&h.outputs())[..] else {
+        panic!()
+    };
+    assert_eq!(to, w1);
+    receive_with_fd(&mut h, w1, &WorkerMessage::Refused { ack: seq });
+    let outs = h.outputs();
+    assert_eq!(
+        outs[0],
+        Out::Other(Output::Reclaimed {
+            worker: w1,
+            conn: 1
+        }),
+        "the driver holds the fd again before it is sent on"
+    );
+    let [(to, _, _, 1)] = handoffs(&outs)[..] else {
+        panic!("{outs:?}")
+    };
+    assert_eq!(to, w2);
+    let c1 = h.primary.counters(w1).unwrap();
+    assert_eq!((c1.handoffs, c1.refused, c1.delivered), (1, 1, 0));
+}
+
+#[test]
+fn when_a_link_closes_what_the_worker_never_read_is_dispatched_again_and_the_rest_was_its() {
     let mut h = Harness::new();
     let w1 = h.online();
     let w2 = h.online();
     let handle = h.listen(w1, 1, "127.0.0.1:0");
     assert_eq!(h.listen(w2, 1, "127.0.0.1:0"), handle);
     h.outputs();
-    for conn in [1, 2] {
+    for conn in [1, 2, 3] {
         h.primary.handle_connection(h.now, handle, conn).unwrap();
     }
-    let sent: Vec<_> = h.outputs();
-    assert!(
-        matches!(sent[..], [Out::Send(a, _, Some(Attachment::Conn(1))), Out::Send(b, _, Some(Attachment::Conn(2)))] if a == w1 && b == w2)
+    let sent = handoffs(&h.outputs());
+    let to_w1: Vec<_> = sent.iter().filter(|s| s.0 == w1).collect();
+    assert_eq!(to_w1.iter().map(|s| s.3).collect::<Vec<_>>(), [1, 3]);
+    // Connection 4 is dispatched to w2, whose `NewConn` has not been sent yet when w2's link
+    // closes: the driver still holds it, so it counts as reclaimed without being named.
+    h.primary.handle_connection(h.now, handle, 4).unwrap();
+    // The driver read connection 3's `NewConn` back from w1's end: w1 never saw it.
+    assert_eq!(h.primary.handle_reclaimed(w1, to_w1[1].1), Some(3));
+    assert_eq!(h.primary.handle_reclaimed(w1, to_w1[1].1), None, "once");
+    assert_eq!(h.primary.handle_reclaimed(w1, Seq::new(99)), None);
+    assert_eq!(
+        h.primary.handle_reclaimed(w2, Seq::new(3)),
+        None,
+        "w2 has seqs 1 and 2 only"
     );
     h.primary.handle_link_closed(h.now, w1);
     let outs = h.outputs();
-    assert!(outs.iter().any(|o| matches!(o, Out::Send(w, PrimaryMessage::NewConn { .. }, Some(Attachment::Conn(1))) if *w == w2)), "{outs:?}");
+    // Connection 1 was read by w1, which went away with it.
+    assert!(outs.contains(&Out::Other(Output::Delivered {
+        worker: w1,
+        conn: 1
+    })));
+    assert_eq!(h.primary.counters(w1).unwrap().delivered, 1);
+    let again = handoffs(&outs);
+    assert!(
+        again.iter().any(|s| s.0 == w2 && s.3 == 4),
+        "connection 4 went out to w2: {outs:?}"
+    );
+    assert!(
+        again.iter().any(|s| s.0 == w2 && s.3 == 3),
+        "connection 3 is served by w2: {outs:?}"
+    );
+    // Connection 5 goes to w2, whose link closes before the core handed that `NewConn` to the
+    // driver: the driver still holds it, so it is not w2's.
+    h.primary.handle_connection(h.now, handle, 5).unwrap();
+    h.primary.handle_link_closed(h.now, w2);
+    let outs = h.outputs();
+    // No worker is left, so it is closed; 2, 3 and 4 reached w2 and went with it.
+    assert_eq!(
+        outs.iter()
+            .filter(|o| matches!(o, Out::Other(Output::Close(_))))
+            .collect::<Vec<_>>(),
+        [&Out::Other(Output::Close(5))]
+    );
+    assert_eq!(h.primary.counters(w2).unwrap().delivered, 3);
 }
 
 #[test]
@@ -342,7 +464,8 @@ fn hung_worker_is_killed_and_its_handoffs_wait_for_its_link_to_close() {
     h.primary.handle_connection(h.now, handle, 1).unwrap();
     h.outputs();
     let deadline = h.primary.poll_timeout().unwrap();
-    assert_eq!(deadline, h.now + Duration::from_secs(10));
+    // Unasked acks may wait for a heartbeat: the handoff timeout plus one interval.
+    assert_eq!(deadline, h.now + Duration::from_secs(11));
     h.primary
         .handle_timeout(deadline - Duration::from_millis(1));
     assert_eq!(h.outputs(), []);
@@ -360,7 +483,9 @@ fn hung_worker_is_killed_and_its_handoffs_wait_for_its_link_to_close() {
     // New connections skip the hung worker.
     h.primary.handle_connection(h.now, handle, 2).unwrap();
     assert!(matches!(&h.outputs()[..], [Out::Send(w, _, Some(Attachment::Conn(2)))] if *w == w2));
-    // Its link closes after the kill: connection 1 is re-dispatched.
+    // Its link closes after the kill; the driver read connection 1 back from its end (it was
+    // stopped, not reading): it is re-dispatched.
+    assert_eq!(h.primary.handle_reclaimed(w1, Seq::new(1)), Some(1));
     h.primary.handle_link_closed(h.now, w1);
     assert!(
         h.outputs()
@@ -561,9 +686,11 @@ fn fragments_from_a_worker_are_put_back_together_and_bounded() {
     }
     let events = h.events();
     assert!(
-        matches!(&events[..], [Event::Error { worker, error: ProtocolError::MessageTooLarge(_) }, Event::Disconnect { .. }] if *worker == w),
+        matches!(&events[..], [Event::Error { worker, error: ProtocolError::MessageTooLarge(_) }] if *worker == w),
         "{events:?}"
     );
+    h.primary.handle_link_closed(h.now, w);
+    assert_eq!(h.events(), [Event::Disconnect { worker: w }]);
 }
 
 #[test]
@@ -640,13 +767,7 @@ fn counters_track_handoffs_refusals_and_deliveries() {
             _ => None,
         })
         .unwrap();
-    h.recv(
-        w1,
-        &WorkerMessage::Accepted {
-            ack: seq,
-            accepted: false,
-        },
-    );
+    receive_with_fd(&mut h, w1, &WorkerMessage::Refused { ack: seq });
     let c1 = h.primary.counters(w1).unwrap();
     assert_eq!((c1.handoffs, c1.refused, c1.delivered), (1, 1, 0));
     // Re-dispatched to w2, which takes it.
@@ -658,13 +779,7 @@ fn counters_track_handoffs_refusals_and_deliveries() {
             _ => None,
         })
         .unwrap();
-    h.recv(
-        w2,
-        &WorkerMessage::Accepted {
-            ack: seq2,
-            accepted: true,
-        },
-    );
+    h.recv(w2, &WorkerMessage::Accepted { through: seq2 });
     let c2 = h.primary.counters(w2).unwrap();
     assert_eq!((c2.handoffs, c2.refused, c2.delivered), (1, 0, 1));
 }

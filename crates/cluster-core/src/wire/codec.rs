@@ -132,21 +132,21 @@ mod tests {
             &PrimaryMessage::NewConn {
                 seq: Seq::new(1),
                 handle: HandleId::new(0),
+                reply: true,
             },
             &mut buf,
         )
         .unwrap();
-        assert_eq!(buf, [2, 1, 0]);
+        assert_eq!(buf, [2, 1, 0, 1]);
         buf.clear();
         encode(
             &WorkerMessage::Accepted {
-                ack: Seq::new(300),
-                accepted: true,
+                through: Seq::new(300),
             },
             &mut buf,
         )
         .unwrap();
-        assert_eq!(buf, [3, 0xac, 0x02, 1]);
+        assert_eq!(buf, [3, 0xac, 0x02]);
     }
 
     #[test]
@@ -226,7 +226,7 @@ mod tests {
             Err(DecodeError::Malformed(_))
         ));
         assert!(matches!(
-            decode::<WorkerMessage>(&[3, 1, 1, 9]),
+            decode::<WorkerMessage>(&[3, 1, 9]),
             Err(DecodeError::TrailingBytes { extra: 1 })
         ));
         assert!(matches!(

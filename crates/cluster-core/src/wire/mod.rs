@@ -22,7 +22,7 @@ pub use codec::{
 
 /// The version of this protocol. Both handshake messages carry it; a peer speaking another
 /// version is disconnected with [`crate::LinkError::VersionMismatch`].
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// How often a worker's runtime sends [`WorkerMessage::Heartbeat`].
 pub const HEARTBEAT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
@@ -220,13 +220,13 @@ pub enum WorkerMessage {
         /// The handle from the [`ListenInfo`].
         handle: HandleId,
     },
-    /// Answers a [`PrimaryMessage::NewConn`] before the worker touches the socket.
+    /// Acknowledges every [`PrimaryMessage::NewConn`] up to `through` that the worker did not
+    /// refuse: cumulative, so one frame answers many. Sent at once for a `NewConn` that asks for
+    /// it (`reply`), otherwise with the next one that does, before the next heartbeat, or before
+    /// `ExitedAfterDisconnect`, whichever comes first.
     Accepted {
-        /// The `seq` of the `NewConn`.
-        ack: Seq,
-        /// `false` hands the connection back to the primary for another worker; the worker is
-        /// then offered nothing more on that handle until it sends [`WorkerMessage::Ready`].
-        accepted: bool,
+        /// The highest `seq` acknowledged.
+        through: Seq,
     },
     /// The worker has capacity again on `handle` after refusing a connection.
     Ready {
@@ -263,6 +263,13 @@ pub enum WorkerMessage {
         /// A slice of the payload.
         data: Vec<u8>,
     },
+    /// Refuses one [`PrimaryMessage::NewConn`]; the connection's fd is attached (the primary
+    /// kept no copy) and goes to another worker. The worker is then offered nothing more on that
+    /// handle until it sends [`WorkerMessage::Ready`].
+    Refused {
+        /// The `seq` of the `NewConn`.
+        ack: Seq,
+    },
 }
 
 /// Messages from the primary to a worker.
@@ -282,13 +289,17 @@ pub enum PrimaryMessage {
         /// The handle, or the errno of the failed bind.
         result: Result<ListenInfo, Errno>,
     },
-    /// A connection accepted by the primary; exactly one fd is attached. Answered by
-    /// [`WorkerMessage::Accepted`].
+    /// A connection accepted by the primary; exactly one fd is attached, and the primary closed
+    /// its own copy when it sent it. Answered by [`WorkerMessage::Accepted`] (cumulative) or
+    /// [`WorkerMessage::Refused`].
     NewConn {
         /// The request number.
         seq: Seq,
         /// The handle it was accepted on.
         handle: HandleId,
+        /// Acknowledge at once: the primary's window for this worker is filling up. Otherwise
+        /// the acknowledgement may wait (see [`WorkerMessage::Accepted`]).
+        reply: bool,
     },
     /// Asks the worker to close its listeners, finish its connections and leave (Node's
     /// `disconnect`).
@@ -409,10 +420,10 @@ impl PrimaryMessage {
 }
 
 impl WorkerMessage {
-    /// How many fds must travel with this message (one with `Return`).
+    /// How many fds must travel with this message (one with `Refused` and `Return`).
     pub fn fd_count(&self) -> usize {
         match self {
-            Self::Return { .. } | Self::User(Envelope { fd: true, .. }) => 1,
+            Self::Refused { .. } | Self::Return { .. } | Self::User(Envelope { fd: true, .. }) => 1,
             _ => 0,
         }
     }

@@ -1,6 +1,13 @@
 //! The primary's driver: one task owning the core, every worker link, every listening socket and
 //! every accepted connection. Accepting, handing off, reading acks and sending all happen in its
 //! `poll`, with no channel hop on the connection path.
+//!
+//! A handed-off connection's fd is closed here as soon as its `NewConn` is sent: it then lives in
+//! the worker's receive queue, and the worker's close of it ends the TCP connection at once,
+//! whenever the (lazy, cumulative) ack comes. The driver keeps a duplicate of each worker's end
+//! of its link instead, so that what a worker never read is still there when it is gone: the
+//! driver reads it back and the core dispatches it again. Because of that duplicate, a link never
+//! reaches end of stream while the driver holds it; a worker is gone when its process exits.
 
 use std::collections::{HashMap, VecDeque};
 use std::ffi::OsString;
@@ -13,10 +20,13 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use proto::wire::{BoundAddr, Distribution, Envelope, Errno, ListenRequest, SocketKind, UserKind};
+use proto::wire::{
+    BoundAddr, Distribution, Envelope, Errno, ListenRequest, PrimaryMessage, SocketKind, UserKind,
+    WorkerMessage,
+};
 use proto::{Attachment, ExitStatus, HandleId, Output, Seq, WorkerId};
 use slab::Slab;
-use socket2::{Domain, Socket, Type};
+use socket2::{Domain, Type};
 use tokio::io::unix::AsyncFd;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Sleep;
@@ -68,30 +78,22 @@ pub(crate) enum Input {
 const BUDGET: usize = 64;
 /// How long the exit of a silent worker waits for its output to be forwarded.
 const OUTPUT_DRAIN: Duration = Duration::from_secs(1);
+/// Frames read from a gone worker's link at most; a full socket buffer holds far fewer.
+const LAST_FRAMES: usize = 65_536;
 /// Pause after an accept error that is not about one connection (EMFILE, ENFILE, ENOBUFS).
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 struct Link {
     channel: Channel,
+    /// A duplicate of the worker's end: keeps the datagrams it has not read (and their fds)
+    /// after it is gone, to be read back. Never registered with the reactor.
+    peer: OwnedFd,
     outgoing: VecDeque<(Vec<u8>, Option<Attachment<usize>>)>,
     /// The primary's requests to this worker; dropped with the link, which fails them.
     requests: PendingRequests,
-    /// The worker's end is closed (a send failed with `EPIPE`): nothing more is sent, but what
-    /// the worker sent before it closed is still read, up to the end of stream that closes the
-    /// link. A worker that reports an error and exits at once is heard.
+    /// The worker shut its end down for reading (a send failed with `EPIPE`): nothing more is
+    /// sent, but what the worker sends is still read until its process is gone.
     hung_up: bool,
-}
-
-impl Link {
-    /// Stops sending: queued frames are dropped and the fds users sent with them closed.
-    fn hang_up(&mut self, conns: &mut Slab<OwnedFd>) {
-        self.hung_up = true;
-        for (_, attachment) in self.outgoing.drain(..) {
-            if let Some(Attachment::Owned(fd)) = attachment {
-                conns.try_remove(fd);
-            }
-        }
-    }
 }
 
 struct Listener {
@@ -145,7 +147,10 @@ pub(crate) struct Driver {
     links: HashMap<WorkerId, Link>,
     workers: HashMap<WorkerId, Arc<WorkerShared>>,
     listeners: HashMap<HandleId, Listener>,
-    conns: Slab<OwnedFd>,
+    /// Fds under the core's tokens: accepted connections and users' fds. A connection's slot is
+    /// empty while its `NewConn` sits in a worker's receive queue (the token lives on until the
+    /// core settles it), and filled again if it comes back.
+    conns: Slab<Option<OwnedFd>>,
     timer: Timer,
     accept_resume: Option<Instant>,
     buf: Vec<u8>,
@@ -246,7 +251,10 @@ impl Driver {
                     };
                     self.send_user(worker, kind, payload, None);
                 }
-                Input::Exited { worker, status } => self.core.handle_exit(worker, status),
+                Input::Exited { worker, status } => {
+                    self.finish_link(worker);
+                    self.core.handle_exit(worker, status);
+                }
                 Input::Stats { reply } => {
                     let _ = reply.send(self.stats());
                 }
@@ -271,24 +279,109 @@ impl Driver {
                     Poll::Ready(received) => received,
                 };
                 progress = true;
-                match received {
-                    Ok(Received::Frame { len }) => {
-                        self.core
-                            .handle_frame(now(), id, link.channel.frame(len), self.fds.len());
-                    }
-                    Ok(Received::Truncated) => self.core.handle_truncated(now(), id),
-                    Ok(Received::Closed) | Err(_) => {
-                        self.remove_link(id);
-                        self.core.handle_link_closed(now(), id);
-                    }
-                }
-                // Outputs first: a `Returned` claims the fd that came with the frame; any other fd
-                // is closed.
-                self.drain_core();
-                self.fds.clear();
+                self.handle_received(id, received);
             }
         }
         progress
+    }
+
+    /// Hands what came from `worker`'s link to the core and acts on the outcome.
+    fn handle_received(&mut self, id: WorkerId, received: io::Result<Received>) {
+        match received {
+            Ok(Received::Frame { len }) => {
+                let Some(link) = self.links.get(&id) else {
+                    return;
+                };
+                let frame = link.channel.frame(len);
+                if gives_back_something_else(frame, &self.fds) {
+                    self.core.handle_not_a_connection(now(), id);
+                } else {
+                    self.core.handle_frame(now(), id, frame, self.fds.len());
+                }
+            }
+            Ok(Received::Truncated) => self.core.handle_truncated(now(), id),
+            // Only if the worker's end was closed by someone else than this driver.
+            Ok(Received::Closed) | Err(_) => self.close_link(id),
+        }
+        // Outputs first: a `Returned` or `Reclaimed` claims the fd that came with the frame; any
+        // other fd is closed.
+        self.drain_core();
+        self.fds.clear();
+    }
+
+    /// `worker`'s process is gone: reads what it sent to the end, then closes its link.
+    fn finish_link(&mut self, worker: WorkerId) {
+        // Bounded: a process the worker started may have inherited its end and still write.
+        for _ in 0..LAST_FRAMES {
+            let Some(link) = self.links.get_mut(&worker) else {
+                return;
+            };
+            let received = match link.channel.try_recv(&mut self.fds) {
+                Ok(None) => break,
+                Ok(Some(received)) => Ok(received),
+                Err(error) => Err(error),
+            };
+            self.handle_received(worker, received);
+        }
+        self.close_link(worker);
+        self.drain_core();
+    }
+
+    /// Drops `worker`'s link and tells the core, after taking back every connection the worker
+    /// never got: those still queued here and those still in its receive queue.
+    fn close_link(&mut self, worker: WorkerId) {
+        let Some(mut link) = self.links.remove(&worker) else {
+            return;
+        };
+        self.take_back_unsent(worker, &mut link.outgoing);
+        self.read_back(worker, &link.peer);
+        drop(link);
+        self.core.handle_link_closed(now(), worker);
+    }
+
+    /// Frames queued for `worker` will not be sent: a connection's fd is still here and is
+    /// dispatched again by the core; a user's fd is closed.
+    fn take_back_unsent(
+        &mut self,
+        worker: WorkerId,
+        outgoing: &mut VecDeque<(Vec<u8>, Option<Attachment<usize>>)>,
+    ) {
+        for (frame, attachment) in outgoing.drain(..) {
+            match attachment {
+                Some(Attachment::Conn(conn)) => {
+                    let reclaimed =
+                        handoff_seq(&frame).and_then(|seq| self.core.handle_reclaimed(worker, seq));
+                    if reclaimed != Some(conn) {
+                        self.conns.try_remove(conn);
+                    }
+                }
+                Some(Attachment::Owned(fd)) => {
+                    self.conns.try_remove(fd);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Reads what `worker` never read from its end of the link: each connection there is the
+    /// primary's again.
+    fn read_back(&mut self, worker: WorkerId, peer: &OwnedFd) {
+        let mut buf = vec![0; proto::wire::MAX_FRAME];
+        let mut fds = Vec::new();
+        while let Ok(datagram) = crate::sys::recv_frame(peer.as_fd(), &mut buf, &mut fds) {
+            if datagram.len == 0 && fds.is_empty() {
+                break;
+            }
+            let frame = &buf[..datagram.len.min(buf.len())];
+            if let (Some(seq), [_]) = (handoff_seq(frame), &fds[..])
+                && let Some(conn) = self.core.handle_reclaimed(worker, seq)
+                && let Some(slot) = self.conns.get_mut(conn)
+            {
+                *slot = fds.pop();
+            }
+            // Anything else (a shared listener, a user's fd) is closed.
+            fds.clear();
+        }
     }
 
     fn poll_accepts(&mut self, cx: &mut Context<'_>) -> bool {
@@ -337,7 +430,7 @@ impl Driver {
                 progress = true;
                 match accepted {
                     Ok(conn) => {
-                        let conn = self.conns.insert(conn);
+                        let conn = self.conns.insert(Some(conn));
                         if let Err(conn) = self.core.handle_connection(now(), handle, conn) {
                             self.conns.remove(conn);
                         }
@@ -405,19 +498,23 @@ impl Driver {
     fn flush_sends(&mut self, cx: &mut Context<'_>) -> bool {
         let mut progress = false;
         let mut broken = Vec::new();
+        let mut hung_up = Vec::new();
         for (id, link) in &mut self.links {
             while let Some((frame, attachment)) = link.outgoing.front() {
                 let fd = match attachment {
                     None => None,
-                    Some(Attachment::Conn(conn)) => self.conns.get(*conn).map(AsFd::as_fd),
+                    Some(Attachment::Conn(conn) | Attachment::Owned(conn)) => self
+                        .conns
+                        .get(*conn)
+                        .and_then(Option::as_ref)
+                        .map(AsFd::as_fd),
                     Some(Attachment::Listener(handle)) => {
                         self.listeners.get(handle).map(Listener::as_fd)
                     }
-                    Some(Attachment::Owned(fd)) => self.conns.get(*fd).map(AsFd::as_fd),
                 };
                 if attachment.is_some() && fd.is_none() {
-                    // The core keeps a handed-off connection until acked, so this is a bug; a
-                    // frame without its fd would be a protocol error at the worker.
+                    // The fd stays here until its frame is sent, so this is a bug; a frame
+                    // without its fd would be a protocol error at the worker.
                     tracing::error!(worker = %id, "dropping a frame whose fd is gone");
                     link.outgoing.pop_front();
                     continue;
@@ -426,14 +523,24 @@ impl Driver {
                     Poll::Pending => break,
                     Poll::Ready(Ok(())) => {
                         progress = true;
-                        // A user's fd was copied into the datagram: the primary's copy goes.
-                        if let Some((_, Some(Attachment::Owned(fd)))) = link.outgoing.pop_front() {
-                            self.conns.try_remove(fd);
+                        // The fd was copied into the datagram: the primary's copy goes. A
+                        // connection's token stays until the core settles it.
+                        match link.outgoing.pop_front() {
+                            Some((_, Some(Attachment::Owned(fd)))) => {
+                                self.conns.try_remove(fd);
+                            }
+                            Some((_, Some(Attachment::Conn(conn)))) => {
+                                if let Some(slot) = self.conns.get_mut(conn) {
+                                    *slot = None;
+                                }
+                            }
+                            _ => {}
                         }
                     }
                     Poll::Ready(Err(error)) if is_hang_up(&error) => {
-                        tracing::debug!(worker = %id, "the worker closed its link; reading what it sent");
-                        link.hang_up(&mut self.conns);
+                        tracing::debug!(worker = %id, "the worker shut its link for reading; reading what it sends");
+                        link.hung_up = true;
+                        hung_up.push(*id);
                         progress = true;
                         break;
                     }
@@ -445,9 +552,17 @@ impl Driver {
                 }
             }
         }
+        for id in hung_up {
+            if let Some(mut outgoing) = self
+                .links
+                .get_mut(&id)
+                .map(|l| std::mem::take(&mut l.outgoing))
+            {
+                self.take_back_unsent(id, &mut outgoing);
+            }
+        }
         for id in broken {
-            self.remove_link(id);
-            self.core.handle_link_closed(now(), id);
+            self.close_link(id);
             self.drain_core();
             progress = true;
         }
@@ -462,12 +577,10 @@ impl Driver {
                     Some(link) if !link.hung_up => {
                         link.outgoing.push_back((self.buf.clone(), t.attachment));
                     }
-                    // A handed-off connection stays in the core's books and is dispatched again
-                    // when the link closes; a user's fd is closed.
+                    // Never sent: a connection is taken back, a user's fd closed.
                     _ => {
-                        if let Some(Attachment::Owned(fd)) = t.attachment {
-                            self.conns.try_remove(fd);
-                        }
+                        let mut unsent = VecDeque::from([(self.buf.clone(), t.attachment)]);
+                        self.take_back_unsent(t.worker, &mut unsent);
                     }
                 },
                 Output::Bind {
@@ -484,8 +597,13 @@ impl Driver {
                 Output::Close(conn) | Output::Delivered { conn, .. } => {
                     self.conns.try_remove(conn);
                 }
-                Output::CloseLink { worker } => self.remove_link(worker),
+                Output::CloseLink { worker } => self.close_link(worker),
                 Output::Returned { worker, handle } => self.take_back(worker, handle),
+                Output::Reclaimed { conn, .. } => {
+                    if let (Some(fd), Some(slot)) = (self.fds.pop(), self.conns.get_mut(conn)) {
+                        *slot = Some(fd);
+                    }
+                }
                 Output::Kill { worker, reason } => {
                     tracing::warn!(%worker, %reason, "killing worker");
                     if let Some(w) = self.workers.get(&worker) {
@@ -498,27 +616,12 @@ impl Driver {
         }
     }
 
-    /// Drops a worker's link. User fds still waiting in its queue are closed (the core's tokens
-    /// for connections in flight are re-dispatched or closed by the core itself).
-    fn remove_link(&mut self, worker: WorkerId) {
-        if let Some(mut link) = self.links.remove(&worker) {
-            link.hang_up(&mut self.conns);
-        }
-    }
-
     /// A worker gave back a connection it could not serve: it is served by another worker, or
     /// closed if none is left.
     fn take_back(&mut self, worker: WorkerId, handle: HandleId) {
+        // Checked to be a stream socket before the frame was handled.
         let Some(fd) = self.fds.pop() else { return };
-        // Only a TCP stream may enter the connection slab; anything else is closed.
-        let socket = Socket::from(fd);
-        if !matches!(socket.r#type(), Ok(t) if t == Type::STREAM)
-            || !matches!(socket.domain(), Ok(d) if d == Domain::IPV4 || d == Domain::IPV6 || d == Domain::UNIX)
-        {
-            tracing::warn!(%worker, "a worker gave back something that is not a connection");
-            return;
-        }
-        let conn = self.conns.insert(socket.into());
+        let conn = self.conns.insert(Some(fd));
         if let Err(conn) = self.core.handle_returned(now(), worker, handle, conn) {
             self.conns.remove(conn);
         }
@@ -670,14 +773,14 @@ impl Driver {
         workers.sort_by_key(|w| w.id);
         Stats {
             workers,
-            connections_held: self.conns.len(),
+            connections_held: self.conns.iter().filter(|(_, fd)| fd.is_some()).count(),
             listeners: self.listeners.len(),
         }
     }
 
     fn fork(&mut self, env: &[(OsString, OsString)]) -> io::Result<WorkerHandle> {
         let id = self.core.add_worker();
-        let (mut child, channel) =
+        let (mut child, channel, peer) =
             match spawn::spawn(&self.settings, id, env, self.batch_scheduling) {
                 Ok(spawned) => spawned,
                 Err(error) => {
@@ -697,6 +800,7 @@ impl Driver {
             id,
             Link {
                 channel,
+                peer,
                 outgoing: VecDeque::new(),
                 requests: PendingRequests::default(),
                 hung_up: false,
@@ -779,7 +883,7 @@ impl Driver {
             fd: fd.is_some(),
             payload,
         };
-        let token = fd.map(|fd| self.conns.insert(fd));
+        let token = fd.map(|fd| self.conns.insert(Some(fd)));
         // Sizes were checked when the value was encoded.
         if let Err((error, token)) = self.core.send_user(worker, envelope, token) {
             tracing::warn!(%worker, %error, "message not sent");
@@ -791,7 +895,31 @@ impl Driver {
     }
 }
 
-/// Errors of a send on a link whose other end is closed; what is queued for reading is not lost.
+/// The seq of a `NewConn` frame.
+fn handoff_seq(frame: &[u8]) -> Option<Seq> {
+    match proto::wire::decode::<PrimaryMessage>(frame) {
+        Ok(PrimaryMessage::NewConn { seq, .. }) => Some(seq),
+        _ => None,
+    }
+}
+
+/// Whether a frame that gives back a connection (`Refused`, `Return`) came with an fd that is
+/// not one: only stream sockets may enter the connection slab and be handed to workers.
+fn gives_back_something_else(frame: &[u8], fds: &[OwnedFd]) -> bool {
+    let [fd] = fds else { return false };
+    if !matches!(
+        proto::wire::decode::<WorkerMessage>(frame),
+        Ok(WorkerMessage::Refused { .. } | WorkerMessage::Return { .. })
+    ) {
+        return false;
+    }
+    let socket = socket2::SockRef::from(fd);
+    let stream = matches!(socket.r#type(), Ok(t) if t == Type::STREAM);
+    let family = matches!(socket.domain(), Ok(d) if d == Domain::IPV4 || d == Domain::IPV6 || d == Domain::UNIX);
+    !(stream && family)
+}
+
+/// Errors of a send on a link whose other end is shut down for reading.
 fn is_hang_up(e: &io::Error) -> bool {
     matches!(
         e.kind(),

@@ -371,7 +371,9 @@ pub struct ReloadAborted {
 pub struct Stats {
     /// Every worker not yet exited, by id.
     pub workers: Vec<WorkerStats>,
-    /// Accepted connections the primary still holds (queued or in flight, not yet acked).
+    /// Fds of accepted connections (and of user messages not sent yet) the primary holds:
+    /// queued for a worker, or taken back. A connection sent to a worker is in that worker's
+    /// receive queue, not here: the primary closes its copy when it sends it.
     pub connections_held: usize,
     /// Listening sockets the primary holds.
     pub listeners: usize,
@@ -387,7 +389,8 @@ pub struct WorkerStats {
     pub pid: u32,
     /// Its state.
     pub state: WorkerState,
-    /// Connections handed to it and not yet acked.
+    /// Connections handed to it and not yet acked. Acks are cumulative and asked for every half
+    /// window, so a few taken connections may count here until the worker's next heartbeat.
     pub in_flight: usize,
     /// Connections handed to it so far, re-dispatches included.
     pub handoffs: u64,

@@ -2,6 +2,7 @@
 
 use std::ffi::OsString;
 use std::io;
+use std::os::fd::OwnedFd;
 use std::process::Stdio;
 
 use proto::WorkerId;
@@ -14,7 +15,8 @@ use crate::role::{ENV_IPC_FD, ENV_WORKER_ID};
 use crate::settings::Settings;
 use crate::sys;
 
-/// Spawns worker `id`; returns the process and the primary's end of its link.
+/// Spawns worker `id`; returns the process, the primary's end of its link, and a duplicate of the
+/// worker's end (see the driver: what the worker never reads is read back from it).
 ///
 /// Must run on a long-lived thread (the runtime's, never `spawn_blocking`): the worker's
 /// `PR_SET_PDEATHSIG` fires when the thread that forked it exits.
@@ -26,7 +28,7 @@ pub(crate) fn spawn(
     id: WorkerId,
     env: &[(OsString, OsString)],
     reset_scheduling: bool,
-) -> io::Result<(Child, Channel)> {
+) -> io::Result<(Child, Channel, OwnedFd)> {
     let (ours, theirs) = UnixSeqpacket::pair()?;
     let ours = Channel::new(ours.into())?;
     let mut args = std::env::args_os();
@@ -59,9 +61,8 @@ pub(crate) fn spawn(
     command.stdin(Stdio::null());
     sys::prepare_child(&mut command, theirs.as_raw_fd(), reset_scheduling);
     let child = command.spawn()?;
-    // The child has its copy at fd 3; ours must go, or the primary would never see EOF.
-    drop(theirs);
-    Ok((child, ours))
+    // The child has its copy at fd 3; ours (close-on-exec, so no other worker inherits it) stays.
+    Ok((child, ours, theirs.into()))
 }
 
 /// Re-emits a silent worker's stdout and stderr line by line, prefixed with its id. The tasks end

@@ -7,7 +7,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 
 use proto::wire::{BoundAddr, Distribution, Envelope, ListenInfo, ListenRequest, UserKind};
-use proto::{HandleId, Seq, SessionEvent, SessionOutput, WorkerSession};
+use proto::{HandleId, Seq, SessionAttach, SessionEvent, SessionOutput, WorkerSession};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::queue::{HandoffQueue, Offer};
@@ -73,8 +73,8 @@ pub(crate) struct Driver {
     messages: mpsc::UnboundedSender<Message>,
     listens: HashMap<Seq, oneshot::Sender<io::Result<Granted>>>,
     queues: HashMap<HandleId, Arc<HandoffQueue>>,
-    /// Fds to attach to frames that carry one (`Return`, a user message with an fd), in the order
-    /// of those frames.
+    /// Fds set aside for frames that carry one (`Refused`, `Return`, a user message with an fd),
+    /// in the order of those frames.
     attachments: VecDeque<OwnedFd>,
     requests: PendingRequests,
     disconnect: Option<oneshot::Sender<io::Result<()>>>,
@@ -151,15 +151,16 @@ impl Driver {
         self.link_closed();
     }
 
-    /// Acts on the session's outputs; fds no event claimed (a refused handoff) are closed.
+    /// Acts on the session's outputs; fds no event claimed are closed.
     fn pump(&mut self, fds: &mut Vec<OwnedFd>) {
         while let Some(output) = self.session.poll_output(&mut self.buf) {
             match output {
-                SessionOutput::Transmit { with_fd } => {
-                    let fd = if with_fd {
-                        self.attachments.pop_front()
-                    } else {
-                        None
+                SessionOutput::Transmit { attach } => {
+                    let fd = match attach {
+                        SessionAttach::SetAside => self.attachments.pop_front(),
+                        // A connection refused at once goes back as it came.
+                        SessionAttach::Received => fds.pop(),
+                        _ => None,
                     };
                     self.outgoing.push_back((self.buf.clone(), fd));
                 }
@@ -198,12 +199,19 @@ impl Driver {
                 }
             }
             SessionEvent::Connection { seq, handle } => {
-                let accepted = match fds.pop() {
-                    Some(conn) => self.deliver(handle, conn),
-                    None => false,
-                };
-                // The session offered it, so answering cannot fail.
-                let _ = self.session.accept(seq, accepted);
+                // The session checked that the frame came with its fd; answered in the order
+                // offered, so answering cannot fail.
+                if let Some(conn) = fds.pop() {
+                    match self.deliver(handle, conn) {
+                        Ok(()) => {
+                            let _ = self.session.accept(seq);
+                        }
+                        Err(conn) => {
+                            self.attachments.push_back(conn);
+                            let _ = self.session.refuse(seq);
+                        }
+                    }
+                }
             }
             SessionEvent::User { envelope } => self.user(envelope, fds),
             SessionEvent::DisconnectRequested => self.stop_serving(),
@@ -289,18 +297,19 @@ impl Driver {
         }
     }
 
-    /// Hands a connection to its listener; false if the listener is full or gone (the primary
-    /// then offers it elsewhere, and offers this worker nothing more until `Ready`).
-    fn deliver(&mut self, handle: HandleId, conn: OwnedFd) -> bool {
+    /// Hands a connection to its listener; gives it back if the listener is full or gone (it
+    /// goes back to the primary, which offers it elsewhere and offers this worker nothing more
+    /// until `Ready`).
+    fn deliver(&mut self, handle: HandleId, conn: OwnedFd) -> Result<(), OwnedFd> {
         let Some(queue) = self.queues.get(&handle) else {
-            return false;
+            return Err(conn);
         };
         match queue.offer(conn) {
-            Offer::Taken => true,
-            Offer::Full => false,
-            Offer::Closed => {
+            Offer::Taken => Ok(()),
+            Offer::Full(conn) => Err(conn),
+            Offer::Closed(conn) => {
                 self.close(handle);
-                false
+                Err(conn)
             }
         }
     }

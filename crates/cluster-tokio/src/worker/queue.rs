@@ -23,13 +23,12 @@ struct State {
     refused: bool,
 }
 
-/// What [`HandoffQueue::offer`] did with a connection.
-/// A refused connection is dropped: that closes only the worker's copy, and the primary, which keeps
-/// its own until the refusal reaches it, offers the connection to another worker.
+/// What [`HandoffQueue::offer`] did with a connection. A connection not taken comes back: the
+/// primary kept no copy, so it is sent back with the refusal and offered to another worker.
 pub(crate) enum Offer {
     Taken,
-    Full,
-    Closed,
+    Full(OwnedFd),
+    Closed(OwnedFd),
 }
 
 #[derive(Debug, Default)]
@@ -49,11 +48,11 @@ impl HandoffQueue {
     pub(crate) fn offer(&self, conn: OwnedFd) -> Offer {
         let mut state = self.lock();
         if state.closed {
-            return Offer::Closed;
+            return Offer::Closed(conn);
         }
         if state.items.len() >= CAPACITY {
             state.refused = true;
-            return Offer::Full;
+            return Offer::Full(conn);
         }
         state.items.push_back(conn);
         if let Some(waker) = state.waker.take() {
