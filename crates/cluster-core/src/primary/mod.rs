@@ -95,7 +95,7 @@ pub enum Event {
         /// What it sent.
         envelope: Envelope,
     },
-    /// The worker's link closed.
+    /// The worker's link closed ([`Primary::handle_link_closed`]).
     Disconnect {
         /// The worker.
         worker: WorkerId,
