@@ -68,6 +68,16 @@ impl Harness {
         w
     }
 
+    /// Two online workers listening on one round-robin handle, outputs drained.
+    fn two_workers_on_one_handle(&mut self) -> (WorkerId, WorkerId, HandleId) {
+        let w1 = self.online();
+        let w2 = self.online();
+        let handle = self.listen(w1, 1, "127.0.0.1:0");
+        assert_eq!(self.listen(w2, 1, "127.0.0.1:0"), handle);
+        self.outputs();
+        (w1, w2, handle)
+    }
+
     /// Worker `w` listens on `addr` (binding it if new); returns the handle.
     fn listen(&mut self, w: WorkerId, seq: u64, addr: &str) -> HandleId {
         let request = ListenRequest {
@@ -367,11 +377,7 @@ fn a_window_of_one_asks_for_every_ack() {
 #[test]
 fn a_refused_connection_comes_back_with_its_fd_and_goes_to_another_worker() {
     let mut h = Harness::new();
-    let w1 = h.online();
-    let w2 = h.online();
-    let handle = h.listen(w1, 1, "127.0.0.1:0");
-    h.listen(w2, 1, "127.0.0.1:0");
-    h.outputs();
+    let (w1, w2, handle) = h.two_workers_on_one_handle();
     h.primary.handle_connection(h.now, handle, 1).unwrap();
     let [(to, seq, _, 1)] = handoffs(&h.outputs())[..] else {
         panic!()
@@ -398,11 +404,7 @@ fn a_refused_connection_comes_back_with_its_fd_and_goes_to_another_worker() {
 #[test]
 fn when_a_link_closes_what_the_worker_never_read_is_dispatched_again_and_the_rest_was_its() {
     let mut h = Harness::new();
-    let w1 = h.online();
-    let w2 = h.online();
-    let handle = h.listen(w1, 1, "127.0.0.1:0");
-    assert_eq!(h.listen(w2, 1, "127.0.0.1:0"), handle);
-    h.outputs();
+    let (w1, w2, handle) = h.two_workers_on_one_handle();
     for conn in [1, 2, 3] {
         h.primary.handle_connection(h.now, handle, conn).unwrap();
     }
@@ -456,11 +458,7 @@ fn when_a_link_closes_what_the_worker_never_read_is_dispatched_again_and_the_res
 #[test]
 fn hung_worker_is_killed_and_its_handoffs_wait_for_its_link_to_close() {
     let mut h = Harness::new();
-    let w1 = h.online();
-    let w2 = h.online();
-    let handle = h.listen(w1, 1, "127.0.0.1:0");
-    h.listen(w2, 1, "127.0.0.1:0");
-    h.outputs();
+    let (w1, w2, handle) = h.two_workers_on_one_handle();
     h.primary.handle_connection(h.now, handle, 1).unwrap();
     h.outputs();
     let deadline = h.primary.poll_timeout().unwrap();
@@ -753,11 +751,7 @@ fn a_worker_that_failed_to_spawn_is_forgotten_quietly() {
 #[test]
 fn counters_track_handoffs_refusals_and_deliveries() {
     let mut h = Harness::new();
-    let w1 = h.online();
-    let w2 = h.online();
-    let handle = h.listen(w1, 1, "127.0.0.1:0");
-    h.listen(w2, 1, "127.0.0.1:0");
-    h.outputs();
+    let (w1, w2, handle) = h.two_workers_on_one_handle();
     h.primary.handle_connection(h.now, handle, 1).unwrap();
     let seq = h
         .outputs()

@@ -333,7 +333,7 @@ impl Driver {
         let Some(mut link) = self.links.remove(&worker) else {
             return;
         };
-        self.take_back_unsent(worker, &mut link.outgoing);
+        self.take_back_unsent(worker, std::mem::take(&mut link.outgoing));
         self.read_back(worker, &link.peer);
         drop(link);
         self.core.handle_link_closed(now(), worker);
@@ -344,9 +344,9 @@ impl Driver {
     fn take_back_unsent(
         &mut self,
         worker: WorkerId,
-        outgoing: &mut VecDeque<(Vec<u8>, Option<Attachment<usize>>)>,
+        unsent: impl IntoIterator<Item = (Vec<u8>, Option<Attachment<usize>>)>,
     ) {
-        for (frame, attachment) in outgoing.drain(..) {
+        for (frame, attachment) in unsent {
             match attachment {
                 Some(Attachment::Conn(conn)) => {
                     let reclaimed =
@@ -553,12 +553,9 @@ impl Driver {
             }
         }
         for id in hung_up {
-            if let Some(mut outgoing) = self
-                .links
-                .get_mut(&id)
-                .map(|l| std::mem::take(&mut l.outgoing))
-            {
-                self.take_back_unsent(id, &mut outgoing);
+            if let Some(link) = self.links.get_mut(&id) {
+                let unsent = std::mem::take(&mut link.outgoing);
+                self.take_back_unsent(id, unsent);
             }
         }
         for id in broken {
@@ -579,8 +576,8 @@ impl Driver {
                     }
                     // Never sent: a connection is taken back, a user's fd closed.
                     _ => {
-                        let mut unsent = VecDeque::from([(self.buf.clone(), t.attachment)]);
-                        self.take_back_unsent(t.worker, &mut unsent);
+                        let unsent = [(self.buf.clone(), t.attachment)];
+                        self.take_back_unsent(t.worker, unsent);
                     }
                 },
                 Output::Bind {
