@@ -21,6 +21,15 @@ fn names(events: &[Event]) -> Vec<&'static str> {
         .collect()
 }
 
+/// Whether process `pid` exists and has not exited (a zombie has).
+fn running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit(") ")
+            .next()
+            .is_some_and(|s| !s.starts_with('Z'))
+    })
+}
+
 #[tokio::test]
 async fn lifecycle_basic_in_node_order() {
     for policy in POLICIES {
@@ -142,6 +151,41 @@ async fn worker_initiated_disconnect_is_on_purpose() {
     // The ack handshake makes it true before the events are emitted.
     assert_eq!(worker.exited_after_disconnect(), Some(true));
     assert_eq!(worker.exit_status(), Some(ExitStatus::Code(0)));
+}
+
+#[tokio::test]
+async fn a_worker_that_leaves_is_disconnected_while_it_finishes_its_connections() {
+    use tokio::io::AsyncReadExt;
+    for policy in POLICIES {
+        let mut cluster = Cluster::start(policy);
+        let worker = cluster.fork().await;
+        let port = cluster.listen(&worker, "127.0.0.1:0").await;
+        // A client that keeps its connection open: the worker stays until it is closed.
+        let mut client = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        let mut line = [0; 2];
+        client.read_exact(&mut line).await.unwrap();
+        worker.send(&Command::Disconnect).unwrap();
+        // Node's order: `disconnect` when the worker closes its channel, `exit` when it ends.
+        let disconnect = cluster
+            .expect(&worker, |e| !matches!(e, Event::Listening { .. }))
+            .await;
+        assert!(
+            matches!(disconnect, Event::Disconnect(_)),
+            "{policy:?}: {disconnect:?}"
+        );
+        assert!(
+            running(worker.pid()),
+            "{policy:?}: its client is still open"
+        );
+        assert_eq!(worker.state(), WorkerState::Disconnected);
+        assert_eq!(worker.exited_after_disconnect(), Some(true));
+        drop(client);
+        let life = cluster.life_of(&worker).await;
+        assert_eq!(names(&life), ["exit"], "{policy:?}");
+        assert_eq!(worker.exit_status(), Some(ExitStatus::Code(0)));
+    }
 }
 
 #[tokio::test]

@@ -239,6 +239,9 @@ struct WorkerEntry<C> {
     pid: Option<u32>,
     /// Asked to disconnect or announced leaving: no new listens.
     leaving: bool,
+    /// Announced leaving and was answered (`DisconnectAck` queued): it reads nothing more that
+    /// matters once its handoffs are settled.
+    farewell_answered: bool,
     /// Told to be killed, and why: it is offered nothing more.
     killed: Option<KillReason>,
     /// When a frame last came from it, after its handshake.
@@ -312,6 +315,7 @@ impl<C: Copy + Eq + std::fmt::Debug> Primary<C> {
             link: Link::new(),
             pid: None,
             leaving: false,
+            farewell_answered: false,
             killed: None,
             last_seen: None,
             failed: false,
@@ -470,6 +474,17 @@ impl<C: Copy + Eq + std::fmt::Debug> Primary<C> {
             }
             Request::Handoff { .. } => None,
         }
+    }
+
+    /// Whether the driver must keep `worker`'s end of the link to read handoffs back from it
+    /// when the worker is gone. False once the worker announced it is leaving, was answered, and
+    /// has settled every handoff: it is offered nothing more, so nothing it leaves unread can be
+    /// a connection. The driver may then drop its copy of that end and learn of the worker's
+    /// leaving when the worker closes it (Node's `disconnect`, before the process exits).
+    pub fn needs_read_back(&self, worker: WorkerId) -> bool {
+        self.workers
+            .get(&worker)
+            .is_some_and(|e| !e.farewell_answered || e.link.pending_len() > 0)
     }
 
     /// Whether the driver should accept on `handle` now.
@@ -735,6 +750,7 @@ impl<C: Copy + Eq + std::fmt::Debug> Primary<C> {
             }
             WorkerMessage::ExitedAfterDisconnect { seq } => {
                 entry.leave_on_purpose();
+                entry.farewell_answered = true;
                 self.registry.leave_all(worker);
                 self.send(worker, PrimaryMessage::DisconnectAck { ack: seq }, None);
             }

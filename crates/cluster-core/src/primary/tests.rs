@@ -567,6 +567,36 @@ fn worker_initiated_disconnect_is_acked_and_on_purpose() {
 }
 
 #[test]
+fn a_leaving_worker_needs_no_read_back_once_its_handoffs_are_settled() {
+    let mut h = Harness::new();
+    let w = h.online();
+    let handle = h.listen(w, 1, "127.0.0.1:0");
+    h.outputs();
+    assert!(h.primary.needs_read_back(w), "it may be handed connections");
+    h.primary.handle_connection(h.now, handle, 1).unwrap();
+    let [(_, seq, _, 1)] = handoffs(&h.outputs())[..] else {
+        panic!()
+    };
+    // It announces leaving before it has read that handoff.
+    h.recv(
+        w,
+        &WorkerMessage::ExitedAfterDisconnect { seq: Seq::new(2) },
+    );
+    h.outputs();
+    assert!(
+        h.primary.needs_read_back(w),
+        "the handoff may still be in its receive queue"
+    );
+    receive_with_fd(&mut h, w, &WorkerMessage::Refused { ack: seq });
+    h.outputs();
+    assert!(!h.primary.needs_read_back(w), "nothing left to take back");
+    // No more connections go its way.
+    h.primary.handle_connection(h.now, handle, 2).unwrap_err();
+    assert!(!h.primary.needs_read_back(w));
+    assert!(!h.primary.needs_read_back(WorkerId::new(99)));
+}
+
+#[test]
 fn shared_reply_carries_the_listener() {
     let mut config = Config::default();
     config.registry.policy = crate::SchedulingPolicy::Shared;

@@ -6,8 +6,10 @@
 //! the worker's receive queue, and the worker's close of it ends the TCP connection at once,
 //! whenever the (lazy, cumulative) ack comes. The driver keeps a duplicate of each worker's end
 //! of its link instead, so that what a worker never read is still there when it is gone: the
-//! driver reads it back and the core dispatches it again. Because of that duplicate, a link never
-//! reaches end of stream while the driver holds it; a worker is gone when its process exits.
+//! driver reads it back and the core dispatches it again. Because of that duplicate, a link does
+//! not reach end of stream while the driver holds it: a worker is gone when its process exits,
+//! or, once it has left on purpose and settled its handoffs (the duplicate is dropped then), when
+//! it closes its end.
 
 use std::collections::{HashMap, VecDeque};
 use std::ffi::OsString;
@@ -86,8 +88,9 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 struct Link {
     channel: Channel,
     /// A duplicate of the worker's end: keeps the datagrams it has not read (and their fds)
-    /// after it is gone, to be read back. Never registered with the reactor.
-    peer: OwnedFd,
+    /// after it is gone, to be read back. Never registered with the reactor. Dropped once the
+    /// core needs no read-back (the worker left on purpose), so that its close is seen.
+    peer: Option<OwnedFd>,
     outgoing: VecDeque<(Vec<u8>, Option<Attachment<usize>>)>,
     /// The primary's requests to this worker; dropped with the link, which fails them.
     requests: PendingRequests,
@@ -298,9 +301,14 @@ impl Driver {
                 } else {
                     self.core.handle_frame(now(), id, frame, self.fds.len());
                 }
+                if !self.core.needs_read_back(id)
+                    && let Some(link) = self.links.get_mut(&id)
+                {
+                    link.peer = None;
+                }
             }
             Ok(Received::Truncated) => self.core.handle_truncated(now(), id),
-            // Only if the worker's end was closed by someone else than this driver.
+            // The worker closed its end after leaving on purpose (or the link broke).
             Ok(Received::Closed) | Err(_) => self.close_link(id),
         }
         // Outputs first: a `Returned` or `Reclaimed` claims the fd that came with the frame; any
@@ -334,7 +342,9 @@ impl Driver {
             return;
         };
         self.take_back_unsent(worker, std::mem::take(&mut link.outgoing));
-        self.read_back(worker, &link.peer);
+        if let Some(peer) = &link.peer {
+            self.read_back(worker, peer);
+        }
         drop(link);
         self.core.handle_link_closed(now(), worker);
     }
@@ -797,7 +807,7 @@ impl Driver {
             id,
             Link {
                 channel,
-                peer,
+                peer: Some(peer),
                 outgoing: VecDeque::new(),
                 requests: PendingRequests::default(),
                 hung_up: false,

@@ -481,9 +481,11 @@ pub enum Event {
         /// Its replacement.
         new: WorkerHandle,
     },
-    /// Its link to the primary closed: its process is gone (reported just before its `Exit`,
-    /// once what it sent was read and what it never read was taken back), or the primary
-    /// dropped it for breaking the protocol.
+    /// Its link to the primary closed: it left on purpose and closed its end (a worker that
+    /// called [`Worker::disconnect`](crate::Worker::disconnect) may still be finishing its
+    /// connections), its process is gone (reported just before its `Exit`, once what it sent
+    /// was read and what it never read was taken back), or the primary dropped it for breaking
+    /// the protocol.
     Disconnect(WorkerHandle),
     /// Its process ended (always after its `Disconnect`).
     Exit {
