@@ -42,8 +42,13 @@ struct SimWorker {
     alive: bool,
     /// The primary has seen end of stream.
     link_closed: bool,
+    /// The primary let go of its copy of the worker's end (`needs_read_back` turned false after
+    /// one of its frames): nothing left unread there can be read back any more.
+    end_released: bool,
     /// Its runtime is blocked: it reads nothing.
     hung: bool,
+    /// It said it is leaving (`ExitedAfterDisconnect`).
+    leaving: bool,
     refusing: bool,
     handle: Option<HandleId>,
     /// Acked but not yet taken by the application (a listener's queue).
@@ -64,6 +69,20 @@ impl SimWorker {
     }
 
     /// Its listener closes: every connection the application has not taken goes back.
+    /// Leaves on purpose (once): gives back what its listener holds, closes it, and says so.
+    fn leave(&mut self) {
+        if std::mem::replace(&mut self.leaving, true) {
+            return;
+        }
+        self.give_back_waiting();
+        let handles: Vec<_> = self.session.handles().collect();
+        for h in handles {
+            self.session.close(h);
+        }
+        // Fails only once its link is closed: nothing more to say then.
+        let _ = self.session.exit_after_disconnect();
+    }
+
     fn give_back_waiting(&mut self) {
         if let Some(handle) = self.handle {
             for conn in self.waiting.drain(..) {
@@ -98,6 +117,7 @@ enum Op {
     Serve(usize),
     Close(usize),
     Disconnect(usize),
+    Leave(usize),
     Kill(usize),
     Hang(usize),
     Tick,
@@ -114,6 +134,7 @@ fn op() -> impl Strategy<Value = Op> {
         4 => w.clone().prop_map(Op::Serve),
         1 => w.clone().prop_map(Op::Close),
         1 => w.clone().prop_map(Op::Disconnect),
+        1 => w.clone().prop_map(Op::Leave),
         1 => w.clone().prop_map(Op::Kill),
         1 => w.prop_map(Op::Hang),
         1 => Just(Op::Tick),
@@ -167,7 +188,9 @@ impl Sim {
             outbox: VecDeque::new(),
             alive: true,
             link_closed: false,
+            end_released: false,
             hung: false,
+            leaving: false,
             refusing: false,
             handle: None,
             waiting: Vec::new(),
@@ -236,14 +259,7 @@ impl Sim {
                     w.session.listening(info.handle);
                 }
                 SessionOutput::Event(SessionEvent::ListenReply { result: Err(_), .. }) => {}
-                SessionOutput::Event(SessionEvent::DisconnectRequested) => {
-                    w.give_back_waiting();
-                    let handles: Vec<_> = w.session.handles().collect();
-                    for h in handles {
-                        w.session.close(h);
-                    }
-                    w.session.exit_after_disconnect().unwrap();
-                }
+                SessionOutput::Event(SessionEvent::DisconnectRequested) => w.leave(),
                 SessionOutput::Event(SessionEvent::DisconnectAcked) => {
                     // The worker closes its link and exits 0; what it sent is still read, and
                     // what it never read is read back.
@@ -271,6 +287,10 @@ impl Sim {
             if let (Ok(PrimaryMessage::NewConn { seq, .. }), Some(Fd::Conn(conn))) =
                 (wire::decode::<PrimaryMessage>(&frame), fd)
             {
+                assert!(
+                    !w.end_released,
+                    "handoff {seq} left unread after the primary let go of the worker's end"
+                );
                 assert_eq!(
                     self.primary.handle_reclaimed(id, seq),
                     Some(conn),
@@ -441,6 +461,12 @@ impl Sim {
             self.incoming = conn;
             self.primary
                 .handle_frame(self.now, id, &frame, usize::from(conn.is_some()));
+            // As the driver does: once no read-back is needed, its copy of the end is dropped.
+            if !self.primary.needs_read_back(id)
+                && let Some(w) = self.workers.get_mut(&id)
+            {
+                w.end_released = true;
+            }
             self.flush_primary();
             assert_eq!(
                 self.incoming, None,
@@ -504,6 +530,18 @@ impl Sim {
                 if let Some(id) = self.nth(i) {
                     self.primary.disconnect(self.now, id);
                     self.flush_primary();
+                }
+            }
+            Op::Leave(i) => {
+                // Worker-initiated (`cluster.disconnect()` in the worker), possibly while
+                // handoffs to it are on their way.
+                if let Some(id) = self.nth(i)
+                    && let Some(w) = self.workers.get_mut(&id)
+                    && w.alive
+                    && !w.hung
+                {
+                    w.leave();
+                    self.flush_worker(id);
                 }
             }
             Op::Kill(i) => self.nth(i).into_iter().for_each(|id| self.kill(id)),
