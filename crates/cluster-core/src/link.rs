@@ -253,19 +253,15 @@ impl<P> Link<P> {
         if through.get() == 0 || through.get() >= self.next_seq {
             return Err(LinkError::UnknownAck { ack: through });
         }
-        let covered: Vec<Seq> = self
+        let finished: Vec<(Seq, P)> = self
             .pending
-            .range(..=through)
-            .filter(|(_, p)| answered(&p.what))
-            .map(|(seq, _)| *seq)
+            .extract_if(..=through, |_, p| answered(&p.what))
+            .map(|(seq, p)| (seq, p.what))
             .collect();
-        if covered.is_empty() {
+        if finished.is_empty() {
             return Err(LinkError::DuplicateAck { ack: through });
         }
-        Ok(covered
-            .into_iter()
-            .filter_map(|seq| self.pending.remove(&seq).map(|p| (seq, p.what)))
-            .collect())
+        Ok(finished)
     }
 
     /// The pending request for `seq`, if any.
