@@ -21,6 +21,18 @@ fn names(events: &[Event]) -> Vec<&'static str> {
         .collect()
 }
 
+/// A connection to `port` that a worker has served (its id line read) and that stays open: the
+/// fixture worker does not exit before its client closes it.
+async fn served_client(port: u16) -> tokio::net::TcpStream {
+    use tokio::io::AsyncReadExt;
+    let mut client = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let mut line = [0; 2];
+    client.read_exact(&mut line).await.unwrap();
+    client
+}
+
 /// Whether process `pid` exists and has not exited (a zombie has).
 fn running(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
@@ -155,17 +167,12 @@ async fn worker_initiated_disconnect_is_on_purpose() {
 
 #[tokio::test]
 async fn a_worker_that_leaves_is_disconnected_while_it_finishes_its_connections() {
-    use tokio::io::AsyncReadExt;
     for policy in POLICIES {
         let mut cluster = Cluster::start(policy);
         let worker = cluster.fork().await;
         let port = cluster.listen(&worker, "127.0.0.1:0").await;
-        // A client that keeps its connection open: the worker stays until it is closed.
-        let mut client = tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .unwrap();
-        let mut line = [0; 2];
-        client.read_exact(&mut line).await.unwrap();
+        // The worker stays until this client closes its connection.
+        let client = served_client(port).await;
         worker.send(&Command::Disconnect).unwrap();
         // Node's order: `disconnect` when the worker closes its channel, `exit` when it ends.
         let disconnect = cluster
@@ -218,16 +225,11 @@ async fn disconnect_waits_for_open_connections() {
 }
 
 async fn disconnect_waits_for_open_connections_under(policy: cluster::SchedulingPolicy) {
-    use tokio::io::AsyncReadExt;
     let mut cluster = Cluster::start(policy);
     let worker = cluster.fork().await;
     let port = cluster.listen(&worker, "127.0.0.1:0").await;
     // A client that keeps its connection open.
-    let mut client = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    let mut line = [0; 2];
-    client.read_exact(&mut line).await.unwrap();
+    let client = served_client(port).await;
     let disconnecting = {
         let worker = worker.clone();
         tokio::spawn(async move { worker.disconnect().await })
