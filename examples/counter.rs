@@ -24,7 +24,8 @@
 
 use std::convert::Infallible;
 
-use cluster::{Event, Role, Supervisor};
+use cluster::primary::Event;
+use cluster::{Role, Supervisor};
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::server::conn::http1;
@@ -54,8 +55,7 @@ async fn count(primary: cluster::Primary) -> std::io::Result<()> {
     tracing_subscriber::fmt().init();
     let mut events = primary.events();
     // The supervisor forks, respawns, reloads and drains; this task only counts.
-    let workers = cluster::worker_count(None);
-    let mut supervisor = tokio::spawn(Supervisor::new(primary).run(workers));
+    let mut supervisor = tokio::spawn(Supervisor::new(primary).run());
     let mut total: u64 = 0;
     loop {
         tokio::select! {
@@ -71,7 +71,9 @@ async fn count(primary: cluster::Primary) -> std::io::Result<()> {
                     Err(error) => tracing::warn!(worker = %worker.id(), %error, "unknown message"),
                 }
             }
-            finished = &mut supervisor => return finished.map_err(std::io::Error::other)?,
+            finished = &mut supervisor => {
+                return Ok(finished.map_err(std::io::Error::other)??);
+            }
         }
     }
 }

@@ -40,7 +40,7 @@ const KEEP_ALIVE_GRACE: Duration = Duration::from_millis(500);
 async fn main() -> io::Result<()> {
     let addr = std::env::var("ADDR").unwrap_or_else(|_| "127.0.0.1:3000".to_owned());
     match addr.strip_prefix("unix:") {
-        Some(path) => serve(cluster::ClusterUnixListener::bind(path).await?).await,
+        Some(path) => serve(cluster::net::ClusterUnixListener::bind(path).await?).await,
         None => serve(cluster::ClusterListener::bind(&addr).await?).await,
     }
 }
@@ -58,7 +58,7 @@ impl Accept for cluster::ClusterListener {
     }
 }
 
-impl Accept for cluster::ClusterUnixListener {
+impl Accept for cluster::net::ClusterUnixListener {
     type Stream = tokio::net::UnixStream;
     async fn accept(&mut self) -> io::Result<Self::Stream> {
         Self::accept(self).await.map(|(stream, _peer)| stream)

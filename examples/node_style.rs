@@ -19,7 +19,8 @@
 
 use std::convert::Infallible;
 
-use cluster::{Event, Role};
+use cluster::Role;
+use cluster::primary::Event;
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::server::conn::http1;
@@ -33,7 +34,7 @@ async fn main(role: Role) -> std::io::Result<()> {
         Role::Primary(primary) => {
             tracing_subscriber::fmt().init();
             let mut events = primary.events();
-            for _ in 0..cluster::worker_count(None) {
+            for _ in 0..primary.settings().worker_count() {
                 primary.fork().await?;
             }
             loop {

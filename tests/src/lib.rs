@@ -164,9 +164,9 @@ pub struct Options {
 }
 
 impl Options {
-    /// As `cluster::ListenOptions`.
-    pub fn to_listen_options(self) -> cluster::ListenOptions {
-        cluster::ListenOptions::new()
+    /// As `cluster::net::ListenOptions`.
+    pub fn to_listen_options(self) -> cluster::net::ListenOptions {
+        cluster::net::ListenOptions::new()
             .backlog(self.backlog)
             .ipv6_only(self.ipv6_only)
             .reuse_addr(self.reuse_addr)
@@ -266,6 +266,16 @@ pub fn signal(pid: u32, signal: i32) -> std::io::Result<()> {
 /// Makes `command`'s process start with at most `limit` open files (soft and hard), so that it
 /// runs out of fds under load.
 pub fn limit_open_files(command: &mut std::process::Command, limit: u64) {
+    set_limit(command, libc::RLIMIT_NOFILE, limit);
+}
+
+/// Makes `command`'s process start with `RLIMIT_NPROC` at `limit` (soft and hard): its user
+/// may then run at most `limit` processes and threads (not enforced for root).
+pub fn limit_processes(command: &mut std::process::Command, limit: u64) {
+    set_limit(command, libc::RLIMIT_NPROC, limit);
+}
+
+fn set_limit(command: &mut std::process::Command, resource: libc::__rlimit_resource_t, limit: u64) {
     use std::os::unix::process::CommandExt;
     // SAFETY: the hook runs between fork and exec and only calls setrlimit(2), which is
     // async-signal-safe and allocates nothing.
@@ -275,7 +285,7 @@ pub fn limit_open_files(command: &mut std::process::Command, limit: u64) {
                 rlim_cur: limit,
                 rlim_max: limit,
             };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &rlimit) < 0 {
+            if libc::setrlimit(resource, &rlimit) < 0 {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())

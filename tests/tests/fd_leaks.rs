@@ -4,7 +4,7 @@
 
 mod support;
 
-use cluster::{Event, SchedulingPolicy};
+use cluster::primary::{Event, SchedulingPolicy, Signal};
 use cluster_tests::{Command, Listen, Options, Reply, UdpTarget};
 use support::{Cluster, open_fds, who};
 
@@ -42,7 +42,7 @@ async fn primary_fds_return_to_baseline() {
         assert!(matches!(cluster.ask(&b, udp).await, Reply::UdpBound { .. }));
         // One dies hard with a handoff in flight and, queued behind megabytes it will never
         // read, an fd sent with a message; the other leaves gracefully.
-        a.kill(libc::SIGSTOP).unwrap();
+        a.kill(Signal::STOP).unwrap();
         for index in 0..4 {
             let payload = vec![0; 1_000_000];
             a.send(&Command::Numbered { index, payload }).unwrap();
@@ -51,7 +51,7 @@ async fn primary_fds_return_to_baseline() {
         a.send_with_fd(&Command::CountFds, socket).unwrap();
         let client = tokio::spawn(who(port));
         let client2 = tokio::spawn(who(port));
-        a.kill(libc::SIGKILL).unwrap();
+        a.kill(Signal::KILL).unwrap();
         cluster
             .expect(&a, |e| matches!(e, Event::Exit { .. }))
             .await;

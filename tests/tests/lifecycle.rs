@@ -2,7 +2,7 @@
 
 mod support;
 
-use cluster::{Event, ExitStatus, WorkerState};
+use cluster::primary::{Event, ExitStatus, Signal, WorkerState};
 use cluster_tests::Command;
 use support::{Cluster, POLICIES, who};
 
@@ -61,12 +61,12 @@ async fn lifecycle_basic_in_node_order() {
         };
         assert_eq!(
             address,
-            cluster::ListenAddress::Ip(([127, 0, 0, 1], port).into()),
+            cluster::primary::ListenAddress::Ip(([127, 0, 0, 1], port).into()),
             "the real port, never 0"
         );
         assert_eq!(worker.state(), WorkerState::Listening);
         assert_eq!(who(port).await, 1);
-        worker.kill(libc::SIGTERM).unwrap();
+        worker.kill(Signal::TERM).unwrap();
         let life = cluster.life_of(&worker).await;
         assert_eq!(names(&life), ["disconnect", "exit"], "{policy:?}");
         assert!(matches!(
@@ -89,7 +89,7 @@ async fn lifecycle_basic_in_node_order() {
 
 #[tokio::test]
 async fn exit_code_is_reported_once_with_its_events() {
-    let mut cluster = Cluster::start(cluster::SchedulingPolicy::RoundRobin);
+    let mut cluster = Cluster::start(cluster::primary::SchedulingPolicy::RoundRobin);
     let worker = cluster.fork().await;
     worker.send(&Command::Exit { code: 42 }).unwrap();
     let life = cluster.life_of(&worker).await;
@@ -106,10 +106,10 @@ async fn exit_code_is_reported_once_with_its_events() {
 
 #[tokio::test]
 async fn kill_from_primary_and_external_sigkill() {
-    let mut cluster = Cluster::start(cluster::SchedulingPolicy::RoundRobin);
+    let mut cluster = Cluster::start(cluster::primary::SchedulingPolicy::RoundRobin);
     let killed = cluster.fork().await;
     let external = cluster.fork().await;
-    killed.kill(libc::SIGKILL).unwrap();
+    killed.kill(Signal::KILL).unwrap();
     // Someone else kills the other one: the primary learns it the same way.
     cluster_tests::signal(external.pid(), libc::SIGKILL).unwrap();
     for worker in [&killed, &external] {
@@ -122,7 +122,7 @@ async fn kill_from_primary_and_external_sigkill() {
         assert_eq!(worker.exited_after_disconnect(), Some(false));
     }
     // Killing a dead worker does nothing (its pid may belong to someone else by now).
-    killed.kill(libc::SIGKILL).unwrap();
+    killed.kill(Signal::KILL).unwrap();
 }
 
 #[tokio::test]
@@ -155,7 +155,7 @@ async fn primary_disconnect_is_graceful_and_on_purpose() {
 
 #[tokio::test]
 async fn worker_initiated_disconnect_is_on_purpose() {
-    let mut cluster = Cluster::start(cluster::SchedulingPolicy::RoundRobin);
+    let mut cluster = Cluster::start(cluster::primary::SchedulingPolicy::RoundRobin);
     let worker = cluster.fork().await;
     worker.send(&Command::Disconnect).unwrap();
     let life = cluster.life_of(&worker).await;
@@ -197,7 +197,7 @@ async fn a_worker_that_leaves_is_disconnected_while_it_finishes_its_connections(
 
 #[tokio::test]
 async fn cluster_disconnect_all_then_again() {
-    let mut cluster = Cluster::start(cluster::SchedulingPolicy::RoundRobin);
+    let mut cluster = Cluster::start(cluster::primary::SchedulingPolicy::RoundRobin);
     // With no workers it completes at once.
     cluster.primary.disconnect().await.unwrap();
     for round in 0..2 {
@@ -224,7 +224,7 @@ async fn disconnect_waits_for_open_connections() {
     }
 }
 
-async fn disconnect_waits_for_open_connections_under(policy: cluster::SchedulingPolicy) {
+async fn disconnect_waits_for_open_connections_under(policy: cluster::primary::SchedulingPolicy) {
     let mut cluster = Cluster::start(policy);
     let worker = cluster.fork().await;
     let port = cluster.listen(&worker, "127.0.0.1:0").await;
@@ -261,7 +261,7 @@ async fn disconnect_waits_for_open_connections_under(policy: cluster::Scheduling
 
 #[tokio::test]
 async fn concurrent_disconnects_and_kills_leave_a_working_primary() {
-    let mut cluster = Cluster::start(cluster::SchedulingPolicy::RoundRobin);
+    let mut cluster = Cluster::start(cluster::primary::SchedulingPolicy::RoundRobin);
     let mut workers = Vec::new();
     for _ in 0..4 {
         let w = cluster.fork().await;
@@ -273,7 +273,7 @@ async fn concurrent_disconnects_and_kills_leave_a_working_primary() {
         storm.spawn(async move {
             match i % 3 {
                 0 => w.disconnect().await.unwrap(),
-                1 => w.kill(libc::SIGKILL).unwrap(),
+                1 => w.kill(Signal::KILL).unwrap(),
                 _ => w.send(&Command::Disconnect).unwrap(),
             }
         });
@@ -299,9 +299,8 @@ async fn concurrent_disconnects_and_kills_leave_a_working_primary() {
 #[tokio::test]
 async fn environment_cwd_and_hidden_role_markers() {
     let dir = std::env::temp_dir();
-    let mut cluster = Cluster::with(cluster::SchedulingPolicy::RoundRobin, |s| {
-        s.env.push(("FROM_SETTINGS".into(), "all".into()));
-        s.cwd = Some(dir.clone());
+    let mut cluster = Cluster::with(cluster::primary::SchedulingPolicy::RoundRobin, |s| {
+        s.env("FROM_SETTINGS", "all").cwd(&dir)
     });
     let worker = cluster
         .primary
@@ -343,8 +342,8 @@ async fn environment_cwd_and_hidden_role_markers() {
 
 #[tokio::test]
 async fn a_worker_whose_runtime_blocks_is_killed_for_missing_heartbeats() {
-    let mut cluster = Cluster::with(cluster::SchedulingPolicy::RoundRobin, |s| {
-        s.heartbeat_timeout = Some(std::time::Duration::from_secs(3));
+    let mut cluster = Cluster::with(cluster::primary::SchedulingPolicy::RoundRobin, |s| {
+        s.heartbeat_timeout(std::time::Duration::from_secs(3))
     });
     let blocked = cluster.fork().await;
     let healthy = cluster.fork().await;
@@ -356,10 +355,10 @@ async fn a_worker_whose_runtime_blocks_is_killed_for_missing_heartbeats() {
         unreachable!()
     };
     assert_eq!(status, ExitStatus::Signal(libc::SIGKILL));
-    assert_eq!(killed, Some(cluster::KillReason::HeartbeatTimeout));
+    assert_eq!(killed, Some(cluster::primary::KillReason::HeartbeatTimeout));
     assert_eq!(
         blocked.killed(),
-        Some(cluster::KillReason::HeartbeatTimeout)
+        Some(cluster::primary::KillReason::HeartbeatTimeout)
     );
     // Its sibling keeps beating and serving.
     let port = cluster.listen(&healthy, "127.0.0.1:0").await;
@@ -368,8 +367,33 @@ async fn a_worker_whose_runtime_blocks_is_killed_for_missing_heartbeats() {
 }
 
 #[tokio::test]
-async fn scaling_without_a_supervisor_is_a_clear_error() {
-    let cluster = Cluster::start(cluster::SchedulingPolicy::RoundRobin);
-    let error = cluster.primary.scale(3).await.unwrap_err();
-    assert!(error.to_string().contains("no supervisor"), "{error}");
+async fn a_supervisor_handle_scales_and_is_refused_once_its_supervisor_is_gone() {
+    use cluster::supervisor::{Supervisor, SupervisorError};
+    let mut cluster = Cluster::with(cluster::primary::SchedulingPolicy::RoundRobin, |s| {
+        s.workers(1)
+    });
+    let supervisor = Supervisor::new(cluster.primary.clone());
+    let handle = supervisor.handle();
+    let running = tokio::spawn(supervisor.run());
+    let mut forked = Vec::new();
+    let next_fork = async |cluster: &mut Cluster| loop {
+        if let Event::Fork(worker) = cluster.event().await {
+            cluster.adopt(&worker);
+            return worker;
+        }
+    };
+    forked.push(next_fork(&mut cluster).await);
+    handle.scale(2).await.expect("the supervisor runs");
+    forked.push(next_fork(&mut cluster).await);
+    assert_ne!(forked[0].id(), forked[1].id());
+    running.abort();
+    assert!(running.await.unwrap_err().is_cancelled());
+    assert!(matches!(
+        handle.scale(3).await,
+        Err(SupervisorError::Stopped)
+    ));
+    assert!(matches!(
+        handle.reload().await,
+        Err(cluster::supervisor::ReloadError::Stopped)
+    ));
 }

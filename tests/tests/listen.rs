@@ -2,7 +2,7 @@
 
 mod support;
 
-use cluster::SchedulingPolicy;
+use cluster::primary::SchedulingPolicy;
 use cluster_tests::{Command, Reply};
 use support::{Cluster, POLICIES, who};
 

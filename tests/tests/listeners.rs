@@ -7,7 +7,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use cluster::{SchedulingPolicy, WorkerHandle};
+use cluster::primary::{SchedulingPolicy, Signal, WorkerHandle};
 use cluster_tests::{Command, Listen, Options, Reply, UdpTarget};
 use support::{Cluster, POLICIES, WAIT, who};
 use tokio::io::AsyncReadExt;
@@ -376,7 +376,7 @@ async fn udp_is_shared_by_every_worker_even_under_round_robin() {
         answered.push(id);
         if round < 3 {
             let w = workers.iter().find(|w| w.id().get() == id).unwrap();
-            w.kill(libc::SIGKILL).unwrap();
+            w.kill(Signal::KILL).unwrap();
             tokio::time::timeout(WAIT, w.exited()).await.unwrap();
         }
     }
@@ -441,7 +441,9 @@ async fn outside_a_worker_the_listeners_bind_themselves() {
     // This test process is no worker: the same API binds here, as a plain server would.
     let scratch = Scratch::new("unclustered");
     let path = scratch.0.join("plain.sock");
-    let mut unix = cluster::ClusterUnixListener::bind(&path).await.unwrap();
+    let mut unix = cluster::net::ClusterUnixListener::bind(&path)
+        .await
+        .unwrap();
     assert_eq!(unix.path(), path);
     let client = tokio::net::UnixStream::connect(&path).await.unwrap();
     let (_served, _) = tokio::time::timeout(WAIT, unix.accept())
@@ -454,7 +456,7 @@ async fn outside_a_worker_the_listeners_bind_themselves() {
         "an unclustered listener removes its socket file"
     );
 
-    let udp = cluster::ClusterUdpSocket::bind("127.0.0.1:0")
+    let udp = cluster::net::ClusterUdpSocket::bind("127.0.0.1:0")
         .await
         .unwrap();
     let port = udp.local_addr().unwrap().port();

@@ -5,12 +5,15 @@ mod support;
 
 use std::io::Read;
 
-use cluster::{Event, RequestError, SchedulingPolicy};
+use cluster::message::RequestError;
+use cluster::primary::{Event, SchedulingPolicy, Signal};
 use cluster_tests::{Command, Reply};
 use support::{Cluster, WAIT};
 
 /// The next message event of any worker, decoded as a `Reply`.
-async fn next_reply(cluster: &mut Cluster) -> (cluster::WorkerHandle, cluster::Message) {
+async fn next_reply(
+    cluster: &mut Cluster,
+) -> (cluster::primary::WorkerHandle, cluster::message::Message) {
     loop {
         if let Event::Message { worker, message } = cluster.event().await {
             return (worker, message);
@@ -65,7 +68,7 @@ async fn messages_arrive_in_order_both_ways_small_and_large() {
 async fn a_message_over_the_limit_is_refused_before_anything_is_sent() {
     let mut cluster = Cluster::start(SchedulingPolicy::RoundRobin);
     let w = cluster.fork().await;
-    let too_large = vec![0u8; cluster::proto::user::MAX_MESSAGE + 1];
+    let too_large = vec![0u8; cluster::message::MAX_MESSAGE + 1];
     let error = w.send(&too_large).unwrap_err();
     assert_eq!(error.kind(), std::io::ErrorKind::InvalidInput, "{error}");
     assert!(error.to_string().contains("exceeds"), "{error}");
@@ -151,7 +154,7 @@ async fn requests_are_answered_refused_or_timed_out_both_ways() {
         }
     );
     // A request to a worker that is gone fails as such.
-    w.kill(libc::SIGKILL).unwrap();
+    w.kill(Signal::KILL).unwrap();
     tokio::time::timeout(WAIT, w.exited()).await.unwrap();
     let gone = w.request::<_, Reply>(&question("hi")).await.unwrap_err();
     assert!(matches!(gone, RequestError::Disconnected), "{gone:?}");

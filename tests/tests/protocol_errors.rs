@@ -3,8 +3,7 @@
 
 mod support;
 
-use cluster::proto::{LinkError, ProtocolError};
-use cluster::{Event, SchedulingPolicy};
+use cluster::primary::{Event, LinkError, ProtocolError, SchedulingPolicy};
 use support::{Cluster, who};
 
 type Expected = fn(&ProtocolError) -> bool;
@@ -15,7 +14,7 @@ async fn a_rogue_worker_is_disconnected_and_the_primary_carries_on() {
     let good = cluster.fork().await;
     let port = cluster.listen(&good, "127.0.0.1:0").await;
     let mut rogue_cluster = Cluster::with(SchedulingPolicy::RoundRobin, |s| {
-        s.exec = Some(env!("CARGO_BIN_EXE_rogue").into());
+        s.exec(env!("CARGO_BIN_EXE_rogue"))
     });
     let expectations: [(&str, Expected); 5] = [
         ("garbage", |e| matches!(e, ProtocolError::Decode(_))),
@@ -71,7 +70,7 @@ async fn a_rogue_worker_is_disconnected_and_the_primary_carries_on() {
 #[tokio::test]
 async fn a_worker_that_stops_reading_is_still_heard() {
     let mut cluster = Cluster::with(SchedulingPolicy::RoundRobin, |s| {
-        s.exec = Some(env!("CARGO_BIN_EXE_rogue").into());
+        s.exec(env!("CARGO_BIN_EXE_rogue"))
     });
     let rogue = cluster
         .primary

@@ -152,7 +152,7 @@ fn sigterm_lets_requests_in_flight_complete() {
 fn a_hung_worker_is_detected_and_replaced() {
     let env = [
         ("CLUSTER_WORKERS", "2"),
-        ("CLUSTER_HEARTBEAT_TIMEOUT_MS", "3000"),
+        ("CLUSTER_HEARTBEAT_TIMEOUT", "3s"),
         ("RUST_LOG", "info"),
     ];
     let mut program = Program::start(env!("CARGO_BIN_EXE_http_fixture"), &env);

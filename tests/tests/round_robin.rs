@@ -2,7 +2,7 @@
 
 mod support;
 
-use cluster::{Event, SchedulingPolicy};
+use cluster::primary::{Event, SchedulingPolicy, Signal};
 use cluster_tests::{Command, Reply};
 use support::{Cluster, who};
 
@@ -29,11 +29,11 @@ async fn sequential_connections_rotate_strictly() {
 
 #[tokio::test]
 async fn connection_in_flight_to_a_killed_worker_is_served_by_another() {
-    let mut cluster = Cluster::with(SchedulingPolicy::RoundRobin, |s| s.window = 1);
+    let mut cluster = Cluster::with(SchedulingPolicy::RoundRobin, |s| s.window(1));
     let hung = cluster.fork().await;
     let port = cluster.listen(&hung, "127.0.0.1:0").await;
     // It stops reading its link: the next connection is handed to it and never acked.
-    hung.kill(libc::SIGSTOP).unwrap();
+    hung.kill(Signal::STOP).unwrap();
     let client = tokio::spawn(who(port));
     // Wait until the handoff is in flight to it (it is the only worker, so it gets it).
     let deadline = tokio::time::Instant::now() + support::WAIT;
@@ -54,7 +54,7 @@ async fn connection_in_flight_to_a_killed_worker_is_served_by_another() {
     }
     let healthy = cluster.fork().await;
     assert_eq!(cluster.listen(&healthy, "127.0.0.1:0").await, port);
-    hung.kill(libc::SIGKILL).unwrap();
+    hung.kill(Signal::KILL).unwrap();
     cluster
         .expect(&hung, |e| matches!(e, Event::Exit { .. }))
         .await;
@@ -69,14 +69,14 @@ async fn connection_in_flight_to_a_killed_worker_is_served_by_another() {
 #[tokio::test]
 async fn worker_that_never_acks_is_killed_at_the_deadline_and_its_connection_served() {
     let mut cluster = Cluster::with(SchedulingPolicy::RoundRobin, |s| {
-        s.window = 1;
-        s.handoff_timeout = std::time::Duration::from_millis(300);
+        s.window(1)
+            .handoff_timeout(std::time::Duration::from_millis(300))
     });
     let stopped = cluster.fork().await;
     let healthy = cluster.fork().await;
     let port = cluster.listen(&stopped, "127.0.0.1:0").await;
     assert_eq!(cluster.listen(&healthy, "127.0.0.1:0").await, port);
-    stopped.kill(libc::SIGSTOP).unwrap();
+    stopped.kill(Signal::STOP).unwrap();
     // Round robin sends one of these to the stopped worker; nobody kills it but the primary.
     let clients: Vec<_> = (0..4).map(|_| tokio::spawn(who(port))).collect();
     let error = cluster
@@ -85,7 +85,7 @@ async fn worker_that_never_acks_is_killed_at_the_deadline_and_its_connection_ser
     assert!(matches!(
         error,
         Event::Error {
-            error: cluster::proto::ProtocolError::HandoffTimeout { .. },
+            error: cluster::primary::ProtocolError::HandoffTimeout { .. },
             ..
         }
     ));
@@ -94,7 +94,7 @@ async fn worker_that_never_acks_is_killed_at_the_deadline_and_its_connection_ser
         .await;
     assert_eq!(
         stopped.exit_status(),
-        Some(cluster::ExitStatus::Signal(libc::SIGKILL))
+        Some(cluster::primary::ExitStatus::Signal(libc::SIGKILL))
     );
     for client in clients {
         let served_by = tokio::time::timeout(support::WAIT, client)
@@ -133,7 +133,10 @@ async fn connections_queued_in_a_closing_listener_go_to_another_worker() {
         if disconnect {
             slow.disconnect().await.unwrap();
             // It left gracefully, within the deadline, not killed by it.
-            assert_eq!(slow.exit_status(), Some(cluster::ExitStatus::Code(0)));
+            assert_eq!(
+                slow.exit_status(),
+                Some(cluster::primary::ExitStatus::Code(0))
+            );
         } else {
             assert_eq!(
                 cluster.ask(&slow, Command::Close { index: 0 }).await,
@@ -159,8 +162,8 @@ fn all_connected(clients: &[tokio::task::JoinHandle<u64>]) -> bool {
 async fn until(
     cluster: &Cluster,
     what: &str,
-    done: impl Fn(&cluster::Stats) -> bool,
-) -> cluster::Stats {
+    done: impl Fn(&cluster::primary::Stats) -> bool,
+) -> cluster::primary::Stats {
     let deadline = tokio::time::Instant::now() + support::WAIT;
     loop {
         let stats = cluster.primary.stats().await.unwrap();
@@ -175,7 +178,10 @@ async fn until(
     }
 }
 
-fn worker_stats(stats: &cluster::Stats, worker: &cluster::WorkerHandle) -> cluster::WorkerStats {
+fn worker_stats(
+    stats: &cluster::primary::Stats,
+    worker: &cluster::primary::WorkerHandle,
+) -> cluster::primary::WorkerStats {
     stats
         .workers
         .iter()
@@ -188,10 +194,10 @@ fn worker_stats(stats: &cluster::Stats, worker: &cluster::WorkerHandle) -> clust
 async fn a_stuck_worker_holds_at_most_its_window_and_a_new_worker_drains_the_queue() {
     // Node's rule (window 1): the blocked worker holds one connection, the rest wait for the
     // next worker and flow to it as soon as it joins.
-    let mut cluster = Cluster::with(SchedulingPolicy::RoundRobin, |s| s.window = 1);
+    let mut cluster = Cluster::with(SchedulingPolicy::RoundRobin, |s| s.window(1));
     let stuck = cluster.fork().await;
     let port = cluster.listen(&stuck, "127.0.0.1:0").await;
-    stuck.kill(libc::SIGSTOP).unwrap();
+    stuck.kill(Signal::STOP).unwrap();
     let clients: Vec<_> = (0..4).map(|_| tokio::spawn(who(port))).collect();
     // One is in the stuck worker's receive queue (the primary keeps no copy of what it sent),
     // three wait in the primary.
@@ -207,7 +213,7 @@ async fn a_stuck_worker_holds_at_most_its_window_and_a_new_worker_drains_the_que
         w.handoffs == 3 && w.in_flight == 0
     })
     .await;
-    stuck.kill(libc::SIGCONT).unwrap();
+    stuck.kill(Signal::CONT).unwrap();
     let mut served = std::collections::BTreeMap::new();
     for client in clients {
         let id = tokio::time::timeout(support::WAIT, client)
@@ -224,7 +230,10 @@ async fn a_stuck_worker_holds_at_most_its_window_and_a_new_worker_drains_the_que
 async fn full_workers_are_not_ping_ponged_and_lose_nothing() {
     // Both workers stop accepting: each fills its listener queue, refuses what was in flight, and
     // is offered nothing more; the rest wait in the primary (bounded) until a worker has room.
-    let mut cluster = Cluster::with(SchedulingPolicy::RoundRobin, |s| s.max_queued = 64);
+    const WINDOW: usize = 8;
+    let mut cluster = Cluster::with(SchedulingPolicy::RoundRobin, |s| {
+        s.max_queued(64).window(WINDOW)
+    });
     let a = cluster.fork().await;
     let b = cluster.fork().await;
     let port = cluster.listen(&a, "127.0.0.1:0").await;
@@ -246,7 +255,7 @@ async fn full_workers_are_not_ping_ponged_and_lose_nothing() {
     // Handoffs already in flight when the queue filled are refused too: at most one window's
     // worth per worker, then nothing more. Node bounces such a connection thousands of times
     // a second.
-    let window = u64::try_from(cluster.primary.settings().window).unwrap();
+    let window = u64::try_from(WINDOW).unwrap();
     for w in &stats.workers {
         assert!((1..=window).contains(&w.refused), "no ping-pong: {stats:?}");
         assert_eq!(
@@ -273,10 +282,10 @@ async fn full_workers_are_not_ping_ponged_and_lose_nothing() {
 
 #[tokio::test]
 async fn closing_with_a_connection_in_flight_serves_it_elsewhere() {
-    let mut cluster = Cluster::with(SchedulingPolicy::RoundRobin, |s| s.window = 1);
+    let mut cluster = Cluster::with(SchedulingPolicy::RoundRobin, |s| s.window(1));
     let closing = cluster.fork().await;
     let port = cluster.listen(&closing, "127.0.0.1:0").await;
-    closing.kill(libc::SIGSTOP).unwrap();
+    closing.kill(Signal::STOP).unwrap();
     let client = tokio::spawn(who(port));
     until(&cluster, "the handoff is in flight", |s| {
         s.workers.iter().any(|w| w.in_flight == 1)
@@ -288,7 +297,7 @@ async fn closing_with_a_connection_in_flight_serves_it_elsewhere() {
     // it closes; if not, the connection is refused or given back and served by the other worker.
     // Either way it is served, never dropped (Node's worker-handle-close).
     closing.send(&Command::Close { index: 0 }).unwrap();
-    closing.kill(libc::SIGCONT).unwrap();
+    closing.kill(Signal::CONT).unwrap();
     let served_by = tokio::time::timeout(support::WAIT, client)
         .await
         .expect("client hung")

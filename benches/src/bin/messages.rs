@@ -11,7 +11,8 @@
 
 use std::time::{Duration, Instant};
 
-use cluster::{Event, Role, RuntimeOptions};
+use cluster::primary::Event;
+use cluster::{Role, Settings};
 use serde::{Deserialize, Serialize};
 
 const COUNT: u64 = 200_000;
@@ -35,7 +36,7 @@ enum ToPrimary {
 }
 
 fn main() {
-    cluster::run(RuntimeOptions::new(), |role| async move {
+    cluster::run(Settings::new(), |role| async move {
         match role {
             Role::Primary(primary) => measure(primary).await,
             Role::Worker(worker) => answer(worker).await,

@@ -4,7 +4,7 @@
 //! to find the span of its last statement), errors are `syn::Error`s combined into one, and on
 //! error the function is still expanded as far as possible so that IDEs keep working.
 
-use proc_macro2::{Delimiter, Group, Literal, Span, TokenStream, TokenTree};
+use proc_macro2::{Delimiter, Group, Ident, Literal, Span, TokenStream, TokenTree};
 use quote::{ToTokens, quote, quote_spanned};
 use syn::parse::{Parse, ParseStream, Parser};
 use syn::punctuated::Punctuated;
@@ -17,10 +17,17 @@ use syn::{
 type AttributeArgs = Punctuated<Meta, Token![,]>;
 
 /// The arguments `#[cluster::main]` accepts, as listed in error messages.
-const KEYS: [&str; 4] = ["workers", "flavor", "worker_threads", "crate"];
+const KEYS: [&str; 6] = [
+    "workers",
+    "flavor",
+    "worker_threads",
+    "settings",
+    "env",
+    "crate",
+];
 
 /// The flavor of the worker runtimes (the primary always runs on a current-thread runtime).
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Flavor {
     CurrentThread,
     MultiThread,
@@ -57,6 +64,10 @@ struct Config {
     workers: Option<(usize, MetaNameValue)>,
     flavor: Option<Flavor>,
     worker_threads: Option<(usize, MetaNameValue)>,
+    /// `settings = path`: the function whose `Settings` the options are applied on.
+    settings: Option<syn::ExprPath>,
+    /// `env = false`: whether the `CLUSTER_*` environment overrides apply (by default, yes).
+    env: Option<bool>,
     crate_path: Option<Path>,
     /// The keys seen so far, valid or not, to report duplicates.
     seen: Vec<String>,
@@ -118,6 +129,15 @@ impl Config {
                     .map_err(|msg| syn::Error::new_spanned(&value, msg))?;
                 self.flavor = Some(flavor);
             }
+            "settings" => self.settings = Some(parse_settings_path(&arg.value)?),
+            "env" => match literal(&arg.value) {
+                Some(Lit::Bool(value)) => self.env = Some(value.value),
+                _ => {
+                    let msg = "`env` must be `true` or `false`: `env = false` leaves out the \
+                               `CLUSTER_*` environment overrides";
+                    return Err(syn::Error::new_spanned(&arg.value, msg));
+                }
+            },
             "crate" => {
                 let value = parse_str(&arg, "crate = \"cluster\"")?;
                 let path = value.parse::<Path>().map_err(|_| {
@@ -141,8 +161,12 @@ impl Config {
                        `cluster::Role` forks its workers itself, with `Primary::fork`";
             errors.push(syn::Error::new_spanned(arg, msg));
         }
+        // With `settings = f` and no `flavor`, the flavor is whatever `f` sets: `configure`
+        // checks it when the program starts.
+        let flavor_unknown = self.flavor.is_none() && self.settings.is_some();
         if let Some((threads, arg)) = &self.worker_threads
             && self.flavor != Some(Flavor::MultiThread)
+            && !flavor_unknown
         {
             let msg = format!(
                 "`worker_threads` requires the `multi_thread` runtime flavor: use \
@@ -152,24 +176,80 @@ impl Config {
         }
     }
 
-    /// `RuntimeOptions::new()` with the options set, for where `__private` is in scope.
-    fn runtime_options(&self) -> TokenStream {
-        let mut options = quote! { __private::RuntimeOptions::new() };
+    /// The statements that compute the settings into `settings` (an identifier of the caller,
+    /// so that the body cannot see it), for where `__private` is in scope: the `settings`
+    /// function's or the defaults, the macro's own options on top, then `configure`.
+    fn settings(&self, settings: &Ident, form: &Form) -> TokenStream {
+        let start = match &self.settings {
+            // `(path)()`, annotated with the type it must have: a function of another type is
+            // reported at the path.
+            Some(path) => {
+                let (path_start, path_end) = span_range(path.to_token_stream());
+                let mut callee = Group::new(Delimiter::Parenthesis, path.to_token_stream());
+                callee.set_span(path_start);
+                let mut call = Group::new(Delimiter::Parenthesis, TokenStream::new());
+                call.set_span(path_end);
+                let ty = quote_spanned!(path_start=> __private::Settings);
+                quote! { let #settings: #ty = #callee #call; }
+            }
+            None => quote! { let #settings = __private::Settings::new(); },
+        };
+        let mut options = TokenStream::new();
+        if let (Form::Workers, Some((workers, _))) = (form, &self.workers) {
+            let workers = Literal::usize_suffixed(*workers);
+            options.extend(quote! { .workers(#workers) });
+        }
         match self.flavor {
             Some(Flavor::CurrentThread) => {
-                options = quote! { #options.flavor(__private::Flavor::CurrentThread) };
+                options.extend(quote! { .flavor(__private::Flavor::CurrentThread) });
             }
             Some(Flavor::MultiThread) => {
-                options = quote! { #options.flavor(__private::Flavor::MultiThread) };
+                options.extend(quote! { .flavor(__private::Flavor::MultiThread) });
             }
             None => {}
         }
         if let Some((threads, _)) = &self.worker_threads {
             let threads = Literal::usize_suffixed(*threads);
-            options = quote! { #options.worker_threads(#threads) };
+            options.extend(quote! { .worker_threads(#threads) });
         }
-        options
+        let env = self.env.unwrap_or(true);
+        quote! {
+            #start
+            let #settings = __private::configure(#settings #options, #env);
+        }
     }
+}
+
+/// The `settings = path` value: a path (`my_settings`, `crate::config::settings`), with hints
+/// for a string, a call or anything else.
+fn parse_settings_path(value: &Expr) -> syn::Result<syn::ExprPath> {
+    let example = "`settings = my_settings`, where `fn my_settings() -> cluster::Settings`";
+    let msg = match value {
+        Expr::Group(group) => return parse_settings_path(&group.expr),
+        Expr::Path(path) if path.attrs.is_empty() => return Ok(path.clone()),
+        Expr::Lit(syn::ExprLit {
+            lit: Lit::Str(string),
+            ..
+        }) => match string.parse::<Path>() {
+            Ok(path) => {
+                let path = path.to_token_stream().to_string().replace(' ', "");
+                format!(
+                    "`settings` takes a path, not a string: `settings = {path}` (without the \
+                     quotes)"
+                )
+            }
+            Err(_) => format!("`settings` must be the path of a function: {example}"),
+        },
+        Expr::Call(call) if call.args.is_empty() && matches!(*call.func, Expr::Path(_)) => {
+            let path = call.func.to_token_stream().to_string().replace(' ', "");
+            format!(
+                "`settings` takes the function, not a call to it: `settings = {path}` (the macro \
+                 calls it)"
+            )
+        }
+        _ => format!("`settings` must be the path of a function: {example}"),
+    };
+    Err(syn::Error::new_spanned(value, msg))
 }
 
 /// The name of an argument, if it is one `#[cluster::main]` knows.
@@ -195,6 +275,12 @@ fn bare_path_error(path: &Path) -> syn::Error {
         "workers" => "`workers` requires a value: `workers = 4`".to_owned(),
         "worker_threads" => "`worker_threads` requires a value: `worker_threads = 4`".to_owned(),
         "flavor" => "`flavor` requires a value: `flavor = \"multi_thread\"`".to_owned(),
+        "settings" => "`settings` requires a value: `settings = my_settings`, where \
+                       `fn my_settings() -> cluster::Settings`"
+            .to_owned(),
+        "env" => "`env` requires a value: `env = false` leaves out the `CLUSTER_*` environment \
+                  overrides (`env = true` is the default)"
+            .to_owned(),
         "crate" => "`crate` requires a value: `crate = \"cluster\"`".to_owned(),
         "multi_thread" | "current_thread" => {
             format!("set the runtime flavor with `#[cluster::main(flavor = \"{name}\")]`")
@@ -208,7 +294,7 @@ fn bare_path_error(path: &Path) -> syn::Error {
     syn::Error::new_spanned(path, msg)
 }
 
-/// `` `workers`, `flavor`, `worker_threads`, `crate` ``.
+/// `` `workers`, `flavor`, `worker_threads`, `settings`, `env`, `crate` ``.
 fn list_keys() -> String {
     KEYS.iter()
         .map(|key| format!("`{key}`"))
@@ -266,10 +352,24 @@ enum Form {
 }
 
 /// Checks the signature and tells the form of the function.
-fn check_signature(sig: &Signature, errors: &mut Errors) -> Form {
+fn check_signature(input: &MainFn, errors: &mut Errors) -> Form {
+    let sig = &input.sig;
     if sig.asyncness.is_none() {
-        let msg = "the `async` keyword is missing from the function declaration";
-        errors.push(syn::Error::new_spanned(sig.fn_token, msg));
+        let error = match input.expanded_by_tokio() {
+            // The `let` that starts the body `tokio::main` wrote has the span of its attribute.
+            Some((attr, span)) => {
+                let msg = format!(
+                    "`{attr}` above `#[cluster::main]` already turned this function into a Tokio \
+                     runtime: `#[cluster::main]` builds the runtimes itself; remove `{attr}`"
+                );
+                syn::Error::new(span, msg)
+            }
+            None => syn::Error::new_spanned(
+                sig.fn_token,
+                "the `async` keyword is missing from the function declaration",
+            ),
+        };
+        errors.push(error);
     }
     if !sig.generics.params.is_empty() {
         let msg = "a `#[cluster::main]` function cannot have generic parameters";
@@ -318,7 +418,8 @@ fn check_signature(sig: &Signature, errors: &mut Errors) -> Form {
 }
 
 /// Expands the function: the same function, not `async` and without parameters, whose body
-/// runs the original one through `cluster::__private::run` or `run_workers`.
+/// computes the `Settings` and runs the original body through `cluster::__private::run` or
+/// `run_workers`.
 fn expand(mut input: MainFn, config: &Config, form: Form) -> TokenStream {
     input.sig.asyncness = None;
     input.sig.inputs = Punctuated::new();
@@ -336,7 +437,9 @@ fn expand(mut input: MainFn, config: &Config, form: Form) -> TokenStream {
         Some(path) => path.to_token_stream(),
         None => quote! { ::cluster },
     };
-    let options = config.runtime_options();
+    // The generated locals are invisible to the user's tokens (the body, the `settings` path).
+    let settings = Ident::new("settings", Span::mixed_site());
+    let settings_stmts = config.settings(&settings, &form);
 
     let output_type = match &input.sig.output {
         ReturnType::Default => quote! { () },
@@ -382,37 +485,30 @@ fn expand(mut input: MainFn, config: &Config, form: Form) -> TokenStream {
         },
     );
     closure_body.set_span(param_end);
+    let body_ident = Ident::new("body", Span::mixed_site());
     let body = quote! {
-        let body = #open #params #close #closure_body;
+        let #body_ident = #open #params #close #closure_body;
     };
 
     let (callee, args) = match form {
         Form::Role(param) => {
             let (ty_start, ty_end) = span_range(param.ty.to_token_stream());
             let identity = quote_spanned!(ty_start=> ::core::convert::identity);
-            let body = quote_spanned!(ty_end=> (body));
+            let body_ident = Ident::new("body", Span::mixed_site().located_at(ty_end));
+            let body = quote_spanned!(ty_end=> (#body_ident));
             (
                 quote_spanned! {last_start=> __private::run },
-                quote! { #options, #identity #body },
+                quote! { #settings, #identity #body },
             )
         }
-        Form::Workers => {
-            let workers = match &config.workers {
-                Some((workers, _)) => {
-                    let workers = Literal::usize_suffixed(*workers);
-                    quote! { ::core::option::Option::Some(#workers) }
-                }
-                None => quote! { ::core::option::Option::None },
-            };
-            (
-                quote_spanned! {last_start=> __private::run_workers },
-                quote! { #options, #workers, body },
-            )
-        }
+        Form::Workers => (
+            quote_spanned! {last_start=> __private::run_workers },
+            quote! { #settings, #body_ident },
+        ),
         // Already reported: the body is type-checked, but nothing runs it.
         Form::Invalid(_) => {
             let last_block = quote! {
-                let _ = body;
+                let _ = #body_ident;
                 ::core::panic!("`#[cluster::main]` failed to expand")
             };
             return input.into_tokens(body, last_block);
@@ -424,6 +520,7 @@ fn expand(mut input: MainFn, config: &Config, form: Form) -> TokenStream {
         #[allow(clippy::needless_return, clippy::diverging_sub_expression, unused_qualifications)]
         {
             use #krate::__private;
+            #settings_stmts
             return #callee(#args);
         }
     };
@@ -493,6 +590,83 @@ impl Errors {
     }
 }
 
+/// The runtime attributes `#[cluster::main]` cannot share a function with, by the last two
+/// segments of their path (a bare `#[main]` or `#[test]` could be anything).
+const RUNTIME_ATTRIBUTES: [[&str; 2]; 8] = [
+    ["tokio", "main"],
+    ["tokio", "test"],
+    ["actix_web", "main"],
+    ["actix_rt", "main"],
+    ["async_std", "main"],
+    ["smol_potat", "main"],
+    ["compio", "main"],
+    ["monoio", "main"],
+];
+
+/// The last two segments of an attribute's path, if it has two or more (`tokio::main` for
+/// `#[::tokio::main(flavor = "multi_thread")]`).
+fn last_two_segments(attr: &Attribute) -> Option<[String; 2]> {
+    let segments = &attr.path().segments;
+    let mut last = segments
+        .iter()
+        .rev()
+        .map(|segment| segment.ident.to_string());
+    match (last.next(), last.next()) {
+        (Some(name), Some(krate)) => Some([krate, name]),
+        _ => None,
+    }
+}
+
+/// The error for an attribute below `#[cluster::main]` that must not be there, if it is one.
+fn stacked_attribute_error(attr: &Attribute) -> Option<syn::Error> {
+    let [krate, name] = last_two_segments(attr)?;
+    let msg = if [krate.as_str(), name.as_str()] == ["cluster", "main"] {
+        "`#[cluster::main]` is applied more than once to this function: remove one".to_owned()
+    } else if RUNTIME_ATTRIBUTES.contains(&[krate.as_str(), name.as_str()]) {
+        let hint = if krate == "tokio" && name == "main" {
+            " (for a multi-thread runtime in each worker: \
+             `#[cluster::main(flavor = \"multi_thread\")]`)"
+        } else {
+            ""
+        };
+        format!(
+            "`#[{krate}::{name}]` cannot be combined with `#[cluster::main]`: `#[cluster::main]` \
+             builds the Tokio runtime of the primary and of every worker itself; remove \
+             `#[{krate}::{name}]`{hint}"
+        )
+    } else {
+        return None;
+    };
+    Some(syn::Error::new_spanned(attr, msg))
+}
+
+/// Whether a body contains the path `runtime::Builder` (as in `tokio::runtime::Builder`) or the
+/// message `"Failed building the Runtime"`, looking into every group.
+fn builds_tokio_runtime(tokens: TokenStream) -> bool {
+    let tokens: Vec<TokenTree> = tokens.into_iter().collect();
+    tokens.iter().enumerate().any(|(i, token)| match token {
+        TokenTree::Group(group) => builds_tokio_runtime(group.stream()),
+        TokenTree::Literal(literal) => literal.to_string() == "\"Failed building the Runtime\"",
+        TokenTree::Ident(ident) if ident == "runtime" => matches!(
+            &tokens[i + 1..],
+            [TokenTree::Punct(colon1), TokenTree::Punct(colon2), TokenTree::Ident(builder), ..]
+                if colon1.as_char() == ':' && colon2.as_char() == ':' && builder == "Builder"
+        ),
+        _ => false,
+    })
+}
+
+/// Whether a statement starts with `let body = async`, as the bodies `tokio::main` writes do.
+fn is_let_body_async(stmt: &TokenStream) -> bool {
+    let start: Vec<String> = stmt
+        .clone()
+        .into_iter()
+        .take(4)
+        .map(|token| token.to_string())
+        .collect();
+    start == ["let", "body", "=", "async"]
+}
+
 fn token_stream_with_error(mut tokens: TokenStream, error: syn::Error) -> TokenStream {
     tokens.extend(error.into_compile_error());
     tokens
@@ -514,7 +688,9 @@ pub(crate) fn main(args: TokenStream, item: TokenStream) -> TokenStream {
             Config::default()
         }
     };
-    let form = check_signature(&input.sig, &mut errors);
+    let mut input = input;
+    input.take_runtime_attributes(&mut errors);
+    let form = check_signature(&input, &mut errors);
     config.validate(&form, &mut errors);
     let expanded = expand(input, &config, form);
     match errors.0 {
@@ -537,6 +713,45 @@ struct MainFn {
 }
 
 impl MainFn {
+    /// Removes the runtime attributes stacked below `#[cluster::main]` (`#[tokio::main]`, a
+    /// second `#[cluster::main]`), each reported: left in place, they would expand on the
+    /// generated non-`async` `main` and report that instead.
+    fn take_runtime_attributes(&mut self, errors: &mut Errors) {
+        self.outer_attrs
+            .retain(|attr| match stacked_attribute_error(attr) {
+                Some(error) => {
+                    errors.push(error);
+                    false
+                }
+                None => true,
+            });
+    }
+
+    /// If `#[tokio::main]` (or `#[tokio::test]`) above `#[cluster::main]` expanded first, the
+    /// attribute and where it is: the function is no longer `async`, its body starts with
+    /// `let body = async { .. };`, whose tokens have the span of the attribute, and builds a Tokio
+    /// runtime.
+    fn expanded_by_tokio(&self) -> Option<(&'static str, Span)> {
+        let first = self.stmts.first()?;
+        if self.sig.asyncness.is_some()
+            || !is_let_body_async(first)
+            || !self.stmts.iter().cloned().any(builds_tokio_runtime)
+        {
+            return None;
+        }
+        let (span, _) = span_range(first.clone());
+        // `#[tokio::test]` adds `#[::core::prelude::v1::test]`.
+        let test = self.outer_attrs.iter().any(|attr| {
+            last_two_segments(attr).is_some_and(|[v1, test]| v1 == "v1" && test == "test")
+        });
+        let attr = if test {
+            "#[tokio::test]"
+        } else {
+            "#[tokio::main]"
+        };
+        Some((attr, span))
+    }
+
     /// The original body, braces included.
     fn body(&self) -> TokenStream {
         let mut tokens = TokenStream::new();
@@ -600,5 +815,265 @@ impl Parse for MainFn {
             inner_attrs,
             stmts,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The expansion of `#[cluster::main(args)] item`, as a string of tokens.
+    fn expand(args: &str, item: &str) -> String {
+        main(args.parse().unwrap(), item.parse().unwrap()).to_string()
+    }
+
+    /// The `compile_error!` messages of an expansion.
+    fn errors(args: &str, item: &str) -> Vec<String> {
+        let expanded: TokenStream = main(args.parse().unwrap(), item.parse().unwrap());
+        let mut messages = Vec::new();
+        let tokens: Vec<TokenTree> = expanded.into_iter().collect();
+        for window in tokens.windows(3) {
+            if let [
+                TokenTree::Ident(name),
+                TokenTree::Punct(bang),
+                TokenTree::Group(group),
+            ] = window
+                && name == "compile_error"
+                && bang.as_char() == '!'
+            {
+                let literal: syn::LitStr = syn::parse2(group.stream()).unwrap();
+                messages.push(literal.value());
+            }
+        }
+        messages
+    }
+
+    /// The statements of the generated block that computes the settings and runs `main`.
+    fn last_block(expanded: &str) -> &str {
+        let start = expanded.find("use :: cluster :: __private ;").unwrap();
+        &expanded[start..]
+    }
+
+    #[test]
+    fn workers_form_defaults() {
+        let expanded = expand("", "async fn main() {}");
+        assert_eq!(
+            last_block(&expanded),
+            "use :: cluster :: __private ; \
+             let settings = __private :: Settings :: new () ; \
+             let settings = __private :: configure (settings , true) ; \
+             return __private :: run_workers (settings , body) ; } }"
+        );
+    }
+
+    #[test]
+    fn workers_form_with_everything() {
+        let expanded = expand(
+            "settings = crate::config::settings, workers = 2, flavor = \"multi_thread\", \
+             worker_threads = 3, env = false",
+            "async fn main() -> std::io::Result<()> { Ok(()) }",
+        );
+        assert_eq!(
+            last_block(&expanded),
+            "use :: cluster :: __private ; \
+             let settings : __private :: Settings = (crate :: config :: settings) () ; \
+             let settings = __private :: configure (settings . workers (2usize) \
+             . flavor (__private :: Flavor :: MultiThread) . worker_threads (3usize) , false) ; \
+             return __private :: run_workers (settings , body) ; } }"
+        );
+    }
+
+    #[test]
+    fn role_form() {
+        let expanded = expand(
+            "settings = my_settings, flavor = \"current_thread\", crate = \"my::cluster\"",
+            "async fn main(role: cluster::Role) { drop(role) }",
+        );
+        assert!(expanded.starts_with("fn main () { let body = | role : cluster :: Role | {"));
+        assert!(expanded.contains(
+            "use my :: cluster :: __private ; \
+             let settings : __private :: Settings = (my_settings) () ; \
+             let settings = __private :: configure (settings \
+             . flavor (__private :: Flavor :: CurrentThread) , true) ; \
+             return __private :: run (settings , :: core :: convert :: identity (body)) ; } }"
+        ));
+        assert!(errors("", "async fn main(role: cluster::Role) {}").is_empty());
+    }
+
+    #[test]
+    fn settings_must_be_a_path() {
+        assert_eq!(
+            errors("settings = \"config::settings\"", "async fn main() {}"),
+            [
+                "`settings` takes a path, not a string: `settings = config::settings` (without \
+                 the quotes)"
+            ]
+        );
+        assert_eq!(
+            errors("settings = settings()", "async fn main() {}"),
+            [
+                "`settings` takes the function, not a call to it: `settings = settings` (the \
+                 macro calls it)"
+            ]
+        );
+        let closure = errors(
+            "settings = || cluster::Settings::new()",
+            "async fn main() {}",
+        );
+        assert_eq!(closure.len(), 1);
+        assert!(closure[0].starts_with("`settings` must be the path of a function"));
+        assert!(errors("settings = <T as Config>::settings", "async fn main() {}").is_empty());
+    }
+
+    #[test]
+    fn env_must_be_a_bool() {
+        assert!(errors("env = false", "async fn main() {}").is_empty());
+        assert!(errors("env = true", "async fn main() {}").is_empty());
+        for value in ["\"false\"", "0", "no", "!true"] {
+            let errors = errors(&format!("env = {value}"), "async fn main() {}");
+            assert_eq!(errors.len(), 1, "{value}");
+            assert!(
+                errors[0].starts_with("`env` must be `true` or `false`"),
+                "{value}"
+            );
+        }
+        assert_eq!(
+            errors("env = false, env = true", "async fn main() {}"),
+            ["`env` is set more than once"]
+        );
+    }
+
+    #[test]
+    fn keys() {
+        assert_eq!(
+            errors("threads = 4", "async fn main() {}"),
+            [
+                "unknown argument `threads`; expected one of `workers`, `flavor`, \
+                 `worker_threads`, `settings`, `env`, `crate`"
+            ]
+        );
+        assert_eq!(
+            errors("settings", "async fn main() {}"),
+            [
+                "`settings` requires a value: `settings = my_settings`, where `fn my_settings() \
+                 -> cluster::Settings`"
+            ]
+        );
+    }
+
+    #[test]
+    fn worker_threads_and_settings() {
+        // The `settings` function may set the multi-thread flavor: not for the macro to check.
+        assert!(errors("settings = s, worker_threads = 2", "async fn main() {}").is_empty());
+        let errors = errors(
+            "settings = s, flavor = \"current_thread\", worker_threads = 2",
+            "async fn main() {}",
+        );
+        assert_eq!(errors.len(), 1);
+        assert!(errors[0].starts_with("`worker_threads` requires the `multi_thread`"));
+    }
+
+    #[test]
+    fn runtime_attribute_below() {
+        for attr in [
+            "tokio::main",
+            "::tokio::main",
+            "tokio::main(flavor = \"multi_thread\")",
+            "tokio::test",
+            "actix_web::main",
+            "actix_rt::main",
+            "async_std::main",
+            "smol_potat::main",
+            "compio::main",
+            "monoio::main",
+        ] {
+            let item = format!("#[allow(unused)] #[{attr}] async fn main() {{}}");
+            let errors = errors("", &item);
+            assert_eq!(errors.len(), 1, "{attr}");
+            assert!(
+                errors[0].contains("cannot be combined with `#[cluster::main]`"),
+                "{attr}: {errors:?}"
+            );
+            // Removed from the expansion, other attributes kept.
+            let expanded = expand("", &item);
+            let removed = format!("# [{}]", attr.parse::<TokenStream>().unwrap());
+            assert!(!expanded.contains(&removed), "{attr}: {expanded}");
+            assert!(
+                expanded.starts_with("# [allow (unused)] fn main ()"),
+                "{attr}"
+            );
+        }
+        assert_eq!(
+            errors("", "#[tokio::main] async fn main() {}"),
+            [
+                "`#[tokio::main]` cannot be combined with `#[cluster::main]`: `#[cluster::main]` \
+                 builds the Tokio runtime of the primary and of every worker itself; remove \
+                 `#[tokio::main]` (for a multi-thread runtime in each worker: \
+                 `#[cluster::main(flavor = \"multi_thread\")]`)"
+            ]
+        );
+        assert_eq!(
+            errors("", "#[cluster::main(workers = 2)] async fn main() {}"),
+            ["`#[cluster::main]` is applied more than once to this function: remove one"]
+        );
+        // A bare `main` or `test` could be anything.
+        assert!(errors("", "#[main] #[test] #[other::main] async fn main() {}").is_empty());
+    }
+
+    /// What `#[tokio::main]` (tokio-macros 2.7) makes of `async fn main() -> io::Result<()>`.
+    const TOKIO_MAIN_OUTPUT: &str = r#"
+        fn main() -> std::io::Result<()> {
+            let body = async { Ok(()) };
+            let body = {
+                if false {
+                    let _: &dyn ::core::future::Future<Output = std::io::Result<()>> = &body;
+                }
+                body
+            };
+            #[allow(clippy::expect_used, clippy::diverging_sub_expression, clippy::needless_return)]
+            {
+                use tokio::runtime::Builder;
+                return Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("Failed building the Runtime")
+                    .block_on(body);
+            }
+        }
+    "#;
+
+    #[test]
+    fn runtime_attribute_above() {
+        let expected = "`#[tokio::main]` above `#[cluster::main]` already turned this function \
+                        into a Tokio runtime: `#[cluster::main]` builds the runtimes itself; \
+                        remove `#[tokio::main]`";
+        assert_eq!(errors("", TOKIO_MAIN_OUTPUT), [expected]);
+        // Either clue is enough.
+        let without_message = TOKIO_MAIN_OUTPUT.replace("Failed building the Runtime", "x");
+        assert_eq!(errors("", &without_message), [expected]);
+        let without_builder = TOKIO_MAIN_OUTPUT.replace("runtime::Builder", "Builder");
+        assert_eq!(errors("", &without_builder), [expected]);
+        // `#[tokio::test]` says so.
+        let test = format!("#[::core::prelude::v1::test] {TOKIO_MAIN_OUTPUT}");
+        assert!(errors("", &test)[0].starts_with("`#[tokio::test]` above"));
+        // A runtime built by hand in a non-`async` function is just a missing `async`.
+        let by_hand = "fn main() { \
+                       tokio::runtime::Builder::new_current_thread().build().unwrap() \
+                       .block_on(async {}) }";
+        assert_eq!(
+            errors("", by_hand),
+            ["the `async` keyword is missing from the function declaration"]
+        );
+    }
+
+    #[test]
+    fn flavor_hints() {
+        assert_eq!(Flavor::parse("multi_thread"), Ok(Flavor::MultiThread));
+        assert_eq!(Flavor::parse("current_thread"), Ok(Flavor::CurrentThread));
+        assert!(
+            Flavor::parse("multi-thread")
+                .unwrap_err()
+                .ends_with("`multi_thread`?")
+        );
     }
 }

@@ -59,13 +59,27 @@ use proc_macro::TokenStream;
 /// # Arguments
 ///
 /// - `workers = N` (workers form only): how many workers the primary forks, at least 1. The
-///   `CLUSTER_WORKERS` environment variable overrides it; without either, one worker per CPU.
+///   `CLUSTER_WORKERS` environment variable overrides it (unless `env = false`); without either,
+///   one worker per CPU.
 /// - `flavor = "current_thread"` (the default) or `flavor = "multi_thread"`: the Tokio runtime
 ///   of each worker. The primary always runs on a current-thread runtime.
-/// - `worker_threads = N` (with `flavor = "multi_thread"` only): the threads of each worker's
-///   runtime.
+/// - `worker_threads = N` (with `flavor = "multi_thread"` only, or a `settings` function that
+///   sets it): the threads of each worker's runtime.
+/// - `settings = path`: a function `fn() -> cluster::Settings` (`settings = my_settings`,
+///   `settings = crate::config::settings`), a path and not a string. The program starts from the
+///   `Settings` it returns instead of `cluster::Settings::new()`, and the arguments above are
+///   applied on top of them: `workers = 2` wins over the function's `.workers(8)`. Without
+///   `flavor`, the function's flavor is kept, and `worker_threads` is checked against it when
+///   the program starts. The function runs first thing in every process, the primary and each
+///   worker: it must not start threads.
+/// - `env = false`: leaves out the `CLUSTER_*` environment overrides (`CLUSTER_WORKERS`,
+///   `CLUSTER_SCHED_POLICY`, ...: the table in `cluster::env`), so that the program runs with
+///   its settings as written. By default (`env = true`) they apply, on top of everything else.
 /// - `crate = "path"`: the path of the `cluster` crate, if it is not `::cluster` (for instance
 ///   when it is renamed, or re-exported by another crate).
+///
+/// Invalid settings (after the environment overrides) are reported on one line of stderr, and
+/// the program exits with code 78 (`EX_CONFIG`) before it starts any worker.
 ///
 /// ```ignore
 /// #[cluster::main(workers = 2, flavor = "multi_thread", worker_threads = 4)]
@@ -73,6 +87,21 @@ use proc_macro::TokenStream;
 ///     Ok(())
 /// }
 /// ```
+///
+/// ```ignore
+/// use std::time::Duration;
+///
+/// fn settings() -> cluster::Settings {
+///     cluster::Settings::new().disconnect_timeout(Duration::from_secs(5))
+/// }
+///
+/// #[cluster::main(settings = settings, workers = 4, env = false)]
+/// async fn main() {}
+/// ```
+///
+/// `#[cluster::main]` builds the Tokio runtime of the primary and of every worker: it cannot be
+/// combined with `#[tokio::main]` (or another runtime's attribute) on the same function, in
+/// either order.
 ///
 /// # Equivalent code not using `#[cluster::main]`
 ///
@@ -90,21 +119,22 @@ use proc_macro::TokenStream;
 ///
 /// ```ignore
 /// fn main() -> std::io::Result<()> {
-///     cluster::run_workers(
-///         cluster::RuntimeOptions::new().flavor(cluster::Flavor::MultiThread),
-///         Some(4),
-///         || async move {
-///             println!("Hello from a worker");
-///             Ok(())
-///         },
-///     )
+///     let settings = cluster::Settings::new()
+///         .workers(4)
+///         .flavor(cluster::settings::Flavor::MultiThread)
+///         .apply_env()
+///         .unwrap_or_else(|error| error.exit());
+///     cluster::run_workers(settings, || async move {
+///         println!("Hello from a worker");
+///         Ok(())
+///     })
 /// }
 /// ```
 ///
 /// and the role form
 ///
 /// ```ignore
-/// #[cluster::main]
+/// #[cluster::main(settings = my_settings)]
 /// async fn main(role: cluster::Role) {
 ///     println!("{role:?}");
 /// }
@@ -114,14 +144,17 @@ use proc_macro::TokenStream;
 ///
 /// ```ignore
 /// fn main() {
-///     cluster::run(cluster::RuntimeOptions::new(), |role: cluster::Role| async move {
+///     let settings = my_settings().apply_env().unwrap_or_else(|error| error.exit());
+///     cluster::run(settings, |role: cluster::Role| async move {
 ///         println!("{role:?}");
 ///     })
 /// }
 /// ```
 ///
-/// `cluster::run` must be the first thing `main` does, before any thread exists: it reads and
-/// removes the markers a worker finds in its environment.
+/// With `env = false`, the `.apply_env()` step is left out.
+///
+/// `cluster::run` and `cluster::run_workers` must be the first thing `main` does, before any
+/// thread exists: they read and remove the markers a worker finds in its environment.
 #[proc_macro_attribute]
 pub fn main(args: TokenStream, item: TokenStream) -> TokenStream {
     entry::main(args.into(), item.into()).into()

@@ -10,9 +10,6 @@ use crate::role::{self, Detected};
 use crate::settings::Settings;
 use crate::worker::{self, Worker};
 
-/// The environment variable that overrides the number of workers.
-pub const ENV_WORKERS: &str = "CLUSTER_WORKERS";
-
 /// What this process is in the cluster.
 #[derive(Debug)]
 pub enum Role {
@@ -22,77 +19,29 @@ pub enum Role {
     Worker(Worker),
 }
 
-/// The Tokio runtime flavor of workers.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum Flavor {
-    /// One thread per worker process (the default: scale with processes, not threads).
-    #[default]
-    CurrentThread,
-    /// A work-stealing runtime in each worker.
-    MultiThread,
-}
-
-/// How worker runtimes are built (the primary always runs on a current-thread runtime).
-#[derive(Clone, Copy, Debug, Default)]
-pub struct RuntimeOptions {
-    flavor: Flavor,
-    worker_threads: Option<usize>,
-}
-
-impl RuntimeOptions {
-    /// The defaults: a current-thread runtime per worker.
-    pub const fn new() -> Self {
-        Self {
-            flavor: Flavor::CurrentThread,
-            worker_threads: None,
-        }
-    }
-
-    /// Sets the flavor.
-    #[must_use]
-    pub const fn flavor(mut self, flavor: Flavor) -> Self {
-        self.flavor = flavor;
-        self
-    }
-
-    /// Sets the number of threads of a multi-thread worker runtime.
-    #[must_use]
-    pub const fn worker_threads(mut self, threads: usize) -> Self {
-        self.worker_threads = Some(threads);
-        self
-    }
-
-    fn build(self) -> io::Result<tokio::runtime::Runtime> {
-        let mut builder = match self.flavor {
-            Flavor::CurrentThread => tokio::runtime::Builder::new_current_thread(),
-            Flavor::MultiThread => tokio::runtime::Builder::new_multi_thread(),
-        };
-        if let (Flavor::MultiThread, Some(threads)) = (self.flavor, self.worker_threads) {
-            builder.worker_threads(threads);
-        }
-        builder.enable_all().build()
-    }
-}
-
 /// Runs `main` in the role this process has: in a worker (started by a primary), with a
-/// [`Role::Worker`] on a runtime built from `options`; otherwise with a [`Role::Primary`] on a
-/// current-thread runtime.
+/// [`Role::Worker`] on a runtime built as `settings` say; otherwise with a [`Role::Primary`]
+/// started with `settings`, on a current-thread runtime.
 ///
 /// Call it first thing in `fn main`, before any thread exists: it reads and removes the worker
-/// markers from the environment (`#[cluster::main]` expands to this).
+/// markers from the environment (`#[cluster::main]` expands to this). It does not read the
+/// `CLUSTER_*` overrides: apply them first with [`Settings::apply_env`].
+///
+/// Settings the primary cannot run with end the program, as [`configure`] does: one line on
+/// stderr, exit code 78.
 ///
 /// # Panics
 ///
 /// If the runtime cannot be built, or a worker cannot register its link with the runtime.
-pub fn run<F, Fut>(options: RuntimeOptions, main: F) -> Fut::Output
+pub fn run<F, Fut>(settings: Settings, main: F) -> Fut::Output
 where
     F: FnOnce(Role) -> Fut,
     Fut: Future,
 {
     match role::take() {
         Some(Detected::Worker { id, ipc }) => {
-            let runtime = options
-                .build()
+            let runtime = settings
+                .worker_runtime()
                 .expect("failed to build the worker's Tokio runtime");
             runtime.block_on(async move {
                 let worker =
@@ -101,46 +50,81 @@ where
             })
         }
         _ => {
-            let runtime = RuntimeOptions::new()
+            if let Err(error) = settings.validate() {
+                crate::env::exit_misconfigured(&error);
+            }
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
                 .build()
                 .expect("failed to build the primary's Tokio runtime");
             runtime.block_on(async move {
-                main(Role::Primary(Primary::start(Settings::default()))).await
+                let primary = Primary::start(settings).expect("validated above");
+                main(Role::Primary(primary)).await
             })
         }
     }
 }
 
-/// Runs `body` in every worker while the primary keeps [`worker_count`]`(workers)` of them
+/// Runs `body` in every worker while the primary keeps [`Settings::worker_count`] of them
 /// running with a [`Supervisor`](crate::Supervisor) (restarts with backoff, crash-loop breaker,
-/// graceful shutdown on SIGTERM, fast on SIGINT).
+/// graceful shutdown on SIGTERM, fast on SIGINT, rolling reload on SIGHUP).
 ///
-/// This is `#[cluster::main(workers = N)]`. The primary returns `Ok` after a shutdown signal, or
-/// once every worker left on purpose; an error once every slot failed.
-pub fn run_workers<F, Fut, R>(options: RuntimeOptions, workers: Option<usize>, body: F) -> R
+/// This is `#[cluster::main]` without a parameter. With zero workers the body runs in this
+/// process, unclustered. The primary returns `Ok` after a shutdown signal, or once every worker
+/// left on purpose; an error once every slot failed. Settings the primary cannot run with,
+/// and more workers than this user may start processes, end the program before any worker
+/// starts: one line on stderr, exit code 78.
+pub fn run_workers<F, Fut, R>(settings: Settings, body: F) -> R
 where
     F: FnOnce() -> Fut,
     Fut: Future<Output = R>,
     R: MainOutput,
 {
-    if !role::is_worker() && worker_count(workers) == 0 {
+    if !role::is_worker() && settings.worker_count() == 0 {
         // `CLUSTER_WORKERS=0`: no cluster at all, the body runs in this process.
-        let runtime = options.build().expect("failed to build the Tokio runtime");
+        let runtime = settings
+            .worker_runtime()
+            .expect("failed to build the Tokio runtime");
         return runtime.block_on(body());
     }
-    run(options, move |role| async move {
+    if !role::is_worker()
+        && let Err(error) = crate::sys::check_process_limit(settings.worker_count())
+    {
+        crate::env::exit_misconfigured(&error);
+    }
+    run(settings, move |role| async move {
         match role {
             Role::Worker(_) => body().await,
             Role::Primary(primary) => {
                 install_default_logging();
                 R::from_primary(
                     crate::Supervisor::new(primary)
-                        .run(worker_count(workers))
-                        .await,
+                        .run()
+                        .await
+                        .map_err(io::Error::from),
                 )
             }
         }
     })
+}
+
+/// What `#[cluster::main]` does with its settings before [`run`]: applies the `CLUSTER_*`
+/// overrides if `env` is true, and validates. On error it prints one line on stderr naming the
+/// variable or setting, its value and what it accepts, and exits with code 78 (`EX_CONFIG`).
+#[doc(hidden)]
+pub fn configure(settings: Settings, env: bool) -> Settings {
+    // The worker markers are taken before anything else can read the environment or start a
+    // thread.
+    role::detect();
+    let settings = if env {
+        settings.apply_env().unwrap_or_else(|error| error.exit())
+    } else {
+        settings
+    };
+    if let Err(error) = settings.validate() {
+        crate::env::exit_misconfigured(&error);
+    }
+    settings
 }
 
 /// In this form no user code runs in the primary, so nobody else can install a subscriber for
@@ -154,18 +138,6 @@ fn install_default_logging() {
         .with_writer(io::stderr)
         .with_ansi(ansi)
         .try_init();
-}
-
-/// The number of workers to start: `CLUSTER_WORKERS` if set, else `configured`, else the
-/// available parallelism. `CLUSTER_WORKERS=0` asks [`run_workers`] to run unclustered: the body
-/// runs in this process, with no primary.
-pub fn worker_count(configured: Option<usize>) -> usize {
-    match std::env::var(ENV_WORKERS).ok().and_then(|v| v.parse().ok()) {
-        Some(workers) => workers,
-        None => configured
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from))
-            .max(1),
-    }
 }
 
 /// Resolves when this process should stop serving: in a worker, when the primary asks it to

@@ -1,41 +1,37 @@
 //! The Tokio runtime of `cluster`: the only crate that touches processes, sockets and signals.
+//! Users depend on the `cluster` crate, which re-exports this one.
 //!
-//! It drives the sans-IO state machines of [`proto`] (`cluster-core`) with real I/O:
+//! It drives the sans-IO state machines of `cluster-core` with real I/O:
 //!
 //! - [`Primary`] forks workers (re-executing `/proc/self/exe` with the link at fd 3), owns the
 //!   listening sockets and hands out connections; its driver is one task that accepts, hands
 //!   off, reads acks and sends, with no channel hop on the connection path.
 //! - [`Worker`] is a worker's link to its primary; [`ClusterListener`] is the listener user code
 //!   binds, in a worker or in a plain process alike.
-//! - [`run`] decides the role of this process and runs `main` on a runtime built for it (what
-//!   `#[cluster::main]` expands to).
+//! - [`Supervisor`] keeps the workers running and owns the signals.
+//! - [`run`] and [`run_workers`] decide the role of this process and run `main` on a runtime
+//!   built for it (what `#[cluster::main]` expands to), with the [`Settings`] it was given.
 
 mod entry;
+pub mod env;
 mod ipc;
-mod listener;
-mod message;
-mod primary;
+pub mod message;
+pub mod net;
+pub mod primary;
 mod role;
-mod settings;
+pub mod settings;
 mod socket;
-mod supervisor;
+pub mod supervisor;
 mod sys;
-mod worker;
+pub mod worker;
 
-pub use entry::{
-    ENV_WORKERS, Flavor, MainOutput, Role, RuntimeOptions, run, run_workers, shutdown, worker_count,
-};
-pub use listener::{ClusterListener, ClusterUdpSocket, ClusterUnixListener, ListenOptions};
-pub use message::{DEFAULT_REQUEST_TIMEOUT, RequestError};
-pub use primary::{
-    Event, Events, ListenAddress, Message, Primary, ReloadAborted, ReloadReport, Stats,
-    WorkerHandle, WorkerStats,
-};
-pub use proto;
-pub use proto::supervisor::{FATAL_EXIT_CODE, SupervisorConfig};
-pub use proto::{ExitStatus, KillReason, SchedulingPolicy, WorkerId, WorkerState};
-pub use settings::{
-    ENV_BATCH_SCHEDULING, ENV_HANDOFF_WINDOW, ENV_HEARTBEAT_TIMEOUT_MS, ENV_SCHED_POLICY, Settings,
-};
+#[doc(hidden)]
+pub use entry::configure;
+pub use entry::{MainOutput, Role, run, run_workers, shutdown};
+pub use net::ClusterListener;
+pub use primary::Primary;
+pub use settings::Settings;
 pub use supervisor::Supervisor;
-pub use worker::{ORPHAN_GRACE, Worker, current as worker};
+pub use worker::{Worker, current as worker};
+
+pub(crate) use settings::SettingsError;

@@ -9,16 +9,18 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use proto::Seq;
-use proto::user::MAX_MESSAGE;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::oneshot;
+
+/// The largest message, encoded: 16 MiB (larger than one frame is fine: it is split).
+pub const MAX_MESSAGE: usize = proto::user::MAX_MESSAGE;
 
 /// A refusal's reason is cut to this many bytes, so that a refusal always fits in one frame.
 const MAX_REASON: usize = 4096;
 
 /// How long [`Worker::request`](crate::Worker::request) and
-/// [`WorkerHandle::request`](crate::WorkerHandle::request) wait for a reply.
+/// [`WorkerHandle::request`](crate::primary::WorkerHandle::request) wait for a reply.
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Encodes a user value with postcard, refusing it before anything is sent if it is over the
@@ -43,10 +45,37 @@ pub(crate) fn encode<T: Serialize + ?Sized>(value: &T) -> io::Result<Vec<u8>> {
 }
 
 /// Decodes a whole payload as `T`; bytes left over mean it was not a `T`.
-pub(crate) fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, postcard::Error> {
-    match postcard::take_from_bytes(bytes)? {
+pub(crate) fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, DecodeError> {
+    match postcard::take_from_bytes(bytes).map_err(DecodeError)? {
         (value, []) => Ok(value),
-        _ => Err(postcard::Error::DeserializeBadEncoding),
+        _ => Err(DecodeError(postcard::Error::DeserializeBadEncoding)),
+    }
+}
+
+/// A message that is not a value of the type asked for (its bytes do not decode as one, or
+/// are one followed by more bytes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DecodeError(postcard::Error);
+
+impl fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "the message is not a value of the type asked for: {}",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for DecodeError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.0)
+    }
+}
+
+impl From<DecodeError> for io::Error {
+    fn from(error: DecodeError) -> Self {
+        Self::new(io::ErrorKind::InvalidData, error)
     }
 }
 
@@ -121,7 +150,7 @@ impl Message {
     /// The bytes are not a `T`, or are a `T` followed by more bytes. postcard does not describe
     /// types on the wire, so a value of another type that happens to decode as a `T` is not
     /// always detected: both sides must agree on the type (a shared enum is the usual way).
-    pub fn decode<T: DeserializeOwned>(&self) -> Result<T, postcard::Error> {
+    pub fn decode<T: DeserializeOwned>(&self) -> Result<T, DecodeError> {
         decode(&self.inner.payload)
     }
 
@@ -235,7 +264,7 @@ pub enum RequestError {
     Send(#[source] io::Error),
     /// The reply is not the type asked for.
     #[error("the reply is not the expected type")]
-    Decode(#[source] postcard::Error),
+    Decode(#[source] DecodeError),
 }
 
 impl From<RequestError> for io::Error {

@@ -1,82 +1,99 @@
-//! Settings of the primary (Node's `cluster.setupPrimary`).
+//! Every knob of a cluster in one builder: the primary's (Node's `cluster.setupPrimary`), the
+//! supervisor's, and the workers' runtime.
 
 use std::ffi::OsString;
+use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use proto::SchedulingPolicy;
+pub use proto::SchedulingPolicy;
+pub use proto::supervisor::FATAL_EXIT_CODE;
+use proto::supervisor::SupervisorConfig;
 
-/// The environment variable that overrides the scheduling policy: `rr` or `none`.
-pub const ENV_SCHED_POLICY: &str = "CLUSTER_SCHED_POLICY";
+/// The most workers one primary starts (`CLUSTER_WORKERS` and [`Settings::workers`] alike). A
+/// worker is a process: past a thousand, a machine is better served by more hosts.
+pub const MAX_WORKERS: usize = 1024;
 
-/// The environment variable that overrides [`Settings::heartbeat_timeout`], in milliseconds
-/// (`0` disables hang detection).
-pub const ENV_HEARTBEAT_TIMEOUT_MS: &str = "CLUSTER_HEARTBEAT_TIMEOUT_MS";
+/// The largest handoff window ([`Settings::window`]).
+pub const MAX_WINDOW: usize = 4096;
 
-/// The environment variable that overrides [`Settings::window`] (a positive number).
-pub const ENV_HANDOFF_WINDOW: &str = "CLUSTER_HANDOFF_WINDOW";
+/// The longest any timeout may be: a day. Longer is a typo, and would overflow deadlines.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 60 * 60);
 
-/// The environment variable that overrides [`Settings::batch_scheduling`]: `1` or `0`.
-pub const ENV_BATCH_SCHEDULING: &str = "CLUSTER_BATCH_SCHEDULING";
+/// The shortest heartbeat timeout: two heartbeat intervals, so one late heartbeat is not a hang.
+pub const MIN_HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// How the primary starts and treats its workers.
+/// The Tokio runtime flavor of workers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Flavor {
+    /// One thread per worker process (the default: scale with processes, not threads).
+    #[default]
+    CurrentThread,
+    /// A work-stealing runtime in each worker.
+    MultiThread,
+}
+
+/// How a cluster runs: how many workers, which program they run, how the primary treats them,
+/// how the supervisor restarts them, and the workers' runtime.
+///
+/// Built by value, like [`ListenOptions`](crate::net::ListenOptions); every setting has a default
+/// (the table in `docs/operations.md`), and the `CLUSTER_*` environment variables override
+/// some of them through [`Self::apply_env`] (which `#[cluster::main]` calls unless told
+/// `env = false`). Settings that contradict each other are refused when the primary starts,
+/// with a [`SettingsError`].
+///
+/// # Examples
+///
+/// ```
+/// use std::time::Duration;
+///
+/// let settings = cluster_tokio::Settings::new()
+///     .workers(4)
+///     .disconnect_timeout(Duration::from_secs(20))
+///     .silent(true);
+/// assert_eq!(settings.worker_count(), 4);
+/// ```
 #[derive(Clone, Debug)]
-#[non_exhaustive]
+#[must_use]
 pub struct Settings {
-    /// The program workers run; `None` re-executes this binary through `/proc/self/exe`, which
-    /// works even after a deploy deleted the file.
-    pub exec: Option<PathBuf>,
-    /// Worker arguments; `None` passes this process's own arguments.
-    pub args: Option<Vec<OsString>>,
-    /// Extra environment for every worker.
-    pub env: Vec<(OsString, OsString)>,
-    /// Working directory of workers; `None` inherits the primary's.
-    pub cwd: Option<PathBuf>,
-    /// Pipe worker stdout/stderr through the primary, each line prefixed with the worker id
-    /// (`[worker 3] ...`). A worker's exit is reported once its output is through (waiting at
-    /// most a second, in case a process it started still holds the pipes).
-    pub silent: bool,
-    /// Round robin (default) or shared listening sockets; `CLUSTER_SCHED_POLICY=rr|none`
-    /// overrides what is set here.
-    pub policy: SchedulingPolicy,
-    /// Connections handed to one worker and not yet acked (1 is Node's behaviour);
-    /// `CLUSTER_HANDOFF_WINDOW` overrides it.
-    pub window: usize,
-    /// Connections the primary holds per listener while no worker has room; past this bound,
-    /// new connections wait in the kernel's backlog.
-    pub max_queued: usize,
-    /// How long a worker may take to ack a handed-off connection before it is presumed hung
-    /// and killed.
-    pub handoff_timeout: Duration,
-    /// How long `disconnect` waits for a worker to exit before killing it.
-    pub disconnect_timeout: Duration,
-    /// How long a worker may stay silent before it is presumed hung, killed and (under a
-    /// supervisor) replaced. Its runtime sends a heartbeat every second from a task, so a
-    /// current-thread runtime blocked by user code is caught; `None` disables the check.
-    /// `CLUSTER_HEARTBEAT_TIMEOUT_MS` overrides it.
-    pub heartbeat_timeout: Option<Duration>,
-    /// How long a rolling reload waits for a replacement worker to listen before it gives up
-    /// (and keeps the old workers).
-    pub boot_timeout: Duration,
-    /// The accept backlog of listening sockets created by the primary (Node's default: 511).
-    pub backlog: u32,
-    /// Under round robin, run the primary's thread with Linux's `SCHED_BATCH` policy (default
-    /// `true`; `CLUSTER_BATCH_SCHEDULING=0|1` overrides it). The thread keeps its CPU share but
-    /// no longer preempts a busy worker each time a connection arrives: it runs a moment later
-    /// and hands off every connection that arrived meanwhile, for about a quarter less CPU per
-    /// connection (docs/benchmarks.md). The cost is latency when every CPU is busy, bounded by
-    /// the kernel's time slice (a few milliseconds; p99 no worse in the benchmarks).
-    ///
-    /// Applied only on a current-thread runtime (`#[cluster::main]`'s primary), to the thread
-    /// that runs the primary, and only if that thread is under the default policy (a policy set
-    /// by `chrt` or a unit file is kept). Workers are reset to the default policy; other
-    /// processes the primary's own code spawns inherit `SCHED_BATCH`.
-    pub batch_scheduling: bool,
+    pub(crate) workers: Option<usize>,
+    pub(crate) flavor: Flavor,
+    pub(crate) worker_threads: Option<usize>,
+    pub(crate) exec: Option<PathBuf>,
+    pub(crate) args: Option<Vec<OsString>>,
+    pub(crate) env: Vec<(OsString, OsString)>,
+    pub(crate) cwd: Option<PathBuf>,
+    pub(crate) silent: bool,
+    pub(crate) policy: SchedulingPolicy,
+    pub(crate) window: usize,
+    pub(crate) max_queued: usize,
+    pub(crate) handoff_timeout: Duration,
+    pub(crate) disconnect_timeout: Duration,
+    pub(crate) heartbeat_timeout: Option<Duration>,
+    pub(crate) boot_timeout: Duration,
+    pub(crate) backlog: u32,
+    pub(crate) batch_scheduling: bool,
+    pub(crate) backoff_initial: Duration,
+    pub(crate) backoff_max: Duration,
+    pub(crate) healthy_after: Duration,
+    pub(crate) crash_loop_failures: usize,
+    pub(crate) crash_loop_window: Duration,
+    pub(crate) fatal_exit_code: Option<i32>,
 }
 
 impl Default for Settings {
     fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Settings {
+    /// The defaults (listed in `docs/operations.md`).
+    pub fn new() -> Self {
         Self {
+            workers: None,
+            flavor: Flavor::CurrentThread,
+            worker_threads: None,
             exec: None,
             args: None,
             env: Vec::new(),
@@ -87,53 +104,440 @@ impl Default for Settings {
             max_queued: 1024,
             handoff_timeout: Duration::from_secs(10),
             disconnect_timeout: Duration::from_secs(30),
-            boot_timeout: Duration::from_secs(60),
             heartbeat_timeout: Some(Duration::from_secs(30)),
+            boot_timeout: Duration::from_secs(60),
             backlog: 511,
             batch_scheduling: true,
-        }
-    }
-}
-
-impl Settings {
-    /// The policy after the `CLUSTER_SCHED_POLICY` override.
-    pub(crate) fn effective_policy(&self) -> SchedulingPolicy {
-        match std::env::var(ENV_SCHED_POLICY).as_deref() {
-            Ok("rr") => SchedulingPolicy::RoundRobin,
-            Ok("none") => SchedulingPolicy::Shared,
-            _ => self.policy,
+            backoff_initial: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(15),
+            healthy_after: Duration::from_secs(30),
+            crash_loop_failures: 5,
+            crash_loop_window: Duration::from_secs(10),
+            fatal_exit_code: Some(FATAL_EXIT_CODE),
         }
     }
 
-    /// Whether the primary should switch its thread to `SCHED_BATCH`, after the
-    /// `CLUSTER_BATCH_SCHEDULING` override: only round robin has work to batch.
-    pub(crate) fn effective_batch_scheduling(&self) -> bool {
-        let wanted = match std::env::var(ENV_BATCH_SCHEDULING).as_deref() {
-            Ok("1") => true,
-            Ok("0") => false,
-            _ => self.batch_scheduling,
-        };
-        wanted && self.effective_policy() == SchedulingPolicy::RoundRobin
+    /// How many workers the supervisor keeps running (default: one per CPU; at most
+    /// [`MAX_WORKERS`]). `0` runs the program unclustered: the body of `#[cluster::main]` runs in
+    /// this process, with no primary. `CLUSTER_WORKERS` overrides it.
+    pub fn workers(mut self, workers: usize) -> Self {
+        self.workers = Some(workers);
+        self
+    }
+
+    /// The Tokio runtime flavor of each worker (default: current-thread). The primary always
+    /// runs on a current-thread runtime.
+    pub fn flavor(mut self, flavor: Flavor) -> Self {
+        self.flavor = flavor;
+        self
+    }
+
+    /// The threads of each worker's runtime, with [`Flavor::MultiThread`] only (default: one per
+    /// CPU).
+    pub fn worker_threads(mut self, threads: usize) -> Self {
+        self.worker_threads = Some(threads);
+        self
+    }
+
+    /// The program workers run (default: this binary, re-executed through `/proc/self/exe`,
+    /// which works even after a deploy deleted the file).
+    pub fn exec(mut self, program: impl Into<PathBuf>) -> Self {
+        self.exec = Some(program.into());
+        self
+    }
+
+    /// The workers' arguments (default: this process's own).
+    pub fn args<I, A>(mut self, args: I) -> Self
+    where
+        I: IntoIterator<Item = A>,
+        A: Into<OsString>,
+    {
+        self.args = Some(args.into_iter().map(Into::into).collect());
+        self
+    }
+
+    /// Adds one variable to every worker's environment (on top of the primary's own).
+    pub fn env(mut self, key: impl Into<OsString>, value: impl Into<OsString>) -> Self {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+
+    /// The workers' working directory (default: the primary's).
+    pub fn cwd(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.cwd = Some(dir.into());
+        self
+    }
+
+    /// Pipes workers' stdout and stderr through the primary, each line prefixed with the worker
+    /// id (`[worker 3] ...`; default: off, workers write to the primary's stdout and stderr
+    /// directly). A worker's exit is then reported once its output is through (waiting at most
+    /// a second, in case a process it started still holds the pipes).
+    pub fn silent(mut self, silent: bool) -> Self {
+        self.silent = silent;
+        self
+    }
+
+    /// Round robin (the default: the primary accepts and hands each connection to a worker) or
+    /// shared listening sockets (workers accept). `CLUSTER_SCHED_POLICY=rr|none` overrides it.
+    pub fn policy(mut self, policy: SchedulingPolicy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// Connections handed to one worker and not yet acked, from 1 (Node's behaviour) to
+    /// [`MAX_WINDOW`] (default: 8). `CLUSTER_HANDOFF_WINDOW` overrides it.
+    pub fn window(mut self, window: usize) -> Self {
+        self.window = window;
+        self
+    }
+
+    /// Connections the primary holds per listener while no worker has room (default: 1024);
+    /// past this bound, new connections wait in the kernel's backlog.
+    pub fn max_queued(mut self, connections: usize) -> Self {
+        self.max_queued = connections;
+        self
+    }
+
+    /// How long a worker may take to ack a handed-off connection before it is presumed hung and
+    /// killed (default: 10 s). `CLUSTER_HANDOFF_TIMEOUT` overrides it.
+    pub fn handoff_timeout(mut self, timeout: Duration) -> Self {
+        self.handoff_timeout = timeout;
+        self
+    }
+
+    /// How long a disconnected worker may take to finish its connections and exit before it is
+    /// killed (default: 30 s). SIGTERM, a rolling reload and scaling down all wait this long at
+    /// most. `CLUSTER_DISCONNECT_TIMEOUT` overrides it.
+    pub fn disconnect_timeout(mut self, timeout: Duration) -> Self {
+        self.disconnect_timeout = timeout;
+        self
+    }
+
+    /// How long a worker may stay silent before it is presumed hung, killed and replaced
+    /// (default: 30 s; at least [`MIN_HEARTBEAT_TIMEOUT`]); `None` disables the check. A
+    /// worker's runtime sends a heartbeat every second from a task, so a current-thread runtime
+    /// blocked by user code is caught. `CLUSTER_HEARTBEAT_TIMEOUT` overrides it.
+    pub fn heartbeat_timeout(mut self, timeout: impl Into<Option<Duration>>) -> Self {
+        self.heartbeat_timeout = timeout.into();
+        self
+    }
+
+    /// How long a new worker may take to listen (default: 60 s). A worker started by the
+    /// supervisor that does not listen in time is killed and restarted; a rolling reload whose
+    /// replacement does not listen in time is aborted, and the old workers keep serving.
+    /// `CLUSTER_BOOT_TIMEOUT` overrides it.
+    pub fn boot_timeout(mut self, timeout: Duration) -> Self {
+        self.boot_timeout = timeout;
+        self
+    }
+
+    /// The accept backlog of listening sockets the primary creates (default: 511, Node's).
+    pub fn backlog(mut self, backlog: u32) -> Self {
+        self.backlog = backlog;
+        self
+    }
+
+    /// Under round robin, runs the primary's thread with Linux's `SCHED_BATCH` policy (default:
+    /// on; `CLUSTER_BATCH_SCHEDULING=0|1` overrides it). The thread keeps its CPU share but no
+    /// longer preempts a busy worker each time a connection arrives: it runs a moment later and
+    /// hands off every connection that arrived meanwhile, for about a quarter less CPU per
+    /// connection (docs/benchmarks.md). The cost is latency when every CPU is busy, bounded by
+    /// the kernel's time slice (a few milliseconds; p99 no worse in the benchmarks).
+    ///
+    /// Applied only on a current-thread runtime (`#[cluster::main]`'s primary), to the thread
+    /// that runs the primary, and only if that thread is under the default policy (a policy set
+    /// by `chrt` or a unit file is kept). Workers are reset to the default policy; other
+    /// processes the primary's own code spawns inherit `SCHED_BATCH`.
+    pub fn batch_scheduling(mut self, on: bool) -> Self {
+        self.batch_scheduling = on;
+        self
+    }
+
+    /// The supervisor's restart backoff: the first delay after a crash and the longest (default:
+    /// 100 ms doubling up to 15 s, with full jitter).
+    pub fn backoff(mut self, initial: Duration, max: Duration) -> Self {
+        self.backoff_initial = initial;
+        self.backoff_max = max;
+        self
+    }
+
+    /// A worker that ran this long resets its slot's backoff (default: 30 s).
+    pub fn healthy_after(mut self, uptime: Duration) -> Self {
+        self.healthy_after = uptime;
+        self
+    }
+
+    /// The crash-loop breaker: a slot whose workers crash `failures` times within `window` stays
+    /// empty, while its siblings keep serving (default: 5 crashes in 10 s).
+    pub fn crash_loop(mut self, failures: usize, window: Duration) -> Self {
+        self.crash_loop_failures = failures;
+        self.crash_loop_window = window;
+        self
+    }
+
+    /// An exit code that means "do not restart me", for a worker that found its configuration
+    /// unusable (default: 78, [`FATAL_EXIT_CODE`]); `None` restarts every crash.
+    pub fn fatal_exit_code(mut self, code: impl Into<Option<i32>>) -> Self {
+        self.fatal_exit_code = code.into();
+        self
+    }
+
+    /// How many workers the supervisor starts: the configured number, or one per CPU.
+    pub fn worker_count(&self) -> usize {
+        self.workers
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from))
+    }
+
+    /// Checks the settings against each other and against their bounds.
+    ///
+    /// # Errors
+    ///
+    /// The first setting out of its range, or two that contradict each other.
+    pub fn validate(&self) -> Result<(), SettingsError> {
+        if let Some(workers) = self.workers
+            && workers > MAX_WORKERS
+        {
+            return Err(SettingsError::out_of_range(
+                "workers",
+                workers,
+                "from 0 to 1024",
+            ));
+        }
+        if let Some(threads) = self.worker_threads {
+            if self.flavor != Flavor::MultiThread {
+                return Err(SettingsError::WorkerThreadsNeedMultiThread);
+            }
+            check_range("worker_threads", threads, 1, 4096)?;
+        }
+        check_range("window", self.window, 1, MAX_WINDOW)?;
+        check_range("max_queued", self.max_queued, 1, 1 << 20)?;
+        check_range("backlog", self.backlog as usize, 1, i32::MAX as usize)?;
+        check_range("crash_loop failures", self.crash_loop_failures, 1, 1000)?;
+        for (setting, timeout) in [
+            ("handoff_timeout", self.handoff_timeout),
+            ("disconnect_timeout", self.disconnect_timeout),
+            ("boot_timeout", self.boot_timeout),
+            ("backoff initial", self.backoff_initial),
+            ("backoff max", self.backoff_max),
+            ("healthy_after", self.healthy_after),
+            ("crash_loop window", self.crash_loop_window),
+        ] {
+            check_timeout(setting, timeout, Duration::from_millis(1))?;
+        }
+        if let Some(timeout) = self.heartbeat_timeout {
+            check_timeout("heartbeat_timeout", timeout, MIN_HEARTBEAT_TIMEOUT)?;
+        }
+        if self.backoff_initial > self.backoff_max {
+            return Err(SettingsError::BackoffInverted {
+                initial: self.backoff_initial,
+                max: self.backoff_max,
+            });
+        }
+        Ok(())
+    }
+
+    pub(crate) fn supervisor_config(&self) -> SupervisorConfig {
+        let mut config = SupervisorConfig::default();
+        config.backoff_initial = self.backoff_initial;
+        config.backoff_max = self.backoff_max;
+        config.healthy_after = self.healthy_after;
+        config.crash_loop_failures = self.crash_loop_failures;
+        config.crash_loop_window = self.crash_loop_window;
+        config.fatal_exit_code = self.fatal_exit_code;
+        config.boot_timeout = Some(self.boot_timeout);
+        config
+    }
+
+    /// Whether the primary should switch its thread to `SCHED_BATCH`: only round robin has work
+    /// to batch.
+    pub(crate) fn wants_batch_scheduling(&self) -> bool {
+        self.batch_scheduling && self.policy == SchedulingPolicy::RoundRobin
     }
 
     pub(crate) fn core_config(&self) -> proto::Config {
         let mut config = proto::Config::default();
-        config.registry.policy = self.effective_policy();
-        let window = std::env::var(ENV_HANDOFF_WINDOW)
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(self.window);
-        config.registry.window = window.max(1);
-        config.registry.max_queued = self.max_queued.max(1);
+        config.registry.policy = self.policy;
+        config.registry.window = self.window;
+        config.registry.max_queued = self.max_queued;
         config.handoff_timeout = self.handoff_timeout;
-        config.heartbeat_timeout = match std::env::var(ENV_HEARTBEAT_TIMEOUT_MS)
-            .ok()
-            .and_then(|v| v.parse().ok())
-        {
-            Some(0) => None,
-            Some(ms) => Some(Duration::from_millis(ms)),
-            None => self.heartbeat_timeout,
-        };
+        config.heartbeat_timeout = self.heartbeat_timeout;
         config
+    }
+
+    /// The Tokio runtime of a worker (or of an unclustered run).
+    pub(crate) fn worker_runtime(&self) -> std::io::Result<tokio::runtime::Runtime> {
+        let mut builder = match self.flavor {
+            Flavor::CurrentThread => tokio::runtime::Builder::new_current_thread(),
+            Flavor::MultiThread => tokio::runtime::Builder::new_multi_thread(),
+        };
+        if let (Flavor::MultiThread, Some(threads)) = (self.flavor, self.worker_threads) {
+            builder.worker_threads(threads);
+        }
+        builder.enable_all().build()
+    }
+}
+
+fn check_range(
+    setting: &'static str,
+    value: usize,
+    min: usize,
+    max: usize,
+) -> Result<(), SettingsError> {
+    if (min..=max).contains(&value) {
+        Ok(())
+    } else {
+        Err(SettingsError::out_of_range(
+            setting,
+            value,
+            format!("from {min} to {max}"),
+        ))
+    }
+}
+
+fn check_timeout(
+    setting: &'static str,
+    value: Duration,
+    min: Duration,
+) -> Result<(), SettingsError> {
+    if (min..=MAX_TIMEOUT).contains(&value) {
+        Ok(())
+    } else {
+        Err(SettingsError::out_of_range(
+            setting,
+            format_args!("{value:?}"),
+            format_args!("from {min:?} to 24h"),
+        ))
+    }
+}
+
+/// Settings a cluster cannot run with.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SettingsError {
+    /// A setting is out of its range.
+    #[error("`{setting}` = {value} is out of range: expected {accepted}")]
+    OutOfRange {
+        /// The setting, as its builder method is named.
+        setting: &'static str,
+        /// Its value.
+        value: String,
+        /// What it accepts.
+        accepted: String,
+    },
+    /// [`Settings::worker_threads`] was set for a current-thread worker runtime.
+    #[error(
+        "`worker_threads` needs the multi-thread worker runtime (`flavor(Flavor::MultiThread)`)"
+    )]
+    WorkerThreadsNeedMultiThread,
+    /// The first backoff is longer than the longest.
+    #[error("the first restart backoff ({initial:?}) is longer than the longest ({max:?})")]
+    BackoffInverted {
+        /// The first backoff.
+        initial: Duration,
+        /// The longest.
+        max: Duration,
+    },
+    /// More workers than this user may start processes (`RLIMIT_NPROC`, as `ulimit -u` and
+    /// systemd's `LimitNPROC=` set it).
+    #[error(
+        "{workers} workers need {workers} more processes, but this user may start only \
+         {available} more (RLIMIT_NPROC is {limit}, {running} running)"
+    )]
+    ProcessLimit {
+        /// The workers asked for.
+        workers: usize,
+        /// The processes this user may still start.
+        available: u64,
+        /// The limit.
+        limit: u64,
+        /// This user's processes (and threads) running now.
+        running: u64,
+    },
+}
+
+impl SettingsError {
+    fn out_of_range(
+        setting: &'static str,
+        value: impl fmt::Display,
+        accepted: impl fmt::Display,
+    ) -> Self {
+        Self::OutOfRange {
+            setting,
+            value: value.to_string(),
+            accepted: accepted.to_string(),
+        }
+    }
+}
+
+impl From<SettingsError> for std::io::Error {
+    fn from(error: SettingsError) -> Self {
+        Self::new(std::io::ErrorKind::InvalidInput, error)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_defaults_are_valid() {
+        assert_eq!(Settings::new().validate(), Ok(()));
+    }
+
+    #[test]
+    fn contradictions_and_ranges_are_refused() {
+        let refused = |settings: Settings| settings.validate().unwrap_err();
+        assert!(matches!(
+            refused(Settings::new().boot_timeout(Duration::ZERO)),
+            SettingsError::OutOfRange {
+                setting: "boot_timeout",
+                ..
+            }
+        ));
+        assert!(matches!(
+            refused(Settings::new().workers(MAX_WORKERS + 1)),
+            SettingsError::OutOfRange {
+                setting: "workers",
+                ..
+            }
+        ));
+        assert!(matches!(
+            refused(Settings::new().window(0)),
+            SettingsError::OutOfRange {
+                setting: "window",
+                ..
+            }
+        ));
+        assert!(matches!(
+            refused(Settings::new().heartbeat_timeout(Duration::from_secs(1))),
+            SettingsError::OutOfRange {
+                setting: "heartbeat_timeout",
+                ..
+            }
+        ));
+        assert!(matches!(
+            refused(Settings::new().disconnect_timeout(Duration::from_secs(2 * 86_400))),
+            SettingsError::OutOfRange {
+                setting: "disconnect_timeout",
+                ..
+            }
+        ));
+        assert_eq!(
+            refused(Settings::new().worker_threads(4)),
+            SettingsError::WorkerThreadsNeedMultiThread
+        );
+        assert!(matches!(
+            refused(Settings::new().backoff(Duration::from_secs(2), Duration::from_secs(1))),
+            SettingsError::BackoffInverted { .. }
+        ));
+        assert!(
+            Settings::new()
+                .flavor(Flavor::MultiThread)
+                .worker_threads(4)
+                .heartbeat_timeout(None)
+                .workers(0)
+                .validate()
+                .is_ok()
+        );
     }
 }

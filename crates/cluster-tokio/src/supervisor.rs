@@ -3,105 +3,297 @@
 use std::io;
 use std::time::{Duration, Instant};
 
-use proto::supervisor::{
-    Supervisor as Policy, SupervisorConfig, SupervisorEvent, SupervisorOutput,
-};
+pub use proto::supervisor::{FATAL_EXIT_CODE, SlotId};
+use proto::supervisor::{Supervisor as Policy, SupervisorEvent, SupervisorOutput};
 use proto::{ExitStatus, KillReason, WorkerId};
 use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::{mpsc, oneshot};
 
-use crate::primary::{Event, Primary};
+use crate::primary::{Event, Primary, Signal};
 
-/// What `Primary::scale` asks of the running supervisor.
-pub(crate) enum Control {
+/// What a [`SupervisorHandle`] asks of the running supervisor.
+enum Control {
     Scale {
         workers: usize,
-        reply: tokio::sync::oneshot::Sender<()>,
+        reply: oneshot::Sender<()>,
     },
+    Reload {
+        reply: oneshot::Sender<Result<ReloadReport, ReloadError>>,
+    },
+}
+
+/// What a rolling reload did.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct ReloadReport {
+    /// `(old, new)` for every worker replaced, in order.
+    pub replaced: Vec<(WorkerId, WorkerId)>,
+    /// Why the reload stopped early, if it did; the workers not yet replaced keep serving.
+    pub aborted: Option<ReloadAborted>,
+}
+
+impl ReloadReport {
+    /// Whether every worker was replaced.
+    pub fn is_complete(&self) -> bool {
+        self.aborted.is_none()
+    }
+}
+
+/// Why a rolling reload stopped.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct ReloadAborted {
+    /// The worker whose replacement failed (it keeps serving).
+    pub worker: WorkerId,
+    /// What happened to the replacement.
+    pub reason: AbortReason,
+}
+
+/// What happened to a replacement worker that aborted a rolling reload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum AbortReason {
+    /// It exited before it listened.
+    #[error("the replacement exited before listening: {0}")]
+    ExitedBeforeListening(ExitStatus),
+    /// It did not listen within the boot timeout (it was killed).
+    #[error("the replacement did not listen within {0:?}")]
+    BootTimeout(Duration),
+    /// The primary stopped meanwhile.
+    #[error("the primary stopped")]
+    PrimaryStopped,
+}
+
+/// Why a rolling reload could not run.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReloadError {
+    /// Another reload is running.
+    #[error("a reload is already running")]
+    AlreadyRunning,
+    /// A replacement could not be spawned at all.
+    #[error("a replacement worker could not be started")]
+    Spawn(#[source] io::Error),
+    /// The primary or its supervisor stopped.
+    #[error("the cluster primary has stopped")]
+    Stopped,
+}
+
+impl From<ReloadError> for io::Error {
+    fn from(error: ReloadError) -> Self {
+        let kind = match &error {
+            ReloadError::AlreadyRunning => io::ErrorKind::ResourceBusy,
+            ReloadError::Spawn(e) => e.kind(),
+            ReloadError::Stopped => io::ErrorKind::BrokenPipe,
+        };
+        Self::new(kind, error)
+    }
 }
 
 /// How long a fast shutdown (SIGINT) waits for workers after signalling them.
 const FAST_SHUTDOWN: Duration = Duration::from_secs(5);
 
-/// Keeps a number of workers running: restarts crashed ones with exponential backoff and full
-/// jitter, stops restarting a slot that crash-loops (its siblings keep serving), never restarts a
-/// worker that exited with the fatal code or left on purpose, and kills workers that do not
-/// listen within the boot deadline (all configurable with [`SupervisorConfig`]).
+/// Keeps [`Settings::workers`](crate::Settings::workers) workers running: restarts crashed ones
+/// with exponential backoff and full jitter, stops restarting a slot that crash-loops (its
+/// siblings keep serving), never restarts a worker that exited with the fatal code or left on
+/// purpose, and kills workers that do not listen within the boot timeout (all set with
+/// [`Settings`](crate::Settings)).
 ///
-/// [`run`](Self::run) also owns the signals: SIGHUP replaces every worker one at a time
-/// ([`Primary::reload`]); SIGTTIN and SIGTTOU add and remove one worker ([`Primary::scale`]); SIGTERM disconnects every worker gracefully (bounded by
-/// `Settings::disconnect_timeout`, then SIGKILL); SIGINT stops them fast (SIGTERM, then SIGKILL
-/// after 5 s); a second SIGTERM or SIGINT during either kills them at once.
+/// [`run`](Self::run) also owns the signals: SIGHUP replaces every worker one at a time (a
+/// rolling reload); SIGTTIN and SIGTTOU add and remove one worker; SIGTERM disconnects every
+/// worker gracefully (bounded by [`Settings::disconnect_timeout`](crate::Settings::disconnect_timeout),
+/// then SIGKILL); SIGINT stops them fast (SIGTERM, then SIGKILL after 5 s); a second SIGTERM
+/// or SIGINT during either kills them at once. A [`SupervisorHandle`] asks for a reload or a
+/// new worker count from code.
 ///
 /// # Examples
 ///
 /// ```no_run
-/// # async fn dox(primary: cluster_tokio::Primary) -> std::io::Result<()> {
+/// # async fn dox(primary: cluster_tokio::Primary) -> Result<(), cluster_tokio::supervisor::SupervisorError> {
 /// // In the primary branch of a `Role` match:
-/// cluster_tokio::Supervisor::new(primary).run(4).await
+/// let supervisor = cluster_tokio::Supervisor::new(primary);
+/// let handle = supervisor.handle();
+/// let running = tokio::spawn(supervisor.run());
+/// handle.scale(2).await?;
+/// running.await.expect("the supervisor panicked")
 /// # }
 /// ```
 #[derive(Debug)]
 pub struct Supervisor {
     primary: Primary,
-    config: SupervisorConfig,
+    control: mpsc::UnboundedSender<Control>,
+    controls: mpsc::UnboundedReceiver<Control>,
+}
+
+/// Asks a running [`Supervisor`] for a rolling reload or a new number of workers. Cheap to
+/// clone; made by [`Supervisor::handle`], so it exists only where a supervisor does.
+#[derive(Clone, Debug)]
+pub struct SupervisorHandle {
+    control: mpsc::UnboundedSender<Control>,
+}
+
+impl std::fmt::Debug for Control {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Scale { workers, .. } => write!(f, "Scale({workers})"),
+            Self::Reload { .. } => f.write_str("Reload"),
+        }
+    }
+}
+
+impl SupervisorHandle {
+    /// Sets the number of workers the supervisor keeps (also SIGTTIN and SIGTTOU: one more, one
+    /// fewer). New workers start at once; removed ones are disconnected and drain like any
+    /// disconnect. Resolves once the change is under way.
+    ///
+    /// # Errors
+    ///
+    /// [`SupervisorError::Stopped`]: the supervisor is not running (any more).
+    pub async fn scale(&self, workers: usize) -> Result<(), SupervisorError> {
+        let (reply, rx) = oneshot::channel();
+        self.control
+            .send(Control::Scale { workers, reply })
+            .map_err(|_| SupervisorError::Stopped)?;
+        rx.await.map_err(|_| SupervisorError::Stopped)
+    }
+
+    /// Replaces every worker, one at a time, without dropping a connection (a rolling reload,
+    /// also SIGHUP), and resolves when it is done.
+    ///
+    /// For each worker: a replacement is started first and must listen within
+    /// [`Settings::boot_timeout`](crate::Settings::boot_timeout); then the old worker is taken
+    /// out of the round robin and disconnected, so it finishes its connections (within
+    /// [`Settings::disconnect_timeout`](crate::Settings::disconnect_timeout)) and exits. A
+    /// replacement that crashes or does not listen in time aborts the reload: it is killed,
+    /// the remaining old workers keep serving, and the report says why
+    /// ([`ReloadReport::aborted`]).
+    ///
+    /// A replacement gets the settings' environment, not the extra environment its predecessor
+    /// was forked with.
+    ///
+    /// # Errors
+    ///
+    /// Another reload is running, a replacement could not be spawned at all, or the supervisor
+    /// stopped.
+    pub async fn reload(&self) -> Result<ReloadReport, ReloadError> {
+        let (reply, rx) = oneshot::channel();
+        self.control
+            .send(Control::Reload { reply })
+            .map_err(|_| ReloadError::Stopped)?;
+        rx.await.map_err(|_| ReloadError::Stopped)?
+    }
+}
+
+/// Why a [`Supervisor`] stopped with an error, or could not do what its handle asked.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SupervisorError {
+    /// Every slot failed; the first to fail crash-looped: its workers crashed `failures` times
+    /// within the breaker's window.
+    #[error("{slot} crash-looped ({failures} crashes within the window)")]
+    CrashLoop {
+        /// The slot.
+        slot: SlotId,
+        /// Its crashes within the window.
+        failures: usize,
+    },
+    /// Every slot failed; the first to fail had a worker exit with the fatal code.
+    #[error("{slot}: worker {worker} exited with the fatal exit code {code}")]
+    Fatal {
+        /// The slot.
+        slot: SlotId,
+        /// The worker.
+        worker: WorkerId,
+        /// The code.
+        code: i32,
+    },
+    /// The signal handlers could not be installed.
+    #[error("could not install the signal handlers")]
+    Signals(#[source] io::Error),
+    /// The supervisor is not running (any more).
+    #[error("the supervisor is not running")]
+    Stopped,
+}
+
+impl From<SupervisorError> for io::Error {
+    fn from(error: SupervisorError) -> Self {
+        match error {
+            SupervisorError::Signals(error) => error,
+            SupervisorError::Stopped => Self::new(io::ErrorKind::BrokenPipe, error),
+            other => Self::other(other),
+        }
+    }
 }
 
 impl Supervisor {
-    /// A supervisor with the default policy.
+    /// A supervisor for `primary`, with the policy of the primary's
+    /// [`Settings`](crate::Settings).
     pub fn new(primary: Primary) -> Self {
+        let (control, controls) = mpsc::unbounded_channel();
         Self {
             primary,
-            config: SupervisorConfig::default(),
+            control,
+            controls,
         }
     }
 
-    /// Replaces the policy.
-    #[must_use]
-    pub fn config(mut self, config: SupervisorConfig) -> Self {
-        self.config = config;
-        self
+    /// A handle that asks this supervisor, once it runs, for a reload or a new worker count.
+    pub fn handle(&self) -> SupervisorHandle {
+        SupervisorHandle {
+            control: self.control.clone(),
+        }
     }
 
-    /// Starts `workers` workers and keeps them running until a shutdown signal, or until no slot
-    /// can run a worker any more.
+    /// Starts [`Settings::worker_count`](crate::Settings::worker_count) workers and keeps them
+    /// running until a shutdown signal, or until no slot can run a worker any more.
     ///
     /// # Errors
     ///
     /// Every slot failed (crash loop or fatal exit): the error says which and why. Signal
     /// handlers could not be installed.
-    pub async fn run(self, workers: usize) -> io::Result<()> {
-        let Self { primary, config } = self;
-        let mut terminate = signal(SignalKind::terminate())?;
-        let mut interrupt = signal(SignalKind::interrupt())?;
-        let mut hangup = signal(SignalKind::hangup())?;
-        let mut more = signal(SignalKind::from_raw(libc::SIGTTIN))?;
-        let mut fewer = signal(SignalKind::from_raw(libc::SIGTTOU))?;
-        let (control, mut controls) = tokio::sync::mpsc::unbounded_channel();
-        primary.attach_supervisor(Some(control));
-        let _detach = Detach(&primary);
+    pub async fn run(self) -> Result<(), SupervisorError> {
+        let Self {
+            primary,
+            control,
+            mut controls,
+        } = self;
+        // Handles made before `run` stay usable; ours must not keep the channel open.
+        drop(control);
+        let settings = primary.settings();
+        let workers = settings.worker_count();
+        let config = settings.supervisor_config();
+        let mut terminate = signal(SignalKind::terminate()).map_err(SupervisorError::Signals)?;
+        let mut interrupt = signal(SignalKind::interrupt()).map_err(SupervisorError::Signals)?;
+        let mut hangup = signal(SignalKind::hangup()).map_err(SupervisorError::Signals)?;
+        let mut more =
+            signal(SignalKind::from_raw(libc::SIGTTIN)).map_err(SupervisorError::Signals)?;
+        let mut fewer =
+            signal(SignalKind::from_raw(libc::SIGTTOU)).map_err(SupervisorError::Signals)?;
         let mut reloading: Option<tokio::task::JoinHandle<()>> = None;
         let mut events = primary.events();
         let mut policy = Policy::new(config, workers, seed());
         let mut failure = None;
+        let mut spawn_failures = SpawnFailures::default();
         loop {
             while let Some(output) = policy.poll_output() {
                 match output {
                     SupervisorOutput::Spawn { slot } => match primary.fork().await {
                         Ok(worker) => {
+                            spawn_failures.succeeded();
                             if !policy.handle_spawned(now(), slot, worker.id()) {
                                 // A reload's replacement took the slot meanwhile.
                                 tokio::spawn(async move { worker.disconnect().await });
                             }
                         }
                         Err(error) => {
-                            tracing::error!(%slot, %error, "could not start a worker");
+                            spawn_failures.failed(slot, &error);
                             policy.handle_spawn_failed(now(), slot);
                         }
                     },
                     SupervisorOutput::Kill { worker, reason } => {
                         tracing::warn!(worker = worker.get(), ?reason, "killing worker");
                         if let Some(handle) = primary.worker(worker) {
-                            let _ = handle.kill(libc::SIGKILL);
+                            let _ = handle.kill(Signal::KILL);
                         }
                     }
                     SupervisorOutput::Event(event) => report(event, &mut failure),
@@ -109,8 +301,9 @@ impl Supervisor {
                 }
             }
             if policy.is_done() {
+                spawn_failures.succeeded();
                 return match failure {
-                    Some(failure) => Err(io::Error::other(failure)),
+                    Some(failure) => Err(failure),
                     None => Ok(()),
                 };
             }
@@ -127,36 +320,25 @@ impl Supervisor {
                     tracing::info!("SIGINT: stopping workers");
                     return shut_down(&primary, &mut terminate, &mut interrupt, stop_fast(&primary)).await;
                 }
-                Some(Control::Scale { workers, reply }) = controls.recv() => {
-                    scale(&mut policy, &primary, workers);
-                    let _ = reply.send(());
-                }
+                Some(control) = controls.recv() => match control {
+                    Control::Scale { workers, reply } => {
+                        scale(&mut policy, &primary, workers);
+                        let _ = reply.send(());
+                    }
+                    Control::Reload { reply } => {
+                        start_reload(&primary, &mut reloading, "reload requested", Some(reply));
+                    }
+                },
                 _ = more.recv() => {
                     let target = policy.active() + 1;
                     scale(&mut policy, &primary, target);
                 }
                 _ = fewer.recv() => {
-                    // Never below one worker by signal; `Primary::scale(0)` can.
+                    // Never below one worker by signal; `SupervisorHandle::scale(0)` can.
                     let target = policy.active().saturating_sub(1).max(1);
                     scale(&mut policy, &primary, target);
                 }
-                _ = hangup.recv() => {
-                    if reloading.as_ref().is_some_and(|r| !r.is_finished()) {
-                        tracing::warn!("SIGHUP: a reload is already running");
-                    } else {
-                        tracing::info!("SIGHUP: rolling reload");
-                        let primary = primary.clone();
-                        reloading = Some(tokio::spawn(async move {
-                            match primary.reload().await {
-                                Ok(report) if report.is_complete() => {
-                                    tracing::info!(replaced = report.replaced.len(), "reload complete");
-                                }
-                                Ok(report) => tracing::error!(replaced = report.replaced.len(), aborted = ?report.aborted, "reload aborted; the old workers keep serving"),
-                                Err(error) => tracing::error!(%error, "reload failed"),
-                            }
-                        }));
-                    }
-                }
+                _ = hangup.recv() => start_reload(&primary, &mut reloading, "SIGHUP", None),
                 event = events.recv() => match event {
                     Some(Event::Replaced { old, new }) => {
                         policy.handle_replaced(now(), old.id(), new.id());
@@ -182,12 +364,66 @@ impl Supervisor {
     }
 }
 
-/// Forgets the supervisor's control channel when `run` ends.
-struct Detach<'a>(&'a Primary);
+/// Starts a rolling reload in a task unless one is running; the outcome is logged, and sent to
+/// `reply` if a handle asked for it.
+fn start_reload(
+    primary: &Primary,
+    reloading: &mut Option<tokio::task::JoinHandle<()>>,
+    cause: &'static str,
+    reply: Option<oneshot::Sender<Result<ReloadReport, ReloadError>>>,
+) {
+    if reloading.as_ref().is_some_and(|r| !r.is_finished()) {
+        tracing::warn!(cause, "a reload is already running");
+        if let Some(reply) = reply {
+            let _ = reply.send(Err(ReloadError::AlreadyRunning));
+        }
+        return;
+    }
+    tracing::info!(cause, "rolling reload");
+    let primary = primary.clone();
+    *reloading = Some(tokio::spawn(async move {
+        let outcome = primary.reload().await;
+        match &outcome {
+            Ok(report) if report.is_complete() => {
+                tracing::info!(replaced = report.replaced.len(), "reload complete");
+            }
+            Ok(report) => tracing::error!(
+                replaced = report.replaced.len(),
+                aborted = ?report.aborted,
+                "reload aborted; the old workers keep serving"
+            ),
+            Err(error) => tracing::error!(%error, "reload failed"),
+        }
+        if let Some(reply) = reply {
+            let _ = reply.send(outcome);
+        }
+    }));
+}
 
-impl Drop for Detach<'_> {
-    fn drop(&mut self) {
-        self.0.attach_supervisor(None);
+/// Failures to start a worker process, logged once per burst: the first with its error, the
+/// rest counted and summed up when a start succeeds again (a fork that fails with `EAGAIN`
+/// fails for every slot at once, and each retries on its own backoff).
+#[derive(Default)]
+struct SpawnFailures {
+    since_last_success: u64,
+}
+
+impl SpawnFailures {
+    fn failed(&mut self, slot: SlotId, error: &io::Error) {
+        if self.since_last_success == 0 {
+            tracing::error!(%slot, %error, "could not start a worker; retrying with backoff (further failures are counted, not logged)");
+        }
+        self.since_last_success += 1;
+    }
+
+    fn succeeded(&mut self) {
+        if self.since_last_success > 1 {
+            tracing::warn!(
+                failed_starts = self.since_last_success,
+                "a worker started again after failed starts"
+            );
+        }
+        self.since_last_success = 0;
     }
 }
 
@@ -210,17 +446,17 @@ async fn shut_down(
     terminate: &mut tokio::signal::unix::Signal,
     interrupt: &mut tokio::signal::unix::Signal,
     stopping: impl Future<Output = io::Result<()>>,
-) -> io::Result<()> {
+) -> Result<(), SupervisorError> {
     tokio::select! {
-        done = stopping => done,
-        _ = terminate.recv() => kill_all(primary).await,
-        _ = interrupt.recv() => kill_all(primary).await,
+        done = stopping => done.map_err(|_| SupervisorError::Stopped),
+        _ = terminate.recv() => { kill_all(primary).await; Ok(()) }
+        _ = interrupt.recv() => { kill_all(primary).await; Ok(()) }
     }
 }
 
 async fn stop_fast(primary: &Primary) -> io::Result<()> {
     for worker in primary.workers() {
-        let _ = worker.kill(libc::SIGTERM);
+        let _ = worker.kill(Signal::TERM);
     }
     let all_exited = async {
         for worker in primary.workers() {
@@ -231,23 +467,22 @@ async fn stop_fast(primary: &Primary) -> io::Result<()> {
         .await
         .is_err()
     {
-        return kill_all(primary).await;
+        kill_all(primary).await;
     }
     Ok(())
 }
 
-async fn kill_all(primary: &Primary) -> io::Result<()> {
+async fn kill_all(primary: &Primary) {
     tracing::warn!("killing every worker");
     for worker in primary.workers() {
-        let _ = worker.kill(libc::SIGKILL);
+        let _ = worker.kill(Signal::KILL);
     }
     for worker in primary.workers() {
         worker.exited().await;
     }
-    Ok(())
 }
 
-fn report(event: SupervisorEvent, failure: &mut Option<String>) {
+fn report(event: SupervisorEvent, failure: &mut Option<SupervisorError>) {
     match event {
         SupervisorEvent::Respawning {
             slot,
@@ -258,12 +493,11 @@ fn report(event: SupervisorEvent, failure: &mut Option<String>) {
         }
         SupervisorEvent::CrashLoop { slot, failures } => {
             tracing::error!(%slot, failures, "crash loop: this slot stays empty; the other workers keep serving");
-            failure.get_or_insert_with(|| format!("{slot} crash-looped ({failures} crashes)"));
+            failure.get_or_insert(SupervisorError::CrashLoop { slot, failures });
         }
-        SupervisorEvent::Fatal { slot, worker } => {
-            tracing::error!(%slot, worker = worker.get(), "worker exited with the fatal exit code; not restarting it");
-            failure
-                .get_or_insert_with(|| format!("{slot}: {worker} exited with the fatal exit code"));
+        SupervisorEvent::Fatal { slot, worker, code } => {
+            tracing::error!(%slot, worker = worker.get(), code, "worker exited with the fatal exit code; not restarting it");
+            failure.get_or_insert(SupervisorError::Fatal { slot, worker, code });
         }
         _ => {}
     }

@@ -422,3 +422,66 @@ pub(crate) fn read_timer(timer: BorrowedFd<'_>) -> io::Result<()> {
     }
     Ok(())
 }
+
+/// Checks that this user may start `workers` more processes (`RLIMIT_NPROC`, which the kernel
+/// counts per real user id over processes and threads alike, and does not enforce for root).
+/// Without this a worker count above the limit would be a storm of failing forks.
+pub(crate) fn check_process_limit(workers: usize) -> Result<(), crate::SettingsError> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes a properly sized struct we own; getuid has no preconditions.
+    let (got, uid) = unsafe {
+        (
+            libc::getrlimit(libc::RLIMIT_NPROC, &mut limit),
+            libc::getuid(),
+        )
+    };
+    if got != 0 || limit.rlim_cur == libc::RLIM_INFINITY || uid == 0 {
+        return Ok(());
+    }
+    let running = tasks_of_user(uid);
+    let available = limit.rlim_cur.saturating_sub(running);
+    if (workers as u64) <= available {
+        return Ok(());
+    }
+    Err(crate::SettingsError::ProcessLimit {
+        workers,
+        available,
+        limit: limit.rlim_cur,
+        running,
+    })
+}
+
+/// The tasks (threads) of processes whose real user id is `uid`, from `/proc`.
+fn tasks_of_user(uid: libc::uid_t) -> u64 {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    let mut tasks = 0;
+    for entry in entries.flatten() {
+        if !entry
+            .file_name()
+            .as_encoded_bytes()
+            .iter()
+            .all(u8::is_ascii_digit)
+        {
+            continue;
+        }
+        let Ok(status) = std::fs::read_to_string(entry.path().join("status")) else {
+            continue;
+        };
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix(name))
+                .and_then(|rest| rest.split_whitespace().next())
+                .and_then(|value| value.parse::<u64>().ok())
+        };
+        if field("Uid:") == Some(u64::from(uid)) {
+            tasks += field("Threads:").unwrap_or(1);
+        }
+    }
+    tasks
+}

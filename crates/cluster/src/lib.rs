@@ -3,8 +3,9 @@
 //!
 //! A primary process re-executes its own binary as N workers. Workers call
 //! [`ClusterListener::bind`] as if they owned the port; the primary either accepts connections
-//! and hands each to a worker in turn (fds passed over a Unix seqpacket socket, one ack per
-//! handoff) or shares the listening socket with them.
+//! and hands each to a worker in turn (fds passed over a Unix seqpacket socket, acked in
+//! batches) or shares the listening socket with them. It restarts crashed workers, replaces
+//! them one at a time on SIGHUP, and drains them on SIGTERM.
 //!
 //! ```no_run
 //! // Every worker runs the body; the primary forks them, watches them, and drains them on
@@ -21,7 +22,19 @@
 //! ```
 //!
 //! The same program runs unclustered: outside a worker, [`ClusterListener::bind`] binds the
-//! socket itself.
+//! socket itself. Every knob is a [`Settings`] method, handed to `#[cluster::main(settings =
+//! ..)]`; operators override some with `CLUSTER_*` environment variables ([`env`](mod@env)).
+//!
+//! # Where things are
+//!
+//! - The paved path is at the root: [`main`], [`run`], [`Role`], [`shutdown`], [`worker()`],
+//!   [`Settings`], [`ClusterListener`], [`Primary`], [`Worker`].
+//! - [`net`]: every listener (TCP, Unix, UDP) and its bind options.
+//! - [`primary`]: what the primary knows of its workers: events, handles, stats, signals.
+//! - [`worker`](mod@worker): the worker's side.
+//! - [`message`]: typed messages and requests between the two.
+//! - [`supervisor`]: restarts, rolling reloads, scaling, and their errors.
+//! - [`settings`] and [`env`](mod@env): configuration, in code and from the environment.
 //!
 //! # Optional features
 //!
@@ -31,17 +44,14 @@
 #[cfg(feature = "macros")]
 pub use cluster_macros::main;
 pub use cluster_tokio::{
-    ClusterListener, ClusterUdpSocket, ClusterUnixListener, DEFAULT_REQUEST_TIMEOUT,
-    ENV_BATCH_SCHEDULING, ENV_HANDOFF_WINDOW, ENV_HEARTBEAT_TIMEOUT_MS, ENV_SCHED_POLICY,
-    ENV_WORKERS, Event, Events, ExitStatus, FATAL_EXIT_CODE, Flavor, KillReason, ListenAddress,
-    ListenOptions, MainOutput, Message, ORPHAN_GRACE, Primary, ReloadAborted, ReloadReport,
-    RequestError, Role, RuntimeOptions, SchedulingPolicy, Settings, Stats, Supervisor,
-    SupervisorConfig, Worker, WorkerHandle, WorkerId, WorkerState, WorkerStats, proto, run,
-    run_workers, shutdown, worker, worker_count,
+    ClusterListener, MainOutput, Primary, Role, Settings, Supervisor, Worker, env, message, net,
+    primary, run, run_workers, settings, shutdown, supervisor, worker,
 };
 
 /// What `#[cluster::main]` expands to. Not public API.
 #[doc(hidden)]
 pub mod __private {
-    pub use cluster_tokio::{Flavor, Role, RuntimeOptions, run, run_workers};
+    pub use cluster_tokio::configure;
+    pub use cluster_tokio::settings::Flavor;
+    pub use cluster_tokio::{Role, Settings, run, run_workers};
 }

@@ -4,16 +4,16 @@ use std::future::Future;
 use std::io;
 use std::time::Duration;
 
-use cluster::{
-    ClusterListener, ClusterUdpSocket, ClusterUnixListener, Message, Role, RuntimeOptions, Worker,
-};
+use cluster::message::Message;
+use cluster::net::{ClusterUdpSocket, ClusterUnixListener};
+use cluster::{ClusterListener, Role, Settings, Worker};
 use cluster_tests::{Command, Listen, Reply, UdpTarget};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
 
 fn main() {
-    cluster::run(RuntimeOptions::new(), |role| async move {
+    cluster::run(Settings::new(), |role| async move {
         match role {
             Role::Worker(worker) => serve(worker).await,
             Role::Primary(_) => {

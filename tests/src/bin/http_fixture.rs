@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use cluster::{ClusterListener, RuntimeOptions};
+use cluster::ClusterListener;
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::header::{CONNECTION, HeaderValue};
@@ -21,77 +21,74 @@ use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use hyper_util::server::graceful::GracefulShutdown;
 
-fn main() -> std::io::Result<()> {
-    cluster::run_workers(RuntimeOptions::new(), Some(2), || async {
-        if std::env::var_os("FIXTURE_FAIL_IF")
-            .is_some_and(|path| std::path::Path::new(&path).exists())
-        {
-            // Workers started after the file appeared crash at boot (a bad deploy).
-            std::process::exit(1);
-        }
-        let addr = std::env::var("ADDR").unwrap_or_else(|_| "127.0.0.1:0".to_owned());
-        let mut listener = ClusterListener::bind(addr).await?;
-        let id = cluster::worker().map_or(0, |w| w.id().get());
-        say(&format!(
-            "worker {id} pid {} port {}",
-            std::process::id(),
-            listener.local_addr()?.port()
-        ));
-        let connections = GracefulShutdown::new();
-        let draining = Arc::new(AtomicBool::new(false));
-        loop {
-            let stream = tokio::select! {
-                accepted = listener.accept() => match accepted {
-                    Ok((stream, _)) => stream,
-                    Err(_) => break,
-                },
-                () = cluster::shutdown() => break,
-            };
+#[cluster::main(workers = 2)]
+async fn main() -> std::io::Result<()> {
+    if std::env::var_os("FIXTURE_FAIL_IF").is_some_and(|path| std::path::Path::new(&path).exists())
+    {
+        // Workers started after the file appeared crash at boot (a bad deploy).
+        std::process::exit(1);
+    }
+    let addr = std::env::var("ADDR").unwrap_or_else(|_| "127.0.0.1:0".to_owned());
+    let mut listener = ClusterListener::bind(addr).await?;
+    let id = cluster::worker().map_or(0, |w| w.id().get());
+    say(&format!(
+        "worker {id} pid {} port {}",
+        std::process::id(),
+        listener.local_addr()?.port()
+    ));
+    let connections = GracefulShutdown::new();
+    let draining = Arc::new(AtomicBool::new(false));
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(_) => break,
+            },
+            () = cluster::shutdown() => break,
+        };
+        let draining = draining.clone();
+        let service = service_fn(move |request: Request<Incoming>| {
             let draining = draining.clone();
-            let service = service_fn(move |request: Request<Incoming>| {
-                let draining = draining.clone();
-                async move {
-                    let path = request.uri().path();
-                    if let Some(ms) = path
-                        .strip_prefix("/block/")
-                        .and_then(|ms| ms.parse::<u64>().ok())
-                    {
-                        // Blocks the whole (current-thread) runtime: a hung worker.
-                        say(&format!("blocking {id} {ms}"));
-                        std::thread::sleep(Duration::from_millis(ms));
-                    }
-                    if let Some(ms) = path
-                        .strip_prefix("/delay/")
-                        .and_then(|ms| ms.parse::<u64>().ok())
-                    {
-                        say(&format!("delaying {id} {ms}"));
-                        tokio::time::sleep(Duration::from_millis(ms)).await;
-                    }
-                    let mut response =
-                        Response::new(Full::new(Bytes::from(format!("worker {id}\n"))));
-                    if draining.load(Ordering::Relaxed) {
-                        response
-                            .headers_mut()
-                            .insert(CONNECTION, HeaderValue::from_static("close"));
-                    }
-                    Ok::<_, Infallible>(response)
+            async move {
+                let path = request.uri().path();
+                if let Some(ms) = path
+                    .strip_prefix("/block/")
+                    .and_then(|ms| ms.parse::<u64>().ok())
+                {
+                    // Blocks the whole (current-thread) runtime: a hung worker.
+                    say(&format!("blocking {id} {ms}"));
+                    std::thread::sleep(Duration::from_millis(ms));
                 }
-            });
-            let connection = connections
-                .watch(http1::Builder::new().serve_connection(TokioIo::new(stream), service));
-            tokio::spawn(async move {
-                let _ = connection.await;
-            });
-        }
-        drop(listener);
-        // As `examples/hello.rs`: closing a connection hyper considers idle races with a request
-        // the client is sending on it (a fresh connection counts as idle until its first request
-        // arrives). Answer with `Connection: close` for a moment, then close what is left.
-        draining.store(true, Ordering::Relaxed);
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let _ = tokio::time::timeout(Duration::from_secs(30), connections.shutdown()).await;
-        Ok(())
-    })
+                if let Some(ms) = path
+                    .strip_prefix("/delay/")
+                    .and_then(|ms| ms.parse::<u64>().ok())
+                {
+                    say(&format!("delaying {id} {ms}"));
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                }
+                let mut response = Response::new(Full::new(Bytes::from(format!("worker {id}\n"))));
+                if draining.load(Ordering::Relaxed) {
+                    response
+                        .headers_mut()
+                        .insert(CONNECTION, HeaderValue::from_static("close"));
+                }
+                Ok::<_, Infallible>(response)
+            }
+        });
+        let connection = connections
+            .watch(http1::Builder::new().serve_connection(TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+    }
+    drop(listener);
+    // As `examples/hello.rs`: closing a connection hyper considers idle races with a request
+    // the client is sending on it (a fresh connection counts as idle until its first request
+    // arrives). Answer with `Connection: close` for a moment, then close what is left.
+    draining.store(true, Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let _ = tokio::time::timeout(Duration::from_secs(30), connections.shutdown()).await;
+    Ok(())
 }
 
 fn say(line: &str) {

@@ -3,7 +3,7 @@
 
 use std::os::fd::AsFd;
 
-use cluster::proto::wire::{self, Envelope, HandleId, UserKind, WorkerMessage};
+use cluster_core::wire::{self, Envelope, HandleId, UserKind, WorkerMessage};
 
 fn encoded(message: &WorkerMessage) -> Vec<u8> {
     let mut frame = Vec::new();
@@ -14,7 +14,7 @@ fn encoded(message: &WorkerMessage) -> Vec<u8> {
 fn main() {
     // A valid handshake first, so the offence is what follows.
     let online = encoded(&WorkerMessage::Online {
-        version: cluster::proto::PROTOCOL_VERSION,
+        version: cluster_core::PROTOCOL_VERSION,
         pid: 1,
     });
     let offence = std::env::var("ROGUE").expect("ROGUE");

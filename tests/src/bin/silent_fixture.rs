@@ -5,14 +5,14 @@
 
 use std::io::Write;
 
-use cluster::{Primary, Role, RuntimeOptions, Settings};
+use cluster::{Role, Settings};
 
 fn main() {
     let lines: usize = std::env::var("FIXTURE_LINES")
         .ok()
         .and_then(|n| n.parse().ok())
         .unwrap_or(1000);
-    cluster::run(RuntimeOptions::new(), |role| async move {
+    cluster::run(Settings::new().silent(true), |role| async move {
         match role {
             Role::Worker(worker) => {
                 let id = worker.id().get();
@@ -24,10 +24,7 @@ fn main() {
                     eprintln!("err {id} {n}");
                 }
             }
-            Role::Primary(_unused) => {
-                let mut settings = Settings::default();
-                settings.silent = true;
-                let primary = Primary::start(settings);
+            Role::Primary(primary) => {
                 let a = primary.fork().await.expect("fork");
                 let b = primary.fork().await.expect("fork");
                 a.exited().await;

@@ -7,7 +7,8 @@ pub mod program;
 use std::collections::VecDeque;
 use std::time::Duration;
 
-use cluster::{Event, Events, Primary, SchedulingPolicy, Settings, WorkerHandle};
+use cluster::primary::{Event, Events, SchedulingPolicy, Signal, WorkerHandle};
+use cluster::{Primary, Settings};
 use cluster_tests::{Command, Reply};
 use tokio::io::AsyncReadExt;
 
@@ -26,17 +27,16 @@ pub struct Cluster {
 
 impl Cluster {
     pub fn start(policy: SchedulingPolicy) -> Self {
-        Self::with(policy, |_| {})
+        Self::with(policy, |s| s)
     }
 
-    pub fn with(policy: SchedulingPolicy, configure: impl FnOnce(&mut Settings)) -> Self {
-        let mut settings = Settings::default();
-        settings.exec = Some(env!("CARGO_BIN_EXE_fixture").into());
-        settings.args = Some(Vec::new());
-        settings.policy = policy;
-        settings.disconnect_timeout = Duration::from_secs(10);
-        configure(&mut settings);
-        let primary = Primary::start(settings);
+    pub fn with(policy: SchedulingPolicy, configure: impl FnOnce(Settings) -> Settings) -> Self {
+        let settings = Settings::new()
+            .exec(env!("CARGO_BIN_EXE_fixture"))
+            .args(Vec::<String>::new())
+            .policy(policy)
+            .disconnect_timeout(Duration::from_secs(10));
+        let primary = Primary::start(configure(settings)).expect("valid settings");
         let events = primary.events();
         Self {
             primary,
@@ -132,12 +132,12 @@ impl Drop for Cluster {
     fn drop(&mut self) {
         // Every child this test started goes, by pid (a dead one is never signalled again).
         for worker in &self.workers {
-            let _ = worker.kill(libc::SIGKILL);
+            let _ = worker.kill(Signal::KILL);
         }
     }
 }
 
-pub fn worker_of(event: &Event) -> Option<cluster::WorkerId> {
+pub fn worker_of(event: &Event) -> Option<cluster::primary::WorkerId> {
     Some(match event {
         Event::Fork(w) | Event::Online(w) | Event::Disconnect(w) => w.id(),
         Event::Listening { worker, .. }

@@ -106,6 +106,8 @@ pub enum SupervisorEvent {
         slot: SlotId,
         /// The worker.
         worker: WorkerId,
+        /// The exit code.
+        code: i32,
     },
 }
 
@@ -277,16 +279,17 @@ impl Supervisor {
         if self.stopping || on_purpose || status == ExitStatus::Code(0) {
             // Finished, not crashed (systemd's `Restart=on-failure`): the slot stays empty.
             self.slots[slot].state = State::Stopped;
-        } else if self
+        } else if let Some(code) = self
             .config
             .fatal_exit_code
-            .is_some_and(|code| status == ExitStatus::Code(code))
+            .filter(|&code| status == ExitStatus::Code(code))
         {
             self.slots[slot].state = State::Broken;
             self.out
                 .push_back(SupervisorOutput::Event(SupervisorEvent::Fatal {
                     slot: SlotId(slot),
                     worker,
+                    code,
                 }));
         } else {
             self.failed(now, slot, Some(worker));

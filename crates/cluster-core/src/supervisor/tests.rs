@@ -176,7 +176,8 @@ fn fatal_exit_and_leaving_on_purpose_are_not_respawned() {
         drain(&mut s),
         [SupervisorOutput::Event(SupervisorEvent::Fatal {
             slot: SlotId(0),
-            worker: workers[0]
+            worker: workers[0],
+            code: FATAL_EXIT_CODE,
         })]
     );
     s.handle_exit(now, workers[1], ExitStatus::Code(0), true);

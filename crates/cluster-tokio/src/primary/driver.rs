@@ -204,7 +204,7 @@ impl Driver {
         self.scheduling_decided = true;
         let current_thread = tokio::runtime::Handle::current().runtime_flavor()
             == tokio::runtime::RuntimeFlavor::CurrentThread;
-        if !current_thread || !self.settings.effective_batch_scheduling() {
+        if !current_thread || !self.settings.wants_batch_scheduling() {
             return;
         }
         match crate::sys::use_batch_scheduling() {

@@ -1,4 +1,5 @@
-//! The primary: forks workers, owns the listening sockets and hands out connections.
+//! The primary: forks workers, owns the listening sockets and hands out connections
+//! ([`Primary`]), and what it tells about its workers ([`Event`], [`WorkerHandle`], [`Stats`]).
 
 mod alarm;
 mod driver;
@@ -16,7 +17,9 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use proto::wire::BoundAddr;
-use proto::{ExitStatus, KillReason, ProtocolError, WorkerId, WorkerState};
+pub use proto::{
+    ExitStatus, KillReason, LinkError, ProtocolError, SchedulingPolicy, WorkerId, WorkerState,
+};
 use std::os::fd::OwnedFd;
 
 use serde::Serialize;
@@ -26,8 +29,13 @@ pub use crate::message::Message;
 use crate::message::{DEFAULT_REQUEST_TIMEOUT, RequestError};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::settings::Settings;
+use crate::settings::{Settings, SettingsError};
+use crate::supervisor::{AbortReason, ReloadAborted, ReloadError, ReloadReport};
 use driver::{Driver, Input};
+
+pub use signal::Signal;
+
+mod signal;
 
 /// The primary process's handle on its cluster. Cheap to clone.
 ///
@@ -35,9 +43,10 @@ use driver::{Driver, Input};
 ///
 /// ```no_run
 /// # async fn dox() -> std::io::Result<()> {
-/// use cluster_tokio::{Event, Primary, Settings};
+/// use cluster_tokio::primary::Event;
+/// use cluster_tokio::{Primary, Settings};
 ///
-/// let primary = Primary::start(Settings::default());
+/// let primary = Primary::start(Settings::new())?;
 /// let mut events = primary.events();
 /// for _ in 0..2 {
 ///     primary.fork().await?;
@@ -60,8 +69,6 @@ pub(crate) struct PrimaryShared {
     workers: Mutex<BTreeMap<WorkerId, WorkerHandle>>,
     settings: Settings,
     reloading: tokio::sync::Mutex<()>,
-    /// The running supervisor's control channel, for `scale`.
-    supervisor: Mutex<Option<mpsc::UnboundedSender<crate::supervisor::Control>>>,
 }
 
 impl PrimaryShared {
@@ -82,14 +89,23 @@ impl fmt::Debug for Primary {
 impl Primary {
     /// Starts the primary's driver on the current Tokio runtime.
     ///
+    /// [`run`](crate::run) and `#[cluster::main]` start the primary of a program and hand it
+    /// over in [`Role::Primary`](crate::Role::Primary); call this only in a process that is not
+    /// run by them (a test harness, a program with its own `main`).
+    ///
     /// Workers are forked from the runtime's threads, and each worker is killed by the kernel
     /// when the thread that forked it exits (`PR_SET_PDEATHSIG`): start the primary on a
     /// long-lived runtime, never inside `spawn_blocking`.
     ///
+    /// # Errors
+    ///
+    /// The settings are not valid ([`Settings::validate`]).
+    ///
     /// # Panics
     ///
     /// Outside a Tokio runtime.
-    pub fn start(settings: Settings) -> Self {
+    pub fn start(settings: Settings) -> Result<Self, SettingsError> {
+        settings.validate()?;
         crate::sys::raise_fd_limit();
         let (tx, rx) = mpsc::unbounded_channel();
         let shared = Arc::new(PrimaryShared {
@@ -97,10 +113,9 @@ impl Primary {
             workers: Mutex::new(BTreeMap::new()),
             settings: settings.clone(),
             reloading: tokio::sync::Mutex::new(()),
-            supervisor: Mutex::new(None),
         });
         tokio::spawn(Driver::new(settings, shared.clone(), rx, tx.clone()));
-        Self { tx, shared }
+        Ok(Self { tx, shared })
     }
 
     /// Starts a worker (Node's `cluster.fork()`). Resolves once the process exists; its
@@ -209,25 +224,13 @@ impl Primary {
         Ok(())
     }
 
-    /// Replaces every worker, one at a time, without dropping a connection (a rolling reload,
-    /// also triggered by SIGHUP under a [`Supervisor`](crate::Supervisor)).
-    ///
-    /// For each worker: a replacement is started first and must listen within
-    /// [`Settings::boot_timeout`]; then the old worker is taken out of the round robin and
-    /// disconnected, so it finishes its connections (within [`Settings::disconnect_timeout`])
-    /// and exits. A replacement that crashes or does not listen in time aborts the reload: it is
-    /// killed, the remaining old workers keep serving, and the report says why.
-    ///
-    /// A replacement counts as ready at its first `Listening`; it gets the settings' environment,
-    /// not the extra environment its predecessor was forked with.
-    ///
-    /// # Errors
-    ///
-    /// Another reload is running, or a replacement could not be spawned at all.
-    pub async fn reload(&self) -> io::Result<ReloadReport> {
+    /// Replaces every worker, one at a time, without dropping a connection (a rolling reload:
+    /// [`SupervisorHandle::reload`](crate::supervisor::SupervisorHandle::reload) and SIGHUP).
+    pub(crate) async fn reload(&self) -> Result<ReloadReport, ReloadError> {
         let Ok(_only_one) = self.shared.reloading.try_lock() else {
-            return Err(io::Error::other("a reload is already running"));
+            return Err(ReloadError::AlreadyRunning);
         };
+        let boot_timeout = self.shared.settings.boot_timeout;
         let mut report = ReloadReport {
             replaced: Vec::new(),
             aborted: None,
@@ -237,37 +240,28 @@ impl Primary {
                 continue;
             }
             let mut events = self.events();
-            let new = self.fork().await?;
+            let new = self.fork().await.map_err(ReloadError::Spawn)?;
             let ready = async {
                 loop {
                     match events.recv().await {
                         Some(Event::Listening { worker, .. }) if worker.id() == new.id() => {
-                            return Ok(());
+                            return None;
                         }
                         Some(Event::Exit { worker, status, .. }) if worker.id() == new.id() => {
-                            return Err(status);
+                            return Some(AbortReason::ExitedBeforeListening(status));
                         }
                         Some(_) => {}
-                        None => return Err(ExitStatus::Code(-1)),
+                        None => return Some(AbortReason::PrimaryStopped),
                     }
                 }
             };
-            let outcome = tokio::time::timeout(self.shared.settings.boot_timeout, ready).await;
+            let outcome = tokio::time::timeout(boot_timeout, ready).await;
             // Nothing else to wait for: an unread subscriber would hold every later event
             // (and the fds and requests of messages) until the old worker has drained.
             drop(events);
-            let reason = match outcome {
-                Ok(Ok(())) => None,
-                Ok(Err(status)) => {
-                    Some(format!("the replacement exited before listening: {status}"))
-                }
-                Err(_) => Some(format!(
-                    "the replacement did not listen within {:?}",
-                    self.shared.settings.boot_timeout
-                )),
-            };
+            let reason = outcome.unwrap_or(Some(AbortReason::BootTimeout(boot_timeout)));
             if let Some(reason) = reason {
-                let _ = new.kill(libc::SIGKILL);
+                let _ = new.kill(Signal::KILL);
                 tracing::error!(old = old.id().get(), new = new.id().get(), %reason, "reload aborted");
                 report.aborted = Some(ReloadAborted {
                     worker: old.id(),
@@ -279,7 +273,7 @@ impl Primary {
                 old: old.clone(),
                 new: new.clone(),
             });
-            old.disconnect().await?;
+            old.disconnect().await.map_err(|_| ReloadError::Stopped)?;
             tracing::info!(
                 old = old.id().get(),
                 new = new.id().get(),
@@ -288,31 +282,6 @@ impl Primary {
             report.replaced.push((old.id(), new.id()));
         }
         Ok(report)
-    }
-
-    /// Sets the number of workers a running [`Supervisor`](crate::Supervisor) keeps (also
-    /// SIGTTIN and SIGTTOU: one more, one fewer). New workers start at once; removed ones are
-    /// disconnected and drain like any disconnect. Resolves once the change is under way.
-    ///
-    /// # Errors
-    ///
-    /// No supervisor is running for this primary.
-    pub async fn scale(&self, workers: usize) -> io::Result<()> {
-        let control = self.shared.supervisor.lock().expect("not poisoned").clone();
-        let control =
-            control.ok_or_else(|| io::Error::other("no supervisor is running for this primary"))?;
-        let (reply, rx) = oneshot::channel();
-        control
-            .send(crate::supervisor::Control::Scale { workers, reply })
-            .map_err(|_| stopped())?;
-        rx.await.map_err(|_| stopped())
-    }
-
-    pub(crate) fn attach_supervisor(
-        &self,
-        control: Option<mpsc::UnboundedSender<crate::supervisor::Control>>,
-    ) {
-        *self.shared.supervisor.lock().expect("not poisoned") = control;
     }
 
     /// A snapshot of the primary's bookkeeping (for metrics and tests).
@@ -336,33 +305,6 @@ impl Primary {
 
 fn stopped() -> io::Error {
     io::Error::new(io::ErrorKind::BrokenPipe, "the cluster primary has stopped")
-}
-
-/// What [`Primary::reload`] did.
-#[derive(Clone, Debug)]
-#[non_exhaustive]
-pub struct ReloadReport {
-    /// `(old, new)` for every worker replaced, in order.
-    pub replaced: Vec<(WorkerId, WorkerId)>,
-    /// Why the reload stopped early, if it did; the workers not yet replaced keep serving.
-    pub aborted: Option<ReloadAborted>,
-}
-
-impl ReloadReport {
-    /// Whether every worker was replaced.
-    pub fn is_complete(&self) -> bool {
-        self.aborted.is_none()
-    }
-}
-
-/// Why a rolling reload stopped.
-#[derive(Clone, Debug)]
-#[non_exhaustive]
-pub struct ReloadAborted {
-    /// The worker whose replacement failed (it keeps serving).
-    pub worker: WorkerId,
-    /// What happened to the replacement.
-    pub reason: String,
 }
 
 /// What [`Primary::stats`] reports.
@@ -603,17 +545,17 @@ impl WorkerHandle {
         self.shared.status.borrow().exit
     }
 
-    /// Sends it a signal (e.g. `libc::SIGTERM`). Does nothing once it is dead, so a recycled
+    /// Sends it a signal (e.g. [`Signal::TERM`]). Does nothing once it is dead, so a recycled
     /// pid is never signalled.
     ///
     /// # Errors
     ///
     /// The signal could not be delivered.
-    pub fn kill(&self, signal: i32) -> io::Result<()> {
+    pub fn kill(&self, signal: Signal) -> io::Result<()> {
         if self.is_dead() {
             return Ok(());
         }
-        crate::sys::kill(self.pid(), signal)
+        crate::sys::kill(self.pid(), signal.as_raw())
     }
 
     /// Sends it a message, encoded with postcard, which the worker reads with
@@ -712,7 +654,7 @@ impl WorkerHandle {
         let deadline = self.shared.disconnect_timeout;
         if tokio::time::timeout(deadline, self.exited()).await.is_err() {
             tracing::warn!(worker = %self.id(), ?deadline, "worker did not exit after disconnect; killing it");
-            self.kill(libc::SIGKILL)?;
+            self.kill(Signal::KILL)?;
             self.exited().await;
         }
         Ok(())

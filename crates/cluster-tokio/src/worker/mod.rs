@@ -1,4 +1,5 @@
-//! The worker side: this process's link to its primary.
+//! The worker side: this process's link to its primary ([`Worker`], and [`current`] to find
+//! it from anywhere in a worker).
 
 mod driver;
 mod queue;
@@ -9,7 +10,7 @@ use std::os::fd::OwnedFd;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use proto::WorkerId;
+pub use proto::WorkerId;
 use proto::wire::ListenRequest;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -113,7 +114,7 @@ impl Worker {
     }
 
     /// Sends a message to the primary, encoded with postcard; it arrives as
-    /// [`Event::Message`](crate::Event::Message). Messages arrive in the order they are sent.
+    /// [`Event::Message`](crate::primary::Event::Message). Messages arrive in the order they are sent.
     /// Values larger than one frame are split and put back together transparently, up to
     /// [`MAX_MESSAGE`](proto::user::MAX_MESSAGE) (16 MiB).
     ///
@@ -152,7 +153,9 @@ impl Worker {
     /// # Errors
     ///
     /// The message is not a `T` (see [`Message::decode`]).
-    pub async fn recv<T: DeserializeOwned>(&self) -> Option<Result<T, postcard::Error>> {
+    pub async fn recv<T: DeserializeOwned>(
+        &self,
+    ) -> Option<Result<T, crate::message::DecodeError>> {
         let message = self.recv_message().await?;
         Some(message.decode())
     }
@@ -164,7 +167,7 @@ impl Worker {
     }
 
     /// Asks the primary and waits for its answer (up to [`DEFAULT_REQUEST_TIMEOUT`], 30 s): the
-    /// primary gets an [`Event::Message`](crate::Event::Message) whose message
+    /// primary gets an [`Event::Message`](crate::primary::Event::Message) whose message
     /// [`is_request`](Message::is_request), and answers with [`Message::reply`].
     ///
     /// # Errors

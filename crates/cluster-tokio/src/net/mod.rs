@@ -30,7 +30,7 @@ const DEFAULT_BACKLOG: u32 = 511;
 /// [`ClusterUdpSocket::bind_with`]. The defaults are those of a plain bind.
 ///
 /// ```
-/// let options = cluster_tokio::ListenOptions::new().backlog(1024).ipv6_only(true);
+/// let options = cluster_tokio::net::ListenOptions::new().backlog(1024).ipv6_only(true);
 /// # let _ = options;
 /// ```
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -28,7 +28,7 @@ use super::{Acquired, Family, Incoming, ListenOptions};
 ///
 /// ```no_run
 /// # async fn dox() -> std::io::Result<()> {
-/// let mut listener = cluster_tokio::ClusterUnixListener::bind("/run/app.sock").await?;
+/// let mut listener = cluster_tokio::net::ClusterUnixListener::bind("/run/app.sock").await?;
 /// let (stream, _peer) = listener.accept().await?;
 /// # let _ = stream;
 /// # Ok(()) }

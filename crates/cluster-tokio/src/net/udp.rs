@@ -21,7 +21,7 @@ use super::{Acquired, HandleGuard, ListenOptions};
 ///
 /// ```no_run
 /// # async fn dox() -> std::io::Result<()> {
-/// let socket = cluster_tokio::ClusterUdpSocket::bind("0.0.0.0:5353").await?;
+/// let socket = cluster_tokio::net::ClusterUdpSocket::bind("0.0.0.0:5353").await?;
 /// let mut buf = [0; 1500];
 /// let (len, peer) = socket.recv_from(&mut buf).await?;
 /// socket.send_to(&buf[..len], peer).await?;

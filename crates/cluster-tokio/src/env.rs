@@ -1,0 +1,344 @@
+//! The `CLUSTER_*` environment variables: an operator's overrides of [`Settings`], applied in
+//! one step ([`Settings::apply_env`]) and validated strictly. A value that is not exactly what a
+//! variable accepts stops the program at start ([`EnvError::exit`], exit code 78) instead of
+//! being ignored.
+//!
+//! | variable | overrides | accepts |
+//! |---|---|---|
+//! | `CLUSTER_WORKERS` | [`Settings::workers`] | `0` to `1024` (`0`: run unclustered) |
+//! | `CLUSTER_SCHED_POLICY` | [`Settings::policy`] | `rr` or `none` |
+//! | `CLUSTER_HANDOFF_WINDOW` | [`Settings::window`] | `1` to `4096` |
+//! | `CLUSTER_BATCH_SCHEDULING` | [`Settings::batch_scheduling`] | `1` or `0` |
+//! | `CLUSTER_DISCONNECT_TIMEOUT` | [`Settings::disconnect_timeout`] | a duration: `20s`, `500ms` |
+//! | `CLUSTER_BOOT_TIMEOUT` | [`Settings::boot_timeout`] | a duration |
+//! | `CLUSTER_HANDOFF_TIMEOUT` | [`Settings::handoff_timeout`] | a duration |
+//! | `CLUSTER_HEARTBEAT_TIMEOUT` | [`Settings::heartbeat_timeout`] | a duration of at least `2s`, or `off` |
+//!
+//! A duration is a whole number followed by its unit, `ms`, `s`, `m` or `h`, with nothing
+//! around it (`20s`, `500ms`, `2m`), from 1 ms to 24 h.
+
+use std::ffi::{OsStr, OsString};
+use std::fmt;
+use std::time::Duration;
+
+use proto::SchedulingPolicy;
+
+use crate::settings::{MAX_TIMEOUT, MAX_WINDOW, MAX_WORKERS, MIN_HEARTBEAT_TIMEOUT, Settings};
+
+/// The number of workers.
+pub const WORKERS: &str = "CLUSTER_WORKERS";
+/// The scheduling policy: `rr` or `none`.
+pub const SCHED_POLICY: &str = "CLUSTER_SCHED_POLICY";
+/// The handoff window.
+pub const HANDOFF_WINDOW: &str = "CLUSTER_HANDOFF_WINDOW";
+/// Batch scheduling of the primary's thread: `1` or `0`.
+pub const BATCH_SCHEDULING: &str = "CLUSTER_BATCH_SCHEDULING";
+/// How long a disconnected worker may drain.
+pub const DISCONNECT_TIMEOUT: &str = "CLUSTER_DISCONNECT_TIMEOUT";
+/// How long a new worker may take to listen.
+pub const BOOT_TIMEOUT: &str = "CLUSTER_BOOT_TIMEOUT";
+/// How long a worker may take to ack a connection.
+pub const HANDOFF_TIMEOUT: &str = "CLUSTER_HANDOFF_TIMEOUT";
+/// How long a worker may stay silent, or `off`.
+pub const HEARTBEAT_TIMEOUT: &str = "CLUSTER_HEARTBEAT_TIMEOUT";
+
+/// Every variable [`Settings::apply_env`] reads, in the order it reads them.
+pub const VARIABLES: [&str; 8] = [
+    WORKERS,
+    SCHED_POLICY,
+    HANDOFF_WINDOW,
+    BATCH_SCHEDULING,
+    DISCONNECT_TIMEOUT,
+    BOOT_TIMEOUT,
+    HANDOFF_TIMEOUT,
+    HEARTBEAT_TIMEOUT,
+];
+
+/// A variable that was renamed, and what replaced it: setting it is an error that says so.
+const RENAMED: [(&str, &str); 1] = [(
+    "CLUSTER_HEARTBEAT_TIMEOUT_MS",
+    "CLUSTER_HEARTBEAT_TIMEOUT, which takes a unit (`30s`, `500ms`) or `off`",
+)];
+
+/// A `CLUSTER_*` variable whose value is not one it accepts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EnvError {
+    variable: &'static str,
+    value: OsString,
+    accepted: String,
+}
+
+impl EnvError {
+    /// The variable.
+    pub fn variable(&self) -> &'static str {
+        self.variable
+    }
+
+    /// Its value, as set.
+    pub fn value(&self) -> &OsStr {
+        &self.value
+    }
+
+    /// What the variable accepts.
+    pub fn accepted(&self) -> &str {
+        &self.accepted
+    }
+
+    /// Prints this error as one line on stderr, prefixed with the program's name, and exits with
+    /// code 78 (`EX_CONFIG`, which the supervisor treats as "do not restart").
+    pub fn exit(&self) -> ! {
+        exit_misconfigured(self)
+    }
+}
+
+impl fmt::Display for EnvError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}={:?} is not valid: expected {}",
+            self.variable, self.value, self.accepted
+        )
+    }
+}
+
+impl std::error::Error for EnvError {}
+
+impl From<EnvError> for std::io::Error {
+    fn from(error: EnvError) -> Self {
+        Self::new(std::io::ErrorKind::InvalidInput, error)
+    }
+}
+
+/// Prints `error` on one line, prefixed with the program's name, and exits with code 78.
+pub(crate) fn exit_misconfigured(error: &dyn fmt::Display) -> ! {
+    let program = std::env::args_os()
+        .next()
+        .map(std::path::PathBuf::from)
+        .and_then(|path| {
+            path.file_name()
+                .map(|name| name.to_string_lossy().into_owned())
+        })
+        .unwrap_or_else(|| "cluster".to_owned());
+    eprintln!("{program}: configuration error: {error}");
+    std::process::exit(proto::supervisor::FATAL_EXIT_CODE)
+}
+
+impl Settings {
+    /// Applies the `CLUSTER_*` overrides set in this process's environment (the table in
+    /// [`crate::env`]); variables that are not set leave the settings as they are.
+    ///
+    /// # Errors
+    ///
+    /// The first variable whose value is not one it accepts (empty, malformed, out of range,
+    /// not UTF-8), or a renamed variable.
+    pub fn apply_env(self) -> Result<Self, EnvError> {
+        self.apply_env_from(|name| std::env::var_os(name))
+    }
+
+    /// [`Self::apply_env`] with variables read from `lookup` instead of the environment.
+    ///
+    /// # Errors
+    ///
+    /// As [`Self::apply_env`].
+    pub fn apply_env_from(
+        mut self,
+        lookup: impl Fn(&str) -> Option<OsString>,
+    ) -> Result<Self, EnvError> {
+        for (old, new) in RENAMED {
+            if let Some(value) = lookup(old) {
+                return Err(EnvError {
+                    variable: old,
+                    value,
+                    accepted: format!("no value: the variable was renamed to {new}"),
+                });
+            }
+        }
+        for variable in VARIABLES {
+            let Some(value) = lookup(variable) else {
+                continue;
+            };
+            let fail = |accepted: &str| EnvError {
+                variable,
+                value: value.clone(),
+                accepted: accepted.to_owned(),
+            };
+            let text = value.to_str();
+            match variable {
+                WORKERS => {
+                    let accepted = "a whole number from 0 to 1024 (0 runs unclustered)";
+                    self.workers =
+                        Some(parse_number(text, 0, MAX_WORKERS).ok_or_else(|| fail(accepted))?);
+                }
+                SCHED_POLICY => {
+                    self.policy = match text {
+                        Some("rr") => SchedulingPolicy::RoundRobin,
+                        Some("none") => SchedulingPolicy::Shared,
+                        _ => return Err(fail("`rr` (round robin) or `none` (shared sockets)")),
+                    };
+                }
+                HANDOFF_WINDOW => {
+                    let accepted = "a whole number from 1 to 4096";
+                    self.window =
+                        parse_number(text, 1, MAX_WINDOW).ok_or_else(|| fail(accepted))?;
+                }
+                BATCH_SCHEDULING => {
+                    self.batch_scheduling = match text {
+                        Some("1") => true,
+                        Some("0") => false,
+                        _ => return Err(fail("`1` or `0`")),
+                    };
+                }
+                HEARTBEAT_TIMEOUT => {
+                    let accepted = "a duration from 2s to 24h (such as `30s`), or `off`";
+                    self.heartbeat_timeout = match text {
+                        Some("off") => None,
+                        _ => Some(
+                            parse_duration(text, MIN_HEARTBEAT_TIMEOUT)
+                                .ok_or_else(|| fail(accepted))?,
+                        ),
+                    };
+                }
+                _ => {
+                    let accepted = "a duration from 1ms to 24h: a whole number and its unit, \
+                                    `ms`, `s`, `m` or `h` (such as `20s` or `500ms`)";
+                    let duration = parse_duration(text, Duration::from_millis(1))
+                        .ok_or_else(|| fail(accepted))?;
+                    match variable {
+                        DISCONNECT_TIMEOUT => self.disconnect_timeout = duration,
+                        BOOT_TIMEOUT => self.boot_timeout = duration,
+                        HANDOFF_TIMEOUT => self.handoff_timeout = duration,
+                        _ => unreachable!("every variable has a parser"),
+                    }
+                }
+            }
+        }
+        Ok(self)
+    }
+}
+
+/// Plain ASCII digits only (no sign, space, `0x` or `_`), within `min..=max`.
+fn parse_number(text: Option<&str>, min: usize, max: usize) -> Option<usize> {
+    let text = text?;
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    text.parse().ok().filter(|n| (min..=max).contains(n))
+}
+
+/// `<digits><unit>` with the unit one of `ms`, `s`, `m`, `h`, within `min..=MAX_TIMEOUT`.
+fn parse_duration(text: Option<&str>, min: Duration) -> Option<Duration> {
+    let text = text?;
+    let digits = text.bytes().take_while(u8::is_ascii_digit).count();
+    let (number, unit) = text.split_at(digits);
+    let number: u64 = if digits == 0 {
+        None
+    } else {
+        number.parse().ok()
+    }?;
+    let millis = match unit {
+        "ms" => Some(number),
+        "s" => number.checked_mul(1000),
+        "m" => number.checked_mul(60_000),
+        "h" => number.checked_mul(3_600_000),
+        _ => None,
+    }?;
+    Some(Duration::from_millis(millis)).filter(|d| (min..=MAX_TIMEOUT).contains(d))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn apply(name: &str, value: &str) -> Result<Settings, EnvError> {
+        Settings::new().apply_env_from(|n| (n == name).then(|| value.into()))
+    }
+
+    #[test]
+    fn good_values_override_the_code() {
+        assert_eq!(apply(WORKERS, "3").unwrap().workers, Some(3));
+        assert_eq!(apply(WORKERS, "0").unwrap().workers, Some(0));
+        assert_eq!(
+            apply(DISCONNECT_TIMEOUT, "20s").unwrap().disconnect_timeout,
+            Duration::from_secs(20)
+        );
+        assert_eq!(
+            apply(BOOT_TIMEOUT, "500ms").unwrap().boot_timeout,
+            Duration::from_millis(500)
+        );
+        assert_eq!(
+            apply(HANDOFF_TIMEOUT, "2m").unwrap().handoff_timeout,
+            Duration::from_secs(120)
+        );
+        assert_eq!(
+            apply(HEARTBEAT_TIMEOUT, "off").unwrap().heartbeat_timeout,
+            None
+        );
+        assert_eq!(
+            apply(SCHED_POLICY, "none").unwrap().policy,
+            SchedulingPolicy::Shared
+        );
+        assert!(!apply(BATCH_SCHEDULING, "0").unwrap().batch_scheduling);
+        assert_eq!(apply(HANDOFF_WINDOW, "1").unwrap().window, 1);
+    }
+
+    #[test]
+    fn every_bad_value_names_its_variable() {
+        let bad_numbers = [
+            "", "abc", "-1", " 3", "3 ", "0x10", "5s", "+3", "1_000", "1025",
+        ];
+        for value in bad_numbers {
+            let error = apply(WORKERS, value).unwrap_err();
+            assert_eq!(error.variable(), WORKERS, "{value:?}");
+            assert!(error.to_string().starts_with("CLUSTER_WORKERS="), "{error}");
+        }
+        assert!(apply(WORKERS, "99999999999999999999999").is_err());
+        for value in ["0", "4097", "x"] {
+            assert!(apply(HANDOFF_WINDOW, value).is_err(), "{value:?}");
+        }
+        let bad_durations = [
+            "",
+            "20",
+            "s",
+            "20 s",
+            " 20s",
+            "-1s",
+            "1.5s",
+            "0s",
+            "0ms",
+            "25h",
+            "1d",
+            "20S",
+            "99999999999999999999h",
+            "18446744073709551615h",
+        ];
+        for variable in [DISCONNECT_TIMEOUT, BOOT_TIMEOUT, HANDOFF_TIMEOUT] {
+            for value in bad_durations {
+                let error = apply(variable, value).unwrap_err();
+                assert_eq!(error.variable(), variable, "{value:?}");
+            }
+        }
+        for value in ["1s", "1999ms", "on", ""] {
+            assert!(apply(HEARTBEAT_TIMEOUT, value).is_err(), "{value:?}");
+        }
+        for value in ["RR", "round-robin", ""] {
+            assert!(apply(SCHED_POLICY, value).is_err(), "{value:?}");
+        }
+        for value in ["true", "yes", ""] {
+            assert!(apply(BATCH_SCHEDULING, value).is_err(), "{value:?}");
+        }
+        let renamed = apply("CLUSTER_HEARTBEAT_TIMEOUT_MS", "3000").unwrap_err();
+        assert!(
+            renamed.to_string().contains("CLUSTER_HEARTBEAT_TIMEOUT"),
+            "{renamed}"
+        );
+    }
+
+    #[test]
+    fn a_value_that_is_not_utf8_is_refused() {
+        use std::os::unix::ffi::OsStringExt;
+        let error = Settings::new()
+            .apply_env_from(|n| (n == WORKERS).then(|| OsString::from_vec(vec![0xff])))
+            .unwrap_err();
+        assert_eq!(error.variable(), WORKERS);
+    }
+}

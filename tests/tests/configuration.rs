@@ -1,0 +1,280 @@
+//! Configuration as an operator meets it: settings given to `#[cluster::main(settings = ..)]`
+//! reach the primary, `CLUSTER_*` variables override them, and a bad value stops the program at
+//! start with exit code 78 and one line naming the variable, before any worker starts.
+
+use std::ffi::OsStr;
+use std::io::{BufRead, BufReader, Read};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// The settings fixture, with `env` added to this process's environment (every `CLUSTER_*`
+/// variable of this process removed first, so only the test's own count).
+fn fixture(env: &[(&str, &OsStr)]) -> Command {
+    program(Path::new(env!("CARGO_BIN_EXE_settings_fixture")), env)
+}
+
+/// [`fixture`] from a copy of it at `path`.
+fn program(path: &Path, env: &[(&str, &OsStr)]) -> Command {
+    let mut command = Command::new(path);
+    for (name, _) in std::env::vars_os() {
+        if name.as_bytes().starts_with(b"CLUSTER_") {
+            command.env_remove(name);
+        }
+    }
+    command
+        .envs(env.iter().copied())
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    command
+}
+
+/// Runs `command` to its exit (bounded); returns its exit code, stdout and stderr.
+fn run_to_exit(mut command: Command) -> (Option<i32>, String, String) {
+    let deadline = Instant::now() + WAIT;
+    let mut child = loop {
+        match command.spawn() {
+            // A copy just written may still be open in a child another test thread forked,
+            // until that child's exec closes it.
+            Err(error) if error.kind() == std::io::ErrorKind::ExecutableFileBusy => {
+                assert!(Instant::now() < deadline, "{error}");
+                std::thread::yield_now();
+            }
+            spawned => break spawned.expect("spawn"),
+        }
+    };
+    let status = cluster_tests::wait_for_exit(&mut child, WAIT);
+    let (stdout, stderr) = outputs(&mut child);
+    (status.code(), stdout, stderr)
+}
+
+fn outputs(child: &mut Child) -> (String, String) {
+    let mut stdout = String::new();
+    let mut stderr = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut stdout)
+        .unwrap();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    (stdout, stderr)
+}
+
+/// The first `count` lines the child prints on stdout, each waited for at most `WAIT`.
+fn first_lines(child: &mut Child, count: usize) -> Vec<String> {
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            if tx.send(line.expect("read")).is_err() {
+                break;
+            }
+        }
+    });
+    (0..count)
+        .map(|_| rx.recv_timeout(WAIT).expect("a worker line"))
+        .collect()
+}
+
+fn pid_of(worker_line: &str) -> u32 {
+    // `worker <id> pid <pid> port <port>`
+    worker_line
+        .split_whitespace()
+        .nth(3)
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// Waits (bounded) until process `pid` is gone or a zombie.
+fn wait_gone(pid: u32) {
+    let deadline = Instant::now() + WAIT;
+    while !is_gone(pid) {
+        assert!(
+            Instant::now() < deadline,
+            "process {pid} outlived its primary"
+        );
+        std::thread::yield_now();
+    }
+}
+
+/// Whether process `pid` is gone or a zombie.
+fn is_gone(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat.rsplit(") ").next().is_some_and(|s| s.starts_with('Z')),
+    }
+}
+
+#[test]
+fn the_disconnect_timeout_set_in_the_attribute_ends_a_stuck_shutdown() {
+    let mut primary = fixture(&[]).spawn().expect("spawn");
+    let workers = first_lines(&mut primary, 2);
+    let pids: Vec<u32> = workers.iter().map(|line| pid_of(line)).collect();
+    let asked = Instant::now();
+    cluster_tests::signal(primary.id(), libc::SIGTERM).unwrap();
+    let status = cluster_tests::wait_for_exit(&mut primary, WAIT);
+    let took = asked.elapsed();
+    let mut stderr = String::new();
+    primary
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    // Both workers ignore the shutdown: the primary waited the 2 s of its settings (not the
+    // default 30 s), then killed them.
+    assert!(status.success(), "{status:?}: {stderr}");
+    assert!(took >= Duration::from_millis(1900), "{took:?}: {stderr}");
+    assert!(took < Duration::from_secs(15), "{took:?}: {stderr}");
+    assert_eq!(
+        stderr.matches("did not exit after disconnect").count(),
+        2,
+        "{stderr}"
+    );
+    for pid in pids {
+        wait_gone(pid);
+    }
+}
+
+#[test]
+fn the_environment_overrides_the_settings_of_the_code() {
+    let mut primary = fixture(&[
+        ("CLUSTER_WORKERS", OsStr::new("1")),
+        ("CLUSTER_DISCONNECT_TIMEOUT", OsStr::new("100ms")),
+    ])
+    .spawn()
+    .expect("spawn");
+    let worker = first_lines(&mut primary, 1).remove(0);
+    cluster_tests::signal(primary.id(), libc::SIGTERM).unwrap();
+    let status = cluster_tests::wait_for_exit(&mut primary, WAIT);
+    let mut stderr = String::new();
+    primary
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert!(status.success(), "{stderr}");
+    // One worker (not the code's two), killed after the environment's 100 ms.
+    assert_eq!(
+        stderr.matches("did not exit after disconnect").count(),
+        1,
+        "{stderr}"
+    );
+    assert!(stderr.contains("deadline=100ms"), "{stderr}");
+    wait_gone(pid_of(&worker));
+}
+
+#[test]
+fn every_bad_environment_value_stops_the_program_with_78_before_any_worker_starts() {
+    let numbers = [
+        "",
+        "abc",
+        "-1",
+        " 3",
+        "3 ",
+        "0x10",
+        "5s",
+        "+2",
+        "1e3",
+        "1_000",
+        "99999999999999999999999",
+    ];
+    let durations = [
+        "",
+        "20",
+        "abc",
+        "-1s",
+        " 20s",
+        "20s ",
+        "20 s",
+        "0x10s",
+        "1.5s",
+        "0s",
+        "25h",
+        "99999999999999999999999h",
+    ];
+    let mut cases: Vec<(&str, &str)> = Vec::new();
+    cases.extend(numbers.iter().map(|v| ("CLUSTER_WORKERS", *v)));
+    cases.push(("CLUSTER_WORKERS", "1025"));
+    cases.push(("CLUSTER_WORKERS", "100000"));
+    cases.extend(numbers.iter().map(|v| ("CLUSTER_HANDOFF_WINDOW", *v)));
+    cases.push(("CLUSTER_HANDOFF_WINDOW", "0"));
+    cases.push(("CLUSTER_HANDOFF_WINDOW", "4097"));
+    for variable in [
+        "CLUSTER_DISCONNECT_TIMEOUT",
+        "CLUSTER_BOOT_TIMEOUT",
+        "CLUSTER_HANDOFF_TIMEOUT",
+        "CLUSTER_HEARTBEAT_TIMEOUT",
+    ] {
+        cases.extend(durations.iter().map(|v| (variable, *v)));
+    }
+    cases.push(("CLUSTER_HEARTBEAT_TIMEOUT", "1s"));
+    for value in ["", "RR", "round_robin", "reuseport"] {
+        cases.push(("CLUSTER_SCHED_POLICY", value));
+    }
+    for value in ["", "2", "true", "yes"] {
+        cases.push(("CLUSTER_BATCH_SCHEDULING", value));
+    }
+    cases.push(("CLUSTER_HEARTBEAT_TIMEOUT_MS", "3000"));
+    for (variable, value) in cases {
+        let (code, stdout, stderr) = run_to_exit(fixture(&[(variable, OsStr::new(value))]));
+        let case = format!("{variable}={value:?}");
+        assert_eq!(code, Some(78), "{case}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{case}: one line: {stderr}");
+        assert!(stderr.contains(&case), "{case}: {stderr}");
+        assert!(stdout.is_empty(), "{case}: no worker may start: {stdout}");
+    }
+    // A value that is not UTF-8.
+    let (code, _, stderr) =
+        run_to_exit(fixture(&[("CLUSTER_WORKERS", OsStr::from_bytes(b"\xff"))]));
+    assert_eq!(code, Some(78), "{stderr}");
+    assert!(stderr.contains("CLUSTER_WORKERS="), "{stderr}");
+}
+
+#[test]
+fn more_workers_than_the_process_limit_allows_start_none() {
+    let is_root = std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .any(|l| l.starts_with("Uid:\t0\t"));
+    // Root is exempt from RLIMIT_NPROC: as root, the program runs as `nobody`, from a copy that
+    // `nobody` can reach (see `privileged.rs`).
+    let scratch = std::env::temp_dir().join(format!("cluster-nproc-{}", std::process::id()));
+    let copy = if is_root {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::create_dir_all(&scratch).unwrap();
+        std::fs::set_permissions(&scratch, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let copy = scratch.join("settings_fixture");
+        std::fs::copy(env!("CARGO_BIN_EXE_settings_fixture"), &copy).unwrap();
+        std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).unwrap();
+        copy
+    } else {
+        Path::new(env!("CARGO_BIN_EXE_settings_fixture")).to_path_buf()
+    };
+    let mut command = program(&copy, &[("CLUSTER_WORKERS", OsStr::new("1000"))]);
+    command.current_dir(std::env::temp_dir());
+    if is_root {
+        use std::os::unix::process::CommandExt;
+        command.uid(65534).gid(65534);
+    }
+    cluster_tests::limit_processes(&mut command, 200);
+    let (code, stdout, stderr) = run_to_exit(command);
+    let _ = std::fs::remove_dir_all(&scratch);
+    assert_eq!(code, Some(78), "{stderr}");
+    assert!(stderr.contains("RLIMIT_NPROC is 200"), "{stderr}");
+    assert!(stdout.is_empty(), "no worker may start: {stdout}");
+}

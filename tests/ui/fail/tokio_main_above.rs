@@ -1,0 +1,3 @@
+#[tokio::main]
+#[cluster::main]
+async fn main() {}
