@@ -41,10 +41,10 @@ async fn main(role: Role) -> std::io::Result<()> {
                 tokio::select! {
                     event = events.recv() => match event {
                         Some(Event::Listening { worker, address }) => {
-                            tracing::info!("worker {} (pid {}) listening on {address}", worker.id(), worker.pid());
+                            tracing::info!("{} (pid {}) listening on {address}", worker.id(), worker.pid());
                         }
                         Some(Event::Exit { worker, status, .. }) => {
-                            tracing::warn!("worker {} (pid {}) died: {status}", worker.id(), worker.pid());
+                            tracing::warn!("{} (pid {}) died: {status}", worker.id(), worker.pid());
                         }
                         Some(_) => {}
                         None => return Ok(()),

@@ -278,3 +278,27 @@ fn more_workers_than_the_process_limit_allows_start_none() {
     assert!(stderr.contains("RLIMIT_NPROC is 200"), "{stderr}");
     assert!(stdout.is_empty(), "no worker may start: {stdout}");
 }
+
+#[test]
+fn workers_that_cannot_be_started_are_logged_once_per_burst() {
+    // Every start fails (the program does not exist): each of the 4 slots retries with backoff
+    // until its breaker opens, and the log has one line for the whole burst, not one per try.
+    let (code, stdout, stderr) = run_to_exit(fixture(&[
+        ("CLUSTER_WORKERS", OsStr::new("4")),
+        ("FIXTURE_EXEC", OsStr::new("/nonexistent/cluster-worker")),
+    ]));
+    assert_ne!(code, Some(0), "{stderr}");
+    assert!(stdout.is_empty(), "{stdout}");
+    assert_eq!(
+        stderr.matches("could not start a worker").count(),
+        1,
+        "{stderr}"
+    );
+    assert!(!stderr.contains("restarting a crashed worker"), "{stderr}");
+    // 5 failed starts per slot open its breaker.
+    assert!(
+        stderr.contains("failed_starts=20") && stderr.contains("no worker is left to start"),
+        "{stderr}"
+    );
+    assert_eq!(stderr.matches("crash loop").count(), 4, "{stderr}");
+}

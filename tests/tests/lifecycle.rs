@@ -386,6 +386,10 @@ async fn a_supervisor_handle_scales_and_is_refused_once_its_supervisor_is_gone()
     handle.scale(2).await.expect("the supervisor runs");
     forked.push(next_fork(&mut cluster).await);
     assert_ne!(forked[0].id(), forked[1].id());
+    assert!(matches!(
+        handle.scale(cluster::settings::MAX_WORKERS + 1).await,
+        Err(SupervisorError::TooManyWorkers(_))
+    ));
     running.abort();
     assert!(running.await.unwrap_err().is_cancelled());
     assert!(matches!(

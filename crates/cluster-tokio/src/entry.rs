@@ -27,8 +27,8 @@ pub enum Role {
 /// markers from the environment (`#[cluster::main]` expands to this). It does not read the
 /// `CLUSTER_*` overrides: apply them first with [`Settings::apply_env`].
 ///
-/// Settings the primary cannot run with end the program, as [`configure`] does: one line on
-/// stderr, exit code 78.
+/// Settings the primary cannot run with end the program, as `#[cluster::main]` does: one line
+/// on stderr, exit code 78.
 ///
 /// # Panics
 ///
@@ -82,6 +82,9 @@ where
 {
     if !role::is_worker() && settings.worker_count() == 0 {
         // `CLUSTER_WORKERS=0`: no cluster at all, the body runs in this process.
+        if let Err(error) = settings.validate() {
+            crate::env::exit_misconfigured(&error);
+        }
         let runtime = settings
             .worker_runtime()
             .expect("failed to build the Tokio runtime");

@@ -37,7 +37,7 @@ pub enum Flavor {
 /// how the supervisor restarts them, and the workers' runtime.
 ///
 /// Built by value, like [`ListenOptions`](crate::net::ListenOptions); every setting has a default
-/// (the table in `docs/operations.md`), and the `CLUSTER_*` environment variables override
+/// (the table in the guide's "Configuration"), and the `CLUSTER_*` environment variables override
 /// some of them through [`Self::apply_env`] (which `#[cluster::main]` calls unless told
 /// `env = false`). Settings that contradict each other are refused when the primary starts,
 /// with a [`SettingsError`].
@@ -88,7 +88,7 @@ impl Default for Settings {
 }
 
 impl Settings {
-    /// The defaults (listed in `docs/operations.md`).
+    /// The defaults (listed in the guide's "Configuration").
     pub fn new() -> Self {
         Self {
             workers: None,
@@ -118,8 +118,10 @@ impl Settings {
     }
 
     /// How many workers the supervisor keeps running (default: one per CPU; at most
-    /// [`MAX_WORKERS`]). `0` runs the program unclustered: the body of `#[cluster::main]` runs in
-    /// this process, with no primary. `CLUSTER_WORKERS` overrides it.
+    /// [`MAX_WORKERS`]). `CLUSTER_WORKERS` overrides it. `0` runs a program of
+    /// [`run_workers`](crate::run_workers) (`#[cluster::main]` without a parameter)
+    /// unclustered: the body runs in this process, with no primary. In the `Role` form it is
+    /// only what [`Self::worker_count`] reports: the program forks its workers itself.
     pub fn workers(mut self, workers: usize) -> Self {
         self.workers = Some(workers);
         self

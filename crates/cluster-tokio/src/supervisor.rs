@@ -10,12 +10,13 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::primary::{Event, Primary, Signal};
+use crate::settings::{Settings, SettingsError};
 
 /// What a [`SupervisorHandle`] asks of the running supervisor.
 enum Control {
     Scale {
         workers: usize,
-        reply: oneshot::Sender<()>,
+        reply: oneshot::Sender<Result<(), SettingsError>>,
     },
     Reload {
         reply: oneshot::Sender<Result<ReloadReport, ReloadError>>,
@@ -97,7 +98,7 @@ const FAST_SHUTDOWN: Duration = Duration::from_secs(5);
 /// with exponential backoff and full jitter, stops restarting a slot that crash-loops (its
 /// siblings keep serving), never restarts a worker that exited with the fatal code or left on
 /// purpose, and kills workers that do not listen within the boot timeout (all set with
-/// [`Settings`](crate::Settings)).
+/// [`Settings`]).
 ///
 /// [`run`](Self::run) also owns the signals: SIGHUP replaces every worker one at a time (a
 /// rolling reload); SIGTTIN and SIGTTOU add and remove one worker; SIGTERM disconnects every
@@ -148,13 +149,15 @@ impl SupervisorHandle {
     ///
     /// # Errors
     ///
-    /// [`SupervisorError::Stopped`]: the supervisor is not running (any more).
+    /// [`SupervisorError::TooManyWorkers`]: over [`MAX_WORKERS`](crate::settings::MAX_WORKERS), or more than this user may
+    /// start processes. [`SupervisorError::Stopped`]: the supervisor is not running (any more).
     pub async fn scale(&self, workers: usize) -> Result<(), SupervisorError> {
+        Settings::new().workers(workers).validate()?;
         let (reply, rx) = oneshot::channel();
         self.control
             .send(Control::Scale { workers, reply })
             .map_err(|_| SupervisorError::Stopped)?;
-        rx.await.map_err(|_| SupervisorError::Stopped)
+        Ok(rx.await.map_err(|_| SupervisorError::Stopped)??)
     }
 
     /// Replaces every worker, one at a time, without dropping a connection (a rolling reload,
@@ -210,6 +213,9 @@ pub enum SupervisorError {
     /// The signal handlers could not be installed.
     #[error("could not install the signal handlers")]
     Signals(#[source] io::Error),
+    /// More workers were asked for than one primary runs, or than this user may start.
+    #[error(transparent)]
+    TooManyWorkers(#[from] SettingsError),
     /// The supervisor is not running (any more).
     #[error("the supervisor is not running")]
     Stopped,
@@ -227,7 +233,7 @@ impl From<SupervisorError> for io::Error {
 
 impl Supervisor {
     /// A supervisor for `primary`, with the policy of the primary's
-    /// [`Settings`](crate::Settings).
+    /// [`Settings`].
     pub fn new(primary: Primary) -> Self {
         let (control, controls) = mpsc::unbounded_channel();
         Self {
@@ -249,8 +255,9 @@ impl Supervisor {
     ///
     /// # Errors
     ///
-    /// Every slot failed (crash loop or fatal exit): the error says which and why. Signal
-    /// handlers could not be installed.
+    /// Every slot failed (crash loop or fatal exit): the error says which and why. More workers
+    /// than this user may start processes (`RLIMIT_NPROC`; none is started). Signal handlers
+    /// could not be installed.
     pub async fn run(self) -> Result<(), SupervisorError> {
         let Self {
             primary,
@@ -261,6 +268,7 @@ impl Supervisor {
         drop(control);
         let settings = primary.settings();
         let workers = settings.worker_count();
+        crate::sys::check_process_limit(workers)?;
         let config = settings.supervisor_config();
         let mut terminate = signal(SignalKind::terminate()).map_err(SupervisorError::Signals)?;
         let mut interrupt = signal(SignalKind::interrupt()).map_err(SupervisorError::Signals)?;
@@ -279,7 +287,7 @@ impl Supervisor {
                 match output {
                     SupervisorOutput::Spawn { slot } => match primary.fork().await {
                         Ok(worker) => {
-                            spawn_failures.succeeded();
+                            spawn_failures.end_burst("a worker started again");
                             if !policy.handle_spawned(now(), slot, worker.id()) {
                                 // A reload's replacement took the slot meanwhile.
                                 tokio::spawn(async move { worker.disconnect().await });
@@ -296,12 +304,12 @@ impl Supervisor {
                             let _ = handle.kill(Signal::KILL);
                         }
                     }
-                    SupervisorOutput::Event(event) => report(event, &mut failure),
+                    SupervisorOutput::Event(event) => report(event, &spawn_failures, &mut failure),
                     _ => {}
                 }
             }
             if policy.is_done() {
-                spawn_failures.succeeded();
+                spawn_failures.end_burst("no worker is left to start");
                 return match failure {
                     Some(failure) => Err(failure),
                     None => Ok(()),
@@ -322,8 +330,16 @@ impl Supervisor {
                 }
                 Some(control) = controls.recv() => match control {
                     Control::Scale { workers, reply } => {
-                        scale(&mut policy, &primary, workers);
-                        let _ = reply.send(());
+                        let more = workers.saturating_sub(policy.active());
+                        match crate::sys::check_process_limit(more) {
+                            Ok(()) => {
+                                scale(&mut policy, &primary, workers);
+                                let _ = reply.send(Ok(()));
+                            }
+                            Err(error) => {
+                                let _ = reply.send(Err(error));
+                            }
+                        }
                     }
                     Control::Reload { reply } => {
                         start_reload(&primary, &mut reloading, "reload requested", Some(reply));
@@ -331,7 +347,12 @@ impl Supervisor {
                 },
                 _ = more.recv() => {
                     let target = policy.active() + 1;
-                    scale(&mut policy, &primary, target);
+                    let allowed = Settings::new().workers(target).validate()
+                        .and_then(|()| crate::sys::check_process_limit(1));
+                    match allowed {
+                        Ok(()) => scale(&mut policy, &primary, target),
+                        Err(error) => tracing::warn!(%error, "SIGTTIN: not adding a worker"),
+                    }
                 }
                 _ = fewer.recv() => {
                     // Never below one worker by signal; `SupervisorHandle::scale(0)` can.
@@ -401,29 +422,35 @@ fn start_reload(
 }
 
 /// Failures to start a worker process, logged once per burst: the first with its error, the
-/// rest counted and summed up when a start succeeds again (a fork that fails with `EAGAIN`
-/// fails for every slot at once, and each retries on its own backoff).
+/// rest counted and summed up when the burst ends (a fork that fails with `EAGAIN` fails for
+/// every slot at once, and each slot retries on its own backoff).
 #[derive(Default)]
 struct SpawnFailures {
-    since_last_success: u64,
+    in_burst: u64,
+    /// Slots whose last start failed: their restarts are part of the burst, not news.
+    slots: std::collections::BTreeSet<SlotId>,
 }
 
 impl SpawnFailures {
     fn failed(&mut self, slot: SlotId, error: &io::Error) {
-        if self.since_last_success == 0 {
+        if self.in_burst == 0 {
             tracing::error!(%slot, %error, "could not start a worker; retrying with backoff (further failures are counted, not logged)");
         }
-        self.since_last_success += 1;
+        self.in_burst += 1;
+        self.slots.insert(slot);
     }
 
-    fn succeeded(&mut self) {
-        if self.since_last_success > 1 {
-            tracing::warn!(
-                failed_starts = self.since_last_success,
-                "a worker started again after failed starts"
-            );
+    /// The burst is over, for the reason given.
+    fn end_burst(&mut self, why: &'static str) {
+        if self.in_burst > 1 {
+            tracing::warn!(failed_starts = self.in_burst, "{why}");
         }
-        self.since_last_success = 0;
+        self.in_burst = 0;
+        self.slots.clear();
+    }
+
+    fn in_burst(&self, slot: SlotId) -> bool {
+        self.slots.contains(&slot)
     }
 }
 
@@ -482,8 +509,19 @@ async fn kill_all(primary: &Primary) {
     }
 }
 
-fn report(event: SupervisorEvent, failure: &mut Option<SupervisorError>) {
+fn report(
+    event: SupervisorEvent,
+    spawn_failures: &SpawnFailures,
+    failure: &mut Option<SupervisorError>,
+) {
     match event {
+        SupervisorEvent::Respawning {
+            slot,
+            delay,
+            recent_failures,
+        } if spawn_failures.in_burst(slot) => {
+            tracing::debug!(%slot, ?delay, recent_failures, "starting a worker again");
+        }
         SupervisorEvent::Respawning {
             slot,
             delay,

@@ -25,6 +25,8 @@
 //! socket itself. Every knob is a [`Settings`] method, handed to `#[cluster::main(settings =
 //! ..)]`; operators override some with `CLUSTER_*` environment variables ([`env`](mod@env)).
 //!
+//! The [`guide`] walks through all of it; the [`operations`] page is for whoever deploys it.
+//!
 //! # Where things are
 //!
 //! - The paved path is at the root: [`main`], [`run`], [`Role`], [`shutdown`], [`worker()`],
@@ -47,6 +49,12 @@ pub use cluster_tokio::{
     ClusterListener, MainOutput, Primary, Role, Settings, Supervisor, Worker, env, message, net,
     primary, run, run_workers, settings, shutdown, supervisor, worker,
 };
+
+#[doc = include_str!("../../../docs/guide.md")]
+pub mod guide {}
+
+#[doc = include_str!("../../../docs/operations.md")]
+pub mod operations {}
 
 /// What `#[cluster::main]` expands to. Not public API.
 #[doc(hidden)]

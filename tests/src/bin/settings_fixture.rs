@@ -1,5 +1,6 @@
 //! A program configured only through `#[cluster::main(settings = ..)]`: two workers and a
-//! disconnect timeout of 2 s. Each worker listens on `127.0.0.1:0`, prints
+//! disconnect timeout of 2 s (and the program `FIXTURE_EXEC` names as the workers' program,
+//! if set). Each worker listens on `127.0.0.1:0`, prints
 //! `worker <id> pid <pid> port <port>`, and then ignores `cluster::shutdown()`: a SIGTERM ends
 //! the primary only once the disconnect timeout has killed them.
 
@@ -7,9 +8,13 @@ use std::io::Write;
 use std::time::Duration;
 
 fn settings() -> cluster::Settings {
-    cluster::Settings::new()
+    let settings = cluster::Settings::new()
         .workers(2)
-        .disconnect_timeout(Duration::from_secs(2))
+        .disconnect_timeout(Duration::from_secs(2));
+    match std::env::var_os("FIXTURE_EXEC") {
+        Some(program) => settings.exec(program),
+        None => settings,
+    }
 }
 
 #[cluster::main(settings = settings)]

@@ -561,7 +561,7 @@ impl WorkerHandle {
     /// Sends it a message, encoded with postcard, which the worker reads with
     /// [`Worker::recv`](crate::Worker::recv). Messages arrive in order; values larger than one
     /// frame are split and put back together transparently, up to 16 MiB
-    /// ([`MAX_MESSAGE`](proto::user::MAX_MESSAGE)). Messages to a disconnected worker are
+    /// ([`MAX_MESSAGE`](crate::message::MAX_MESSAGE)). Messages to a disconnected worker are
     /// dropped, as Node's `send` on a closed channel.
     ///
     /// # Errors

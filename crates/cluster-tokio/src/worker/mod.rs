@@ -116,7 +116,7 @@ impl Worker {
     /// Sends a message to the primary, encoded with postcard; it arrives as
     /// [`Event::Message`](crate::primary::Event::Message). Messages arrive in the order they are sent.
     /// Values larger than one frame are split and put back together transparently, up to
-    /// [`MAX_MESSAGE`](proto::user::MAX_MESSAGE) (16 MiB).
+    /// [`MAX_MESSAGE`](crate::message::MAX_MESSAGE) (16 MiB).
     ///
     /// # Errors
     ///
