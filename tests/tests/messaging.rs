@@ -5,7 +5,7 @@ mod support;
 
 use std::io::Read;
 
-use cluster::message::RequestError;
+use cluster::message::{EncodeError, RequestError};
 use cluster::primary::{Event, SchedulingPolicy, Signal};
 use cluster_tests::{Command, Reply};
 use support::{Cluster, WAIT};
@@ -71,7 +71,13 @@ async fn a_message_over_the_limit_is_refused_before_anything_is_sent() {
     let too_large = vec![0u8; cluster::message::MAX_MESSAGE + 1];
     let error = w.send(&too_large).unwrap_err();
     assert_eq!(error.kind(), std::io::ErrorKind::InvalidInput, "{error}");
-    assert!(error.to_string().contains("exceeds"), "{error}");
+    let cause = error
+        .get_ref()
+        .and_then(|e| e.downcast_ref::<EncodeError>());
+    assert!(
+        matches!(cause, Some(EncodeError::TooLarge { len, max }) if *len > *max),
+        "{error:?}"
+    );
     let error = w.request::<_, Reply>(&too_large).await.unwrap_err();
     assert!(matches!(error, RequestError::Send(_)), "{error:?}");
     // The link is untouched.

@@ -26,22 +26,40 @@ pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// Encodes a user value with postcard, refusing it before anything is sent if it is over the
 /// protocol's limit ([`MAX_MESSAGE`], 16 MiB; larger than one frame is fine: it is split).
 pub(crate) fn encode<T: Serialize + ?Sized>(value: &T) -> io::Result<Vec<u8>> {
-    let payload = postcard::to_stdvec(value).map_err(|e| {
-        io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("message cannot be encoded: {e}"),
-        )
-    })?;
+    let payload =
+        postcard::to_stdvec(value).map_err(|e| EncodeError::Unencodable(e.to_string()))?;
     if payload.len() > MAX_MESSAGE {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!(
-                "message of {} bytes exceeds the {MAX_MESSAGE}-byte limit",
-                payload.len()
-            ),
-        ));
+        return Err(EncodeError::TooLarge {
+            len: payload.len(),
+            max: MAX_MESSAGE,
+        }
+        .into());
     }
     Ok(payload)
+}
+
+/// A value that cannot be sent; nothing was. Sends return it inside an [`io::Error`] of kind
+/// `InvalidInput` (`error.get_ref()` and `downcast_ref::<EncodeError>()` to tell which).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum EncodeError {
+    /// serde could not encode it (a serializer that returned an error, a map of unknown length).
+    #[error("message cannot be encoded: {0}")]
+    Unencodable(String),
+    /// It is larger than the largest message.
+    #[error("message of {len} bytes exceeds the {max}-byte limit")]
+    TooLarge {
+        /// Its encoded size.
+        len: usize,
+        /// [`MAX_MESSAGE`].
+        max: usize,
+    },
+}
+
+impl From<EncodeError> for io::Error {
+    fn from(error: EncodeError) -> Self {
+        Self::new(io::ErrorKind::InvalidInput, error)
+    }
 }
 
 /// Decodes a whole payload as `T`; bytes left over mean it was not a `T`.
