@@ -379,3 +379,58 @@ pub fn wait_for_exit(
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
 }
+
+/// What a test build is stamped with: the trailer [`stamp`] appends to a copy of a binary (ELF
+/// ignores bytes past its sections), so one compiled fixture makes distinct "builds".
+const STAMP: &str = "\ncluster-test-build:";
+
+/// Copies the binary `from` to `to` (mode 0755), stamped as build `version`.
+///
+/// # Panics
+///
+/// On any I/O error.
+pub fn stamp(from: &std::path::Path, to: &std::path::Path, version: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    let mut bytes = std::fs::read(from).expect("read the binary");
+    bytes.extend_from_slice(STAMP.as_bytes());
+    bytes.extend_from_slice(version.as_bytes());
+    std::fs::write(to, bytes).expect("write the build");
+    std::fs::set_permissions(to, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+}
+
+/// The build this process runs, as [`stamp`] set it (`unstamped` if it was not).
+pub fn build_version() -> String {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut exe) = std::fs::File::open("/proc/self/exe") else {
+        return "unstamped".to_owned();
+    };
+    let mut tail = Vec::new();
+    let read = exe
+        .seek(SeekFrom::End(-64))
+        .and_then(|_| exe.read_to_end(&mut tail));
+    let tail = String::from_utf8_lossy(&tail);
+    match (read, tail.rsplit_once(STAMP)) {
+        (Ok(_), Some((_, version))) => version.to_owned(),
+        _ => "unstamped".to_owned(),
+    }
+}
+
+/// Spawns `command`, trying again (for a bounded time) while its binary is "busy": a binary
+/// this process just wrote may still be open in a child another test thread forked, until that
+/// child's `exec` closes it.
+///
+/// # Panics
+///
+/// The spawn failed for another reason, or stayed busy.
+pub fn spawn(command: &mut std::process::Command) -> std::process::Child {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match command.spawn() {
+            Err(error) if error.kind() == std::io::ErrorKind::ExecutableFileBusy => {
+                assert!(std::time::Instant::now() < deadline, "{error}");
+                std::thread::yield_now();
+            }
+            spawned => return spawned.expect("spawn"),
+        }
+    }
+}

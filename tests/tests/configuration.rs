@@ -37,18 +37,7 @@ fn program(path: &Path, env: &[(&str, &OsStr)]) -> Command {
 
 /// Runs `command` to its exit (bounded); returns its exit code, stdout and stderr.
 fn run_to_exit(mut command: Command) -> (Option<i32>, String, String) {
-    let deadline = Instant::now() + WAIT;
-    let mut child = loop {
-        match command.spawn() {
-            // A copy just written may still be open in a child another test thread forked,
-            // until that child's exec closes it.
-            Err(error) if error.kind() == std::io::ErrorKind::ExecutableFileBusy => {
-                assert!(Instant::now() < deadline, "{error}");
-                std::thread::yield_now();
-            }
-            spawned => break spawned.expect("spawn"),
-        }
-    };
+    let mut child = cluster_tests::spawn(&mut command);
     let status = cluster_tests::wait_for_exit(&mut child, WAIT);
     let (stdout, stderr) = outputs(&mut child);
     (status.code(), stdout, stderr)
@@ -280,13 +269,36 @@ fn more_workers_than_the_process_limit_allows_start_none() {
 }
 
 #[test]
+fn a_workers_program_that_does_not_exist_is_refused_at_start() {
+    let (code, stdout, stderr) = run_to_exit(fixture(&[(
+        "FIXTURE_EXEC",
+        OsStr::new("/nonexistent/cluster-worker"),
+    )]));
+    assert_eq!(code, Some(78), "{stderr}");
+    assert!(stdout.is_empty(), "{stdout}");
+    assert!(
+        stderr.contains("/nonexistent/cluster-worker") && stderr.contains("No such file"),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn workers_that_cannot_be_started_are_logged_once_per_burst() {
-    // Every start fails (the program does not exist): each of the 4 slots retries with backoff
-    // until its breaker opens, and the log has one line for the whole burst, not one per try.
+    // Every start fails (a script whose interpreter does not exist: exec says ENOENT): each
+    // of the 4 slots retries with backoff until its breaker opens, and the log has one line for
+    // the whole burst, not one per try.
+    let program = std::env::temp_dir().join(format!("cluster-noexec-{}", std::process::id()));
+    std::fs::write(&program, b"#!/nonexistent/interpreter\n").unwrap();
+    std::fs::set_permissions(
+        &program,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
     let (code, stdout, stderr) = run_to_exit(fixture(&[
         ("CLUSTER_WORKERS", OsStr::new("4")),
-        ("FIXTURE_EXEC", OsStr::new("/nonexistent/cluster-worker")),
+        ("FIXTURE_EXEC", program.as_os_str()),
     ]));
+    std::fs::remove_file(&program).unwrap();
     assert_ne!(code, Some(0), "{stderr}");
     assert!(stdout.is_empty(), "{stdout}");
     assert_eq!(

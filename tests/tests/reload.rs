@@ -4,6 +4,9 @@
 mod support;
 
 use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -21,12 +24,19 @@ struct Load {
 
 impl Load {
     fn start(port: u16, clients: usize) -> Self {
+        Self::start_with(port, clients, 0, "/")
+    }
+
+    /// `churn` clients making one connection per request and `keep_alive` clients reusing
+    /// theirs, all asking for `path`. No client retries: a request that fails is counted.
+    fn start_with(port: u16, churn: usize, keep_alive: usize, path: &'static str) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let ok = Arc::new(AtomicUsize::new(0));
         let failures = Arc::new(Mutex::new(Vec::new()));
         let served_by = Arc::new(Mutex::new(BTreeSet::new()));
-        let clients = (0..clients)
-            .map(|_| {
+        let clients = (0..churn + keep_alive)
+            .map(|index| {
+                let keeps_alive = index >= churn;
                 let (stop, ok, failures, served_by) = (
                     stop.clone(),
                     ok.clone(),
@@ -34,12 +44,18 @@ impl Load {
                     served_by.clone(),
                 );
                 std::thread::spawn(move || {
+                    let mut connection = None;
                     // Bounded: a client never sends more than this many requests.
                     for _ in 0..50_000 {
                         if stop.load(Ordering::Relaxed) {
                             return;
                         }
-                        match get(port, "/") {
+                        let answer = if keeps_alive {
+                            keep_alive_get(&mut connection, port, path)
+                        } else {
+                            get(port, path)
+                        };
+                        match answer {
                             Ok((200, body)) => {
                                 ok.fetch_add(1, Ordering::Relaxed);
                                 served_by.lock().unwrap().insert(body);
@@ -76,6 +92,10 @@ impl Load {
         }
     }
 
+    fn ok(&self) -> usize {
+        self.ok.load(Ordering::Relaxed)
+    }
+
     fn stop(self) -> (usize, Vec<String>, BTreeSet<String>) {
         self.stop.store(true, Ordering::Relaxed);
         for client in self.clients {
@@ -85,6 +105,204 @@ impl Load {
         let served_by = self.served_by.lock().unwrap().clone();
         (self.ok.load(Ordering::Relaxed), failures, served_by)
     }
+}
+
+/// One request on `connection`, kept open for the next one unless the server answered
+/// `Connection: close` (a new connection is opened when there is none). A failure drops the
+/// connection; nothing is retried.
+fn keep_alive_get(
+    connection: &mut Option<BufReader<TcpStream>>,
+    port: u16,
+    path: &str,
+) -> std::io::Result<(u16, String)> {
+    let mut stream = match connection.take() {
+        Some(stream) => stream,
+        None => {
+            let stream = TcpStream::connect(("127.0.0.1", port))?;
+            stream.set_read_timeout(Some(WAIT))?;
+            BufReader::new(stream)
+        }
+    };
+    write!(
+        stream.get_mut(),
+        "GET {path} HTTP/1.1\r\nHost: test\r\n\r\n"
+    )?;
+    let mut line = String::new();
+    if stream.read_line(&mut line)? == 0 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "the connection closed before the response",
+        ));
+    }
+    let status = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("malformed status line {line:?}")))?;
+    let (mut length, mut close) = (0, false);
+    loop {
+        line.clear();
+        stream.read_line(&mut line)?;
+        let header = line.trim_end();
+        if header.is_empty() {
+            break;
+        }
+        if let Some((name, value)) = header.split_once(':') {
+            if name.eq_ignore_ascii_case("content-length") {
+                length = value.trim().parse().map_err(std::io::Error::other)?;
+            } else if name.eq_ignore_ascii_case("connection") {
+                close = value.trim().eq_ignore_ascii_case("close");
+            }
+        }
+    }
+    let mut body = vec![0; length];
+    stream.read_exact(&mut body)?;
+    if !close {
+        *connection = Some(stream);
+    }
+    Ok((status, String::from_utf8_lossy(&body).trim().to_owned()))
+}
+
+/// The build that answers `/version` (`<build> worker <id>`).
+fn build_at(port: u16) -> String {
+    match get(port, "/version") {
+        Ok((200, body)) => body
+            .split_whitespace()
+            .next()
+            .unwrap_or_default()
+            .to_owned(),
+        other => panic!("no version: {other:?}"),
+    }
+}
+
+#[test]
+fn a_reload_runs_the_build_deployed_by_rename_and_refuses_bad_builds() {
+    let dir = std::env::temp_dir().join(format!("cluster-deploy-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let fixture = Path::new(env!("CARGO_BIN_EXE_http_fixture"));
+    let app = dir.join("app");
+    // A deploy: the new build is written beside the old one, then renamed over it.
+    let deploy = |from: &Path, build: &str| {
+        let staged = dir.join(format!("app.{build}"));
+        cluster_tests::stamp(from, &staged, build);
+        std::fs::rename(&staged, &app).unwrap();
+    };
+    deploy(fixture, "v1");
+    let mut program = Program::start(
+        app.to_str().unwrap(),
+        &[
+            ("CLUSTER_WORKERS", "2"),
+            ("RUST_LOG", "info"),
+            // Read only by the `rogue` build deployed last.
+            ("ROGUE", "version"),
+        ],
+    );
+    let (_, first, port) = program.worker();
+    program.worker();
+    assert_eq!(build_at(port), "v1");
+
+    deploy(fixture, "v2");
+    // A crash respawn before the reload runs its generation's build, as its sibling does.
+    cluster_tests::signal(first, libc::SIGKILL).unwrap();
+    let (respawned, _, _) = program.worker();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match get(port, "/version") {
+            Ok((200, body)) if body.ends_with(&format!("worker {respawned}")) => {
+                assert!(body.starts_with("v1 "), "the respawn runs {body}");
+                break;
+            }
+            Ok((200, body)) => assert!(body.starts_with("v1 "), "{body}"),
+            other => panic!("{other:?}"),
+        }
+        assert!(Instant::now() < deadline, "the respawn never served");
+    }
+
+    // The reload, under load from clients that never retry.
+    let load = Load::start_with(port, 2, 2, "/version");
+    load.wait_for(200);
+    let before = load.ok();
+    program.signal(libc::SIGHUP);
+    program.wait_for_log("reload complete");
+    load.wait_for(200);
+    let (ok, failures, served) = load.stop();
+    assert!(
+        failures.is_empty(),
+        "{} failed: {failures:?}",
+        failures.len()
+    );
+    assert!(served.iter().any(|b| b.starts_with("v1 ")), "{served:?}");
+    assert!(served.iter().any(|b| b.starts_with("v2 ")), "{served:?}");
+    for _ in 0..20 {
+        assert_eq!(build_at(port), "v2");
+    }
+    let log = program.stderr();
+    assert!(log.contains("rolling reload to a new binary"), "{log}");
+    assert!(log.contains("binary_changed=true"), "{log}");
+    eprintln!(
+        "deploy: {ok} requests ({} during the reload), 0 failed",
+        ok - before
+    );
+
+    // A build that exits at start: the reload is aborted, v2 serves on.
+    deploy(fixture, "exit");
+    program.signal(libc::SIGHUP);
+    program.wait_for_log("reload aborted");
+    assert!(program.stderr().contains("exited before listening"));
+    assert_eq!(build_at(port), "v2");
+
+    // A build that speaks another protocol version.
+    deploy(Path::new(env!("CARGO_BIN_EXE_rogue")), "rogue");
+    program.signal(libc::SIGHUP);
+    program.wait_for_logs("reload aborted;", 2);
+    assert!(
+        program.stderr().contains("speaks protocol version 99"),
+        "{}",
+        program.stderr()
+    );
+    assert_eq!(build_at(port), "v2");
+
+    // No binary at all.
+    std::fs::remove_file(&app).unwrap();
+    program.signal(libc::SIGHUP);
+    program.wait_for_log("reload failed");
+    assert!(
+        program.stderr().contains("No such file"),
+        "{}",
+        program.stderr()
+    );
+    assert_eq!(build_at(port), "v2");
+
+    program.signal(libc::SIGTERM);
+    assert!(program.wait().success(), "{}", program.stderr());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn sighups_during_a_reload_queue_one_more() {
+    let mut program = Program::start(
+        env!("CARGO_BIN_EXE_http_fixture"),
+        &[("CLUSTER_WORKERS", "1"), ("RUST_LOG", "info")],
+    );
+    let (_, _, port) = program.worker();
+    // A request held open for 2 s keeps the old worker draining, so the reload lasts that long.
+    let held = std::thread::spawn(move || get(port, "/delay/2000"));
+    program.line("delaying ");
+    program.signal(libc::SIGHUP);
+    program.wait_for_log("cause=\"SIGHUP\"");
+    // The replacement listens; the reload now waits for the old worker's held request.
+    program.worker();
+    program.signal(libc::SIGHUP);
+    program.wait_for_log("another reload follows");
+    program.signal(libc::SIGHUP);
+    assert_eq!(held.join().unwrap().unwrap().0, 200);
+    program.wait_for_logs("reload complete", 2);
+    program.signal(libc::SIGTERM);
+    assert!(program.wait().success(), "{}", program.stderr());
+    let log = program.stderr();
+    // Three signals, two reloads: the two that came during the first are one.
+    assert_eq!(log.matches("reload complete").count(), 2, "{log}");
+    assert_eq!(log.matches("another reload follows").count(), 1, "{log}");
 }
 
 #[test]

@@ -38,6 +38,7 @@ where
     F: FnOnce(Role) -> Fut,
     Fut: Future,
 {
+    crate::env::answer_queries();
     match role::take() {
         Some(Detected::Worker { id, ipc }) => {
             let runtime = settings
@@ -50,15 +51,13 @@ where
             })
         }
         _ => {
-            if let Err(error) = settings.validate() {
-                crate::env::exit_misconfigured(&error);
-            }
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .expect("failed to build the primary's Tokio runtime");
             runtime.block_on(async move {
-                let primary = Primary::start(settings).expect("validated above");
+                let primary = Primary::start(settings)
+                    .unwrap_or_else(|error| crate::env::exit_misconfigured(&error));
                 main(Role::Primary(primary)).await
             })
         }
@@ -80,6 +79,7 @@ where
     Fut: Future<Output = R>,
     R: MainOutput,
 {
+    crate::env::answer_queries();
     if !role::is_worker() && settings.worker_count() == 0 {
         // `CLUSTER_WORKERS=0`: no cluster at all, the body runs in this process.
         if let Err(error) = settings.validate() {
@@ -119,6 +119,7 @@ pub fn configure(settings: Settings, env: bool) -> Settings {
     // The worker markers are taken before anything else can read the environment or start a
     // thread.
     role::detect();
+    crate::env::answer_queries();
     let settings = if env {
         settings.apply_env().unwrap_or_else(|error| error.exit())
     } else {

@@ -16,6 +16,9 @@
 //!
 //! A duration is a whole number followed by its unit, `ms`, `s`, `m` or `h`, with nothing
 //! around it (`20s`, `500ms`, `2m`), from 1 ms to 24 h.
+//!
+//! [`PRINT_PROTOCOL_VERSION`] (`CLUSTER_PRINT_PROTOCOL_VERSION=1`) is not an override: it asks a
+//! build for its protocol version and starts nothing.
 
 use std::ffi::{OsStr, OsString};
 use std::fmt;
@@ -41,6 +44,26 @@ pub const BOOT_TIMEOUT: &str = "CLUSTER_BOOT_TIMEOUT";
 pub const HANDOFF_TIMEOUT: &str = "CLUSTER_HANDOFF_TIMEOUT";
 /// How long a worker may stay silent, or `off`.
 pub const HEARTBEAT_TIMEOUT: &str = "CLUSTER_HEARTBEAT_TIMEOUT";
+
+/// Not an override: set to `1`, the program prints the version of the protocol its workers
+/// speak (`cluster protocol 2`) and exits 0 without starting anything, so deploy tooling can
+/// check a new build against the running primary before a reload. A reload is refused unless
+/// the versions are equal.
+pub const PRINT_PROTOCOL_VERSION: &str = "CLUSTER_PRINT_PROTOCOL_VERSION";
+
+/// The protocol version of this build (what [`PRINT_PROTOCOL_VERSION`] prints).
+pub const PROTOCOL_VERSION: u16 = proto::PROTOCOL_VERSION;
+
+/// Answers [`PRINT_PROTOCOL_VERSION`] if it is set (and exits), in a process that is not a
+/// worker.
+pub(crate) fn answer_queries() {
+    if std::env::var_os(PRINT_PROTOCOL_VERSION).is_some_and(|v| v == "1")
+        && !crate::role::is_worker()
+    {
+        println!("cluster protocol {PROTOCOL_VERSION}");
+        std::process::exit(0);
+    }
+}
 
 /// Every variable [`Settings::apply_env`] reads, in the order it reads them.
 pub const VARIABLES: [&str; 8] = [
@@ -91,6 +114,21 @@ impl EnvError {
     }
 }
 
+/// An error and its sources, on one line.
+pub(crate) struct ErrorChain<'a>(pub(crate) &'a dyn std::error::Error);
+
+impl fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(error) = source {
+            write!(f, ": {error}")?;
+            source = error.source();
+        }
+        Ok(())
+    }
+}
+
 impl fmt::Display for EnvError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
@@ -109,8 +147,9 @@ impl From<EnvError> for std::io::Error {
     }
 }
 
-/// Prints `error` on one line, prefixed with the program's name, and exits with code 78.
-pub(crate) fn exit_misconfigured(error: &dyn fmt::Display) -> ! {
+/// Prints `error` and its sources on one line, prefixed with the program's name, and exits with
+/// code 78.
+pub(crate) fn exit_misconfigured(error: &dyn std::error::Error) -> ! {
     let program = std::env::args_os()
         .next()
         .map(std::path::PathBuf::from)
@@ -119,7 +158,7 @@ pub(crate) fn exit_misconfigured(error: &dyn fmt::Display) -> ! {
                 .map(|name| name.to_string_lossy().into_owned())
         })
         .unwrap_or_else(|| "cluster".to_owned());
-    eprintln!("{program}: configuration error: {error}");
+    eprintln!("{program}: configuration error: {}", ErrorChain(error));
     std::process::exit(proto::supervisor::FATAL_EXIT_CODE)
 }
 

@@ -9,7 +9,8 @@ use proto::{ExitStatus, KillReason, WorkerId};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::primary::{Event, Primary, Signal};
+use crate::env::ErrorChain;
+use crate::primary::{Binary, Event, Primary, Signal};
 use crate::settings::{Settings, SettingsError};
 
 /// What a [`SupervisorHandle`] asks of the running supervisor.
@@ -27,6 +28,12 @@ enum Control {
 #[derive(Clone, Debug)]
 #[non_exhaustive]
 pub struct ReloadReport {
+    /// The generation the replacements belong to.
+    pub generation: u64,
+    /// The binary the replaced workers ran.
+    pub from: Binary,
+    /// The binary the replacements run: the program's path looked up again at the reload.
+    pub to: Binary,
     /// `(old, new)` for every worker replaced, in order.
     pub replaced: Vec<(WorkerId, WorkerId)>,
     /// Why the reload stopped early, if it did; the workers not yet replaced keep serving.
@@ -37,6 +44,12 @@ impl ReloadReport {
     /// Whether every worker was replaced.
     pub fn is_complete(&self) -> bool {
         self.aborted.is_none()
+    }
+
+    /// Whether the replacements run another binary than the workers they replaced (a deploy);
+    /// `false` when the reload only recycled the workers.
+    pub fn binary_changed(&self) -> bool {
+        !self.to.same_file(&self.from)
     }
 }
 
@@ -60,6 +73,15 @@ pub enum AbortReason {
     /// It did not listen within the boot timeout (it was killed).
     #[error("the replacement did not listen within {0:?}")]
     BootTimeout(Duration),
+    /// It speaks another protocol version than this primary (a deploy across an incompatible
+    /// release of `cluster`: restart the service instead).
+    #[error("the replacement speaks protocol version {theirs}, this primary speaks {ours}")]
+    ProtocolMismatch {
+        /// The primary's version.
+        ours: u16,
+        /// The replacement's.
+        theirs: u16,
+    },
     /// The primary stopped meanwhile.
     #[error("the primary stopped")]
     PrimaryStopped,
@@ -72,6 +94,16 @@ pub enum ReloadError {
     /// Another reload is running.
     #[error("a reload is already running")]
     AlreadyRunning,
+    /// The program at the reload's path cannot be run (missing, not a file, not executable);
+    /// no worker was touched.
+    #[error("the new binary {} cannot be run", path.display())]
+    Binary {
+        /// The program's path.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
     /// A replacement could not be spawned at all.
     #[error("a replacement worker could not be started")]
     Spawn(#[source] io::Error),
@@ -84,7 +116,7 @@ impl From<ReloadError> for io::Error {
     fn from(error: ReloadError) -> Self {
         let kind = match &error {
             ReloadError::AlreadyRunning => io::ErrorKind::ResourceBusy,
-            ReloadError::Spawn(e) => e.kind(),
+            ReloadError::Binary { source: e, .. } | ReloadError::Spawn(e) => e.kind(),
             ReloadError::Stopped => io::ErrorKind::BrokenPipe,
         };
         Self::new(kind, error)
@@ -277,7 +309,7 @@ impl Supervisor {
             signal(SignalKind::from_raw(libc::SIGTTIN)).map_err(SupervisorError::Signals)?;
         let mut fewer =
             signal(SignalKind::from_raw(libc::SIGTTOU)).map_err(SupervisorError::Signals)?;
-        let mut reloading: Option<tokio::task::JoinHandle<()>> = None;
+        let mut reload = Reloads::default();
         let mut events = primary.events();
         let mut policy = Policy::new(config, workers, seed());
         let mut failure = None;
@@ -341,9 +373,7 @@ impl Supervisor {
                             }
                         }
                     }
-                    Control::Reload { reply } => {
-                        start_reload(&primary, &mut reloading, "reload requested", Some(reply));
-                    }
+                    Control::Reload { reply } => reload.ask(&primary, reply),
                 },
                 _ = more.recv() => {
                     let target = policy.active() + 1;
@@ -359,7 +389,8 @@ impl Supervisor {
                     let target = policy.active().saturating_sub(1).max(1);
                     scale(&mut policy, &primary, target);
                 }
-                _ = hangup.recv() => start_reload(&primary, &mut reloading, "SIGHUP", None),
+                _ = hangup.recv() => reload.on_signal(&primary),
+                () = reload.finished() => reload.start_queued(&primary),
                 event = events.recv() => match event {
                     Some(Event::Replaced { old, new }) => {
                         policy.handle_replaced(now(), old.id(), new.id());
@@ -385,40 +416,97 @@ impl Supervisor {
     }
 }
 
-/// Starts a rolling reload in a task unless one is running; the outcome is logged, and sent to
-/// `reply` if a handle asked for it.
-fn start_reload(
-    primary: &Primary,
-    reloading: &mut Option<tokio::task::JoinHandle<()>>,
-    cause: &'static str,
-    reply: Option<oneshot::Sender<Result<ReloadReport, ReloadError>>>,
-) {
-    if reloading.as_ref().is_some_and(|r| !r.is_finished()) {
-        tracing::warn!(cause, "a reload is already running");
-        if let Some(reply) = reply {
-            let _ = reply.send(Err(ReloadError::AlreadyRunning));
-        }
-        return;
+/// The rolling reload under way, if any, and whether a SIGHUP asked for another meanwhile.
+#[derive(Default)]
+struct Reloads {
+    running: Option<tokio::task::JoinHandle<()>>,
+    queued: bool,
+}
+
+impl Reloads {
+    fn is_running(&self) -> bool {
+        self.running.as_ref().is_some_and(|r| !r.is_finished())
     }
-    tracing::info!(cause, "rolling reload");
-    let primary = primary.clone();
-    *reloading = Some(tokio::spawn(async move {
-        let outcome = primary.reload().await;
-        match &outcome {
-            Ok(report) if report.is_complete() => {
-                tracing::info!(replaced = report.replaced.len(), "reload complete");
+
+    /// SIGHUP: a reload, or one more after the running one (a deploy that landed while the
+    /// previous reload was starting its workers must still be picked up). Coalesced: however
+    /// many signals come meanwhile, one reload follows.
+    fn on_signal(&mut self, primary: &Primary) {
+        if self.is_running() {
+            if !self.queued {
+                tracing::info!("SIGHUP during a reload: another reload follows this one");
             }
-            Ok(report) => tracing::error!(
-                replaced = report.replaced.len(),
-                aborted = ?report.aborted,
-                "reload aborted; the old workers keep serving"
-            ),
-            Err(error) => tracing::error!(%error, "reload failed"),
+            self.queued = true;
+        } else {
+            self.start(primary, "SIGHUP", None);
         }
-        if let Some(reply) = reply {
-            let _ = reply.send(outcome);
+    }
+
+    /// A handle asks: the running reload's caller owns that one, so this is refused.
+    fn ask(
+        &mut self,
+        primary: &Primary,
+        reply: oneshot::Sender<Result<ReloadReport, ReloadError>>,
+    ) {
+        if self.is_running() {
+            let _ = reply.send(Err(ReloadError::AlreadyRunning));
+        } else {
+            self.start(primary, "asked", Some(reply));
         }
-    }));
+    }
+
+    /// Resolves when the running reload ends (never while none runs).
+    async fn finished(&mut self) {
+        match &mut self.running {
+            Some(running) => {
+                let _ = running.await;
+                self.running = None;
+            }
+            None => std::future::pending().await,
+        }
+    }
+
+    fn start_queued(&mut self, primary: &Primary) {
+        if std::mem::take(&mut self.queued) {
+            self.start(primary, "SIGHUP (queued)", None);
+        }
+    }
+
+    /// Starts a rolling reload in a task; the outcome is logged, and sent to `reply` if a
+    /// handle asked for it.
+    fn start(
+        &mut self,
+        primary: &Primary,
+        cause: &'static str,
+        reply: Option<oneshot::Sender<Result<ReloadReport, ReloadError>>>,
+    ) {
+        tracing::info!(cause, "rolling reload");
+        let primary = primary.clone();
+        self.running = Some(tokio::spawn(async move {
+            let outcome = primary.reload().await;
+            match &outcome {
+                Ok(report) if report.is_complete() => tracing::info!(
+                    generation = report.generation,
+                    replaced = report.replaced.len(),
+                    binary = %report.to,
+                    binary_changed = report.binary_changed(),
+                    "reload complete"
+                ),
+                Ok(report) => tracing::error!(
+                    generation = report.generation,
+                    replaced = report.replaced.len(),
+                    aborted = ?report.aborted,
+                    "reload aborted; the old workers keep serving"
+                ),
+                Err(error) => {
+                    tracing::error!(error = %ErrorChain(error), "reload failed; the old workers keep serving")
+                }
+            }
+            if let Some(reply) = reply {
+                let _ = reply.send(outcome);
+            }
+        }));
+    }
 }
 
 /// Failures to start a worker process, logged once per burst: the first with its error, the

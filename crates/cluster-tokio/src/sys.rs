@@ -254,10 +254,24 @@ pub(crate) fn register(fd: OwnedFd, interest: Interest) -> io::Result<AsyncFd<Ow
 ///
 /// `EBADF` when `fd` is not open.
 pub(crate) fn duplicate_fd(fd: RawFd) -> io::Result<OwnedFd> {
-    // The stdio fds are never sockets a cluster listens on, and `F_DUPFD_CLOEXEC` only reads `fd`.
-    // SAFETY: fcntl(F_DUPFD_CLOEXEC) on any integer is memory-safe: it fails with EBADF when
-    // `fd` is not open and otherwise returns a new fd, which we own at once.
-    let duplicate = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 3) };
+    // The stdio fds are never sockets a cluster listens on.
+    duplicate_at_least(fd, 3)
+}
+
+/// `fd`, moved above the fds a worker's spawn sets up ([`IPC_FD`] and below), where the child
+/// would overwrite it before `exec`.
+pub(crate) fn above_ipc_fd(fd: OwnedFd) -> io::Result<OwnedFd> {
+    if fd.as_raw_fd() > IPC_FD {
+        return Ok(fd);
+    }
+    duplicate_at_least(fd.as_raw_fd(), IPC_FD + 1)
+}
+
+fn duplicate_at_least(fd: RawFd, lowest: RawFd) -> io::Result<OwnedFd> {
+    // SAFETY: fcntl(F_DUPFD_CLOEXEC) on any integer is memory-safe (it only reads `fd`): it
+    // fails with EBADF when `fd` is not open and otherwise returns a new fd, which we own at
+    // once.
+    let duplicate = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, lowest) };
     if duplicate < 0 {
         return Err(io::Error::last_os_error());
     }

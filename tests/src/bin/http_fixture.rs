@@ -1,7 +1,9 @@
 //! An HTTP server for the load tests (`hello` with more to say): every worker listens on `ADDR`
 //! (default `127.0.0.1:0`) and prints `worker <id> pid <pid> port <port>`; `GET /` answers
 //! `worker <id>`, `GET /delay/<ms>` prints `delaying <id> <ms>` and answers after `ms`
-//! milliseconds, `GET /block/<ms>` blocks the worker's runtime that long (a hung worker). On
+//! milliseconds, `GET /block/<ms>` blocks the worker's runtime that long (a hung worker),
+//! `GET /version` answers `<build> worker <id>` with the build the binary was stamped as
+//! (`cluster_tests::stamp`; a build stamped `exit` exits 1 at boot, a bad deploy). On
 //! shutdown a worker finishes its open requests (within 30 s) and exits. Workers started while
 //! the file named by `FIXTURE_FAIL_IF` exists exit 1 at once.
 
@@ -28,6 +30,10 @@ async fn main() -> std::io::Result<()> {
         // Workers started after the file appeared crash at boot (a bad deploy).
         std::process::exit(1);
     }
+    let build = cluster_tests::build_version();
+    if build == "exit" {
+        std::process::exit(1);
+    }
     let addr = std::env::var("ADDR").unwrap_or_else(|_| "127.0.0.1:0".to_owned());
     let mut listener = ClusterListener::bind(addr).await?;
     let id = cluster::worker().map_or(0, |w| w.id().get());
@@ -47,8 +53,10 @@ async fn main() -> std::io::Result<()> {
             () = cluster::shutdown() => break,
         };
         let draining = draining.clone();
+        let build = build.clone();
         let service = service_fn(move |request: Request<Incoming>| {
             let draining = draining.clone();
+            let build = build.clone();
             async move {
                 let path = request.uri().path();
                 if let Some(ms) = path
@@ -66,7 +74,12 @@ async fn main() -> std::io::Result<()> {
                     say(&format!("delaying {id} {ms}"));
                     tokio::time::sleep(Duration::from_millis(ms)).await;
                 }
-                let mut response = Response::new(Full::new(Bytes::from(format!("worker {id}\n"))));
+                let body = if path == "/version" {
+                    format!("{build} worker {id}\n")
+                } else {
+                    format!("worker {id}\n")
+                };
+                let mut response = Response::new(Full::new(Bytes::from(body)));
                 if draining.load(Ordering::Relaxed) {
                     response
                         .headers_mut()

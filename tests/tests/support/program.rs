@@ -18,12 +18,12 @@ pub struct Program {
 
 impl Program {
     pub fn start(binary: &str, env: &[(&str, &str)]) -> Self {
-        let mut child = Command::new(binary)
-            .envs(env.iter().copied())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn");
+        let mut child = cluster_tests::spawn(
+            Command::new(binary)
+                .envs(env.iter().copied())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped()),
+        );
         let (tx, lines) = mpsc::channel();
         let stdout = child.stdout.take().unwrap();
         std::thread::spawn(move || {
@@ -87,11 +87,16 @@ impl Program {
 
     /// Waits until stderr contains `needle`.
     pub fn wait_for_log(&self, needle: &str) {
+        self.wait_for_logs(needle, 1);
+    }
+
+    /// Waits until stderr contains `needle` `count` times.
+    pub fn wait_for_logs(&self, needle: &str, count: usize) {
         let deadline = Instant::now() + WAIT;
-        while !self.stderr().contains(needle) {
+        while self.stderr().matches(needle).count() < count {
             assert!(
                 Instant::now() < deadline,
-                "no `{needle}` in the log: {}",
+                "not {count} `{needle}` in the log: {}",
                 self.stderr()
             );
             std::thread::sleep(Duration::from_millis(10));

@@ -34,6 +34,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Sleep;
 
 use super::alarm::Alarm;
+use super::image::Image;
 use super::{
     Event, ListenAddress, Message, PrimaryShared, Stats, WorkerHandle, WorkerShared, WorkerStats,
     spawn,
@@ -47,6 +48,7 @@ use crate::socket::{self, SocketFile};
 pub(crate) enum Input {
     Fork {
         env: Vec<(OsString, OsString)>,
+        image: Arc<Image>,
         reply: oneshot::Sender<io::Result<WorkerHandle>>,
     },
     Disconnect {
@@ -221,8 +223,8 @@ impl Driver {
             };
             progress = true;
             match input {
-                Input::Fork { env, reply } => {
-                    let _ = reply.send(self.fork(&env));
+                Input::Fork { env, image, reply } => {
+                    let _ = reply.send(self.fork(&env, &image));
                 }
                 Input::Disconnect { worker } => {
                     self.core.disconnect(now(), worker);
@@ -785,10 +787,10 @@ impl Driver {
         }
     }
 
-    fn fork(&mut self, env: &[(OsString, OsString)]) -> io::Result<WorkerHandle> {
+    fn fork(&mut self, env: &[(OsString, OsString)], image: &Image) -> io::Result<WorkerHandle> {
         let id = self.core.add_worker();
         let (mut child, channel, peer) =
-            match spawn::spawn(&self.settings, id, env, self.batch_scheduling) {
+            match spawn::spawn(&self.settings, image, id, env, self.batch_scheduling) {
                 Ok(spawned) => spawned,
                 Err(error) => {
                     self.core.handle_spawn_failed(id);
@@ -801,7 +803,12 @@ impl Driver {
         } else {
             Vec::new()
         };
-        let shared = Arc::new(WorkerShared::new(id, pid, self.settings.disconnect_timeout));
+        let shared = Arc::new(WorkerShared::new(
+            id,
+            pid,
+            image.generation,
+            self.settings.disconnect_timeout,
+        ));
         self.workers.insert(id, shared.clone());
         self.links.insert(
             id,

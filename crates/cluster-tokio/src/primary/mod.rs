@@ -3,6 +3,7 @@
 
 mod alarm;
 mod driver;
+mod image;
 mod spawn;
 
 use std::collections::BTreeMap;
@@ -33,6 +34,8 @@ use crate::settings::{Settings, SettingsError};
 use crate::supervisor::{AbortReason, ReloadAborted, ReloadError, ReloadReport};
 use driver::{Driver, Input};
 
+pub use image::Binary;
+pub(crate) use image::Image;
 pub use signal::Signal;
 
 mod signal;
@@ -69,6 +72,8 @@ pub(crate) struct PrimaryShared {
     workers: Mutex<BTreeMap<WorkerId, WorkerHandle>>,
     settings: Settings,
     reloading: tokio::sync::Mutex<()>,
+    /// The program of the current generation: what forks, respawns and scale-ups run.
+    image: Mutex<Arc<Image>>,
 }
 
 impl PrimaryShared {
@@ -99,13 +104,22 @@ impl Primary {
     ///
     /// # Errors
     ///
-    /// The settings are not valid ([`Settings::validate`]).
+    /// The settings are not valid ([`Settings::validate`]), or the workers' program cannot be
+    /// opened ([`StartError`]).
     ///
     /// # Panics
     ///
     /// Outside a Tokio runtime.
-    pub fn start(settings: Settings) -> Result<Self, SettingsError> {
+    pub fn start(settings: Settings) -> Result<Self, StartError> {
         settings.validate()?;
+        let image =
+            Image::first(settings.exec.as_deref()).map_err(|source| StartError::Program {
+                path: settings
+                    .exec
+                    .clone()
+                    .unwrap_or_else(|| PathBuf::from("/proc/self/exe")),
+                source,
+            })?;
         crate::sys::raise_fd_limit();
         let (tx, rx) = mpsc::unbounded_channel();
         let shared = Arc::new(PrimaryShared {
@@ -113,6 +127,7 @@ impl Primary {
             workers: Mutex::new(BTreeMap::new()),
             settings: settings.clone(),
             reloading: tokio::sync::Mutex::new(()),
+            image: Mutex::new(Arc::new(image)),
         });
         tokio::spawn(Driver::new(settings, shared.clone(), rx, tx.clone()));
         Ok(Self { tx, shared })
@@ -143,9 +158,22 @@ impl Primary {
         V: Into<OsString>,
     {
         let env = env.into_iter().map(|(k, v)| (k.into(), v.into())).collect();
+        self.fork_image(env, self.image()).await
+    }
+
+    /// The program of the current generation.
+    fn image(&self) -> Arc<Image> {
+        self.shared.image.lock().expect("not poisoned").clone()
+    }
+
+    async fn fork_image(
+        &self,
+        env: Vec<(OsString, OsString)>,
+        image: Arc<Image>,
+    ) -> io::Result<WorkerHandle> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Input::Fork { env, reply })
+            .send(Input::Fork { env, image, reply })
             .map_err(|_| stopped())?;
         rx.await.map_err(|_| stopped())?
     }
@@ -231,7 +259,22 @@ impl Primary {
             return Err(ReloadError::AlreadyRunning);
         };
         let boot_timeout = self.shared.settings.boot_timeout;
+        let current = self.image();
+        // Looked up again now: a deploy renamed or copied a new build onto this path.
+        let path = current.binary.path.clone();
+        let next = Image::open(&path, current.generation + 1)
+            .map_err(|source| ReloadError::Binary { path, source })?;
+        let changed = !next.binary.same_file(&current.binary);
+        if changed {
+            tracing::info!(generation = next.generation, from = %current.binary, to = %next.binary, "rolling reload to a new binary");
+        } else {
+            tracing::info!(generation = next.generation, binary = %next.binary, "rolling reload: the binary is unchanged, recycling the workers");
+        }
+        let next = Arc::new(next);
         let mut report = ReloadReport {
+            generation: next.generation,
+            from: current.binary.clone(),
+            to: next.binary.clone(),
             replaced: Vec::new(),
             aborted: None,
         };
@@ -240,7 +283,10 @@ impl Primary {
                 continue;
             }
             let mut events = self.events();
-            let new = self.fork().await.map_err(ReloadError::Spawn)?;
+            let new = self
+                .fork_image(Vec::new(), next.clone())
+                .await
+                .map_err(ReloadError::Spawn)?;
             let ready = async {
                 loop {
                     match events.recv().await {
@@ -249,6 +295,12 @@ impl Primary {
                         }
                         Some(Event::Exit { worker, status, .. }) if worker.id() == new.id() => {
                             return Some(AbortReason::ExitedBeforeListening(status));
+                        }
+                        Some(Event::Error {
+                            worker,
+                            error: ProtocolError::Link(LinkError::VersionMismatch { ours, theirs }),
+                        }) if worker.id() == new.id() => {
+                            return Some(AbortReason::ProtocolMismatch { ours, theirs });
                         }
                         Some(_) => {}
                         None => return Some(AbortReason::PrimaryStopped),
@@ -281,6 +333,7 @@ impl Primary {
             );
             report.replaced.push((old.id(), new.id()));
         }
+        *self.shared.image.lock().expect("not poisoned") = next;
         Ok(report)
     }
 
@@ -305,6 +358,34 @@ impl Primary {
 
 fn stopped() -> io::Error {
     io::Error::new(io::ErrorKind::BrokenPipe, "the cluster primary has stopped")
+}
+
+/// Why [`Primary::start`] refused to start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// The settings are not valid.
+    #[error(transparent)]
+    Settings(#[from] SettingsError),
+    /// The workers' program cannot be opened or executed.
+    #[error("the workers' program {} cannot be run", path.display())]
+    Program {
+        /// Its path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl From<StartError> for io::Error {
+    fn from(error: StartError) -> Self {
+        let kind = match &error {
+            StartError::Settings(_) => io::ErrorKind::InvalidInput,
+            StartError::Program { source, .. } => source.kind(),
+        };
+        Self::new(kind, error)
+    }
 }
 
 /// What [`Primary::stats`] reports.
@@ -459,12 +540,13 @@ pub(crate) struct Status {
 pub(crate) struct WorkerShared {
     id: WorkerId,
     pid: u32,
+    generation: u64,
     disconnect_timeout: Duration,
     status: watch::Sender<Status>,
 }
 
 impl WorkerShared {
-    fn new(id: WorkerId, pid: u32, disconnect_timeout: Duration) -> Self {
+    fn new(id: WorkerId, pid: u32, generation: u64, disconnect_timeout: Duration) -> Self {
         let status = Status {
             state: WorkerState::None,
             connected: true,
@@ -475,6 +557,7 @@ impl WorkerShared {
         Self {
             id,
             pid,
+            generation,
             disconnect_timeout,
             status: watch::Sender::new(status),
         }
@@ -511,6 +594,12 @@ impl WorkerHandle {
     /// Its process id.
     pub fn pid(&self) -> u32 {
         self.shared.pid
+    }
+
+    /// The generation it belongs to: 1 for the workers of the binary the primary started with,
+    /// one more for each completed rolling reload.
+    pub fn generation(&self) -> u64 {
+        self.shared.generation
     }
 
     /// Where it is in its life.

@@ -10,12 +10,13 @@ use tokio::process::{Child, Command};
 use tokio::task::JoinHandle;
 use tokio_seqpacket::UnixSeqpacket;
 
+use super::image::Image;
 use crate::ipc::Channel;
 use crate::role::{ENV_IPC_FD, ENV_WORKER_ID};
 use crate::settings::Settings;
 use crate::sys;
 
-/// Spawns worker `id`; returns the process, the primary's end of its link, and a duplicate of the
+/// Spawns worker `id` from `image`; returns the process, the primary's end of its link, and a duplicate of the
 /// worker's end (see the driver: what the worker never reads is read back from it).
 ///
 /// Must run on a long-lived thread (the runtime's, never `spawn_blocking`): the worker's
@@ -25,6 +26,7 @@ use crate::sys;
 /// forking thread does not.
 pub(crate) fn spawn(
     settings: &Settings,
+    image: &Image,
     id: WorkerId,
     env: &[(OsString, OsString)],
     reset_scheduling: bool,
@@ -33,15 +35,10 @@ pub(crate) fn spawn(
     let ours = Channel::new(ours.into())?;
     let mut args = std::env::args_os();
     let arg0 = args.next();
-    let mut command = match &settings.exec {
-        Some(exec) => Command::new(exec),
-        None => {
-            let mut command = Command::new("/proc/self/exe");
-            if let Some(arg0) = arg0 {
-                command.arg0(arg0);
-            }
-            command
-        }
+    let mut command = Command::new(image.program());
+    match (&settings.exec, arg0) {
+        (None, Some(arg0)) => command.arg0(arg0),
+        _ => command.arg0(&image.binary.path),
     };
     match &settings.args {
         Some(custom) => command.args(custom),
