@@ -279,6 +279,79 @@ fn a_reload_runs_the_build_deployed_by_rename_and_refuses_bad_builds() {
 }
 
 #[test]
+fn a_storm_of_kills_from_outside_never_empties_the_service() {
+    let mut program = Program::start(
+        env!("CARGO_BIN_EXE_http_fixture"),
+        &[("CLUSTER_WORKERS", "4"), ("RUST_LOG", "info")],
+    );
+    let mut live: Vec<u32> = Vec::new();
+    let mut port = 0;
+    for _ in 0..4 {
+        let (_, pid, p) = program.worker();
+        live.push(pid);
+        port = p;
+    }
+    let load = Load::start(port, 2);
+    load.wait_for(100);
+    // The OOM killer's or an operator's pattern: a random worker SIGKILLed every 200 ms, for
+    // 4 s: far more deaths than the crash-loop breaker allows crashes (5 in 10 s a slot).
+    let started = Instant::now();
+    let mut kills = 0;
+    let mut seed = u64::from(std::process::id());
+    while started.elapsed() < Duration::from_secs(4) {
+        live.extend(program.new_workers().into_iter().map(|(_, pid, _)| pid));
+        if !live.is_empty() {
+            seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+            let victim = live.swap_remove((seed >> 33) as usize % live.len());
+            if cluster_tests::signal(victim, libc::SIGKILL).is_ok() {
+                kills += 1;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(
+            program.is_running(),
+            "the primary died: {}",
+            program.stderr()
+        );
+    }
+    let served_during = load.ok();
+    // Full capacity again: four live workers, each new one listening.
+    let storm_end = Instant::now();
+    let deadline = storm_end + WAIT;
+    while live.len() < 4 {
+        live.extend(program.new_workers().into_iter().map(|(_, pid, _)| pid));
+        assert!(
+            Instant::now() < deadline,
+            "capacity never came back: {}",
+            program.stderr()
+        );
+        std::thread::yield_now();
+    }
+    let restored = storm_end.elapsed();
+    load.wait_for(100);
+    let (ok, failures, _) = load.stop();
+    let log = program.stderr();
+    // Only requests open on a killed worker can fail: each client has one at a time.
+    assert!(
+        failures.len() <= kills,
+        "{} failed for {kills} kills: {failures:?}",
+        failures.len()
+    );
+    assert!(served_during > 100, "the service stalled during the storm");
+    assert!(!log.contains("crash loop"), "{log}");
+    assert!(
+        log.contains("worker killed from outside; restarting it"),
+        "{log}"
+    );
+    eprintln!(
+        "storm: {kills} kills in 4 s, {ok} requests, {} failed, capacity back {restored:?} after it",
+        failures.len()
+    );
+    program.signal(libc::SIGTERM);
+    assert!(program.wait().success(), "{}", program.stderr());
+}
+
+#[test]
 fn sighups_during_a_reload_queue_one_more() {
     let mut program = Program::start(
         env!("CARGO_BIN_EXE_http_fixture"),

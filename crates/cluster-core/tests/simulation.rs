@@ -683,6 +683,9 @@ impl Sim {
             self.kill(id);
         }
         self.settle();
+        // Sockets whose last worker died stay open for a replacement, until released.
+        self.primary.release_kept_handles(self.now);
+        self.flush_primary();
         assert!(
             self.primary.registry().is_empty(),
             "handles left after every worker left"

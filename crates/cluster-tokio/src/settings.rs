@@ -269,8 +269,9 @@ impl Settings {
         self
     }
 
-    /// The crash-loop breaker: a slot whose workers crash `failures` times within `window` stays
-    /// empty, while its siblings keep serving (default: 5 crashes in 10 s).
+    /// The crash-loop breaker: a slot whose workers crash `failures` times within `window` cools
+    /// down for the longest backoff before it tries again, while its siblings keep serving
+    /// (default: 5 crashes in 10 s). Workers killed by a signal from outside do not count.
     pub fn crash_loop(mut self, failures: usize, window: Duration) -> Self {
         self.crash_loop_failures = failures;
         self.crash_loop_window = window;

@@ -4,7 +4,7 @@ use std::io;
 use std::time::{Duration, Instant};
 
 pub use proto::supervisor::{FATAL_EXIT_CODE, SlotId};
-use proto::supervisor::{Supervisor as Policy, SupervisorEvent, SupervisorOutput};
+use proto::supervisor::{GiveUp, Supervisor as Policy, SupervisorEvent, SupervisorOutput};
 use proto::{ExitStatus, KillReason, WorkerId};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{mpsc, oneshot};
@@ -127,10 +127,11 @@ impl From<ReloadError> for io::Error {
 const FAST_SHUTDOWN: Duration = Duration::from_secs(5);
 
 /// Keeps [`Settings::workers`](crate::Settings::workers) workers running: restarts crashed ones
-/// with exponential backoff and full jitter, stops restarting a slot that crash-loops (its
-/// siblings keep serving), never restarts a worker that exited with the fatal code or left on
-/// purpose, and kills workers that do not listen within the boot timeout (all set with
-/// [`Settings`]).
+/// with exponential backoff and full jitter and ones killed from outside within a second, cools
+/// a slot that crash-loops down before it tries again (its siblings keep serving), never
+/// restarts a worker that exited with the fatal code or left on purpose, and kills workers that
+/// do not listen within the boot timeout (all set with [`Settings`]). It gives up only when
+/// every slot's workers crash before they listen, or on the fatal code.
 ///
 /// [`run`](Self::run) also owns the signals: SIGHUP replaces every worker one at a time (a
 /// rolling reload); SIGTTIN and SIGTTOU add and remove one worker; SIGTERM disconnects every
@@ -223,17 +224,20 @@ impl SupervisorHandle {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum SupervisorError {
-    /// Every slot failed; the first to fail crash-looped: its workers crashed `failures` times
-    /// within the breaker's window.
-    #[error("{slot} crash-looped ({failures} crashes within the window)")]
-    CrashLoop {
-        /// The slot.
+    /// No worker could be kept running: every slot's workers crash before they listen (a bad
+    /// build, a port another process holds, a missing file), which a restart does not change.
+    #[error(
+        "every worker crashes before it listens ({slot}: {failures} crashes within the \
+         breaker's window); see the workers' errors above"
+    )]
+    BootLoop {
+        /// The first such slot.
         slot: SlotId,
         /// Its crashes within the window.
         failures: usize,
     },
-    /// Every slot failed; the first to fail had a worker exit with the fatal code.
-    #[error("{slot}: worker {worker} exited with the fatal exit code {code}")]
+    /// No worker is left, and one exited with the fatal code (a configuration error).
+    #[error("{slot}: {worker} exited with the fatal exit code {code}")]
     Fatal {
         /// The slot.
         slot: SlotId,
@@ -287,7 +291,8 @@ impl Supervisor {
     ///
     /// # Errors
     ///
-    /// Every slot failed (crash loop or fatal exit): the error says which and why. More workers
+    /// Nothing can serve and a restart will not change it (every slot crashing before it
+    /// listens, or a fatal exit): the error says which and why. More workers
     /// than this user may start processes (`RLIMIT_NPROC`; none is started). Signal handlers
     /// could not be installed.
     pub async fn run(self) -> Result<(), SupervisorError> {
@@ -312,8 +317,10 @@ impl Supervisor {
         let mut reload = Reloads::default();
         let mut events = primary.events();
         let mut policy = Policy::new(config, workers, seed());
-        let mut failure = None;
         let mut spawn_failures = SpawnFailures::default();
+        // Workers this supervisor killed (boot deadline): their deaths are crashes, not kills
+        // from outside.
+        let mut killed_here = std::collections::HashSet::new();
         loop {
             while let Some(output) = policy.poll_output() {
                 match output {
@@ -333,17 +340,23 @@ impl Supervisor {
                     SupervisorOutput::Kill { worker, reason } => {
                         tracing::warn!(worker = worker.get(), ?reason, "killing worker");
                         if let Some(handle) = primary.worker(worker) {
+                            killed_here.insert(worker);
                             let _ = handle.kill(Signal::KILL);
                         }
                     }
-                    SupervisorOutput::Event(event) => report(event, &spawn_failures, &mut failure),
+                    SupervisorOutput::Event(event) => report(event, &spawn_failures),
                     _ => {}
                 }
             }
             if policy.is_done() {
                 spawn_failures.end_burst("no worker is left to start");
-                return match failure {
-                    Some(failure) => Err(failure),
+                return match policy.gave_up() {
+                    Some(GiveUp::Fatal { slot, worker, code }) => {
+                        Err(SupervisorError::Fatal { slot, worker, code })
+                    }
+                    Some(GiveUp::BootLoop { slot, failures }) => {
+                        Err(SupervisorError::BootLoop { slot, failures })
+                    }
                     None => Ok(()),
                 };
             }
@@ -402,7 +415,12 @@ impl Supervisor {
                     Some(Event::Exit { worker, status, killed }) => {
                         let on_purpose = worker.exited_after_disconnect() == Some(true);
                         log_exit(worker.id(), worker.pid(), status, on_purpose, killed);
-                        policy.handle_exit(now(), worker.id(), status, on_purpose);
+                        let ours = killed.is_some() || killed_here.remove(&worker.id());
+                        if !on_purpose && !ours && is_kill_from_outside(status) {
+                            policy.handle_killed(now(), worker.id());
+                        } else {
+                            policy.handle_exit(now(), worker.id(), status, on_purpose);
+                        }
                     }
                     Some(Event::Error { worker, error }) => {
                         tracing::warn!(worker = worker.id().get(), %error, "worker broke the protocol");
@@ -597,11 +615,7 @@ async fn kill_all(primary: &Primary) {
     }
 }
 
-fn report(
-    event: SupervisorEvent,
-    spawn_failures: &SpawnFailures,
-    failure: &mut Option<SupervisorError>,
-) {
+fn report(event: SupervisorEvent, spawn_failures: &SpawnFailures) {
     match event {
         SupervisorEvent::Respawning {
             slot,
@@ -617,16 +631,42 @@ fn report(
         } => {
             tracing::warn!(%slot, ?delay, recent_failures, "restarting a crashed worker");
         }
-        SupervisorEvent::CrashLoop { slot, failures } => {
-            tracing::error!(%slot, failures, "crash loop: this slot stays empty; the other workers keep serving");
-            failure.get_or_insert(SupervisorError::CrashLoop { slot, failures });
+        SupervisorEvent::Killed {
+            slot,
+            worker,
+            delay,
+        } => {
+            tracing::warn!(%slot, worker = worker.get(), ?delay, "worker killed from outside; restarting it");
+        }
+        SupervisorEvent::CrashLoop {
+            slot,
+            failures,
+            at_boot,
+            cooldown,
+        } => {
+            tracing::error!(%slot, failures, at_boot, ?cooldown, "crash loop: this slot cools down before it tries again; the other workers keep serving");
         }
         SupervisorEvent::Fatal { slot, worker, code } => {
             tracing::error!(%slot, worker = worker.get(), code, "worker exited with the fatal exit code; not restarting it");
-            failure.get_or_insert(SupervisorError::Fatal { slot, worker, code });
         }
         _ => {}
     }
+}
+
+/// Whether a worker that died of `status` was killed from outside (an operator's `kill`, the OOM
+/// killer, a terminal's signals) rather than crashing: a signal that a process does not raise
+/// against itself by faulting or aborting.
+fn is_kill_from_outside(status: ExitStatus) -> bool {
+    const FAULTS: [i32; 7] = [
+        libc::SIGSEGV,
+        libc::SIGBUS,
+        libc::SIGILL,
+        libc::SIGFPE,
+        libc::SIGABRT,
+        libc::SIGSYS,
+        libc::SIGTRAP,
+    ];
+    matches!(status, ExitStatus::Signal(signal) if !FAULTS.contains(&signal))
 }
 
 fn log_exit(

@@ -77,12 +77,25 @@ impl Program {
     /// The next `worker <id> pid <pid> port <port>` line, as (id, pid, port).
     pub fn worker(&mut self) -> (u64, u32, u16) {
         let line = self.line("worker ");
-        let f: Vec<&str> = line.split_whitespace().collect();
-        (
-            f[1].parse().unwrap(),
-            f[3].parse().unwrap(),
-            f[5].parse().unwrap(),
-        )
+        parse_worker(&line)
+    }
+
+    /// Worker lines printed so far and not read yet (without waiting), as (id, pid, port).
+    pub fn new_workers(&mut self) -> Vec<(u64, u32, u16)> {
+        let mut workers = Vec::new();
+        while let Ok(line) = self.lines.try_recv() {
+            if line.starts_with("worker ") {
+                let worker = parse_worker(&line);
+                self.pids.push(worker.1);
+                workers.push(worker);
+            }
+        }
+        workers
+    }
+
+    /// Whether the primary is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().expect("try_wait").is_none()
     }
 
     /// Waits until stderr contains `needle`.
@@ -125,6 +138,15 @@ impl Drop for Program {
             let _ = cluster_tests::signal(*pid, libc::SIGKILL);
         }
     }
+}
+
+fn parse_worker(line: &str) -> (u64, u32, u16) {
+    let f: Vec<&str> = line.split_whitespace().collect();
+    (
+        f[1].parse().unwrap(),
+        f[3].parse().unwrap(),
+        f[5].parse().unwrap(),
+    )
 }
 
 /// One HTTP/1.1 request on a new connection (`Connection: close`); returns status and body.

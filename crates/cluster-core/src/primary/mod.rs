@@ -544,6 +544,14 @@ impl<C: Copy + Eq + std::fmt::Debug> Primary<C> {
             .min()
     }
 
+    /// Closes the listening sockets kept open for the replacements of workers that died, which
+    /// no worker listens on now (see [`Registry::remove_worker`]): for a shutdown, so the ports
+    /// close before the last worker has drained.
+    pub fn release_kept_handles(&mut self, now: Instant) {
+        self.registry.release_kept();
+        self.drain_registry(now);
+    }
+
     /// Asks `worker` to disconnect: it is offered no more connections, its pending listens are
     /// refused, and it is told to close its listeners and leave. Returns false if it is already
     /// leaving or gone.

@@ -169,10 +169,22 @@ fn lifecycle_events_follow_node_order() {
         ]
     );
     assert_eq!(h.primary.workers().count(), 0);
-    // The last worker left: the socket was closed.
-    assert!(h.primary.registry().is_empty());
+    // The last worker died without closing its listener: the socket stays open (its port, its
+    // backlog) for the worker that replaces it, which gets the same handle.
+    assert!(!h.primary.registry().is_empty());
     // Ids are never reused.
-    assert_eq!(h.primary.add_worker(), WorkerId::new(2));
+    let next = h.primary.add_worker();
+    assert_eq!(next, WorkerId::new(2));
+    let _ = h.outputs();
+    h.recv(
+        next,
+        &WorkerMessage::Online {
+            version: PROTOCOL_VERSION,
+            pid: 43,
+        },
+    );
+    let _ = h.events();
+    assert_eq!(h.listen(next, 1, "127.0.0.1:0"), handle);
 }
 
 #[test]

@@ -138,9 +138,23 @@ struct Handle<C> {
     key: HandleKey,
     distribution: Distribution,
     state: State<C>,
+    /// Its last member died (it did not close its listener): the socket stays open, with its
+    /// port and its backlog, for the worker that replaces it. Node closes it, and a restart
+    /// then refuses connections meanwhile, or listens on another port for port 0.
+    kept: bool,
 }
 
 impl<C: Copy + Eq> Handle<C> {
+    /// Whether no worker listens on it (or, closing, still has connections in flight).
+    fn is_orphaned(&self) -> bool {
+        match &self.state {
+            State::Bound(_, Mode::RoundRobin(rr)) => !rr.has_active_members(),
+            State::Bound(_, Mode::Shared(members)) => members.is_empty(),
+            State::Closing(rr) => rr.is_empty(),
+            State::Binding(_) => false,
+        }
+    }
+
     /// Whether `worker` holds this handle or waits for it (what makes a fixed-port re-bind an
     /// `EADDRINUSE` and moves a port-0 request to the next index).
     fn is_held_by(&self, worker: WorkerId) -> bool {
@@ -220,6 +234,7 @@ impl<C: Copy + Eq> Registry<C> {
                 key,
                 distribution,
                 state: State::Binding(vec![(worker, seq)]),
+                kept: false,
             },
         );
         self.out.push_back(RegistryOutput::Bind {
@@ -406,19 +421,42 @@ impl<C: Copy + Eq> Registry<C> {
     }
 
     /// `worker` is gone (its link closed): it leaves everything at once and its unacked
-    /// connections are re-dispatched to other workers.
+    /// connections are re-dispatched to other workers. A bound handle it was the last member of
+    /// stays open for its replacement (a worker that closes its listener or disconnects first
+    /// closes the handle as usual); connections wait in its queue and backlog meanwhile.
     pub fn remove_worker(&mut self, worker: WorkerId) {
         let ids: Vec<HandleId> = self.handles.keys().copied().collect();
         for id in ids {
             let Some(h) = self.handles.get_mut(&id) else {
                 continue;
             };
+            let was_member = h.is_held_by(worker);
             match &mut h.state {
                 State::Binding(waiters) => waiters.retain(|(w, _)| *w != worker),
                 State::Bound(_, Mode::RoundRobin(rr)) | State::Closing(rr) => rr.remove(worker),
                 State::Bound(_, Mode::Shared(members)) => {
                     members.remove(&worker);
                 }
+            }
+            if was_member && matches!(h.state, State::Bound(..)) && h.is_orphaned() {
+                h.kept = true;
+            }
+            self.collect(id);
+        }
+    }
+
+    /// Closes every handle kept open for a dead worker's replacement that no worker joined
+    /// (the cluster is shutting down, or gave up on restarting).
+    pub fn release_kept(&mut self) {
+        let kept: Vec<HandleId> = self
+            .handles
+            .iter()
+            .filter(|(_, h)| h.kept && h.is_orphaned())
+            .map(|(id, _)| *id)
+            .collect();
+        for id in kept {
+            if let Some(h) = self.handles.get_mut(&id) {
+                h.kept = false;
             }
             self.collect(id);
         }
@@ -489,6 +527,7 @@ impl<C: Copy + Eq> Registry<C> {
             .handles
             .get_mut(&id)
             .expect("join is only called for known handles");
+        h.kept = false;
         let addr = match &mut h.state {
             State::Binding(waiters) => return waiters.push((worker, seq)),
             State::Bound(addr, Mode::RoundRobin(rr)) => {
@@ -554,13 +593,7 @@ impl<C: Copy + Eq> Registry<C> {
                 });
             }
         }
-        let orphaned = match &h.state {
-            State::Bound(_, Mode::RoundRobin(rr)) => !rr.has_active_members(),
-            State::Bound(_, Mode::Shared(members)) => members.is_empty(),
-            State::Closing(rr) => rr.is_empty(),
-            State::Binding(_) => false,
-        };
-        if orphaned {
+        if h.is_orphaned() && !h.kept {
             self.forget(id);
         }
     }
@@ -584,6 +617,7 @@ impl<C: Copy + Eq> Registry<C> {
                     key: h.key,
                     distribution: h.distribution,
                     state: State::Closing(rr),
+                    kept: false,
                 },
             );
         }

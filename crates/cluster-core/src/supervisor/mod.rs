@@ -1,20 +1,24 @@
 //! The supervisor's policy: which worker slots to (re)start and when.
 //!
 //! A slot is one of the N workers a cluster should run. When its worker crashes, the slot waits
-//! an exponential backoff with full jitter and starts a new one; a slot that keeps crashing opens
-//! its breaker and stays empty, while its siblings keep serving. A worker that exits with the
-//! fatal code is not replaced; one that exits 0 or leaves on purpose has finished and is not
-//! replaced either. Like the rest of the core this performs no
-//! I/O and reads no clock; randomness comes from a seed.
+//! an exponential backoff with full jitter and starts a new one. A slot that keeps crashing
+//! opens its breaker: it cools down (the longest backoff) and tries again, while its siblings
+//! keep serving; it never stays empty for good because of crashes. A worker killed by a signal
+//! from outside (an operator's `kill`, the OOM killer) is not at fault: it is restarted after a
+//! short backoff that grows with the kills but never past a second, and does not count towards
+//! the breaker. The policy gives up only on what a restart cannot fix: a worker that exits with
+//! the fatal code, or every slot crash-looping before its workers even listen. One that exits 0
+//! or leaves on purpose has finished and is not replaced. Like the rest of the core this
+//! performs no I/O and reads no clock; randomness comes from a seed.
 //!
 //! ```text
 //!  Spawning ──spawned──▶ Booting ──listening──▶ Running
 //!     ▲                    │ boot deadline: Kill     │
-//!     │ backoff elapsed    ▼ crash                   ▼ crash
+//!     │ backoff elapsed    ▼ crash / killed          ▼ crash / killed
 //!  Waiting ◀──────────── (failure) ────────────────────
-//!                          │ N failures in the window │ fatal exit code │ left on purpose
-//!                          ▼                          ▼                 ▼
-//!                        Broken                     Broken            Stopped
+//!     ▲                    │ N crashes in the window  │ fatal exit code │ left on purpose
+//!     │ cooled down        ▼                          ▼                 ▼
+//!     └──────────────── CoolingDown                 Broken            Stopped
 //! ```
 
 use std::collections::VecDeque;
@@ -93,12 +97,26 @@ pub enum SupervisorEvent {
         /// Crashes of this slot within the breaker's window, this one included.
         recent_failures: usize,
     },
-    /// The slot crashed too often and stays empty.
+    /// The slot crashed too often: its breaker opened, and it starts a worker again after
+    /// `cooldown`.
     CrashLoop {
         /// The slot.
         slot: SlotId,
         /// Crashes within the window.
         failures: usize,
+        /// Whether every one of them was before the worker listened.
+        at_boot: bool,
+        /// How long the slot stays empty.
+        cooldown: Duration,
+    },
+    /// The worker was killed by a signal from outside; its slot starts a new one after `delay`.
+    Killed {
+        /// The slot.
+        slot: SlotId,
+        /// The worker.
+        worker: WorkerId,
+        /// The backoff.
+        delay: Duration,
     },
     /// The worker exited with the fatal code; its slot stays empty.
     Fatal {
@@ -147,7 +165,16 @@ enum State {
     Waiting {
         until: Instant,
     },
-    Broken,
+    /// The breaker opened; `at_boot` when every crash in its window was before listening.
+    CoolingDown {
+        until: Instant,
+        at_boot: bool,
+    },
+    /// Its worker exited with the fatal code.
+    Broken {
+        worker: WorkerId,
+        code: i32,
+    },
     Stopped,
     /// Scaled away: the cluster no longer wants this slot.
     Removed,
@@ -160,8 +187,10 @@ struct Slot {
     last: Option<WorkerId>,
     /// Consecutive crashes since the slot was last healthy (the backoff exponent).
     attempt: u32,
-    /// Crash times within the breaker's window.
-    failures: VecDeque<Instant>,
+    /// Crashes within the breaker's window: when, and whether before the worker listened.
+    failures: VecDeque<(Instant, bool)>,
+    /// Kills from outside within the breaker's window (their backoff exponent).
+    kills: VecDeque<Instant>,
 }
 
 /// The policy that keeps N workers running.
@@ -178,12 +207,7 @@ impl Supervisor {
     /// A supervisor for `workers` slots; a `Spawn` for each is the first output. `seed` drives the
     /// backoff jitter.
     pub fn new(config: SupervisorConfig, workers: usize, seed: u64) -> Self {
-        let slots = (0..workers).map(|_| Slot {
-            state: State::Spawning,
-            last: None,
-            attempt: 0,
-            failures: VecDeque::new(),
-        });
+        let slots = (0..workers).map(|_| Slot::new());
         let mut supervisor = Self {
             config,
             slots: slots.collect(),
@@ -230,6 +254,7 @@ impl Supervisor {
             State::Booting { .. }
             | State::Running { .. }
             | State::Waiting { .. }
+            | State::CoolingDown { .. }
             | State::Spawning => {
                 slot.state = State::Running {
                     worker: new,
@@ -243,14 +268,14 @@ impl Supervisor {
                 });
                 true
             }
-            State::Broken | State::Stopped | State::Removed => false,
+            State::Broken { .. } | State::Stopped | State::Removed => false,
         }
     }
 
-    /// The worker for `slot` could not even be started: counts as a crash.
+    /// The worker for `slot` could not even be started: counts as a crash at boot.
     pub fn handle_spawn_failed(&mut self, now: Instant, slot: SlotId) {
         if slot.0 < self.slots.len() {
-            self.failed(now, slot.0, None);
+            self.failed(now, slot.0, true);
         }
     }
 
@@ -284,7 +309,7 @@ impl Supervisor {
             .fatal_exit_code
             .filter(|&code| status == ExitStatus::Code(code))
         {
-            self.slots[slot].state = State::Broken;
+            self.slots[slot].state = State::Broken { worker, code };
             self.out
                 .push_back(SupervisorOutput::Event(SupervisorEvent::Fatal {
                     slot: SlotId(slot),
@@ -292,15 +317,61 @@ impl Supervisor {
                     code,
                 }));
         } else {
-            self.failed(now, slot, Some(worker));
+            let at_boot = matches!(self.slots[slot].state, State::Booting { .. });
+            self.failed(now, slot, at_boot);
         }
+    }
+
+    /// `worker` was killed by a signal from outside the cluster (not a fault of its own, not
+    /// the primary's kill for a hang): restarted after a short backoff that grows with the
+    /// slot's recent kills up to [`KILL_BACKOFF_MAX`], without counting towards the breaker.
+    pub fn handle_killed(&mut self, now: Instant, worker: WorkerId) {
+        let Some(index) = self.slot_of(worker) else {
+            return;
+        };
+        if self.stopping {
+            self.slots[index].state = State::Stopped;
+            return;
+        }
+        let window = self.config.crash_loop_window;
+        let slot = &mut self.slots[index];
+        slot.kills.push_back(now);
+        while slot
+            .kills
+            .front()
+            .is_some_and(|t| now.saturating_duration_since(*t) > window)
+        {
+            slot.kills.pop_front();
+        }
+        let exponent = u32::try_from(slot.kills.len() - 1)
+            .unwrap_or(u32::MAX)
+            .min(30);
+        let ceiling = self
+            .config
+            .backoff_initial
+            .saturating_mul(1 << exponent)
+            .min(KILL_BACKOFF_MAX.min(self.config.backoff_max));
+        let delay = ceiling.mul_f64(next_unit(&mut self.rng));
+        slot.state = State::Waiting { until: now + delay };
+        self.out
+            .push_back(SupervisorOutput::Event(SupervisorEvent::Killed {
+                slot: SlotId(index),
+                worker,
+                delay,
+            }));
     }
 
     /// Time passed: start slots whose backoff elapsed, kill workers past their boot deadline.
     pub fn handle_timeout(&mut self, now: Instant) {
         for (index, slot) in self.slots.iter_mut().enumerate() {
             match slot.state {
-                State::Waiting { until } if until <= now && !self.stopping => {
+                State::Waiting { until } | State::CoolingDown { until, .. }
+                    if until <= now && !self.stopping =>
+                {
+                    if matches!(slot.state, State::CoolingDown { .. }) {
+                        // A fresh breaker window: the slot gets its full count of tries again.
+                        slot.failures.clear();
+                    }
                     slot.state = State::Spawning;
                     self.out.push_back(SupervisorOutput::Spawn {
                         slot: SlotId(index),
@@ -332,7 +403,9 @@ impl Supervisor {
         self.slots
             .iter()
             .filter_map(|slot| match slot.state {
-                State::Waiting { until } if !self.stopping => Some(until),
+                State::Waiting { until } | State::CoolingDown { until, .. } if !self.stopping => {
+                    Some(until)
+                }
                 State::Booting { deadline, .. } => deadline,
                 _ => None,
             })
@@ -351,38 +424,80 @@ impl Supervisor {
         self.out
             .retain(|o| !matches!(o, SupervisorOutput::Spawn { .. }));
         for slot in &mut self.slots {
-            if matches!(slot.state, State::Waiting { .. } | State::Spawning) {
+            if matches!(
+                slot.state,
+                State::Waiting { .. } | State::CoolingDown { .. } | State::Spawning
+            ) {
                 slot.state = State::Stopped;
             }
         }
     }
 
-    /// Whether no slot has or will have a worker (all broken or stopped).
+    /// Whether the cluster is over: every slot finished, broke on the fatal code, or cools
+    /// down from crashes that all came before its workers listened (nothing serves, and a
+    /// restart is not going to change that; [`Self::gave_up`] says why).
     pub fn is_done(&self) -> bool {
         // Scaled to zero is idle, not done: it may be scaled up again.
-        self.slots
+        self.slots.iter().all(|s| {
+            matches!(
+                s.state,
+                State::Broken { .. }
+                    | State::Stopped
+                    | State::Removed
+                    | State::CoolingDown { at_boot: true, .. }
+            )
+        }) && self.slots.iter().any(|s| s.state != State::Removed)
+    }
+
+    /// Why the cluster is over, if it is and not because every worker finished: a worker's
+    /// fatal exit first, else a slot whose workers crash before they listen.
+    pub fn gave_up(&self) -> Option<GiveUp> {
+        if !self.is_done() {
+            return None;
+        }
+        let fatal = self
+            .slots
             .iter()
-            .all(|s| matches!(s.state, State::Broken | State::Stopped | State::Removed))
-            && self.slots.iter().any(|s| s.state != State::Removed)
+            .enumerate()
+            .find_map(|(index, s)| match s.state {
+                State::Broken { worker, code } => Some(GiveUp::Fatal {
+                    slot: SlotId(index),
+                    worker,
+                    code,
+                }),
+                _ => None,
+            });
+        fatal.or_else(|| {
+            self.slots
+                .iter()
+                .enumerate()
+                .find_map(|(index, s)| match s.state {
+                    State::CoolingDown { at_boot: true, .. } => Some(GiveUp::BootLoop {
+                        slot: SlotId(index),
+                        failures: s.failures.len(),
+                    }),
+                    _ => None,
+                })
+        })
     }
 
     /// Slots that have, or will have, a worker.
     pub fn active(&self) -> usize {
         self.slots
             .iter()
-            .filter(|s| !matches!(s.state, State::Broken | State::Stopped | State::Removed))
+            .filter(|s| {
+                !matches!(
+                    s.state,
+                    State::Broken { .. } | State::Stopped | State::Removed
+                )
+            })
             .count()
     }
 
     /// Adds a slot; its `Spawn` is the next output.
     pub fn add_slot(&mut self) -> SlotId {
         let slot = SlotId(self.slots.len());
-        self.slots.push(Slot {
-            state: State::Spawning,
-            last: None,
-            attempt: 0,
-            failures: VecDeque::new(),
-        });
+        self.slots.push(Slot::new());
         self.out.push_back(SupervisorOutput::Spawn { slot });
         slot
     }
@@ -391,10 +506,12 @@ impl Supervisor {
     /// drains and exits, and is not restarted); `None` if the slot had no worker running, or
     /// there was no active slot.
     pub fn remove_slot(&mut self) -> Option<WorkerId> {
-        let index = self
-            .slots
-            .iter()
-            .rposition(|s| !matches!(s.state, State::Broken | State::Stopped | State::Removed))?;
+        let index = self.slots.iter().rposition(|s| {
+            !matches!(
+                s.state,
+                State::Broken { .. } | State::Stopped | State::Removed
+            )
+        })?;
         let worker = match self.slots[index].state {
             State::Booting { worker, .. } | State::Running { worker, .. } => Some(worker),
             _ => None,
@@ -408,11 +525,11 @@ impl Supervisor {
         worker
     }
 
-    /// Slots whose breaker is open or whose worker was fatal.
+    /// Slots whose breaker is open (cooling down) or whose worker was fatal.
     pub fn broken(&self) -> usize {
         self.slots
             .iter()
-            .filter(|s| s.state == State::Broken)
+            .filter(|s| matches!(s.state, State::Broken { .. } | State::CoolingDown { .. }))
             .count()
     }
 
@@ -424,7 +541,7 @@ impl Supervisor {
         })
     }
 
-    fn failed(&mut self, now: Instant, index: usize, _worker: Option<WorkerId>) {
+    fn failed(&mut self, now: Instant, index: usize, at_boot: bool) {
         let config = self.config;
         let slot = &mut self.slots[index];
         if let State::Running { since, .. } = slot.state
@@ -432,21 +549,28 @@ impl Supervisor {
         {
             slot.attempt = 0;
         }
-        slot.failures.push_back(now);
+        slot.failures.push_back((now, at_boot));
         while slot
             .failures
             .front()
-            .is_some_and(|t| now.saturating_duration_since(*t) > config.crash_loop_window)
+            .is_some_and(|(t, _)| now.saturating_duration_since(*t) > config.crash_loop_window)
         {
             slot.failures.pop_front();
         }
         let failures = slot.failures.len();
         if failures >= config.crash_loop_failures {
-            slot.state = State::Broken;
+            let at_boot = slot.failures.iter().all(|(_, at_boot)| *at_boot);
+            let cooldown = config.backoff_max;
+            slot.state = State::CoolingDown {
+                until: now + cooldown,
+                at_boot,
+            };
             self.out
                 .push_back(SupervisorOutput::Event(SupervisorEvent::CrashLoop {
                     slot: SlotId(index),
                     failures,
+                    at_boot,
+                    cooldown,
                 }));
             return;
         }
@@ -465,6 +589,43 @@ impl Supervisor {
                 recent_failures: failures,
             }));
     }
+}
+
+impl Slot {
+    fn new() -> Self {
+        Self {
+            state: State::Spawning,
+            last: None,
+            attempt: 0,
+            failures: VecDeque::new(),
+            kills: VecDeque::new(),
+        }
+    }
+}
+
+/// The longest backoff before restarting a worker killed from outside: a storm of kills must
+/// not leave slots empty long after it ends.
+pub const KILL_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// Why the supervisor gave up on the cluster ([`Supervisor::gave_up`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GiveUp {
+    /// A worker exited with the fatal exit code.
+    Fatal {
+        /// Its slot.
+        slot: SlotId,
+        /// The worker.
+        worker: WorkerId,
+        /// The code.
+        code: i32,
+    },
+    /// Every slot's workers crash before they listen.
+    BootLoop {
+        /// The first such slot.
+        slot: SlotId,
+        /// Its crashes within the breaker's window.
+        failures: usize,
+    },
 }
 
 /// splitmix64: a uniform number in [0, 1].

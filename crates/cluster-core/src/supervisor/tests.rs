@@ -97,7 +97,7 @@ fn backoff_ceiling_doubles_caps_and_resets_after_a_healthy_run() {
 }
 
 #[test]
-fn crash_loop_opens_the_breaker_and_siblings_are_untouched() {
+fn crash_loop_opens_the_breaker_which_cools_down_and_tries_again() {
     let mut s = Supervisor::new(SupervisorConfig::default(), 2, 3);
     let mut now = Instant::now();
     let mut next = 1;
@@ -124,19 +124,131 @@ fn crash_loop_opens_the_breaker_and_siblings_are_untouched() {
                 out,
                 [SupervisorOutput::Event(SupervisorEvent::CrashLoop {
                     slot: SlotId(0),
-                    failures: 5
+                    failures: 5,
+                    at_boot: false,
+                    cooldown: SupervisorConfig::default().backoff_max,
                 })]
             );
         }
     }
     assert_eq!(s.broken(), 1);
     assert!(!s.is_done(), "the healthy sibling still runs");
+    assert_eq!(s.gave_up(), None);
     assert_eq!(s.slot_of(healthy), Some(1));
-    assert_eq!(
-        s.poll_timeout(),
-        None,
-        "nothing scheduled for a broken slot"
+    // The slot is not empty for good: after the cool-down it starts a worker again, with a
+    // fresh window of tries.
+    let cooled = now + SupervisorConfig::default().backoff_max;
+    assert_eq!(s.poll_timeout(), Some(cooled));
+    s.handle_timeout(cooled - ms(1));
+    assert_eq!(drain(&mut s), []);
+    s.handle_timeout(cooled);
+    let again = start_all(&mut s, cooled, &mut next);
+    assert_eq!(again.len(), 1);
+    assert_eq!(s.slot_of(again[0]), Some(0));
+    assert_eq!(s.broken(), 0);
+    s.handle_exit(cooled, again[0], ExitStatus::Code(1), false);
+    assert!(matches!(
+        drain(&mut s)[..],
+        [SupervisorOutput::Event(SupervisorEvent::Respawning {
+            recent_failures: 1,
+            ..
+        })]
+    ));
+}
+
+#[test]
+fn every_slot_crashing_before_it_listens_is_given_up() {
+    let mut s = Supervisor::new(SupervisorConfig::default(), 2, 4);
+    let now = Instant::now();
+    let mut next = 1;
+    let mut booting: Vec<(usize, WorkerId)> = Vec::new();
+    let boot = |s: &mut Supervisor, next: &mut u64, booting: &mut Vec<(usize, WorkerId)>| {
+        for slot in spawns(&drain(s)) {
+            let worker = WorkerId::new(*next);
+            *next += 1;
+            assert!(s.handle_spawned(now, SlotId(slot), worker));
+            booting.push((slot, worker));
+        }
+    };
+    boot(&mut s, &mut next, &mut booting);
+    for round in 0..5 {
+        for (_, worker) in std::mem::take(&mut booting) {
+            s.handle_exit(now, worker, ExitStatus::Code(1), false);
+        }
+        if round < 4 {
+            assert!(!s.is_done());
+            s.handle_timeout(now + Duration::from_secs(20));
+            boot(&mut s, &mut next, &mut booting);
+        }
+    }
+    assert!(
+        s.is_done(),
+        "no slot can serve, and a restart will not change that"
     );
+    assert_eq!(
+        s.gave_up(),
+        Some(GiveUp::BootLoop {
+            slot: SlotId(0),
+            failures: 5
+        })
+    );
+}
+
+#[test]
+fn a_slot_crashing_at_boot_beside_a_serving_sibling_keeps_trying() {
+    let mut s = Supervisor::new(SupervisorConfig::default(), 2, 4);
+    let now = Instant::now();
+    let mut next = 1;
+    let workers = start_all(&mut s, now, &mut next);
+    s.handle_exit(now, workers[0], ExitStatus::Code(1), false);
+    for _ in 0..5 {
+        let _ = drain(&mut s);
+        s.handle_timeout(now + Duration::from_secs(20));
+        for slot in spawns(&drain(&mut s)) {
+            let worker = WorkerId::new(next);
+            next += 1;
+            assert!(s.handle_spawned(now, SlotId(slot), worker));
+            s.handle_exit(now, worker, ExitStatus::Code(1), false);
+        }
+    }
+    assert!(!s.is_done(), "slot 1 still serves");
+    assert_eq!(s.gave_up(), None);
+    assert!(
+        s.poll_timeout().is_some(),
+        "slot 0 tries again after its cool-down"
+    );
+}
+
+#[test]
+fn kills_from_outside_restart_promptly_and_never_open_the_breaker() {
+    let config = SupervisorConfig::default();
+    let mut s = Supervisor::new(config, 1, 8);
+    let mut now = Instant::now();
+    let mut next = 1;
+    let mut worker = start_all(&mut s, now, &mut next)[0];
+    // A storm: killed every 200 ms, far more often than the breaker allows crashes.
+    for kill in 0..50 {
+        now += ms(200);
+        s.handle_killed(now, worker);
+        let out = drain(&mut s);
+        let [SupervisorOutput::Event(SupervisorEvent::Killed { delay, .. })] = out[..] else {
+            panic!("kill {kill}: {out:?}")
+        };
+        assert!(delay <= KILL_BACKOFF_MAX, "{delay:?}");
+        now += delay;
+        s.handle_timeout(now);
+        worker = start_all(&mut s, now, &mut next)[0];
+    }
+    assert_eq!(s.broken(), 0);
+    // A crash still counts from zero: the kills are not crashes.
+    s.handle_exit(now, worker, ExitStatus::Code(1), false);
+    assert!(matches!(
+        drain(&mut s)[..],
+        [SupervisorOutput::Event(SupervisorEvent::Respawning {
+            recent_failures: 1,
+            ..
+        })]
+    ));
 }
 
 #[test]
@@ -183,6 +295,13 @@ fn fatal_exit_and_leaving_on_purpose_are_not_respawned() {
     s.handle_exit(now, workers[1], ExitStatus::Code(0), true);
     assert_eq!(drain(&mut s), []);
     assert!(s.is_done());
+    assert!(matches!(
+        s.gave_up(),
+        Some(GiveUp::Fatal {
+            code: FATAL_EXIT_CODE,
+            ..
+        })
+    ));
 }
 
 #[test]

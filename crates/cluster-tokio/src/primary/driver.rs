@@ -54,6 +54,8 @@ pub(crate) enum Input {
     Disconnect {
         worker: WorkerId,
     },
+    /// Close the sockets kept open for dead workers' replacements (a shutdown).
+    ReleaseKeptHandles,
     Send {
         worker: WorkerId,
         payload: Vec<u8>,
@@ -229,6 +231,7 @@ impl Driver {
                 Input::Disconnect { worker } => {
                     self.core.disconnect(now(), worker);
                 }
+                Input::ReleaseKeptHandles => self.core.release_kept_handles(now()),
                 Input::Send {
                     worker,
                     payload,

@@ -241,6 +241,11 @@ impl Primary {
     ///
     /// The driver stopped.
     pub async fn disconnect(&self) -> io::Result<()> {
+        // Listening sockets kept open for dead workers' replacements close now: nobody is
+        // going to replace them.
+        self.tx
+            .send(Input::ReleaseKeptHandles)
+            .map_err(|_| stopped())?;
         let workers = self.workers();
         let mut waits = tokio::task::JoinSet::new();
         for worker in workers {
