@@ -434,3 +434,54 @@ pub fn spawn(command: &mut std::process::Command) -> std::process::Child {
         }
     }
 }
+
+/// A new pseudo-terminal: (master, slave).
+///
+/// # Panics
+///
+/// If the system has no pseudo-terminal to give.
+pub fn open_pty() -> (std::os::fd::OwnedFd, std::os::fd::OwnedFd) {
+    use std::os::fd::FromRawFd;
+    let (mut master, mut slave) = (-1, -1);
+    // SAFETY: openpty writes two fds into the ints we pass; the name, termios and winsize
+    // pointers may be null.
+    let opened = unsafe {
+        libc::openpty(
+            &raw mut master,
+            &raw mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(opened, 0, "openpty: {}", std::io::Error::last_os_error());
+    for fd in [master, slave] {
+        // SAFETY: fcntl(F_SETFD) on an fd we own: openpty's fds are inherited by every child
+        // otherwise, and a terminal stays up while any copy of its master is open.
+        let set = unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+        assert_eq!(set, 0, "fcntl: {}", std::io::Error::last_os_error());
+    }
+    // SAFETY: openpty succeeded: both are new fds that nothing else owns.
+    unsafe {
+        (
+            std::os::fd::OwnedFd::from_raw_fd(master),
+            std::os::fd::OwnedFd::from_raw_fd(slave),
+        )
+    }
+}
+
+/// Runs `command` as a terminal program: in a session of its own whose controlling terminal is
+/// its stdin (set that to a pty's slave), as a shell would start it in a terminal window.
+pub fn in_terminal_session(command: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the hook runs between fork and exec and only calls setsid(2) and ioctl(2), which
+    // are async-signal-safe and allocate nothing.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}

@@ -421,22 +421,25 @@ fn rolling_reload_under_load_fails_no_request() {
 }
 
 #[test]
-fn sigterm_lets_requests_in_flight_complete() {
-    let mut program = Program::start(
-        env!("CARGO_BIN_EXE_http_fixture"),
-        &[("CLUSTER_WORKERS", "2")],
-    );
-    let (_, _, port) = program.worker();
-    program.worker();
-    let slow = std::thread::spawn(move || get(port, "/delay/1500"));
-    program.line("delaying ");
-    program.signal(libc::SIGTERM);
-    let (status, body) = slow
-        .join()
-        .unwrap()
-        .expect("the request in flight completed");
-    assert_eq!(status, 200, "{body}");
-    assert!(program.wait().success(), "{}", program.stderr());
+fn sigterm_and_ctrl_c_let_requests_in_flight_complete() {
+    // SIGTERM drains within `disconnect_timeout`; SIGINT (Ctrl-C) within 5 s at most.
+    for signal in [libc::SIGTERM, libc::SIGINT] {
+        let mut program = Program::start(
+            env!("CARGO_BIN_EXE_http_fixture"),
+            &[("CLUSTER_WORKERS", "2")],
+        );
+        let (_, _, port) = program.worker();
+        program.worker();
+        let slow = std::thread::spawn(move || get(port, "/delay/1500"));
+        program.line("delaying ");
+        program.signal(signal);
+        let (status, body) = slow
+            .join()
+            .unwrap()
+            .expect("the request in flight completed");
+        assert_eq!(status, 200, "{signal}: {body}");
+        assert!(program.wait().success(), "{signal}: {}", program.stderr());
+    }
 }
 
 #[test]

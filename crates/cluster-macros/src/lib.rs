@@ -14,9 +14,9 @@ use proc_macro::TokenStream;
 /// # Workers form
 ///
 /// Without a parameter, the body is what every worker runs. The primary forks the workers,
-/// reports their exits and, on SIGTERM or SIGINT, disconnects them gracefully; once every
-/// worker has exited, it returns `Ok` if all exited with code 0 and an error naming the first
-/// failure otherwise. The return type must then be `()` or `Result<(), E>` where
+/// restarts those that crash, reports their exits and, on SIGTERM, disconnects them gracefully
+/// (on Ctrl-C too, within 5 s at most); it returns `Ok` after such a shutdown, and an error when
+/// no worker can be kept running. The return type must then be `()` or `Result<(), E>` where
 /// `E: From<std::io::Error>` (see `cluster::MainOutput`).
 ///
 /// ```ignore

@@ -1,7 +1,7 @@
 //! Entry points: decide this process's role, build a runtime for it, run `main`.
 
 use std::future::Future;
-use std::io;
+use std::io::{self, Write};
 
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -66,7 +66,7 @@ where
 
 /// Runs `body` in every worker while the primary keeps [`Settings::worker_count`] of them
 /// running with a [`Supervisor`](crate::Supervisor) (restarts with backoff, crash-loop breaker,
-/// graceful shutdown on SIGTERM, fast on SIGINT, rolling reload on SIGHUP).
+/// graceful shutdown on SIGTERM, within 5 s on SIGINT, rolling reload on SIGHUP).
 ///
 /// This is `#[cluster::main]` without a parameter. With zero workers the body runs in this
 /// process, unclustered. The primary returns `Ok` after a shutdown signal, or once every worker
@@ -141,6 +141,9 @@ fn install_default_logging() {
         .with_env_filter(filter)
         .with_writer(io::stderr)
         .with_ansi(ansi)
+        // Its default reports a failed write with `eprintln!`, which panics when stderr is a
+        // terminal that hung up: the primary must outlive its terminal to stop its workers.
+        .log_internal_errors(false)
         .try_init();
 }
 
@@ -171,7 +174,8 @@ pub trait MainOutput {
 impl MainOutput for () {
     fn from_primary(result: io::Result<()>) {
         if let Err(error) = result {
-            eprintln!("cluster primary: {error}");
+            // Not `eprintln!`, which panics if stderr is gone (a terminal that hung up).
+            let _ = writeln!(io::stderr(), "cluster primary: {error}");
             std::process::exit(1);
         }
     }

@@ -123,7 +123,7 @@ impl From<ReloadError> for io::Error {
     }
 }
 
-/// How long a fast shutdown (SIGINT) waits for workers after signalling them.
+/// How long a fast shutdown (SIGINT) lets workers drain before it kills them.
 const FAST_SHUTDOWN: Duration = Duration::from_secs(5);
 
 /// Keeps [`Settings::workers`](crate::Settings::workers) workers running: restarts crashed ones
@@ -134,10 +134,12 @@ const FAST_SHUTDOWN: Duration = Duration::from_secs(5);
 /// every slot's workers crash before they listen, or on the fatal code.
 ///
 /// [`run`](Self::run) also owns the signals: SIGHUP replaces every worker one at a time (a
-/// rolling reload); SIGTTIN and SIGTTOU add and remove one worker; SIGTERM disconnects every
+/// rolling reload), unless it says that this process's terminal closed, which stops the cluster
+/// as SIGTERM does; SIGTTIN and SIGTTOU add and remove one worker; SIGTERM disconnects every
 /// worker gracefully (bounded by [`Settings::disconnect_timeout`](crate::Settings::disconnect_timeout),
-/// then SIGKILL); SIGINT stops them fast (SIGTERM, then SIGKILL after 5 s); a second SIGTERM
-/// or SIGINT during either kills them at once. A [`SupervisorHandle`] asks for a reload or a
+/// then SIGKILL); SIGINT (Ctrl-C) does the same within 5 s at most; a second SIGTERM or SIGINT
+/// during either kills them at once. Workers run in process groups of their own, so a
+/// terminal's Ctrl-C and hangup reach the primary alone, which stops them as described. A [`SupervisorHandle`] asks for a reload or a
 /// new worker count from code.
 ///
 /// # Examples
@@ -314,6 +316,8 @@ impl Supervisor {
             signal(SignalKind::from_raw(libc::SIGTTIN)).map_err(SupervisorError::Signals)?;
         let mut fewer =
             signal(SignalKind::from_raw(libc::SIGTTOU)).map_err(SupervisorError::Signals)?;
+        // A SIGHUP is a reload, unless it is the hangup of the terminal this primary runs in.
+        let in_terminal = crate::sys::has_controlling_terminal();
         let mut reload = Reloads::default();
         let mut events = primary.events();
         let mut policy = Policy::new(config, workers, seed());
@@ -402,7 +406,14 @@ impl Supervisor {
                     let target = policy.active().saturating_sub(1).max(1);
                     scale(&mut policy, &primary, target);
                 }
-                _ = hangup.recv() => reload.on_signal(&primary),
+                _ = hangup.recv() => {
+                    if in_terminal && !crate::sys::has_controlling_terminal() {
+                        policy.stop();
+                        tracing::info!("SIGHUP: the terminal closed; disconnecting workers");
+                        return shut_down(&primary, &mut terminate, &mut interrupt, primary.disconnect()).await;
+                    }
+                    reload.on_signal(&primary);
+                }
                 () = reload.finished() => reload.start_queued(&primary),
                 event = events.recv() => match event {
                     Some(Event::Replaced { old, new }) => {
@@ -587,22 +598,11 @@ async fn shut_down(
     }
 }
 
+/// SIGINT: the drain of SIGTERM with a short deadline, so a Ctrl-C stops promptly without
+/// cutting the requests that finish within it.
 async fn stop_fast(primary: &Primary) -> io::Result<()> {
-    for worker in primary.workers() {
-        let _ = worker.kill(Signal::TERM);
-    }
-    let all_exited = async {
-        for worker in primary.workers() {
-            worker.exited().await;
-        }
-    };
-    if tokio::time::timeout(FAST_SHUTDOWN, all_exited)
-        .await
-        .is_err()
-    {
-        kill_all(primary).await;
-    }
-    Ok(())
+    let deadline = FAST_SHUTDOWN.min(primary.settings().disconnect_timeout);
+    primary.disconnect_within(deadline).await
 }
 
 async fn kill_all(primary: &Primary) {

@@ -437,6 +437,18 @@ pub(crate) fn read_timer(timer: BorrowedFd<'_>) -> io::Result<()> {
     Ok(())
 }
 
+/// Whether this process has a controlling terminal (one it could open as `/dev/tty`). After the
+/// terminal hangs up, the kernel detaches it from every process of the session first, then
+/// sends SIGHUP: a SIGHUP that finds no terminal where there was one is a hangup.
+pub(crate) fn has_controlling_terminal() -> bool {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOCTTY)
+        .open("/dev/tty")
+        .is_ok()
+}
+
 /// Checks that this user may start `workers` more processes (`RLIMIT_NPROC`, which the kernel
 /// counts per real user id over processes and threads alike, and does not enforce for root).
 /// Without this a worker count above the limit would be a storm of failing forks.

@@ -241,6 +241,12 @@ impl Primary {
     ///
     /// The driver stopped.
     pub async fn disconnect(&self) -> io::Result<()> {
+        self.disconnect_within(self.shared.settings.disconnect_timeout)
+            .await
+    }
+
+    /// [`Self::disconnect`] with its own deadline.
+    pub(crate) async fn disconnect_within(&self, deadline: Duration) -> io::Result<()> {
         // Listening sockets kept open for dead workers' replacements close now: nobody is
         // going to replace them.
         self.tx
@@ -249,7 +255,7 @@ impl Primary {
         let workers = self.workers();
         let mut waits = tokio::task::JoinSet::new();
         for worker in workers {
-            waits.spawn(async move { worker.disconnect().await });
+            waits.spawn(async move { worker.disconnect_within(deadline).await });
         }
         while let Some(done) = waits.join_next().await {
             done.map_err(io::Error::other)??;
@@ -742,10 +748,13 @@ impl WorkerHandle {
     ///
     /// The primary's driver stopped.
     pub async fn disconnect(&self) -> io::Result<()> {
+        self.disconnect_within(self.shared.disconnect_timeout).await
+    }
+
+    pub(crate) async fn disconnect_within(&self, deadline: Duration) -> io::Result<()> {
         self.tx
             .send(Input::Disconnect { worker: self.id() })
             .map_err(|_| stopped())?;
-        let deadline = self.shared.disconnect_timeout;
         if tokio::time::timeout(deadline, self.exited()).await.is_err() {
             tracing::warn!(worker = %self.id(), ?deadline, "worker did not exit after disconnect; killing it");
             self.kill(Signal::KILL)?;

@@ -56,6 +56,9 @@ pub(crate) fn spawn(
         command.stdout(Stdio::piped()).stderr(Stdio::piped());
     }
     command.stdin(Stdio::null());
+    // A process group of its own: a terminal's Ctrl-C and hangup reach the primary alone, which
+    // drains or stops its workers as documented, instead of killing them mid-request.
+    command.process_group(0);
     sys::prepare_child(&mut command, theirs.as_raw_fd(), reset_scheduling);
     let child = command.spawn()?;
     // The child has its copy at fd 3; ours (close-on-exec, so no other worker inherits it) stays.
