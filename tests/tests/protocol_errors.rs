@@ -3,7 +3,7 @@
 
 mod support;
 
-use cluster::primary::{Event, LinkError, ProtocolError, SchedulingPolicy};
+use cluster::primary::{Event, ExitStatus, KillReason, LinkError, ProtocolError, SchedulingPolicy};
 use support::{Cluster, who};
 
 type Expected = fn(&ProtocolError) -> bool;
@@ -57,6 +57,26 @@ async fn a_rogue_worker_is_disconnected_and_the_primary_carries_on() {
             .expect(&rogue, |e| matches!(e, Event::Exit { .. }))
             .await;
     }
+    // A rogue that would stay after breaking the protocol is killed for it, at once.
+    let stubborn = rogue_cluster
+        .primary
+        .fork_with_env([("ROGUE", "garbage-and-stay")])
+        .await
+        .unwrap();
+    let exit = rogue_cluster
+        .expect(&stubborn, |e| matches!(e, Event::Exit { .. }))
+        .await;
+    assert!(
+        matches!(
+            exit,
+            Event::Exit {
+                status: ExitStatus::Signal(libc::SIGKILL),
+                killed: Some(KillReason::ProtocolViolation),
+                ..
+            }
+        ),
+        "{exit:?}"
+    );
     // The primary that met the rogues is still responsive, and holds nothing of theirs.
     let after = rogue_cluster.primary.stats().await.unwrap();
     assert!(after.workers.is_empty(), "{after:?}");

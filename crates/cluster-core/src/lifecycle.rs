@@ -69,6 +69,9 @@ pub enum KillReason {
     HandoffTimeout,
     /// Its runtime sent no heartbeat (nor anything else) in time: it is hung.
     HeartbeatTimeout,
+    /// It broke the protocol (the `Event::Error` before its exit says which rule): whatever
+    /// it holds is not to be trusted, and the connections it took are freed with it.
+    ProtocolViolation,
 }
 
 impl fmt::Display for KillReason {
@@ -77,6 +80,7 @@ impl fmt::Display for KillReason {
             Self::BootTimeout => "did not listen within the boot deadline",
             Self::HandoffTimeout => "did not ack a connection in time",
             Self::HeartbeatTimeout => "missed its heartbeats (hung runtime)",
+            Self::ProtocolViolation => "broke the protocol",
         })
     }
 }

@@ -433,9 +433,6 @@ impl Supervisor {
                             policy.handle_exit(now(), worker.id(), status, on_purpose);
                         }
                     }
-                    Some(Event::Error { worker, error }) => {
-                        tracing::warn!(worker = worker.id().get(), %error, "worker broke the protocol");
-                    }
                     Some(_) => {}
                     None => return Ok(()),
                 },

@@ -21,6 +21,14 @@ fn main() {
     let sent = match offence.as_str() {
         "garbage" => cluster_tests::send_raw_on_link(&online, None)
             .and_then(|()| cluster_tests::send_raw_on_link(&[0xff, 0x00, 0x13], None)),
+        "garbage-and-stay" => {
+            // Breaks the protocol, then ignores the end of its link: only a kill ends it.
+            cluster_tests::send_raw_on_link(&online, None).expect("send");
+            cluster_tests::send_raw_on_link(&[0xff, 0x00, 0x13], None).expect("send");
+            loop {
+                std::thread::park();
+            }
+        }
         "oversized" => cluster_tests::send_raw_on_link(&online, None)
             .and_then(|()| cluster_tests::send_raw_on_link(&[7; 70_000], None)),
         "version" => cluster_tests::send_raw_on_link(&[0, 99, 1], None),

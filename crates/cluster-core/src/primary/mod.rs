@@ -787,10 +787,16 @@ impl<C: Copy + Eq + std::fmt::Debug> Primary<C> {
             return;
         }
         entry.failed = true;
+        entry.killed.get_or_insert(KillReason::ProtocolViolation);
         self.registry.leave_all(worker);
         self.drain_registry(now);
         self.push(Output::Event(Event::Error { worker, error }));
+        // What it never read is taken back at once; what it read goes with its process.
         self.push(Output::CloseLink { worker });
+        self.push(Output::Kill {
+            worker,
+            reason: KillReason::ProtocolViolation,
+        });
     }
 
     fn report(&mut self, worker: WorkerId, transitions: impl IntoIterator<Item = Transition>) {

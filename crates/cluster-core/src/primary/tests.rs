@@ -199,7 +199,15 @@ fn garbage_from_a_worker_disconnects_only_that_worker() {
         matches!(&outs[0], Out::Other(Output::Event(Event::Error { worker, error: ProtocolError::Decode(_) })) if *worker == w1)
     );
     assert_eq!(outs[1], Out::Other(Output::CloseLink { worker: w1 }));
-    assert_eq!(outs.len(), 2);
+    // And it is killed: what it took goes with it, and its slot is refilled as usual.
+    assert_eq!(
+        outs[2],
+        Out::Other(Output::Kill {
+            worker: w1,
+            reason: KillReason::ProtocolViolation
+        })
+    );
+    assert_eq!(outs.len(), 3);
     // Frames from it are ignored from now on, before and after the driver closes its link.
     h.recv(w1, &user_message(vec![1]));
     assert_eq!(h.events(), []);

@@ -753,7 +753,9 @@ impl Driver {
                 }
             }
             proto::Event::Error { worker, error } => {
-                tracing::warn!(%worker, %error, "worker broke the protocol; disconnecting it");
+                // The whole chain names the rule (`link protocol violated: protocol version
+                // mismatch: ours 2, peer 99`), not only its family.
+                tracing::warn!(%worker, error = %crate::env::ErrorChain(&error), "worker broke the protocol; disconnecting and killing it");
                 let Some(w) = handle(&self.workers, &worker) else {
                     return;
                 };
