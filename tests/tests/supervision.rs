@@ -104,3 +104,26 @@ fn the_fatal_exit_code_is_not_restarted() {
     assert!(!stderr.contains("restarting a crashed worker"), "{stderr}");
     assert!(!status.success());
 }
+
+#[test]
+fn a_port_held_by_another_process_stops_the_cluster_at_once_naming_it() {
+    let holder = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = holder.local_addr().unwrap().port();
+    let address = format!("127.0.0.1:{port}");
+    let child = primary(4, &[("ADDR", &address)]);
+    let (status, stderr) = wait_exit(child);
+    assert!(!status.success(), "{stderr}");
+    let named: Vec<&str> = stderr
+        .lines()
+        .filter(|line| line.contains("cannot listen, and no worker serves"))
+        .collect();
+    assert_eq!(named.len(), 1, "{stderr}");
+    assert!(
+        named[0].contains(&address) && named[0].contains("Address already in use"),
+        "{stderr}"
+    );
+    // Stopped, not restarted: every worker would have failed the same way.
+    assert!(!stderr.contains("restarting a crashed worker"), "{stderr}");
+    assert!(!stderr.contains("crash loop"), "{stderr}");
+    drop(holder);
+}

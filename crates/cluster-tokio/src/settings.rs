@@ -79,6 +79,7 @@ pub struct Settings {
     pub(crate) crash_loop_failures: usize,
     pub(crate) crash_loop_window: Duration,
     pub(crate) fatal_exit_code: Option<i32>,
+    pub(crate) retry_bind_errors: bool,
 }
 
 impl Default for Settings {
@@ -114,6 +115,7 @@ impl Settings {
             crash_loop_failures: 5,
             crash_loop_window: Duration::from_secs(10),
             fatal_exit_code: Some(FATAL_EXIT_CODE),
+            retry_bind_errors: false,
         }
     }
 
@@ -282,6 +284,16 @@ impl Settings {
     /// unusable (default: 78, [`FATAL_EXIT_CODE`]); `None` restarts every crash.
     pub fn fatal_exit_code(mut self, code: impl Into<Option<i32>>) -> Self {
         self.fatal_exit_code = code.into();
+        self
+    }
+
+    /// Whether the supervisor restarts workers whose listening socket could not be bound while
+    /// no worker serves (default: off). Off, such an error (a port another process holds, a
+    /// privileged port) stops the cluster at once with one line naming the address and the
+    /// cause: every worker would fail the same way. On, the workers crash and are restarted with
+    /// backoff, for a port that is expected to free up.
+    pub fn retry_bind_errors(mut self, retry: bool) -> Self {
+        self.retry_bind_errors = retry;
         self
     }
 

@@ -248,6 +248,16 @@ pub enum SupervisorError {
         /// The code.
         code: i32,
     },
+    /// A socket the workers asked for could not be bound while no worker served: every worker
+    /// would fail the same way (see [`Settings::retry_bind_errors`](crate::Settings::retry_bind_errors)).
+    #[error("cannot listen on {address}")]
+    Listen {
+        /// Where.
+        address: String,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
     /// The signal handlers could not be installed.
     #[error("could not install the signal handlers")]
     Signals(#[source] io::Error),
@@ -418,6 +428,15 @@ impl Supervisor {
                 event = events.recv() => match event {
                     Some(Event::Replaced { old, new }) => {
                         policy.handle_replaced(now(), old.id(), new.id());
+                    }
+                    Some(Event::ListenFailed { address, errno })
+                        if !primary.settings().retry_bind_errors && policy.serving() == 0 =>
+                    {
+                        let source = io::Error::from_raw_os_error(errno);
+                        tracing::error!(%address, error = %source, "cannot listen, and no worker serves: stopping (every worker would fail the same way)");
+                        policy.stop();
+                        shut_down(&primary, &mut terminate, &mut interrupt, primary.disconnect()).await?;
+                        return Err(SupervisorError::Listen { address, source });
                     }
                     Some(Event::Listening { worker, address }) => {
                         tracing::info!(worker = worker.id().get(), pid = worker.pid(), %address, "listening");

@@ -481,6 +481,14 @@ impl Supervisor {
         })
     }
 
+    /// Slots whose worker listens.
+    pub fn serving(&self) -> usize {
+        self.slots
+            .iter()
+            .filter(|s| matches!(s.state, State::Running { .. }))
+            .count()
+    }
+
     /// Slots that have, or will have, a worker.
     pub fn active(&self) -> usize {
         self.slots

@@ -23,8 +23,8 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use proto::wire::{
-    BoundAddr, Distribution, Envelope, Errno, ListenRequest, PrimaryMessage, SocketKind, UserKind,
-    WorkerMessage,
+    BoundAddr, Distribution, Envelope, Errno, ListenRequest, ListenTarget, PrimaryMessage,
+    SocketKind, UserKind, WorkerMessage,
 };
 use proto::{Attachment, ExitStatus, HandleId, Output, Seq, WorkerId};
 use slab::Slab;
@@ -601,6 +601,21 @@ impl Driver {
                     distribution,
                 } => {
                     let result = self.bind(handle, &request, distribution);
+                    if let Err(errno) = result {
+                        let address = match &request.target {
+                            ListenTarget::Ip(addr) => addr.to_string(),
+                            ListenTarget::Path(path) => {
+                                format!("unix:{}", String::from_utf8_lossy(path))
+                            }
+                            ListenTarget::Fd(fd) => format!("fd {fd}"),
+                        };
+                        let error = io::Error::from_raw_os_error(errno.0);
+                        tracing::debug!(%address, %error, "could not listen");
+                        self.shared.publish(Event::ListenFailed {
+                            address,
+                            errno: errno.0,
+                        });
+                    }
                     self.core.handle_bound(now(), handle, result);
                 }
                 Output::Unbind { handle } => {

@@ -537,6 +537,14 @@ pub enum Event {
         /// What it did.
         error: ProtocolError,
     },
+    /// The primary could not bind a socket workers asked for: every worker waiting for it got
+    /// the error.
+    ListenFailed {
+        /// Where, as the workers asked (`127.0.0.1:8080`, `unix:/run/app.sock`, `fd 3`).
+        address: String,
+        /// The OS error number (`std::io::Error::from_raw_os_error(errno)` describes it).
+        errno: i32,
+    },
 }
 
 #[derive(Clone, Copy, Debug)]
