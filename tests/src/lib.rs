@@ -485,3 +485,69 @@ pub fn in_terminal_session(command: &mut std::process::Command) {
         });
     }
 }
+
+/// Whether this process runs as root.
+pub fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .expect("/proc/self/status")
+        .lines()
+        .any(|l| l.starts_with("Uid:\t0\t"))
+}
+
+/// A copy of `binary` that user `nobody` can run, in a new directory everyone can enter (a
+/// clone of the project in a 0700 directory is out of `nobody`'s reach): (directory, copy).
+/// Remove the directory when done.
+///
+/// # Panics
+///
+/// On any I/O error.
+pub fn copy_for_nobody(
+    binary: &std::path::Path,
+    tag: &str,
+) -> (std::path::PathBuf, std::path::PathBuf) {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::env::temp_dir().join(format!("cluster-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("create the directory");
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let copy = dir.join(binary.file_name().expect("a file name"));
+    std::fs::copy(binary, &copy).expect("copy the binary");
+    std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    (dir, copy)
+}
+
+/// Whether process `pid` is gone (or a zombie: dead, not reaped yet).
+pub fn is_gone(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat.rsplit(") ").next().is_some_and(|s| s.starts_with('Z')),
+    }
+}
+
+/// Waits (bounded by `timeout`) until process `pid` is gone.
+///
+/// # Panics
+///
+/// It is still running after `timeout`.
+pub fn wait_gone(pid: u32, timeout: std::time::Duration) {
+    let deadline = std::time::Instant::now() + timeout;
+    while !is_gone(pid) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "process {pid} outlived its primary"
+        );
+        std::thread::yield_now();
+    }
+}
+
+/// Everything `child` wrote on the pipe `from` (its stdout or stderr), to the end.
+///
+/// # Panics
+///
+/// The pipe was not captured, or reading it failed.
+pub fn read_all(from: Option<impl std::io::Read>) -> String {
+    let mut text = String::new();
+    from.expect("a captured pipe")
+        .read_to_string(&mut text)
+        .expect("read the pipe");
+    text
+}

@@ -3,7 +3,7 @@
 //! start with exit code 78 and one line naming the variable, before any worker starts.
 
 use std::ffi::OsStr;
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -44,21 +44,10 @@ fn run_to_exit(mut command: Command) -> (Option<i32>, String, String) {
 }
 
 fn outputs(child: &mut Child) -> (String, String) {
-    let mut stdout = String::new();
-    let mut stderr = String::new();
-    child
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut stdout)
-        .unwrap();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut stderr)
-        .unwrap();
-    (stdout, stderr)
+    (
+        cluster_tests::read_all(child.stdout.take()),
+        cluster_tests::read_all(child.stderr.take()),
+    )
 }
 
 /// The first `count` lines the child prints on stdout, each waited for at most `WAIT`.
@@ -87,26 +76,6 @@ fn pid_of(worker_line: &str) -> u32 {
         .unwrap()
 }
 
-/// Waits (bounded) until process `pid` is gone or a zombie.
-fn wait_gone(pid: u32) {
-    let deadline = Instant::now() + WAIT;
-    while !is_gone(pid) {
-        assert!(
-            Instant::now() < deadline,
-            "process {pid} outlived its primary"
-        );
-        std::thread::yield_now();
-    }
-}
-
-/// Whether process `pid` is gone or a zombie.
-fn is_gone(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Err(_) => true,
-        Ok(stat) => stat.rsplit(") ").next().is_some_and(|s| s.starts_with('Z')),
-    }
-}
-
 #[test]
 fn the_disconnect_timeout_set_in_the_attribute_ends_a_stuck_shutdown() {
     let mut primary = fixture(&[]).spawn().expect("spawn");
@@ -116,13 +85,7 @@ fn the_disconnect_timeout_set_in_the_attribute_ends_a_stuck_shutdown() {
     cluster_tests::signal(primary.id(), libc::SIGTERM).unwrap();
     let status = cluster_tests::wait_for_exit(&mut primary, WAIT);
     let took = asked.elapsed();
-    let mut stderr = String::new();
-    primary
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut stderr)
-        .unwrap();
+    let stderr = cluster_tests::read_all(primary.stderr.take());
     // Both workers ignore the shutdown: the primary waited the 2 s of its settings (not the
     // default 30 s), then killed them.
     assert!(status.success(), "{status:?}: {stderr}");
@@ -134,7 +97,7 @@ fn the_disconnect_timeout_set_in_the_attribute_ends_a_stuck_shutdown() {
         "{stderr}"
     );
     for pid in pids {
-        wait_gone(pid);
+        cluster_tests::wait_gone(pid, WAIT);
     }
 }
 
@@ -149,13 +112,7 @@ fn the_environment_overrides_the_settings_of_the_code() {
     let worker = first_lines(&mut primary, 1).remove(0);
     cluster_tests::signal(primary.id(), libc::SIGTERM).unwrap();
     let status = cluster_tests::wait_for_exit(&mut primary, WAIT);
-    let mut stderr = String::new();
-    primary
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut stderr)
-        .unwrap();
+    let stderr = cluster_tests::read_all(primary.stderr.take());
     assert!(status.success(), "{stderr}");
     // One worker (not the code's two), killed after the environment's 100 ms.
     assert_eq!(
@@ -164,7 +121,7 @@ fn the_environment_overrides_the_settings_of_the_code() {
         "{stderr}"
     );
     assert!(stderr.contains("deadline=100ms"), "{stderr}");
-    wait_gone(pid_of(&worker));
+    cluster_tests::wait_gone(pid_of(&worker), WAIT);
 }
 
 #[test]
@@ -236,23 +193,14 @@ fn every_bad_environment_value_stops_the_program_with_78_before_any_worker_start
 
 #[test]
 fn more_workers_than_the_process_limit_allows_start_none() {
-    let is_root = std::fs::read_to_string("/proc/self/status")
-        .unwrap()
-        .lines()
-        .any(|l| l.starts_with("Uid:\t0\t"));
-    // Root is exempt from RLIMIT_NPROC: as root, the program runs as `nobody`, from a copy that
-    // `nobody` can reach (see `privileged.rs`).
-    let scratch = std::env::temp_dir().join(format!("cluster-nproc-{}", std::process::id()));
-    let copy = if is_root {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::create_dir_all(&scratch).unwrap();
-        std::fs::set_permissions(&scratch, std::fs::Permissions::from_mode(0o755)).unwrap();
-        let copy = scratch.join("settings_fixture");
-        std::fs::copy(env!("CARGO_BIN_EXE_settings_fixture"), &copy).unwrap();
-        std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).unwrap();
-        copy
+    // Root is exempt from RLIMIT_NPROC: as root, the program runs as `nobody`.
+    let is_root = cluster_tests::is_root();
+    let fixture = Path::new(env!("CARGO_BIN_EXE_settings_fixture"));
+    let (scratch, copy) = if is_root {
+        let (dir, copy) = cluster_tests::copy_for_nobody(fixture, "nproc");
+        (Some(dir), copy)
     } else {
-        Path::new(env!("CARGO_BIN_EXE_settings_fixture")).to_path_buf()
+        (None, fixture.to_path_buf())
     };
     let mut command = program(&copy, &[("CLUSTER_WORKERS", OsStr::new("1000"))]);
     command.current_dir(std::env::temp_dir());
@@ -262,7 +210,9 @@ fn more_workers_than_the_process_limit_allows_start_none() {
     }
     cluster_tests::limit_processes(&mut command, 200);
     let (code, stdout, stderr) = run_to_exit(command);
-    let _ = std::fs::remove_dir_all(&scratch);
+    if let Some(scratch) = scratch {
+        let _ = std::fs::remove_dir_all(scratch);
+    }
     assert_eq!(code, Some(78), "{stderr}");
     assert!(stderr.contains("RLIMIT_NPROC is 200"), "{stderr}");
     assert!(stdout.is_empty(), "no worker may start: {stdout}");

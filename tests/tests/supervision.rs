@@ -22,14 +22,7 @@ fn primary(workers: usize, env: &[(&str, &str)]) -> Child {
 /// Waits (bounded) for the primary to exit; returns its status and stderr.
 fn wait_exit(mut child: Child) -> (std::process::ExitStatus, String) {
     let status = cluster_tests::wait_for_exit(&mut child, WAIT);
-    let mut stderr = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut stderr)
-        .unwrap();
-    (status, stderr)
+    (status, cluster_tests::read_all(child.stderr.take()))
 }
 
 fn ask(port: u16) -> String {

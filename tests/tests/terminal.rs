@@ -56,13 +56,6 @@ fn process_group_of(pid: u32) -> Option<u32> {
         .ok()
 }
 
-fn is_gone(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Err(_) => true,
-        Ok(stat) => stat.rsplit(") ").next().is_some_and(|s| s.starts_with('Z')),
-    }
-}
-
 #[test]
 fn closing_the_terminal_stops_the_cluster_and_frees_its_port() {
     let (master, slave) = cluster_tests::open_pty();
@@ -90,15 +83,8 @@ fn closing_the_terminal_stops_the_cluster_and_frees_its_port() {
     drop(master);
     let status = cluster_tests::wait_for_exit(&mut primary, WAIT);
     assert!(status.success(), "{status:?}");
-    let deadline = Instant::now() + WAIT;
     for (pid, _) in &workers {
-        while !is_gone(*pid) {
-            assert!(
-                Instant::now() < deadline,
-                "worker {pid} outlived its primary"
-            );
-            std::thread::yield_now();
-        }
+        cluster_tests::wait_gone(*pid, WAIT);
     }
     let refused = std::net::TcpStream::connect(("127.0.0.1", port))
         .expect_err("the port is free once the cluster is gone");

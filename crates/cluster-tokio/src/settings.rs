@@ -91,6 +91,9 @@ impl Default for Settings {
 impl Settings {
     /// The defaults (listed in the guide's "Configuration").
     pub fn new() -> Self {
+        // The core's defaults are the ones documented; they are not written twice.
+        let core = proto::Config::default();
+        let supervisor = SupervisorConfig::default();
         Self {
             workers: None,
             flavor: Flavor::CurrentThread,
@@ -100,21 +103,21 @@ impl Settings {
             env: Vec::new(),
             cwd: None,
             silent: false,
-            policy: SchedulingPolicy::RoundRobin,
-            window: 8,
-            max_queued: 1024,
-            handoff_timeout: Duration::from_secs(10),
+            policy: core.registry.policy,
+            window: core.registry.window,
+            max_queued: core.registry.max_queued,
+            handoff_timeout: core.handoff_timeout,
             disconnect_timeout: Duration::from_secs(30),
-            heartbeat_timeout: Some(Duration::from_secs(30)),
-            boot_timeout: Duration::from_secs(60),
+            heartbeat_timeout: core.heartbeat_timeout,
+            boot_timeout: supervisor.boot_timeout.unwrap_or(Duration::from_secs(60)),
             backlog: 511,
             batch_scheduling: true,
-            backoff_initial: Duration::from_millis(100),
-            backoff_max: Duration::from_secs(15),
-            healthy_after: Duration::from_secs(30),
-            crash_loop_failures: 5,
-            crash_loop_window: Duration::from_secs(10),
-            fatal_exit_code: Some(FATAL_EXIT_CODE),
+            backoff_initial: supervisor.backoff_initial,
+            backoff_max: supervisor.backoff_max,
+            healthy_after: supervisor.healthy_after,
+            crash_loop_failures: supervisor.crash_loop_failures,
+            crash_loop_window: supervisor.crash_loop_window,
+            fatal_exit_code: supervisor.fatal_exit_code,
             retry_bind_errors: false,
         }
     }
