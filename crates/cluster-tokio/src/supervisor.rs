@@ -319,6 +319,9 @@ impl Supervisor {
         let workers = settings.worker_count();
         crate::sys::check_process_limit(workers)?;
         let config = settings.supervisor_config();
+        // A SIGHUP is a reload, unless it is the hangup of the terminal this primary runs in the
+        // foreground of (asked before our handler replaces an inherited `nohup`).
+        let in_terminal = crate::sys::in_foreground_of_terminal();
         let mut terminate = signal(SignalKind::terminate()).map_err(SupervisorError::Signals)?;
         let mut interrupt = signal(SignalKind::interrupt()).map_err(SupervisorError::Signals)?;
         let mut hangup = signal(SignalKind::hangup()).map_err(SupervisorError::Signals)?;
@@ -326,12 +329,13 @@ impl Supervisor {
             signal(SignalKind::from_raw(libc::SIGTTIN)).map_err(SupervisorError::Signals)?;
         let mut fewer =
             signal(SignalKind::from_raw(libc::SIGTTOU)).map_err(SupervisorError::Signals)?;
-        // A SIGHUP is a reload, unless it is the hangup of the terminal this primary runs in.
-        let in_terminal = crate::sys::has_controlling_terminal();
+
         let mut reload = Reloads::default();
         let mut events = primary.events();
         let mut policy = Policy::new(config, workers, seed());
         let mut spawn_failures = SpawnFailures::default();
+        // The last listen the primary could not bind, until a worker listens.
+        let mut listen_failure: Option<(String, i32)> = None;
         // Workers this supervisor killed (boot deadline): their deaths are crashes, not kills
         // from outside.
         let mut killed_here = std::collections::HashSet::new();
@@ -379,11 +383,13 @@ impl Supervisor {
                 biased;
                 _ = terminate.recv() => {
                     policy.stop();
+                    reload.cancel();
                     tracing::info!("SIGTERM: disconnecting workers");
                     return shut_down(&primary, &mut terminate, &mut interrupt, primary.disconnect()).await;
                 }
                 _ = interrupt.recv() => {
                     policy.stop();
+                    reload.cancel();
                     tracing::info!("SIGINT: stopping workers");
                     return shut_down(&primary, &mut terminate, &mut interrupt, stop_fast(&primary)).await;
                 }
@@ -419,6 +425,7 @@ impl Supervisor {
                 _ = hangup.recv() => {
                     if in_terminal && !crate::sys::has_controlling_terminal() {
                         policy.stop();
+                        reload.cancel();
                         tracing::info!("SIGHUP: the terminal closed; disconnecting workers");
                         return shut_down(&primary, &mut terminate, &mut interrupt, primary.disconnect()).await;
                     }
@@ -429,23 +436,37 @@ impl Supervisor {
                     Some(Event::Replaced { old, new }) => {
                         policy.handle_replaced(now(), old.id(), new.id());
                     }
-                    Some(Event::ListenFailed { address, errno })
-                        if !primary.settings().retry_bind_errors && policy.serving() == 0 =>
-                    {
-                        let source = io::Error::from_raw_os_error(errno);
-                        tracing::error!(%address, error = %source, "cannot listen, and no worker serves: stopping (every worker would fail the same way)");
-                        policy.stop();
-                        shut_down(&primary, &mut terminate, &mut interrupt, primary.disconnect()).await?;
-                        return Err(SupervisorError::Listen { address, source });
+                    Some(Event::ListenFailed { address, errno }) => {
+                        // Decided when a worker that got it exits without listening: a worker
+                        // may handle the error itself (an optional port, a fallback address).
+                        listen_failure = Some((address, errno));
                     }
                     Some(Event::Listening { worker, address }) => {
+                        listen_failure = None;
                         tracing::info!(worker = worker.id().get(), pid = worker.pid(), %address, "listening");
                         policy.handle_listening(now(), worker.id());
                     }
                     Some(Event::Exit { worker, status, killed }) => {
                         let on_purpose = worker.exited_after_disconnect() == Some(true);
+                        let failed_at_boot = policy.is_booting(worker.id())
+                            && !on_purpose
+                            && status != ExitStatus::Code(0);
+                        if failed_at_boot
+                            && policy.serving() == 0
+                            && !primary.settings().retry_bind_errors
+                            && let Some((address, errno)) = listen_failure.take()
+                        {
+                            log_exit(worker.id(), worker.pid(), status, on_purpose, killed);
+                            let source = io::Error::from_raw_os_error(errno);
+                            tracing::error!(%address, error = %source, "cannot listen, and no worker serves: stopping (every worker would fail the same way)");
+                            policy.stop();
+                            reload.cancel();
+                            shut_down(&primary, &mut terminate, &mut interrupt, primary.disconnect()).await?;
+                            return Err(SupervisorError::Listen { address, source });
+                        }
                         log_exit(worker.id(), worker.pid(), status, on_purpose, killed);
-                        let ours = killed.is_some() || killed_here.remove(&worker.id());
+                        let killed_by_us = killed_here.remove(&worker.id());
+                        let ours = killed.is_some() || killed_by_us;
                         if !on_purpose && !ours && is_kill_from_outside(status) {
                             policy.handle_killed(now(), worker.id());
                         } else {
@@ -508,6 +529,14 @@ impl Reloads {
                 self.running = None;
             }
             None => std::future::pending().await,
+        }
+    }
+
+    /// Stops the running reload (a shutdown): it starts no more replacements.
+    fn cancel(&mut self) {
+        self.queued = false;
+        if let Some(running) = self.running.take() {
+            running.abort();
         }
     }
 
@@ -673,7 +702,9 @@ fn report(event: SupervisorEvent, spawn_failures: &SpawnFailures) {
 /// killer, a terminal's signals) rather than crashing: a signal that a process does not raise
 /// against itself by faulting or aborting.
 fn is_kill_from_outside(status: ExitStatus) -> bool {
-    const FAULTS: [i32; 7] = [
+    // Raised by the process's own faults, or by the kernel for what the process did itself
+    // (a write to a closed pipe, a CPU or file-size limit).
+    const FAULTS: [i32; 10] = [
         libc::SIGSEGV,
         libc::SIGBUS,
         libc::SIGILL,
@@ -681,6 +712,9 @@ fn is_kill_from_outside(status: ExitStatus) -> bool {
         libc::SIGABRT,
         libc::SIGSYS,
         libc::SIGTRAP,
+        libc::SIGPIPE,
+        libc::SIGXCPU,
+        libc::SIGXFSZ,
     ];
     matches!(status, ExitStatus::Signal(signal) if !FAULTS.contains(&signal))
 }

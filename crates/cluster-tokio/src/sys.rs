@@ -67,6 +67,9 @@ unsafe fn child_after_fork(
         if libc::getppid() != primary {
             libc::_exit(1);
         }
+        // In a process group of its own, a worker is a background job of the primary's
+        // terminal: under `stty tostop` its first write there would stop it.
+        libc::signal(libc::SIGTTOU, libc::SIG_IGN);
         if reset_scheduling {
             let param = libc::sched_param { sched_priority: 0 };
             if libc::sched_setscheduler(0, libc::SCHED_OTHER, &raw const param) < 0 {
@@ -447,6 +450,31 @@ pub(crate) fn has_controlling_terminal() -> bool {
         .custom_flags(libc::O_NOCTTY)
         .open("/dev/tty")
         .is_ok()
+}
+
+/// Whether a terminal can hang up on this process: it is in the foreground process group of its
+/// controlling terminal (a background or `disown`ed job is not: a later `kill -HUP` from an
+/// operator is a reload), and SIGHUP is not ignored, as `nohup` leaves it. Ask before installing
+/// a SIGHUP handler.
+pub(crate) fn in_foreground_of_terminal() -> bool {
+    use std::os::unix::fs::OpenOptionsExt;
+    let Ok(tty) = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOCTTY)
+        .open("/dev/tty")
+    else {
+        return false;
+    };
+    // SAFETY: tcgetpgrp(3) on an fd we own; getpgrp(2) has no preconditions.
+    let foreground = unsafe { libc::tcgetpgrp(tty.as_raw_fd()) == libc::getpgrp() };
+    // SAFETY: with a null new action, sigaction(2) only writes the current one into a struct
+    // we own.
+    let ignored = unsafe {
+        let mut current: libc::sigaction = std::mem::zeroed();
+        libc::sigaction(libc::SIGHUP, std::ptr::null(), &raw mut current) == 0
+            && current.sa_sigaction == libc::SIG_IGN
+    };
+    foreground && !ignored
 }
 
 /// Checks that this user may start `workers` more processes (`RLIMIT_NPROC`, which the kernel

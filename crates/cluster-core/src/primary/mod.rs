@@ -400,7 +400,7 @@ impl<C: Copy + Eq + std::fmt::Debug> Primary<C> {
         }
         // The registry dispatches the reclaimed ones again.
         let transitions: Vec<_> = entry.lifecycle.link_closed().collect();
-        self.registry.remove_worker(worker);
+        self.registry.remove_worker(now, worker);
         self.drain_registry(now);
         self.report(worker, transitions);
     }
@@ -494,6 +494,8 @@ impl<C: Copy + Eq + std::fmt::Debug> Primary<C> {
 
     /// Time passed: workers that missed a handoff deadline or went silent are killed.
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.registry.release_kept(Some(now));
+        self.drain_registry(now);
         let heartbeat = self.config.heartbeat_timeout;
         let doomed: Vec<_> = self
             .workers
@@ -541,6 +543,7 @@ impl<C: Copy + Eq + std::fmt::Debug> Primary<C> {
                 ]
             })
             .flatten()
+            .chain(self.registry.next_release())
             .min()
     }
 
@@ -548,7 +551,7 @@ impl<C: Copy + Eq + std::fmt::Debug> Primary<C> {
     /// no worker listens on now (see [`Registry::remove_worker`]): for a shutdown, so the ports
     /// close before the last worker has drained.
     pub fn release_kept_handles(&mut self, now: Instant) {
-        self.registry.release_kept();
+        self.registry.release_kept(None);
         self.drain_registry(now);
     }
 
@@ -897,7 +900,7 @@ impl<C: Copy + Eq + std::fmt::Debug> Primary<C> {
                         ),
                         // Unreachable while the registry forgets workers when their link closes;
                         // if it ever happens, the connection goes to someone else, not astray.
-                        Err(_) => self.registry.remove_worker(worker),
+                        Err(_) => self.registry.remove_worker(now, worker),
                     }
                 }
             }

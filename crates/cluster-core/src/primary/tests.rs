@@ -188,6 +188,29 @@ fn lifecycle_events_follow_node_order() {
 }
 
 #[test]
+fn a_socket_kept_for_a_replacement_is_closed_when_none_comes() {
+    let mut h = Harness::new();
+    let w = h.online();
+    let handle = h.listen(w, 1, "127.0.0.1:0");
+    let _ = (h.outputs(), h.events());
+    h.primary.handle_exit(w, ExitStatus::Signal(9));
+    h.primary.handle_link_closed(h.now, w);
+    let _ = (h.outputs(), h.events());
+    assert!(!h.primary.registry().is_empty(), "kept for a replacement");
+    let release = h.primary.poll_timeout().expect("a release deadline");
+    assert_eq!(
+        release,
+        h.now + RegistryConfig::default().keep_for_replacement
+    );
+    h.primary.handle_timeout(release);
+    assert!(
+        h.outputs().contains(&Out::Other(Output::Unbind { handle })),
+        "closed once nobody came"
+    );
+    assert!(h.primary.registry().is_empty());
+}
+
+#[test]
 fn garbage_from_a_worker_disconnects_only_that_worker() {
     let mut h = Harness::new();
     let w1 = h.online();

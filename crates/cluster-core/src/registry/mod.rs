@@ -10,6 +10,7 @@
 mod round_robin;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::time::{Duration, Instant};
 
 pub use round_robin::{RoundRobin, RoundRobinError, RoundRobinOutput};
 
@@ -41,6 +42,8 @@ pub struct RegistryConfig {
     /// Listens one worker may hold or wait for at once (a bound on what a worker can make the
     /// primary allocate).
     pub max_listens_per_worker: usize,
+    /// How long a socket whose last worker died stays open for a replacement to listen on it.
+    pub keep_for_replacement: Duration,
 }
 
 impl Default for RegistryConfig {
@@ -50,6 +53,7 @@ impl Default for RegistryConfig {
             window: 8,
             max_queued: 1024,
             max_listens_per_worker: 1024,
+            keep_for_replacement: Duration::from_secs(60),
         }
     }
 }
@@ -139,9 +143,10 @@ struct Handle<C> {
     distribution: Distribution,
     state: State<C>,
     /// Its last member died (it did not close its listener): the socket stays open, with its
-    /// port and its backlog, for the worker that replaces it. Node closes it, and a restart
-    /// then refuses connections meanwhile, or listens on another port for port 0.
-    kept: bool,
+    /// port and its backlog, for the worker that replaces it, until this deadline. Node closes
+    /// it, and a restart then refuses connections meanwhile, or listens on another port for
+    /// port 0.
+    kept: Option<Instant>,
 }
 
 impl<C: Copy + Eq> Handle<C> {
@@ -234,7 +239,7 @@ impl<C: Copy + Eq> Registry<C> {
                 key,
                 distribution,
                 state: State::Binding(vec![(worker, seq)]),
-                kept: false,
+                kept: None,
             },
         );
         self.out.push_back(RegistryOutput::Bind {
@@ -422,9 +427,10 @@ impl<C: Copy + Eq> Registry<C> {
 
     /// `worker` is gone (its link closed): it leaves everything at once and its unacked
     /// connections are re-dispatched to other workers. A bound handle it was the last member of
-    /// stays open for its replacement (a worker that closes its listener or disconnects first
-    /// closes the handle as usual); connections wait in its queue and backlog meanwhile.
-    pub fn remove_worker(&mut self, worker: WorkerId) {
+    /// stays open for its replacement, for [`RegistryConfig::keep_for_replacement`] (a worker
+    /// that closes its listener or disconnects first closes the handle as usual): new
+    /// connections wait in the socket's backlog meanwhile; those already queued are closed.
+    pub fn remove_worker(&mut self, now: Instant, worker: WorkerId) {
         let ids: Vec<HandleId> = self.handles.keys().copied().collect();
         for id in ids {
             let Some(h) = self.handles.get_mut(&id) else {
@@ -439,27 +445,32 @@ impl<C: Copy + Eq> Registry<C> {
                 }
             }
             if was_member && matches!(h.state, State::Bound(..)) && h.is_orphaned() {
-                h.kept = true;
+                h.kept = Some(now + self.config.keep_for_replacement);
             }
             self.collect(id);
         }
     }
 
-    /// Closes every handle kept open for a dead worker's replacement that no worker joined
-    /// (the cluster is shutting down, or gave up on restarting).
-    pub fn release_kept(&mut self) {
-        let kept: Vec<HandleId> = self
+    /// Closes the handles kept open for a dead worker's replacement whose deadline is at or
+    /// before `until` (`None`: all of them, for a shutdown).
+    pub fn release_kept(&mut self, until: Option<Instant>) {
+        let expired: Vec<HandleId> = self
             .handles
             .iter()
-            .filter(|(_, h)| h.kept && h.is_orphaned())
+            .filter(|(_, h)| h.kept.is_some_and(|d| until.is_none_or(|until| d <= until)))
             .map(|(id, _)| *id)
             .collect();
-        for id in kept {
+        for id in expired {
             if let Some(h) = self.handles.get_mut(&id) {
-                h.kept = false;
+                h.kept = None;
             }
             self.collect(id);
         }
+    }
+
+    /// When the next kept handle is to be released.
+    pub fn next_release(&self) -> Option<Instant> {
+        self.handles.values().filter_map(|h| h.kept).min()
     }
 
     /// Whether `worker` listens on `handle` (as an active member).
@@ -527,7 +538,7 @@ impl<C: Copy + Eq> Registry<C> {
             .handles
             .get_mut(&id)
             .expect("join is only called for known handles");
-        h.kept = false;
+        h.kept = None;
         let addr = match &mut h.state {
             State::Binding(waiters) => return waiters.push((worker, seq)),
             State::Bound(addr, Mode::RoundRobin(rr)) => {
@@ -593,7 +604,7 @@ impl<C: Copy + Eq> Registry<C> {
                 });
             }
         }
-        if h.is_orphaned() && !h.kept {
+        if h.is_orphaned() && h.kept.is_none() {
             self.forget(id);
         }
     }
@@ -617,7 +628,7 @@ impl<C: Copy + Eq> Registry<C> {
                     key: h.key,
                     distribution: h.distribution,
                     state: State::Closing(rr),
-                    kept: false,
+                    kept: None,
                 },
             );
         }

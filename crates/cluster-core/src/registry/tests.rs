@@ -1,3 +1,5 @@
+use std::time::Instant;
+
 use super::*;
 use crate::wire::{ListenFlags, ListenTarget, SocketKind};
 
@@ -201,7 +203,7 @@ fn shared_policy_shares_streams_and_last_leaver_unbinds() {
     assert_eq!(listen(&mut reg, W2, 1, "127.0.0.1:0"), h);
     assert!(!reg.wants_connections(h));
     assert_eq!(reg.connection(h, 1), Err(1));
-    reg.remove_worker(W1);
+    reg.remove_worker(Instant::now(), W1);
     assert_eq!(drain(&mut reg), []);
     reg.close(W2, h).unwrap();
     assert_eq!(drain(&mut reg), [RegistryOutput::Unbind { handle: h }]);
@@ -221,7 +223,7 @@ fn worker_gone_while_binding_is_not_answered_and_empty_bind_is_closed() {
     let RegistryOutput::Bind { handle, .. } = drain(&mut reg)[0].clone() else {
         panic!()
     };
-    reg.remove_worker(W1);
+    reg.remove_worker(Instant::now(), W1);
     reg.bound(handle, Ok(BoundAddr::Ip("127.0.0.1:1".parse().unwrap())));
     assert_eq!(drain(&mut reg), [RegistryOutput::Unbind { handle }]);
     assert!(reg.is_empty());

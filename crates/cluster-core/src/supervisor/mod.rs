@@ -325,12 +325,18 @@ impl Supervisor {
     /// `worker` was killed by a signal from outside the cluster (not a fault of its own, not
     /// the primary's kill for a hang): restarted after a short backoff that grows with the
     /// slot's recent kills up to [`KILL_BACKOFF_MAX`], without counting towards the breaker.
+    /// A worker killed before it listened counts as a crash at boot (the OOM killer at every
+    /// start is a boot loop, not a storm).
     pub fn handle_killed(&mut self, now: Instant, worker: WorkerId) {
         let Some(index) = self.slot_of(worker) else {
             return;
         };
         if self.stopping {
             self.slots[index].state = State::Stopped;
+            return;
+        }
+        if matches!(self.slots[index].state, State::Booting { .. }) {
+            self.failed(now, index, true);
             return;
         }
         let window = self.config.crash_loop_window;
@@ -479,6 +485,13 @@ impl Supervisor {
                     _ => None,
                 })
         })
+    }
+
+    /// Whether `worker` was started by a slot and has not listened yet.
+    pub fn is_booting(&self, worker: WorkerId) -> bool {
+        self.slots
+            .iter()
+            .any(|s| matches!(s.state, State::Booting { worker: w, .. } if w == worker))
     }
 
     /// Slots whose worker listens.

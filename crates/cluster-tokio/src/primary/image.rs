@@ -60,6 +60,17 @@ impl fmt::Display for Binary {
     }
 }
 
+/// The path this program was started from, as given (`argv[0]` made absolute), so that a reload
+/// follows a symlink a deploy switched (`current -> releases/v5`); `current_exe()` (the file
+/// itself) when it was found through `PATH`.
+fn started_from() -> io::Result<PathBuf> {
+    match std::env::args_os().next().map(PathBuf::from) {
+        Some(arg0) if arg0.is_absolute() => Ok(arg0),
+        Some(arg0) if arg0.components().count() > 1 => Ok(std::env::current_dir()?.join(arg0)),
+        _ => std::env::current_exe(),
+    }
+}
+
 /// One generation's program, open: workers are started from the open file, never from its
 /// path again.
 #[derive(Debug)]
@@ -80,8 +91,7 @@ impl Image {
             Some(path) => Self::open(path, 1),
             None => {
                 let file = File::open("/proc/self/exe")?;
-                let path = std::env::current_exe()?;
-                Self::from_file(file, path, 1)
+                Self::from_file(file, started_from()?, 1)
             }
         }
     }

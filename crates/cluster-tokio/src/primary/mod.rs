@@ -74,6 +74,8 @@ pub(crate) struct PrimaryShared {
     reloading: tokio::sync::Mutex<()>,
     /// The program of the current generation: what forks, respawns and scale-ups run.
     image: Mutex<Arc<Image>>,
+    /// The number the next reload's generation gets (never reused, aborted reloads included).
+    next_generation: std::sync::atomic::AtomicU64,
 }
 
 impl PrimaryShared {
@@ -128,6 +130,7 @@ impl Primary {
             settings: settings.clone(),
             reloading: tokio::sync::Mutex::new(()),
             image: Mutex::new(Arc::new(image)),
+            next_generation: std::sync::atomic::AtomicU64::new(2),
         });
         tokio::spawn(Driver::new(settings, shared.clone(), rx, tx.clone()));
         Ok(Self { tx, shared })
@@ -273,7 +276,11 @@ impl Primary {
         let current = self.image();
         // Looked up again now: a deploy renamed or copied a new build onto this path.
         let path = current.binary.path.clone();
-        let next = Image::open(&path, current.generation + 1)
+        let generation = self
+            .shared
+            .next_generation
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let next = Image::open(&path, generation)
             .map_err(|source| ReloadError::Binary { path, source })?;
         let changed = !next.binary.same_file(&current.binary);
         if changed {
@@ -289,10 +296,13 @@ impl Primary {
             replaced: Vec::new(),
             aborted: None,
         };
-        for old in self.workers() {
-            if old.is_dead() || !old.is_connected() {
-                continue;
-            }
+        // Until every worker runs the new generation: one that crashed meanwhile came back on
+        // the current image, and is replaced too.
+        while let Some(old) = self
+            .workers()
+            .into_iter()
+            .find(|w| !w.is_dead() && w.is_connected() && w.generation() < next.generation)
+        {
             let mut events = self.events();
             let new = self
                 .fork_image(Vec::new(), next.clone())
@@ -615,8 +625,9 @@ impl WorkerHandle {
         self.shared.pid
     }
 
-    /// The generation it belongs to: 1 for the workers of the binary the primary started with,
-    /// one more for each completed rolling reload.
+    /// The generation it belongs to: 1 for the workers of the binary the primary started with;
+    /// each rolling reload numbers its replacements with the next number (an aborted reload's
+    /// number is not used again). Respawns and scale-ups join the last completed generation.
     pub fn generation(&self) -> u64 {
         self.shared.generation
     }
