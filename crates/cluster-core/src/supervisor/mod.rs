@@ -349,15 +349,9 @@ impl Supervisor {
         {
             slot.kills.pop_front();
         }
-        let exponent = u32::try_from(slot.kills.len() - 1)
-            .unwrap_or(u32::MAX)
-            .min(30);
-        let ceiling = self
-            .config
-            .backoff_initial
-            .saturating_mul(1 << exponent)
-            .min(KILL_BACKOFF_MAX.min(self.config.backoff_max));
-        let delay = ceiling.mul_f64(next_unit(&mut self.rng));
+        let exponent = u32::try_from(slot.kills.len() - 1).unwrap_or(u32::MAX);
+        let cap = KILL_BACKOFF_MAX.min(self.config.backoff_max);
+        let delay = jittered_backoff(&self.config, exponent, cap, &mut self.rng);
         slot.state = State::Waiting { until: now + delay };
         self.out
             .push_back(SupervisorOutput::Event(SupervisorEvent::Killed {
@@ -595,13 +589,9 @@ impl Supervisor {
                 }));
             return;
         }
-        let ceiling = config
-            .backoff_initial
-            .saturating_mul(1 << slot.attempt.min(30))
-            .min(config.backoff_max);
+        let exponent = slot.attempt;
         slot.attempt = slot.attempt.saturating_add(1);
-        // Full jitter: uniform in [0, ceiling].
-        let delay = ceiling.mul_f64(next_unit(&mut self.rng));
+        let delay = jittered_backoff(&config, exponent, config.backoff_max, &mut self.rng);
         self.slots[index].state = State::Waiting { until: now + delay };
         self.out
             .push_back(SupervisorOutput::Event(SupervisorEvent::Respawning {
@@ -647,6 +637,20 @@ pub enum GiveUp {
         /// Its crashes within the breaker's window.
         failures: usize,
     },
+}
+
+/// Exponential backoff with full jitter: uniform in `[0, min(initial × 2^exponent, cap)]`.
+fn jittered_backoff(
+    config: &SupervisorConfig,
+    exponent: u32,
+    cap: Duration,
+    rng: &mut u64,
+) -> Duration {
+    let ceiling = config
+        .backoff_initial
+        .saturating_mul(1 << exponent.min(30))
+        .min(cap);
+    ceiling.mul_f64(next_unit(rng))
 }
 
 /// splitmix64: a uniform number in [0, 1].
