@@ -66,7 +66,10 @@ impl fmt::Display for Binary {
 fn started_from() -> io::Result<PathBuf> {
     match std::env::args_os().next().map(PathBuf::from) {
         Some(arg0) if arg0.is_absolute() => Ok(arg0),
-        Some(arg0) if arg0.components().count() > 1 => Ok(std::env::current_dir()?.join(arg0)),
+        // `components` drops the `.` of `./app`.
+        Some(arg0) if arg0.components().count() > 1 => {
+            Ok(std::env::current_dir()?.join(arg0).components().collect())
+        }
         _ => std::env::current_exe(),
     }
 }
