@@ -49,6 +49,19 @@ pub enum Command {
     },
     /// Leave the cluster on purpose, then exit 0.
     Disconnect,
+    /// When the link to the primary closes, connect to the Unix socket at `report` and write
+    /// `"connected=<is_connected> shutting_down=<is_shutting_down>\n"` (the link is closed then,
+    /// so the test learns of it another way).
+    WatchLink {
+        /// A Unix stream socket the test listens on.
+        report: String,
+    },
+    /// Send `Reply::Numbered` with a `size`-byte payload and a UDP socket attached, then return
+    /// from `main` at once (the worker's listeners are dropped unwaited).
+    SendAndReturn {
+        /// Payload size.
+        size: usize,
+    },
     /// Like `Listen`, with a listener of another kind or with options.
     ListenSpec(Listen),
     /// Bind a UDP socket that answers every datagram with `"worker <id>: <payload>"`.

@@ -3,7 +3,7 @@
 mod support;
 
 use cluster::primary::{Event, ExitStatus, Signal, WorkerState};
-use cluster_tests::Command;
+use cluster_tests::{Command, Reply};
 use support::{Cluster, POLICIES, who};
 
 fn names(events: &[Event]) -> Vec<&'static str> {
@@ -196,6 +196,95 @@ async fn a_worker_that_leaves_is_disconnected_while_it_finishes_its_connections(
 }
 
 #[tokio::test]
+async fn the_primarys_disconnect_closes_the_link_while_the_worker_finishes_its_connections() {
+    use tokio::io::AsyncReadExt;
+    for policy in POLICIES {
+        let mut cluster = Cluster::start(policy);
+        let worker = cluster.fork().await;
+        let port = cluster.listen(&worker, "127.0.0.1:0").await;
+        let path = std::env::temp_dir().join(format!(
+            "cluster-link-{}-{policy:?}.sock",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_file(&path);
+        let report = tokio::net::UnixListener::bind(&path).unwrap();
+        worker
+            .send(&Command::WatchLink {
+                report: path.display().to_string(),
+            })
+            .unwrap();
+        // Served, and held open: the worker cannot exit before this client closes.
+        let client = served_client(port).await;
+        let disconnecting = {
+            let worker = worker.clone();
+            tokio::spawn(async move { worker.disconnect().await })
+        };
+        // Node's order: `disconnect` when the worker has closed its listeners and its channel,
+        // while it is still serving; `exit` when it ends.
+        let disconnect = cluster
+            .expect(&worker, |e| !matches!(e, Event::Listening { .. }))
+            .await;
+        assert!(
+            matches!(disconnect, Event::Disconnect(_)),
+            "{policy:?}: {disconnect:?}"
+        );
+        assert!(running(worker.pid()), "{policy:?}: its client is open");
+        assert!(!worker.is_dead(), "{policy:?}");
+        assert_eq!(worker.state(), WorkerState::Disconnected);
+        // Inside the worker, at that moment, the link is closed too.
+        let (mut from_worker, _) = tokio::time::timeout(support::WAIT, report.accept())
+            .await
+            .expect("the worker saw its link close")
+            .unwrap();
+        let mut seen = String::new();
+        tokio::time::timeout(support::WAIT, from_worker.read_to_string(&mut seen))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(seen, "connected=false shutting_down=true\n", "{policy:?}");
+        let _ = std::fs::remove_file(&path);
+        drop(client);
+        tokio::time::timeout(support::WAIT, disconnecting)
+            .await
+            .expect("the worker exited once its client closed")
+            .unwrap()
+            .unwrap();
+        let life = cluster.life_of(&worker).await;
+        assert_eq!(names(&life), ["exit"], "{policy:?}");
+        assert_eq!(worker.exit_status(), Some(ExitStatus::Code(0)));
+        assert_eq!(worker.exited_after_disconnect(), Some(true));
+    }
+}
+
+#[tokio::test]
+async fn a_message_sent_just_before_main_returns_is_delivered() {
+    const SIZE: usize = 800 * 1024;
+    for policy in POLICIES {
+        let mut cluster = Cluster::start(policy);
+        let worker = cluster.fork().await;
+        cluster.listen(&worker, "127.0.0.1:0").await;
+        worker.send(&Command::SendAndReturn { size: SIZE }).unwrap();
+        let Event::Message { message, .. } = cluster
+            .expect(&worker, |e| matches!(e, Event::Message { .. }))
+            .await
+        else {
+            unreachable!()
+        };
+        let socket = message.take_fd().expect("the socket came with it");
+        let reply: Reply = message.decode().unwrap();
+        let Reply::Numbered { payload, .. } = reply else {
+            panic!("{policy:?}: {reply:?}");
+        };
+        assert_eq!(payload.len(), SIZE, "{policy:?}");
+        assert!(payload.iter().all(|b| usize::from(*b) == SIZE % 251));
+        drop(socket);
+        let life = cluster.life_of(&worker).await;
+        assert_eq!(names(&life), ["disconnect", "exit"], "{policy:?}");
+        assert_eq!(worker.exit_status(), Some(ExitStatus::Code(0)));
+    }
+}
+
+#[tokio::test]
 async fn cluster_disconnect_all_then_again() {
     let mut cluster = Cluster::start(cluster::primary::SchedulingPolicy::RoundRobin);
     // With no workers it completes at once.
@@ -309,7 +398,7 @@ async fn environment_cwd_and_hidden_role_markers() {
         .unwrap();
     let ask = |name: &str| Command::Env { name: name.into() };
     let env = |reply| match reply {
-        cluster_tests::Reply::Env { value, cwd } => (value, cwd),
+        Reply::Env { value, cwd } => (value, cwd),
         other => panic!("{other:?}"),
     };
     let (value, cwd) = env(cluster.ask(&worker, ask("FROM_FORK")).await);

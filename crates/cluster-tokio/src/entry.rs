@@ -47,7 +47,11 @@ where
             runtime.block_on(async move {
                 let worker =
                     Worker::start(id, ipc).expect("failed to connect to the cluster primary");
-                main(Role::Worker(worker)).await
+                let output = main(Role::Worker(worker.clone())).await;
+                // As Node, which finishes pending channel writes before the process exits: a
+                // message sent just before `main` returned still arrives.
+                let _ = tokio::time::timeout(worker::EXIT_FLUSH, worker.flush()).await;
+                output
             })
         }
         _ => {

@@ -194,6 +194,30 @@ async fn serve(worker: Worker) {
                 worker.disconnect().await.expect("disconnect");
                 break;
             }
+            Command::WatchLink { report } => {
+                let worker = worker.clone();
+                tokio::spawn(async move {
+                    worker.disconnected().await;
+                    let line = format!(
+                        "connected={} shutting_down={}\n",
+                        worker.is_connected(),
+                        worker.is_shutting_down()
+                    );
+                    let mut to = tokio::net::UnixStream::connect(report).await.expect("report");
+                    to.write_all(line.as_bytes()).await.expect("report");
+                });
+            }
+            Command::SendAndReturn { size } => {
+                let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp");
+                let payload = vec![(size % 251) as u8; size];
+                worker
+                    .send_with_fd(&Reply::Numbered { index: 0, payload }, socket)
+                    .expect("send");
+                for listener in listeners.into_iter().flatten() {
+                    listener.task.abort();
+                }
+                return;
+            }
         }
     }
     for task in udp {

@@ -10,6 +10,7 @@ use proto::wire::{BoundAddr, Distribution, Envelope, ListenInfo, ListenRequest, 
 use proto::{HandleId, Seq, SessionAttach, SessionEvent, SessionOutput, WorkerSession};
 use tokio::sync::{mpsc, oneshot, watch};
 
+use super::LinkState;
 use super::queue::{HandoffQueue, Offer};
 use crate::ipc::{Channel, Received};
 use crate::message::{Answer, Message, PendingRequests, ReplySender};
@@ -44,6 +45,10 @@ pub(crate) enum Command {
     Disconnect {
         reply: oneshot::Sender<io::Result<()>>,
     },
+    /// Answered once everything queued before it is in the link's buffer.
+    Flush {
+        reply: oneshot::Sender<()>,
+    },
 }
 
 /// What a successful listen gives the listener.
@@ -69,7 +74,7 @@ pub(crate) struct Driver {
     /// For answers to requests from the primary (weak: the driver must not keep itself alive).
     answers: mpsc::WeakUnboundedSender<Command>,
     shutdown: watch::Sender<bool>,
-    connected: watch::Sender<bool>,
+    link: watch::Sender<LinkState>,
     messages: mpsc::UnboundedSender<Message>,
     listens: HashMap<Seq, oneshot::Sender<io::Result<Granted>>>,
     queues: HashMap<HandleId, Arc<HandoffQueue>>,
@@ -77,9 +82,12 @@ pub(crate) struct Driver {
     /// in the order of those frames.
     attachments: VecDeque<OwnedFd>,
     requests: PendingRequests,
-    disconnect: Option<oneshot::Sender<io::Result<()>>>,
+    /// Waiting for the primary to acknowledge this worker's leaving (`Some` once it announced
+    /// it).
+    leaving: Option<Vec<oneshot::Sender<io::Result<()>>>>,
     /// This worker left on purpose and the primary acknowledged: the link is done.
     left: bool,
+    flushes: Vec<oneshot::Sender<()>>,
     outgoing: VecDeque<(Vec<u8>, Option<OwnedFd>)>,
     buf: Vec<u8>,
 }
@@ -90,7 +98,7 @@ impl Driver {
         commands: mpsc::UnboundedReceiver<Command>,
         answers: mpsc::WeakUnboundedSender<Command>,
         shutdown: watch::Sender<bool>,
-        connected: watch::Sender<bool>,
+        link: watch::Sender<LinkState>,
         messages: mpsc::UnboundedSender<Message>,
     ) -> Self {
         Self {
@@ -99,14 +107,15 @@ impl Driver {
             commands,
             answers,
             shutdown,
-            connected,
+            link,
             messages,
             listens: HashMap::new(),
             queues: HashMap::new(),
             attachments: VecDeque::new(),
             requests: PendingRequests::default(),
-            disconnect: None,
+            leaving: None,
             left: false,
+            flushes: Vec::new(),
             outgoing: VecDeque::new(),
             buf: Vec::new(),
         }
@@ -123,6 +132,9 @@ impl Driver {
             if let Err(error) = self.send_all().await {
                 tracing::debug!(%error, "link to the primary broke");
                 break;
+            }
+            for flushed in self.flushes.drain(..) {
+                let _ = flushed.send(());
             }
             if self.left {
                 break;
@@ -214,10 +226,13 @@ impl Driver {
                 }
             }
             SessionEvent::User { envelope } => self.user(envelope, fds),
-            SessionEvent::DisconnectRequested => self.stop_serving(),
+            // As Node's workers: close every listener, then the link (announced first, so that
+            // the primary knows every handoff is settled); the process may go on finishing its
+            // connections.
+            SessionEvent::DisconnectRequested => self.leave(None),
             SessionEvent::DisconnectAcked => {
                 self.left = true;
-                if let Some(reply) = self.disconnect.take() {
+                for reply in self.leaving.take().into_iter().flatten() {
                     let _ = reply.send(Ok(()));
                 }
             }
@@ -373,13 +388,24 @@ impl Driver {
                     self.send_user(UserKind::Refusal { ack }, reason.into_bytes(), None);
                 }
             },
-            Command::Disconnect { reply } => {
-                self.stop_serving();
-                match self.session.exit_after_disconnect() {
-                    Ok(_) => self.disconnect = Some(reply),
-                    Err(_) => {
-                        let _ = reply.send(Err(io::Error::from(io::ErrorKind::NotConnected)));
-                    }
+            Command::Disconnect { reply } => self.leave(Some(reply)),
+            Command::Flush { reply } => self.flushes.push(reply),
+        }
+    }
+
+    /// Stops serving and announces leaving (once); `reply` is answered when the primary
+    /// acknowledged it.
+    fn leave(&mut self, reply: Option<oneshot::Sender<io::Result<()>>>) {
+        self.stop_serving();
+        if let Some(waiting) = &mut self.leaving {
+            waiting.extend(reply);
+            return;
+        }
+        match self.session.exit_after_disconnect() {
+            Ok(_) => self.leaving = Some(reply.into_iter().collect()),
+            Err(_) => {
+                if let Some(reply) = reply {
+                    let _ = reply.send(Err(io::Error::from(io::ErrorKind::NotConnected)));
                 }
             }
         }
@@ -396,10 +422,20 @@ impl Driver {
         for (_, reply) in self.listens.drain() {
             let _ = reply.send(Err(io::Error::from(io::ErrorKind::NotConnected)));
         }
-        if let Some(reply) = self.disconnect.take() {
+        for reply in self.leaving.take().into_iter().flatten() {
             let _ = reply.send(Err(io::Error::from(io::ErrorKind::NotConnected)));
         }
-        self.connected.send_replace(false);
+        if self.left {
+            // Everything asked before them went out before the farewell.
+            for flushed in self.flushes.drain(..) {
+                let _ = flushed.send(());
+            }
+        }
+        self.link.send_replace(if self.left {
+            LinkState::Left
+        } else {
+            LinkState::Lost
+        });
         self.shutdown.send_replace(true);
         if !self.left {
             // The primary went away (or dropped us): like Node's workers, leave. A short grace

@@ -26,7 +26,20 @@ pub(crate) use queue::HandoffQueue;
 /// How long a worker whose primary went away keeps running so in-flight work can finish.
 pub const ORPHAN_GRACE: Duration = Duration::from_secs(1);
 
+/// How long a worker whose `main` returned waits for its messages to go out before it exits.
+pub const EXIT_FLUSH: Duration = Duration::from_secs(5);
+
 static CURRENT: OnceLock<Worker> = OnceLock::new();
+
+/// The link to the primary, as the worker sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum LinkState {
+    Open,
+    /// Closed after this worker left on purpose (the primary acknowledged).
+    Left,
+    /// Closed otherwise: the primary went away or broke the protocol.
+    Lost,
+}
 
 /// This process's handle as a worker (Node's `cluster.worker`). Cheap to clone.
 #[derive(Clone)]
@@ -38,7 +51,7 @@ struct Inner {
     id: WorkerId,
     commands: mpsc::UnboundedSender<Command>,
     shutdown: watch::Receiver<bool>,
-    connected: watch::Receiver<bool>,
+    link: watch::Receiver<LinkState>,
     messages: Mutex<mpsc::UnboundedReceiver<Message>>,
 }
 
@@ -66,14 +79,14 @@ impl Worker {
         let channel = Channel::new(ipc)?;
         let (commands, command_rx) = mpsc::unbounded_channel();
         let (shutdown_tx, shutdown) = watch::channel(false);
-        let (connected_tx, connected) = watch::channel(true);
+        let (link_tx, link) = watch::channel(LinkState::Open);
         let (message_tx, messages) = mpsc::unbounded_channel();
         let worker = Self {
             inner: Arc::new(Inner {
                 id,
                 commands,
                 shutdown,
-                connected,
+                link,
                 messages: Mutex::new(messages),
             }),
         };
@@ -83,7 +96,7 @@ impl Worker {
             command_rx,
             answers,
             shutdown_tx,
-            connected_tx,
+            link_tx,
             message_tx,
         );
         tokio::spawn(driver.run());
@@ -95,9 +108,19 @@ impl Worker {
         self.inner.id
     }
 
-    /// Whether the link to the primary is open.
+    /// Whether the link to the primary is open (Node's `worker.isConnected()`). It closes when
+    /// this worker leaves: after [`Self::disconnect`], or once the primary asked it to
+    /// disconnect and its listeners are closed (the process may still be finishing its
+    /// connections); or when the primary goes away.
     pub fn is_connected(&self) -> bool {
-        *self.inner.connected.borrow()
+        *self.inner.link.borrow() == LinkState::Open
+    }
+
+    /// Resolves when the link to the primary has closed (Node's `'disconnect'` event in a
+    /// worker); see [`Self::is_connected`].
+    pub async fn disconnected(&self) {
+        let mut rx = self.inner.link.clone();
+        let _ = rx.wait_for(|state| *state != LinkState::Open).await;
     }
 
     /// Whether the primary asked this worker to leave, or went away.
@@ -206,14 +229,38 @@ impl Worker {
     /// Leaves the cluster on purpose (Node's `worker.disconnect()` in a worker): closes every
     /// listener, tells the primary (so its `exited_after_disconnect` is true), and closes the
     /// link once the primary acknowledged. The process keeps running until `main` returns.
+    /// The runtime does the same by itself when the primary asks this worker to disconnect;
+    /// calling it again after either is harmless.
     ///
     /// # Errors
     ///
-    /// The link was already closed.
+    /// The link closed without this worker leaving (the primary went away).
     pub async fn disconnect(&self) -> io::Result<()> {
+        if *self.inner.link.borrow() == LinkState::Left {
+            return Ok(());
+        }
         let (reply, rx) = oneshot::channel();
-        self.command(Command::Disconnect { reply })?;
-        rx.await.map_err(|_| not_connected())?
+        let asked = self.command(Command::Disconnect { reply });
+        match (asked, rx.await) {
+            (Ok(()), Ok(result)) => result,
+            // The driver ended meanwhile: fine if it was by leaving.
+            _ if *self.inner.link.borrow() == LinkState::Left => Ok(()),
+            _ => Err(not_connected()),
+        }
+    }
+
+    /// Waits until every message sent so far is in the link's buffer, from where it reaches
+    /// the primary even if this process exits right after. Returning from `main` in a worker
+    /// does this by itself (for up to [`EXIT_FLUSH`]); call it before ending the process any
+    /// other way, such as `std::process::exit`.
+    ///
+    /// # Errors
+    ///
+    /// The link closed before they all went out (`NotConnected`).
+    pub async fn flush(&self) -> io::Result<()> {
+        let (reply, rx) = oneshot::channel();
+        self.command(Command::Flush { reply })?;
+        rx.await.map_err(|_| not_connected())
     }
 
     pub(crate) async fn listen(&self, request: ListenRequest) -> io::Result<Granted> {
