@@ -248,7 +248,7 @@ fn a_reload_runs_the_build_deployed_by_rename_and_refuses_bad_builds() {
     deploy(fixture, "exit");
     program.signal(libc::SIGHUP);
     program.wait_for_log("reload aborted");
-    assert!(program.stderr().contains("exited before listening"));
+    assert!(program.stderr().contains("exited before it was up"));
     assert_eq!(build_at(port), "v2");
 
     // A build that speaks another protocol version.
@@ -275,6 +275,61 @@ fn a_reload_runs_the_build_deployed_by_rename_and_refuses_bad_builds() {
 
     program.signal(libc::SIGTERM);
     assert!(program.wait().success(), "{}", program.stderr());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn with_wait_ready_a_reload_waits_for_readiness_not_only_for_listening() {
+    let dir = std::env::temp_dir().join(format!("cluster-ready-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let fixture = Path::new(env!("CARGO_BIN_EXE_http_fixture"));
+    let app = dir.join("app");
+    let deploy = |build: &str| {
+        let staged = dir.join(format!("app.{build}"));
+        cluster_tests::stamp(fixture, &staged, build);
+        std::fs::rename(&staged, &app).unwrap();
+    };
+    deploy("v1");
+    let mut program = Program::start(
+        app.to_str().unwrap(),
+        &[
+            ("CLUSTER_WORKERS", "2"),
+            ("CLUSTER_BOOT_TIMEOUT", "2s"),
+            ("FIXTURE_WAIT_READY", "1"),
+            ("RUST_LOG", "info"),
+        ],
+    );
+    let (_, _, port) = program.worker();
+    program.worker();
+    program.wait_for_logs("worker ready", 2);
+    assert_eq!(build_at(port), "v1");
+
+    // A build that listens but never says it is ready: not up, so the reload is aborted at
+    // the boot timeout, although the replacement listened at once.
+    deploy("unready");
+    program.signal(libc::SIGHUP);
+    let (_, unready, _) = program.worker();
+    program.wait_for_log("reload aborted");
+    let log = program.stderr();
+    assert!(
+        log.contains("the replacement was not up within the boot timeout"),
+        "{log}"
+    );
+    cluster_tests::wait_gone(unready, WAIT);
+    for _ in 0..20 {
+        assert_eq!(build_at(port), "v1");
+    }
+
+    // A build that says it is ready replaces every worker.
+    deploy("v2");
+    program.signal(libc::SIGHUP);
+    program.wait_for_log("reload complete");
+    for _ in 0..20 {
+        assert_eq!(build_at(port), "v2");
+    }
+    assert!(program.stderr().matches("worker ready").count() >= 4);
+    program.signal(libc::SIGTERM);
+    assert!(program.wait().success());
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -519,7 +574,7 @@ fn a_failed_replacement_aborts_the_reload_and_the_old_workers_keep_serving() {
     assert!(
         program
             .stderr()
-            .contains("the replacement exited before listening"),
+            .contains("the replacement exited before it was up"),
         "{}",
         program.stderr()
     );

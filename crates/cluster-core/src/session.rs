@@ -118,6 +118,8 @@ pub struct WorkerSession {
     /// The highest accepted connection not acknowledged yet.
     unacked: Option<Seq>,
     disconnect_requested: bool,
+    /// [`WorkerSession::service_ready`] was sent.
+    service_ready: bool,
     reassembly: Reassembly,
     out: VecDeque<Queued>,
 }
@@ -140,6 +142,7 @@ impl WorkerSession {
             offered: VecDeque::new(),
             unacked: None,
             disconnect_requested: false,
+            service_ready: false,
             reassembly: Reassembly::default(),
             out: VecDeque::new(),
         };
@@ -163,6 +166,14 @@ impl WorkerSession {
             .map_err(|(e, _)| e)?;
         self.send(WorkerMessage::QueryServer { seq, request });
         Ok(seq)
+    }
+
+    /// Tells the primary the application is ready to serve; only the first call sends.
+    pub fn service_ready(&mut self) {
+        if !self.service_ready && !self.link.is_closed() {
+            self.service_ready = true;
+            self.send(WorkerMessage::ServiceReady);
+        }
     }
 
     /// Tells the primary the listener for `handle` is ready.
@@ -488,13 +499,14 @@ mod tests {
     #[test]
     fn a_future_primary_is_a_version_mismatch_not_garbage() {
         let mut s = WorkerSession::new(1);
-        // Version 3's Hello with one more field.
-        let err = s.handle_frame(&[0, 3, 7], 0).unwrap_err();
+        // The next version's Hello with one more field.
+        let next = u8::try_from(PROTOCOL_VERSION + 1).unwrap();
+        let err = s.handle_frame(&[0, next, 7], 0).unwrap_err();
         assert_eq!(
             err,
             ProtocolError::Link(LinkError::VersionMismatch {
                 ours: PROTOCOL_VERSION,
-                theirs: 3
+                theirs: PROTOCOL_VERSION + 1
             })
         );
     }

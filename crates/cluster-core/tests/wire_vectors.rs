@@ -57,7 +57,7 @@ fn vectors() -> Vec<Vector> {
                 version: PROTOCOL_VERSION,
                 pid: 4242,
             },
-            "00 02 92 21",
+            "00 03 92 21",
         ),
         worker(
             WorkerMessage::QueryServer {
@@ -171,11 +171,12 @@ fn vectors() -> Vec<Vector> {
             "0a 02 68 69",
         ),
         worker(WorkerMessage::Refused { ack: Seq::new(7) }, "0b 07"),
+        worker(WorkerMessage::ServiceReady, "0c"),
         primary(
             PrimaryMessage::Hello {
                 version: PROTOCOL_VERSION,
             },
-            "00 02",
+            "00 03",
         ),
         primary(
             PrimaryMessage::ListenReply {
@@ -311,6 +312,7 @@ fn variant_index(message: &Message) -> u8 {
             WorkerMessage::Heartbeat => 9,
             WorkerMessage::Fragment { .. } => 10,
             WorkerMessage::Refused { .. } => 11,
+            WorkerMessage::ServiceReady => 12,
         },
         Message::Primary(m) => match m {
             PrimaryMessage::Hello { .. } => 0,
@@ -367,7 +369,7 @@ fn vectors_decode_to_their_messages() {
 
 #[test]
 fn every_variant_has_a_vector_led_by_its_index() {
-    let mut worker = [false; 12];
+    let mut worker = [false; 13];
     let mut primary = [false; 7];
     for v in vectors() {
         let index = variant_index(&v.message);
@@ -378,7 +380,7 @@ fn every_variant_has_a_vector_led_by_its_index() {
         }
     }
     assert_eq!(
-        worker, [true; 12],
+        worker, [true; 13],
         "WorkerMessage variants without a vector"
     );
     assert_eq!(

@@ -151,6 +151,14 @@ fn install_default_logging() {
         .try_init();
 }
 
+/// Declares this process ready to serve, after its warm-up: in a worker,
+/// [`Worker::ready`]; elsewhere (unclustered) it does nothing.
+pub fn ready() {
+    if let Some(worker) = worker::current() {
+        worker.ready();
+    }
+}
+
 /// Resolves when this process should stop serving: in a worker, when the primary asks it to
 /// disconnect or goes away; in any other process, on SIGTERM or SIGINT.
 pub async fn shutdown() {

@@ -27,7 +27,7 @@ pub mod worker;
 
 #[doc(hidden)]
 pub use entry::configure;
-pub use entry::{MainOutput, Role, run, run_workers, shutdown};
+pub use entry::{MainOutput, Role, ready, run, run_workers, shutdown};
 pub use net::ClusterListener;
 pub use primary::Primary;
 pub use settings::Settings;

@@ -80,6 +80,7 @@ pub struct Settings {
     pub(crate) crash_loop_window: Duration,
     pub(crate) fatal_exit_code: Option<i32>,
     pub(crate) retry_bind_errors: bool,
+    pub(crate) wait_ready: bool,
 }
 
 impl Default for Settings {
@@ -119,6 +120,7 @@ impl Settings {
             crash_loop_window: supervisor.crash_loop_window,
             fatal_exit_code: supervisor.fatal_exit_code,
             retry_bind_errors: false,
+            wait_ready: false,
         }
     }
 
@@ -297,6 +299,19 @@ impl Settings {
     /// backoff, for a port that is expected to free up.
     pub fn retry_bind_errors(mut self, retry: bool) -> Self {
         self.retry_bind_errors = retry;
+        self
+    }
+
+    /// Whether a worker is up only once it declared itself ready with
+    /// [`cluster::ready()`](crate::ready) (default: off, up once it listens). On, the
+    /// supervisor counts a worker as serving from its [`Event::Ready`](crate::primary::Event::Ready),
+    /// a rolling reload retires an old worker only once its replacement is ready, and systemd
+    /// hears `READY=1` only once every worker is: for workers that warm up (fill caches, open
+    /// database pools) after they bind. A worker that is not ready within
+    /// [`Self::boot_timeout`] counts as failing at boot. The program must call
+    /// `cluster::ready()` in every worker.
+    pub fn wait_ready(mut self, wait: bool) -> Self {
+        self.wait_ready = wait;
         self
     }
 

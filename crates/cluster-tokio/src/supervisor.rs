@@ -67,11 +67,12 @@ pub struct ReloadAborted {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum AbortReason {
-    /// It exited before it listened.
-    #[error("the replacement exited before listening: {0}")]
+    /// It exited before it listened (with [`Settings::wait_ready`]: before it was ready).
+    #[error("the replacement exited before it was up: {0}")]
     ExitedBeforeListening(ExitStatus),
-    /// It did not listen within the boot timeout (it was killed).
-    #[error("the replacement did not listen within {0:?}")]
+    /// It did not listen (with [`Settings::wait_ready`]: declare itself ready) within the boot
+    /// timeout; it was killed.
+    #[error("the replacement was not up within the boot timeout ({0:?})")]
     BootTimeout(Duration),
     /// It speaks another protocol version than this primary (a deploy across an incompatible
     /// release of `cluster`: restart the service instead).
@@ -319,6 +320,8 @@ impl Supervisor {
         let workers = settings.worker_count();
         crate::sys::check_process_limit(workers)?;
         let config = settings.supervisor_config();
+        // Up means declared ready, not only listening.
+        let wait_ready = settings.wait_ready;
         // A SIGHUP is a reload, unless it is the hangup of the terminal this primary runs in the
         // foreground of (asked before our handler replaces an inherited `nohup`).
         let in_terminal = crate::sys::in_foreground_of_terminal();
@@ -444,7 +447,15 @@ impl Supervisor {
                     Some(Event::Listening { worker, address }) => {
                         listen_failure = None;
                         tracing::info!(worker = worker.id().get(), pid = worker.pid(), %address, "listening");
-                        policy.handle_listening(now(), worker.id());
+                        if !wait_ready {
+                            policy.handle_listening(now(), worker.id());
+                        }
+                    }
+                    Some(Event::Ready(worker)) => {
+                        tracing::info!(worker = worker.id().get(), pid = worker.pid(), "worker ready");
+                        if wait_ready {
+                            policy.handle_listening(now(), worker.id());
+                        }
                     }
                     Some(Event::Exit { worker, status, killed }) => {
                         let on_purpose = worker.exited_after_disconnect() == Some(true);

@@ -29,8 +29,8 @@
 //!
 //! # Where things are
 //!
-//! - The paved path is at the root: [`main`], [`run`], [`Role`], [`shutdown`], [`worker()`],
-//!   [`Settings`], [`ClusterListener`], [`Primary`], [`Worker`].
+//! - The paved path is at the root: [`main`], [`run`], [`Role`], [`shutdown`], [`ready`],
+//!   [`worker()`], [`Settings`], [`ClusterListener`], [`Primary`], [`Worker`].
 //! - [`net`]: every listener (TCP, Unix, UDP) and its bind options.
 //! - [`primary`]: what the primary knows of its workers: events, handles, stats, signals.
 //! - [`worker`](mod@worker): the worker's side.
@@ -47,7 +47,7 @@
 pub use cluster_macros::main;
 pub use cluster_tokio::{
     ClusterListener, MainOutput, Primary, Role, Settings, Supervisor, Worker, env, message, net,
-    primary, run, run_workers, settings, shutdown, supervisor, worker,
+    primary, ready, run, run_workers, settings, shutdown, supervisor, worker,
 };
 
 #[doc = include_str!("../../../docs/guide.md")]

@@ -5,7 +5,9 @@
 //! `GET /version` answers `<build> worker <id>` with the build the binary was stamped as
 //! (`cluster_tests::stamp`; a build stamped `exit` exits 1 at boot, a bad deploy). On
 //! shutdown a worker finishes its open requests (within 30 s) and exits. Workers started while
-//! the file named by `FIXTURE_FAIL_IF` exists exit 1 at once.
+//! the file named by `FIXTURE_FAIL_IF` exists exit 1 at once. With `FIXTURE_WAIT_READY=1` the
+//! primary waits for readiness (`Settings::wait_ready`), and every worker calls
+//! `cluster::ready()` once it listens, except in a build stamped `unready`, which never does.
 
 use std::convert::Infallible;
 use std::io::Write;
@@ -23,7 +25,12 @@ use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use hyper_util::server::graceful::GracefulShutdown;
 
-#[cluster::main(workers = 2)]
+fn settings() -> cluster::Settings {
+    let wait_ready = std::env::var_os("FIXTURE_WAIT_READY").is_some();
+    cluster::Settings::new().workers(2).wait_ready(wait_ready)
+}
+
+#[cluster::main(settings = settings)]
 async fn main() -> std::io::Result<()> {
     if std::env::var_os("FIXTURE_FAIL_IF").is_some_and(|path| std::path::Path::new(&path).exists())
     {
@@ -42,6 +49,9 @@ async fn main() -> std::io::Result<()> {
         std::process::id(),
         listener.local_addr()?.port()
     ));
+    if build != "unready" {
+        cluster::ready();
+    }
     let connections = GracefulShutdown::new();
     let draining = Arc::new(AtomicBool::new(false));
     loop {

@@ -95,6 +95,11 @@ pub enum Event {
         /// What it sent.
         envelope: Envelope,
     },
+    /// The worker's application declared itself ready to serve (once per worker).
+    Ready {
+        /// The worker.
+        worker: WorkerId,
+    },
     /// The worker's link closed ([`Primary::handle_link_closed`]).
     Disconnect {
         /// The worker.
@@ -244,6 +249,8 @@ struct WorkerEntry<C> {
     farewell_answered: bool,
     /// Told to be killed, and why: it is offered nothing more.
     killed: Option<KillReason>,
+    /// Declared ready to serve.
+    service_ready: bool,
     /// When a frame last came from it, after its handshake.
     last_seen: Option<Instant>,
     /// Broke the protocol: its frames are ignored until the driver closes the link.
@@ -317,6 +324,7 @@ impl<C: Copy + Eq + std::fmt::Debug> Primary<C> {
             leaving: false,
             farewell_answered: false,
             killed: None,
+            service_ready: false,
             last_seen: None,
             failed: false,
             unasked: 0,
@@ -771,6 +779,12 @@ impl<C: Copy + Eq + std::fmt::Debug> Primary<C> {
             }
             WorkerMessage::Fragment { data } => entry.reassembly.fragment(&data)?,
             WorkerMessage::Heartbeat => {}
+            WorkerMessage::ServiceReady => {
+                if !entry.service_ready && !entry.leaving {
+                    entry.service_ready = true;
+                    self.push(Output::Event(Event::Ready { worker }));
+                }
+            }
             WorkerMessage::Return { handle } => {
                 entry.counters.returned += 1;
                 self.push(Output::Returned { worker, handle });

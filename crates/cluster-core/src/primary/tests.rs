@@ -885,3 +885,20 @@ fn a_silent_worker_is_killed_at_its_heartbeat_deadline_and_the_reason_is_in_its_
         killed: Some(KillReason::HeartbeatTimeout),
     }));
 }
+
+#[test]
+fn a_workers_readiness_is_reported_once_and_not_while_it_leaves() {
+    let mut h = Harness::new();
+    let w = h.online();
+    h.outputs();
+    h.recv(w, &WorkerMessage::ServiceReady);
+    assert_eq!(h.events(), [Event::Ready { worker: w }]);
+    h.recv(w, &WorkerMessage::ServiceReady);
+    assert_eq!(h.events(), []);
+
+    let leaving = h.online();
+    h.outputs();
+    assert!(h.primary.disconnect(h.now, leaving));
+    h.recv(leaving, &WorkerMessage::ServiceReady);
+    assert_eq!(h.events(), []);
+}

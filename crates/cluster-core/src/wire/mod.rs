@@ -22,7 +22,7 @@ pub use codec::{
 
 /// The version of this protocol. Both handshake messages carry it; a peer speaking another
 /// version is disconnected with [`crate::LinkError::VersionMismatch`].
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// How often a worker's runtime sends [`WorkerMessage::Heartbeat`].
 pub const HEARTBEAT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
@@ -270,6 +270,8 @@ pub enum WorkerMessage {
         /// The `seq` of the `NewConn`.
         ack: Seq,
     },
+    /// The application declared itself ready to serve (its warm-up is done). Sent at most once.
+    ServiceReady,
 }
 
 /// Messages from the primary to a worker.

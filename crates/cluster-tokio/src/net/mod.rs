@@ -221,7 +221,7 @@ impl Handoff {
         };
         // The primary stopped offering after we refused while full; say there is room.
         if room_again {
-            self.guard.worker.ready(self.guard.handle);
+            self.guard.worker.has_room(self.guard.handle);
         }
         Poll::Ready(Some(conn))
     }

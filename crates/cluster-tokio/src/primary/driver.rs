@@ -679,6 +679,13 @@ impl Driver {
                     address: ListenAddress::from_bound(addr),
                 }
             }
+            proto::Event::Ready { worker } => {
+                let Some(w) = handle(&self.workers, &worker) else {
+                    return;
+                };
+                w.shared.update(|s| s.ready = true);
+                Event::Ready(w)
+            }
             proto::Event::User { worker, envelope } => {
                 let fd = if envelope.fd { self.fds.pop() } else { None };
                 let responder = match envelope.kind {

@@ -273,6 +273,7 @@ impl Primary {
             return Err(ReloadError::AlreadyRunning);
         };
         let boot_timeout = self.shared.settings.boot_timeout;
+        let wait_ready = self.shared.settings.wait_ready;
         let current = self.image();
         // Looked up again now: a deploy renamed or copied a new build onto this path.
         let path = current.binary.path.clone();
@@ -311,7 +312,12 @@ impl Primary {
             let ready = async {
                 loop {
                     match events.recv().await {
-                        Some(Event::Listening { worker, .. }) if worker.id() == new.id() => {
+                        Some(Event::Listening { worker, .. })
+                            if worker.id() == new.id() && !wait_ready =>
+                        {
+                            return None;
+                        }
+                        Some(Event::Ready(worker)) if worker.id() == new.id() && wait_ready => {
                             return None;
                         }
                         Some(Event::Exit { worker, status, .. }) if worker.id() == new.id() => {
@@ -511,6 +517,11 @@ pub enum Event {
         /// Where.
         address: ListenAddress,
     },
+    /// Its application declared itself ready to serve, after its warm-up
+    /// ([`cluster::ready()`](crate::ready)); once per worker. With
+    /// [`Settings::wait_ready`](crate::Settings::wait_ready) the supervisor and rolling reloads
+    /// count a worker as up from this event instead of its first `Listening`.
+    Ready(WorkerHandle),
     /// It sent a message or a request (answer it with [`Message::reply`]).
     Message {
         /// The sender.
@@ -561,6 +572,7 @@ pub enum Event {
 pub(crate) struct Status {
     state: WorkerState,
     connected: bool,
+    ready: bool,
     exited_after_disconnect: Option<bool>,
     exit: Option<ExitStatus>,
     killed: Option<KillReason>,
@@ -579,6 +591,7 @@ impl WorkerShared {
         let status = Status {
             state: WorkerState::None,
             connected: true,
+            ready: false,
             exited_after_disconnect: None,
             exit: None,
             killed: None,
@@ -640,6 +653,11 @@ impl WorkerHandle {
     /// Whether its link to the primary is open.
     pub fn is_connected(&self) -> bool {
         self.shared.status.borrow().connected
+    }
+
+    /// Whether it declared itself ready to serve ([`Worker::ready`](crate::Worker::ready)).
+    pub fn is_ready(&self) -> bool {
+        self.shared.status.borrow().ready
     }
 
     /// Whether its process has exited.

@@ -26,6 +26,7 @@ pub(crate) enum Command {
     Ready {
         handle: HandleId,
     },
+    ServiceReady,
     GiveBack {
         handle: HandleId,
         conns: Vec<OwnedFd>,
@@ -376,6 +377,7 @@ impl Driver {
             }
             Command::Close { handle } => self.close(handle),
             Command::Ready { handle } => self.session.ready(handle),
+            Command::ServiceReady => self.session.service_ready(),
             Command::GiveBack { handle, conns } => self.give_back(handle, conns),
             Command::Send { payload, fd } => self.send_user(UserKind::Message, payload, fd),
             Command::Request { payload, reply } => {

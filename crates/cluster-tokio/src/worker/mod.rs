@@ -280,7 +280,17 @@ impl Worker {
         let _ = self.command(Command::Close { handle });
     }
 
-    pub(crate) fn ready(&self, handle: proto::HandleId) {
+    /// Tells the primary this worker is ready to serve: its warm-up is done (caches filled,
+    /// connections to databases open). Only the first call counts. The primary reports
+    /// [`Event::Ready`](crate::primary::Event::Ready); with
+    /// [`Settings::wait_ready`](crate::Settings::wait_ready), starts and rolling reloads wait for
+    /// it (within the boot timeout) instead of for the worker's first listener. Also
+    /// [`cluster::ready()`](crate::ready), which works in any process.
+    pub fn ready(&self) {
+        let _ = self.command(Command::ServiceReady);
+    }
+
+    pub(crate) fn has_room(&self, handle: proto::HandleId) {
         let _ = self.command(Command::Ready { handle });
     }
 
