@@ -203,7 +203,9 @@ async fn serve(worker: Worker) {
                         worker.is_connected(),
                         worker.is_shutting_down()
                     );
-                    let mut to = tokio::net::UnixStream::connect(report).await.expect("report");
+                    let mut to = tokio::net::UnixStream::connect(report)
+                        .await
+                        .expect("report");
                     to.write_all(line.as_bytes()).await.expect("report");
                 });
             }
