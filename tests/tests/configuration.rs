@@ -81,6 +81,12 @@ fn the_disconnect_timeout_set_in_the_attribute_ends_a_stuck_shutdown() {
     let mut primary = fixture(&[]).spawn().expect("spawn");
     let workers = first_lines(&mut primary, 2);
     let pids: Vec<u32> = workers.iter().map(|line| pid_of(line)).collect();
+    // One connection, held by whichever worker got it.
+    let port: u16 = workers[0].rsplit(' ').next().unwrap().parse().unwrap();
+    let mut client = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    client.set_read_timeout(Some(WAIT)).unwrap();
+    let mut hi = [0; 3];
+    std::io::Read::read_exact(&mut client, &mut hi).unwrap();
     let asked = Instant::now();
     cluster_tests::signal(primary.id(), libc::SIGTERM).unwrap();
     let status = cluster_tests::wait_for_exit(&mut primary, WAIT);
@@ -92,10 +98,26 @@ fn the_disconnect_timeout_set_in_the_attribute_ends_a_stuck_shutdown() {
     assert!(took >= Duration::from_millis(1900), "{took:?}: {stderr}");
     assert!(took < Duration::from_secs(15), "{took:?}: {stderr}");
     assert_eq!(
-        stderr.matches("did not exit after disconnect").count(),
+        stderr
+            .matches("did not exit within the disconnect timeout; killing it")
+            .count(),
         2,
         "{stderr}"
     );
+    // Each kill says what the worker still held, and the likely cause.
+    assert_eq!(
+        stderr
+            .matches("it still held 1 open TCP connections")
+            .count(),
+        1,
+        "{stderr}"
+    );
+    assert_eq!(
+        stderr.matches("it held no open TCP connection").count(),
+        1,
+        "{stderr}"
+    );
+    drop(client);
     for pid in pids {
         cluster_tests::wait_gone(pid, WAIT);
     }
@@ -116,7 +138,9 @@ fn the_environment_overrides_the_settings_of_the_code() {
     assert!(status.success(), "{stderr}");
     // One worker (not the code's two), killed after the environment's 100 ms.
     assert_eq!(
-        stderr.matches("did not exit after disconnect").count(),
+        stderr
+            .matches("did not exit within the disconnect timeout; killing it")
+            .count(),
         1,
         "{stderr}"
     );

@@ -1,8 +1,9 @@
 //! A program configured only through `#[cluster::main(settings = ..)]`: two workers and a
 //! disconnect timeout of 2 s (and the program `FIXTURE_EXEC` names as the workers' program,
 //! if set). Each worker listens on `127.0.0.1:0`, prints
-//! `worker <id> pid <pid> port <port>`, and then ignores `cluster::shutdown()`: a SIGTERM ends
-//! the primary only once the disconnect timeout has killed them.
+//! `worker <id> pid <pid> port <port>`, answers every connection with `"hi\n"` and holds it
+//! open, and ignores `cluster::shutdown()`: a SIGTERM ends the primary only once the disconnect
+//! timeout has killed them.
 
 use std::io::Write;
 use std::time::Duration;
@@ -19,7 +20,7 @@ fn settings() -> cluster::Settings {
 
 #[cluster::main(settings = settings)]
 async fn main() -> std::io::Result<()> {
-    let listener = cluster::ClusterListener::bind("127.0.0.1:0").await?;
+    let mut listener = cluster::ClusterListener::bind("127.0.0.1:0").await?;
     let id = cluster::worker().map_or(0, |w| w.id().get());
     let mut out = std::io::stdout().lock();
     writeln!(
@@ -30,8 +31,14 @@ async fn main() -> std::io::Result<()> {
     )?;
     out.flush()?;
     drop(out);
-    // Holds the listener and never looks at `cluster::shutdown()`.
+    // Holds every connection and never looks at `cluster::shutdown()` (its listener ends then).
+    let mut held = Vec::new();
+    while let Ok((mut stream, _)) = listener.accept().await {
+        use tokio::io::AsyncWriteExt;
+        stream.write_all(b"hi\n").await?;
+        held.push(stream);
+    }
     std::future::pending::<()>().await;
-    drop(listener);
+    drop(held);
     Ok(())
 }

@@ -3,6 +3,7 @@
 
 mod alarm;
 mod driver;
+mod holding;
 mod image;
 mod spawn;
 
@@ -793,7 +794,14 @@ impl WorkerHandle {
             .send(Input::Disconnect { worker: self.id() })
             .map_err(|_| stopped())?;
         if tokio::time::timeout(deadline, self.exited()).await.is_err() {
-            tracing::warn!(worker = %self.id(), ?deadline, "worker did not exit after disconnect; killing it");
+            match holding::Holding::of(self.pid()) {
+                Some(holding) => {
+                    tracing::warn!(worker = %self.id(), pid = self.pid(), ?deadline, "worker did not exit within the disconnect timeout; killing it: {holding}")
+                }
+                None => {
+                    tracing::warn!(worker = %self.id(), pid = self.pid(), ?deadline, "worker did not exit within the disconnect timeout; killing it")
+                }
+            }
             self.kill(Signal::KILL)?;
             self.exited().await;
         }
