@@ -199,10 +199,18 @@ fn silent_workers_output_is_prefixed_and_complete_when_the_primary_exits_with_th
     for worker in [1, 2] {
         let raw = format!("[worker {worker}] raw {worker} \u{fffd}");
         assert!(stdout.contains(&raw), "no {raw:?} in the output");
+        // A JSON line stays JSON, attributed by a field.
+        let json = stdout
+            .iter()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|v| v["id"] == worker)
+            .unwrap_or_else(|| panic!("no JSON line of worker {worker}"));
+        assert_eq!(json["cluster_worker"], worker, "{json}");
+        assert_eq!(json["msg"], "json", "{json}");
     }
     let stdout: Vec<String> = stdout
         .into_iter()
-        .filter(|l| !l.contains(" raw "))
+        .filter(|l| !l.contains(" raw ") && !l.starts_with('{'))
         .collect();
     for (stream, lines) in [("out", &stdout), ("err", &stderr)] {
         for worker in [1, 2] {

@@ -41,6 +41,7 @@ where
     crate::env::answer_queries();
     match role::take() {
         Some(Detected::Worker { id, ipc }) => {
+            name_process(&format!("w{}", id.get()));
             let runtime = settings
                 .worker_runtime()
                 .expect("failed to build the worker's Tokio runtime");
@@ -55,6 +56,7 @@ where
             })
         }
         _ => {
+            name_process("primary");
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
@@ -66,6 +68,28 @@ where
             })
         }
     }
+}
+
+/// Names this process for `ps` and `top`: `<program>:primary` or `<program>:w<id>`, the program's
+/// name shortened to fit the 15 bytes the kernel keeps. The command line stays as it is: std
+/// reads `args()` from that memory, so rewriting it would change what user code parses.
+fn name_process(role: &str) {
+    const KEPT: usize = 15;
+    let program = std::env::args_os()
+        .next()
+        .map(|arg0| {
+            std::path::Path::new(&arg0)
+                .file_name()
+                .unwrap_or(arg0.as_os_str())
+                .to_string_lossy()
+                .into_owned()
+        })
+        .unwrap_or_default();
+    let mut end = program.len().min(KEPT.saturating_sub(role.len() + 1));
+    while !program.is_char_boundary(end) {
+        end -= 1;
+    }
+    crate::sys::set_thread_name(&format!("{}:{role}", &program[..end]));
 }
 
 /// Runs `body` in every worker while the primary keeps [`Settings::worker_count`] of them

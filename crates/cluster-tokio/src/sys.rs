@@ -440,6 +440,17 @@ pub(crate) fn read_timer(timer: BorrowedFd<'_>) -> io::Result<()> {
     Ok(())
 }
 
+/// Names the calling thread (`PR_SET_NAME`); for the main thread, that is the name `ps`, `top`
+/// and `/proc/<pid>/comm` show. The kernel keeps the first 15 bytes.
+pub(crate) fn set_thread_name(name: &str) {
+    let Ok(name) = std::ffi::CString::new(name) else {
+        return;
+    };
+    // SAFETY: PR_SET_NAME copies at most 15 bytes from a NUL-terminated string; `name` is one
+    // and outlives the call. It cannot fail for a valid pointer, so the result is not checked.
+    unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr(), 0, 0, 0) };
+}
+
 /// Whether this process has a controlling terminal (one it could open as `/dev/tty`). After the
 /// terminal hangs up, the kernel detaches it from every process of the session first, then
 /// sends SIGHUP: a SIGHUP that finds no terminal where there was one is a hangup.

@@ -1,7 +1,7 @@
 //! A primary with `Settings::silent`: it forks two workers, each prints one line that is not
-//! UTF-8 (`raw <id> \xff`) on stdout, then `FIXTURE_LINES` (default 1000) lines `out <id> <n>` on
-//! stdout and `err <id> <n>` on stderr, and exits at once; the primary exits as soon as both
-//! have exited.
+//! UTF-8 (`raw <id> \xff`) and one JSON line (`{"msg":"json","id":<id>}`) on stdout, then
+//! `FIXTURE_LINES` (default 1000) lines `out <id> <n>` on stdout and `err <id> <n>` on stderr,
+//! and exits at once; the primary exits as soon as both have exited.
 
 use std::io::Write;
 
@@ -19,6 +19,7 @@ fn main() {
                 let mut raw = format!("raw {id} ").into_bytes();
                 raw.extend_from_slice(b"\xff\n");
                 std::io::stdout().write_all(&raw).expect("stdout");
+                println!("{{\"msg\":\"json\",\"id\":{id}}}");
                 for n in 0..lines {
                     println!("out {id} {n}");
                     eprintln!("err {id} {n}");

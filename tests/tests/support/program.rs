@@ -53,6 +53,11 @@ impl Program {
         }
     }
 
+    /// The primary's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// The next stdout line starting with `prefix` (others are skipped).
     pub fn line(&mut self, prefix: &str) -> String {
         let deadline = Instant::now() + WAIT;

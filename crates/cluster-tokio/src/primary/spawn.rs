@@ -65,8 +65,10 @@ pub(crate) fn spawn(
     Ok((child, ours, theirs.into()))
 }
 
-/// Re-emits a silent worker's stdout and stderr line by line, prefixed with its id. The tasks end
-/// when the worker's end of the pipes closes, after flushing what they wrote.
+/// Re-emits a silent worker's stdout and stderr line by line, attributed to it: `[worker <id>] `
+/// before a line, or a first field `"cluster_worker":<id>` in a line that is a JSON object, so
+/// that a log pipeline still reads JSON. The tasks end when the worker's end of the pipes
+/// closes, after flushing what they wrote.
 pub(crate) fn forward_output(id: WorkerId, child: &mut Child) -> Vec<JoinHandle<()>> {
     use tokio::io::{AsyncBufReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 
@@ -76,19 +78,18 @@ pub(crate) fn forward_output(id: WorkerId, child: &mut Child) -> Vec<JoinHandle<
         mut to: impl AsyncWrite + Unpin,
     ) {
         let mut from = BufReader::new(from);
-        let prefix = format!("[{id}] ");
-        let mut line = prefix.clone().into_bytes();
+        let mut line = Vec::new();
+        let mut out = Vec::new();
         // Bytes, not `String` lines: output that is not UTF-8 passes through instead of ending
         // the forwarding (and then blocking the worker on a full pipe).
         while let Ok(read) = from.read_until(b'\n', &mut line).await
             && read > 0
         {
-            if !line.ends_with(b"\n") {
-                line.push(b'\n');
-            }
+            attribute(id, &line, &mut out);
             // A closed stdout must not block the worker either: keep reading.
-            let _ = to.write_all(&line).await;
-            line.truncate(prefix.len());
+            let _ = to.write_all(&out).await;
+            line.clear();
+            out.clear();
         }
         // tokio's stdout writes from a blocking thread: without this the last line may still be
         // on its way when the primary exits.
@@ -103,4 +104,51 @@ pub(crate) fn forward_output(id: WorkerId, child: &mut Child) -> Vec<JoinHandle<
         tasks.push(tokio::spawn(forward(id, stderr, tokio::io::stderr())));
     }
     tasks
+}
+
+/// `line` (with or without its newline) as worker `id`'s, into `out`, newline-terminated.
+fn attribute(id: WorkerId, line: &[u8], out: &mut Vec<u8>) {
+    let text = line.strip_suffix(b"\n").unwrap_or(line);
+    let text = text.strip_suffix(b"\r").unwrap_or(text);
+    match text.strip_prefix(b"{") {
+        Some(fields) if text.ends_with(b"}") => {
+            out.extend_from_slice(format!("{{\"cluster_worker\":{}", id.get()).as_bytes());
+            if fields.trim_ascii_start() != b"}" {
+                out.push(b',');
+            }
+            out.extend_from_slice(fields);
+        }
+        _ => {
+            out.extend_from_slice(format!("[{id}] ").as_bytes());
+            out.extend_from_slice(text);
+        }
+    }
+    out.push(b'\n');
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn attributed(line: &str) -> String {
+        let mut out = Vec::new();
+        attribute(WorkerId::new(3), line.as_bytes(), &mut out);
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn json_lines_get_a_field_and_other_lines_a_prefix() {
+        assert_eq!(
+            attributed("{\"level\":\"info\",\"msg\":\"up\"}\n"),
+            "{\"cluster_worker\":3,\"level\":\"info\",\"msg\":\"up\"}\n"
+        );
+        assert_eq!(attributed("{}"), "{\"cluster_worker\":3}\n");
+        assert_eq!(attributed("{ }\r\n"), "{\"cluster_worker\":3 }\n");
+        assert_eq!(
+            attributed("listening on 3000\n"),
+            "[worker 3] listening on 3000\n"
+        );
+        assert_eq!(attributed("{not closed\n"), "[worker 3] {not closed\n");
+        assert_eq!(attributed("no newline"), "[worker 3] no newline\n");
+    }
 }
