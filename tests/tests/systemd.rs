@@ -20,7 +20,10 @@ const FIXTURE: &str = env!("CARGO_BIN_EXE_http_fixture");
 /// What the test plays: the receiving end of `NOTIFY_SOCKET`.
 struct Manager {
     socket: UnixDatagram,
-    path: PathBuf,
+    /// `NOTIFY_SOCKET`.
+    address: String,
+    /// The socket's file, if it has one.
+    file: Option<PathBuf>,
     /// Every message received, in order.
     seen: Vec<String>,
 }
@@ -33,13 +36,28 @@ impl Manager {
         let socket = UnixDatagram::bind(&path).expect("bind the notify socket");
         Self {
             socket,
-            path,
+            address: path.to_str().expect("a UTF-8 temp dir").to_owned(),
+            file: Some(path),
+            seen: Vec::new(),
+        }
+    }
+
+    /// On an abstract socket (`@name`), as systemd's own notify socket may be.
+    fn new_abstract(tag: &str) -> Self {
+        use std::os::linux::net::SocketAddrExt;
+        let name = format!("cluster-notify-{tag}-{}", std::process::id());
+        let addr = std::os::unix::net::SocketAddr::from_abstract_name(&name).unwrap();
+        let socket = UnixDatagram::bind_addr(&addr).expect("bind the notify socket");
+        Self {
+            socket,
+            address: format!("@{name}"),
+            file: None,
             seen: Vec::new(),
         }
     }
 
     fn path(&self) -> &str {
-        self.path.to_str().expect("a UTF-8 temp dir")
+        &self.address
     }
 
     /// The next message with the line `line` (the others are skipped, and kept in `seen`).
@@ -74,7 +92,9 @@ impl Manager {
 
 impl Drop for Manager {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        if let Some(file) = &self.file {
+            let _ = std::fs::remove_file(file);
+        }
     }
 }
 
@@ -173,6 +193,42 @@ fn ready_reloading_ready_stopping_with_status_and_watchdog() {
         manager.states(),
         ["READY=1", "RELOADING=1", "READY=1", "STOPPING=1"]
     );
+}
+
+#[test]
+fn a_failed_reload_still_ends_with_ready_and_says_why() {
+    let mut manager = Manager::new_abstract("failed-reload");
+    let fail_if = std::env::temp_dir().join(format!("cluster-systemd-fail-{}", std::process::id()));
+    let _ = std::fs::remove_file(&fail_if);
+    let mut program = Program::start(
+        FIXTURE,
+        &[
+            ("NOTIFY_SOCKET", manager.path()),
+            ("FIXTURE_FAIL_IF", fail_if.to_str().unwrap()),
+        ],
+    );
+    manager.expect("READY=1");
+    let (_, _, port) = program.worker();
+    program.worker();
+    // A bad deploy: the replacements exit at boot.
+    std::fs::write(&fail_if, "").unwrap();
+    program.signal(libc::SIGHUP);
+    let reloading = manager.expect("RELOADING=1");
+    assert!(
+        field(&reloading, "EXTEND_TIMEOUT_USEC").is_some(),
+        "{reloading:?}"
+    );
+    let ready = manager.expect("READY=1");
+    let _ = std::fs::remove_file(&fail_if);
+    let status = field(&ready, "STATUS").unwrap_or_default();
+    assert!(
+        status.starts_with("reload aborted, the old workers keep serving:"),
+        "{ready:?}"
+    );
+    assert_eq!(get(port, "/").expect("the old workers serve").0, 200);
+    program.signal(libc::SIGTERM);
+    manager.expect("STOPPING=1");
+    assert!(program.wait().success());
 }
 
 #[test]

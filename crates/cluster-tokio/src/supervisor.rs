@@ -446,6 +446,7 @@ impl Supervisor {
                 () = reload.finished() => reload.start_queued(&primary),
                 event = events.recv() => match event {
                     Some(Event::Replaced { old, new }) => {
+                        crate::systemd::reload_progress(crate::systemd::reload_step(primary.settings()));
                         policy.handle_replaced(now(), old.id(), new.id());
                     }
                     Some(Event::ListenFailed { address, errno }) => {
@@ -571,7 +572,7 @@ impl Reloads {
         reply: Option<oneshot::Sender<Result<ReloadReport, ReloadError>>>,
     ) {
         tracing::info!(cause, "rolling reload");
-        crate::systemd::reloading(cause);
+        crate::systemd::reloading(cause, crate::systemd::reload_step(primary.settings()));
         let primary = primary.clone();
         self.running = Some(tokio::spawn(async move {
             let outcome = primary.reload().await;

@@ -18,6 +18,7 @@ use std::time::Duration;
 use proto::wire::{BoundAddr, ListenRequest, ListenTarget, SocketKind};
 use socket2::{Socket, Type};
 
+use crate::settings::Settings;
 use crate::socket::{self, Bound};
 
 /// The service manager's variables: no worker inherits them.
@@ -67,12 +68,27 @@ pub(crate) fn notify(state: &str) {
     }
 }
 
-/// `RELOADING=1` with the time it started, as `Type=notify-reload` requires.
-pub(crate) fn reloading(cause: &str) {
+/// `RELOADING=1` with the time it started, as `Type=notify-reload` requires, and the time its
+/// first step may take ([`reload_step`]).
+pub(crate) fn reloading(cause: &str, step: Duration) {
     let now = crate::sys::monotonic_usec();
+    let step = step.as_micros();
     notify(&format!(
-        "RELOADING=1\nMONOTONIC_USEC={now}\nSTATUS=rolling reload ({cause})"
+        "RELOADING=1\nMONOTONIC_USEC={now}\nEXTEND_TIMEOUT_USEC={step}\nSTATUS=rolling reload ({cause})"
     ));
+}
+
+/// A worker was replaced: the reload moves on, and its next step may take `step` (systemd
+/// bounds a reload by `TimeoutStartSec=`, 90 s by default, which the drains of a few workers
+/// exceed; each step extends it).
+pub(crate) fn reload_progress(step: Duration) {
+    notify(&format!("EXTEND_TIMEOUT_USEC={}", step.as_micros()));
+}
+
+/// The longest one step of a rolling reload takes: a replacement's boot, then its
+/// predecessor's drain (then SIGKILL), with room to spare.
+pub(crate) fn reload_step(settings: &Settings) -> Duration {
+    settings.boot_timeout + settings.disconnect_timeout + Duration::from_secs(5)
 }
 
 /// `READY=1` after a reload, whatever its outcome (`systemctl reload` waits for it), with
