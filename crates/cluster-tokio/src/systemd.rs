@@ -117,7 +117,7 @@ pub(crate) fn activated(request: &ListenRequest) -> Option<io::Result<Bound>> {
             .is_some_and(|(kind, addr)| *kind == request.kind && *addr == wanted)
     })?;
     let fd = socket.fd.as_raw_fd();
-    tracing::info!(fd, name = socket.name.as_deref(), address = ?wanted, "listening on a socket systemd passed");
+    tracing::info!(fd, name = socket.name.as_deref(), address = %shown(&wanted), "listening on a socket systemd passed");
     Some(socket::inherit(fd, request.kind))
 }
 
@@ -323,7 +323,7 @@ fn sockets_from_env() -> Vec<Activated> {
         let listen = listen_of(&socket);
         match &listen {
             Some((kind, addr)) => {
-                tracing::info!(fd, name, ?kind, address = ?addr, "systemd passed a socket");
+                tracing::info!(fd, name, ?kind, address = %shown(addr), "systemd passed a socket");
             }
             None => {
                 tracing::warn!(
@@ -341,6 +341,14 @@ fn sockets_from_env() -> Vec<Activated> {
         });
     }
     sockets
+}
+
+/// `addr` for a log line.
+fn shown(addr: &BoundAddr) -> String {
+    match addr {
+        BoundAddr::Ip(addr) => addr.to_string(),
+        BoundAddr::Path(path) => String::from_utf8_lossy(path).into_owned(),
+    }
 }
 
 /// The kind and address a bind request names `socket` by, if it can.
