@@ -564,3 +564,42 @@ pub fn read_all(from: Option<impl std::io::Read>) -> String {
         .expect("read the pipe");
     text
 }
+
+/// Makes `command`'s process find `fd` (an fd of this process) at fd number `at`, without
+/// close-on-exec, as a service manager passes sockets (socket activation puts them at 3 and up).
+pub fn pass_fd(
+    command: &mut std::process::Command,
+    fd: std::os::fd::RawFd,
+    at: std::os::fd::RawFd,
+) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the hook runs between fork and exec and only calls dup2(2) and fcntl(2), which
+    // are async-signal-safe and allocate nothing; `fd` stays open in this process (the caller
+    // keeps it) until the spawn returns.
+    unsafe {
+        command.pre_exec(move || {
+            if fd == at {
+                // dup2(n, n) is a no-op that would leave close-on-exec set.
+                let flags = libc::fcntl(at, libc::F_GETFD);
+                if flags < 0 || libc::fcntl(at, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            } else if libc::dup2(fd, at) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// `CLOCK_MONOTONIC` in microseconds, the clock of systemd's `MONOTONIC_USEC`.
+pub fn monotonic_usec() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes a properly sized struct we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut now) };
+    u64::try_from(now.tv_sec).unwrap_or(0) * 1_000_000
+        + u64::try_from(now.tv_nsec).unwrap_or(0) / 1_000
+}

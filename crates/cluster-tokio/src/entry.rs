@@ -118,23 +118,22 @@ where
             .expect("failed to build the Tokio runtime");
         return runtime.block_on(body());
     }
-    if !role::is_worker()
-        && let Err(error) = crate::sys::check_process_limit(settings.worker_count())
-    {
-        crate::env::exit_misconfigured(&error);
+    if !role::is_worker() {
+        if let Err(error) = crate::sys::check_process_limit(settings.worker_count()) {
+            crate::env::exit_misconfigured(&error);
+        }
+        // Before the primary starts: it logs what it makes of systemd's environment.
+        install_default_logging();
     }
     run(settings, move |role| async move {
         match role {
             Role::Worker(_) => body().await,
-            Role::Primary(primary) => {
-                install_default_logging();
-                R::from_primary(
-                    crate::Supervisor::new(primary)
-                        .run()
-                        .await
-                        .map_err(io::Error::from),
-                )
-            }
+            Role::Primary(primary) => R::from_primary(
+                crate::Supervisor::new(primary)
+                    .run()
+                    .await
+                    .map_err(io::Error::from),
+            ),
         }
     })
 }

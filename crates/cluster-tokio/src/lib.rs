@@ -23,6 +23,7 @@ pub mod settings;
 mod socket;
 pub mod supervisor;
 mod sys;
+mod systemd;
 pub mod worker;
 
 #[doc(hidden)]

@@ -342,6 +342,8 @@ impl Supervisor {
         // Workers this supervisor killed (boot deadline): their deaths are crashes, not kills
         // from outside.
         let mut killed_here = std::collections::HashSet::new();
+        let mut progress = crate::systemd::Progress::default();
+        let mut watchdog = crate::systemd::Watchdog::new();
         loop {
             while let Some(output) = policy.poll_output() {
                 match output {
@@ -371,7 +373,7 @@ impl Supervisor {
             }
             if policy.is_done() {
                 spawn_failures.end_burst("no worker is left to start");
-                return match policy.gave_up() {
+                let outcome = match policy.gave_up() {
                     Some(GiveUp::Fatal { slot, worker, code }) => {
                         Err(SupervisorError::Fatal { slot, worker, code })
                     }
@@ -380,22 +382,31 @@ impl Supervisor {
                     }
                     None => Ok(()),
                 };
+                if let Err(error) = &outcome {
+                    crate::systemd::stopping(&format!("giving up: {error}"));
+                }
+                return outcome;
             }
+            progress.update(policy.serving(), policy.active(), primary.generation());
             let timer = policy.poll_timeout().map(tokio::time::Instant::from_std);
             tokio::select! {
                 biased;
                 _ = terminate.recv() => {
                     policy.stop();
                     reload.cancel();
+                    crate::systemd::stopping("SIGTERM: draining the workers");
                     tracing::info!("SIGTERM: disconnecting workers");
                     return shut_down(&primary, &mut terminate, &mut interrupt, primary.disconnect()).await;
                 }
                 _ = interrupt.recv() => {
                     policy.stop();
                     reload.cancel();
+                    crate::systemd::stopping("SIGINT: stopping the workers");
                     tracing::info!("SIGINT: stopping workers");
                     return shut_down(&primary, &mut terminate, &mut interrupt, stop_fast(&primary)).await;
                 }
+                // Here, not in a task of its own: a wedged loop stops the pets.
+                () = watchdog.tick() => crate::systemd::notify("WATCHDOG=1"),
                 Some(control) = controls.recv() => match control {
                     Control::Scale { workers, reply } => {
                         let more = workers.saturating_sub(policy.active());
@@ -429,6 +440,7 @@ impl Supervisor {
                     if in_terminal && !crate::sys::has_controlling_terminal() {
                         policy.stop();
                         reload.cancel();
+                        crate::systemd::stopping("the terminal closed: draining the workers");
                         tracing::info!("SIGHUP: the terminal closed; disconnecting workers");
                         return shut_down(&primary, &mut terminate, &mut interrupt, primary.disconnect()).await;
                     }
@@ -437,6 +449,7 @@ impl Supervisor {
                 () = reload.finished() => reload.start_queued(&primary),
                 event = events.recv() => match event {
                     Some(Event::Replaced { old, new }) => {
+                        crate::systemd::reload_progress(crate::systemd::reload_step(primary.settings()));
                         policy.handle_replaced(now(), old.id(), new.id());
                     }
                     Some(Event::ListenFailed { address, errno }) => {
@@ -472,6 +485,7 @@ impl Supervisor {
                             tracing::error!(%address, error = %source, "cannot listen, and no worker serves: stopping (every worker would fail the same way)");
                             policy.stop();
                             reload.cancel();
+                            crate::systemd::stopping(&format!("cannot listen on {address}: {source}"));
                             shut_down(&primary, &mut terminate, &mut interrupt, primary.disconnect()).await?;
                             return Err(SupervisorError::Listen { address, source });
                         }
@@ -485,7 +499,10 @@ impl Supervisor {
                         }
                     }
                     Some(_) => {}
-                    None => return Ok(()),
+                    None => {
+                        crate::systemd::stopping("the primary stopped");
+                        return Ok(());
+                    }
                 },
                 () = sleep_until(timer) => policy.handle_timeout(now()),
             }
@@ -566,6 +583,7 @@ impl Reloads {
         reply: Option<oneshot::Sender<Result<ReloadReport, ReloadError>>>,
     ) {
         tracing::info!(cause, "rolling reload");
+        crate::systemd::reloading(cause, crate::systemd::reload_step(primary.settings()));
         let primary = primary.clone();
         self.running = Some(tokio::spawn(async move {
             let outcome = primary.reload().await;
@@ -587,10 +605,37 @@ impl Reloads {
                     tracing::error!(error = %ErrorChain(error), "reload failed; the old workers keep serving")
                 }
             }
+            crate::systemd::reloaded(&reload_status(&outcome));
             if let Some(reply) = reply {
                 let _ = reply.send(outcome);
             }
         }));
+    }
+}
+
+/// How a reload went, in a line for `systemctl status`.
+fn reload_status(outcome: &Result<ReloadReport, ReloadError>) -> String {
+    match outcome {
+        Ok(report) => match &report.aborted {
+            None => format!(
+                "reload complete: generation {}, {} workers replaced, {}",
+                report.generation,
+                report.replaced.len(),
+                if report.binary_changed() {
+                    "new binary"
+                } else {
+                    "same binary"
+                }
+            ),
+            Some(aborted) => format!(
+                "reload aborted, the old workers keep serving: {}",
+                aborted.reason
+            ),
+        },
+        Err(error) => format!(
+            "reload failed, the old workers keep serving: {}",
+            ErrorChain(error)
+        ),
     }
 }
 

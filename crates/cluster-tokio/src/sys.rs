@@ -1,7 +1,8 @@
 //! The crate's only `unsafe` code: what must happen between `fork` and `exec` of a worker,
 //! taking over the inherited IPC fd and environment in the worker before any thread starts, and
 //! the few raw calls std and socket2 do not offer (`accept4` without a reactor, `poll`, `fcntl`,
-//! scheduling policy, `sendmsg`/`recvmsg` with fds for the links, a timer fd).
+//! scheduling policy, `sendmsg`/`recvmsg` with fds for the links, a timer fd, the monotonic
+//! clock), and taking the sockets of systemd's socket activation.
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
@@ -102,6 +103,54 @@ pub(crate) fn use_batch_scheduling() -> io::Result<bool> {
         }
     }
     Ok(true)
+}
+
+/// Takes ownership of fd `fd`, which socket activation passed to this process (`LISTEN_FDS`,
+/// with `LISTEN_PID` naming this process), once it is shown to be an open socket, and marks it
+/// close-on-exec so that no worker inherits it (an open fd that is not a socket is marked too,
+/// but not taken).
+///
+/// Only for [`crate::systemd`], which calls it once per process for each fd that `LISTEN_FDS`
+/// names and never drops what it gets (so even an fd that something else in this process
+/// believes it owns is never closed twice).
+pub(crate) fn take_activated_socket(fd: RawFd) -> io::Result<OwnedFd> {
+    // SAFETY: fcntl and getsockopt on a possibly closed fd number only read and set its flags,
+    // or read its type into a properly sized local, or fail (EBADF, ENOTSOCK).
+    unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFD);
+        if flags < 0 || libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut kind: libc::c_int = 0;
+        let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+        let typed = libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_TYPE,
+            (&raw mut kind).cast(),
+            &mut len,
+        );
+        if typed < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    // SAFETY: `fd` is an open socket the service manager passed to this process for it to own
+    // (`LISTEN_PID` is ours); the caller takes each such fd once and never closes it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// `CLOCK_MONOTONIC` in microseconds (systemd's `MONOTONIC_USEC`).
+pub(crate) fn monotonic_usec() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes a properly sized struct we own; CLOCK_MONOTONIC always
+    // exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut now) };
+    let secs = u64::try_from(now.tv_sec).unwrap_or(0);
+    let micros = u64::try_from(now.tv_nsec).unwrap_or(0) / 1_000;
+    secs * 1_000_000 + micros
 }
 
 /// Takes ownership of the IPC fd a worker inherited, marking it close-on-exec so the worker's own

@@ -18,12 +18,14 @@ pub struct Program {
 
 impl Program {
     pub fn start(binary: &str, env: &[(&str, &str)]) -> Self {
-        let mut child = cluster_tests::spawn(
-            Command::new(binary)
-                .envs(env.iter().copied())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped()),
-        );
+        let mut command = Command::new(binary);
+        command.envs(env.iter().copied());
+        Self::spawn(command)
+    }
+
+    /// Starts `command` (its stdout and stderr are taken over).
+    pub fn spawn(mut command: Command) -> Self {
+        let mut child = cluster_tests::spawn(command.stdout(Stdio::piped()).stderr(Stdio::piped()));
         let (tx, lines) = mpsc::channel();
         let stdout = child.stdout.take().unwrap();
         std::thread::spawn(move || {

@@ -890,7 +890,11 @@ impl Driver {
         distribution: Distribution,
     ) -> Result<BoundAddr, Errno> {
         let errno = |e: io::Error| Errno(e.raw_os_error().unwrap_or(Errno::EINVAL.0));
-        let bound = socket::bind(request, self.settings.backlog, false).map_err(errno)?;
+        let bound = match crate::systemd::activated(request) {
+            Some(activated) => activated,
+            None => socket::bind(request, self.settings.backlog, false),
+        }
+        .map_err(errno)?;
         let socket::Bound { socket, addr, file } = bound;
         let fd = OwnedFd::from(socket);
         // An inherited datagram socket cannot be accepted on, whatever the policy.

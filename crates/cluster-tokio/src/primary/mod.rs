@@ -115,6 +115,9 @@ impl Primary {
     /// Outside a Tokio runtime.
     pub fn start(settings: Settings) -> Result<Self, StartError> {
         settings.validate()?;
+        // First: the sockets systemd passed sit at fds 3 and up, and are marked close-on-exec
+        // before any worker is forked.
+        crate::systemd::init();
         let image =
             Image::first(settings.exec.as_deref()).map_err(|source| StartError::Program {
                 path: settings
@@ -163,6 +166,11 @@ impl Primary {
     {
         let env = env.into_iter().map(|(k, v)| (k.into(), v.into())).collect();
         self.fork_image(env, self.image()).await
+    }
+
+    /// The generation new workers start in (1 until a reload completes).
+    pub(crate) fn generation(&self) -> u64 {
+        self.image().generation
     }
 
     /// The program of the current generation.

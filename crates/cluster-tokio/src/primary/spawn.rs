@@ -44,6 +44,10 @@ pub(crate) fn spawn(
         Some(custom) => command.args(custom),
         None => command.args(args),
     };
+    // The service manager's variables are the primary's; what the settings set is the user's.
+    for name in crate::systemd::ENV_VARS {
+        command.env_remove(name);
+    }
     command.envs(settings.env.iter().map(|(k, v)| (k, v)));
     command.envs(env.iter().map(|(k, v)| (k, v)));
     command
