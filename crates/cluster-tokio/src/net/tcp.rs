@@ -187,6 +187,27 @@ impl futures_core::Stream for ClusterListener {
     }
 }
 
+#[cfg(any(feature = "axum", feature = "hyper", feature = "tonic"))]
+impl super::Listener for ClusterListener {
+    type Io = TcpStream;
+    type Addr = SocketAddr;
+
+    fn poll_accept_peer(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<(TcpStream, SocketAddr)>> {
+        let stream = ready!(self.poll_accept(cx))?;
+        Poll::Ready(match stream.peer_addr() {
+            Ok(peer) => Ok((stream, peer)),
+            // Reset before we looked at it: nothing to serve.
+            Err(e) if e.kind() == io::ErrorKind::NotConnected => {
+                Err(io::Error::new(io::ErrorKind::ConnectionAborted, e))
+            }
+            Err(e) => Err(e),
+        })
+    }
+}
+
 /// With the `axum` feature, `axum::serve(listener, app)` works directly.
 ///
 /// `accept` cannot fail in axum's trait: as axum's own `TcpListener` does, errors that concern
