@@ -647,3 +647,30 @@ fn axum_serve_serves_and_drains_a_unix_socket() {
     assert!(signalled.elapsed() < Duration::from_secs(10));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn axum_serve_keeps_serving_after_running_out_of_fds() {
+    // One worker accepting on the shared socket itself, with few fds: idle connections use them
+    // up, accepts fail with EMFILE, and the worker must carry on once they are closed.
+    let mut program = Program::start_with(
+        env!("CARGO_BIN_EXE_axum_fixture"),
+        &[
+            ("CLUSTER_WORKERS", "1"),
+            ("CLUSTER_SCHED_POLICY", "none"),
+            ("RUST_LOG", "warn"),
+        ],
+        |command| cluster_tests::limit_open_files(command, 64),
+    );
+    let (_, _, port) = program.worker();
+    let idle: Vec<TcpStream> = (0..100)
+        .map(|_| TcpStream::connect(("127.0.0.1", port)).expect("connect"))
+        .collect();
+    program.wait_for_log("accept failed; retrying in 1s");
+    drop(idle);
+    let (status, body) = get(port, "/").expect("a request after the fds came back");
+    assert_eq!((status, body.as_str()), (200, "worker 1"));
+    let signalled = Instant::now();
+    program.signal(libc::SIGTERM);
+    assert!(program.wait().success(), "{}", program.stderr());
+    assert!(signalled.elapsed() < Duration::from_secs(10));
+}

@@ -3,6 +3,7 @@
 //! `worker <id> pid <pid> port <port>` (port 0 on a Unix socket), then serves with
 //! `cluster::axum::serve` and nothing else: it never looks at `cluster::shutdown()` itself.
 //! `GET /` answers `worker <id>`; `GET /peer` answers the peer's address from `ConnectInfo`.
+//! Workers log to stderr (`RUST_LOG`, default `warn`).
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -13,6 +14,12 @@ use axum::routing::get;
 
 #[cluster::main(workers = 2)]
 async fn main() -> std::io::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
     let id = cluster::worker().map_or(0, |w| w.id().get());
     let app = Router::new().route("/", get(move || async move { format!("worker {id}\n") }));
     let addr = std::env::var("ADDR").unwrap_or_else(|_| "127.0.0.1:0".to_owned());

@@ -18,12 +18,22 @@ pub struct Program {
 
 impl Program {
     pub fn start(binary: &str, env: &[(&str, &str)]) -> Self {
-        let mut child = cluster_tests::spawn(
-            Command::new(binary)
-                .envs(env.iter().copied())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped()),
-        );
+        Self::start_with(binary, env, |_| {})
+    }
+
+    /// As [`Self::start`], with the command set up further by `configure` first.
+    pub fn start_with(
+        binary: &str,
+        env: &[(&str, &str)],
+        configure: impl FnOnce(&mut Command),
+    ) -> Self {
+        let mut command = Command::new(binary);
+        command
+            .envs(env.iter().copied())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        configure(&mut command);
+        let mut child = cluster_tests::spawn(&mut command);
         let (tx, lines) = mpsc::channel();
         let stdout = child.stdout.take().unwrap();
         std::thread::spawn(move || {
