@@ -559,7 +559,7 @@ fn axum_serve_fails_no_request_over_five_rolling_reloads_under_keep_alive_load()
             let ids = [program.worker().0, program.worker().0];
             assert_eq!(ids, [2 * reload + 1, 2 * reload + 2], "{policy}");
             program.wait_for_logs("reload complete", reload as usize);
-            load.wait_for(200);
+            load.wait_for(1000);
         }
         let (ok, failures, served_by) = load.stop();
         assert!(
