@@ -49,6 +49,8 @@ use crate::net::Listener;
 /// keep-alive clients send their next request elsewhere instead of racing the close of an idle
 /// connection, then closes idle connections and waits for requests in flight, until
 /// [`drain_timeout`](Serve::drain_timeout). It ends sooner once no connection is left.
+/// Connections upgraded to another protocol (WebSockets) are the application's from then on:
+/// they are not drained, and close when the runtime shuts down, as `main` returns.
 ///
 /// Accept errors never end it: those about one connection are skipped, others (such as
 /// `EMFILE`) are logged and retried after a second.
