@@ -1,5 +1,6 @@
-//! `tonic_health`: a gRPC server (the standard health service) in every worker, fed by
-//! `ClusterListener` through tonic's `serve_with_incoming`. No `protoc` needed.
+//! `tonic_health`: a gRPC server (the standard health service) in every worker, served from a
+//! `ClusterListener` by `cluster::tonic::serve`, which drains it on shutdown within a deadline.
+//! No `protoc` needed.
 //!
 //! ```sh
 //! CLUSTER_WORKERS=2 cargo run --release --example tonic_health
@@ -19,9 +20,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     reporter
         .set_service_status("", tonic_health::ServingStatus::Serving)
         .await;
-    tonic::transport::Server::builder()
-        .add_service(health)
-        .serve_with_incoming_shutdown(listener, cluster::shutdown())
-        .await?;
+    let router = tonic::transport::Server::builder().add_service(health);
+    cluster::tonic::serve(listener, router).await?;
     Ok(())
 }

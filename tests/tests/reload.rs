@@ -1,5 +1,6 @@
 //! Zero-downtime operations under real HTTP load: a rolling reload (SIGHUP) fails no request,
-//! and SIGTERM lets requests in flight complete.
+//! and SIGTERM lets requests in flight complete; `cluster::axum::serve` does the same for an app
+//! that does nothing but call it.
 
 mod support;
 
@@ -589,4 +590,142 @@ fn a_failed_replacement_aborts_the_reload_and_the_old_workers_keep_serving() {
     );
     program.signal(libc::SIGTERM);
     assert!(program.wait().success(), "{}", program.stderr());
+}
+
+#[test]
+fn axum_serve_fails_no_request_over_five_rolling_reloads_under_keep_alive_load() {
+    // `axum_fixture` serves with `cluster::axum::serve` and nothing else. Closing idle keep-alive
+    // connections at once (what `axum::serve(..).with_graceful_shutdown(..)` does) fails about
+    // one request per keep-alive client per reload; the helper's drain fails none.
+    for policy in ["rr", "none"] {
+        let env = [
+            ("CLUSTER_WORKERS", "2"),
+            ("CLUSTER_SCHED_POLICY", policy),
+            ("RUST_LOG", "info"),
+        ];
+        let mut program = Program::start(env!("CARGO_BIN_EXE_axum_fixture"), &env);
+        let (_, _, port) = program.worker();
+        program.worker();
+        let load = Load::start_with(port, 2, 4, "/");
+        load.wait_for(200);
+        for reload in 1..=5 {
+            program.signal(libc::SIGHUP);
+            // Both replacements come up, each before its predecessor leaves.
+            let ids = [program.worker().0, program.worker().0];
+            assert_eq!(ids, [2 * reload + 1, 2 * reload + 2], "{policy}");
+            program.wait_for_logs("reload complete", reload as usize);
+            load.wait_for(1000);
+        }
+        let (ok, failures, served_by) = load.stop();
+        assert!(
+            failures.is_empty(),
+            "{policy}: {} of {} requests failed: {failures:?}",
+            failures.len(),
+            ok + failures.len()
+        );
+        assert!(
+            served_by.contains("worker 11") || served_by.contains("worker 12"),
+            "{policy}: the last replacements never served: {served_by:?}"
+        );
+        eprintln!("{policy}: {ok} requests across 5 reloads, 0 failed");
+        // `ConnectInfo` carries the client's address.
+        let (status, peer) = get(port, "/peer").expect("GET /peer");
+        assert_eq!(status, 200, "{peer}");
+        assert!(peer.starts_with("127.0.0.1:"), "{peer}");
+        program.signal(libc::SIGTERM);
+        assert!(program.wait().success(), "{}", program.stderr());
+        assert!(
+            !program.stderr().contains("killing it"),
+            "{}",
+            program.stderr()
+        );
+    }
+}
+
+#[test]
+fn axum_serve_stops_promptly_on_sigterm_with_an_idle_keep_alive_connection_open() {
+    // With the default 30 s disconnect timeout: an app that never looks at `cluster::shutdown()`
+    // itself leaves as soon as its connections are drained, instead of being killed at 30 s.
+    let mut program = Program::start(
+        env!("CARGO_BIN_EXE_axum_fixture"),
+        &[("CLUSTER_WORKERS", "2"), ("RUST_LOG", "info")],
+    );
+    let (_, _, port) = program.worker();
+    program.worker();
+    let mut idle = None;
+    let (status, body) = keep_alive_get(&mut idle, port, "/").expect("GET /");
+    assert_eq!((status, idle.is_some()), (200, true), "{body}");
+    let signalled = Instant::now();
+    program.signal(libc::SIGTERM);
+    assert!(program.wait().success(), "{}", program.stderr());
+    let took = signalled.elapsed();
+    assert!(took < Duration::from_secs(10), "SIGTERM took {took:?}");
+    assert!(
+        !program.stderr().contains("killing it"),
+        "{}",
+        program.stderr()
+    );
+    eprintln!("stopped {took:?} after SIGTERM, an idle keep-alive connection open");
+    // The server closed the idle connection: end of stream, not a response.
+    let mut rest = String::new();
+    let read = idle.unwrap().read_to_string(&mut rest).expect("read");
+    assert_eq!(read, 0, "{rest}");
+}
+
+#[test]
+fn axum_serve_serves_and_drains_a_unix_socket() {
+    let dir = std::env::temp_dir().join(format!("cluster-axum-unix-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("app.sock");
+    let addr = format!("unix:{}", path.display());
+    let mut program = Program::start(
+        env!("CARGO_BIN_EXE_axum_fixture"),
+        &[("CLUSTER_WORKERS", "2"), ("ADDR", &addr)],
+    );
+    program.worker();
+    program.worker();
+    for path_asked in ["/", "/peer"] {
+        let mut stream = std::os::unix::net::UnixStream::connect(&path).expect("connect");
+        stream.set_read_timeout(Some(WAIT)).unwrap();
+        write!(
+            stream,
+            "GET {path_asked} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).unwrap();
+        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    }
+    let signalled = Instant::now();
+    program.signal(libc::SIGTERM);
+    assert!(program.wait().success(), "{}", program.stderr());
+    assert!(signalled.elapsed() < Duration::from_secs(10));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn axum_serve_keeps_serving_after_running_out_of_fds() {
+    // One worker accepting on the shared socket itself, with few fds: idle connections use them
+    // up, accepts fail with EMFILE, and the worker must carry on once they are closed.
+    let mut program = Program::start_with(
+        env!("CARGO_BIN_EXE_axum_fixture"),
+        &[
+            ("CLUSTER_WORKERS", "1"),
+            ("CLUSTER_SCHED_POLICY", "none"),
+            ("RUST_LOG", "warn"),
+        ],
+        |command| cluster_tests::limit_open_files(command, 64),
+    );
+    let (_, _, port) = program.worker();
+    let idle: Vec<TcpStream> = (0..100)
+        .map(|_| TcpStream::connect(("127.0.0.1", port)).expect("connect"))
+        .collect();
+    program.wait_for_log("accept failed; retrying in 1s");
+    drop(idle);
+    let (status, body) = get(port, "/").expect("a request after the fds came back");
+    assert_eq!((status, body.as_str()), (200, "worker 1"));
+    let signalled = Instant::now();
+    program.signal(libc::SIGTERM);
+    assert!(program.wait().success(), "{}", program.stderr());
+    assert!(signalled.elapsed() < Duration::from_secs(10));
 }

@@ -11,6 +11,8 @@
 //! - [`Supervisor`] keeps the workers running and owns the signals.
 //! - [`run`] and [`run_workers`] decide the role of this process and run `main` on a runtime
 //!   built for it (what `#[cluster::main]` expands to), with the [`Settings`] it was given.
+//! - With the features of the same names, `axum::serve`, `hyper::serve` and `tonic::serve` serve
+//!   a listener until the worker is asked to leave, then drain it without losing a request.
 
 mod entry;
 pub mod env;
@@ -19,6 +21,8 @@ pub mod message;
 pub mod net;
 pub mod primary;
 mod role;
+#[cfg(any(feature = "axum", feature = "hyper", feature = "tonic"))]
+mod serve;
 pub mod settings;
 mod socket;
 pub mod supervisor;
@@ -31,6 +35,12 @@ pub use entry::configure;
 pub use entry::{MainOutput, Role, ready, run, run_workers, shutdown};
 pub use net::ClusterListener;
 pub use primary::Primary;
+#[cfg(feature = "axum")]
+pub use serve::axum;
+#[cfg(feature = "hyper")]
+pub use serve::hyper;
+#[cfg(feature = "tonic")]
+pub use serve::tonic;
 pub use settings::Settings;
 pub use supervisor::Supervisor;
 pub use worker::{Worker, current as worker};

@@ -41,10 +41,22 @@
 //! # Optional features
 //!
 //! - `macros` (default): `#[cluster::main]`.
-//! - `axum`: `ClusterListener` and `ClusterUnixListener` implement `axum::serve::Listener`.
+//! - `axum`: `axum::serve(listener, router)` serves an axum `Router` until the worker is asked
+//!   to leave, then drains it without losing a request (with `ConnectInfo` for the peer's
+//!   address); and `ClusterListener` and `ClusterUnixListener` implement
+//!   `axum::serve::Listener`.
+//! - `hyper`: `hyper::serve(listener, service)`, the same for a hyper service (HTTP/1.1).
+//! - `tonic`: `tonic::serve(listener, router)`, the same for a tonic router (HTTP/2), with a
+//!   drain deadline and accept errors handled.
 
 #[cfg(feature = "macros")]
 pub use cluster_macros::main;
+#[cfg(feature = "axum")]
+pub use cluster_tokio::axum;
+#[cfg(feature = "hyper")]
+pub use cluster_tokio::hyper;
+#[cfg(feature = "tonic")]
+pub use cluster_tokio::tonic;
 pub use cluster_tokio::{
     ClusterListener, MainOutput, Primary, Role, Settings, Supervisor, Worker, env, message, net,
     primary, ready, run, run_workers, settings, shutdown, supervisor, worker,

@@ -18,8 +18,18 @@ pub struct Program {
 
 impl Program {
     pub fn start(binary: &str, env: &[(&str, &str)]) -> Self {
+        Self::start_with(binary, env, |_| {})
+    }
+
+    /// As [`Self::start`], with the command set up further by `configure` first.
+    pub fn start_with(
+        binary: &str,
+        env: &[(&str, &str)],
+        configure: impl FnOnce(&mut Command),
+    ) -> Self {
         let mut command = Command::new(binary);
         command.envs(env.iter().copied());
+        configure(&mut command);
         Self::spawn(command)
     }
 

@@ -23,6 +23,34 @@ pub use unix::ClusterUnixListener;
 use crate::socket::{self, SocketFile};
 use crate::worker::{self, Granted, HandoffQueue, Worker};
 
+/// A stream listener the serve helpers take: [`ClusterListener`] or [`ClusterUnixListener`].
+///
+/// Sealed: it names what the helpers (`cluster::axum::serve`, `cluster::hyper::serve`,
+/// `cluster::tonic::serve`) need of a listener, and only these two have it.
+#[cfg(any(feature = "axum", feature = "hyper", feature = "tonic"))]
+pub trait Listener: sealed::Sealed + Send + Unpin + 'static {
+    /// A connection: `tokio::net::TcpStream` or `tokio::net::UnixStream`.
+    type Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static;
+    /// The peer's address: `std::net::SocketAddr` or `tokio::net::unix::SocketAddr`.
+    type Addr: Clone + std::fmt::Debug + Send + Sync + 'static;
+
+    /// Polls for the next connection and its peer's address: `NotConnected` once the worker is
+    /// shutting down, `ConnectionAborted` for a connection gone before it was looked at.
+    #[doc(hidden)]
+    fn poll_accept_peer(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<(Self::Io, Self::Addr)>>;
+}
+
+#[cfg(any(feature = "axum", feature = "hyper", feature = "tonic"))]
+mod sealed {
+    #[expect(unnameable_types)] // The sealing trait: nameable by nobody outside, on purpose.
+    pub trait Sealed {}
+    impl Sealed for super::ClusterListener {}
+    impl Sealed for super::ClusterUnixListener {}
+}
+
 /// The backlog of sockets a process binds itself (Node's default).
 const DEFAULT_BACKLOG: u32 = 511;
 

@@ -187,17 +187,41 @@ impl futures_core::Stream for ClusterListener {
     }
 }
 
-/// With the `axum` feature, `axum::serve(listener, app)` works directly.
+#[cfg(any(feature = "axum", feature = "hyper", feature = "tonic"))]
+impl super::Listener for ClusterListener {
+    type Io = TcpStream;
+    type Addr = SocketAddr;
+
+    fn poll_accept_peer(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<(TcpStream, SocketAddr)>> {
+        let stream = ready!(self.poll_accept(cx))?;
+        Poll::Ready(match stream.peer_addr() {
+            Ok(peer) => Ok((stream, peer)),
+            // Reset before we looked at it: nothing to serve.
+            Err(e) if e.kind() == io::ErrorKind::NotConnected => {
+                Err(io::Error::new(io::ErrorKind::ConnectionAborted, e))
+            }
+            Err(e) => Err(e),
+        })
+    }
+}
+
+/// With the `axum` feature, `axum::serve(listener, app)` works directly; but
+/// [`axum::serve`](crate::axum::serve) is the one that drains without failing requests.
 ///
 /// `accept` cannot fail in axum's trait: as axum's own `TcpListener` does, errors that concern
 /// one connection are skipped, and others (such as `EMFILE`) are logged and retried after a
 /// second. Once the worker is shutting down it waits forever: pair `axum::serve` with
-/// `.with_graceful_shutdown(cluster::shutdown())`, which ends the accept loop.
+/// `.with_graceful_shutdown(cluster::shutdown())`, which ends the accept loop (and closes idle
+/// keep-alive connections at once, racing requests clients are sending on them).
 ///
 /// For `ConnectInfo<SocketAddr>`, wrap the listener with `axum::serve::ListenerExt::tap_io`
 /// (`listener.tap_io(|_| {})`) and use `into_make_service_with_connect_info::<SocketAddr>()`: axum
 /// implements `Connected` only for its own listeners and for `TapIo`, and the orphan rule keeps
-/// us from adding an impl for `ClusterListener`.
+/// us from adding an impl for `ClusterListener`. [`axum::serve`](crate::axum::serve) inserts
+/// `ConnectInfo` itself.
 #[cfg(feature = "axum")]
 impl axum::serve::Listener for ClusterListener {
     type Io = TcpStream;

@@ -161,6 +161,26 @@ impl futures_core::Stream for ClusterUnixListener {
     }
 }
 
+#[cfg(any(feature = "axum", feature = "hyper", feature = "tonic"))]
+impl super::Listener for ClusterUnixListener {
+    type Io = UnixStream;
+    type Addr = tokio::net::unix::SocketAddr;
+
+    fn poll_accept_peer(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<(UnixStream, tokio::net::unix::SocketAddr)>> {
+        let stream = ready!(self.poll_accept(cx))?;
+        Poll::Ready(match stream.peer_addr() {
+            Ok(peer) => Ok((stream, peer)),
+            Err(e) if e.kind() == io::ErrorKind::NotConnected => {
+                Err(io::Error::new(io::ErrorKind::ConnectionAborted, e))
+            }
+            Err(e) => Err(e),
+        })
+    }
+}
+
 /// With the `axum` feature, `axum::serve(listener, app)` works directly; errors are handled as
 /// for [`ClusterListener`](super::ClusterListener).
 #[cfg(feature = "axum")]

@@ -1,0 +1,132 @@
+//! Serve helpers: a server wired to [`shutdown`](crate::shutdown) that drains its connections
+//! without losing a request, for axum, hyper and tonic (one module each, behind the feature of
+//! the same name).
+//!
+//! What they share is here: accepting with a policy for accept errors, and (for HTTP/1.1) the
+//! drain. Closing a connection hyper considers idle races with a request the client is sending
+//! on it: an idle keep-alive connection, or a fresh one whose first request has not arrived. So
+//! once the worker is asked to leave, the server stops accepting, answers every request with
+//! `Connection: close` for a grace period (keep-alive clients move on after their next
+//! request, cleanly), then shuts down what is left gracefully, within a deadline.
+
+#[cfg(feature = "axum")]
+pub mod axum;
+#[cfg(any(feature = "axum", feature = "hyper"))]
+mod http1;
+#[cfg(feature = "hyper")]
+pub mod hyper;
+#[cfg(feature = "tonic")]
+pub mod tonic;
+
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use tokio::time::Sleep;
+
+use crate::net::Listener;
+
+/// How long a draining HTTP/1.1 server keeps answering requests with `Connection: close` before
+/// it closes the connections left, unless set otherwise.
+#[cfg_attr(not(any(feature = "axum", feature = "hyper")), allow(dead_code))]
+pub(crate) const KEEP_ALIVE_GRACE: Duration = Duration::from_millis(500);
+
+/// The disconnect timeout assumed outside a process started by `run` or `run_workers`: the
+/// default of `Settings::disconnect_timeout`.
+const DEFAULT_DISCONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The most a drain leaves of the disconnect timeout for the worker to exit before the primary
+/// kills it.
+const EXIT_MARGIN: Duration = Duration::from_secs(1);
+
+/// How long to wait before accepting again after an error that is not about one connection
+/// (`EMFILE`, `ENFILE`, `ENOBUFS`, `ENOMEM`): axum's and hyper's choice.
+const ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
+
+/// The timing of a drain, as a helper's builder sets it.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Drain {
+    /// How long to keep answering with `Connection: close`; `None`: [`KEEP_ALIVE_GRACE`].
+    #[cfg_attr(not(any(feature = "axum", feature = "hyper")), allow(dead_code))]
+    pub(crate) grace: Option<Duration>,
+    /// The whole drain, grace included; `None`: [`default_drain_timeout`].
+    pub(crate) timeout: Option<Duration>,
+}
+
+impl Drain {
+    #[cfg_attr(not(any(feature = "axum", feature = "hyper")), allow(dead_code))]
+    pub(crate) fn grace(&self) -> Duration {
+        self.grace.unwrap_or(KEEP_ALIVE_GRACE)
+    }
+
+    pub(crate) fn timeout(&self) -> Duration {
+        self.timeout.unwrap_or_else(default_drain_timeout)
+    }
+}
+
+/// A little under the disconnect timeout (29 s of the default 30 s; 90% of one under 10 s), so
+/// that a worker which runs out of time still exits on its own, before the primary kills it.
+pub(crate) fn default_drain_timeout() -> Duration {
+    let disconnect = crate::entry::disconnect_timeout().unwrap_or(DEFAULT_DISCONNECT_TIMEOUT);
+    disconnect.saturating_sub((disconnect / 10).min(EXIT_MARGIN))
+}
+
+/// The connections of a [`Listener`], with accept errors handled: those about one connection
+/// (aborted, reset, refused) are skipped; others, such as `EMFILE`, are logged and retried after
+/// [`ACCEPT_BACKOFF`], so they never end serving. Ends once the worker is shutting down.
+#[derive(Debug)]
+pub(crate) struct Incoming<L> {
+    listener: L,
+    backoff: Option<Pin<Box<Sleep>>>,
+}
+
+impl<L: Listener> Incoming<L> {
+    pub(crate) fn new(listener: L) -> Self {
+        Self {
+            listener,
+            backoff: None,
+        }
+    }
+
+    /// The next connection and its peer's address; `None` once the worker is shutting down.
+    pub(crate) fn poll_accept(&mut self, cx: &mut Context<'_>) -> Poll<Option<(L::Io, L::Addr)>> {
+        loop {
+            if let Some(backoff) = &mut self.backoff {
+                ready!(backoff.as_mut().poll(cx));
+                self.backoff = None;
+            }
+            match ready!(self.listener.poll_accept_peer(cx)) {
+                Ok(accepted) => return Poll::Ready(Some(accepted)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotConnected => return Poll::Ready(None),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::ConnectionAborted
+                            | std::io::ErrorKind::ConnectionReset
+                            | std::io::ErrorKind::ConnectionRefused
+                    ) => {}
+                Err(error) => {
+                    tracing::error!(%error, "accept failed; retrying in 1s");
+                    self.backoff = Some(Box::pin(tokio::time::sleep(ACCEPT_BACKOFF)));
+                }
+            }
+        }
+    }
+
+    /// As [`Self::poll_accept`].
+    #[cfg_attr(not(any(feature = "axum", feature = "hyper")), allow(dead_code))]
+    pub(crate) async fn accept(&mut self) -> Option<(L::Io, L::Addr)> {
+        std::future::poll_fn(|cx| self.poll_accept(cx)).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_drain_ends_a_little_before_the_disconnect_timeout() {
+        // Outside `run`, the default disconnect timeout: 30 s.
+        assert_eq!(default_drain_timeout(), Duration::from_secs(29));
+    }
+}

@@ -1,0 +1,146 @@
+//! Serving a tonic router from a cluster listener, drained within a deadline (feature `tonic`).
+//!
+//! ```no_run
+//! # async fn dox() -> Result<(), Box<dyn std::error::Error>> {
+//! let listener = cluster_tokio::ClusterListener::bind("127.0.0.1:50051").await?;
+//! let (_reporter, health) = tonic_health::server::health_reporter();
+//! let router = tonic::transport::Server::builder().add_service(health);
+//! // Serves until the worker is asked to leave, then drains and returns.
+//! cluster_tokio::tonic::serve(listener, router).await?;
+//! # Ok(())
+//! # }
+//! ```
+
+use std::error::Error as StdError;
+use std::fmt;
+use std::future::{Future, IntoFuture};
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use tonic::body::Body;
+use tonic::service::Routes;
+use tonic::transport::server::{Connected, Router};
+use tower_layer::Layer;
+use tower_service::Service;
+
+use super::{Drain, Incoming};
+use crate::net::Listener;
+
+type BoxError = Box<dyn StdError + Send + Sync>;
+
+/// Serves `router` on every connection of `listener` (a [`ClusterListener`] or a
+/// [`ClusterUnixListener`]) until the worker is asked to leave, then drains: tonic's
+/// `serve_with_incoming_shutdown(listener, cluster::shutdown())`, with a deadline and with
+/// accept errors handled.
+///
+/// Once [`shutdown`](crate::shutdown) resolves (in a worker: the primary asked it to leave, for
+/// a reload or a shutdown; in a plain process: SIGTERM or SIGINT), tonic stops accepting and
+/// shuts its connections down gracefully: over HTTP/2 a `GOAWAY` tells clients which requests
+/// were taken, and they send new ones elsewhere, so there is no close race to wait out. It
+/// waits for requests in flight until [`drain_timeout`](Serve::drain_timeout), then returns;
+/// connections still open then are closed when the runtime shuts down, as `main` returns.
+///
+/// Accept errors never end it, nor spin: those about one connection are skipped, others (such
+/// as `EMFILE`) are logged and retried after a second (tonic itself retries at once).
+///
+/// [`ClusterListener`]: crate::ClusterListener
+/// [`ClusterUnixListener`]: crate::net::ClusterUnixListener
+pub fn serve<L, Lyr>(listener: L, router: Router<Lyr>) -> Serve<L, Lyr>
+where
+    L: Listener,
+    L::Io: Connected,
+{
+    Serve {
+        listener,
+        router,
+        drain: Drain::default(),
+    }
+}
+
+/// A server that [`serve`] set up: await it (it implements [`IntoFuture`]), after setting its
+/// drain deadline if the default does not fit.
+#[must_use = "a server does nothing until awaited"]
+pub struct Serve<L, Lyr> {
+    listener: L,
+    router: Router<Lyr>,
+    drain: Drain,
+}
+
+impl<L, Lyr> Serve<L, Lyr> {
+    /// How long the drain may take before the future returns. By default a little under the
+    /// disconnect timeout of the settings this worker was started with (29 s of the default
+    /// 30 s), so a slow drain still ends before the primary kills the worker.
+    pub fn drain_timeout(mut self, timeout: Duration) -> Self {
+        self.drain.timeout = Some(timeout);
+        self
+    }
+}
+
+impl<L: fmt::Debug, Lyr> fmt::Debug for Serve<L, Lyr> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Serve")
+            .field("listener", &self.listener)
+            .field("drain_timeout", &self.drain.timeout())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<L, Lyr, ResBody> IntoFuture for Serve<L, Lyr>
+where
+    L: Listener,
+    L::Io: Connected,
+    Lyr: Layer<Routes> + Send + 'static,
+    Lyr::Service: Service<Request<Body>, Response = Response<ResBody>> + Clone + Send + 'static,
+    <Lyr::Service as Service<Request<Body>>>::Future: Send,
+    <Lyr::Service as Service<Request<Body>>>::Error: Into<BoxError> + Send,
+    ResBody: http_body::Body<Data = Bytes> + Send + 'static,
+    ResBody::Error: Into<BoxError>,
+{
+    /// tonic's result: `Ok` once drained or at the deadline.
+    type Output = Result<(), tonic::transport::Error>;
+    type IntoFuture = Pin<Box<dyn Future<Output = Self::Output> + Send>>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        let Self {
+            listener,
+            router,
+            drain,
+        } = self;
+        Box::pin(async move {
+            let server = router.serve_with_incoming_shutdown(
+                Connections(Incoming::new(listener)),
+                crate::shutdown(),
+            );
+            // The deadline counts from the request to leave, whether tonic heard it from the
+            // signal or from the listener ending.
+            let deadline = async {
+                crate::shutdown().await;
+                tokio::time::sleep(drain.timeout()).await;
+            };
+            tokio::select! {
+                result = server => result,
+                () = deadline => {
+                    tracing::warn!("drain deadline passed; closing the connections left");
+                    Ok(())
+                }
+            }
+        })
+    }
+}
+
+/// The connections of a listener as the stream tonic takes.
+struct Connections<L>(Incoming<L>);
+
+impl<L: Listener> futures_core::Stream for Connections<L> {
+    type Item = io::Result<L::Io>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.0
+            .poll_accept(cx)
+            .map(|accepted| accepted.map(|(io, _peer)| Ok(io)))
+    }
+}

@@ -1,0 +1,62 @@
+//! An axum app written the obvious way, for the drain tests: every worker listens on `ADDR`
+//! (default `127.0.0.1:0`; `unix:<path>` for a Unix socket) and prints
+//! `worker <id> pid <pid> port <port>` (port 0 on a Unix socket), then serves with
+//! `cluster::axum::serve` and nothing else: it never looks at `cluster::shutdown()` itself.
+//! `GET /` answers `worker <id>`; `GET /peer` answers the peer's address from `ConnectInfo`.
+//! Workers log to stderr (`RUST_LOG`, default `warn`).
+
+use std::io::Write;
+use std::net::SocketAddr;
+
+use axum::Router;
+use axum::extract::ConnectInfo;
+use axum::routing::get;
+
+#[cluster::main(workers = 2)]
+async fn main() -> std::io::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+    let id = cluster::worker().map_or(0, |w| w.id().get());
+    let app = Router::new().route("/", get(move || async move { format!("worker {id}\n") }));
+    let addr = std::env::var("ADDR").unwrap_or_else(|_| "127.0.0.1:0".to_owned());
+    match addr.strip_prefix("unix:") {
+        Some(path) => {
+            let listener = cluster::net::ClusterUnixListener::bind(path).await?;
+            say(&format!("worker {id} pid {} port 0", std::process::id()));
+            let app = app.route(
+                "/peer",
+                get(
+                    |ConnectInfo(peer): ConnectInfo<tokio::net::unix::SocketAddr>| async move {
+                        format!("{peer:?}\n")
+                    },
+                ),
+            );
+            cluster::axum::serve(listener, app).await
+        }
+        None => {
+            let listener = cluster::ClusterListener::bind(addr).await?;
+            let port = listener.local_addr()?.port();
+            say(&format!(
+                "worker {id} pid {} port {port}",
+                std::process::id()
+            ));
+            let app = app.route(
+                "/peer",
+                get(
+                    |ConnectInfo(peer): ConnectInfo<SocketAddr>| async move { format!("{peer}\n") },
+                ),
+            );
+            cluster::axum::serve(listener, app).await
+        }
+    }
+}
+
+fn say(line: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
