@@ -286,6 +286,44 @@ fn socket_activation_serves_the_passed_socket_and_its_queue() {
 }
 
 #[test]
+fn a_passed_socket_is_found_by_its_name() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let mut program = Program::spawn(activated(
+        &listener,
+        &[
+            ("LISTEN_FDS", "1"),
+            ("LISTEN_FDNAMES", "web"),
+            ("ADDR", "name:web"),
+        ],
+    ));
+    for _ in 0..2 {
+        let (_, _, bound) = program.worker();
+        assert_eq!(bound, port);
+    }
+    for _ in 0..4 {
+        assert_eq!(get(port, "/").expect("served").0, 200);
+    }
+    program.signal(libc::SIGTERM);
+    assert!(program.wait().success());
+
+    // A name nobody passed: the primary stops at once, naming it.
+    let mut program = Program::spawn(activated(
+        &listener,
+        &[
+            ("LISTEN_FDS", "1"),
+            ("LISTEN_FDNAMES", "web"),
+            ("ADDR", "name:admin"),
+        ],
+    ));
+    let status = program.wait();
+    assert!(!status.success());
+    let log = program.stderr();
+    assert!(log.contains("the socket named admin"), "{log}");
+    assert!(log.contains("no socket of that name was passed"), "{log}");
+}
+
+#[test]
 fn listen_pid_of_another_process_is_ignored() {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let mut command = Command::new(FIXTURE);

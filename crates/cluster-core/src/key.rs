@@ -11,6 +11,9 @@ pub enum AddressType {
     /// A listener on an inherited fd; its family is whatever the fd is. The kind is part of it,
     /// so a request for the fd as the other kind never joins the handle.
     Fd(SocketKind),
+    /// A socket the service manager passed under a name; like an fd, its family is whatever
+    /// the socket is.
+    Named(SocketKind),
     /// TCP over IPv4.
     Tcp4,
     /// TCP over IPv6.
@@ -28,6 +31,7 @@ impl AddressType {
     pub fn of(request: &ListenRequest) -> Option<Self> {
         Some(match (&request.target, request.kind) {
             (ListenTarget::Fd(_), kind) => Self::Fd(kind),
+            (ListenTarget::Name(_), kind) => Self::Named(kind),
             (ListenTarget::Ip(a), SocketKind::Stream) if a.is_ipv4() => Self::Tcp4,
             (ListenTarget::Ip(_), SocketKind::Stream) => Self::Tcp6,
             (ListenTarget::Ip(a), SocketKind::Datagram) if a.is_ipv4() => Self::Udp4,
@@ -39,13 +43,21 @@ impl AddressType {
 
     /// Whether this is a datagram socket (always shared, never round-robin).
     pub fn is_datagram(self) -> bool {
-        matches!(self, Self::Udp4 | Self::Udp6)
+        matches!(
+            self,
+            Self::Udp4
+                | Self::Udp6
+                | Self::Fd(SocketKind::Datagram)
+                | Self::Named(SocketKind::Datagram)
+        )
     }
 
     fn as_str(self) -> &'static str {
         match self {
             Self::Fd(SocketKind::Stream) => "fd",
             Self::Fd(SocketKind::Datagram) => "fd-dgram",
+            Self::Named(SocketKind::Stream) => "name",
+            Self::Named(SocketKind::Datagram) => "name-dgram",
             Self::Tcp4 => "4",
             Self::Tcp6 => "6",
             Self::Udp4 => "udp4",
@@ -118,6 +130,7 @@ impl fmt::Display for HandleKey {
             )?,
             ListenTarget::Path(p) => write!(f, "{}:-1:-1:-", String::from_utf8_lossy(p))?,
             ListenTarget::Fd(fd) => write!(f, "-:-:fd:{fd}")?,
+            ListenTarget::Name(name) => write!(f, "-:-:{}:{name}", self.address_type.as_str())?,
         }
         if let Some(index) = self.index {
             write!(f, ":{index}")?;

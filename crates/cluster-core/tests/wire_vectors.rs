@@ -108,6 +108,18 @@ fn vectors() -> Vec<Vector> {
             "01 04 02 0d 2f 74 6d 70 2f 61 70 70 2e 73 6f 63 6b 01 00 00 00 00 00",
         ),
         worker(
+            WorkerMessage::QueryServer {
+                seq: Seq::new(5),
+                request: ListenRequest {
+                    target: ListenTarget::Name("web".to_owned()),
+                    kind: SocketKind::Stream,
+                    backlog: 0,
+                    flags: ListenFlags::default(),
+                },
+            },
+            "01 05 03 03 77 65 62 01 00 00 00 00 00",
+        ),
+        worker(
             WorkerMessage::Listening {
                 handle: HandleId::new(0),
             },

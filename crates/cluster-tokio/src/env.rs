@@ -46,7 +46,7 @@ pub const HANDOFF_TIMEOUT: &str = "CLUSTER_HANDOFF_TIMEOUT";
 pub const HEARTBEAT_TIMEOUT: &str = "CLUSTER_HEARTBEAT_TIMEOUT";
 
 /// Not an override: set to `1`, the program prints the version of the protocol its workers
-/// speak (`cluster protocol 2`) and exits 0 without starting anything, so deploy tooling can
+/// speak (`cluster protocol 3`) and exits 0 without starting anything, so deploy tooling can
 /// check a new build against the running primary before a reload. A reload is refused unless
 /// the versions are equal.
 pub const PRINT_PROTOCOL_VERSION: &str = "CLUSTER_PRINT_PROTOCOL_VERSION";

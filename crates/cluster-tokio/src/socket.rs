@@ -80,6 +80,7 @@ pub(crate) fn bind(request: &ListenRequest, backlog: u32, reuse_port: bool) -> i
             "Unix datagram sockets cannot be clustered",
         )),
         (ListenTarget::Fd(fd), kind) => inherit(*fd, kind),
+        (ListenTarget::Name(name), kind) => crate::systemd::named(name, kind),
     }
 }
 

@@ -109,7 +109,7 @@ pub(crate) fn activated(request: &ListenRequest) -> Option<io::Result<Bound>> {
     let wanted = match &request.target {
         ListenTarget::Ip(addr) => BoundAddr::Ip(*addr),
         ListenTarget::Path(path) => BoundAddr::Path(path.clone()),
-        ListenTarget::Fd(_) => return None,
+        ListenTarget::Fd(_) | ListenTarget::Name(_) => return None,
     };
     let socket = SYSTEMD.get()?.sockets.iter().find(|s| {
         s.listen
@@ -119,6 +119,27 @@ pub(crate) fn activated(request: &ListenRequest) -> Option<io::Result<Bound>> {
     let fd = socket.fd.as_raw_fd();
     tracing::info!(fd, name = socket.name.as_deref(), address = %shown(&wanted), "listening on a socket systemd passed");
     Some(socket::inherit(fd, request.kind))
+}
+
+/// A new copy of the socket passed under `name` (`LISTEN_FDNAMES`), which must be of `kind`.
+/// Reads the environment first if this process has not yet: an unclustered program takes the
+/// sockets passed to it.
+pub(crate) fn named(name: &str, kind: SocketKind) -> io::Result<Bound> {
+    init();
+    let sockets = SYSTEMD.get().map_or(&[][..], |s| &s.sockets[..]);
+    let Some(socket) = sockets.iter().find(|s| s.name.as_deref() == Some(name)) else {
+        let passed: Vec<_> = sockets.iter().filter_map(|s| s.name.as_deref()).collect();
+        tracing::warn!(
+            name,
+            ?passed,
+            "no socket of that name was passed by the service manager"
+        );
+        // The errno a worker gets back; the log line above says the rest.
+        return Err(io::Error::from_raw_os_error(libc::ENOENT));
+    };
+    let fd = socket.fd.as_raw_fd();
+    tracing::info!(fd, name, "listening on a socket systemd passed");
+    socket::inherit(fd, kind)
 }
 
 /// Status lines and the first `READY=1`, as the supervisor's workers come up.

@@ -1,5 +1,5 @@
 //! An HTTP server for the load tests (`hello` with more to say): every worker listens on `ADDR`
-//! (default `127.0.0.1:0`) and prints `worker <id> pid <pid> port <port>`; `GET /` answers
+//! (default `127.0.0.1:0`; `name:<name>` for the socket systemd passed under that name) and prints `worker <id> pid <pid> port <port>`; `GET /` answers
 //! `worker <id>`, `GET /delay/<ms>` prints `delaying <id> <ms>` and answers after `ms`
 //! milliseconds, `GET /block/<ms>` blocks the worker's runtime that long (a hung worker),
 //! `GET /version` answers `<build> worker <id>` with the build the binary was stamped as
@@ -42,7 +42,10 @@ async fn main() -> std::io::Result<()> {
         std::process::exit(1);
     }
     let addr = std::env::var("ADDR").unwrap_or_else(|_| "127.0.0.1:0".to_owned());
-    let mut listener = ClusterListener::bind(addr).await?;
+    let mut listener = match addr.strip_prefix("name:") {
+        Some(name) => ClusterListener::from_activation(name).await?,
+        None => ClusterListener::bind(addr).await?,
+    };
     let id = cluster::worker().map_or(0, |w| w.id().get());
     say(&format!(
         "worker {id} pid {} port {}",

@@ -128,6 +128,9 @@ pub enum ListenTarget {
     Ip(#[serde(with = "socket_addr")] SocketAddr),
     /// A Unix socket path, as raw bytes (paths need not be UTF-8).
     Path(Vec<u8>),
+    /// A socket the primary's service manager passed under this name (systemd's
+    /// `FileDescriptorName=`, in `LISTEN_FDNAMES`).
+    Name(String),
 }
 
 /// The socket type requested.

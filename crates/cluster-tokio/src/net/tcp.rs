@@ -112,6 +112,21 @@ impl ClusterListener {
         )
     }
 
+    /// Listens on the socket the service manager passed the primary under `name` (systemd's
+    /// `FileDescriptorName=` in a `.socket` unit); outside a worker, the one passed to this
+    /// process. A bind of the socket's address gets it too ([`Self::bind`]); the name says which
+    /// socket without repeating its address.
+    ///
+    /// # Errors
+    ///
+    /// No socket of that name was passed (`NotFound`, also when the primary was not
+    /// socket-activated), or it is not a listening TCP socket.
+    pub async fn from_activation(name: &str) -> io::Result<Self> {
+        let options = ListenOptions::default();
+        let target = ListenTarget::Name(name.to_owned());
+        Self::from_acquired(super::acquire(target, SocketKind::Stream, &options).await?)
+    }
+
     /// Wraps a listener this process bound itself: the primary is not involved (Node's
     /// `listen(handle)`), but the stream still ends when the worker shuts down.
     ///

@@ -71,6 +71,19 @@ impl ClusterUdpSocket {
         )
     }
 
+    /// Uses the datagram socket the service manager passed the primary under `name` (systemd's
+    /// `FileDescriptorName=` with `ListenDatagram=`); outside a worker, the one passed to this
+    /// process.
+    ///
+    /// # Errors
+    ///
+    /// No socket of that name was passed (`NotFound`), or it is not a datagram socket.
+    pub async fn from_activation(name: &str) -> io::Result<Self> {
+        let options = ListenOptions::default();
+        let target = ListenTarget::Name(name.to_owned());
+        Self::from_acquired(super::acquire(target, SocketKind::Datagram, &options).await?)
+    }
+
     fn from_acquired(acquired: Acquired) -> io::Result<Self> {
         match acquired {
             Acquired::Socket {

@@ -111,6 +111,18 @@ impl ClusterUnixListener {
         )
     }
 
+    /// Listens on the Unix stream socket the service manager passed the primary under `name`
+    /// (systemd's `FileDescriptorName=`); outside a worker, the one passed to this process.
+    ///
+    /// # Errors
+    ///
+    /// No socket of that name was passed (`NotFound`), or it is not a listening Unix socket.
+    pub async fn from_activation(name: &str) -> io::Result<Self> {
+        let options = ListenOptions::default();
+        let target = ListenTarget::Name(name.to_owned());
+        Self::from_acquired(super::acquire(target, SocketKind::Stream, &options).await?)
+    }
+
     fn from_acquired(acquired: Acquired) -> io::Result<Self> {
         let (incoming, addr) = Incoming::new(acquired)?;
         let BoundAddr::Path(path) = addr else {

@@ -608,6 +608,7 @@ impl Driver {
                                 format!("unix:{}", String::from_utf8_lossy(path))
                             }
                             ListenTarget::Fd(fd) => format!("fd {fd}"),
+                            ListenTarget::Name(name) => format!("the socket named {name}"),
                         };
                         let error = io::Error::from_raw_os_error(errno.0);
                         tracing::debug!(%address, %error, "could not listen");
