@@ -30,7 +30,7 @@ fn primary_with_a_listener() -> (Primary<usize>, WorkerId, HandleId) {
             version: PROTOCOL_VERSION,
             pid: 1,
         }),
-        0,
+        &[],
     );
     let request = ListenRequest {
         target: ListenTarget::Ip("127.0.0.1:0".parse().unwrap()),
@@ -45,7 +45,7 @@ fn primary_with_a_listener() -> (Primary<usize>, WorkerId, HandleId) {
             seq: Seq::new(1),
             request,
         }),
-        0,
+        &[],
     );
     let mut buf = Vec::new();
     let mut handle = None;
@@ -89,7 +89,7 @@ fn handoff(c: &mut Criterion) {
                 if let Some(through) = asked {
                     ack.clear();
                     wire::encode(&WorkerMessage::Accepted { through }, &mut ack).unwrap();
-                    primary.handle_frame(now, worker, &ack, 0);
+                    primary.handle_frame(now, worker, &ack, &[]);
                     while let Some(output) = primary.poll_output(&mut buf) {
                         black_box(output);
                     }

@@ -38,7 +38,7 @@ pub use error::ProtocolError;
 pub use key::{AddressType, HandleKey};
 pub use lifecycle::{ExitStatus, KillReason, Lifecycle, WorkerState};
 pub use link::{Link, LinkError};
-pub use primary::{Attachment, Config, Counters, Event, Output, Primary, Transmit};
+pub use primary::{Attachment, Config, Counters, Event, FdKind, Output, Primary, Transmit};
 pub use registry::{Registry, RegistryConfig, RegistryOutput, RoundRobin, SchedulingPolicy};
 pub use session::{SessionAttach, SessionEvent, SessionOutput, WorkerSession};
 pub use supervisor::{Supervisor, SupervisorConfig, SupervisorEvent, SupervisorOutput};

@@ -23,7 +23,6 @@ use crate::wire::{
 
 /// What the worker's driver is told.
 #[derive(Clone, Debug, PartialEq, Eq)]
-#[non_exhaustive]
 pub enum SessionEvent {
     /// A handed-off connection; the fd that came with the frame is it. Answer with
     /// [`WorkerSession::accept`] or [`WorkerSession::refuse`].
@@ -55,7 +54,6 @@ pub enum SessionEvent {
 
 /// What a [`WorkerSession`] asks its driver to do next.
 #[derive(Clone, Debug, PartialEq, Eq)]
-#[non_exhaustive]
 pub enum SessionOutput {
     /// Send the frame now in the buffer, with the fd `attach` names.
     Transmit {
@@ -68,7 +66,6 @@ pub enum SessionOutput {
 
 /// Which fd a [`SessionOutput::Transmit`] carries.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[non_exhaustive]
 pub enum SessionAttach {
     /// None.
     Nothing,

@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use cluster_core::lifecycle::ExitStatus;
-use cluster_core::primary::{Attachment, Config, Event, Output, Primary};
+use cluster_core::primary::{Attachment, Config, Event, FdKind, Output, Primary};
 use cluster_core::session::{SessionAttach, SessionEvent, SessionOutput, WorkerSession};
 use cluster_core::wire::{
     self, BoundAddr, HandleId, ListenFlags, ListenRequest, ListenTarget, PrimaryMessage, SocketKind,
@@ -266,7 +266,6 @@ impl Sim {
                     w.alive = false;
                 }
                 SessionOutput::Event(_) => {}
-                other => panic!("unexpected session output {other:?}"),
             }
         }
         self.reap(id);
@@ -292,7 +291,7 @@ impl Sim {
                     "handoff {seq} left unread after the primary let go of the worker's end"
                 );
                 assert_eq!(
-                    self.primary.handle_reclaimed(id, seq),
+                    self.primary.handle_read_back(id, &frame, 1),
                     Some(conn),
                     "an unread handoff is the primary's again"
                 );
@@ -330,7 +329,7 @@ impl Sim {
             match out {
                 Output::Transmit(t) => {
                     let fd = t.attachment.map(|a| match a {
-                        Attachment::Conn(c) => Fd::Conn(c),
+                        Attachment::Conn { conn, .. } => Fd::Conn(conn),
                         Attachment::Listener(h) => Fd::Listener(h),
                         Attachment::Owned(_) => unreachable!("the simulation sends no user fds"),
                     });
@@ -381,8 +380,13 @@ impl Sim {
                         assert!(self.closed.insert(conn), "closed twice");
                     }
                 }
+                Output::ReleasePeer { worker } => {
+                    // As the driver does: its copy of the worker's end is dropped.
+                    let w = self.workers.get_mut(&worker).expect("a known worker");
+                    assert!(!w.end_released, "released twice");
+                    w.end_released = true;
+                }
                 Output::Event(event) => self.record(event),
-                other => panic!("unexpected output {other:?}"),
             }
         }
         // Acting on a bind or a kill produces more outputs: drain those too.
@@ -459,14 +463,12 @@ impl Sim {
         };
         if let Some((frame, conn)) = w.outbox.pop_front() {
             self.incoming = conn;
-            self.primary
-                .handle_frame(self.now, id, &frame, usize::from(conn.is_some()));
-            // As the driver does: once no read-back is needed, its copy of the end is dropped.
-            if !self.primary.needs_read_back(id)
-                && let Some(w) = self.workers.get_mut(&id)
-            {
-                w.end_released = true;
-            }
+            let fds: &[FdKind] = if conn.is_some() {
+                &[FdKind::Connection]
+            } else {
+                &[]
+            };
+            self.primary.handle_frame(self.now, id, &frame, fds);
             self.flush_primary();
             assert_eq!(
                 self.incoming, None,

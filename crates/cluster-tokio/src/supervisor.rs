@@ -368,7 +368,6 @@ impl Supervisor {
                         }
                     }
                     SupervisorOutput::Event(event) => report(event, &spawn_failures),
-                    _ => {}
                 }
             }
             if policy.is_done() {
@@ -750,7 +749,6 @@ fn report(event: SupervisorEvent, spawn_failures: &SpawnFailures) {
         SupervisorEvent::Fatal { slot, worker, code } => {
             tracing::error!(%slot, worker = worker.get(), code, "worker exited with the fatal exit code; not restarting it");
         }
-        _ => {}
     }
 }
 

@@ -39,14 +39,30 @@ impl Default for Config {
     }
 }
 
+/// What an fd that came with a worker's frame is, as the driver finds it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FdKind {
+    /// A stream socket of the IP or Unix family: what a connection given back must be.
+    Connection,
+    /// Anything else.
+    Other,
+}
+
 /// What travels with a transmitted frame.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Attachment<C> {
-    /// The accepted connection `C`. Once the frame is sent, the driver closes its copy of the
-    /// fd but keeps the token: the connection is in the worker's receive queue, and the driver
-    /// may get it back from there ([`Primary::handle_reclaimed`]) until the core settles the
-    /// token with [`Output::Delivered`] or [`Output::Close`].
-    Conn(C),
+    /// The accepted connection `conn`, handed over as handoff `seq`. Once the frame is sent,
+    /// the driver closes its copy of the fd but keeps the token: the connection is in the
+    /// worker's receive queue, and the driver may get it back from there
+    /// ([`Primary::handle_read_back`]) until the core settles the token with
+    /// [`Output::Delivered`] or [`Output::Close`]. A frame never sent gives it back with
+    /// [`Primary::handle_reclaimed`]`(worker, seq)`.
+    Conn {
+        /// The connection's token.
+        conn: C,
+        /// Its handoff's sequence number.
+        seq: wire::Seq,
+    },
     /// The listening socket of a shared handle.
     Listener(HandleId),
     /// An fd the user sends with a message, held by the driver under `C`: close it once the frame
@@ -67,7 +83,6 @@ pub struct Transmit<C> {
 /// Something that happened to a worker, in Node's order (`Fork`, `Online`, `Listening`,
 /// `Message`…, `Disconnect`, `Exit`).
 #[derive(Clone, Debug, PartialEq, Eq)]
-#[non_exhaustive]
 pub enum Event {
     /// The worker's runtime sent its handshake.
     Online {
@@ -127,7 +142,6 @@ pub enum Event {
 
 /// What the primary's driver must do next.
 #[derive(Clone, Debug, PartialEq, Eq)]
-#[non_exhaustive]
 pub enum Output<C> {
     /// Send the frame now in the buffer.
     Transmit(Transmit<C>),
@@ -154,6 +168,14 @@ pub enum Output<C> {
         worker: WorkerId,
         /// The connection.
         conn: C,
+    },
+    /// Drop the copy of `worker`'s end of the link the driver kept to read back what the worker
+    /// never read: from now on nothing it leaves unread can be a connection (it left on purpose
+    /// and settled every handoff). Its link then reaches end of stream when the worker closes
+    /// its end, which is reported as its `Disconnect` (Node's, before the process exits).
+    ReleasePeer {
+        /// The worker.
+        worker: WorkerId,
     },
     /// Drop this worker's link (it broke the protocol): take back what it never read
     /// ([`Primary::handle_reclaimed`]), then report [`Primary::handle_link_closed`] (and
@@ -247,6 +269,8 @@ struct WorkerEntry<C> {
     /// Announced leaving and was answered (`DisconnectAck` queued): it reads nothing more that
     /// matters once its handoffs are settled.
     farewell_answered: bool,
+    /// [`Output::ReleasePeer`] was emitted.
+    peer_released: bool,
     /// Told to be killed, and why: it is offered nothing more.
     killed: Option<KillReason>,
     /// Declared ready to serve.
@@ -323,6 +347,7 @@ impl<C: Copy + Eq + std::fmt::Debug> Primary<C> {
             pid: None,
             leaving: false,
             farewell_answered: false,
+            peer_released: false,
             killed: None,
             service_ready: false,
             last_seen: None,
@@ -351,17 +376,34 @@ impl<C: Copy + Eq + std::fmt::Debug> Primary<C> {
 
     /// A datagram arrived from `worker` with `fds` file descriptors attached. The driver closes
     /// them after draining the outputs, unless an [`Output::Returned`] claimed the fd.
-    pub fn handle_frame(&mut self, now: Instant, worker: WorkerId, frame: &[u8], fds: usize) {
+    pub fn handle_frame(&mut self, now: Instant, worker: WorkerId, frame: &[u8], fds: &[FdKind]) {
         if let Err(error) = self.process_frame(now, worker, frame, fds) {
             self.fail(now, worker, error);
         }
+        // A worker that announced leaving, was answered and settled every handoff is offered
+        // nothing more: nothing it leaves unread can be a connection.
+        if let Some(entry) = self.workers.get_mut(&worker)
+            && entry.farewell_answered
+            && entry.link.pending_len() == 0
+            && !entry.peer_released
+        {
+            entry.peer_released = true;
+            self.push(Output::ReleasePeer { worker });
+        }
     }
 
-    /// The frame from `worker` gives back a connection (`Refused`, `Return`), but the fd that
-    /// came with it is not a stream socket: a protocol error, reported instead of handling the
-    /// frame.
-    pub fn handle_not_a_connection(&mut self, now: Instant, worker: WorkerId) {
-        self.fail(now, worker, ProtocolError::NotAConnection);
+    /// A datagram the driver read back from `worker`'s end of the link after the worker went
+    /// away (see [`Output::ReleasePeer`]), with `fds` fds. Returns the token to keep the fd under
+    /// when it is a handoff the worker never read, still the primary's; `None` otherwise (the
+    /// driver closes what came with it). Call before [`Self::handle_link_closed`], which
+    /// dispatches those again.
+    pub fn handle_read_back(&mut self, worker: WorkerId, frame: &[u8], fds: usize) -> Option<C> {
+        match wire::decode::<PrimaryMessage>(frame) {
+            Ok(PrimaryMessage::NewConn { seq, .. }) if fds == 1 => {
+                self.handle_reclaimed(worker, seq)
+            }
+            _ => None,
+        }
     }
 
     /// The datagram from `worker` was truncated by the receive buffer.
@@ -468,10 +510,10 @@ impl<C: Copy + Eq + std::fmt::Debug> Primary<C> {
     }
 
     /// The driver holds the fd of handoff `seq` to `worker` again: its `NewConn` was never sent
-    /// (the link hung up or is being dropped), or was read back from the worker's end of the
-    /// link after the worker went away. Returns the token to keep it under; `None` when `seq` is
-    /// not a handoff in flight to `worker` (the driver closes the fd). Call before
-    /// [`Self::handle_link_closed`], which dispatches it again.
+    /// (the link hung up or is being dropped; `seq` is in its [`Attachment::Conn`]). Returns the
+    /// token to keep it under; `None` when `seq` is not a handoff in flight to `worker` (the
+    /// driver closes the fd). Call before [`Self::handle_link_closed`], which dispatches it
+    /// again.
     pub fn handle_reclaimed(&mut self, worker: WorkerId, seq: wire::Seq) -> Option<C> {
         match self.workers.get_mut(&worker)?.link.pending_mut(seq)? {
             Request::Handoff {
@@ -482,17 +524,6 @@ impl<C: Copy + Eq + std::fmt::Debug> Primary<C> {
             }
             Request::Handoff { .. } => None,
         }
-    }
-
-    /// Whether the driver must keep `worker`'s end of the link to read handoffs back from it
-    /// when the worker is gone. False once the worker announced it is leaving, was answered, and
-    /// has settled every handoff: it is offered nothing more, so nothing it leaves unread can be
-    /// a connection. The driver may then drop its copy of that end and learn of the worker's
-    /// leaving when the worker closes it (Node's `disconnect`, before the process exits).
-    pub fn needs_read_back(&self, worker: WorkerId) -> bool {
-        self.workers
-            .get(&worker)
-            .is_some_and(|e| !e.farewell_answered || e.link.pending_len() > 0)
     }
 
     /// Whether the driver should accept on `handle` now.
@@ -690,7 +721,7 @@ impl<C: Copy + Eq + std::fmt::Debug> Primary<C> {
         now: Instant,
         worker: WorkerId,
         frame: &[u8],
-        fds: usize,
+        fds: &[FdKind],
     ) -> Result<(), ProtocolError> {
         let Some(entry) = self.workers.get_mut(&worker) else {
             return Ok(());
@@ -698,7 +729,14 @@ impl<C: Copy + Eq + std::fmt::Debug> Primary<C> {
         if entry.link.is_closed() || entry.failed {
             return Ok(());
         }
-        let message: WorkerMessage = entry.link.receive(frame, fds)?;
+        let message: WorkerMessage = entry.link.receive(frame, fds.len())?;
+        if matches!(
+            message,
+            WorkerMessage::Refused { .. } | WorkerMessage::Return { .. }
+        ) && fds != [FdKind::Connection]
+        {
+            return Err(ProtocolError::NotAConnection);
+        }
         // Any frame is a sign of life, not just heartbeats.
         entry.last_seen = Some(now);
         if let WorkerMessage::Online { version, pid } = message {
@@ -910,7 +948,7 @@ impl<C: Copy + Eq + std::fmt::Debug> Primary<C> {
                         Ok((seq, reply)) => self.send(
                             worker,
                             PrimaryMessage::NewConn { seq, handle, reply },
-                            Some(Attachment::Conn(conn)),
+                            Some(Attachment::Conn { conn, seq }),
                         ),
                         // Unreachable while the registry forgets workers when their link closes;
                         // if it ever happens, the connection goes to someone else, not astray.

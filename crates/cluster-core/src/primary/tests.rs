@@ -53,7 +53,7 @@ impl Harness {
     fn recv(&mut self, worker: WorkerId, message: &WorkerMessage) {
         let mut buf = Vec::new();
         wire::encode(message, &mut buf).unwrap();
-        self.primary.handle_frame(self.now, worker, &buf, 0);
+        self.primary.handle_frame(self.now, worker, &buf, &[]);
     }
 
     fn online(&mut self) -> WorkerId {
@@ -216,7 +216,7 @@ fn garbage_from_a_worker_disconnects_only_that_worker() {
     let w1 = h.online();
     let w2 = h.online();
     h.outputs();
-    h.primary.handle_frame(h.now, w1, &[0xff, 0xff, 0xff], 0);
+    h.primary.handle_frame(h.now, w1, &[0xff, 0xff, 0xff], &[]);
     let outs = h.outputs();
     assert!(
         matches!(&outs[0], Out::Other(Output::Event(Event::Error { worker, error: ProtocolError::Decode(_) })) if *worker == w1)
@@ -331,7 +331,8 @@ fn protocol_violations_are_typed_errors() {
     let w = h.online();
     let mut buf = Vec::new();
     wire::encode(&user_message(vec![]), &mut buf).unwrap();
-    h.primary.handle_frame(h.now, w, &buf, 2);
+    h.primary
+        .handle_frame(h.now, w, &buf, &[FdKind::Other, FdKind::Other]);
     assert!(h.events().contains(&Event::Error {
         worker: w,
         error: ProtocolError::UnexpectedFds {
@@ -348,7 +349,7 @@ fn handoffs(outs: &[Out]) -> Vec<(WorkerId, Seq, bool, u32)> {
             Out::Send(
                 w,
                 PrimaryMessage::NewConn { seq, reply, .. },
-                Some(Attachment::Conn(conn)),
+                Some(Attachment::Conn { conn, .. }),
             ) => Some((*w, *seq, *reply, *conn)),
             _ => None,
         })
@@ -358,7 +359,8 @@ fn handoffs(outs: &[Out]) -> Vec<(WorkerId, Seq, bool, u32)> {
 fn receive_with_fd(h: &mut Harness, worker: WorkerId, message: &WorkerMessage) {
     let mut buf = Vec::new();
     wire::encode(message, &mut buf).unwrap();
-    h.primary.handle_frame(h.now, worker, &buf, 1);
+    h.primary
+        .handle_frame(h.now, worker, &buf, &[FdKind::Connection]);
 }
 
 #[test]
@@ -523,15 +525,28 @@ fn hung_worker_is_killed_and_its_handoffs_wait_for_its_link_to_close() {
     );
     // New connections skip the hung worker.
     h.primary.handle_connection(h.now, handle, 2).unwrap();
-    assert!(matches!(&h.outputs()[..], [Out::Send(w, _, Some(Attachment::Conn(2)))] if *w == w2));
+    assert!(
+        matches!(&h.outputs()[..], [Out::Send(w, _, Some(Attachment::Conn { conn: 2, .. }))] if *w == w2)
+    );
     // Its link closes after the kill; the driver read connection 1 back from its end (it was
     // stopped, not reading): it is re-dispatched.
-    assert_eq!(h.primary.handle_reclaimed(w1, Seq::new(1)), Some(1));
+    let mut unread = Vec::new();
+    wire::encode(
+        &PrimaryMessage::NewConn {
+            seq: Seq::new(1),
+            handle,
+            reply: false,
+        },
+        &mut unread,
+    )
+    .unwrap();
+    assert_eq!(h.primary.handle_read_back(w1, &unread, 1), Some(1));
+    assert_eq!(h.primary.handle_read_back(w1, &unread, 1), None, "once");
     h.primary.handle_link_closed(h.now, w1);
     assert!(
-        h.outputs()
-            .iter()
-            .any(|o| matches!(o, Out::Send(w, _, Some(Attachment::Conn(1))) if *w == w2))
+        h.outputs().iter().any(
+            |o| matches!(o, Out::Send(w, _, Some(Attachment::Conn { conn: 1, .. })) if *w == w2)
+        )
     );
 }
 
@@ -595,13 +610,13 @@ fn worker_initiated_disconnect_is_acked_and_on_purpose() {
         w,
         &WorkerMessage::ExitedAfterDisconnect { seq: Seq::new(3) },
     );
+    // Nothing was handed to it: its end of the link is released at once.
     assert_eq!(
         h.outputs(),
-        [Out::Send(
-            w,
-            PrimaryMessage::DisconnectAck { ack: Seq::new(3) },
-            None
-        )]
+        [
+            Out::Send(w, PrimaryMessage::DisconnectAck { ack: Seq::new(3) }, None),
+            Out::Other(Output::ReleasePeer { worker: w })
+        ]
     );
     assert_eq!(
         h.primary.lifecycle(w).unwrap().exited_after_disconnect(),
@@ -609,13 +624,19 @@ fn worker_initiated_disconnect_is_acked_and_on_purpose() {
     );
 }
 
+/// How many `ReleasePeer` for `w` are in `outs`.
+fn releases(outs: &[Out], w: WorkerId) -> usize {
+    outs.iter()
+        .filter(|o| matches!(o, Out::Other(Output::ReleasePeer { worker }) if *worker == w))
+        .count()
+}
+
 #[test]
-fn a_leaving_worker_needs_no_read_back_once_its_handoffs_are_settled() {
+fn a_leaving_worker_releases_its_peer_once_its_handoffs_are_settled() {
     let mut h = Harness::new();
     let w = h.online();
     let handle = h.listen(w, 1, "127.0.0.1:0");
-    h.outputs();
-    assert!(h.primary.needs_read_back(w), "it may be handed connections");
+    assert_eq!(releases(&h.outputs(), w), 0, "it may be handed connections");
     h.primary.handle_connection(h.now, handle, 1).unwrap();
     let [(_, seq, _, 1)] = handoffs(&h.outputs())[..] else {
         panic!()
@@ -625,18 +646,33 @@ fn a_leaving_worker_needs_no_read_back_once_its_handoffs_are_settled() {
         w,
         &WorkerMessage::ExitedAfterDisconnect { seq: Seq::new(2) },
     );
-    h.outputs();
-    assert!(
-        h.primary.needs_read_back(w),
+    assert_eq!(
+        releases(&h.outputs(), w),
+        0,
         "the handoff may still be in its receive queue"
     );
     receive_with_fd(&mut h, w, &WorkerMessage::Refused { ack: seq });
-    h.outputs();
-    assert!(!h.primary.needs_read_back(w), "nothing left to take back");
-    // No more connections go its way.
+    assert_eq!(releases(&h.outputs(), w), 1, "nothing left to take back");
+    // No more connections go its way, and it is released once.
     h.primary.handle_connection(h.now, handle, 2).unwrap_err();
-    assert!(!h.primary.needs_read_back(w));
-    assert!(!h.primary.needs_read_back(WorkerId::new(99)));
+    h.recv(w, &WorkerMessage::Heartbeat);
+    assert_eq!(releases(&h.outputs(), w), 0);
+}
+
+#[test]
+fn a_connection_given_back_must_be_a_stream_socket() {
+    let mut h = Harness::new();
+    let (_, _, handle) = h.two_workers_on_one_handle();
+    h.primary.handle_connection(h.now, handle, 1).unwrap();
+    let sent = handoffs(&h.outputs());
+    let (to, seq, _, _) = sent[0];
+    let mut buf = Vec::new();
+    wire::encode(&WorkerMessage::Refused { ack: seq }, &mut buf).unwrap();
+    h.primary.handle_frame(h.now, to, &buf, &[FdKind::Other]);
+    assert!(h.events().contains(&Event::Error {
+        worker: to,
+        error: ProtocolError::NotAConnection
+    }));
 }
 
 #[test]

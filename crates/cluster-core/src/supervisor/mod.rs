@@ -86,7 +86,6 @@ impl fmt::Display for SlotId {
 
 /// What the supervisor reports.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[non_exhaustive]
 pub enum SupervisorEvent {
     /// A crashed worker's slot will start a new worker after `delay`.
     Respawning {
@@ -131,7 +130,6 @@ pub enum SupervisorEvent {
 
 /// What the driver must do next.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[non_exhaustive]
 pub enum SupervisorOutput {
     /// Start a worker for `slot` and report it with [`Supervisor::handle_spawned`] (or
     /// [`Supervisor::handle_spawn_failed`]).

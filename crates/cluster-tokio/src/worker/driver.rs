@@ -173,12 +173,11 @@ impl Driver {
                         SessionAttach::SetAside => self.attachments.pop_front(),
                         // A connection refused at once goes back as it came.
                         SessionAttach::Received => fds.pop(),
-                        _ => None,
+                        SessionAttach::Nothing => None,
                     };
                     self.outgoing.push_back((self.buf.clone(), fd));
                 }
                 SessionOutput::Event(event) => self.event(event, fds),
-                _ => {}
             }
         }
         fds.clear();
@@ -237,7 +236,6 @@ impl Driver {
                     let _ = reply.send(Ok(()));
                 }
             }
-            _ => {}
         }
     }
 

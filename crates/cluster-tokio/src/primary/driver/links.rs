@@ -1,0 +1,244 @@
+//! Worker links: frames in and out, and what a worker never read, read back when it is gone.
+
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::task::{Context, Poll};
+
+use proto::{Attachment, FdKind, WorkerId};
+use socket2::{Domain, Type};
+
+use super::accept::Listener;
+use super::{BUDGET, Driver, now};
+use crate::ipc::{Channel, Received};
+use crate::message::PendingRequests;
+
+/// Frames read from a gone worker's link at most; a full socket buffer holds far fewer.
+const LAST_FRAMES: usize = 65_536;
+pub(super) struct WorkerLink {
+    pub(super) channel: Channel,
+    /// A duplicate of the worker's end: keeps the datagrams it has not read (and their fds)
+    /// after it is gone, to be read back. Never registered with the reactor. Dropped once the
+    /// core needs no read-back (the worker left on purpose), so that its close is seen.
+    pub(super) peer: Option<OwnedFd>,
+    pub(super) outgoing: VecDeque<(Vec<u8>, Option<Attachment<usize>>)>,
+    /// The primary's requests to this worker; dropped with the link, which fails them.
+    pub(super) requests: PendingRequests,
+    /// The worker shut its end down for reading (a send failed with `EPIPE`): nothing more is
+    /// sent, but what the worker sends is still read until its process is gone.
+    pub(super) hung_up: bool,
+}
+
+impl Driver {
+    pub(super) fn poll_links(&mut self, cx: &mut Context<'_>) -> bool {
+        let mut progress = false;
+        self.ids.clear();
+        self.ids.extend(self.links.keys());
+        for i in 0..self.ids.len() {
+            let id = self.ids[i];
+            for _ in 0..BUDGET {
+                let Some(link) = self.links.get_mut(&id) else {
+                    break;
+                };
+                let received = match link.channel.poll_recv(cx, &mut self.received) {
+                    Poll::Pending => break,
+                    Poll::Ready(received) => received,
+                };
+                progress = true;
+                self.handle_received(id, received);
+            }
+        }
+        progress
+    }
+
+    /// Hands what came from `worker`'s link to the core and acts on the outcome.
+    pub(super) fn handle_received(&mut self, id: WorkerId, received: io::Result<Received>) {
+        match received {
+            Ok(Received::Frame { len }) => {
+                let Some(link) = self.links.get(&id) else {
+                    return;
+                };
+                let frame = link.channel.frame(len);
+                self.kinds.clear();
+                self.kinds.extend(self.received.iter().map(fd_kind));
+                self.core.handle_frame(now(), id, frame, &self.kinds);
+            }
+            Ok(Received::Truncated) => self.core.handle_truncated(now(), id),
+            // The worker closed its end after leaving on purpose (or the link broke).
+            Ok(Received::Closed) | Err(_) => self.close_link(id),
+        }
+        // Outputs first: a `Returned` or `Reclaimed` claims the fd that came with the frame; any
+        // other fd is closed.
+        self.drain_core();
+        self.received.clear();
+    }
+
+    /// `worker`'s process is gone: reads what it sent to the end, then closes its link.
+    pub(super) fn finish_link(&mut self, worker: WorkerId) {
+        // Bounded: a process the worker started may have inherited its end and still write.
+        for _ in 0..LAST_FRAMES {
+            let Some(link) = self.links.get_mut(&worker) else {
+                return;
+            };
+            let received = match link.channel.try_recv(&mut self.received) {
+                Ok(None) => break,
+                Ok(Some(received)) => Ok(received),
+                Err(error) => Err(error),
+            };
+            self.handle_received(worker, received);
+        }
+        self.close_link(worker);
+        self.drain_core();
+    }
+
+    /// Drops `worker`'s link and tells the core, after taking back every connection the worker
+    /// never got: those still queued here and those still in its receive queue.
+    pub(super) fn close_link(&mut self, worker: WorkerId) {
+        let Some(mut link) = self.links.remove(&worker) else {
+            return;
+        };
+        self.take_back_unsent(worker, std::mem::take(&mut link.outgoing));
+        if let Some(peer) = &link.peer {
+            self.read_back(worker, peer);
+        }
+        drop(link);
+        self.core.handle_link_closed(now(), worker);
+    }
+
+    /// Frames queued for `worker` will not be sent: a connection's fd is still here and is
+    /// dispatched again by the core; a user's fd is closed.
+    pub(super) fn take_back_unsent(
+        &mut self,
+        worker: WorkerId,
+        unsent: impl IntoIterator<Item = (Vec<u8>, Option<Attachment<usize>>)>,
+    ) {
+        for (_, attachment) in unsent {
+            match attachment {
+                // Kept under its token, to be dispatched again, unless the core says otherwise.
+                Some(Attachment::Conn { conn, seq })
+                    if self.core.handle_reclaimed(worker, seq) != Some(conn) =>
+                {
+                    self.tokens.try_remove(conn);
+                }
+                Some(Attachment::Owned(fd)) => {
+                    self.tokens.try_remove(fd);
+                }
+                Some(Attachment::Conn { .. } | Attachment::Listener(_)) | None => {}
+            }
+        }
+    }
+
+    /// Reads what `worker` never read from its end of the link: each connection there is the
+    /// primary's again.
+    pub(super) fn read_back(&mut self, worker: WorkerId, peer: &OwnedFd) {
+        let mut buf = vec![0; proto::wire::MAX_FRAME];
+        let mut fds = Vec::new();
+        while let Ok(datagram) = crate::sys::recv_frame(peer.as_fd(), &mut buf, &mut fds) {
+            if datagram.len == 0 && fds.is_empty() {
+                break;
+            }
+            let frame = &buf[..datagram.len.min(buf.len())];
+            if let Some(conn) = self.core.handle_read_back(worker, frame, fds.len())
+                && let Some(slot) = self.tokens.get_mut(conn)
+            {
+                *slot = fds.pop();
+            }
+            // Anything else (a shared listener, a user's fd) is closed.
+            fds.clear();
+        }
+    }
+
+    pub(super) fn flush_sends(&mut self, cx: &mut Context<'_>) -> bool {
+        let mut progress = false;
+        let mut broken = Vec::new();
+        let mut hung_up = Vec::new();
+        for (id, link) in &mut self.links {
+            while let Some((frame, attachment)) = link.outgoing.front() {
+                let fd = match attachment {
+                    None => None,
+                    Some(Attachment::Conn { conn, .. } | Attachment::Owned(conn)) => self
+                        .tokens
+                        .get(*conn)
+                        .and_then(Option::as_ref)
+                        .map(AsFd::as_fd),
+                    Some(Attachment::Listener(handle)) => {
+                        self.listeners.get(handle).map(Listener::as_fd)
+                    }
+                };
+                if attachment.is_some() && fd.is_none() {
+                    // The fd stays here until its frame is sent, so this is a bug; a frame
+                    // without its fd would be a protocol error at the worker.
+                    tracing::error!(worker = %id, "dropping a frame whose fd is gone");
+                    link.outgoing.pop_front();
+                    continue;
+                }
+                match link.channel.poll_send(cx, frame, fd) {
+                    Poll::Pending => break,
+                    Poll::Ready(Ok(())) => {
+                        progress = true;
+                        // The fd was copied into the datagram: the primary's copy goes. A
+                        // connection's token stays until the core settles it.
+                        match link.outgoing.pop_front() {
+                            Some((_, Some(Attachment::Owned(fd)))) => {
+                                self.tokens.try_remove(fd);
+                            }
+                            Some((_, Some(Attachment::Conn { conn, .. }))) => {
+                                if let Some(slot) = self.tokens.get_mut(conn) {
+                                    *slot = None;
+                                }
+                            }
+                            _ => {}
+                        }
+                    }
+                    Poll::Ready(Err(error)) if is_hang_up(&error) => {
+                        tracing::debug!(worker = %id, "the worker shut its link for reading; reading what it sends");
+                        link.hung_up = true;
+                        hung_up.push(*id);
+                        progress = true;
+                        break;
+                    }
+                    Poll::Ready(Err(error)) => {
+                        tracing::debug!(worker = %id, %error, "link send failed");
+                        broken.push(*id);
+                        break;
+                    }
+                }
+            }
+        }
+        for id in hung_up {
+            if let Some(link) = self.links.get_mut(&id) {
+                let unsent = std::mem::take(&mut link.outgoing);
+                self.take_back_unsent(id, unsent);
+            }
+        }
+        for id in broken {
+            self.close_link(id);
+            self.drain_core();
+            progress = true;
+        }
+        progress
+    }
+}
+
+/// Errors of a send on a link whose other end is shut down for reading.
+fn is_hang_up(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+    )
+}
+
+/// What an fd that came with a frame is: the core decides whether it may be one.
+fn fd_kind(fd: &OwnedFd) -> FdKind {
+    let socket = socket2::SockRef::from(fd);
+    let stream = matches!(socket.r#type(), Ok(t) if t == Type::STREAM);
+    let family = matches!(
+        socket.domain(),
+        Ok(d) if d == Domain::IPV4 || d == Domain::IPV6 || d == Domain::UNIX
+    );
+    if stream && family {
+        FdKind::Connection
+    } else {
+        FdKind::Other
+    }
+}

@@ -1,0 +1,408 @@
+//! The primary's driver: one task owning the core, every worker link, every listening socket and
+//! every accepted connection. Accepting, handing off, reading acks and sending all happen in its
+//! `poll`, with no channel hop on the connection path.
+//!
+//! The contract with the core: the driver feeds it what happened (frames with the kinds of the
+//! fds that came with them, accepted connections, exits, the time) and does what its outputs
+//! say. It never decodes a frame. Every fd the core speaks of is a token (`usize`) here, in
+//! `tokens`: an accepted connection, one a worker gave back, or a user's fd waiting for its
+//! frame.
+//!
+//! A handed-off connection's fd is closed here as soon as its `NewConn` is sent: it then lives in
+//! the worker's receive queue, and the worker's close of it ends the TCP connection at once,
+//! whenever the (lazy, cumulative) ack comes. The driver keeps a duplicate of each worker's end
+//! of its link instead, so that what a worker never read is still there when it is gone: the
+//! driver reads it back and hands it to the core, which dispatches it again. Because of that
+//! duplicate, a link does not reach end of stream while the driver holds it: a worker is gone
+//! when its process exits, or, once the core releases the duplicate (`Output::ReleasePeer`: it
+//! left on purpose and settled its handoffs), when it closes its end.
+//!
+//! The job is split by what it drives: [`links`] (worker links: frames in and out, and what a
+//! worker never read), [`accept`] (listening sockets and accepting), [`timer`] (the core's
+//! deadlines), and [`events`] (what the core reports, as the user's events and messages).
+
+mod accept;
+mod events;
+mod links;
+mod timer;
+
+use std::collections::{HashMap, VecDeque};
+use std::ffi::OsString;
+use std::future::Future;
+use std::io;
+use std::os::fd::OwnedFd;
+use std::os::unix::process::ExitStatusExt;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use proto::wire::{ListenTarget, UserKind};
+use proto::{ExitStatus, HandleId, Output, Seq, WorkerId};
+use slab::Slab;
+use tokio::sync::{mpsc, oneshot};
+
+use self::accept::Listener;
+use self::links::WorkerLink;
+use self::timer::Timer;
+use super::image::Image;
+use super::{Event, PrimaryShared, Stats, WorkerHandle, WorkerShared, WorkerStats, spawn};
+use crate::message::{Answer, PendingRequests, ReplySender};
+use crate::settings::Settings;
+
+/// What the driver is asked to do, or told, from outside its `poll`.
+pub(crate) enum Input {
+    Fork {
+        env: Vec<(OsString, OsString)>,
+        image: Arc<Image>,
+        reply: oneshot::Sender<io::Result<WorkerHandle>>,
+    },
+    Disconnect {
+        worker: WorkerId,
+    },
+    /// Close the sockets kept open for dead workers' replacements (a shutdown).
+    ReleaseKeptHandles,
+    Send {
+        worker: WorkerId,
+        payload: Vec<u8>,
+        fd: Option<OwnedFd>,
+    },
+    Request {
+        worker: WorkerId,
+        payload: Vec<u8>,
+        reply: ReplySender,
+    },
+    Answer {
+        worker: WorkerId,
+        ack: Seq,
+        answer: Answer,
+    },
+    Exited {
+        worker: WorkerId,
+        status: ExitStatus,
+    },
+    Stats {
+        reply: oneshot::Sender<Stats>,
+    },
+}
+
+/// How many inputs of one source are handled before the others get a turn.
+const BUDGET: usize = 64;
+/// How long the exit of a silent worker waits for its output to be forwarded.
+const OUTPUT_DRAIN: Duration = Duration::from_secs(1);
+
+pub(crate) struct Driver {
+    core: proto::Primary<usize>,
+    settings: Settings,
+    shared: Arc<PrimaryShared>,
+    inputs: mpsc::UnboundedReceiver<Input>,
+    input_tx: mpsc::UnboundedSender<Input>,
+    links: HashMap<WorkerId, WorkerLink>,
+    workers: HashMap<WorkerId, Arc<WorkerShared>>,
+    listeners: HashMap<HandleId, Listener>,
+    /// Fds under the core's tokens: accepted connections and users' fds. A connection's slot is
+    /// empty while its `NewConn` sits in a worker's receive queue (the token lives on until the
+    /// core settles it), and filled again if it comes back.
+    tokens: Slab<Option<OwnedFd>>,
+    timer: Timer,
+    accept_resume: Option<Instant>,
+    buf: Vec<u8>,
+    received: Vec<OwnedFd>,
+    /// What each of `received` is, for the core.
+    kinds: Vec<proto::FdKind>,
+    ids: Vec<WorkerId>,
+    handles: Vec<HandleId>,
+    /// The thread's scheduling policy is decided on the first poll, on the thread that polls.
+    scheduling_decided: bool,
+    /// This thread was moved to `SCHED_BATCH`: workers must be moved back.
+    batch_scheduling: bool,
+}
+
+fn now() -> Instant {
+    tokio::time::Instant::now().into_std()
+}
+
+impl Driver {
+    pub(crate) fn new(
+        settings: Settings,
+        shared: Arc<PrimaryShared>,
+        inputs: mpsc::UnboundedReceiver<Input>,
+        input_tx: mpsc::UnboundedSender<Input>,
+    ) -> Self {
+        Self {
+            core: proto::Primary::new(settings.core_config()),
+            settings,
+            shared,
+            inputs,
+            input_tx,
+            links: HashMap::new(),
+            workers: HashMap::new(),
+            listeners: HashMap::new(),
+            tokens: Slab::new(),
+            timer: Timer::Unset,
+            accept_resume: None,
+            buf: Vec::new(),
+            received: Vec::new(),
+            kinds: Vec::new(),
+            ids: Vec::new(),
+            handles: Vec::new(),
+            scheduling_decided: false,
+            batch_scheduling: false,
+        }
+    }
+
+    /// Applies [`Settings::batch_scheduling`] to the thread running the driver, which on a
+    /// current-thread runtime is the only one that ever will.
+    fn decide_scheduling(&mut self) {
+        self.scheduling_decided = true;
+        let current_thread = tokio::runtime::Handle::current().runtime_flavor()
+            == tokio::runtime::RuntimeFlavor::CurrentThread;
+        if !current_thread || !self.settings.wants_batch_scheduling() {
+            return;
+        }
+        match crate::sys::use_batch_scheduling() {
+            Ok(applied) => self.batch_scheduling = applied,
+            Err(error) => tracing::debug!(%error, "SCHED_BATCH refused; keeping the policy"),
+        }
+    }
+
+    fn poll_inputs(&mut self, cx: &mut Context<'_>) -> bool {
+        let mut progress = false;
+        for _ in 0..BUDGET {
+            let Poll::Ready(Some(input)) = self.inputs.poll_recv(cx) else {
+                break;
+            };
+            progress = true;
+            match input {
+                Input::Fork { env, image, reply } => {
+                    let _ = reply.send(self.fork(&env, &image));
+                }
+                Input::Disconnect { worker } => {
+                    self.core.disconnect(now(), worker);
+                }
+                Input::ReleaseKeptHandles => self.core.release_kept_handles(now()),
+                Input::Send {
+                    worker,
+                    payload,
+                    fd,
+                } => self.send_user(worker, UserKind::Message, payload, fd),
+                Input::Request {
+                    worker,
+                    payload,
+                    reply,
+                } => {
+                    // No link: the reply sender is dropped, which fails the request.
+                    if let Some(link) = self.links.get_mut(&worker) {
+                        let seq = link.requests.start(reply);
+                        self.send_user(worker, UserKind::Request { seq }, payload, None);
+                    }
+                }
+                Input::Answer {
+                    worker,
+                    ack,
+                    answer,
+                } => {
+                    let (kind, payload) = match answer {
+                        Answer::Reply(payload) => (UserKind::Reply { ack }, payload),
+                        Answer::Refusal(reason) => (UserKind::Refusal { ack }, reason.into_bytes()),
+                    };
+                    self.send_user(worker, kind, payload, None);
+                }
+                Input::Exited { worker, status } => {
+                    self.finish_link(worker);
+                    self.core.handle_exit(worker, status);
+                }
+                Input::Stats { reply } => {
+                    let _ = reply.send(self.stats());
+                }
+            }
+            self.drain_core();
+        }
+        progress
+    }
+
+    /// Acts on everything the core asks for.
+    fn drain_core(&mut self) {
+        while let Some(output) = self.core.poll_output(&mut self.buf) {
+            match output {
+                Output::Transmit(t) => match self.links.get_mut(&t.worker) {
+                    Some(link) if !link.hung_up => {
+                        link.outgoing.push_back((self.buf.clone(), t.attachment));
+                    }
+                    // Never sent: a connection is taken back, a user's fd closed.
+                    _ => {
+                        let unsent = [(self.buf.clone(), t.attachment)];
+                        self.take_back_unsent(t.worker, unsent);
+                    }
+                },
+                Output::Bind {
+                    handle,
+                    request,
+                    distribution,
+                } => {
+                    let result = self.bind(handle, &request, distribution);
+                    if let Err(errno) = result {
+                        let address = match &request.target {
+                            ListenTarget::Ip(addr) => addr.to_string(),
+                            ListenTarget::Path(path) => {
+                                format!("unix:{}", String::from_utf8_lossy(path))
+                            }
+                            ListenTarget::Fd(fd) => format!("fd {fd}"),
+                            ListenTarget::Name(name) => format!("the socket named {name}"),
+                        };
+                        let error = io::Error::from_raw_os_error(errno.0);
+                        tracing::debug!(%address, %error, "could not listen");
+                        self.shared.publish(Event::ListenFailed {
+                            address,
+                            errno: errno.0,
+                        });
+                    }
+                    self.core.handle_bound(now(), handle, result);
+                }
+                Output::Unbind { handle } => {
+                    self.listeners.remove(&handle);
+                }
+                Output::Close(conn) | Output::Delivered { conn, .. } => {
+                    self.tokens.try_remove(conn);
+                }
+                Output::CloseLink { worker } => self.close_link(worker),
+                Output::Returned { worker, handle } => self.take_back(worker, handle),
+                Output::Reclaimed { conn, .. } => {
+                    if let (Some(fd), Some(slot)) = (self.received.pop(), self.tokens.get_mut(conn))
+                    {
+                        *slot = Some(fd);
+                    }
+                }
+                Output::Kill { worker, reason } => {
+                    tracing::warn!(%worker, %reason, "killing worker");
+                    if let Some(w) = self.workers.get(&worker) {
+                        let _ = crate::sys::kill(w.pid, libc::SIGKILL);
+                    }
+                }
+                Output::ReleasePeer { worker } => {
+                    // Its close of its end is now seen as end of stream: its `Disconnect`.
+                    if let Some(link) = self.links.get_mut(&worker) {
+                        link.peer = None;
+                    }
+                }
+                Output::Event(event) => self.publish(event),
+            }
+        }
+    }
+
+    fn stats(&self) -> Stats {
+        let mut workers: Vec<WorkerStats> = self
+            .workers
+            .values()
+            .map(|w| (w, self.core.counters(w.id).unwrap_or_default()))
+            .map(|(w, counters)| WorkerStats {
+                id: w.id,
+                pid: w.pid,
+                state: self.core.state(w.id).unwrap_or(proto::WorkerState::Dead),
+                in_flight: self.core.in_flight(w.id),
+                handoffs: counters.handoffs,
+                refused: counters.refused,
+                returned: counters.returned,
+            })
+            .collect();
+        workers.sort_by_key(|w| w.id);
+        Stats {
+            workers,
+            connections_held: self.tokens.iter().filter(|(_, fd)| fd.is_some()).count(),
+            listeners: self.listeners.len(),
+        }
+    }
+
+    fn fork(&mut self, env: &[(OsString, OsString)], image: &Image) -> io::Result<WorkerHandle> {
+        let id = self.core.add_worker();
+        let (mut child, channel, peer) =
+            match spawn::spawn(&self.settings, image, id, env, self.batch_scheduling) {
+                Ok(spawned) => spawned,
+                Err(error) => {
+                    self.core.handle_spawn_failed(id);
+                    return Err(error);
+                }
+            };
+        let pid = child.id().unwrap_or_default();
+        let output = if self.settings.silent {
+            spawn::forward_output(id, &mut child)
+        } else {
+            Vec::new()
+        };
+        let shared = Arc::new(WorkerShared::new(
+            id,
+            pid,
+            image.generation,
+            self.settings.disconnect_timeout,
+        ));
+        self.workers.insert(id, shared.clone());
+        self.links.insert(
+            id,
+            WorkerLink {
+                channel,
+                peer: Some(peer),
+                outgoing: VecDeque::new(),
+                requests: PendingRequests::default(),
+                hung_up: false,
+            },
+        );
+        let tx = self.input_tx.clone();
+        tokio::spawn(async move {
+            let status = match child.wait().await {
+                Ok(status) => match (status.code(), status.signal()) {
+                    (Some(code), _) => ExitStatus::Code(code),
+                    (None, Some(signal)) => ExitStatus::Signal(signal),
+                    (None, None) => ExitStatus::Code(-1),
+                },
+                Err(error) => {
+                    tracing::error!(worker = %id, %error, "waiting for worker failed");
+                    ExitStatus::Code(-1)
+                }
+            };
+            // What a silent worker wrote just before it exited may still be in its pipes: let it
+            // through before the exit is reported, so a primary that returns on the last exit
+            // loses none of it. Bounded, since a process the worker started may hold the pipes.
+            let drained = tokio::time::Instant::now() + OUTPUT_DRAIN;
+            for task in output {
+                let _ = tokio::time::timeout_at(drained, task).await;
+            }
+            let _ = tx.send(Input::Exited { worker: id, status });
+        });
+        let handle = WorkerHandle {
+            shared,
+            tx: self.input_tx.clone(),
+        };
+        self.shared
+            .workers
+            .lock()
+            .expect("not poisoned")
+            .insert(id, handle.clone());
+        self.drain_core();
+        self.shared.publish(Event::Fork(handle.clone()));
+        Ok(handle)
+    }
+}
+
+impl Future for Driver {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        if !this.scheduling_decided {
+            this.decide_scheduling();
+        }
+        for _ in 0..16 {
+            let mut progress = this.poll_inputs(cx);
+            progress |= this.poll_links(cx);
+            progress |= this.poll_accepts(cx);
+            progress |= this.poll_timer(cx);
+            progress |= this.flush_sends(cx);
+            if !progress {
+                return Poll::Pending;
+            }
+        }
+        // Still busy: yield to other tasks and come back.
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+}
