@@ -3,7 +3,7 @@
 //!
 //! It drives the sans-IO state machines of `cluster-core` with real I/O:
 //!
-//! - [`Primary`] forks workers (re-executing `/proc/self/exe` with the link at fd 3), owns the
+//! - [`Primary`] forks workers (re-executing its generation's binary with the link at fd 3), owns the
 //!   listening sockets and hands out connections; its driver is one task that accepts, hands
 //!   off, reads acks and sends, with no channel hop on the connection path.
 //! - [`Worker`] is a worker's link to its primary; [`ClusterListener`] is the listener user code
@@ -13,6 +13,8 @@
 //!   built for it (what `#[cluster::main]` expands to), with the [`Settings`] it was given.
 //! - With the features of the same names, `axum::serve`, `hyper::serve` and `tonic::serve` serve
 //!   a listener until the worker is asked to leave, then drain it without losing a request.
+
+#![deny(unsafe_code)]
 
 mod entry;
 pub mod env;
@@ -26,6 +28,8 @@ mod serve;
 pub mod settings;
 mod socket;
 pub mod supervisor;
+// The one module allowed `unsafe`: every block there has a `// SAFETY:` comment.
+#[allow(unsafe_code)]
 mod sys;
 mod systemd;
 pub mod worker;

@@ -114,26 +114,18 @@ pub(crate) fn use_batch_scheduling() -> io::Result<bool> {
 /// names and never drops what it gets (so even an fd that something else in this process
 /// believes it owns is never closed twice).
 pub(crate) fn take_activated_socket(fd: RawFd) -> io::Result<OwnedFd> {
-    // SAFETY: fcntl and getsockopt on a possibly closed fd number only read and set its flags,
-    // or read its type into a properly sized local, or fail (EBADF, ENOTSOCK).
+    // SAFETY: fcntl on a possibly closed fd number only reads and sets its flags, or fails
+    // (EBADF).
     unsafe {
         let flags = libc::fcntl(fd, libc::F_GETFD);
         if flags < 0 || libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC) < 0 {
             return Err(io::Error::last_os_error());
         }
-        let mut kind: libc::c_int = 0;
-        let mut len = size_of::<libc::c_int>() as libc::socklen_t;
-        let typed = libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_TYPE,
-            (&raw mut kind).cast(),
-            &mut len,
-        );
-        if typed < 0 {
-            return Err(io::Error::last_os_error());
-        }
     }
+    // SAFETY: the fd is open (fcntl succeeded) and nothing closes it during this borrow.
+    let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+    // Fails with ENOTSOCK for anything but a socket.
+    socket2::SockRef::from(&borrowed).r#type()?;
     // SAFETY: `fd` is an open socket the service manager passed to this process for it to own
     // (`LISTEN_PID` is ours); the caller takes each such fd once and never closes it.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
@@ -160,25 +152,18 @@ pub(crate) fn monotonic_usec() -> u64 {
 /// parent (`SO_PEERCRED`): a grandchild that inherited the environment markers, or anything
 /// else that happens to sit at fd 3, is not taken for a link.
 pub(crate) fn take_inherited_ipc_fd() -> Option<OwnedFd> {
-    // SAFETY: fcntl and getsockopt on a possibly closed fd number only read its state into
-    // properly sized locals, or fail (EBADF, ENOTSOCK).
+    // SAFETY: fcntl on a possibly closed fd number only reads its flags, or fails (EBADF).
+    let flags = unsafe { libc::fcntl(IPC_FD, libc::F_GETFD) };
+    if flags < 0 {
+        return None;
+    }
+    // SAFETY: the fd is open (fcntl succeeded) and nothing closes it during this borrow.
+    let borrowed = unsafe { BorrowedFd::borrow_raw(IPC_FD) };
+    if socket2::SockRef::from(&borrowed).r#type().ok()? != socket2::Type::SEQPACKET {
+        return None;
+    }
+    // SAFETY: getsockopt reads the peer's credentials into a properly sized local, or fails.
     unsafe {
-        let flags = libc::fcntl(IPC_FD, libc::F_GETFD);
-        if flags < 0 {
-            return None;
-        }
-        let mut kind: libc::c_int = 0;
-        let mut len = size_of::<libc::c_int>() as libc::socklen_t;
-        let typed = libc::getsockopt(
-            IPC_FD,
-            libc::SOL_SOCKET,
-            libc::SO_TYPE,
-            (&raw mut kind).cast(),
-            &mut len,
-        );
-        if typed < 0 || kind != libc::SOCK_SEQPACKET {
-            return None;
-        }
         let mut cred = libc::ucred {
             pid: 0,
             uid: 0,
