@@ -268,16 +268,21 @@ async fn full_workers_are_not_ping_ponged_and_lose_nothing() {
     for w in [&a, &b] {
         w.send(&Command::Resume { index: 0 }).unwrap();
     }
-    let mut served = 0;
+    let mut served = std::collections::BTreeMap::new();
     for client in clients {
         let id = tokio::time::timeout(support::WAIT, client)
             .await
             .expect("client hung")
             .unwrap();
-        assert!(id == a.id().get() || id == b.id().get());
-        served += 1;
+        *served.entry(id).or_insert(0) += 1;
     }
-    assert_eq!(served, total);
+    // Each serves at least the 128 its listener held; the 40 the primary held went to them too.
+    assert_eq!(
+        served.keys().copied().collect::<Vec<_>>(),
+        [a.id().get(), b.id().get()],
+        "{served:?}"
+    );
+    assert!(served.values().all(|n| *n >= 128), "{served:?}");
 }
 
 #[tokio::test]
@@ -302,7 +307,20 @@ async fn closing_with_a_connection_in_flight_serves_it_elsewhere() {
         .await
         .expect("client hung")
         .unwrap();
-    assert!([closing.id().get(), other.id().get()].contains(&served_by));
+    // The closing worker's books agree with who served: it gave the connection back (refused
+    // or returned) exactly when the other worker served it.
+    let given_back = u64::from(served_by == other.id().get());
+    let stats = until(&cluster, "the handoff is settled", |s| {
+        s.workers.iter().all(|w| w.in_flight == 0)
+    })
+    .await;
+    let books = stats
+        .workers
+        .iter()
+        .find(|w| w.id == closing.id())
+        .expect("the closing worker is alive");
+    assert_eq!(books.handoffs, 1, "{stats:?}");
+    assert_eq!(books.refused + books.returned, given_back, "{stats:?}");
 }
 
 /// Bursts of simultaneous connections: the primary accepts while connections keep arriving, and
@@ -349,5 +367,9 @@ async fn bursts_of_simultaneous_connections_are_all_served() {
         ids,
         "{answered:?}"
     );
-    assert_eq!(answered.values().sum::<usize>(), BURSTS * CLIENTS);
+    // Round robin over two workers: neither is starved.
+    assert!(
+        answered.values().all(|n| *n >= BURSTS * CLIENTS / 4),
+        "{answered:?}"
+    );
 }
