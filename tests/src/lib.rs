@@ -349,6 +349,28 @@ pub fn send_raw_on_link(
     Ok(())
 }
 
+/// Blocks until the next datagram on the link at fd 3 and returns it (fds that came with it are
+/// dropped); `None` at end of stream.
+pub fn recv_raw_on_link() -> Option<Vec<u8>> {
+    let mut buf = vec![0u8; 70_000];
+    loop {
+        // SAFETY: recv(2) into a live local buffer of the stated size.
+        let n = unsafe { libc::recv(3, buf.as_mut_ptr().cast(), buf.len(), 0) };
+        match n {
+            0 => return None,
+            n if n > 0 => {
+                buf.truncate(n as usize);
+                return Some(buf);
+            }
+            // The link is inherited non-blocking.
+            _ if std::io::Error::last_os_error().kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::yield_now();
+            }
+            _ => return None,
+        }
+    }
+}
+
 /// Blocks until the link at fd 3 reaches end of stream (the primary closed it).
 pub fn wait_for_link_eof() {
     let mut buf = [0u8; 70_000];

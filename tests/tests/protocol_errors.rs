@@ -119,3 +119,52 @@ async fn next_tick(cluster: &mut Cluster) -> u8 {
         }
     }
 }
+
+#[tokio::test]
+async fn connections_offered_to_a_worker_that_stopped_reading_are_served_by_another() {
+    let mut cluster = Cluster::with(SchedulingPolicy::RoundRobin, |s| {
+        s.exec(env!("CARGO_BIN_EXE_rogue"))
+            .handoff_timeout(std::time::Duration::from_secs(1))
+    });
+    let healthy = cluster
+        .primary
+        .fork_with_env([
+            ("ROGUE", "exec"),
+            ("ROGUE_EXEC", env!("CARGO_BIN_EXE_fixture")),
+        ])
+        .await
+        .unwrap();
+    cluster.adopt(&healthy);
+    cluster
+        .expect(&healthy, |e| matches!(e, Event::Online(_)))
+        .await;
+    let port = cluster.listen(&healthy, "127.0.0.1:0").await;
+    let rogue = cluster
+        .primary
+        .fork_with_env([("ROGUE", "listen-then-hangup")])
+        .await
+        .unwrap();
+    cluster.adopt(&rogue);
+    cluster
+        .expect(&rogue, |e| matches!(e, Event::Listening { .. }))
+        .await;
+    // Round robin: half of them are handed to the rogue, whose link refuses every send. They
+    // are taken back, and served by the healthy worker once the rogue is gone.
+    let clients: Vec<_> = (0..6).map(|_| tokio::spawn(who(port))).collect();
+    for client in clients {
+        assert_eq!(client.await.unwrap(), healthy.id().get());
+    }
+    let exit = cluster
+        .expect(&rogue, |e| matches!(e, Event::Exit { .. }))
+        .await;
+    assert!(
+        matches!(
+            exit,
+            Event::Exit {
+                killed: Some(KillReason::HandoffTimeout),
+                ..
+            }
+        ),
+        "{exit:?}"
+    );
+}

@@ -3,7 +3,10 @@
 
 use std::os::fd::AsFd;
 
-use cluster_core::wire::{self, Envelope, HandleId, UserKind, WorkerMessage};
+use cluster_core::wire::{
+    self, Envelope, HandleId, ListenFlags, ListenRequest, ListenTarget, PrimaryMessage, Seq,
+    SocketKind, UserKind, WorkerMessage,
+};
 
 fn encoded(message: &WorkerMessage) -> Vec<u8> {
     let mut frame = Vec::new();
@@ -64,6 +67,41 @@ fn main() {
                 std::thread::sleep(std::time::Duration::from_millis(20));
             }
             return;
+        }
+        "exec" => {
+            // Not a rogue at all: becomes the program `ROGUE_EXEC` names, link and all.
+            use std::os::unix::process::CommandExt;
+            let program = std::env::var("ROGUE_EXEC").expect("ROGUE_EXEC");
+            let error = std::process::Command::new(program).exec();
+            panic!("exec: {error}");
+        }
+        "listen-then-hangup" => {
+            // Joins the round robin of the cluster's first `127.0.0.1:0` listener (shared by
+            // every worker's first bind of port 0), then stops reading its link and sends nothing
+            // more: what is handed to it never reaches it.
+            cluster_tests::send_raw_on_link(&online, None).expect("send");
+            let query = encoded(&WorkerMessage::QueryServer {
+                seq: Seq::new(1),
+                request: ListenRequest {
+                    target: ListenTarget::Ip(([127, 0, 0, 1], 0).into()),
+                    kind: SocketKind::Stream,
+                    backlog: 0,
+                    flags: ListenFlags::default(),
+                },
+            });
+            cluster_tests::send_raw_on_link(&query, None).expect("send");
+            let handle = loop {
+                let frame = cluster_tests::recv_raw_on_link().expect("a reply");
+                if let Ok(PrimaryMessage::ListenReply { result, .. }) = wire::decode(&frame) {
+                    break result.expect("listening").handle;
+                }
+            };
+            cluster_tests::send_raw_on_link(&encoded(&WorkerMessage::Listening { handle }), None)
+                .expect("send");
+            cluster_tests::stop_reading_link();
+            loop {
+                std::thread::park();
+            }
         }
         other => panic!("unknown offence {other}"),
     };
