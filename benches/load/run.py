@@ -5,6 +5,7 @@
     python3 benches/load/run.py                 # all cells, both layouts, 3 repetitions, 10 s each
     python3 benches/load/run.py --duration 5 --reps 1 --no-write
     python3 benches/load/run.py --only cluster-rr-2,reuseport-2 --layouts pinned --workloads close
+    python3 benches/load/run.py --baseline /path/to/older/hello --only cluster-rr-2,baseline-rr-2 ...
 
 It builds what it needs (release), installs wrk if missing (apt-get), pins wrk to CPU 1, restarts
 every server for every repetition and warms it up (2 s of the same load, untimed), reads server CPU
@@ -39,13 +40,13 @@ def launch(cmd, env, cpus):
     return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=preexec)
 
 
-def configs():
-    def hello(workers, policy=None, **extra):
+def configs(baseline=None):
+    def hello(workers, policy=None, binary=HELLO, **extra):
         def start(port, cpus):
             env = dict(os.environ, ADDR=f"127.0.0.1:{port}", CLUSTER_WORKERS=str(workers), RUST_LOG="warn", **extra)
             if policy:
                 env["CLUSTER_SCHED_POLICY"] = policy
-            return launch([HELLO], env, cpus)
+            return launch([binary], env, cpus)
         return start
 
     def reuseport(port, cpus):
@@ -67,6 +68,9 @@ def configs():
     ]
     if shutil.which("node"):
         found += [("node-rr-2", node("rr"), True), ("node-none-2", node("none"), False)]
+    if baseline:
+        # Another build of `hello` (an older commit), side by side in the same run.
+        found += [("baseline-rr-2", hello(2, "rr", binary=baseline), True)]
     return found
 
 
@@ -208,6 +212,7 @@ def main():
     ap.add_argument("--only", help="comma-separated config names (implies --no-write)")
     ap.add_argument("--workloads", default="keepalive,close")
     ap.add_argument("--no-write", action="store_true", help="print only; do not write docs/benchmarks.md")
+    ap.add_argument("--baseline", help="another build of examples/hello, run as `baseline-rr-2`")
     args = ap.parse_args()
     layouts = args.layouts.split(",")
     workloads = args.workloads.split(",")
@@ -218,7 +223,7 @@ def main():
         subprocess.run(["apt-get", "install", "-y", "-qq", "wrk"], check=True)
     subprocess.run(["cargo", "build", "--release", "-q", "--example", "hello", "-p", "examples",
                     "--bin", "reuseport", "-p", "benches"], cwd=ROOT, check=True)
-    cells = configs()
+    cells = configs(args.baseline)
     if args.only:
         cells = [c for c in cells if c[0] in args.only.split(",")]
     results = {}

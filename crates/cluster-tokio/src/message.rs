@@ -333,6 +333,32 @@ impl PendingRequests {
     }
 }
 
+/// Routes a user frame that arrived on a link, the same on both sides: the answer to one of our
+/// `requests` finishes it (`None`); a message, or a request to be answered through the
+/// responder `answer` makes for its seq, is for user code.
+pub(crate) fn route(
+    envelope: proto::wire::Envelope,
+    fd: Option<OwnedFd>,
+    requests: Option<&mut PendingRequests>,
+    answer: impl FnOnce(Seq) -> Responder,
+) -> Option<Message> {
+    use proto::wire::UserKind;
+    let responder = match envelope.kind {
+        UserKind::Message => None,
+        UserKind::Request { seq } => Some(answer(seq)),
+        UserKind::Reply { ack } => {
+            requests?.finish(ack, Answer::Reply(envelope.payload));
+            return None;
+        }
+        UserKind::Refusal { ack } => {
+            let reason = String::from_utf8_lossy(&envelope.payload).into_owned();
+            requests?.finish(ack, Answer::Refusal(reason));
+            return None;
+        }
+    };
+    Some(Message::new(envelope.payload, fd, responder))
+}
+
 /// Waits for the answer to a request and decodes it.
 pub(crate) async fn await_reply<R: DeserializeOwned>(
     rx: oneshot::Receiver<Result<Vec<u8>, RequestError>>,

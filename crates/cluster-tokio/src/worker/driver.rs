@@ -272,29 +272,19 @@ impl Driver {
     /// A user message, request or answer from the primary.
     fn user(&mut self, envelope: Envelope, fds: &mut Vec<OwnedFd>) {
         let fd = if envelope.fd { fds.pop() } else { None };
-        let responder = match envelope.kind {
-            UserKind::Message => None,
-            UserKind::Request { seq } => {
-                let answers = self.answers.clone();
-                let responder: crate::message::Responder = Box::new(move |answer| {
-                    answers
-                        .upgrade()
-                        .and_then(|tx| tx.send(Command::Answer { ack: seq, answer }).ok())
-                        .ok_or_else(super::not_connected)
-                });
-                Some(responder)
-            }
-            UserKind::Reply { ack } => {
-                return self.requests.finish(ack, Answer::Reply(envelope.payload));
-            }
-            UserKind::Refusal { ack } => {
-                let reason = String::from_utf8_lossy(&envelope.payload).into_owned();
-                return self.requests.finish(ack, Answer::Refusal(reason));
-            }
+        let answers = self.answers.clone();
+        let answer = move |seq| -> crate::message::Responder {
+            Box::new(move |answer| {
+                answers
+                    .upgrade()
+                    .and_then(|tx| tx.send(Command::Answer { ack: seq, answer }).ok())
+                    .ok_or_else(super::not_connected)
+            })
         };
-        let _ = self
-            .messages
-            .send(Message::new(envelope.payload, fd, responder));
+        if let Some(message) = crate::message::route(envelope, fd, Some(&mut self.requests), answer)
+        {
+            let _ = self.messages.send(message);
+        }
     }
 
     /// Queues a user frame; its fd, if any, goes with it.

@@ -7,9 +7,8 @@ use std::sync::Arc;
 use proto::WorkerId;
 use proto::wire::{Envelope, UserKind};
 
-use super::super::{Event, ListenAddress, Message, WorkerHandle, WorkerShared};
+use super::super::{Event, ListenAddress, WorkerHandle, WorkerShared};
 use super::{Driver, Input};
-use crate::message::Answer;
 
 impl Driver {
     pub(super) fn publish(&mut self, event: proto::Event) {
@@ -50,45 +49,29 @@ impl Driver {
                 } else {
                     None
                 };
-                let responder = match envelope.kind {
-                    UserKind::Message => None,
-                    UserKind::Request { seq } => {
-                        let tx = self.input_tx.downgrade();
-                        let responder: crate::message::Responder = Box::new(move |answer| {
-                            tx.upgrade()
-                                .and_then(|tx| {
-                                    tx.send(Input::Answer {
-                                        worker,
-                                        ack: seq,
-                                        answer,
-                                    })
-                                    .ok()
+                let tx = self.input_tx.downgrade();
+                let answer = move |seq| -> crate::message::Responder {
+                    Box::new(move |answer| {
+                        tx.upgrade()
+                            .and_then(|tx| {
+                                tx.send(Input::Answer {
+                                    worker,
+                                    ack: seq,
+                                    answer,
                                 })
-                                .ok_or_else(super::super::stopped)
-                        });
-                        Some(responder)
-                    }
-                    UserKind::Reply { ack } => {
-                        if let Some(link) = self.links.get_mut(&worker) {
-                            link.requests.finish(ack, Answer::Reply(envelope.payload));
-                        }
-                        return;
-                    }
-                    UserKind::Refusal { ack } => {
-                        if let Some(link) = self.links.get_mut(&worker) {
-                            let reason = String::from_utf8_lossy(&envelope.payload).into_owned();
-                            link.requests.finish(ack, Answer::Refusal(reason));
-                        }
-                        return;
-                    }
+                                .ok()
+                            })
+                            .ok_or_else(super::super::stopped)
+                    })
+                };
+                let requests = self.links.get_mut(&worker).map(|link| &mut link.requests);
+                let Some(message) = crate::message::route(envelope, fd, requests, answer) else {
+                    return;
                 };
                 let Some(w) = handle(&self.workers, &worker) else {
                     return;
                 };
-                Event::Message {
-                    worker: w,
-                    message: Message::new(envelope.payload, fd, responder),
-                }
+                Event::Message { worker: w, message }
             }
             proto::Event::Disconnect { worker } => {
                 let Some(w) = handle(&self.workers, &worker) else {
