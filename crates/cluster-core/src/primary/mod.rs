@@ -275,6 +275,8 @@ struct WorkerEntry<C> {
     killed: Option<KillReason>,
     /// Declared ready to serve.
     service_ready: bool,
+    /// Shut its end of the link for reading ([`Primary::handle_deaf`]).
+    deaf: bool,
     /// When a frame last came from it, after its handshake.
     last_seen: Option<Instant>,
     /// Broke the protocol: its frames are ignored until the driver closes the link.
@@ -350,6 +352,7 @@ impl<C: Copy + Eq + std::fmt::Debug> Primary<C> {
             peer_released: false,
             killed: None,
             service_ready: false,
+            deaf: false,
             last_seen: None,
             failed: false,
             unasked: 0,
@@ -399,9 +402,7 @@ impl<C: Copy + Eq + std::fmt::Debug> Primary<C> {
     /// dispatches those again.
     pub fn handle_read_back(&mut self, worker: WorkerId, frame: &[u8], fds: usize) -> Option<C> {
         match wire::decode::<PrimaryMessage>(frame) {
-            Ok(PrimaryMessage::NewConn { seq, .. }) if fds == 1 => {
-                self.handle_reclaimed(worker, seq)
-            }
+            Ok(PrimaryMessage::NewConn { seq, .. }) if fds == 1 => self.reclaim(worker, seq),
             _ => None,
         }
     }
@@ -514,7 +515,33 @@ impl<C: Copy + Eq + std::fmt::Debug> Primary<C> {
     /// token to keep it under; `None` when `seq` is not a handoff in flight to `worker` (the
     /// driver closes the fd). Call before [`Self::handle_link_closed`], which dispatches it
     /// again.
-    pub fn handle_reclaimed(&mut self, worker: WorkerId, seq: wire::Seq) -> Option<C> {
+    pub fn handle_reclaimed(
+        &mut self,
+        now: Instant,
+        worker: WorkerId,
+        seq: wire::Seq,
+    ) -> Option<C> {
+        let entry = self.workers.get_mut(&worker)?;
+        if entry.deaf {
+            // Nothing sent to it arrives any more: the handoff is over, as if refused, and the
+            // connection goes to another worker now rather than when its link closes.
+            let Ok(Request::Handoff { handle, conn, .. }) =
+                entry.link.finish_request_if(seq, |r| !r.is_reclaimed())
+            else {
+                return None;
+            };
+            entry.counters.refused += 1;
+            // Both books agree on what is in flight, so this cannot fail.
+            let _ = self.registry.ack(worker, handle, conn, false);
+            self.drain_registry(now);
+            return Some(conn);
+        }
+        self.reclaim(worker, seq)
+    }
+
+    /// Marks handoff `seq` to a gone worker as the primary's again: dispatched when its link
+    /// closes.
+    fn reclaim(&mut self, worker: WorkerId, seq: wire::Seq) -> Option<C> {
         match self.workers.get_mut(&worker)?.link.pending_mut(seq)? {
             Request::Handoff {
                 conn, reclaimed, ..
@@ -524,6 +551,18 @@ impl<C: Copy + Eq + std::fmt::Debug> Primary<C> {
             }
             Request::Handoff { .. } => None,
         }
+    }
+
+    /// `worker` shut its end of the link for reading: nothing sent to it arrives any more, so it
+    /// is offered nothing more, and what is taken back from its unsent frames
+    /// ([`Self::handle_reclaimed`]) goes to other workers at once. What it sends is still read.
+    pub fn handle_deaf(&mut self, now: Instant, worker: WorkerId) {
+        let Some(entry) = self.workers.get_mut(&worker) else {
+            return;
+        };
+        entry.deaf = true;
+        self.registry.leave_all(worker);
+        self.drain_registry(now);
     }
 
     /// Whether the driver should accept on `handle` now.

@@ -460,11 +460,15 @@ fn when_a_link_closes_what_the_worker_never_read_is_dispatched_again_and_the_res
     // closes: the driver still holds it, so it counts as reclaimed without being named.
     h.primary.handle_connection(h.now, handle, 4).unwrap();
     // The driver read connection 3's `NewConn` back from w1's end: w1 never saw it.
-    assert_eq!(h.primary.handle_reclaimed(w1, to_w1[1].1), Some(3));
-    assert_eq!(h.primary.handle_reclaimed(w1, to_w1[1].1), None, "once");
-    assert_eq!(h.primary.handle_reclaimed(w1, Seq::new(99)), None);
+    assert_eq!(h.primary.handle_reclaimed(h.now, w1, to_w1[1].1), Some(3));
     assert_eq!(
-        h.primary.handle_reclaimed(w2, Seq::new(3)),
+        h.primary.handle_reclaimed(h.now, w1, to_w1[1].1),
+        None,
+        "once"
+    );
+    assert_eq!(h.primary.handle_reclaimed(h.now, w1, Seq::new(99)), None);
+    assert_eq!(
+        h.primary.handle_reclaimed(h.now, w2, Seq::new(3)),
         None,
         "w2 has seqs 1 and 2 only"
     );
@@ -937,4 +941,26 @@ fn a_workers_readiness_is_reported_once_and_not_while_it_leaves() {
     assert!(h.primary.disconnect(h.now, leaving));
     h.recv(leaving, &WorkerMessage::ServiceReady);
     assert_eq!(h.events(), []);
+}
+
+#[test]
+fn a_deaf_worker_is_offered_nothing_and_its_unsent_handoffs_go_elsewhere_at_once() {
+    let mut h = Harness::new();
+    let (w1, w2, handle) = h.two_workers_on_one_handle();
+    h.primary.handle_connection(h.now, handle, 1).unwrap();
+    let sent = handoffs(&h.outputs());
+    let [(to, seq, _, 1)] = sent[..] else {
+        panic!("{sent:?}")
+    };
+    let other = if to == w1 { w2 } else { w1 };
+    // Its link refuses the send: the driver says so and takes the frame back.
+    h.primary.handle_deaf(h.now, to);
+    assert_eq!(h.primary.handle_reclaimed(h.now, to, seq), Some(1));
+    assert_eq!(handoffs(&h.outputs()), [(other, Seq::new(1), false, 1)]);
+    // Every later connection goes to the other worker.
+    for conn in 2..6 {
+        h.primary.handle_connection(h.now, handle, conn).unwrap();
+        let sent = handoffs(&h.outputs());
+        assert!(sent.iter().all(|(w, ..)| *w == other), "{sent:?}");
+    }
 }

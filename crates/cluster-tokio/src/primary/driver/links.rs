@@ -116,7 +116,7 @@ impl Driver {
             match attachment {
                 // Kept under its token, to be dispatched again, unless the core says otherwise.
                 Some(Attachment::Conn { conn, seq })
-                    if self.core.handle_reclaimed(worker, seq) != Some(conn) =>
+                    if self.core.handle_reclaimed(now(), worker, seq) != Some(conn) =>
                 {
                     self.tokens.try_remove(conn);
                 }
@@ -206,10 +206,13 @@ impl Driver {
             }
         }
         for id in hung_up {
+            // Offered nothing more; what it was about to be sent goes to other workers now.
+            self.core.handle_deaf(now(), id);
             if let Some(link) = self.links.get_mut(&id) {
                 let unsent = std::mem::take(&mut link.outgoing);
                 self.take_back_unsent(id, unsent);
             }
+            self.drain_core();
         }
         for id in broken {
             self.close_link(id);
