@@ -50,8 +50,9 @@ pub enum Command {
     /// Leave the cluster on purpose, then exit 0.
     Disconnect,
     /// When the link to the primary closes, connect to the Unix socket at `report` and write
-    /// `"connected=<is_connected> shutting_down=<is_shutting_down>\n"` (the link is closed then,
-    /// so the test learns of it another way).
+    /// `"connected=<is_connected> shutting_down=<is_shutting_down> ms_left=<Some(ms)|None>\n"`,
+    /// `ms_left` being what is left of `leave_deadline()` (the link is closed then, so the test
+    /// learns of it another way).
     WatchLink {
         /// A Unix stream socket the test listens on.
         report: String,

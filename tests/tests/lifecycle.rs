@@ -241,7 +241,16 @@ async fn the_primarys_disconnect_closes_the_link_while_the_worker_finishes_its_c
             .await
             .unwrap()
             .unwrap();
-        assert_eq!(seen, "connected=false shutting_down=true\n", "{policy:?}");
+        let (state, left) = seen.trim_end().split_once(" ms_left=").unwrap();
+        assert_eq!(state, "connected=false shutting_down=true", "{policy:?}");
+        // The primary's deadline came with its request: the harness's 10 s disconnect timeout.
+        let left: u64 = left
+            .strip_prefix("Some(")
+            .and_then(|ms| ms.strip_suffix(')'))
+            .unwrap_or_else(|| panic!("no deadline: {seen}"))
+            .parse()
+            .unwrap();
+        assert!(left <= 10_000, "{seen}");
         let _ = std::fs::remove_file(&path);
         drop(client);
         tokio::time::timeout(support::WAIT, disconnecting)

@@ -12,6 +12,7 @@
 //! connection, so a refusal sends it back.
 
 use std::collections::{BTreeSet, VecDeque};
+use std::time::Duration;
 
 use crate::error::ProtocolError;
 use crate::link::{Link, LinkError};
@@ -35,7 +36,10 @@ pub enum SessionEvent {
     /// The primary acknowledged [`WorkerSession::exit_after_disconnect`]: close the link and exit.
     DisconnectAcked,
     /// The primary asks this worker to close its listeners, finish its connections and leave.
-    DisconnectRequested,
+    DisconnectRequested {
+        /// How long it has, from when the primary asked, before it is killed.
+        within: Duration,
+    },
     /// The answer to [`WorkerSession::listen`]. For a shared handle, the fd that came with the
     /// frame is the listening socket. When the link closes first, the result is `ENOTCONN`.
     ListenReply {
@@ -336,9 +340,11 @@ impl WorkerSession {
                         .push_back(Queued::Send(WorkerMessage::Refused { ack: seq }, true));
                 }
             }
-            PrimaryMessage::Disconnect => {
+            PrimaryMessage::Disconnect { within_ms } => {
                 self.disconnect_requested = true;
-                self.event(SessionEvent::DisconnectRequested);
+                self.event(SessionEvent::DisconnectRequested {
+                    within: Duration::from_millis(within_ms),
+                });
             }
             PrimaryMessage::DisconnectAck { ack } => {
                 self.link
@@ -480,7 +486,7 @@ mod tests {
     fn primary_must_say_hello_first_with_our_version() {
         let mut s = WorkerSession::new(1);
         let err = s
-            .handle_frame(&frame(&PrimaryMessage::Disconnect), 0)
+            .handle_frame(&frame(&PrimaryMessage::Disconnect { within_ms: 5_000 }), 0)
             .unwrap_err();
         assert_eq!(err, ProtocolError::Link(LinkError::HandshakeExpected));
         let mut s = WorkerSession::new(1);

@@ -98,7 +98,7 @@ fn primary_message() -> impl Strategy<Value = PrimaryMessage> {
             handle,
             reply
         }),
-        Just(PrimaryMessage::Disconnect),
+        any::<u64>().prop_map(|within_ms| PrimaryMessage::Disconnect { within_ms }),
         seq().prop_map(|ack| PrimaryMessage::DisconnectAck { ack }),
         envelope().prop_map(PrimaryMessage::User),
         payload().prop_map(|data| PrimaryMessage::Fragment { data }),

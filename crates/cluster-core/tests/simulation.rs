@@ -259,7 +259,7 @@ impl Sim {
                     w.session.listening(info.handle);
                 }
                 SessionOutput::Event(SessionEvent::ListenReply { result: Err(_), .. }) => {}
-                SessionOutput::Event(SessionEvent::DisconnectRequested) => w.leave(),
+                SessionOutput::Event(SessionEvent::DisconnectRequested { .. }) => w.leave(),
                 SessionOutput::Event(SessionEvent::DisconnectAcked) => {
                     // The worker closes its link and exits 0; what it sent is still read, and
                     // what it never read is read back.
@@ -530,7 +530,8 @@ impl Sim {
             Op::Serve(i) => self.nth(i).into_iter().for_each(|id| self.serve(id)),
             Op::Disconnect(i) => {
                 if let Some(id) = self.nth(i) {
-                    self.primary.disconnect(self.now, id);
+                    self.primary
+                        .disconnect(self.now, id, Duration::from_secs(30));
                     self.flush_primary();
                 }
             }

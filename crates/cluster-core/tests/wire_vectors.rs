@@ -242,7 +242,10 @@ fn vectors() -> Vec<Vector> {
             },
             "02 04 02 01",
         ),
-        primary(PrimaryMessage::Disconnect, "03"),
+        primary(
+            PrimaryMessage::Disconnect { within_ms: 30_000 },
+            "03 b0 ea 01",
+        ),
         primary(PrimaryMessage::DisconnectAck { ack: Seq::new(5) }, "04 05"),
         primary(
             PrimaryMessage::User(Envelope {
@@ -330,7 +333,7 @@ fn variant_index(message: &Message) -> u8 {
             PrimaryMessage::Hello { .. } => 0,
             PrimaryMessage::ListenReply { .. } => 1,
             PrimaryMessage::NewConn { .. } => 2,
-            PrimaryMessage::Disconnect => 3,
+            PrimaryMessage::Disconnect { .. } => 3,
             PrimaryMessage::DisconnectAck { .. } => 4,
             PrimaryMessage::User(_) => 5,
             PrimaryMessage::Fragment { .. } => 6,

@@ -198,8 +198,13 @@ async fn serve(worker: Worker) {
                 let worker = worker.clone();
                 tokio::spawn(async move {
                     worker.disconnected().await;
+                    let left = worker.leave_deadline().map(|deadline| {
+                        deadline
+                            .saturating_duration_since(tokio::time::Instant::now())
+                            .as_millis()
+                    });
                     let line = format!(
-                        "connected={} shutting_down={}\n",
+                        "connected={} shutting_down={} ms_left={left:?}\n",
                         worker.is_connected(),
                         worker.is_shutting_down()
                     );

@@ -634,9 +634,10 @@ impl<C: Copy + Eq + std::fmt::Debug> Primary<C> {
     }
 
     /// Asks `worker` to disconnect: it is offered no more connections, its pending listens are
-    /// refused, and it is told to close its listeners and leave. Returns false if it is already
+    /// refused, and it is told to close its listeners and leave `within` (the driver kills it
+    /// then; the worker is told, so that its drain ends before). Returns false if it is already
     /// leaving or gone.
-    pub fn disconnect(&mut self, now: Instant, worker: WorkerId) -> bool {
+    pub fn disconnect(&mut self, now: Instant, worker: WorkerId, within: Duration) -> bool {
         let Some(entry) = self.workers.get_mut(&worker) else {
             return false;
         };
@@ -646,7 +647,8 @@ impl<C: Copy + Eq + std::fmt::Debug> Primary<C> {
         entry.leave_on_purpose();
         self.registry.leave_all(worker);
         self.drain_registry(now);
-        self.send(worker, PrimaryMessage::Disconnect, None);
+        let within_ms = u64::try_from(within.as_millis()).unwrap_or(u64::MAX);
+        self.send(worker, PrimaryMessage::Disconnect { within_ms }, None);
         true
     }
 

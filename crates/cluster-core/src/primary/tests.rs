@@ -559,11 +559,18 @@ fn primary_disconnect_sets_exited_after_disconnect_and_refuses_new_listens() {
     let mut h = Harness::new();
     let w = h.online();
     h.outputs();
-    assert!(h.primary.disconnect(h.now, w));
-    assert!(!h.primary.disconnect(h.now, w), "only once");
+    assert!(h.primary.disconnect(h.now, w, Duration::from_secs(30)));
+    assert!(
+        !h.primary.disconnect(h.now, w, Duration::from_secs(30)),
+        "only once"
+    );
     assert_eq!(
         h.outputs(),
-        [Out::Send(w, PrimaryMessage::Disconnect, None)]
+        [Out::Send(
+            w,
+            PrimaryMessage::Disconnect { within_ms: 30_000 },
+            None
+        )]
     );
     let request = ListenRequest {
         target: ListenTarget::Ip("127.0.0.1:0".parse().unwrap()),
@@ -822,7 +829,7 @@ fn a_worker_taken_off_its_handles_may_still_name_them() {
     let w = h.online();
     let handle = h.listen(w, 1, "127.0.0.1:0");
     h.outputs();
-    h.primary.disconnect(h.now, w);
+    h.primary.disconnect(h.now, w, Duration::from_secs(30));
     h.outputs();
     h.recv(w, &WorkerMessage::Listening { handle });
     h.recv(w, &WorkerMessage::Ready { handle });
@@ -938,7 +945,10 @@ fn a_workers_readiness_is_reported_once_and_not_while_it_leaves() {
 
     let leaving = h.online();
     h.outputs();
-    assert!(h.primary.disconnect(h.now, leaving));
+    assert!(
+        h.primary
+            .disconnect(h.now, leaving, Duration::from_secs(30))
+    );
     h.recv(leaving, &WorkerMessage::ServiceReady);
     assert_eq!(h.events(), []);
 }

@@ -307,8 +307,11 @@ pub enum PrimaryMessage {
         reply: bool,
     },
     /// Asks the worker to close its listeners, finish its connections and leave (Node's
-    /// `disconnect`).
-    Disconnect,
+    /// `disconnect`) within `within_ms` milliseconds, after which the primary kills it.
+    Disconnect {
+        /// How long the worker has, from when the primary sent this.
+        within_ms: u64,
+    },
     /// Answers [`WorkerMessage::ExitedAfterDisconnect`].
     DisconnectAck {
         /// The `seq` of the request.

@@ -799,7 +799,10 @@ impl WorkerHandle {
 
     pub(crate) async fn disconnect_within(&self, deadline: Duration) -> io::Result<()> {
         self.tx
-            .send(Input::Disconnect { worker: self.id() })
+            .send(Input::Disconnect {
+                worker: self.id(),
+                within: deadline,
+            })
             .map_err(|_| stopped())?;
         if tokio::time::timeout(deadline, self.exited()).await.is_err() {
             match holding::Holding::of(self.pid()) {

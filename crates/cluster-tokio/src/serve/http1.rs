@@ -59,7 +59,7 @@ where
             .with_upgrades();
         tokio::spawn(watch_connection(connection, close.subscribe()));
     }
-    let deadline = Instant::now() + drain.timeout();
+    let deadline = drain.deadline();
     // Connections handed over but not accepted yet go back to the primary, for another worker.
     drop(incoming);
     draining.store(true, Ordering::Relaxed);

@@ -83,9 +83,9 @@ impl<L, S> Serve<L, S> {
     }
 
     /// How long the whole drain may take, grace included, before the connections left are
-    /// closed and the future returns. By default a little under the disconnect timeout of the
-    /// settings this worker was started with (29 s of the default 30 s), so a slow drain still
-    /// ends before the primary kills the worker.
+    /// closed and the future returns. By default a little under the time the primary gave
+    /// this worker when it asked it to leave (29 s of the default 30 s disconnect timeout; 4.5 s
+    /// of a Ctrl-C's 5 s), so a slow drain still ends before the primary kills the worker.
     pub fn drain_timeout(mut self, timeout: Duration) -> Self {
         self.drain.timeout = Some(timeout);
         self

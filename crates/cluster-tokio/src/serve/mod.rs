@@ -22,7 +22,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use tokio::time::Sleep;
+use tokio::time::{Instant, Sleep};
 
 use crate::net::Listener;
 
@@ -49,7 +49,8 @@ pub(crate) struct Drain {
     /// How long to keep answering with `Connection: close`; `None`: [`KEEP_ALIVE_GRACE`].
     #[cfg_attr(not(any(feature = "axum", feature = "hyper")), allow(dead_code))]
     pub(crate) grace: Option<Duration>,
-    /// The whole drain, grace included; `None`: [`default_drain_timeout`].
+    /// The whole drain, grace included; `None`: until a little before the primary would kill
+    /// the worker (see [`Self::deadline`]).
     pub(crate) timeout: Option<Duration>,
 }
 
@@ -59,8 +60,27 @@ impl Drain {
         self.grace.unwrap_or(KEEP_ALIVE_GRACE)
     }
 
+    /// The configured timeout, or the default one of [`default_drain_timeout`] (for display).
     pub(crate) fn timeout(&self) -> Duration {
         self.timeout.unwrap_or_else(default_drain_timeout)
+    }
+
+    /// When a drain starting now must end: the configured timeout from now; otherwise a little
+    /// before the deadline the primary gave this worker when it asked it to leave (the disconnect
+    /// timeout, or SIGINT's 5 s), or when the worker does not know one, [`default_drain_timeout`]
+    /// from now.
+    pub(crate) fn deadline(&self) -> Instant {
+        let now = Instant::now();
+        if let Some(timeout) = self.timeout {
+            return now + timeout;
+        }
+        match crate::worker::current().and_then(|w| w.leave_deadline()) {
+            Some(killed_at) => {
+                let left = killed_at.saturating_duration_since(now);
+                now + left.saturating_sub((left / 10).min(EXIT_MARGIN))
+            }
+            None => now + default_drain_timeout(),
+        }
     }
 }
 

@@ -72,8 +72,9 @@ pub struct Serve<L, Lyr> {
 
 impl<L, Lyr> Serve<L, Lyr> {
     /// How long the drain may take before the future returns. By default a little under the
-    /// disconnect timeout of the settings this worker was started with (29 s of the default
-    /// 30 s), so a slow drain still ends before the primary kills the worker.
+    /// time the primary gave this worker when it asked it to leave (29 s of the default 30 s
+    /// disconnect timeout; 4.5 s of a Ctrl-C's 5 s), so a slow drain still ends before the
+    /// primary kills the worker.
     pub fn drain_timeout(mut self, timeout: Duration) -> Self {
         self.drain.timeout = Some(timeout);
         self
@@ -119,7 +120,7 @@ where
             // signal or from the listener ending.
             let deadline = async {
                 crate::shutdown().await;
-                tokio::time::sleep(drain.timeout()).await;
+                tokio::time::sleep_until(drain.deadline()).await;
             };
             tokio::select! {
                 result = server => result,

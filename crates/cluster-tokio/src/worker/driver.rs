@@ -4,7 +4,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use proto::wire::{BoundAddr, Distribution, Envelope, ListenInfo, ListenRequest, UserKind};
 use proto::{HandleId, Seq, SessionAttach, SessionEvent, SessionOutput, WorkerSession};
@@ -76,6 +76,8 @@ pub(crate) struct Driver {
     answers: mpsc::WeakUnboundedSender<Command>,
     shutdown: watch::Sender<bool>,
     link: watch::Sender<LinkState>,
+    /// When the primary kills this worker, once it asked it to leave.
+    deadline: Arc<OnceLock<tokio::time::Instant>>,
     messages: mpsc::UnboundedSender<Message>,
     listens: HashMap<Seq, oneshot::Sender<io::Result<Granted>>>,
     queues: HashMap<HandleId, Arc<HandoffQueue>>,
@@ -100,6 +102,7 @@ impl Driver {
         answers: mpsc::WeakUnboundedSender<Command>,
         shutdown: watch::Sender<bool>,
         link: watch::Sender<LinkState>,
+        deadline: Arc<OnceLock<tokio::time::Instant>>,
         messages: mpsc::UnboundedSender<Message>,
     ) -> Self {
         Self {
@@ -109,6 +112,7 @@ impl Driver {
             answers,
             shutdown,
             link,
+            deadline,
             messages,
             listens: HashMap::new(),
             queues: HashMap::new(),
@@ -229,7 +233,10 @@ impl Driver {
             // As Node's workers: close every listener, then the link (announced first, so that
             // the primary knows every handoff is settled); the process may go on finishing its
             // connections.
-            SessionEvent::DisconnectRequested => self.leave(None),
+            SessionEvent::DisconnectRequested { within } => {
+                let _ = self.deadline.set(tokio::time::Instant::now() + within);
+                self.leave(None);
+            }
             SessionEvent::DisconnectAcked => {
                 self.left = true;
                 for reply in self.leaving.take().into_iter().flatten() {

@@ -52,6 +52,7 @@ struct Inner {
     commands: mpsc::UnboundedSender<Command>,
     shutdown: watch::Receiver<bool>,
     link: watch::Receiver<LinkState>,
+    deadline: Arc<OnceLock<tokio::time::Instant>>,
     messages: Mutex<mpsc::UnboundedReceiver<Message>>,
 }
 
@@ -80,6 +81,7 @@ impl Worker {
         let (commands, command_rx) = mpsc::unbounded_channel();
         let (shutdown_tx, shutdown) = watch::channel(false);
         let (link_tx, link) = watch::channel(LinkState::Open);
+        let deadline = Arc::new(OnceLock::new());
         let (message_tx, messages) = mpsc::unbounded_channel();
         let worker = Self {
             inner: Arc::new(Inner {
@@ -87,6 +89,7 @@ impl Worker {
                 commands,
                 shutdown,
                 link,
+                deadline: deadline.clone(),
                 messages: Mutex::new(messages),
             }),
         };
@@ -97,6 +100,7 @@ impl Worker {
             answers,
             shutdown_tx,
             link_tx,
+            deadline,
             message_tx,
         );
         tokio::spawn(driver.run());
@@ -121,6 +125,14 @@ impl Worker {
     pub async fn disconnected(&self) {
         let mut rx = self.inner.link.clone();
         let _ = rx.wait_for(|state| *state != LinkState::Open).await;
+    }
+
+    /// When the primary kills this worker if it has not exited: set once the primary asked it to
+    /// leave (the disconnect timeout of a SIGTERM, a reload or a scale-down; 5 s at most for a
+    /// SIGINT), `None` before, and when this worker left of its own accord or lost its primary.
+    /// A server draining its connections should be done before it.
+    pub fn leave_deadline(&self) -> Option<tokio::time::Instant> {
+        self.inner.deadline.get().copied()
     }
 
     /// Whether the primary asked this worker to leave, or went away.

@@ -59,6 +59,8 @@ pub(crate) enum Input {
     },
     Disconnect {
         worker: WorkerId,
+        /// When it is killed if it has not left.
+        within: Duration,
     },
     /// Close the sockets kept open for dead workers' replacements (a shutdown).
     ReleaseKeptHandles,
@@ -177,8 +179,8 @@ impl Driver {
                 Input::Fork { env, image, reply } => {
                     let _ = reply.send(self.fork(&env, &image));
                 }
-                Input::Disconnect { worker } => {
-                    self.core.disconnect(now(), worker);
+                Input::Disconnect { worker, within } => {
+                    self.core.disconnect(now(), worker, within);
                 }
                 Input::ReleaseKeptHandles => self.core.release_kept_handles(now()),
                 Input::Send {
