@@ -14,10 +14,14 @@
 //! - With the features of the same names, `axum::serve`, `hyper::serve` and `tonic::serve` serve
 //!   a listener until the worker is asked to leave, then drain it without losing a request.
 
+mod control;
+mod endpoint;
 mod entry;
 pub mod env;
 mod ipc;
 pub mod message;
+#[cfg(feature = "metrics")]
+mod metrics;
 pub mod net;
 pub mod primary;
 mod role;
@@ -25,6 +29,7 @@ mod role;
 mod serve;
 pub mod settings;
 mod socket;
+pub mod status;
 pub mod supervisor;
 mod sys;
 mod systemd;
