@@ -98,14 +98,22 @@ pub fn run(args: &[String], env_socket: Option<PathBuf>) -> (u8, String, String)
         return (1, out, format!("cluster-ctl: {reason}\n"));
     }
     if json {
-        return (0, format!("{answer}\n"), String::new());
+        let aborted = value["reload"]["aborted"].is_string();
+        return (u8::from(aborted), format!("{answer}\n"), String::new());
     }
-    let out = match command.as_str() {
-        "status" => table(&value["status"]),
-        "reload" => reloaded(&value["reload"]),
-        _ => format!("scaling to {} workers\n", value["scale"]),
-    };
-    (0, out, String::new())
+    match command.as_str() {
+        "status" => (0, table(&value["status"]), String::new()),
+        // An aborted reload left old workers serving: not what was asked.
+        "reload" if value["reload"]["aborted"].is_string() => {
+            (1, String::new(), reloaded(&value["reload"]))
+        }
+        "reload" => (0, reloaded(&value["reload"]), String::new()),
+        _ => (
+            0,
+            format!("scaling to {} workers\n", value["scale"]),
+            String::new(),
+        ),
+    }
 }
 
 fn usage(problem: &str) -> (u8, String, String) {
@@ -122,7 +130,13 @@ fn ask(socket: &std::path::Path, command: &str) -> std::io::Result<String> {
     let timeout = (command != "reload").then_some(TIMEOUT);
     stream.set_read_timeout(timeout)?;
     stream.set_write_timeout(Some(TIMEOUT))?;
-    stream.write_all(format!("{command}\n").as_bytes())?;
+    // A primary that refuses this client answers and closes at once, maybe before the command
+    // is written: its answer is still there to read.
+    if let Err(error) = stream.write_all(format!("{command}\n").as_bytes())
+        && error.kind() != std::io::ErrorKind::BrokenPipe
+    {
+        return Err(error);
+    }
     let mut answer = String::new();
     BufReader::new(stream).read_line(&mut answer)?;
     if answer.is_empty() {
