@@ -450,8 +450,10 @@ impl Supervisor {
         // Before any worker starts: an address that cannot be served stops the cluster here.
         let _endpoint = match settings.metrics_addr {
             Some(address) => {
-                let listener = crate::endpoint::bind(address)
-                    .map_err(|source| SupervisorError::Endpoint { address, source })?;
+                let listener = crate::endpoint::bind(address).map_err(|source| {
+                    tracing::error!("cannot serve the metrics endpoint on {address}: {source}");
+                    SupervisorError::Endpoint { address, source }
+                })?;
                 let bound = listener.local_addr().unwrap_or(address);
                 tracing::info!(address = %bound, "serving /metrics, /healthz and /readyz");
                 Some(AbortOnDrop(tokio::spawn(crate::endpoint::serve(
@@ -464,6 +466,7 @@ impl Supervisor {
         let _control = match &settings.control_socket {
             Some(path) => {
                 let socket = crate::control::bind(path).map_err(|source| {
+                    tracing::error!("cannot listen for commands on {}: {source}", path.display());
                     SupervisorError::ControlSocket {
                         path: path.clone(),
                         source,
