@@ -12,12 +12,13 @@ every server for every repetition and warms it up (2 s of the same load, untimed
 time from /proc/<pid>/stat and wrk's CPU from /proc/stat, and writes
 docs/benchmarks.md. Load goes to 127.0.0.1 only, for a bounded duration.
 """
-import argparse, os, re, shutil, signal, socket, statistics, subprocess, sys, time
+import argparse, os, re, shutil, signal, socket, statistics, subprocess, sys, threading, time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 HZ = os.sysconf("SC_CLK_TCK")
-HELLO = os.path.join(ROOT, "target/release/examples/hello")
-REUSEPORT = os.path.join(ROOT, "target/release/reuseport")
+TARGET = os.environ.get("CARGO_TARGET_DIR") or os.path.join(ROOT, "target")
+HELLO = os.path.join(TARGET, "release/examples/hello")
+REUSEPORT = os.path.join(TARGET, "release/reuseport")
 NODE_CLUSTER = os.path.join(ROOT, "benches/node/cluster.js")
 
 
@@ -42,12 +43,33 @@ def launch(cmd, env, cpus):
 
 def configs(baseline=None):
     def hello(workers, policy=None, binary=HELLO, **extra):
-        def start(port, cpus):
-            env = dict(os.environ, ADDR=f"127.0.0.1:{port}", CLUSTER_WORKERS=str(workers), RUST_LOG="warn", **extra)
+        def start(port, cpus, **more):
+            env = dict(os.environ, ADDR=f"127.0.0.1:{port}", CLUSTER_WORKERS=str(workers), RUST_LOG="warn",
+                       **extra, **more)
             if policy:
                 env["CLUSTER_SCHED_POLICY"] = policy
             return launch([binary], env, cpus)
         return start
+
+    def scraped(start):
+        """`start` with the primary's metrics endpoint on, scraped once a second (15 times as often
+        as Prometheus's default) for as long as the server runs."""
+        def start_scraped(port, cpus):
+            metrics = free_port()
+            proc = start(port, cpus, CLUSTER_METRICS_ADDR=f"127.0.0.1:{metrics}")
+            def scrape():
+                while proc.poll() is None:
+                    try:
+                        with socket.create_connection(("127.0.0.1", metrics), timeout=1) as c:
+                            c.sendall(b"GET /metrics HTTP/1.1\r\nHost: b\r\n\r\n")
+                            while c.recv(65536):
+                                pass
+                    except OSError:
+                        pass
+                    time.sleep(1)
+            threading.Thread(target=scrape, daemon=True).start()
+            return proc
+        return start_scraped
 
     def reuseport(port, cpus):
         env = dict(os.environ, ADDR=f"127.0.0.1:{port}", WORKERS="2")
@@ -62,6 +84,7 @@ def configs(baseline=None):
     found = [
         ("cluster-rr-2", hello(2, "rr"), True),
         ("cluster-rr-2-nobatch", hello(2, "rr", CLUSTER_BATCH_SCHEDULING="0"), True),
+        ("cluster-rr-2-metrics", scraped(hello(2, "rr")), True),
         ("cluster-shared-2", hello(2, "none"), False),
         ("unclustered-1", hello(0), False),
         ("reuseport-2", reuseport, False),
@@ -295,6 +318,7 @@ def render(cells, layouts, results, boot, micro, args):
         "|---|---|",
         "| cluster-rr-2 | `examples/hello`, 2 workers, round robin (the primary accepts and hands each connection over) |",
         "| cluster-rr-2-nobatch | the same with `CLUSTER_BATCH_SCHEDULING=0`: the primary's thread keeps the default scheduling policy (the lever's effect) |",
+        "| cluster-rr-2-metrics | `cluster-rr-2` with the primary's metrics endpoint on (`CLUSTER_METRICS_ADDR`), `/metrics` scraped once a second |",
         "| cluster-shared-2 | the same, shared listening socket (`CLUSTER_SCHED_POLICY=none`) |",
         "| unclustered-1 | the same program, `CLUSTER_WORKERS=0`: one process, current-thread runtime |",
         "| reuseport-2 | `benches/src/bin/reuseport.rs`: 2 hyper processes with SO_REUSEPORT, no primary |",

@@ -13,6 +13,8 @@
 //! | `CLUSTER_BOOT_TIMEOUT` | [`Settings::boot_timeout`] | a duration |
 //! | `CLUSTER_HANDOFF_TIMEOUT` | [`Settings::handoff_timeout`] | a duration |
 //! | `CLUSTER_HEARTBEAT_TIMEOUT` | [`Settings::heartbeat_timeout`] | a duration of at least `2s`, or `off` |
+//! | `CLUSTER_METRICS_ADDR` | [`Settings::metrics_addr`] | an IP address and port: `127.0.0.1:9100`, `[::]:9100` |
+//! | `CLUSTER_CONTROL_SOCKET` | [`Settings::control_socket`] | an absolute path: `/run/my-service/control.sock` |
 //!
 //! A duration is a whole number followed by its unit, `ms`, `s`, `m` or `h`, with nothing
 //! around it (`20s`, `500ms`, `2m`), from 1 ms to 24 h.
@@ -45,6 +47,11 @@ pub const HANDOFF_TIMEOUT: &str = "CLUSTER_HANDOFF_TIMEOUT";
 /// How long a worker may stay silent, or `off`.
 pub const HEARTBEAT_TIMEOUT: &str = "CLUSTER_HEARTBEAT_TIMEOUT";
 
+/// Where the primary serves `/metrics`, `/healthz` and `/readyz`.
+pub const METRICS_ADDR: &str = "CLUSTER_METRICS_ADDR";
+/// Where the primary listens for `status`, `reload` and `scale` commands.
+pub const CONTROL_SOCKET: &str = "CLUSTER_CONTROL_SOCKET";
+
 /// Not an override: set to `1`, the program prints the version of the protocol its workers
 /// speak (`cluster protocol 3`) and exits 0 without starting anything, so deploy tooling can
 /// check a new build against the running primary before a reload. A reload is refused unless
@@ -66,7 +73,7 @@ pub(crate) fn answer_queries() {
 }
 
 /// Every variable [`Settings::apply_env`] reads, in the order it reads them.
-pub const VARIABLES: [&str; 8] = [
+pub const VARIABLES: [&str; 10] = [
     WORKERS,
     SCHED_POLICY,
     HANDOFF_WINDOW,
@@ -75,6 +82,8 @@ pub const VARIABLES: [&str; 8] = [
     BOOT_TIMEOUT,
     HANDOFF_TIMEOUT,
     HEARTBEAT_TIMEOUT,
+    METRICS_ADDR,
+    CONTROL_SOCKET,
 ];
 
 /// A variable that was renamed, and what replaced it: setting it is an error that says so.
@@ -237,6 +246,23 @@ impl Settings {
                         ),
                     };
                 }
+                METRICS_ADDR => {
+                    let accepted =
+                        "an IP address and a port, such as `127.0.0.1:9100` or `[::]:9100`";
+                    self.metrics_addr = Some(
+                        text.and_then(|t| t.parse().ok())
+                            .ok_or_else(|| fail(accepted))?,
+                    );
+                }
+                CONTROL_SOCKET => {
+                    let accepted =
+                        "an absolute path to a file, such as `/run/my-service/control.sock`";
+                    let path = std::path::PathBuf::from(&value);
+                    if !crate::settings::is_socket_path(&path) {
+                        return Err(fail(accepted));
+                    }
+                    self.control_socket = Some(path);
+                }
                 _ => {
                     let accepted = "a duration from 1ms to 24h: a whole number and its unit, \
                                     `ms`, `s`, `m` or `h` (such as `20s` or `500ms`)";
@@ -318,6 +344,16 @@ mod tests {
         );
         assert!(!apply(BATCH_SCHEDULING, "0").unwrap().batch_scheduling);
         assert_eq!(apply(HANDOFF_WINDOW, "1").unwrap().window, 1);
+        assert_eq!(
+            apply(METRICS_ADDR, "[::1]:9100").unwrap().metrics_addr,
+            Some("[::1]:9100".parse().unwrap())
+        );
+        assert_eq!(
+            apply(CONTROL_SOCKET, "/run/app/ctl.sock")
+                .unwrap()
+                .control_socket,
+            Some("/run/app/ctl.sock".into())
+        );
     }
 
     #[test]
@@ -364,6 +400,22 @@ mod tests {
         }
         for value in ["true", "yes", ""] {
             assert!(apply(BATCH_SCHEDULING, value).is_err(), "{value:?}");
+        }
+        for value in [
+            "",
+            "9100",
+            ":9100",
+            "localhost:9100",
+            "127.0.0.1",
+            " 127.0.0.1:9100",
+            "1.2.3.4:99999",
+        ] {
+            let error = apply(METRICS_ADDR, value).unwrap_err();
+            assert_eq!(error.variable(), METRICS_ADDR, "{value:?}");
+        }
+        for value in ["", "ctl.sock", "run/ctl.sock", "/"] {
+            let error = apply(CONTROL_SOCKET, value).unwrap_err();
+            assert_eq!(error.variable(), CONTROL_SOCKET, "{value:?}");
         }
         let renamed = apply("CLUSTER_HEARTBEAT_TIMEOUT_MS", "3000").unwrap_err();
         assert!(

@@ -16,10 +16,14 @@
 
 #![deny(unsafe_code)]
 
+mod control;
+mod endpoint;
 mod entry;
 pub mod env;
 mod ipc;
 pub mod message;
+#[cfg(feature = "metrics")]
+mod metrics;
 pub mod net;
 pub mod primary;
 mod role;
@@ -27,6 +31,7 @@ mod role;
 mod serve;
 pub mod settings;
 mod socket;
+pub mod status;
 pub mod supervisor;
 // The one module allowed `unsafe`: every block there has a `// SAFETY:` comment.
 #[allow(unsafe_code)]

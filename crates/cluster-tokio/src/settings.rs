@@ -3,6 +3,7 @@
 
 use std::ffi::OsString;
 use std::fmt;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -81,6 +82,8 @@ pub struct Settings {
     pub(crate) fatal_exit_code: Option<i32>,
     pub(crate) retry_bind_errors: bool,
     pub(crate) wait_ready: bool,
+    pub(crate) metrics_addr: Option<SocketAddr>,
+    pub(crate) control_socket: Option<PathBuf>,
 }
 
 impl Default for Settings {
@@ -121,6 +124,8 @@ impl Settings {
             fatal_exit_code: supervisor.fatal_exit_code,
             retry_bind_errors: false,
             wait_ready: false,
+            metrics_addr: None,
+            control_socket: None,
         }
     }
 
@@ -315,6 +320,27 @@ impl Settings {
         self
     }
 
+    /// Where the primary serves its HTTP endpoint while a [`Supervisor`](crate::Supervisor)
+    /// runs (default: nowhere): `GET /healthz` (200 while the supervisor's loop answers),
+    /// `GET /readyz` (200 while at least one worker serves, 503 otherwise) and, with the
+    /// `metrics` feature, `GET /metrics` in the Prometheus text format. An address that cannot be
+    /// bound stops the supervisor at start with an error naming it. Port 0 picks a free port;
+    /// the primary logs the address it bound.
+    pub fn metrics_addr(mut self, addr: impl Into<Option<SocketAddr>>) -> Self {
+        self.metrics_addr = addr.into();
+        self
+    }
+
+    /// Where the primary listens for commands while a [`Supervisor`](crate::Supervisor) runs
+    /// (default: nowhere): a Unix stream socket at this absolute path, mode 0600, that answers
+    /// `status`, `reload` and `scale <n>` to peers of the primary's user or root only
+    /// (`SO_PEERCRED`). The `cluster-ctl` program speaks it. A socket file that something still
+    /// accepts on stops the supervisor at start; one left by a crashed run is replaced.
+    pub fn control_socket(mut self, path: impl Into<Option<PathBuf>>) -> Self {
+        self.control_socket = path.into();
+        self
+    }
+
     /// How many workers the supervisor starts: the configured number, or one per CPU.
     pub fn worker_count(&self) -> usize {
         self.workers
@@ -366,6 +392,11 @@ impl Settings {
                 max: self.backoff_max,
             });
         }
+        if let Some(path) = &self.control_socket
+            && !is_socket_path(path)
+        {
+            return Err(SettingsError::ControlSocket { path: path.clone() });
+        }
         Ok(())
     }
 
@@ -408,6 +439,12 @@ impl Settings {
         }
         builder.enable_all().build()
     }
+}
+
+/// An absolute path with a file name and no NUL byte.
+pub(crate) fn is_socket_path(path: &std::path::Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    path.is_absolute() && path.file_name().is_some() && !path.as_os_str().as_bytes().contains(&0)
 }
 
 fn check_range(
@@ -462,6 +499,12 @@ pub enum SettingsError {
         "`worker_threads` needs the multi-thread worker runtime (`flavor(Flavor::MultiThread)`)"
     )]
     WorkerThreadsNeedMultiThread,
+    /// The control socket's path is not an absolute path to a file.
+    #[error("the control socket {} is not an absolute path to a file", path.display())]
+    ControlSocket {
+        /// The path.
+        path: PathBuf,
+    },
     /// The first backoff is longer than the longest.
     #[error("the first restart backoff ({initial:?}) is longer than the longest ({max:?})")]
     BackoffInverted {

@@ -1,6 +1,7 @@
 //! `Supervisor`: keeps N workers running, and shuts them down on signals.
 
 use std::io;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 pub use proto::supervisor::{FATAL_EXIT_CODE, SlotId};
@@ -12,16 +13,26 @@ use tokio::sync::{mpsc, oneshot};
 use crate::env::ErrorChain;
 use crate::primary::{Binary, Event, Primary, Signal};
 use crate::settings::{Settings, SettingsError};
+use crate::status::{Book, ClusterStatus};
 
 /// What a [`SupervisorHandle`] asks of the running supervisor.
 enum Control {
     Scale {
         workers: usize,
-        reply: oneshot::Sender<Result<(), SettingsError>>,
+        reply: oneshot::Sender<Result<(), SupervisorError>>,
     },
     Reload {
         reply: oneshot::Sender<Result<ReloadReport, ReloadError>>,
     },
+    /// Answered by the loop itself: it is alive.
+    Ping { reply: oneshot::Sender<()> },
+}
+
+/// What a supervisor and its handles share: the supervisor's book, and the primary.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) book: Mutex<Book>,
+    primary: Primary,
 }
 
 /// What a rolling reload did.
@@ -160,13 +171,16 @@ pub struct Supervisor {
     primary: Primary,
     control: mpsc::UnboundedSender<Control>,
     controls: mpsc::UnboundedReceiver<Control>,
+    shared: Arc<Shared>,
 }
 
-/// Asks a running [`Supervisor`] for a rolling reload or a new number of workers. Cheap to
-/// clone; made by [`Supervisor::handle`], so it exists only where a supervisor does.
+/// Asks a running [`Supervisor`] for a rolling reload, a new number of workers or a
+/// [status](Self::status). Cheap to clone; made by [`Supervisor::handle`], so it exists only
+/// where a supervisor does.
 #[derive(Clone, Debug)]
 pub struct SupervisorHandle {
     control: mpsc::UnboundedSender<Control>,
+    shared: Arc<Shared>,
 }
 
 impl std::fmt::Debug for Control {
@@ -174,6 +188,7 @@ impl std::fmt::Debug for Control {
         match self {
             Self::Scale { workers, .. } => write!(f, "Scale({workers})"),
             Self::Reload { .. } => f.write_str("Reload"),
+            Self::Ping { .. } => f.write_str("Ping"),
         }
     }
 }
@@ -193,7 +208,7 @@ impl SupervisorHandle {
         self.control
             .send(Control::Scale { workers, reply })
             .map_err(|_| SupervisorError::Stopped)?;
-        Ok(rx.await.map_err(|_| SupervisorError::Stopped)??)
+        rx.await.map_err(|_| SupervisorError::Stopped)?
     }
 
     /// Replaces every worker, one at a time, without dropping a connection (a rolling reload,
@@ -221,6 +236,48 @@ impl SupervisorHandle {
             .map_err(|_| ReloadError::Stopped)?;
         rx.await.map_err(|_| ReloadError::Stopped)?
     }
+
+    /// A snapshot of the cluster: every worker with its slot, generation, uptime, restarts,
+    /// memory and CPU time and what the primary counts for it, and the supervisor's totals
+    /// (restarts, reloads by result). Answered while the workers drain at shutdown too.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn dox(handle: cluster_tokio::supervisor::SupervisorHandle) -> Result<(), cluster_tokio::supervisor::SupervisorError> {
+    /// let status = handle.status().await?;
+    /// for worker in &status.workers {
+    ///     println!("worker {} pid {} restarts {}", worker.stats.id, worker.stats.pid, worker.restarts);
+    /// }
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`SupervisorError::Stopped`]: the supervisor or the primary stopped.
+    pub async fn status(&self) -> Result<ClusterStatus, SupervisorError> {
+        if self.control.is_closed() {
+            return Err(SupervisorError::Stopped);
+        }
+        let primary = &self.shared.primary;
+        let stats = primary
+            .stats()
+            .await
+            .map_err(|_| SupervisorError::Stopped)?;
+        Ok(crate::status::assemble(primary, stats, &self.shared.book).await)
+    }
+
+    /// Whether the supervisor's loop answers (what `/healthz` asks): resolves `true` once it
+    /// did, `false` if it stopped. A wedged loop never answers: bound the wait.
+    pub(crate) async fn ping(&self) -> bool {
+        let (reply, rx) = oneshot::channel();
+        self.control.send(Control::Ping { reply }).is_ok() && rx.await.is_ok()
+    }
+
+    /// Whether at least one worker serves (what `/readyz` asks).
+    pub(crate) fn is_serving(&self) -> bool {
+        !self.control.is_closed() && self.shared.book.lock().expect("not poisoned").serving > 0
+    }
 }
 
 /// Why a [`Supervisor`] stopped with an error, or could not do what its handle asked.
@@ -238,6 +295,27 @@ pub enum SupervisorError {
         slot: SlotId,
         /// Its crashes within the window.
         failures: usize,
+    },
+    /// The control socket ([`Settings::control_socket`](crate::Settings::control_socket)) could
+    /// not be bound: its path is taken by a live socket or another file, or its directory is
+    /// missing or not writable.
+    #[error("cannot listen for commands on {}", path.display())]
+    ControlSocket {
+        /// The path.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The metrics endpoint ([`Settings::metrics_addr`](crate::Settings::metrics_addr)) could
+    /// not be bound.
+    #[error("cannot serve the metrics endpoint on {address}")]
+    Endpoint {
+        /// The address.
+        address: std::net::SocketAddr,
+        /// Why.
+        #[source]
+        source: io::Error,
     },
     /// No worker is left, and one exited with the fatal code (a configuration error).
     #[error("{slot}: {worker} exited with the fatal exit code {code}")]
@@ -285,17 +363,24 @@ impl Supervisor {
     /// [`Settings`].
     pub fn new(primary: Primary) -> Self {
         let (control, controls) = mpsc::unbounded_channel();
+        let shared = Arc::new(Shared {
+            book: Mutex::new(Book::new()),
+            primary: primary.clone(),
+        });
         Self {
             primary,
             control,
             controls,
+            shared,
         }
     }
 
-    /// A handle that asks this supervisor, once it runs, for a reload or a new worker count.
+    /// A handle that asks this supervisor, once it runs, for a reload, a new worker count or a
+    /// [status](SupervisorHandle::status).
     pub fn handle(&self) -> SupervisorHandle {
         SupervisorHandle {
             control: self.control.clone(),
+            shared: self.shared.clone(),
         }
     }
 
@@ -309,11 +394,41 @@ impl Supervisor {
     /// than this user may start processes (`RLIMIT_NPROC`; none is started). Signal handlers
     /// could not be installed.
     pub async fn run(self) -> Result<(), SupervisorError> {
+        let shared = self.shared.clone();
+        let primary = self.primary.clone();
+        let outcome = self.supervise().await;
+        // The workers' counters go with them: count what the ones still here were handed.
+        if let Ok(Ok(stats)) = tokio::time::timeout(SUMMARY_STATS, primary.stats()).await {
+            shared
+                .book
+                .lock()
+                .expect("not poisoned")
+                .count_handoffs(&stats);
+        }
+        let book = shared.book.lock().expect("not poisoned");
+        tracing::info!(
+            workers_started = book.forked,
+            restarts = book.restarts(),
+            reloads_complete = book.reloads.complete,
+            reloads_aborted = book.reloads.aborted,
+            reloads_failed = book.reloads.failed,
+            handed_off = book.handoffs_seen(),
+            "cluster stopped"
+        );
+        outcome
+    }
+
+    async fn supervise(self) -> Result<(), SupervisorError> {
         let Self {
             primary,
             control,
             mut controls,
+            shared,
         } = self;
+        let handle = SupervisorHandle {
+            control: control.clone(),
+            shared: shared.clone(),
+        };
         // Handles made before `run` stay usable; ours must not keep the channel open.
         drop(control);
         let settings = primary.settings();
@@ -333,7 +448,41 @@ impl Supervisor {
         let mut fewer =
             signal(SignalKind::from_raw(libc::SIGTTOU)).map_err(SupervisorError::Signals)?;
 
-        let mut reload = Reloads::default();
+        // Before any worker starts: an address that cannot be served stops the cluster here.
+        let _endpoint = match settings.metrics_addr {
+            Some(address) => {
+                let listener = crate::endpoint::bind(address).map_err(|source| {
+                    tracing::error!("cannot serve the metrics endpoint on {address}: {source}");
+                    SupervisorError::Endpoint { address, source }
+                })?;
+                let bound = listener.local_addr().unwrap_or(address);
+                tracing::info!(address = %bound, "serving /metrics, /healthz and /readyz");
+                Some(AbortOnDrop(tokio::spawn(crate::endpoint::serve(
+                    listener,
+                    handle.clone(),
+                ))))
+            }
+            None => None,
+        };
+        let _control = match &settings.control_socket {
+            Some(path) => {
+                let socket = crate::control::bind(path).map_err(|source| {
+                    tracing::error!("cannot listen for commands on {}: {source}", path.display());
+                    SupervisorError::ControlSocket {
+                        path: path.clone(),
+                        source,
+                    }
+                })?;
+                tracing::info!(path = %path.display(), "listening for commands");
+                Some(AbortOnDrop(tokio::spawn(crate::control::serve(
+                    socket,
+                    handle.clone(),
+                ))))
+            }
+            None => None,
+        };
+        drop(handle);
+        let mut reload = Reloads::new(shared.clone());
         let mut events = primary.events();
         let mut policy = Policy::new(config, workers, seed());
         let mut spawn_failures = SpawnFailures::default();
@@ -350,7 +499,13 @@ impl Supervisor {
                     SupervisorOutput::Spawn { slot } => match primary.fork().await {
                         Ok(worker) => {
                             spawn_failures.end_burst("a worker started again");
-                            if !policy.handle_spawned(now(), slot, worker.id()) {
+                            if policy.handle_spawned(now(), slot, worker.id()) {
+                                shared
+                                    .book
+                                    .lock()
+                                    .expect("not poisoned")
+                                    .spawned(slot, worker.id());
+                            } else {
                                 // A reload's replacement took the slot meanwhile.
                                 tokio::spawn(async move { worker.disconnect().await });
                             }
@@ -387,6 +542,11 @@ impl Supervisor {
                 return outcome;
             }
             progress.update(policy.serving(), policy.active(), primary.generation());
+            {
+                let mut book = shared.book.lock().expect("not poisoned");
+                book.serving = policy.serving();
+                book.wanted = policy.active();
+            }
             let timer = policy.poll_timeout().map(tokio::time::Instant::from_std);
             tokio::select! {
                 biased;
@@ -395,14 +555,14 @@ impl Supervisor {
                     reload.cancel();
                     crate::systemd::stopping("SIGTERM: draining the workers");
                     tracing::info!("SIGTERM: disconnecting workers");
-                    return shut_down(&primary, &mut terminate, &mut interrupt, primary.disconnect()).await;
+                    return shut_down(&primary, &shared, &mut controls, &mut terminate, &mut interrupt, primary.disconnect()).await;
                 }
                 _ = interrupt.recv() => {
                     policy.stop();
                     reload.cancel();
                     crate::systemd::stopping("SIGINT: stopping the workers");
                     tracing::info!("SIGINT: stopping workers");
-                    return shut_down(&primary, &mut terminate, &mut interrupt, stop_fast(&primary)).await;
+                    return shut_down(&primary, &shared, &mut controls, &mut terminate, &mut interrupt, stop_fast(&primary)).await;
                 }
                 // Here, not in a task of its own: a wedged loop stops the pets.
                 () = watchdog.tick() => crate::systemd::notify("WATCHDOG=1"),
@@ -411,29 +571,30 @@ impl Supervisor {
                         let more = workers.saturating_sub(policy.active());
                         match crate::sys::check_process_limit(more) {
                             Ok(()) => {
-                                scale(&mut policy, &primary, workers);
+                                scale(&mut policy, &primary, &shared, workers);
                                 let _ = reply.send(Ok(()));
                             }
                             Err(error) => {
-                                let _ = reply.send(Err(error));
+                                let _ = reply.send(Err(error.into()));
                             }
                         }
                     }
                     Control::Reload { reply } => reload.ask(&primary, reply),
+                    Control::Ping { reply } => { let _ = reply.send(()); }
                 },
                 _ = more.recv() => {
                     let target = policy.active() + 1;
                     let allowed = Settings::new().workers(target).validate()
                         .and_then(|()| crate::sys::check_process_limit(1));
                     match allowed {
-                        Ok(()) => scale(&mut policy, &primary, target),
+                        Ok(()) => scale(&mut policy, &primary, &shared, target),
                         Err(error) => tracing::warn!(%error, "SIGTTIN: not adding a worker"),
                     }
                 }
                 _ = fewer.recv() => {
                     // Never below one worker by signal; `SupervisorHandle::scale(0)` can.
                     let target = policy.active().saturating_sub(1).max(1);
-                    scale(&mut policy, &primary, target);
+                    scale(&mut policy, &primary, &shared, target);
                 }
                 _ = hangup.recv() => {
                     if in_terminal && !crate::sys::has_controlling_terminal() {
@@ -441,7 +602,7 @@ impl Supervisor {
                         reload.cancel();
                         crate::systemd::stopping("the terminal closed: draining the workers");
                         tracing::info!("SIGHUP: the terminal closed; disconnecting workers");
-                        return shut_down(&primary, &mut terminate, &mut interrupt, primary.disconnect()).await;
+                        return shut_down(&primary, &shared, &mut controls, &mut terminate, &mut interrupt, primary.disconnect()).await;
                     }
                     reload.on_signal(&primary);
                 }
@@ -450,6 +611,7 @@ impl Supervisor {
                     Some(Event::Replaced { old, new }) => {
                         crate::systemd::reload_progress(crate::systemd::reload_step(primary.settings()));
                         policy.handle_replaced(now(), old.id(), new.id());
+                        shared.book.lock().expect("not poisoned").replaced(old.id(), new.id());
                     }
                     Some(Event::ListenFailed { address, errno }) => {
                         // Decided when a worker that got it exits without listening: a worker
@@ -485,10 +647,11 @@ impl Supervisor {
                             policy.stop();
                             reload.cancel();
                             crate::systemd::stopping(&format!("cannot listen on {address}: {source}"));
-                            shut_down(&primary, &mut terminate, &mut interrupt, primary.disconnect()).await?;
+                            shut_down(&primary, &shared, &mut controls, &mut terminate, &mut interrupt, primary.disconnect()).await?;
                             return Err(SupervisorError::Listen { address, source });
                         }
                         log_exit(worker.id(), worker.pid(), status, on_purpose, killed);
+                        shared.book.lock().expect("not poisoned").exited(worker.id(), status, killed);
                         let killed_by_us = killed_here.remove(&worker.id());
                         let ours = killed.is_some() || killed_by_us;
                         if !on_purpose && !ours && is_kill_from_outside(status) {
@@ -497,6 +660,7 @@ impl Supervisor {
                             policy.handle_exit(now(), worker.id(), status, on_purpose);
                         }
                     }
+                    Some(Event::Fork(_)) => shared.book.lock().expect("not poisoned").forked += 1,
                     Some(_) => {}
                     None => {
                         crate::systemd::stopping("the primary stopped");
@@ -510,13 +674,22 @@ impl Supervisor {
 }
 
 /// The rolling reload under way, if any, and whether a SIGHUP asked for another meanwhile.
-#[derive(Default)]
 struct Reloads {
     running: Option<tokio::task::JoinHandle<()>>,
     queued: bool,
+    /// Where reloads are counted.
+    shared: Arc<Shared>,
 }
 
 impl Reloads {
+    fn new(shared: Arc<Shared>) -> Self {
+        Self {
+            running: None,
+            queued: false,
+            shared,
+        }
+    }
+
     fn is_running(&self) -> bool {
         self.running.as_ref().is_some_and(|r| !r.is_finished())
     }
@@ -584,8 +757,10 @@ impl Reloads {
         tracing::info!(cause, "rolling reload");
         crate::systemd::reloading(cause, crate::systemd::reload_step(primary.settings()));
         let primary = primary.clone();
+        let shared = self.shared.clone();
         self.running = Some(tokio::spawn(async move {
             let outcome = primary.reload().await;
+            shared.book.lock().expect("not poisoned").reloaded(&outcome);
             match &outcome {
                 Ok(report) if report.is_complete() => tracing::info!(
                     generation = report.generation,
@@ -672,31 +847,67 @@ impl SpawnFailures {
 }
 
 /// Adds or removes slots until `target` are active; removed workers drain and exit.
-fn scale(policy: &mut Policy, primary: &Primary, target: usize) {
+fn scale(policy: &mut Policy, primary: &Primary, shared: &Shared, target: usize) {
     tracing::info!(from = policy.active(), to = target, "scaling");
     while policy.active() < target {
         policy.add_slot();
     }
     while policy.active() > target {
-        if let Some(worker) = policy.remove_slot().and_then(|w| primary.worker(w)) {
+        let removed = policy.remove_slot();
+        if let Some(worker) = removed {
+            shared.book.lock().expect("not poisoned").removed(worker);
+        }
+        if let Some(worker) = removed.and_then(|w| primary.worker(w)) {
             tokio::spawn(async move { worker.disconnect().await });
         }
     }
 }
 
-/// Waits for `stopping`; a second signal meanwhile kills every worker at once.
+/// Waits for `stopping`; a second signal meanwhile kills every worker at once. Meanwhile the
+/// loop stays alive for `/healthz` and refuses reloads and scaling.
 async fn shut_down(
     primary: &Primary,
+    shared: &Shared,
+    controls: &mut mpsc::UnboundedReceiver<Control>,
     terminate: &mut tokio::signal::unix::Signal,
     interrupt: &mut tokio::signal::unix::Signal,
     stopping: impl Future<Output = io::Result<()>>,
 ) -> Result<(), SupervisorError> {
-    tokio::select! {
-        done = stopping => done.map_err(|_| SupervisorError::Stopped),
-        _ = terminate.recv() => { kill_all(primary).await; Ok(()) }
-        _ = interrupt.recv() => { kill_all(primary).await; Ok(()) }
+    shared.book.lock().expect("not poisoned").serving = 0;
+    // The workers' counters go with them: count what they were handed before they drain.
+    if let Ok(Ok(stats)) = tokio::time::timeout(SUMMARY_STATS, primary.stats()).await {
+        shared
+            .book
+            .lock()
+            .expect("not poisoned")
+            .count_handoffs(&stats);
+    }
+    let mut stopping = std::pin::pin!(stopping);
+    loop {
+        tokio::select! {
+            done = &mut stopping => return done.map_err(|_| SupervisorError::Stopped),
+            _ = terminate.recv() => { kill_all(primary).await; return Ok(()) }
+            _ = interrupt.recv() => { kill_all(primary).await; return Ok(()) }
+            Some(control) = controls.recv() => match control {
+                Control::Ping { reply } => { let _ = reply.send(()); }
+                Control::Scale { reply, .. } => { let _ = reply.send(Err(SupervisorError::Stopped)); }
+                Control::Reload { reply } => { let _ = reply.send(Err(ReloadError::Stopped)); }
+            },
+        }
     }
 }
+
+/// A task that ends with its owner.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// How long the summary at shutdown waits for the primary's counters.
+const SUMMARY_STATS: Duration = Duration::from_secs(1);
 
 /// SIGINT: the drain of SIGTERM with a short deadline, so a Ctrl-C stops promptly without
 /// cutting the requests that finish within it.

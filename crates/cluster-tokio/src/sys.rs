@@ -2,7 +2,7 @@
 //! taking over the inherited IPC fd and environment in the worker before any thread starts, and
 //! the few raw calls std and socket2 do not offer (`accept4` without a reactor, `poll`, `fcntl`,
 //! scheduling policy, `sendmsg`/`recvmsg` with fds for the links, a timer fd, the monotonic
-//! clock), and taking the sockets of systemd's socket activation.
+//! clock, `sysconf`, the effective uid), and taking the sockets of systemd's socket activation.
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
@@ -143,6 +143,28 @@ pub(crate) fn monotonic_usec() -> u64 {
     let secs = u64::try_from(now.tv_sec).unwrap_or(0);
     let micros = u64::try_from(now.tv_nsec).unwrap_or(0) / 1_000;
     secs * 1_000_000 + micros
+}
+
+/// The kernel's clock ticks per second (`sysconf(_SC_CLK_TCK)`), the unit of the CPU times in
+/// `/proc/<pid>/stat`: often 100, but not guaranteed to be.
+pub(crate) fn clock_ticks_per_second() -> u64 {
+    static TICKS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    // SAFETY: sysconf only reads a system constant; it has no memory-safety preconditions.
+    *TICKS.get_or_init(|| u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).unwrap_or(100))
+}
+
+/// The size of a memory page in bytes (`sysconf(_SC_PAGESIZE)`), the unit of `/proc/<pid>/statm`.
+pub(crate) fn page_size() -> u64 {
+    static PAGE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    // SAFETY: sysconf only reads a system constant; it has no memory-safety preconditions.
+    *PAGE
+        .get_or_init(|| u64::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096))
+}
+
+/// This process's effective user id.
+pub(crate) fn effective_uid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
 }
 
 /// Takes ownership of the IPC fd a worker inherited, marking it close-on-exec so the worker's own

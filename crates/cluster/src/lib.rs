@@ -36,6 +36,8 @@
 //! - [`worker`](mod@worker): the worker's side.
 //! - [`message`]: typed messages and requests between the two.
 //! - [`supervisor`]: restarts, rolling reloads, scaling, and their errors.
+//! - [`status`]: a snapshot of the cluster from outside (workers, slots, restarts, reloads,
+//!   memory and CPU time), which the primary's metrics endpoint and control socket serve.
 //! - [`settings`] and [`env`](mod@env): configuration, in code and from the environment.
 //!
 //! # Optional features
@@ -48,6 +50,9 @@
 //! - `hyper`: `hyper::serve(listener, service)`, the same for a hyper service (HTTP/1.1).
 //! - `tonic`: `tonic::serve(listener, router)`, the same for a tonic router (HTTP/2), with a
 //!   drain deadline and accept errors handled.
+//! - `metrics`: `GET /metrics` on the primary's HTTP endpoint
+//!   ([`Settings::metrics_addr`]), in the Prometheus text format; `/healthz` and `/readyz`
+//!   are served without it.
 
 #[cfg(feature = "macros")]
 pub use cluster_macros::main;
@@ -59,7 +64,7 @@ pub use cluster_tokio::hyper;
 pub use cluster_tokio::tonic;
 pub use cluster_tokio::{
     ClusterListener, MainOutput, Primary, Role, Settings, Supervisor, Worker, env, message, net,
-    primary, ready, run, run_workers, settings, shutdown, supervisor, worker,
+    primary, ready, run, run_workers, settings, shutdown, status, supervisor, worker,
 };
 
 #[doc = include_str!("../../../docs/guide.md")]

@@ -593,6 +593,8 @@ pub(crate) struct WorkerShared {
     generation: u64,
     disconnect_timeout: Duration,
     status: watch::Sender<Status>,
+    /// When the primary started it (made right after the spawn).
+    started: std::time::Instant,
 }
 
 impl WorkerShared {
@@ -611,6 +613,7 @@ impl WorkerShared {
             generation,
             disconnect_timeout,
             status: watch::Sender::new(status),
+            started: std::time::Instant::now(),
         }
     }
 
@@ -652,6 +655,11 @@ impl WorkerHandle {
     /// number is not used again). Respawns and scale-ups join the last completed generation.
     pub fn generation(&self) -> u64 {
         self.shared.generation
+    }
+
+    /// How long ago the primary started its process.
+    pub fn uptime(&self) -> Duration {
+        self.shared.started.elapsed()
     }
 
     /// Where it is in its life.

@@ -1,0 +1,297 @@
+//! `cluster-ctl`, the client of a `cluster` primary's control socket
+//! (`Settings::control_socket`, `CLUSTER_CONTROL_SOCKET`).
+//!
+//! ```text
+//! cluster-ctl [--socket PATH] [--json] status     every worker, as a table
+//! cluster-ctl [--socket PATH] [--json] reload     a rolling reload; waits until it ends
+//! cluster-ctl [--socket PATH] [--json] scale N    keep N workers
+//! ```
+//!
+//! The socket is `--socket`, or else `CLUSTER_CONTROL_SOCKET` (the variable the service reads,
+//! so the service's environment file serves both). Only the primary's user and root are
+//! answered. Exit codes: 0 done, 1 the primary refused (the reason is printed), 2 a usage error,
+//! 69 (`EX_UNAVAILABLE`) the primary could not be reached.
+//!
+//! The protocol is one line of text per command, answered with one line of JSON, so
+//! `echo status | socat - UNIX-CONNECT:/run/my-service/control.sock` works as well; `--json`
+//! prints that answer as it came.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use serde_json::Value;
+
+/// The variable the socket's path is read from when `--socket` is not given.
+pub const CONTROL_SOCKET: &str = "CLUSTER_CONTROL_SOCKET";
+
+/// How long `status` and `scale` wait for their answer; a reload waits as long as it runs.
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+const USAGE: &str = "usage: cluster-ctl [--socket PATH] [--json] <status | reload | scale N>\n\
+                     The socket is --socket, or else $CLUSTER_CONTROL_SOCKET.";
+
+/// Runs `cluster-ctl` with this process's arguments and environment.
+pub fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let (code, out, err) = run(&args, std::env::var_os(CONTROL_SOCKET).map(PathBuf::from));
+    let _ = std::io::stdout().write_all(out.as_bytes());
+    let _ = std::io::stderr().write_all(err.as_bytes());
+    ExitCode::from(code)
+}
+
+/// Runs `cluster-ctl` with `args` (without the program's name) and the socket of the environment
+/// (`env_socket`); returns the exit code and what goes to stdout and stderr.
+pub fn run(args: &[String], env_socket: Option<PathBuf>) -> (u8, String, String) {
+    let mut socket = env_socket;
+    let mut json = false;
+    let mut words = Vec::new();
+    let mut args = args.iter();
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--socket" | "-s" => match args.next() {
+                Some(path) => socket = Some(PathBuf::from(path)),
+                None => return usage("--socket needs a path"),
+            },
+            "--json" => json = true,
+            "--help" | "-h" => return (0, format!("{USAGE}\n"), String::new()),
+            _ => words.push(arg.as_str()),
+        }
+    }
+    let command = match words.as_slice() {
+        ["status"] => "status".to_owned(),
+        ["reload"] => "reload".to_owned(),
+        ["scale", n] if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) => {
+            format!("scale {n}")
+        }
+        _ => return usage("expected one command: status, reload or scale N"),
+    };
+    let Some(socket) = socket else {
+        return usage("no socket: pass --socket PATH or set CLUSTER_CONTROL_SOCKET");
+    };
+    let answer = match ask(&socket, &command) {
+        Ok(answer) => answer,
+        Err(error) => {
+            return (
+                69,
+                String::new(),
+                format!("cluster-ctl: {}: {error}\n", socket.display()),
+            );
+        }
+    };
+    let Ok(value) = serde_json::from_str::<Value>(&answer) else {
+        return (
+            1,
+            String::new(),
+            format!("cluster-ctl: not an answer: {answer:?}\n"),
+        );
+    };
+    if value["ok"] != Value::Bool(true) {
+        let reason = value["error"].as_str().unwrap_or("no reason given");
+        let out = if json {
+            format!("{answer}\n")
+        } else {
+            String::new()
+        };
+        return (1, out, format!("cluster-ctl: {reason}\n"));
+    }
+    if json {
+        let aborted = value["reload"]["aborted"].is_string();
+        return (u8::from(aborted), format!("{answer}\n"), String::new());
+    }
+    match command.as_str() {
+        "status" => (0, table(&value["status"]), String::new()),
+        // An aborted reload left old workers serving: not what was asked.
+        "reload" if value["reload"]["aborted"].is_string() => {
+            (1, String::new(), reloaded(&value["reload"]))
+        }
+        "reload" => (0, reloaded(&value["reload"]), String::new()),
+        _ => (
+            0,
+            format!("scaling to {} workers\n", value["scale"]),
+            String::new(),
+        ),
+    }
+}
+
+fn usage(problem: &str) -> (u8, String, String) {
+    (
+        2,
+        String::new(),
+        format!("cluster-ctl: {problem}\n{USAGE}\n"),
+    )
+}
+
+/// Sends `command` and reads the one-line answer.
+fn ask(socket: &std::path::Path, command: &str) -> std::io::Result<String> {
+    let mut stream = UnixStream::connect(socket)?;
+    let timeout = (command != "reload").then_some(TIMEOUT);
+    stream.set_read_timeout(timeout)?;
+    stream.set_write_timeout(Some(TIMEOUT))?;
+    // A primary that refuses this client answers and closes at once, maybe before the command
+    // is written: its answer is still there to read.
+    if let Err(error) = stream.write_all(format!("{command}\n").as_bytes())
+        && error.kind() != std::io::ErrorKind::BrokenPipe
+    {
+        return Err(error);
+    }
+    let mut answer = String::new();
+    BufReader::new(stream).read_line(&mut answer)?;
+    if answer.is_empty() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "the primary closed the connection without an answer",
+        ));
+    }
+    Ok(answer.trim_end().to_owned())
+}
+
+fn reloaded(reload: &Value) -> String {
+    match reload["aborted"].as_str() {
+        None => format!(
+            "reload complete: generation {}, {} workers replaced{}\n",
+            reload["generation"],
+            reload["replaced"],
+            if reload["binary_changed"] == Value::Bool(true) {
+                ", new binary"
+            } else {
+                ""
+            }
+        ),
+        Some(reason) => format!(
+            "reload aborted after {} workers, the old workers keep serving: {reason}\n",
+            reload["replaced"]
+        ),
+    }
+}
+
+/// The status as `pm2 ls` would show it.
+fn table(status: &Value) -> String {
+    let reloads = &status["reloads"];
+    let mut out = format!(
+        "primary pid {}, up {}, generation {}, {} of {} workers serving, {} restarts, reloads: {} complete, {} aborted, {} failed\n",
+        status["pid"],
+        duration(status["uptime_seconds"].as_f64()),
+        status["generation"],
+        status["serving"],
+        status["wanted"],
+        status["restarts"],
+        reloads["complete"],
+        reloads["aborted"],
+        reloads["failed"],
+    );
+    let header = [
+        "id", "slot", "pid", "gen", "state", "uptime", "restarts", "rss", "cpu", "handoffs",
+    ];
+    let mut rows = vec![header.map(str::to_owned).to_vec()];
+    for worker in status["workers"].as_array().into_iter().flatten() {
+        let number = |key: &str| match &worker[key] {
+            Value::Null => "-".to_owned(),
+            value => value.to_string(),
+        };
+        rows.push(vec![
+            number("id"),
+            number("slot"),
+            number("pid"),
+            number("generation"),
+            worker["state"].as_str().unwrap_or("?").to_owned(),
+            duration(worker["uptime_seconds"].as_f64()),
+            number("restarts"),
+            bytes(worker["resident_bytes"].as_u64()),
+            cpu(worker["cpu_seconds"].as_f64()),
+            number("handoffs"),
+        ]);
+    }
+    let widths: Vec<usize> = (0..header.len())
+        .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
+        .collect();
+    for row in rows {
+        let cells: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(cell, width)| format!("{cell:<width$}"))
+            .collect();
+        out.push_str(cells.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+fn duration(seconds: Option<f64>) -> String {
+    let Some(seconds) = seconds else {
+        return "-".to_owned();
+    };
+    // Whole seconds are what a table shows.
+    let s = seconds as u64;
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m{}s", s / 60, s % 60),
+        3600..86_400 => format!("{}h{}m", s / 3600, s % 3600 / 60),
+        _ => format!("{}d{}h", s / 86_400, s % 86_400 / 3600),
+    }
+}
+
+fn cpu(seconds: Option<f64>) -> String {
+    match seconds {
+        None => "-".to_owned(),
+        Some(s) if s < 60.0 => format!("{s:.2}s"),
+        Some(s) => duration(Some(s)),
+    }
+}
+
+fn bytes(bytes: Option<u64>) -> String {
+    let Some(bytes) = bytes else {
+        return "-".to_owned();
+    };
+    let mib = bytes as f64 / (1024.0 * 1024.0);
+    if mib >= 1024.0 {
+        format!("{:.1} GiB", mib / 1024.0)
+    } else {
+        format!("{mib:.1} MiB")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_table_has_a_row_per_worker() {
+        let status: Value = serde_json::from_str(
+            r#"{"pid":10,"uptime_seconds":3700.5,"generation":2,"wanted":2,"serving":2,
+                "restarts":1,"reloads":{"complete":1,"aborted":0,"failed":0},
+                "workers":[
+                  {"id":3,"slot":0,"pid":11,"generation":2,"state":"listening",
+                   "uptime_seconds":65.2,"restarts":1,"resident_bytes":12582912,
+                   "cpu_seconds":1.5,"handoffs":42},
+                  {"id":4,"slot":null,"pid":12,"generation":2,"state":"online",
+                   "uptime_seconds":0.2,"restarts":0,"resident_bytes":null,
+                   "cpu_seconds":null,"handoffs":0}]}"#,
+        )
+        .unwrap();
+        let table = table(&status);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines.len(), 4, "{table}");
+        assert!(lines[0].contains("up 1h1m"), "{table}");
+        assert!(lines[1].starts_with("id  slot  pid"), "{table}");
+        assert!(
+            lines[2].contains("12.0 MiB") && lines[2].contains("1m5s"),
+            "{table}"
+        );
+        assert!(lines[3].contains(" -  "), "{table}");
+    }
+
+    #[test]
+    fn usage_errors_exit_2() {
+        let args = |a: &[&str]| a.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        assert_eq!(run(&args(&["status"]), None).0, 2);
+        assert_eq!(run(&args(&["scale", "x"]), Some("/x".into())).0, 2);
+        assert_eq!(run(&args(&["frobnicate"]), Some("/x".into())).0, 2);
+        assert_eq!(
+            run(&args(&["status"]), Some("/nonexistent/ctl.sock".into())).0,
+            69
+        );
+    }
+}

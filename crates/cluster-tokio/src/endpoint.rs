@@ -1,0 +1,192 @@
+//! The primary's HTTP endpoint ([`Settings::metrics_addr`](crate::Settings::metrics_addr)):
+//! `/healthz`, `/readyz` and, with the `metrics` feature, `/metrics`.
+//!
+//! A deliberately small HTTP/1.1 responder: one request per connection, answered with
+//! `Connection: close`; the request head is bounded in size and in time, and connections beyond
+//! a few at once are closed unanswered. A scraper or a probe cannot make the primary wait or
+//! hold memory, and nothing here runs on the path of a handoff.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+
+use crate::supervisor::SupervisorHandle;
+
+/// The longest request head read.
+const MAX_HEAD: usize = 8 * 1024;
+/// How long a client may take to send its request, and to read the answer.
+const IO_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long `/healthz` waits for the supervisor's loop to answer.
+const PING_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long `/metrics` waits for a snapshot.
+const STATUS_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connections served at once; more are closed at once.
+const MAX_CONNECTIONS: usize = 16;
+
+/// Binds the endpoint's listener.
+pub(crate) fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.set_cloexec(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(64)?;
+    socket.set_nonblocking(true)?;
+    TcpListener::from_std(socket.into())
+}
+
+/// Serves the endpoint until dropped.
+pub(crate) async fn serve(listener: TcpListener, handle: SupervisorHandle) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(error) => {
+                // Out of fds, mostly: the workers' connections matter more than a scrape.
+                tracing::debug!(%error, "metrics endpoint: accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            continue;
+        };
+        let handle = handle.clone();
+        tokio::spawn(async move {
+            let _ = answer(stream, &handle).await;
+            drop(permit);
+        });
+    }
+}
+
+async fn answer(mut stream: TcpStream, handle: &SupervisorHandle) -> io::Result<()> {
+    let head = match tokio::time::timeout(IO_TIMEOUT, read_head(&mut stream)).await {
+        Ok(Ok(Some(head))) => head,
+        Ok(Ok(None)) => return respond(&mut stream, 431, TEXT, "request head too large\n").await,
+        Ok(Err(error)) => return Err(error),
+        Err(_) => return respond(&mut stream, 408, TEXT, "request timeout\n").await,
+    };
+    let mut words = head.split(' ');
+    let (Some(method), Some(target), Some(version)) = (words.next(), words.next(), words.next())
+    else {
+        return respond(&mut stream, 400, TEXT, "bad request\n").await;
+    };
+    if !version.starts_with("HTTP/1.") {
+        return respond(&mut stream, 400, TEXT, "bad request\n").await;
+    }
+    if method != "GET" && method != "HEAD" {
+        return respond(&mut stream, 405, TEXT, "only GET\n").await;
+    }
+    let path = target.split_once('?').map_or(target, |(path, _)| path);
+    let (status, content_type, body) = route(path, handle).await;
+    let body = if method == "HEAD" {
+        String::new()
+    } else {
+        body
+    };
+    respond(&mut stream, status, content_type, &body).await
+}
+
+const TEXT: &str = "text/plain; charset=utf-8";
+
+async fn route(path: &str, handle: &SupervisorHandle) -> (u16, &'static str, String) {
+    match path {
+        "/healthz" => match tokio::time::timeout(PING_TIMEOUT, handle.ping()).await {
+            Ok(true) => (200, TEXT, "ok\n".to_owned()),
+            Ok(false) => (503, TEXT, "the supervisor stopped\n".to_owned()),
+            Err(_) => (503, TEXT, "the supervisor does not answer\n".to_owned()),
+        },
+        "/readyz" => {
+            if handle.is_serving() {
+                (200, TEXT, "ready\n".to_owned())
+            } else {
+                (503, TEXT, "no worker serves\n".to_owned())
+            }
+        }
+        "/metrics" => metrics(handle).await,
+        _ => (
+            404,
+            TEXT,
+            "not found: try /metrics, /healthz or /readyz\n".to_owned(),
+        ),
+    }
+}
+
+#[cfg(feature = "metrics")]
+async fn metrics(handle: &SupervisorHandle) -> (u16, &'static str, String) {
+    match tokio::time::timeout(STATUS_TIMEOUT, handle.status()).await {
+        Ok(Ok(status)) => match crate::metrics::encode(&status) {
+            Ok(text) => (200, crate::metrics::CONTENT_TYPE, text),
+            Err(_) => (500, TEXT, "could not encode the metrics\n".to_owned()),
+        },
+        Ok(Err(error)) => (503, TEXT, format!("{error}\n")),
+        Err(_) => (503, TEXT, "the primary does not answer\n".to_owned()),
+    }
+}
+
+#[cfg(not(feature = "metrics"))]
+async fn metrics(_: &SupervisorHandle) -> (u16, &'static str, String) {
+    let _ = STATUS_TIMEOUT;
+    let body = "this build has no metrics: enable the `metrics` feature of `cluster`\n";
+    (404, TEXT, body.to_owned())
+}
+
+/// Reads up to the end of the request head; returns its first line, or `None` if the head is
+/// larger than [`MAX_HEAD`].
+async fn read_head(stream: &mut TcpStream) -> io::Result<Option<String>> {
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    loop {
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]);
+            return Ok(Some(head.lines().next().unwrap_or_default().to_owned()));
+        }
+        if buf.len() > MAX_HEAD {
+            return Ok(None);
+        }
+    }
+}
+
+async fn respond(
+    stream: &mut TcpStream,
+    status: u16,
+    content_type: &str,
+    body: &str,
+) -> io::Result<()> {
+    let reason = match status {
+        200 => "OK",
+        400 => "Bad Request",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        408 => "Request Timeout",
+        431 => "Request Header Fields Too Large",
+        500 => "Internal Server Error",
+        _ => "Service Unavailable",
+    };
+    let head = format!(
+        "HTTP/1.1 {status} {reason}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\n\
+         cache-control: no-store\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    let write = async {
+        stream.write_all(head.as_bytes()).await?;
+        stream.write_all(body.as_bytes()).await?;
+        stream.shutdown().await
+    };
+    tokio::time::timeout(IO_TIMEOUT, write)
+        .await
+        .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into()))
+}

@@ -1,0 +1,123 @@
+//! A [`ClusterStatus`] in the Prometheus text format, with `prometheus-client` (the `metrics`
+//! feature). The metrics are made afresh from each snapshot: a worker's series go with it.
+
+use prometheus_client::encoding::prometheus_text;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use crate::primary::WorkerState;
+use crate::status::ClusterStatus;
+
+/// The `Content-Type` of the text [`encode`] writes.
+pub(crate) const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
+
+type Labels = [(&'static str, String); 1];
+
+fn label(name: &'static str, value: impl ToString) -> Labels {
+    [(name, value.to_string())]
+}
+
+/// `status` as Prometheus text (names and meanings: the table in `docs/operations.md`).
+pub(crate) fn encode(status: &ClusterStatus) -> Result<String, std::fmt::Error> {
+    let mut registry = Registry::default();
+
+    let workers = Family::<Labels, Gauge>::default();
+    for state in [
+        WorkerState::None,
+        WorkerState::Online,
+        WorkerState::Listening,
+        WorkerState::Disconnected,
+    ] {
+        let count = status
+            .workers
+            .iter()
+            .filter(|w| w.stats.state == state)
+            .count();
+        workers
+            .get_or_create(&label("state", state))
+            .set(i64::try_from(count).unwrap_or(i64::MAX));
+    }
+    registry.register(
+        "cluster_workers",
+        "Workers not yet exited, by state",
+        workers,
+    );
+
+    let restarts = Family::<Labels, Counter>::default();
+    for slot in &status.slots {
+        restarts
+            .get_or_create(&label("slot", slot.slot.index()))
+            .inc_by(slot.restarts);
+    }
+    registry.register(
+        "cluster_worker_restarts",
+        "Workers started again in a slot that had one before",
+        restarts,
+    );
+
+    let handoffs = Family::<Labels, Counter>::default();
+    let refused = Family::<Labels, Counter>::default();
+    let memory = Family::<Labels, Gauge>::default();
+    let cpu = Family::<Labels, Counter<f64, std::sync::atomic::AtomicU64>>::default();
+    for worker in &status.workers {
+        let id = label("worker", worker.stats.id.get());
+        handoffs.get_or_create(&id).inc_by(worker.stats.handoffs);
+        refused.get_or_create(&id).inc_by(worker.stats.refused);
+        if let Some(usage) = worker.usage {
+            memory
+                .get_or_create(&id)
+                .set(i64::try_from(usage.resident_bytes).unwrap_or(i64::MAX));
+            cpu.get_or_create(&id).inc_by(usage.cpu_time.as_secs_f64());
+        }
+    }
+    registry.register(
+        "cluster_handoffs",
+        "Connections handed to a worker, re-dispatches included",
+        handoffs,
+    );
+    registry.register(
+        "cluster_handoff_refused",
+        "Handoffs a worker refused (its listener was full or closing)",
+        refused,
+    );
+    registry.register(
+        "cluster_worker_resident_memory_bytes",
+        "A worker's resident memory",
+        memory,
+    );
+    registry.register(
+        "cluster_worker_cpu_seconds",
+        "A worker's CPU time, user and system",
+        cpu,
+    );
+
+    let reloads = Family::<Labels, Counter>::default();
+    for (result, count) in [
+        ("complete", status.reloads.complete),
+        ("aborted", status.reloads.aborted),
+        ("failed", status.reloads.failed),
+    ] {
+        reloads
+            .get_or_create(&label("result", result))
+            .inc_by(count);
+    }
+    registry.register(
+        "cluster_reloads",
+        "Rolling reloads, by how they ended",
+        reloads,
+    );
+
+    let generation = Gauge::<i64>::default();
+    generation.set(i64::try_from(status.generation).unwrap_or(i64::MAX));
+    registry.register(
+        "cluster_generation",
+        "The generation new workers start in",
+        generation,
+    );
+
+    let mut text = String::new();
+    prometheus_text::encode(&mut text, &registry)?;
+    Ok(text)
+}

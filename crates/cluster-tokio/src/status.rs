@@ -1,0 +1,358 @@
+//! What a running cluster looks like from outside: [`ClusterStatus`], a snapshot that combines
+//! the primary's bookkeeping ([`Primary::stats`]), the supervisor's (slots, restarts, reloads)
+//! and what the kernel says of each worker process (memory, CPU time). Taken with
+//! [`SupervisorHandle::status`](crate::supervisor::SupervisorHandle::status); the metrics
+//! endpoint and the control socket serve it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+
+use proto::supervisor::SlotId;
+use proto::{ExitStatus, KillReason, WorkerId};
+
+use crate::primary::{Primary, Stats, WorkerStats};
+use crate::supervisor::{ReloadError, ReloadReport};
+
+/// A snapshot of a supervised cluster.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct ClusterStatus {
+    /// The primary's pid.
+    pub pid: u32,
+    /// How long the supervisor has been running.
+    pub uptime: Duration,
+    /// The generation new workers start in: 1 until a rolling reload completes.
+    pub generation: u64,
+    /// How many workers the supervisor keeps running (its active slots).
+    pub wanted: usize,
+    /// How many of them serve: listen, or, with
+    /// [`Settings::wait_ready`](crate::Settings::wait_ready), declared themselves ready.
+    pub serving: usize,
+    /// Every worker not yet exited, by id.
+    pub workers: Vec<WorkerStatus>,
+    /// Every slot the supervisor has started a worker in, scaled-away ones included.
+    pub slots: Vec<SlotStatus>,
+    /// Workers started again in a slot that had one before (crashes, kills from outside, hangs),
+    /// over every slot.
+    pub restarts: u64,
+    /// Rolling reloads, by how they ended.
+    pub reloads: ReloadCounts,
+    /// As [`Stats::connections_held`].
+    pub connections_held: usize,
+    /// As [`Stats::listeners`].
+    pub listeners: usize,
+}
+
+/// One worker in a [`ClusterStatus`].
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct WorkerStatus {
+    /// What the primary counts for it: id, pid, state, handoffs.
+    pub stats: WorkerStats,
+    /// The supervisor's slot it runs in; `None` for a worker forked outside the supervisor, or
+    /// a reload's replacement that does not listen yet.
+    pub slot: Option<SlotId>,
+    /// Its generation ([`WorkerHandle::generation`](crate::primary::WorkerHandle::generation)).
+    pub generation: u64,
+    /// How long ago the primary started it.
+    pub uptime: Duration,
+    /// Restarts of its slot so far.
+    pub restarts: u64,
+    /// The last worker of its slot that exited, and how.
+    pub previous: Option<PreviousWorker>,
+    /// Its memory and CPU time, from `/proc`; `None` if they could not be read (it just exited).
+    pub usage: Option<ProcessUsage>,
+}
+
+/// One slot of the supervisor in a [`ClusterStatus`].
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct SlotStatus {
+    /// The slot.
+    pub slot: SlotId,
+    /// Its worker, if one runs.
+    pub worker: Option<WorkerId>,
+    /// Workers started in it after its first.
+    pub restarts: u64,
+    /// Its last worker that exited, and how.
+    pub previous: Option<PreviousWorker>,
+    /// Whether the cluster was scaled down past it.
+    pub removed: bool,
+}
+
+/// A worker that left its slot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PreviousWorker {
+    /// Its id.
+    pub worker: WorkerId,
+    /// How it ended.
+    pub status: ExitStatus,
+    /// Why the primary or the supervisor killed it, if it did.
+    pub killed: Option<KillReason>,
+}
+
+/// Rolling reloads, by how they ended.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ReloadCounts {
+    /// Every worker was replaced.
+    pub complete: u64,
+    /// A replacement failed, and the old workers it would have replaced keep serving.
+    pub aborted: u64,
+    /// The reload could not run at all (the new binary cannot be run, a replacement could not
+    /// be spawned).
+    pub failed: u64,
+}
+
+impl ReloadCounts {
+    /// Every reload that ended.
+    pub fn total(&self) -> u64 {
+        self.complete + self.aborted + self.failed
+    }
+}
+
+/// A process's use of the machine, as `/proc/<pid>/stat` and `/proc/<pid>/statm` say.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ProcessUsage {
+    /// Resident memory in bytes.
+    pub resident_bytes: u64,
+    /// CPU time, user and system.
+    pub cpu_time: Duration,
+}
+
+impl ProcessUsage {
+    /// Reads `pid`'s usage; `None` if it is gone or `/proc` cannot be read.
+    pub fn of(pid: u32) -> Option<Self> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
+        let (ticks, pages) = parse_proc(&stat, &statm)?;
+        let hz = crate::sys::clock_ticks_per_second().max(1);
+        let cpu_time = Duration::from_secs(ticks / hz)
+            + Duration::from_nanos((ticks % hz) * 1_000_000_000 / hz);
+        Some(Self {
+            resident_bytes: pages.saturating_mul(crate::sys::page_size()),
+            cpu_time,
+        })
+    }
+}
+
+/// `(utime + stime in clock ticks, resident pages)` from the texts of `/proc/<pid>/stat` and
+/// `/proc/<pid>/statm`.
+fn parse_proc(stat: &str, statm: &str) -> Option<(u64, u64)> {
+    // The command name (field 2) is in parentheses and may hold spaces and parentheses itself:
+    // the fields after it start after the last `)`.
+    let (_, rest) = stat.rsplit_once(')')?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // `rest` starts at field 3 (the state): utime is field 14, stime field 15.
+    let utime: u64 = fields.get(14 - 3)?.parse().ok()?;
+    let stime: u64 = fields.get(15 - 3)?.parse().ok()?;
+    let resident: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some((utime + stime, resident))
+}
+
+/// What the supervisor knows that the primary does not: which worker runs in which slot,
+/// restarts, reloads. Kept by the supervisor's loop, read by [`ClusterStatus`] snapshots.
+#[derive(Debug)]
+pub(crate) struct Book {
+    started: Instant,
+    slots: BTreeMap<SlotId, SlotBook>,
+    worker_slots: HashMap<WorkerId, SlotId>,
+    pub(crate) reloads: ReloadCounts,
+    pub(crate) serving: usize,
+    pub(crate) wanted: usize,
+    pub(crate) forked: u64,
+    /// Handoffs per worker as last counted (the primary forgets a worker's counters when it
+    /// exits), for the summary at shutdown.
+    handoffs_seen: HashMap<WorkerId, u64>,
+}
+
+#[derive(Clone, Debug, Default)]
+struct SlotBook {
+    worker: Option<WorkerId>,
+    had_worker: bool,
+    restarts: u64,
+    previous: Option<PreviousWorker>,
+    removed: bool,
+}
+
+impl Book {
+    pub(crate) fn new() -> Self {
+        Self {
+            started: Instant::now(),
+            slots: BTreeMap::new(),
+            worker_slots: HashMap::new(),
+            reloads: ReloadCounts::default(),
+            serving: 0,
+            wanted: 0,
+            forked: 0,
+            handoffs_seen: HashMap::new(),
+        }
+    }
+
+    /// The supervisor started `worker` in `slot`.
+    pub(crate) fn spawned(&mut self, slot: SlotId, worker: WorkerId) {
+        let book = self.slots.entry(slot).or_default();
+        if book.had_worker {
+            book.restarts += 1;
+        }
+        book.had_worker = true;
+        book.worker = Some(worker);
+        self.worker_slots.insert(worker, slot);
+    }
+
+    /// A reload's `new` worker took `old`'s slot.
+    pub(crate) fn replaced(&mut self, old: WorkerId, new: WorkerId) {
+        if let Some(slot) = self.worker_slots.get(&old).copied() {
+            self.worker_slots.insert(new, slot);
+            if let Some(book) = self.slots.get_mut(&slot) {
+                book.worker = Some(new);
+            }
+        }
+    }
+
+    /// `worker` exited.
+    pub(crate) fn exited(
+        &mut self,
+        worker: WorkerId,
+        status: ExitStatus,
+        killed: Option<KillReason>,
+    ) {
+        let Some(slot) = self.worker_slots.remove(&worker) else {
+            return;
+        };
+        if let Some(book) = self.slots.get_mut(&slot) {
+            book.previous = Some(PreviousWorker {
+                worker,
+                status,
+                killed,
+            });
+            if book.worker == Some(worker) {
+                book.worker = None;
+            }
+        }
+    }
+
+    /// The slot of `worker` was scaled away.
+    pub(crate) fn removed(&mut self, worker: WorkerId) {
+        if let Some(book) = self
+            .worker_slots
+            .get(&worker)
+            .and_then(|slot| self.slots.get_mut(slot))
+        {
+            book.removed = true;
+        }
+    }
+
+    /// A rolling reload ended.
+    pub(crate) fn reloaded(&mut self, outcome: &Result<ReloadReport, ReloadError>) {
+        match outcome {
+            Ok(report) if report.is_complete() => self.reloads.complete += 1,
+            Ok(_) => self.reloads.aborted += 1,
+            Err(ReloadError::AlreadyRunning) => {}
+            Err(_) => self.reloads.failed += 1,
+        }
+    }
+
+    pub(crate) fn restarts(&self) -> u64 {
+        self.slots.values().map(|s| s.restarts).sum()
+    }
+
+    /// Remembers the handoffs of the workers in `stats`.
+    pub(crate) fn count_handoffs(&mut self, stats: &Stats) {
+        for worker in &stats.workers {
+            self.handoffs_seen.insert(worker.id, worker.handoffs);
+        }
+    }
+
+    /// Handoffs to every worker, as last counted.
+    pub(crate) fn handoffs_seen(&self) -> u64 {
+        self.handoffs_seen.values().sum()
+    }
+}
+
+/// Puts a status together: `stats` from the primary, the supervisor's `book`, and `/proc`.
+pub(crate) async fn assemble(
+    primary: &Primary,
+    stats: Stats,
+    book: &std::sync::Mutex<Book>,
+) -> ClusterStatus {
+    // `/proc` is read on a blocking thread: the primary's runtime has one thread, which hands
+    // off connections.
+    let pids: Vec<u32> = stats.workers.iter().map(|w| w.pid).collect();
+    let usage = tokio::task::spawn_blocking(move || {
+        pids.into_iter().map(ProcessUsage::of).collect::<Vec<_>>()
+    })
+    .await
+    .unwrap_or_default();
+    let generation = primary.generation();
+    let mut book = book.lock().expect("not poisoned");
+    book.count_handoffs(&stats);
+    let slots: Vec<SlotStatus> = book
+        .slots
+        .iter()
+        .map(|(slot, s)| SlotStatus {
+            slot: *slot,
+            worker: s.worker,
+            restarts: s.restarts,
+            previous: s.previous,
+            removed: s.removed,
+        })
+        .collect();
+    let workers = stats
+        .workers
+        .into_iter()
+        .zip(usage.into_iter().map(Some).chain(std::iter::repeat(None)))
+        .filter_map(|(stats, usage)| {
+            // Gone since the primary counted it: not in the snapshot.
+            let handle = primary.worker(stats.id)?;
+            let slot = book.worker_slots.get(&stats.id).copied();
+            let of_slot = slot.and_then(|slot| book.slots.get(&slot));
+            Some(WorkerStatus {
+                slot,
+                generation: handle.generation(),
+                uptime: handle.uptime(),
+                restarts: of_slot.map_or(0, |s| s.restarts),
+                previous: of_slot.and_then(|s| s.previous),
+                usage: usage.flatten(),
+                stats,
+            })
+        })
+        .collect();
+    ClusterStatus {
+        pid: std::process::id(),
+        uptime: book.started.elapsed(),
+        generation,
+        wanted: book.wanted,
+        serving: book.serving,
+        workers,
+        slots,
+        restarts: book.restarts(),
+        reloads: book.reloads,
+        connections_held: stats.connections_held,
+        listeners: stats.listeners,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proc_fields_are_found_after_the_command_name() {
+        // A command name with spaces and parentheses, as a program may name itself.
+        let stat = "4242 (my (odd) prog) S 1 4242 4242 0 -1 4194560 1000 0 0 0 \
+                    250 50 0 0 20 0 1 0 123456 1000000 300 18446744073709551615";
+        let statm = "2000 300 100 10 0 500 0\n";
+        assert_eq!(parse_proc(stat, statm), Some((300, 300)));
+        assert_eq!(parse_proc("garbage", statm), None);
+        assert_eq!(parse_proc(stat, ""), None);
+    }
+
+    #[test]
+    fn this_process_can_be_read() {
+        let usage = ProcessUsage::of(std::process::id()).expect("/proc/self");
+        assert!(usage.resident_bytes > 0);
+    }
+}
