@@ -212,6 +212,36 @@ fn metrics_count_every_handoff_and_every_restart() {
         0.0,
         "{metrics}"
     );
+    // Each waited in the primary once, and the histogram says so.
+    assert_eq!(
+        sample(&metrics, "cluster_handoff_duration_seconds_count"),
+        Some(REQUESTS as f64),
+        "{metrics}"
+    );
+    assert_eq!(
+        sample(
+            &metrics,
+            "cluster_handoff_duration_seconds_bucket{le=\"+Inf\"}"
+        ),
+        Some(REQUESTS as f64),
+        "{metrics}"
+    );
+    // A client that holds its connection open is counted by the worker serving it.
+    assert_eq!(
+        sum(&metrics, "cluster_connections_active"),
+        0.0,
+        "{metrics}"
+    );
+    let held = std::net::TcpStream::connect(("127.0.0.1", cluster.app)).unwrap();
+    let deadline = Instant::now() + WAIT;
+    while sum(&scrape(cluster.endpoint), "cluster_connections_active") != 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the held connection never showed"
+        );
+        std::thread::yield_now();
+    }
+    drop(held);
     assert_eq!(
         sample(&metrics, "cluster_workers{state=\"listening\"}"),
         Some(2.0),
@@ -303,8 +333,9 @@ fn metrics_count_every_handoff_and_every_restart() {
         .lines()
         .find(|l| l.contains("cluster stopped"))
         .unwrap_or_else(|| panic!("{log}"));
+    // The requests, and the connection held open (a killed worker's included).
     assert!(
-        summary.contains(&format!("handed_off={REQUESTS}")),
+        summary.contains(&format!("handed_off={}", REQUESTS + 1)),
         "{summary}"
     );
     assert!(
@@ -346,7 +377,8 @@ fn the_control_socket_lists_and_reloads_the_workers() {
     assert_eq!(lines.len(), 2 + 2, "{table}");
     assert!(
         lines[1].split_whitespace().eq([
-            "id", "slot", "pid", "gen", "state", "uptime", "restarts", "rss", "cpu", "handoffs"
+            "id", "slot", "pid", "gen", "state", "uptime", "restarts", "rss", "cpu", "conns",
+            "handoffs"
         ]),
         "{table}"
     );

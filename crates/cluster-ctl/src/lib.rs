@@ -183,7 +183,8 @@ fn table(status: &Value) -> String {
         reloads["failed"],
     );
     let header = [
-        "id", "slot", "pid", "gen", "state", "uptime", "restarts", "rss", "cpu", "handoffs",
+        "id", "slot", "pid", "gen", "state", "uptime", "restarts", "rss", "cpu", "conns",
+        "handoffs",
     ];
     let mut rows = vec![header.map(str::to_owned).to_vec()];
     for worker in status["workers"].as_array().into_iter().flatten() {
@@ -201,6 +202,7 @@ fn table(status: &Value) -> String {
             number("restarts"),
             bytes(worker["resident_bytes"].as_u64()),
             cpu(worker["cpu_seconds"].as_f64()),
+            number("connections"),
             number("handoffs"),
         ]);
     }

@@ -199,6 +199,7 @@ fn status_json(status: &ClusterStatus) -> Value {
                 "resident_bytes": w.usage.map(|u| u.resident_bytes),
                 "cpu_seconds": w.usage.map(|u| u.cpu_time.as_secs_f64()),
                 "handoffs": w.stats.handoffs,
+                "connections": w.connections,
                 "in_flight": w.stats.in_flight,
                 "refused": w.stats.refused,
                 "returned": w.stats.returned,

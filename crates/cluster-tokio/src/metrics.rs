@@ -7,7 +7,10 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
-use crate::primary::WorkerState;
+use prometheus_client::encoding::{EncodeMetric, MetricEncoder, NoLabelSet};
+use prometheus_client::metrics::MetricType;
+
+use crate::primary::{HandoffLatency, WorkerState};
 use crate::status::ClusterStatus;
 
 /// The `Content-Type` of the text [`encode`] writes.
@@ -17,6 +20,30 @@ type Labels = [(&'static str, String); 1];
 
 fn label(name: &'static str, value: impl ToString) -> Labels {
     [(name, value.to_string())]
+}
+
+/// A [`HandoffLatency`] as a Prometheus histogram: its buckets are counted already.
+#[derive(Debug)]
+struct Latency(HandoffLatency);
+
+impl EncodeMetric for Latency {
+    fn encode(&self, mut encoder: MetricEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let buckets: Vec<(f64, u64)> = self
+            .0
+            .buckets()
+            .map(|(bound, count)| (bound.map_or(f64::INFINITY, |b| b.as_secs_f64()), count))
+            .collect();
+        encoder.encode_histogram::<NoLabelSet>(
+            self.0.sum().as_secs_f64(),
+            self.0.count(),
+            &buckets,
+            None,
+        )
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
+    }
 }
 
 /// `status` as Prometheus text (names and meanings: the table in `docs/operations.md`).
@@ -59,12 +86,18 @@ pub(crate) fn encode(status: &ClusterStatus) -> Result<String, std::fmt::Error> 
 
     let handoffs = Family::<Labels, Counter>::default();
     let refused = Family::<Labels, Counter>::default();
+    let connections = Family::<Labels, Gauge>::default();
     let memory = Family::<Labels, Gauge>::default();
     let cpu = Family::<Labels, Counter<f64, std::sync::atomic::AtomicU64>>::default();
     for worker in &status.workers {
         let id = label("worker", worker.stats.id.get());
         handoffs.get_or_create(&id).inc_by(worker.stats.handoffs);
         refused.get_or_create(&id).inc_by(worker.stats.refused);
+        if let Some(count) = worker.connections {
+            connections
+                .get_or_create(&id)
+                .set(i64::try_from(count).unwrap_or(i64::MAX));
+        }
         if let Some(usage) = worker.usage {
             memory
                 .get_or_create(&id)
@@ -81,6 +114,16 @@ pub(crate) fn encode(status: &ClusterStatus) -> Result<String, std::fmt::Error> 
         "cluster_handoff_refused",
         "Handoffs a worker refused (its listener was full or closing)",
         refused,
+    );
+    registry.register(
+        "cluster_connections_active",
+        "TCP connections a worker is serving on the cluster's listening ports",
+        connections,
+    );
+    registry.register(
+        "cluster_handoff_duration_seconds",
+        "How long accepted connections waited in the primary before they were handed to a worker",
+        Latency(status.handoff_latency.clone()),
     );
     registry.register(
         "cluster_worker_resident_memory_bytes",

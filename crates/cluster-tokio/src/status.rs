@@ -41,6 +41,10 @@ pub struct ClusterStatus {
     pub connections_held: usize,
     /// As [`Stats::listeners`].
     pub listeners: usize,
+    /// As [`Stats::handoffs`]: connections handed to workers since the primary started.
+    pub handoffs: u64,
+    /// As [`Stats::handoff_latency`].
+    pub handoff_latency: crate::primary::HandoffLatency,
 }
 
 /// One worker in a [`ClusterStatus`].
@@ -62,6 +66,10 @@ pub struct WorkerStatus {
     pub previous: Option<PreviousWorker>,
     /// Its memory and CPU time, from `/proc`; `None` if they could not be read (it just exited).
     pub usage: Option<ProcessUsage>,
+    /// The TCP connections it is serving: established ones on a port the primary listens on,
+    /// from `/proc` (Unix-socket connections are not counted; neither are its own outgoing
+    /// ones). `None` if they could not be read.
+    pub connections: Option<usize>,
 }
 
 /// One slot of the supervisor in a [`ClusterStatus`].
@@ -163,9 +171,6 @@ pub(crate) struct Book {
     pub(crate) serving: usize,
     pub(crate) wanted: usize,
     pub(crate) forked: u64,
-    /// Handoffs per worker as last counted (the primary forgets a worker's counters when it
-    /// exits), for the summary at shutdown.
-    handoffs_seen: HashMap<WorkerId, u64>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -187,7 +192,6 @@ impl Book {
             serving: 0,
             wanted: 0,
             forked: 0,
-            handoffs_seen: HashMap::new(),
         }
     }
 
@@ -258,18 +262,6 @@ impl Book {
     pub(crate) fn restarts(&self) -> u64 {
         self.slots.values().map(|s| s.restarts).sum()
     }
-
-    /// Remembers the handoffs of the workers in `stats`.
-    pub(crate) fn count_handoffs(&mut self, stats: &Stats) {
-        for worker in &stats.workers {
-            self.handoffs_seen.insert(worker.id, worker.handoffs);
-        }
-    }
-
-    /// Handoffs to every worker, as last counted.
-    pub(crate) fn handoffs_seen(&self) -> u64 {
-        self.handoffs_seen.values().sum()
-    }
 }
 
 /// Puts a status together: `stats` from the primary, the supervisor's `book`, and `/proc`.
@@ -282,13 +274,18 @@ pub(crate) async fn assemble(
     // off connections.
     let pids: Vec<u32> = stats.workers.iter().map(|w| w.pid).collect();
     let usage = tokio::task::spawn_blocking(move || {
-        pids.into_iter().map(ProcessUsage::of).collect::<Vec<_>>()
+        let ports = crate::primary::holding::listening_ports();
+        pids.into_iter()
+            .map(|pid| {
+                let connections = crate::primary::holding::serving(pid, &ports);
+                (ProcessUsage::of(pid), connections)
+            })
+            .collect::<Vec<_>>()
     })
     .await
     .unwrap_or_default();
     let generation = primary.generation();
-    let mut book = book.lock().expect("not poisoned");
-    book.count_handoffs(&stats);
+    let book = book.lock().expect("not poisoned");
     let slots: Vec<SlotStatus> = book
         .slots
         .iter()
@@ -304,7 +301,8 @@ pub(crate) async fn assemble(
         .workers
         .into_iter()
         .zip(usage.into_iter().map(Some).chain(std::iter::repeat(None)))
-        .filter_map(|(stats, usage)| {
+        .filter_map(|(stats, read)| {
+            let (usage, connections) = read.unwrap_or_default();
             // Gone since the primary counted it: not in the snapshot.
             let handle = primary.worker(stats.id)?;
             let slot = book.worker_slots.get(&stats.id).copied();
@@ -315,7 +313,8 @@ pub(crate) async fn assemble(
                 uptime: handle.uptime(),
                 restarts: of_slot.map_or(0, |s| s.restarts),
                 previous: of_slot.and_then(|s| s.previous),
-                usage: usage.flatten(),
+                usage,
+                connections,
                 stats,
             })
         })
@@ -332,6 +331,8 @@ pub(crate) async fn assemble(
         reloads: book.reloads,
         connections_held: stats.connections_held,
         listeners: stats.listeners,
+        handoffs: stats.handoffs,
+        handoff_latency: stats.handoff_latency,
     }
 }
 

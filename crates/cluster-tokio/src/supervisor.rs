@@ -397,14 +397,11 @@ impl Supervisor {
         let shared = self.shared.clone();
         let primary = self.primary.clone();
         let outcome = self.supervise().await;
-        // The workers' counters go with them: count what the ones still here were handed.
-        if let Ok(Ok(stats)) = tokio::time::timeout(SUMMARY_STATS, primary.stats()).await {
-            shared
-                .book
-                .lock()
-                .expect("not poisoned")
-                .count_handoffs(&stats);
-        }
+        // The primary's count covers every worker, gone ones included.
+        let handed_off = match tokio::time::timeout(SUMMARY_STATS, primary.stats()).await {
+            Ok(Ok(stats)) => stats.handoffs.to_string(),
+            _ => "unknown".to_owned(),
+        };
         let book = shared.book.lock().expect("not poisoned");
         tracing::info!(
             workers_started = book.forked,
@@ -412,7 +409,7 @@ impl Supervisor {
             reloads_complete = book.reloads.complete,
             reloads_aborted = book.reloads.aborted,
             reloads_failed = book.reloads.failed,
-            handed_off = book.handoffs_seen(),
+            %handed_off,
             "cluster stopped"
         );
         outcome
@@ -874,14 +871,6 @@ async fn shut_down(
     stopping: impl Future<Output = io::Result<()>>,
 ) -> Result<(), SupervisorError> {
     shared.book.lock().expect("not poisoned").serving = 0;
-    // The workers' counters go with them: count what they were handed before they drain.
-    if let Ok(Ok(stats)) = tokio::time::timeout(SUMMARY_STATS, primary.stats()).await {
-        shared
-            .book
-            .lock()
-            .expect("not poisoned")
-            .count_handoffs(&stats);
-    }
     let mut stopping = std::pin::pin!(stopping);
     loop {
         tokio::select! {

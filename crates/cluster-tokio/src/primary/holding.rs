@@ -1,5 +1,6 @@
-//! What a worker that would not leave still holds, read from `/proc`, so that the log line of
-//! its kill at the disconnect deadline points at the cause.
+//! What a worker holds, read from `/proc`: the sockets of a worker that would not leave, so that
+//! the log line of its kill at the disconnect deadline points at the cause, and the connections
+//! a worker is serving, for the cluster's status.
 
 use std::collections::HashSet;
 use std::fmt;
@@ -16,26 +17,10 @@ pub(crate) struct Holding {
 impl Holding {
     /// What process `pid` holds; `None` if `/proc` does not tell (it is gone, or not ours).
     pub(crate) fn of(pid: u32) -> Option<Self> {
-        let mut sockets = HashSet::new();
-        for entry in std::fs::read_dir(format!("/proc/{pid}/fd")).ok()? {
-            let Ok(target) = entry.and_then(|e| std::fs::read_link(e.path())) else {
-                continue;
-            };
-            if let Some(inode) = target
-                .to_str()
-                .and_then(|t| t.strip_prefix("socket:["))
-                .and_then(|t| t.strip_suffix(']'))
-                .and_then(|t| t.parse::<u64>().ok())
-            {
-                sockets.insert(inode);
-            }
-        }
-        // The tables of the process's own network namespace.
-        let established = ["tcp", "tcp6"]
-            .iter()
-            .filter_map(|table| std::fs::read_to_string(format!("/proc/{pid}/net/{table}")).ok())
-            .map(|table| established_among(&table, &sockets))
-            .sum::<usize>();
+        let sockets = socket_inodes(pid)?;
+        let established = tcp_rows(pid)
+            .filter(|row| row.state == ESTABLISHED && sockets.contains(&row.inode))
+            .count();
         Some(Self {
             connections: established,
             other_sockets: sockets.len() - established,
@@ -43,24 +28,83 @@ impl Holding {
     }
 }
 
-/// How many rows of a `/proc/net/tcp` table are established connections with an inode in
-/// `sockets`.
-fn established_among(table: &str, sockets: &HashSet<u64>) -> usize {
-    const ESTABLISHED: &str = "01";
-    table
-        .lines()
-        .skip(1)
-        .filter(|row| {
-            let columns: Vec<&str> = row.split_whitespace().collect();
-            // sl local_address rem_address st tx_queue:rx_queue tr:tm->when retrnsmt uid
-            // timeout inode ...
-            columns.get(3) == Some(&ESTABLISHED)
-                && columns
-                    .get(9)
-                    .and_then(|inode| inode.parse::<u64>().ok())
-                    .is_some_and(|inode| sockets.contains(&inode))
+/// The TCP ports this process listens on (its sockets in the `LISTEN` state).
+pub(crate) fn listening_ports() -> HashSet<u16> {
+    let ours = socket_inodes(std::process::id()).unwrap_or_default();
+    tcp_rows(std::process::id())
+        .filter(|row| row.state == LISTEN && ours.contains(&row.inode))
+        .map(|row| row.local_port)
+        .collect()
+}
+
+/// How many established TCP connections to one of `ports` process `pid` holds: the clients it
+/// is serving on the cluster's listeners (its own outgoing connections, to a database say, are
+/// not counted). `None` if `/proc` does not tell.
+pub(crate) fn serving(pid: u32, ports: &HashSet<u16>) -> Option<usize> {
+    let sockets = socket_inodes(pid)?;
+    Some(
+        tcp_rows(pid)
+            .filter(|row| {
+                row.state == ESTABLISHED
+                    && ports.contains(&row.local_port)
+                    && sockets.contains(&row.inode)
+            })
+            .count(),
+    )
+}
+
+const ESTABLISHED: u8 = 0x01;
+const LISTEN: u8 = 0x0a;
+
+/// The inodes of `pid`'s sockets.
+fn socket_inodes(pid: u32) -> Option<HashSet<u64>> {
+    let mut sockets = HashSet::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fd")).ok()? {
+        let Ok(target) = entry.and_then(|e| std::fs::read_link(e.path())) else {
+            continue;
+        };
+        if let Some(inode) = target
+            .to_str()
+            .and_then(|t| t.strip_prefix("socket:["))
+            .and_then(|t| t.strip_suffix(']'))
+            .and_then(|t| t.parse::<u64>().ok())
+        {
+            sockets.insert(inode);
+        }
+    }
+    Some(sockets)
+}
+
+/// One row of `/proc/<pid>/net/tcp{,6}`.
+struct TcpRow {
+    local_port: u16,
+    state: u8,
+    inode: u64,
+}
+
+/// The TCP sockets of `pid`'s network namespace, IPv4 and IPv6.
+fn tcp_rows(pid: u32) -> impl Iterator<Item = TcpRow> {
+    ["tcp", "tcp6"]
+        .into_iter()
+        .filter_map(move |table| std::fs::read_to_string(format!("/proc/{pid}/net/{table}")).ok())
+        .flat_map(|table| {
+            table
+                .lines()
+                .skip(1)
+                .filter_map(parse_tcp_row)
+                .collect::<Vec<_>>()
         })
-        .count()
+}
+
+/// `sl local_address rem_address st tx_queue:rx_queue tr:tm->when retrnsmt uid timeout inode`.
+fn parse_tcp_row(row: &str) -> Option<TcpRow> {
+    let columns: Vec<&str> = row.split_whitespace().collect();
+    let (_, port) = columns.get(1)?.rsplit_once(':')?;
+    Some(TcpRow {
+        local_port: u16::from_str_radix(port, 16).ok()?,
+        state: u8::from_str_radix(columns.get(3)?, 16).ok()?,
+        inode: columns.get(9)?.parse().ok()?,
+    })
 }
 
 impl fmt::Display for Holding {
@@ -88,15 +132,30 @@ mod tests {
     use super::*;
 
     #[test]
-    fn counts_established_connections_of_the_process_only() {
-        let table = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
-   0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000  1000        0 111 1 0000000000000000 100 0 0 10 0
-   1: 0100007F:1F90 0100007F:C350 01 00000000:00000000 00:00000000 00000000  1000        0 222 1 0000000000000000 20 4 30 10 -1
-   2: 0100007F:1F90 0100007F:C351 01 00000000:00000000 00:00000000 00000000  1000        0 333 1 0000000000000000 20 4 30 10 -1
-   3: 0100007F:1F90 0100007F:C352 06 00000000:00000000 03:00000000 00000000     0        0 0 3 0000000000000000
-";
-        let ours = HashSet::from([111, 222, 444]);
-        assert_eq!(established_among(table, &ours), 1);
+    fn reads_rows_of_proc_net_tcp() {
+        let listening = "   0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000  1000        0 111 1 0000000000000000 100 0 0 10 0";
+        let row = parse_tcp_row(listening).unwrap();
+        assert_eq!((row.local_port, row.state, row.inode), (8080, LISTEN, 111));
+        let v6 = "   1: 00000000000000000000000001000000:C350 00000000000000000000000001000000:1F90 01 00000000:00000000 00:00000000 00000000  1000        0 222 1 0000000000000000 20 4 30 10 -1";
+        let row = parse_tcp_row(v6).unwrap();
+        assert_eq!(
+            (row.local_port, row.state, row.inode),
+            (50000, ESTABLISHED, 222)
+        );
+        assert!(parse_tcp_row("  sl  local_address rem_address   st").is_none());
+    }
+
+    #[test]
+    fn counts_the_connections_served_on_a_listening_port() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        assert!(listening_ports().contains(&port));
+        let client = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let (served, _) = listener.accept().unwrap();
+        // Only the accepted end is on the listening port; the client's end is on another.
+        let ports = HashSet::from([port]);
+        assert_eq!(serving(std::process::id(), &ports), Some(1));
+        drop((client, served));
     }
 
     #[test]

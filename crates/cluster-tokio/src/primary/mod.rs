@@ -3,8 +3,9 @@
 
 mod alarm;
 mod driver;
-mod holding;
+pub(crate) mod holding;
 mod image;
+mod latency;
 mod spawn;
 
 use std::collections::BTreeMap;
@@ -37,6 +38,7 @@ use driver::{Driver, Input};
 
 pub use image::Binary;
 pub(crate) use image::Image;
+pub use latency::HandoffLatency;
 pub use signal::Signal;
 
 mod signal;
@@ -436,6 +438,11 @@ pub struct Stats {
     pub connections_held: usize,
     /// Listening sockets the primary holds.
     pub listeners: usize,
+    /// Connections handed to workers since the primary started, re-dispatches included (the
+    /// sum of every worker's `handoffs`, those gone too).
+    pub handoffs: u64,
+    /// How long accepted connections waited in the primary before they were handed over.
+    pub handoff_latency: HandoffLatency,
 }
 
 /// One worker in [`Stats`].

@@ -87,9 +87,12 @@ impl Driver {
                 progress = true;
                 match accepted {
                     Ok(conn) => {
+                        let accepted = now();
                         let conn = self.tokens.insert(Some(conn));
-                        if let Err(conn) = self.core.handle_connection(now(), handle, conn) {
+                        self.accepted_at.insert(conn, accepted);
+                        if let Err(conn) = self.core.handle_connection(accepted, handle, conn) {
                             self.tokens.remove(conn);
+                            self.accepted_at.remove(&conn);
                         }
                         self.drain_core();
                     }

@@ -119,6 +119,7 @@ impl Driver {
                     if self.core.handle_reclaimed(now(), worker, seq) != Some(conn) =>
                 {
                     self.tokens.try_remove(conn);
+                    self.accepted_at.remove(&conn);
                 }
                 Some(Attachment::Owned(fd)) => {
                     self.tokens.try_remove(fd);
@@ -185,6 +186,11 @@ impl Driver {
                             Some((_, Some(Attachment::Conn { conn, .. }))) => {
                                 if let Some(slot) = self.tokens.get_mut(conn) {
                                     *slot = None;
+                                }
+                                self.handoffs += 1;
+                                if let Some(accepted) = self.accepted_at.remove(&conn) {
+                                    self.handoff_latency
+                                        .observe(now().saturating_duration_since(accepted));
                                 }
                             }
                             _ => {}

@@ -106,6 +106,11 @@ pub(crate) struct Driver {
     /// empty while its `NewConn` sits in a worker's receive queue (the token lives on until the
     /// core settles it), and filled again if it comes back.
     tokens: Slab<Option<OwnedFd>>,
+    /// When each accepted connection not handed over yet was accepted.
+    accepted_at: HashMap<usize, Instant>,
+    /// Connections handed to workers so far, and how long they waited for it.
+    handoffs: u64,
+    handoff_latency: super::HandoffLatency,
     timer: Timer,
     accept_resume: Option<Instant>,
     buf: Vec<u8>,
@@ -141,6 +146,9 @@ impl Driver {
             workers: HashMap::new(),
             listeners: HashMap::new(),
             tokens: Slab::new(),
+            accepted_at: HashMap::new(),
+            handoffs: 0,
+            handoff_latency: super::HandoffLatency::default(),
             timer: Timer::Unset,
             accept_resume: None,
             buf: Vec::new(),
@@ -266,6 +274,7 @@ impl Driver {
                 }
                 Output::Close(conn) | Output::Delivered { conn, .. } => {
                     self.tokens.try_remove(conn);
+                    self.accepted_at.remove(&conn);
                 }
                 Output::CloseLink { worker } => self.close_link(worker),
                 Output::Returned { worker, handle } => self.take_back(worker, handle),
@@ -312,6 +321,8 @@ impl Driver {
             workers,
             connections_held: self.tokens.iter().filter(|(_, fd)| fd.is_some()).count(),
             listeners: self.listeners.len(),
+            handoffs: self.handoffs,
+            handoff_latency: self.handoff_latency.clone(),
         }
     }
 
