@@ -66,9 +66,9 @@ pub struct WorkerStatus {
     pub previous: Option<PreviousWorker>,
     /// Its memory and CPU time, from `/proc`; `None` if they could not be read (it just exited).
     pub usage: Option<ProcessUsage>,
-    /// The TCP connections it is serving: established ones on a port the primary listens on,
-    /// from `/proc` (Unix-socket connections are not counted; neither are its own outgoing
-    /// ones). `None` if they could not be read.
+    /// The TCP connections it is serving: established ones on a port the primary listens on
+    /// (its fds in `/proc`, matched with the kernel's socket diagnostics); connections over Unix
+    /// sockets and its own outgoing ones are not counted. `None` if they could not be read.
     pub connections: Option<usize>,
 }
 
@@ -274,10 +274,10 @@ pub(crate) async fn assemble(
     // off connections.
     let pids: Vec<u32> = stats.workers.iter().map(|w| w.pid).collect();
     let usage = tokio::task::spawn_blocking(move || {
-        let ports = crate::primary::holding::listening_ports();
+        let serving = crate::primary::holding::Serving::read();
         pids.into_iter()
             .map(|pid| {
-                let connections = crate::primary::holding::serving(pid, &ports);
+                let connections = serving.as_ref().and_then(|s| s.by(pid));
                 (ProcessUsage::of(pid), connections)
             })
             .collect::<Vec<_>>()
