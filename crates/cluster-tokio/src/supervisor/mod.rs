@@ -1,18 +1,24 @@
 //! `Supervisor`: keeps N workers running, and shuts them down on signals.
 
+mod errors;
+mod log;
+mod reloads;
+
 use std::io;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use proto::ExitStatus;
 pub use proto::supervisor::{FATAL_EXIT_CODE, SlotId};
-use proto::supervisor::{GiveUp, Supervisor as Policy, SupervisorEvent, SupervisorOutput};
-use proto::{ExitStatus, KillReason, WorkerId};
+use proto::supervisor::{GiveUp, Supervisor as Policy, SupervisorOutput};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::env::ErrorChain;
-use crate::primary::{Binary, Event, Primary, Signal};
-use crate::settings::{Settings, SettingsError};
+pub use self::errors::{AbortReason, ReloadAborted, ReloadError, ReloadReport, SupervisorError};
+use self::log::{SpawnFailures, is_kill_from_outside, log_exit, report};
+use self::reloads::Reloads;
+use crate::primary::{Event, Primary, Signal};
+use crate::settings::Settings;
 use crate::status::{Book, ClusterStatus};
 
 /// What a [`SupervisorHandle`] asks of the running supervisor.
@@ -33,106 +39,6 @@ enum Control {
 pub(crate) struct Shared {
     pub(crate) book: Mutex<Book>,
     primary: Primary,
-}
-
-/// What a rolling reload did.
-#[derive(Clone, Debug)]
-#[non_exhaustive]
-pub struct ReloadReport {
-    /// The generation the replacements belong to.
-    pub generation: u64,
-    /// The binary the replaced workers ran.
-    pub from: Binary,
-    /// The binary the replacements run: the program's path looked up again at the reload.
-    pub to: Binary,
-    /// `(old, new)` for every worker replaced, in order.
-    pub replaced: Vec<(WorkerId, WorkerId)>,
-    /// Why the reload stopped early, if it did; the workers not yet replaced keep serving.
-    pub aborted: Option<ReloadAborted>,
-}
-
-impl ReloadReport {
-    /// Whether every worker was replaced.
-    pub fn is_complete(&self) -> bool {
-        self.aborted.is_none()
-    }
-
-    /// Whether the replacements run another binary than the workers they replaced (a deploy);
-    /// `false` when the reload only recycled the workers.
-    pub fn binary_changed(&self) -> bool {
-        !self.to.same_file(&self.from)
-    }
-}
-
-/// Why a rolling reload stopped.
-#[derive(Clone, Debug)]
-#[non_exhaustive]
-pub struct ReloadAborted {
-    /// The worker whose replacement failed (it keeps serving).
-    pub worker: WorkerId,
-    /// What happened to the replacement.
-    pub reason: AbortReason,
-}
-
-/// What happened to a replacement worker that aborted a rolling reload.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum AbortReason {
-    /// It exited before it listened (with [`Settings::wait_ready`]: before it was ready).
-    #[error("the replacement exited before it was up: {0}")]
-    ExitedBeforeListening(ExitStatus),
-    /// It did not listen (with [`Settings::wait_ready`]: declare itself ready) within the boot
-    /// timeout; it was killed.
-    #[error("the replacement was not up within the boot timeout ({0:?})")]
-    BootTimeout(Duration),
-    /// It speaks another protocol version than this primary (a deploy across an incompatible
-    /// release of `cluster`: restart the service instead).
-    #[error("the replacement speaks protocol version {theirs}, this primary speaks {ours}")]
-    ProtocolMismatch {
-        /// The primary's version.
-        ours: u16,
-        /// The replacement's.
-        theirs: u16,
-    },
-    /// The primary stopped meanwhile.
-    #[error("the primary stopped")]
-    PrimaryStopped,
-}
-
-/// Why a rolling reload could not run.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum ReloadError {
-    /// Another reload is running.
-    #[error("a reload is already running")]
-    AlreadyRunning,
-    /// The program at the reload's path cannot be run (missing, not a file, not executable);
-    /// no worker was touched.
-    #[error("the new binary {} cannot be run", path.display())]
-    Binary {
-        /// The program's path.
-        path: std::path::PathBuf,
-        /// Why.
-        #[source]
-        source: io::Error,
-    },
-    /// A replacement could not be spawned at all.
-    #[error("a replacement worker could not be started")]
-    Spawn(#[source] io::Error),
-    /// The primary or its supervisor stopped.
-    #[error("the cluster primary has stopped")]
-    Stopped,
-}
-
-impl From<ReloadError> for io::Error {
-    fn from(error: ReloadError) -> Self {
-        let kind = match &error {
-            ReloadError::AlreadyRunning => io::ErrorKind::ResourceBusy,
-            ReloadError::Binary { source: e, .. } | ReloadError::Spawn(e) => e.kind(),
-            ReloadError::Stopped => io::ErrorKind::BrokenPipe,
-        };
-        Self::new(kind, error)
-    }
 }
 
 /// How long a fast shutdown (SIGINT) lets workers drain before it kills them.
@@ -277,84 +183,6 @@ impl SupervisorHandle {
     /// Whether at least one worker serves (what `/readyz` asks).
     pub(crate) fn is_serving(&self) -> bool {
         !self.control.is_closed() && self.shared.book.lock().expect("not poisoned").serving > 0
-    }
-}
-
-/// Why a [`Supervisor`] stopped with an error, or could not do what its handle asked.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum SupervisorError {
-    /// No worker could be kept running: every slot's workers crash before they listen (a bad
-    /// build, a port another process holds, a missing file), which a restart does not change.
-    #[error(
-        "every worker crashes before it listens ({slot}: {failures} crashes within the \
-         breaker's window); see the workers' errors above"
-    )]
-    BootLoop {
-        /// The first such slot.
-        slot: SlotId,
-        /// Its crashes within the window.
-        failures: usize,
-    },
-    /// The control socket ([`Settings::control_socket`](crate::Settings::control_socket)) could
-    /// not be bound: its path is taken by a live socket or another file, or its directory is
-    /// missing or not writable.
-    #[error("cannot listen for commands on {}", path.display())]
-    ControlSocket {
-        /// The path.
-        path: std::path::PathBuf,
-        /// Why.
-        #[source]
-        source: io::Error,
-    },
-    /// The metrics endpoint ([`Settings::metrics_addr`](crate::Settings::metrics_addr)) could
-    /// not be bound.
-    #[error("cannot serve the metrics endpoint on {address}")]
-    Endpoint {
-        /// The address.
-        address: std::net::SocketAddr,
-        /// Why.
-        #[source]
-        source: io::Error,
-    },
-    /// No worker is left, and one exited with the fatal code (a configuration error).
-    #[error("{slot}: {worker} exited with the fatal exit code {code}")]
-    Fatal {
-        /// The slot.
-        slot: SlotId,
-        /// The worker.
-        worker: WorkerId,
-        /// The code.
-        code: i32,
-    },
-    /// A socket the workers asked for could not be bound while no worker served: every worker
-    /// would fail the same way (see [`Settings::retry_bind_errors`](crate::Settings::retry_bind_errors)).
-    #[error("cannot listen on {address}")]
-    Listen {
-        /// Where.
-        address: String,
-        /// Why.
-        #[source]
-        source: io::Error,
-    },
-    /// The signal handlers could not be installed.
-    #[error("could not install the signal handlers")]
-    Signals(#[source] io::Error),
-    /// More workers were asked for than one primary runs, or than this user may start.
-    #[error(transparent)]
-    TooManyWorkers(#[from] SettingsError),
-    /// The supervisor is not running (any more).
-    #[error("the supervisor is not running")]
-    Stopped,
-}
-
-impl From<SupervisorError> for io::Error {
-    fn from(error: SupervisorError) -> Self {
-        match error {
-            SupervisorError::Signals(error) => error,
-            SupervisorError::Stopped => Self::new(io::ErrorKind::BrokenPipe, error),
-            other => Self::other(other),
-        }
     }
 }
 
@@ -670,179 +498,6 @@ impl Supervisor {
     }
 }
 
-/// The rolling reload under way, if any, and whether a SIGHUP asked for another meanwhile.
-struct Reloads {
-    running: Option<tokio::task::JoinHandle<()>>,
-    queued: bool,
-    /// Where reloads are counted.
-    shared: Arc<Shared>,
-}
-
-impl Reloads {
-    fn new(shared: Arc<Shared>) -> Self {
-        Self {
-            running: None,
-            queued: false,
-            shared,
-        }
-    }
-
-    fn is_running(&self) -> bool {
-        self.running.as_ref().is_some_and(|r| !r.is_finished())
-    }
-
-    /// SIGHUP: a reload, or one more after the running one (a deploy that landed while the
-    /// previous reload was starting its workers must still be picked up). Coalesced: however
-    /// many signals come meanwhile, one reload follows.
-    fn on_signal(&mut self, primary: &Primary) {
-        if self.is_running() {
-            if !self.queued {
-                tracing::info!("SIGHUP during a reload: another reload follows this one");
-            }
-            self.queued = true;
-        } else {
-            self.start(primary, "SIGHUP", None);
-        }
-    }
-
-    /// A handle asks: the running reload's caller owns that one, so this is refused.
-    fn ask(
-        &mut self,
-        primary: &Primary,
-        reply: oneshot::Sender<Result<ReloadReport, ReloadError>>,
-    ) {
-        if self.is_running() {
-            let _ = reply.send(Err(ReloadError::AlreadyRunning));
-        } else {
-            self.start(primary, "asked", Some(reply));
-        }
-    }
-
-    /// Resolves when the running reload ends (never while none runs).
-    async fn finished(&mut self) {
-        match &mut self.running {
-            Some(running) => {
-                let _ = running.await;
-                self.running = None;
-            }
-            None => std::future::pending().await,
-        }
-    }
-
-    /// Stops the running reload (a shutdown): it starts no more replacements.
-    fn cancel(&mut self) {
-        self.queued = false;
-        if let Some(running) = self.running.take() {
-            running.abort();
-        }
-    }
-
-    fn start_queued(&mut self, primary: &Primary) {
-        if std::mem::take(&mut self.queued) {
-            self.start(primary, "SIGHUP (queued)", None);
-        }
-    }
-
-    /// Starts a rolling reload in a task; the outcome is logged, and sent to `reply` if a
-    /// handle asked for it.
-    fn start(
-        &mut self,
-        primary: &Primary,
-        cause: &'static str,
-        reply: Option<oneshot::Sender<Result<ReloadReport, ReloadError>>>,
-    ) {
-        tracing::info!(cause, "rolling reload");
-        crate::systemd::reloading(cause, crate::systemd::reload_step(primary.settings()));
-        let primary = primary.clone();
-        let shared = self.shared.clone();
-        self.running = Some(tokio::spawn(async move {
-            let outcome = primary.reload().await;
-            shared.book.lock().expect("not poisoned").reloaded(&outcome);
-            match &outcome {
-                Ok(report) if report.is_complete() => tracing::info!(
-                    generation = report.generation,
-                    replaced = report.replaced.len(),
-                    binary = %report.to,
-                    binary_changed = report.binary_changed(),
-                    "reload complete"
-                ),
-                Ok(report) => tracing::error!(
-                    generation = report.generation,
-                    replaced = report.replaced.len(),
-                    aborted = ?report.aborted,
-                    "reload aborted; the old workers keep serving"
-                ),
-                Err(error) => {
-                    tracing::error!(error = %ErrorChain(error), "reload failed; the old workers keep serving")
-                }
-            }
-            crate::systemd::reloaded(&reload_status(&outcome));
-            if let Some(reply) = reply {
-                let _ = reply.send(outcome);
-            }
-        }));
-    }
-}
-
-/// How a reload went, in a line for `systemctl status`.
-fn reload_status(outcome: &Result<ReloadReport, ReloadError>) -> String {
-    match outcome {
-        Ok(report) => match &report.aborted {
-            None => format!(
-                "reload complete: generation {}, {} workers replaced, {}",
-                report.generation,
-                report.replaced.len(),
-                if report.binary_changed() {
-                    "new binary"
-                } else {
-                    "same binary"
-                }
-            ),
-            Some(aborted) => format!(
-                "reload aborted, the old workers keep serving: {}",
-                aborted.reason
-            ),
-        },
-        Err(error) => format!(
-            "reload failed, the old workers keep serving: {}",
-            ErrorChain(error)
-        ),
-    }
-}
-
-/// Failures to start a worker process, logged once per burst: the first with its error, the
-/// rest counted and summed up when the burst ends (a fork that fails with `EAGAIN` fails for
-/// every slot at once, and each slot retries on its own backoff).
-#[derive(Default)]
-struct SpawnFailures {
-    in_burst: u64,
-    /// Slots whose last start failed: their restarts are part of the burst, not news.
-    slots: std::collections::BTreeSet<SlotId>,
-}
-
-impl SpawnFailures {
-    fn failed(&mut self, slot: SlotId, error: &io::Error) {
-        if self.in_burst == 0 {
-            tracing::error!(%slot, %error, "could not start a worker; retrying with backoff (further failures are counted, not logged)");
-        }
-        self.in_burst += 1;
-        self.slots.insert(slot);
-    }
-
-    /// The burst is over, for the reason given.
-    fn end_burst(&mut self, why: &'static str) {
-        if self.in_burst > 1 {
-            tracing::warn!(failed_starts = self.in_burst, "{why}");
-        }
-        self.in_burst = 0;
-        self.slots.clear();
-    }
-
-    fn in_burst(&self, slot: SlotId) -> bool {
-        self.slots.contains(&slot)
-    }
-}
-
 /// Adds or removes slots until `target` are active; removed workers drain and exit.
 fn scale(policy: &mut Policy, primary: &Primary, shared: &Shared, target: usize) {
     tracing::info!(from = policy.active(), to = target, "scaling");
@@ -912,80 +567,6 @@ async fn kill_all(primary: &Primary) {
     }
     for worker in primary.workers() {
         worker.exited().await;
-    }
-}
-
-fn report(event: SupervisorEvent, spawn_failures: &SpawnFailures) {
-    match event {
-        SupervisorEvent::Respawning {
-            slot,
-            delay,
-            recent_failures,
-        } if spawn_failures.in_burst(slot) => {
-            tracing::debug!(%slot, ?delay, recent_failures, "starting a worker again");
-        }
-        SupervisorEvent::Respawning {
-            slot,
-            delay,
-            recent_failures,
-        } => {
-            tracing::warn!(%slot, ?delay, recent_failures, "restarting a crashed worker");
-        }
-        SupervisorEvent::Killed {
-            slot,
-            worker,
-            delay,
-        } => {
-            tracing::warn!(%slot, worker = worker.get(), ?delay, "worker killed from outside; restarting it");
-        }
-        SupervisorEvent::CrashLoop {
-            slot,
-            failures,
-            at_boot,
-            cooldown,
-        } => {
-            tracing::error!(%slot, failures, at_boot, ?cooldown, "crash loop: this slot cools down before it tries again; the other workers keep serving");
-        }
-        SupervisorEvent::Fatal { slot, worker, code } => {
-            tracing::error!(%slot, worker = worker.get(), code, "worker exited with the fatal exit code; not restarting it");
-        }
-    }
-}
-
-/// Whether a worker that died of `status` was killed from outside (an operator's `kill`, the OOM
-/// killer, a terminal's signals) rather than crashing: a signal that a process does not raise
-/// against itself by faulting or aborting.
-fn is_kill_from_outside(status: ExitStatus) -> bool {
-    // Raised by the process's own faults, or by the kernel for what the process did itself
-    // (a write to a closed pipe, a CPU or file-size limit).
-    const FAULTS: [i32; 10] = [
-        libc::SIGSEGV,
-        libc::SIGBUS,
-        libc::SIGILL,
-        libc::SIGFPE,
-        libc::SIGABRT,
-        libc::SIGSYS,
-        libc::SIGTRAP,
-        libc::SIGPIPE,
-        libc::SIGXCPU,
-        libc::SIGXFSZ,
-    ];
-    matches!(status, ExitStatus::Signal(signal) if !FAULTS.contains(&signal))
-}
-
-fn log_exit(
-    worker: WorkerId,
-    pid: u32,
-    status: ExitStatus,
-    on_purpose: bool,
-    killed: Option<KillReason>,
-) {
-    if let Some(reason) = killed {
-        tracing::warn!(worker = worker.get(), pid, %status, %reason, "worker exited");
-    } else if on_purpose || status == ExitStatus::Code(0) {
-        tracing::info!(worker = worker.get(), pid, %status, "worker exited");
-    } else {
-        tracing::warn!(worker = worker.get(), pid, %status, "worker exited");
     }
 }
 
