@@ -37,7 +37,7 @@ impl Holding {
             .count();
         Some(Self {
             connections: established,
-            other_sockets: sockets.len() - established,
+            other_sockets: sockets.len().saturating_sub(established),
         })
     }
 }

@@ -70,8 +70,8 @@ pub(crate) fn spawn(
 }
 
 /// Re-emits a silent worker's stdout and stderr line by line, attributed to it: `[worker <id>] `
-/// before a line, or a first field `"cluster_worker":<id>` in a line that is a JSON object, so
-/// that a log pipeline still reads JSON. The tasks end when the worker's end of the pipes
+/// before a line, or a first field `"cluster_worker":<id>` in a line that is a JSON object (it
+/// parses as JSON), so that a log pipeline still reads JSON. The tasks end when the worker's end of the pipes
 /// closes, after flushing what they wrote.
 pub(crate) fn forward_output(id: WorkerId, child: &mut Child) -> Vec<JoinHandle<()>> {
     use tokio::io::{AsyncBufReadExt, AsyncWrite, AsyncWriteExt, BufReader};
@@ -114,8 +114,15 @@ pub(crate) fn forward_output(id: WorkerId, child: &mut Child) -> Vec<JoinHandle<
 fn attribute(id: WorkerId, line: &[u8], out: &mut Vec<u8>) {
     let text = line.strip_suffix(b"\n").unwrap_or(line);
     let text = text.strip_suffix(b"\r").unwrap_or(text);
+    let is_object = text.starts_with(b"{")
+        && text.ends_with(b"}")
+        && serde_json::from_slice::<serde::de::IgnoredAny>(text).is_ok();
     match text.strip_prefix(b"{") {
-        Some(fields) if text.ends_with(b"}") => {
+        // Its own field of that name wins: passed through as it is.
+        Some(_) if is_object && contains(text, br#""cluster_worker""#) => {
+            out.extend_from_slice(text);
+        }
+        Some(fields) if is_object => {
             out.extend_from_slice(format!("{{\"cluster_worker\":{}", id.get()).as_bytes());
             if fields.trim_ascii_start() != b"}" {
                 out.push(b',');
@@ -128,6 +135,10 @@ fn attribute(id: WorkerId, line: &[u8], out: &mut Vec<u8>) {
         }
     }
     out.push(b'\n');
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
 }
 
 #[cfg(test)]
@@ -153,6 +164,14 @@ mod tests {
             "[worker 3] listening on 3000\n"
         );
         assert_eq!(attributed("{not closed\n"), "[worker 3] {not closed\n");
+        // Braces are not JSON: `{:?}` of a set, a template.
+        assert_eq!(attributed("{1, 2}\n"), "[worker 3] {1, 2}\n");
+        assert_eq!(attributed("{a} and {b}\n"), "[worker 3] {a} and {b}\n");
+        // A line that names its worker already is left alone.
+        assert_eq!(
+            attributed("{\"cluster_worker\":9,\"msg\":\"x\"}\n"),
+            "{\"cluster_worker\":9,\"msg\":\"x\"}\n"
+        );
         assert_eq!(attributed("no newline"), "[worker 3] no newline\n");
     }
 }

@@ -256,7 +256,15 @@ impl WorkerHandle {
             })
             .map_err(|_| stopped())?;
         if tokio::time::timeout(deadline, self.exited()).await.is_err() {
-            match holding::Holding::of(self.pid()) {
+            // What it still holds, for the log line, read before the kill (its fds go with it)
+            // and off the runtime's thread, which hands off connections; bounded.
+            let pid = self.pid();
+            let read = tokio::task::spawn_blocking(move || holding::Holding::of(pid));
+            let holding = match tokio::time::timeout(HOLDING_READ, read).await {
+                Ok(Ok(holding)) => holding,
+                _ => None,
+            };
+            match holding {
                 Some(holding) => {
                     tracing::warn!(worker = %self.id(), pid = self.pid(), ?deadline, "worker did not exit within the disconnect timeout; killing it: {holding}")
                 }
@@ -281,3 +289,6 @@ impl WorkerHandle {
         }
     }
 }
+
+/// How long the kill at the disconnect deadline waits to learn what the worker still holds.
+const HOLDING_READ: Duration = Duration::from_secs(1);

@@ -125,7 +125,7 @@ where
             tokio::select! {
                 result = server => result,
                 () = deadline => {
-                    tracing::warn!("drain deadline passed; closing the connections left");
+                    tracing::warn!("drain deadline passed; returning (the connections left end with the runtime)");
                     Ok(())
                 }
             }

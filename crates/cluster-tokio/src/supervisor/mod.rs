@@ -394,7 +394,12 @@ impl Supervisor {
                 Some(control) = controls.recv() => match control {
                     Control::Scale { workers, reply } => {
                         let more = workers.saturating_sub(policy.active());
-                        match crate::sys::check_process_limit(more) {
+                        // The bounds of `Settings::workers`, as for SIGTTIN.
+                        let allowed = Settings::new()
+                            .workers(workers)
+                            .validate()
+                            .and_then(|()| crate::sys::check_process_limit(more));
+                        match allowed {
                             Ok(()) => {
                                 scale(&mut policy, &primary, &shared, workers);
                                 let _ = reply.send(Ok(()));

@@ -2,6 +2,7 @@
 //! more.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use tokio::sync::oneshot;
 
@@ -12,7 +13,9 @@ use crate::primary::Primary;
 /// The rolling reload under way, if any, and whether a SIGHUP asked for another meanwhile.
 pub(super) struct Reloads {
     running: Option<tokio::task::JoinHandle<()>>,
-    queued: bool,
+    /// Read by the running reload when it ends: with one more to come, it does not tell systemd
+    /// it is ready, so that a `systemctl reload` waits for its own reload.
+    queued: Arc<AtomicBool>,
     /// Where reloads are counted.
     shared: Arc<Shared>,
 }
@@ -21,7 +24,7 @@ impl Reloads {
     pub(super) fn new(shared: Arc<Shared>) -> Self {
         Self {
             running: None,
-            queued: false,
+            queued: Arc::new(AtomicBool::new(false)),
             shared,
         }
     }
@@ -35,10 +38,9 @@ impl Reloads {
     /// many signals come meanwhile, one reload follows.
     pub(super) fn on_signal(&mut self, primary: &Primary) {
         if self.is_running() {
-            if !self.queued {
+            if !self.queued.swap(true, Ordering::SeqCst) {
                 tracing::info!("SIGHUP during a reload: another reload follows this one");
             }
-            self.queued = true;
         } else {
             self.start(primary, "SIGHUP", None);
         }
@@ -70,14 +72,14 @@ impl Reloads {
 
     /// Stops the running reload (a shutdown): it starts no more replacements.
     pub(super) fn cancel(&mut self) {
-        self.queued = false;
+        self.queued.store(false, Ordering::SeqCst);
         if let Some(running) = self.running.take() {
             running.abort();
         }
     }
 
     pub(super) fn start_queued(&mut self, primary: &Primary) {
-        if std::mem::take(&mut self.queued) {
+        if self.queued.swap(false, Ordering::SeqCst) {
             self.start(primary, "SIGHUP (queued)", None);
         }
     }
@@ -94,6 +96,7 @@ impl Reloads {
         crate::systemd::reloading(cause, crate::systemd::reload_step(primary.settings()));
         let primary = primary.clone();
         let shared = self.shared.clone();
+        let queued = self.queued.clone();
         self.running = Some(tokio::spawn(async move {
             let outcome = primary.reload().await;
             shared.book.lock().expect("not poisoned").reloaded(&outcome);
@@ -115,7 +118,13 @@ impl Reloads {
                     tracing::error!(error = %ErrorChain(error), "reload failed; the old workers keep serving")
                 }
             }
-            crate::systemd::reloaded(&reload_status(&outcome));
+            let status = reload_status(&outcome);
+            if queued.load(Ordering::SeqCst) {
+                // The queued reload ends with `READY=1`.
+                crate::systemd::notify(&format!("STATUS={status}"));
+            } else {
+                crate::systemd::reloaded(&status);
+            }
             if let Some(reply) = reply {
                 let _ = reply.send(outcome);
             }

@@ -201,8 +201,11 @@ impl Driver {
                     payload,
                     reply,
                 } => {
-                    // No link: the reply sender is dropped, which fails the request.
-                    if let Some(link) = self.links.get_mut(&worker) {
+                    // No link, or one that refuses every send: the reply sender is dropped,
+                    // which fails the request at once.
+                    if let Some(link) = self.links.get_mut(&worker)
+                        && !link.hung_up
+                    {
                         let seq = link.requests.start(reply);
                         self.send_user(worker, UserKind::Request { seq }, payload, None);
                     }
