@@ -7,9 +7,12 @@ use std::time::Duration;
 
 #[test]
 fn primary_out_of_fds_pauses_accepting_and_loses_nothing() {
+    let socket = std::env::temp_dir().join(format!("cluster-accept-{}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&socket);
     let mut command = Command::new(env!("CARGO_BIN_EXE_primary_fixture"));
     command
         .env("CLUSTER_WORKERS", "2")
+        .env("CLUSTER_CONTROL_SOCKET", &socket)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -27,11 +30,9 @@ fn primary_out_of_fds_pauses_accepting_and_loses_nothing() {
     // Workers stopped: no acks come, so the primary keeps every connection it accepts (8 in
     // flight, the rest queued) and must run out of fds, whatever the timing.
     let stderr = primary.stderr.take().unwrap();
-    let (lines_tx, lines_rx) = std::sync::mpsc::channel();
     let reader = std::thread::spawn(move || {
         let mut all = String::new();
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = lines_tx.send(line.clone());
             all.push_str(&line);
             all.push('\n');
         }
@@ -55,14 +56,18 @@ fn primary_out_of_fds_pauses_accepting_and_loses_nothing() {
             })
         })
         .collect();
+    // Out of fds: every one of its 32 is open.
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     let ran_out = loop {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        match lines_rx.recv_timeout(left) {
-            Ok(line) if line.contains("accept failed; pausing accepts") => break true,
-            Ok(_) => {}
-            Err(_) => break false,
+        let open =
+            std::fs::read_dir(format!("/proc/{}/fd", primary.id())).map_or(0, Iterator::count);
+        if open >= 32 {
+            break true;
         }
+        if std::time::Instant::now() > deadline {
+            break false;
+        }
+        std::thread::yield_now();
     };
     for pid in &workers {
         cluster_tests::signal(*pid, libc::SIGCONT).unwrap();
@@ -72,6 +77,13 @@ fn primary_out_of_fds_pauses_accepting_and_loses_nothing() {
         let answer = client.join().unwrap();
         assert!(matches!(answer.trim(), "1" | "2"), "answer {answer:?}");
     }
+    // It counted the accepts that failed, and handed every connection over.
+    let status = control_status(&socket);
+    assert!(
+        status["accept_errors"].as_u64().is_some_and(|n| n >= 1),
+        "{status}"
+    );
+    assert_eq!(status["handoffs"].as_u64(), Some(100), "{status}");
     cluster_tests::signal(primary.id(), libc::SIGTERM).unwrap();
     let status = primary.wait().unwrap();
     let stderr = reader.join().unwrap();
@@ -80,4 +92,17 @@ fn primary_out_of_fds_pauses_accepting_and_loses_nothing() {
     for pid in workers {
         let _ = cluster_tests::signal(pid, libc::SIGKILL);
     }
+}
+
+/// The primary's status, as its control socket answers `status`.
+fn control_status(socket: &std::path::Path) -> serde_json::Value {
+    let mut stream = std::os::unix::net::UnixStream::connect(socket).expect("the control socket");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    stream.write_all(b"status\n").unwrap();
+    let mut line = String::new();
+    BufReader::new(stream).read_line(&mut line).unwrap();
+    let answer: serde_json::Value = serde_json::from_str(&line).expect("a JSON answer");
+    answer["status"].clone()
 }

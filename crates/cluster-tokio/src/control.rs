@@ -225,6 +225,8 @@ fn status_json(status: &ClusterStatus) -> Value {
         },
         "connections_held": status.connections_held,
         "listeners": status.listeners,
+        "handoffs": status.handoffs,
+        "accept_errors": status.accept_errors,
         "workers": workers,
     })
 }

@@ -152,6 +152,14 @@ pub(crate) fn encode(status: &ClusterStatus) -> Result<String, std::fmt::Error> 
         reloads,
     );
 
+    let accept_errors = Counter::<u64>::default();
+    accept_errors.inc_by(status.accept_errors);
+    registry.register(
+        "cluster_accept_errors",
+        "Accepts of the primary that failed (a connection reset first, or out of fds)",
+        accept_errors,
+    );
+
     let generation = Gauge::<i64>::default();
     generation.set(i64::try_from(status.generation).unwrap_or(i64::MAX));
     registry.register(

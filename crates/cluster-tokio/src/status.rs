@@ -45,6 +45,8 @@ pub struct ClusterStatus {
     pub handoffs: u64,
     /// As [`Stats::handoff_latency`].
     pub handoff_latency: crate::primary::HandoffLatency,
+    /// As [`Stats::accept_errors`].
+    pub accept_errors: u64,
 }
 
 /// One worker in a [`ClusterStatus`].
@@ -333,6 +335,7 @@ pub(crate) async fn assemble(
         listeners: stats.listeners,
         handoffs: stats.handoffs,
         handoff_latency: stats.handoff_latency,
+        accept_errors: stats.accept_errors,
     }
 }
 

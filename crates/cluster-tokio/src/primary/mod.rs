@@ -441,6 +441,9 @@ pub struct Stats {
     pub handoffs: u64,
     /// How long accepted connections waited in the primary before they were handed over.
     pub handoff_latency: HandoffLatency,
+    /// Accepts that failed since the primary started (round robin): connections reset before
+    /// they were accepted, and errors such as `EMFILE` (after which accepting pauses 100 ms).
+    pub accept_errors: u64,
 }
 
 /// One worker in [`Stats`].

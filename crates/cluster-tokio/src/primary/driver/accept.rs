@@ -96,8 +96,9 @@ impl Driver {
                         }
                         self.drain_core();
                     }
-                    Err(e) if is_connection_error(&e) => {}
+                    Err(e) if is_connection_error(&e) => self.accept_errors += 1,
                     Err(error) => {
+                        self.accept_errors += 1;
                         // Node skips failed accepts too; back off so EMFILE does not spin.
                         tracing::warn!(%handle, %error, "accept failed; pausing accepts");
                         self.accept_resume = Some(now() + ACCEPT_BACKOFF);

@@ -111,6 +111,8 @@ pub(crate) struct Driver {
     /// Connections handed to workers so far, and how long they waited for it.
     handoffs: u64,
     handoff_latency: super::HandoffLatency,
+    /// Accepts that failed: a connection gone before it was accepted, or out of fds.
+    accept_errors: u64,
     timer: Timer,
     accept_resume: Option<Instant>,
     buf: Vec<u8>,
@@ -149,6 +151,7 @@ impl Driver {
             accepted_at: HashMap::new(),
             handoffs: 0,
             handoff_latency: super::HandoffLatency::default(),
+            accept_errors: 0,
             timer: Timer::Unset,
             accept_resume: None,
             buf: Vec::new(),
@@ -326,6 +329,7 @@ impl Driver {
             listeners: self.listeners.len(),
             handoffs: self.handoffs,
             handoff_latency: self.handoff_latency.clone(),
+            accept_errors: self.accept_errors,
         }
     }
 
