@@ -96,7 +96,8 @@ pub enum Command {
     },
     /// Report how many `Numbered` arrived and whether in order.
     Check,
-    /// Ask the primary `text` as a request and report its answer (or error) as `Reply::Answer`.
+    /// Ask the primary `text` as a request and report its answer, or the `io::ErrorKind` of its
+    /// error (`"TimedOut"`), as `Reply::Answer`.
     Ask {
         /// The question.
         text: String,
