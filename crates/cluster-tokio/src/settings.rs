@@ -153,8 +153,9 @@ impl Settings {
         self
     }
 
-    /// The program workers run (default: this binary, re-executed through `/proc/self/exe`,
-    /// which works even after a deploy deleted the file).
+    /// The program workers run (default: this binary). The primary holds the file open, so
+    /// workers restarted after a deploy renamed a new build over it still run the same code as
+    /// their siblings; a rolling reload opens this path again and runs what is there now.
     pub fn exec(mut self, program: impl Into<PathBuf>) -> Self {
         self.exec = Some(program.into());
         self
