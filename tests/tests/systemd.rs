@@ -232,6 +232,42 @@ fn a_failed_reload_still_ends_with_ready_and_says_why() {
 }
 
 #[test]
+fn a_sighup_during_a_reload_keeps_systemd_waiting_for_the_one_it_queued() {
+    let mut manager = Manager::new("queued");
+    let mut program = Program::start(
+        FIXTURE,
+        &[
+            ("NOTIFY_SOCKET", manager.path()),
+            ("FIXTURE_BOOT_DELAY_MS", "300"),
+        ],
+    );
+    manager.expect("READY=1");
+    program.worker();
+    program.worker();
+    program.signal(libc::SIGHUP);
+    manager.expect("RELOADING=1");
+    // The reload waits for its first replacement, which takes 300 ms to start: this one comes
+    // during it, as a `systemctl reload` right after a deploy would.
+    program.signal(libc::SIGHUP);
+    let done = manager.expect("READY=1");
+    let status = field(&done, "STATUS").unwrap_or_default();
+    assert!(status.starts_with("reload complete"), "{done:?}");
+    // `READY=1` only at the end of the queued reload: a second `systemctl reload` does not
+    // return before its own reload ran.
+    assert_eq!(
+        manager.states(),
+        ["READY=1", "RELOADING=1", "RELOADING=1", "READY=1"]
+    );
+    // The replacements of both reloads, so that they are cleaned up.
+    for _ in 0..4 {
+        program.worker();
+    }
+    program.signal(libc::SIGTERM);
+    manager.expect("STOPPING=1");
+    assert!(program.wait().success());
+}
+
+#[test]
 fn socket_activation_serves_the_passed_socket_and_its_queue() {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();

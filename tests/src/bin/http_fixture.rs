@@ -8,6 +8,7 @@
 //! the file named by `FIXTURE_FAIL_IF` exists exit 1 at once. With `FIXTURE_WAIT_READY=1` the
 //! primary waits for readiness (`Settings::wait_ready`), and every worker calls
 //! `cluster::ready()` once it listens, except in a build stamped `unready`, which never does.
+//! `FIXTURE_BOOT_DELAY_MS` makes every worker wait that long before it binds.
 
 use std::convert::Infallible;
 use std::io::Write;
@@ -40,6 +41,13 @@ async fn main() -> std::io::Result<()> {
     let build = cluster_tests::build_version();
     if build == "exit" {
         std::process::exit(1);
+    }
+    if let Some(ms) = std::env::var("FIXTURE_BOOT_DELAY_MS")
+        .ok()
+        .and_then(|ms| ms.parse().ok())
+    {
+        // A slow start (a warm-up before binding): a reload then takes at least this per worker.
+        tokio::time::sleep(Duration::from_millis(ms)).await;
     }
     let addr = std::env::var("ADDR").unwrap_or_else(|_| "127.0.0.1:0".to_owned());
     let mut listener = match addr.strip_prefix("name:") {
