@@ -40,6 +40,6 @@ pub use lifecycle::{ExitStatus, KillReason, Lifecycle, WorkerState};
 pub use link::{Link, LinkError};
 pub use primary::{Attachment, Config, Counters, Event, FdKind, Output, Primary, Transmit};
 pub use registry::{Registry, RegistryConfig, RegistryOutput, RoundRobin, SchedulingPolicy};
-pub use session::{SessionAttach, SessionEvent, SessionOutput, WorkerSession};
+pub use session::{SessionEvent, SessionOutput, WorkerSession};
 pub use supervisor::{Supervisor, SupervisorConfig, SupervisorEvent, SupervisorOutput};
 pub use wire::{HandleId, PROTOCOL_VERSION, Seq, WorkerId};

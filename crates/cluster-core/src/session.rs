@@ -22,16 +22,19 @@ use crate::wire::{
     Seq, WorkerMessage,
 };
 
-/// What the worker's driver is told.
+/// What the worker's driver is told. `F` is the driver's fd, as it gave it to
+/// [`WorkerSession::handle_frame`].
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum SessionEvent {
-    /// A handed-off connection; the fd that came with the frame is it. Answer with
-    /// [`WorkerSession::accept`] or [`WorkerSession::refuse`].
+pub enum SessionEvent<F> {
+    /// A handed-off connection. Answer with [`WorkerSession::accept`] or
+    /// [`WorkerSession::refuse`] (which takes it back).
     Connection {
         /// Its seq, to name in the answer.
         seq: Seq,
         /// The handle it was accepted on.
         handle: HandleId,
+        /// The connection.
+        conn: F,
     },
     /// The primary acknowledged [`WorkerSession::exit_after_disconnect`]: close the link and exit.
     DisconnectAcked,
@@ -40,45 +43,35 @@ pub enum SessionEvent {
         /// How long it has, from when the primary asked, before it is killed.
         within: Duration,
     },
-    /// The answer to [`WorkerSession::listen`]. For a shared handle, the fd that came with the
-    /// frame is the listening socket. When the link closes first, the result is `ENOTCONN`.
+    /// The answer to [`WorkerSession::listen`]. When the link closes first, the result is
+    /// `ENOTCONN`.
     ListenReply {
         /// The request's seq.
         seq: Seq,
         /// The handle or the errno.
         result: Result<ListenInfo, Errno>,
+        /// For a shared handle, the listening socket.
+        socket: Option<F>,
     },
-    /// A user message, request or reply (fragments put back together). With `envelope.fd`, the
-    /// fd that came with the frame is part of it.
+    /// A user message, request or reply (fragments put back together).
     User {
         /// What the primary sent.
         envelope: Envelope,
+        /// The fd that came with it (`envelope.fd`).
+        fd: Option<F>,
     },
 }
 
 /// What a [`WorkerSession`] asks its driver to do next.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum SessionOutput {
-    /// Send the frame now in the buffer, with the fd `attach` names.
+pub enum SessionOutput<F> {
+    /// Send the frame now in the buffer, with `fd` attached (then closed) if there is one.
     Transmit {
-        /// Which fd the frame carries, if any.
-        attach: SessionAttach,
+        /// The fd the frame carries: a connection refused or given back, or a user's fd.
+        fd: Option<F>,
     },
     /// Tell the user (or the listener).
-    Event(SessionEvent),
-}
-
-/// Which fd a [`SessionOutput::Transmit`] carries.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum SessionAttach {
-    /// None.
-    Nothing,
-    /// The oldest fd the driver set aside for a frame that carries one and has not sent yet:
-    /// the connection of [`WorkerSession::refuse`] or [`WorkerSession::give_back`], or the fd of
-    /// a user message.
-    SetAside,
-    /// The fd that came with the frame just handled (a connection refused at once).
-    Received,
+    Event(SessionEvent<F>),
 }
 
 /// A driver mistake: answering a connection that was not offered, or not the oldest one offered.
@@ -100,18 +93,19 @@ enum Request {
     ExitedAfterDisconnect,
 }
 
-enum Queued {
-    /// A frame, and whether its fd is the one received with the frame being handled.
-    Send(WorkerMessage, bool),
-    Event(SessionEvent),
+enum Queued<F> {
+    /// A frame, and the fd it carries.
+    Send(WorkerMessage, Option<F>),
+    Event(SessionEvent<F>),
 }
 
 /// `Errno` for a request that failed because the link closed.
 const ENOTCONN: Errno = Errno(107);
 
-/// One worker's side of its link to the primary.
+/// One worker's side of its link to the primary. `F` is the driver's fd type: the session holds
+/// the fds of frames until they are sent or handed to the driver in an event, never by position.
 #[derive(Debug)]
-pub struct WorkerSession {
+pub struct WorkerSession<F> {
     link: Link<Request>,
     handles: BTreeSet<HandleId>,
     /// Oldest first; answered in this order.
@@ -122,19 +116,19 @@ pub struct WorkerSession {
     /// [`WorkerSession::service_ready`] was sent.
     service_ready: bool,
     reassembly: Reassembly,
-    out: VecDeque<Queued>,
+    out: VecDeque<Queued<F>>,
 }
 
-impl std::fmt::Debug for Queued {
+impl<F> std::fmt::Debug for Queued<F> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::Send(m, _) => write!(f, "Send({m:?})"),
-            Self::Event(e) => write!(f, "Event({e:?})"),
+            Self::Event(_) => f.write_str("Event(..)"),
         }
     }
 }
 
-impl WorkerSession {
+impl<F> WorkerSession<F> {
     /// A session for process `pid`; its handshake (`Online`) is the first output.
     pub fn new(pid: u32) -> Self {
         let mut session = Self {
@@ -199,20 +193,23 @@ impl WorkerSession {
         Ok(())
     }
 
-    /// Refuses the oldest offered connection (`seq`): the driver sets its fd aside, and it goes
-    /// back to the primary (see [`SessionAttach::SetAside`]). Offers on its handle pause until
-    /// [`Self::ready`].
+    /// Refuses the oldest offered connection (`seq`): `conn` goes back to the primary with the
+    /// refusal. Offers on its handle pause until [`Self::ready`].
     ///
     /// # Errors
     ///
-    /// [`UnknownConnection`] when `seq` is not the oldest connection awaiting an answer.
-    pub fn refuse(&mut self, seq: Seq) -> Result<(), UnknownConnection> {
-        let offered = self.answer(seq)?;
+    /// [`UnknownConnection`] when `seq` is not the oldest connection awaiting an answer; `conn`
+    /// comes back with it.
+    pub fn refuse(&mut self, seq: Seq, conn: F) -> Result<(), (UnknownConnection, F)> {
+        let offered = match self.answer(seq) {
+            Ok(offered) => offered,
+            Err(error) => return Err((error, conn)),
+        };
         if offered.reply {
             // The primary waits for an answer to come: acknowledge what came before.
             self.flush_acks();
         }
-        self.send(WorkerMessage::Refused { ack: seq });
+        self.send_with(WorkerMessage::Refused { ack: seq }, Some(conn));
         Ok(())
     }
 
@@ -245,12 +242,12 @@ impl WorkerSession {
         }
     }
 
-    /// Gives back a connection of `handle` that this worker accepted but will not serve; the
-    /// driver sets its fd aside for the resulting transmit ([`SessionAttach::SetAside`]).
-    pub fn give_back(&mut self, handle: HandleId) {
+    /// Gives back `conn`, a connection of `handle` that this worker accepted but will not
+    /// serve.
+    pub fn give_back(&mut self, handle: HandleId, conn: F) {
         // Acked first: the primary settles the handoff before it takes the connection back.
         self.flush_acks();
-        self.send(WorkerMessage::Return { handle });
+        self.send_with(WorkerMessage::Return { handle }, Some(conn));
     }
 
     /// Tells the primary this worker's runtime is alive, with the acks it still owes; call every
@@ -276,18 +273,30 @@ impl WorkerSession {
         Ok(seq)
     }
 
-    /// Queues a user message, request or reply; a payload larger than one frame is queued as
-    /// fragments (see [`crate::user`]). With `envelope.fd`, the frame asks for an fd like
-    /// [`Self::give_back`]'s: the driver attaches the oldest fd it set aside and has not sent.
+    /// Queues a user message, request or reply, with `fd` (its last frame carries it); a
+    /// payload larger than one frame is queued as fragments (see [`crate::user`]).
     ///
     /// # Errors
     ///
-    /// The payload is over [`MAX_MESSAGE`](crate::user::MAX_MESSAGE); nothing is queued.
-    pub fn send_user(&mut self, envelope: Envelope) -> Result<(), MessageTooLarge> {
-        for frame in user::split(envelope)? {
+    /// The payload is over [`MAX_MESSAGE`](crate::user::MAX_MESSAGE); nothing is queued, and
+    /// `fd` comes back.
+    pub fn send_user(
+        &mut self,
+        mut envelope: Envelope,
+        fd: Option<F>,
+    ) -> Result<(), (MessageTooLarge, Option<F>)> {
+        envelope.fd = fd.is_some();
+        let frames = match user::split(envelope) {
+            Ok(frames) => frames,
+            Err(error) => return Err((error, fd)),
+        };
+        let mut fd = fd;
+        for frame in frames {
             match frame {
                 UserFrame::Fragment(data) => self.send(WorkerMessage::Fragment { data }),
-                UserFrame::Last(envelope) => self.send(WorkerMessage::User(envelope)),
+                UserFrame::Last(envelope) => {
+                    self.send_with(WorkerMessage::User(envelope), fd.take());
+                }
             }
         }
         Ok(())
@@ -303,14 +312,16 @@ impl WorkerSession {
         self.disconnect_requested
     }
 
-    /// A datagram arrived from the primary with `fds` file descriptors. Fds not claimed by the
-    /// resulting event (see [`SessionEvent`]) must be closed by the driver.
+    /// A datagram arrived from the primary with `fds`. They go with the resulting event or
+    /// frame; dropped otherwise (a frame that carries none, or an error).
     ///
     /// # Errors
     ///
     /// Any [`ProtocolError`]: the primary is broken; close the link and exit.
-    pub fn handle_frame(&mut self, frame: &[u8], fds: usize) -> Result<(), ProtocolError> {
-        let message: PrimaryMessage = self.link.receive(frame, fds)?;
+    pub fn handle_frame(&mut self, frame: &[u8], fds: Vec<F>) -> Result<(), ProtocolError> {
+        let message: PrimaryMessage = self.link.receive(frame, fds.len())?;
+        // The link checked the count: one fd at most, where the message says.
+        let mut fd = fds.into_iter().next();
         if let PrimaryMessage::Hello { version } = message {
             return Ok(self.link.handle_handshake(version)?);
         }
@@ -323,21 +334,29 @@ impl WorkerSession {
                 if let Ok(info) = &result {
                     self.handles.insert(info.handle);
                 }
-                self.event(SessionEvent::ListenReply { seq: ack, result });
+                self.event(SessionEvent::ListenReply {
+                    seq: ack,
+                    result,
+                    socket: fd.take(),
+                });
             }
             PrimaryMessage::NewConn { seq, handle, reply } => {
                 if self.offered.iter().any(|o| o.seq == seq) {
                     return Err(ProtocolError::DuplicateConnection { seq });
                 }
+                let conn = fd.take().ok_or(ProtocolError::UnexpectedFds {
+                    expected: 1,
+                    got: 0,
+                })?;
                 if self.handles.contains(&handle) && !self.disconnect_requested {
                     self.offered.push_back(Offered { seq, reply });
-                    self.event(SessionEvent::Connection { seq, handle });
+                    self.event(SessionEvent::Connection { seq, handle, conn });
                 } else {
+                    // Refused at once: it goes back as it came.
                     if reply {
                         self.flush_acks();
                     }
-                    self.out
-                        .push_back(Queued::Send(WorkerMessage::Refused { ack: seq }, true));
+                    self.send_with(WorkerMessage::Refused { ack: seq }, Some(conn));
                 }
             }
             PrimaryMessage::Disconnect { within_ms } => {
@@ -353,7 +372,8 @@ impl WorkerSession {
             }
             PrimaryMessage::User(envelope) => {
                 let envelope = self.reassembly.complete(envelope)?;
-                self.event(SessionEvent::User { envelope });
+                let fd = if envelope.fd { fd.take() } else { None };
+                self.event(SessionEvent::User { envelope, fd });
             }
             PrimaryMessage::Fragment { data } => self.reassembly.fragment(&data)?,
         }
@@ -368,6 +388,7 @@ impl WorkerSession {
                 self.event(SessionEvent::ListenReply {
                     seq,
                     result: Err(ENOTCONN),
+                    socket: None,
                 });
             }
         }
@@ -377,30 +398,30 @@ impl WorkerSession {
     /// The next thing to do. For [`SessionOutput::Transmit`] the frame is written to `buf`
     /// (cleared first).
     #[must_use]
-    pub fn poll_output(&mut self, buf: &mut Vec<u8>) -> Option<SessionOutput> {
+    pub fn poll_output(&mut self, buf: &mut Vec<u8>) -> Option<SessionOutput<F>> {
         loop {
             match self.out.pop_front()? {
                 Queued::Event(event) => return Some(SessionOutput::Event(event)),
+                // Never sent: its fd is dropped with it.
                 Queued::Send(_, _) if self.link.is_closed() => continue,
-                Queued::Send(message, received) => {
+                Queued::Send(message, fd) => {
                     buf.clear();
                     wire::encode(&message, buf).expect("queued frames fit in MAX_FRAME");
-                    let attach = match (message.fd_count(), received) {
-                        (0, _) => SessionAttach::Nothing,
-                        (_, false) => SessionAttach::SetAside,
-                        (_, true) => SessionAttach::Received,
-                    };
-                    return Some(SessionOutput::Transmit { attach });
+                    return Some(SessionOutput::Transmit { fd });
                 }
             }
         }
     }
 
     fn send(&mut self, message: WorkerMessage) {
-        self.out.push_back(Queued::Send(message, false));
+        self.out.push_back(Queued::Send(message, None));
     }
 
-    fn event(&mut self, event: SessionEvent) {
+    fn send_with(&mut self, message: WorkerMessage, fd: Option<F>) {
+        self.out.push_back(Queued::Send(message, fd));
+    }
+
+    fn event(&mut self, event: SessionEvent<F>) {
         self.out.push_back(Queued::Event(event));
     }
 }
@@ -410,7 +431,10 @@ mod tests {
     use super::*;
     use crate::wire::{BoundAddr, Distribution, ListenFlags, ListenTarget, SocketKind};
 
-    fn outputs(s: &mut WorkerSession) -> Vec<Result<WorkerMessage, SessionEvent>> {
+    /// The tests' fds: numbers.
+    type S = WorkerSession<u32>;
+
+    fn outputs(s: &mut S) -> Vec<Result<WorkerMessage, SessionEvent<u32>>> {
         let mut buf = Vec::new();
         std::iter::from_fn(|| {
             s.poll_output(&mut buf).map(|o| match o {
@@ -427,8 +451,8 @@ mod tests {
         buf
     }
 
-    fn connected() -> WorkerSession {
-        let mut s = WorkerSession::new(77);
+    fn connected() -> S {
+        let mut s = S::new(77);
         assert_eq!(
             outputs(&mut s),
             [Ok(WorkerMessage::Online {
@@ -440,7 +464,7 @@ mod tests {
             &frame(&PrimaryMessage::Hello {
                 version: PROTOCOL_VERSION,
             }),
-            0,
+            vec![],
         )
         .unwrap();
         s
@@ -455,7 +479,7 @@ mod tests {
         }
     }
 
-    fn listening(s: &mut WorkerSession) -> HandleId {
+    fn listening(s: &mut S) -> HandleId {
         let seq = s.listen(request()).unwrap();
         outputs(s);
         let handle = HandleId::new(3);
@@ -469,14 +493,15 @@ mod tests {
                 ack: seq,
                 result: Ok(info.clone()),
             }),
-            0,
+            vec![],
         )
         .unwrap();
         assert_eq!(
             outputs(s),
             [Err(SessionEvent::ListenReply {
                 seq,
-                result: Ok(info)
+                result: Ok(info),
+                socket: None
             })]
         );
         handle
@@ -484,14 +509,17 @@ mod tests {
 
     #[test]
     fn primary_must_say_hello_first_with_our_version() {
-        let mut s = WorkerSession::new(1);
+        let mut s = S::new(1);
         let err = s
-            .handle_frame(&frame(&PrimaryMessage::Disconnect { within_ms: 5_000 }), 0)
+            .handle_frame(
+                &frame(&PrimaryMessage::Disconnect { within_ms: 5_000 }),
+                vec![],
+            )
             .unwrap_err();
         assert_eq!(err, ProtocolError::Link(LinkError::HandshakeExpected));
-        let mut s = WorkerSession::new(1);
+        let mut s = S::new(1);
         let err = s
-            .handle_frame(&frame(&PrimaryMessage::Hello { version: 999 }), 0)
+            .handle_frame(&frame(&PrimaryMessage::Hello { version: 999 }), vec![])
             .unwrap_err();
         assert!(matches!(
             err,
@@ -501,10 +529,10 @@ mod tests {
 
     #[test]
     fn a_future_primary_is_a_version_mismatch_not_garbage() {
-        let mut s = WorkerSession::new(1);
+        let mut s = S::new(1);
         // The next version's Hello with one more field.
         let next = u8::try_from(PROTOCOL_VERSION + 1).unwrap();
-        let err = s.handle_frame(&[0, next, 7], 0).unwrap_err();
+        let err = s.handle_frame(&[0, next, 7], vec![]).unwrap_err();
         assert_eq!(
             err,
             ProtocolError::Link(LinkError::VersionMismatch {
@@ -527,16 +555,24 @@ mod tests {
         let mut s = connected();
         let handle = listening(&mut s);
         let (one, two) = (Seq::new(1), Seq::new(2));
-        s.handle_frame(&new_conn(1, handle, true), 1).unwrap();
-        s.handle_frame(&new_conn(2, handle, true), 1).unwrap();
+        s.handle_frame(&new_conn(1, handle, true), vec![1]).unwrap();
+        s.handle_frame(&new_conn(2, handle, true), vec![2]).unwrap();
         assert_eq!(
             outputs(&mut s),
             [
-                Err(SessionEvent::Connection { seq: one, handle }),
-                Err(SessionEvent::Connection { seq: two, handle })
+                Err(SessionEvent::Connection {
+                    seq: one,
+                    handle,
+                    conn: 1
+                }),
+                Err(SessionEvent::Connection {
+                    seq: two,
+                    handle,
+                    conn: 2
+                })
             ]
         );
-        let dup = s.handle_frame(&new_conn(1, handle, true), 1);
+        let dup = s.handle_frame(&new_conn(1, handle, true), vec![1]);
         assert_eq!(dup, Err(ProtocolError::DuplicateConnection { seq: one }));
         assert_eq!(s.accept(two), Err(UnknownConnection(two)));
         s.accept(one).unwrap();
@@ -545,14 +581,12 @@ mod tests {
             outputs(&mut s),
             [Ok(WorkerMessage::Accepted { through: one })]
         );
-        s.refuse(two).unwrap();
-        assert_eq!(s.refuse(two), Err(UnknownConnection(two)));
+        s.refuse(two, 2).unwrap();
+        assert_eq!(s.refuse(two, 2), Err((UnknownConnection(two), 2)));
         let mut buf = Vec::new();
         assert_eq!(
             s.poll_output(&mut buf),
-            Some(SessionOutput::Transmit {
-                attach: SessionAttach::SetAside
-            })
+            Some(SessionOutput::Transmit { fd: Some(2) })
         );
         assert_eq!(
             wire::decode::<WorkerMessage>(&buf),
@@ -565,15 +599,16 @@ mod tests {
         let mut s = connected();
         let handle = listening(&mut s);
         for seq in 1..=3 {
-            s.handle_frame(&new_conn(seq, handle, false), 1).unwrap();
+            s.handle_frame(&new_conn(seq, handle, false), vec![seq as u32])
+                .unwrap();
             outputs(&mut s);
             s.accept(Seq::new(seq)).unwrap();
         }
         assert_eq!(outputs(&mut s), [], "no ack was asked for");
         // Asked with a refusal: the acks owed go first, then the refusal.
-        s.handle_frame(&new_conn(4, handle, true), 1).unwrap();
+        s.handle_frame(&new_conn(4, handle, true), vec![4]).unwrap();
         outputs(&mut s);
-        s.refuse(Seq::new(4)).unwrap();
+        s.refuse(Seq::new(4), 4).unwrap();
         assert_eq!(
             outputs(&mut s),
             [
@@ -584,7 +619,8 @@ mod tests {
             ]
         );
         // Unasked acks ride the heartbeat, and the leaving announcement.
-        s.handle_frame(&new_conn(5, handle, false), 1).unwrap();
+        s.handle_frame(&new_conn(5, handle, false), vec![5])
+            .unwrap();
         outputs(&mut s);
         s.accept(Seq::new(5)).unwrap();
         s.heartbeat();
@@ -599,7 +635,8 @@ mod tests {
                 Ok(WorkerMessage::Heartbeat)
             ]
         );
-        s.handle_frame(&new_conn(6, handle, false), 1).unwrap();
+        s.handle_frame(&new_conn(6, handle, false), vec![6])
+            .unwrap();
         outputs(&mut s);
         s.accept(Seq::new(6)).unwrap();
         let leaving = s.exit_after_disconnect().unwrap();
@@ -620,7 +657,8 @@ mod tests {
         let handle = listening(&mut s);
         s.close(handle);
         s.close(handle);
-        s.handle_frame(&new_conn(4, handle, false), 1).unwrap();
+        s.handle_frame(&new_conn(4, handle, false), vec![4])
+            .unwrap();
         assert_eq!(
             outputs(&mut s),
             [
@@ -628,14 +666,13 @@ mod tests {
                 Ok(WorkerMessage::Refused { ack: Seq::new(4) })
             ]
         );
-        // The connection goes back: it is the fd that came with the frame.
-        s.handle_frame(&new_conn(5, handle, false), 1).unwrap();
+        // The connection goes back as it came.
+        s.handle_frame(&new_conn(5, handle, false), vec![5])
+            .unwrap();
         let mut buf = Vec::new();
         assert_eq!(
             s.poll_output(&mut buf),
-            Some(SessionOutput::Transmit {
-                attach: SessionAttach::Received
-            })
+            Some(SessionOutput::Transmit { fd: Some(5) })
         );
     }
 
@@ -643,7 +680,7 @@ mod tests {
     fn newconn_without_its_fd_is_a_protocol_error() {
         let mut s = connected();
         let handle = listening(&mut s);
-        let err = s.handle_frame(&new_conn(1, handle, true), 0);
+        let err = s.handle_frame(&new_conn(1, handle, true), vec![]);
         assert_eq!(
             err,
             Err(ProtocolError::UnexpectedFds {
@@ -662,10 +699,10 @@ mod tests {
             result: Err(Errno::EINVAL),
         };
         assert_eq!(
-            s.handle_frame(&frame(&reply), 0),
+            s.handle_frame(&frame(&reply), vec![]),
             Err(ProtocolError::Link(LinkError::WrongReply { ack: seq }))
         );
-        s.handle_frame(&frame(&PrimaryMessage::DisconnectAck { ack: seq }), 0)
+        s.handle_frame(&frame(&PrimaryMessage::DisconnectAck { ack: seq }), vec![])
             .unwrap();
         assert!(outputs(&mut s).contains(&Err(SessionEvent::DisconnectAcked)));
     }
@@ -679,7 +716,8 @@ mod tests {
             outputs(&mut s),
             [Err(SessionEvent::ListenReply {
                 seq,
-                result: Err(ENOTCONN)
+                result: Err(ENOTCONN),
+                socket: None
             })]
         );
         assert_eq!(s.listen(request()), Err(LinkError::Closed));

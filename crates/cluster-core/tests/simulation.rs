@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use cluster_core::lifecycle::ExitStatus;
 use cluster_core::primary::{Attachment, Config, Event, FdKind, Output, Primary};
-use cluster_core::session::{SessionAttach, SessionEvent, SessionOutput, WorkerSession};
+use cluster_core::session::{SessionEvent, SessionOutput, WorkerSession};
 use cluster_core::wire::{
     self, BoundAddr, HandleId, ListenFlags, ListenRequest, ListenTarget, PrimaryMessage, SocketKind,
 };
@@ -33,7 +33,7 @@ enum Fd {
 
 #[derive(Debug)]
 struct SimWorker {
-    session: WorkerSession,
+    session: WorkerSession<Fd>,
     /// Primary → worker datagrams not yet read.
     inbox: VecDeque<(Vec<u8>, Option<Fd>)>,
     /// Worker → primary datagrams not yet read, with the connection given back, if any.
@@ -53,7 +53,7 @@ struct SimWorker {
     handle: Option<HandleId>,
     /// Acked but not yet taken by the application (a listener's queue).
     waiting: Vec<Conn>,
-    /// Refused or given back, waiting to be attached to their `Refused` or `Return` frames.
+    /// Refused or given back: in the session, waiting for their `Refused` or `Return` frames.
     returning: VecDeque<Conn>,
     owned: BTreeSet<Conn>,
     events: Vec<&'static str>,
@@ -86,7 +86,7 @@ impl SimWorker {
     fn give_back_waiting(&mut self) {
         if let Some(handle) = self.handle {
             for conn in self.waiting.drain(..) {
-                self.session.give_back(handle);
+                self.session.give_back(handle, Fd::Conn(conn));
                 self.returning.push_back(conn);
             }
         }
@@ -206,11 +206,6 @@ impl Sim {
 
     /// Moves a worker session's outputs to its outbox and acts on its events.
     fn flush_worker(&mut self, id: WorkerId) {
-        let mut pending_fd: Option<Fd> = None;
-        self.flush_worker_with(id, &mut pending_fd);
-    }
-
-    fn flush_worker_with(&mut self, id: WorkerId, fd: &mut Option<Fd>) {
         let mut buf = Vec::new();
         loop {
             let w = self.workers.get_mut(&id).unwrap();
@@ -218,31 +213,28 @@ impl Sim {
                 break;
             };
             match out {
-                SessionOutput::Transmit { attach } => {
-                    let fd = match attach {
-                        SessionAttach::SetAside => {
-                            Some(w.returning.pop_front().expect("a frame without its fd"))
-                        }
-                        SessionAttach::Received => match fd.take() {
-                            Some(Fd::Conn(conn)) => Some(conn),
-                            other => panic!("refused at once without its connection: {other:?}"),
-                        },
-                        _ => None,
-                    };
+                SessionOutput::Transmit { fd } => {
+                    let fd = fd.map(|fd| match fd {
+                        Fd::Conn(conn) => conn,
+                        Fd::Listener(h) => panic!("a worker sends back only connections, not {h}"),
+                    });
+                    if let Some(conn) = fd {
+                        w.returning.retain(|c| *c != conn);
+                    }
                     if w.alive {
                         w.outbox.push_back((buf.clone(), fd));
                     }
                 }
-                SessionOutput::Event(SessionEvent::Connection { seq, .. }) => {
-                    let Some(Fd::Conn(conn)) = fd.take() else {
-                        panic!("connection without its fd")
+                SessionOutput::Event(SessionEvent::Connection { seq, conn, .. }) => {
+                    let Fd::Conn(conn) = conn else {
+                        panic!("a connection that is a listener")
                     };
                     let accepted = !w.refusing;
                     if accepted {
                         w.session.accept(seq).unwrap();
                     } else {
                         w.returning.push_back(conn);
-                        w.session.refuse(seq).unwrap();
+                        w.session.refuse(seq, Fd::Conn(conn)).unwrap();
                     }
                     if accepted {
                         // The worker holds it from here; nobody else may.
@@ -447,14 +439,12 @@ impl Sim {
         let Some((frame, fd)) = w.inbox.pop_front() else {
             return;
         };
-        let fds = usize::from(fd.is_some());
         w.session
-            .handle_frame(&frame, fds)
+            .handle_frame(&frame, fd.into_iter().collect())
             .expect("the primary speaks the protocol");
-        let mut fd = fd;
-        self.flush_worker_with(id, &mut fd);
-        // Every connection is claimed: accepted, refused (sent back) or refused at once.
-        assert!(!matches!(fd, Some(Fd::Conn(_))), "a connection nobody took");
+        // Every connection is claimed: accepted, refused (sent back) or refused at once; the
+        // end-of-run checks find one the session dropped.
+        self.flush_worker(id);
     }
 
     fn read_outbox(&mut self, id: WorkerId) {

@@ -7,7 +7,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::sync::{Arc, OnceLock};
 
 use proto::wire::{BoundAddr, Distribution, Envelope, ListenInfo, ListenRequest, UserKind};
-use proto::{HandleId, Seq, SessionAttach, SessionEvent, SessionOutput, WorkerSession};
+use proto::{HandleId, Seq, SessionEvent, SessionOutput, WorkerSession};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::LinkState;
@@ -70,7 +70,7 @@ pub(crate) enum Granted {
 
 pub(crate) struct Driver {
     channel: Channel,
-    session: WorkerSession,
+    session: WorkerSession<OwnedFd>,
     commands: mpsc::UnboundedReceiver<Command>,
     /// For answers to requests from the primary (weak: the driver must not keep itself alive).
     answers: mpsc::WeakUnboundedSender<Command>,
@@ -81,9 +81,6 @@ pub(crate) struct Driver {
     messages: mpsc::UnboundedSender<Message>,
     listens: HashMap<Seq, oneshot::Sender<io::Result<Granted>>>,
     queues: HashMap<HandleId, Arc<HandoffQueue>>,
-    /// Fds set aside for frames that carry one (`Refused`, `Return`, a user message with an fd),
-    /// in the order of those frames.
-    attachments: VecDeque<OwnedFd>,
     requests: PendingRequests,
     /// Waiting for the primary to acknowledge this worker's leaving (`Some` once it announced
     /// it).
@@ -116,7 +113,6 @@ impl Driver {
             messages,
             listens: HashMap::new(),
             queues: HashMap::new(),
-            attachments: VecDeque::new(),
             requests: PendingRequests::default(),
             leaving: None,
             left: false,
@@ -133,7 +129,7 @@ impl Driver {
         let mut heartbeat = tokio::time::interval(proto::wire::HEARTBEAT_INTERVAL);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            self.pump(&mut fds);
+            self.pump();
             if let Err(error) = self.send_all().await {
                 tracing::debug!(%error, "link to the primary broke");
                 break;
@@ -147,7 +143,8 @@ impl Driver {
             tokio::select! {
                 received = self.channel.recv(&mut fds) => match received {
                     Ok(Received::Frame { len }) => {
-                        if let Err(error) = self.session.handle_frame(self.channel.frame(len), fds.len()) {
+                        let fds = std::mem::take(&mut fds);
+                        if let Err(error) = self.session.handle_frame(self.channel.frame(len), fds) {
                             tracing::error!(%error, "the primary broke the protocol; leaving");
                             break;
                         }
@@ -168,23 +165,14 @@ impl Driver {
         self.link_closed();
     }
 
-    /// Acts on the session's outputs; fds no event claimed are closed.
-    fn pump(&mut self, fds: &mut Vec<OwnedFd>) {
+    /// Acts on the session's outputs.
+    fn pump(&mut self) {
         while let Some(output) = self.session.poll_output(&mut self.buf) {
             match output {
-                SessionOutput::Transmit { attach } => {
-                    let fd = match attach {
-                        SessionAttach::SetAside => self.attachments.pop_front(),
-                        // A connection refused at once goes back as it came.
-                        SessionAttach::Received => fds.pop(),
-                        SessionAttach::Nothing => None,
-                    };
-                    self.outgoing.push_back((self.buf.clone(), fd));
-                }
-                SessionOutput::Event(event) => self.event(event, fds),
+                SessionOutput::Transmit { fd } => self.outgoing.push_back((self.buf.clone(), fd)),
+                SessionOutput::Event(event) => self.event(event),
             }
         }
-        fds.clear();
     }
 
     async fn send_all(&mut self) -> io::Result<()> {
@@ -196,12 +184,16 @@ impl Driver {
         Ok(())
     }
 
-    fn event(&mut self, event: SessionEvent, fds: &mut Vec<OwnedFd>) {
+    fn event(&mut self, event: SessionEvent<OwnedFd>) {
         match event {
-            SessionEvent::ListenReply { seq, result } => {
+            SessionEvent::ListenReply {
+                seq,
+                result,
+                socket,
+            } => {
                 let granted = result
                     .map_err(|errno| io::Error::from_raw_os_error(errno.0))
-                    .and_then(|info| self.grant(info, fds));
+                    .and_then(|info| self.grant(info, socket));
                 let handle = granted.as_ref().ok().map(Granted::handle);
                 let delivered = match self.listens.remove(&seq) {
                     Some(reply) => reply.send(granted).is_ok(),
@@ -214,22 +206,16 @@ impl Driver {
                     (None, _) => {}
                 }
             }
-            SessionEvent::Connection { seq, handle } => {
-                // The session checked that the frame came with its fd; answered in the order
-                // offered, so answering cannot fail.
-                if let Some(conn) = fds.pop() {
-                    match self.deliver(handle, conn) {
-                        Ok(()) => {
-                            let _ = self.session.accept(seq);
-                        }
-                        Err(conn) => {
-                            self.attachments.push_back(conn);
-                            let _ = self.session.refuse(seq);
-                        }
-                    }
+            // Answered in the order offered, so answering cannot fail.
+            SessionEvent::Connection { seq, handle, conn } => match self.deliver(handle, conn) {
+                Ok(()) => {
+                    let _ = self.session.accept(seq);
                 }
-            }
-            SessionEvent::User { envelope } => self.user(envelope, fds),
+                Err(conn) => {
+                    let _ = self.session.refuse(seq, conn);
+                }
+            },
+            SessionEvent::User { envelope, fd } => self.user(envelope, fd),
             // As Node's workers: close every listener, then the link (announced first, so that
             // the primary knows every handoff is settled); the process may go on finishing its
             // connections.
@@ -246,7 +232,7 @@ impl Driver {
         }
     }
 
-    fn grant(&mut self, info: ListenInfo, fds: &mut Vec<OwnedFd>) -> io::Result<Granted> {
+    fn grant(&mut self, info: ListenInfo, socket: Option<OwnedFd>) -> io::Result<Granted> {
         let handle = info.handle;
         let addr = info.addr;
         let granted = match info.distribution {
@@ -259,8 +245,7 @@ impl Driver {
                     queue,
                 })
             }
-            Distribution::Shared => fds
-                .pop()
+            Distribution::Shared => socket
                 .ok_or_else(|| {
                     io::Error::new(io::ErrorKind::InvalidData, "shared listener without its fd")
                 })
@@ -277,8 +262,7 @@ impl Driver {
     }
 
     /// A user message, request or answer from the primary.
-    fn user(&mut self, envelope: Envelope, fds: &mut Vec<OwnedFd>) {
-        let fd = if envelope.fd { fds.pop() } else { None };
+    fn user(&mut self, envelope: Envelope, fd: Option<OwnedFd>) {
         let answers = self.answers.clone();
         let answer = move |seq| -> crate::message::Responder {
             Box::new(move |answer| {
@@ -302,9 +286,8 @@ impl Driver {
             payload,
         };
         // Sizes were checked when the value was encoded.
-        match self.session.send_user(envelope) {
-            Ok(()) => self.attachments.extend(fd),
-            Err(error) => tracing::warn!(%error, "message to the primary not sent"),
+        if let Err((error, _fd)) = self.session.send_user(envelope, fd) {
+            tracing::warn!(%error, "message to the primary not sent");
         }
     }
 
@@ -328,8 +311,7 @@ impl Driver {
     /// Gives connections of `handle` back to the primary, to be served by another worker.
     fn give_back(&mut self, handle: HandleId, conns: Vec<OwnedFd>) {
         for conn in conns {
-            self.session.give_back(handle);
-            self.attachments.push_back(conn);
+            self.session.give_back(handle, conn);
         }
     }
 
@@ -410,8 +392,7 @@ impl Driver {
 
     fn link_closed(mut self) {
         self.session.handle_link_closed();
-        let mut fds = Vec::new();
-        self.pump(&mut fds);
+        self.pump();
         for (_, queue) in self.queues.drain() {
             // The link is gone: there is nobody to give them back to.
             drop(queue.close());
