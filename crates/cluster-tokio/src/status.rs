@@ -240,13 +240,9 @@ impl Book {
         }
     }
 
-    /// The slot of `worker` was scaled away.
-    pub(crate) fn removed(&mut self, worker: WorkerId) {
-        if let Some(book) = self
-            .worker_slots
-            .get(&worker)
-            .and_then(|slot| self.slots.get_mut(slot))
-        {
+    /// `slot` was scaled away, with its worker if it had one.
+    pub(crate) fn removed(&mut self, slot: SlotId) {
+        if let Some(book) = self.slots.get_mut(&slot) {
             book.removed = true;
         }
     }

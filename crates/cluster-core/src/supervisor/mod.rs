@@ -515,10 +515,10 @@ impl Supervisor {
         slot
     }
 
-    /// Removes the newest active slot. Returns its worker, which the driver disconnects (it
-    /// drains and exits, and is not restarted); `None` if the slot had no worker running, or
-    /// there was no active slot.
-    pub fn remove_slot(&mut self) -> Option<WorkerId> {
+    /// Removes the newest active slot. Returns it, with its worker if one runs, which the driver
+    /// disconnects (it drains and exits, and is not restarted); `None` if there was no active
+    /// slot.
+    pub fn remove_slot(&mut self) -> Option<(SlotId, Option<WorkerId>)> {
         let index = self.slots.iter().rposition(|s| {
             !matches!(
                 s.state,
@@ -535,7 +535,7 @@ impl Supervisor {
                 slot: SlotId(index),
             }
         });
-        worker
+        Some((SlotId(index), worker))
     }
 
     /// Slots whose breaker is open (cooling down) or whose worker was fatal.

@@ -439,13 +439,13 @@ fn scaling_adds_slots_and_removes_the_newest_draining_its_worker() {
     assert_eq!(added.index(), 2);
     let third = start_all(&mut s, now, &mut next);
     assert_eq!(s.active(), 3);
-    assert_eq!(s.remove_slot(), Some(third[0]));
+    assert_eq!(s.remove_slot(), Some((SlotId(2), Some(third[0]))));
     assert_eq!(s.active(), 2);
     // Its exit (it drains on purpose) is not restarted, and neither would a crash be.
     s.handle_exit(now, third[0], ExitStatus::Signal(9), false);
     assert_eq!(drain(&mut s), []);
-    assert_eq!(s.remove_slot(), Some(workers[1]));
-    assert_eq!(s.remove_slot(), Some(workers[0]));
+    assert_eq!(s.remove_slot(), Some((SlotId(1), Some(workers[1]))));
+    assert_eq!(s.remove_slot(), Some((SlotId(0), Some(workers[0]))));
     assert_eq!(s.remove_slot(), None);
     assert!(!s.is_done(), "scaled to zero is idle, not done");
     s.add_slot();
@@ -460,6 +460,8 @@ fn removing_a_slot_waiting_to_restart_cancels_the_restart() {
     let worker = start_all(&mut s, now, &mut next)[0];
     s.handle_exit(now, worker, ExitStatus::Code(1), false);
     drain(&mut s);
+    // The slot goes, with no worker to disconnect.
+    assert_eq!(s.remove_slot(), Some((SlotId(0), None)));
     assert_eq!(s.remove_slot(), None);
     s.handle_timeout(now + Duration::from_secs(60));
     assert_eq!(drain(&mut s), []);

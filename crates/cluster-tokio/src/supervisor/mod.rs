@@ -510,11 +510,11 @@ fn scale(policy: &mut Policy, primary: &Primary, shared: &Shared, target: usize)
         policy.add_slot();
     }
     while policy.active() > target {
-        let removed = policy.remove_slot();
-        if let Some(worker) = removed {
-            shared.book.lock().expect("not poisoned").removed(worker);
-        }
-        if let Some(worker) = removed.and_then(|w| primary.worker(w)) {
+        let Some((slot, worker)) = policy.remove_slot() else {
+            break;
+        };
+        shared.book.lock().expect("not poisoned").removed(slot);
+        if let Some(worker) = worker.and_then(|w| primary.worker(w)) {
             tokio::spawn(async move { worker.disconnect().await });
         }
     }
