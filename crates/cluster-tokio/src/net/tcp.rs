@@ -243,20 +243,18 @@ impl axum::serve::Listener for ClusterListener {
     type Addr = SocketAddr;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        use crate::serve::{ACCEPT_BACKOFF, AcceptError};
         loop {
-            match Self::accept(self).await {
+            let error = match Self::accept(self).await {
                 Ok(accepted) => return accepted,
-                Err(e) if e.kind() == io::ErrorKind::NotConnected => std::future::pending().await,
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::ConnectionRefused
-                            | io::ErrorKind::ConnectionAborted
-                            | io::ErrorKind::ConnectionReset
-                    ) => {}
-                Err(error) => {
+                Err(error) => error,
+            };
+            match AcceptError::of(&error) {
+                AcceptError::Leaving => std::future::pending().await,
+                AcceptError::Skip => {}
+                AcceptError::Backoff => {
                     tracing::error!(%error, "accept failed; retrying in 1s");
-                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
                 }
             }
         }

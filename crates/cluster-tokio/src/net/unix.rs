@@ -201,14 +201,18 @@ impl axum::serve::Listener for ClusterUnixListener {
     type Addr = tokio::net::unix::SocketAddr;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        use crate::serve::{ACCEPT_BACKOFF, AcceptError};
         loop {
-            match Self::accept(self).await {
+            let error = match Self::accept(self).await {
                 Ok(accepted) => return accepted,
-                Err(e) if e.kind() == io::ErrorKind::NotConnected => std::future::pending().await,
-                Err(e) if e.kind() == io::ErrorKind::ConnectionAborted => {}
-                Err(error) => {
+                Err(error) => error,
+            };
+            match AcceptError::of(&error) {
+                AcceptError::Leaving => std::future::pending().await,
+                AcceptError::Skip => {}
+                AcceptError::Backoff => {
                     tracing::error!(%error, "accept failed; retrying in 1s");
-                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
                 }
             }
         }

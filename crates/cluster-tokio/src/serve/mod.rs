@@ -41,7 +41,30 @@ const EXIT_MARGIN: Duration = Duration::from_secs(1);
 
 /// How long to wait before accepting again after an error that is not about one connection
 /// (`EMFILE`, `ENFILE`, `ENOBUFS`, `ENOMEM`): axum's and hyper's choice.
-const ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
+pub(crate) const ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
+
+/// What an accept loop of a worker does with an accept error.
+pub(crate) enum AcceptError {
+    /// The worker is shutting down (`NotConnected`): no more connections come.
+    Leaving,
+    /// About one connection, gone before it was taken: go on with the next.
+    Skip,
+    /// Anything else, such as `EMFILE`: log it, wait [`ACCEPT_BACKOFF`], try again.
+    Backoff,
+}
+
+impl AcceptError {
+    pub(crate) fn of(error: &std::io::Error) -> Self {
+        use std::io::ErrorKind;
+        match error.kind() {
+            ErrorKind::NotConnected => Self::Leaving,
+            ErrorKind::ConnectionAborted
+            | ErrorKind::ConnectionReset
+            | ErrorKind::ConnectionRefused => Self::Skip,
+            _ => Self::Backoff,
+        }
+    }
+}
 
 /// The timing of a drain, as a helper's builder sets it.
 #[derive(Clone, Copy, Debug, Default)]
@@ -115,17 +138,14 @@ impl<L: Listener> Incoming<L> {
                 ready!(backoff.as_mut().poll(cx));
                 self.backoff = None;
             }
-            match ready!(self.listener.poll_accept_peer(cx)) {
+            let error = match ready!(self.listener.poll_accept_peer(cx)) {
                 Ok(accepted) => return Poll::Ready(Some(accepted)),
-                Err(e) if e.kind() == std::io::ErrorKind::NotConnected => return Poll::Ready(None),
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::ConnectionAborted
-                            | std::io::ErrorKind::ConnectionReset
-                            | std::io::ErrorKind::ConnectionRefused
-                    ) => {}
-                Err(error) => {
+                Err(error) => error,
+            };
+            match AcceptError::of(&error) {
+                AcceptError::Leaving => return Poll::Ready(None),
+                AcceptError::Skip => {}
+                AcceptError::Backoff => {
                     tracing::error!(%error, "accept failed; retrying in 1s");
                     self.backoff = Some(Box::pin(tokio::time::sleep(ACCEPT_BACKOFF)));
                 }

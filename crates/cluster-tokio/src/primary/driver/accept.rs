@@ -9,7 +9,7 @@ use proto::wire::{BoundAddr, Distribution, Errno, ListenRequest, SocketKind};
 use proto::{HandleId, WorkerId};
 use tokio::io::unix::AsyncFd;
 
-use super::{BUDGET, Driver, now};
+use super::{BUDGET, Driver, Held, now};
 use crate::socket::{self, SocketFile};
 
 /// Pause after an accept error that is not about one connection (EMFILE, ENFILE, ENOBUFS).
@@ -88,11 +88,12 @@ impl Driver {
                 match accepted {
                     Ok(conn) => {
                         let accepted = now();
-                        let conn = self.tokens.insert(Some(conn));
-                        self.accepted_at.insert(conn, accepted);
+                        let conn = self.tokens.insert(Held {
+                            fd: Some(conn),
+                            accepted: Some(accepted),
+                        });
                         if let Err(conn) = self.core.handle_connection(accepted, handle, conn) {
                             self.tokens.remove(conn);
-                            self.accepted_at.remove(&conn);
                         }
                         self.drain_core();
                     }
@@ -149,7 +150,7 @@ impl Driver {
         let Some(fd) = self.received.pop() else {
             return;
         };
-        let conn = self.tokens.insert(Some(fd));
+        let conn = self.tokens.insert(Held::new(fd));
         if let Err(conn) = self.core.handle_returned(now(), worker, handle, conn) {
             self.tokens.remove(conn);
         }

@@ -8,7 +8,7 @@ use proto::WorkerId;
 use proto::wire::{Envelope, UserKind};
 
 use super::super::{Event, ListenAddress, WorkerHandle, WorkerShared};
-use super::{Driver, Input};
+use super::{Driver, Held, Input};
 
 impl Driver {
     pub(super) fn publish(&mut self, event: proto::Event) {
@@ -145,7 +145,7 @@ impl Driver {
             fd: fd.is_some(),
             payload,
         };
-        let token = fd.map(|fd| self.tokens.insert(Some(fd)));
+        let token = fd.map(|fd| self.tokens.insert(Held::new(fd)));
         // Sizes were checked when the value was encoded.
         if let Err((error, token)) = self.core.send_user(worker, envelope, token) {
             tracing::warn!(%worker, %error, "message not sent");

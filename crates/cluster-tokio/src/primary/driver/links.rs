@@ -119,7 +119,6 @@ impl Driver {
                     if self.core.handle_reclaimed(now(), worker, seq) != Some(conn) =>
                 {
                     self.tokens.try_remove(conn);
-                    self.accepted_at.remove(&conn);
                 }
                 Some(Attachment::Owned(fd)) => {
                     self.tokens.try_remove(fd);
@@ -140,9 +139,9 @@ impl Driver {
             }
             let frame = &buf[..datagram.len.min(buf.len())];
             if let Some(conn) = self.core.handle_read_back(worker, frame, fds.len())
-                && let Some(slot) = self.tokens.get_mut(conn)
+                && let Some(held) = self.tokens.get_mut(conn)
             {
-                *slot = fds.pop();
+                held.fd = fds.pop();
             }
             // Anything else (a shared listener, a user's fd) is closed.
             fds.clear();
@@ -160,7 +159,7 @@ impl Driver {
                     Some(Attachment::Conn { conn, .. } | Attachment::Owned(conn)) => self
                         .tokens
                         .get(*conn)
-                        .and_then(Option::as_ref)
+                        .and_then(|held| held.fd.as_ref())
                         .map(AsFd::as_fd),
                     Some(Attachment::Listener(handle)) => {
                         self.listeners.get(handle).map(Listener::as_fd)
@@ -184,13 +183,13 @@ impl Driver {
                                 self.tokens.try_remove(fd);
                             }
                             Some((_, Some(Attachment::Conn { conn, .. }))) => {
-                                if let Some(slot) = self.tokens.get_mut(conn) {
-                                    *slot = None;
-                                }
                                 self.handoffs += 1;
-                                if let Some(accepted) = self.accepted_at.remove(&conn) {
-                                    self.handoff_latency
-                                        .observe(now().saturating_duration_since(accepted));
+                                if let Some(held) = self.tokens.get_mut(conn) {
+                                    held.fd = None;
+                                    if let Some(accepted) = held.accepted.take() {
+                                        self.handoff_latency
+                                            .observe(now().saturating_duration_since(accepted));
+                                    }
                                 }
                             }
                             _ => {}

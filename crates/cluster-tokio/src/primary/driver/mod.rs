@@ -93,6 +93,24 @@ const BUDGET: usize = 64;
 /// How long the exit of a silent worker waits for its output to be forwarded.
 const OUTPUT_DRAIN: Duration = Duration::from_secs(1);
 
+/// An fd under a core token.
+struct Held {
+    /// `None` while a connection's `NewConn` sits in a worker's receive queue (the token lives
+    /// on until the core settles it); filled again if it comes back.
+    fd: Option<OwnedFd>,
+    /// When the primary accepted it, until its first handoff (the latency histogram).
+    accepted: Option<Instant>,
+}
+
+impl Held {
+    fn new(fd: OwnedFd) -> Self {
+        Self {
+            fd: Some(fd),
+            accepted: None,
+        }
+    }
+}
+
 pub(crate) struct Driver {
     core: proto::Primary<usize>,
     settings: Settings,
@@ -102,12 +120,8 @@ pub(crate) struct Driver {
     links: HashMap<WorkerId, WorkerLink>,
     workers: HashMap<WorkerId, Arc<WorkerShared>>,
     listeners: HashMap<HandleId, Listener>,
-    /// Fds under the core's tokens: accepted connections and users' fds. A connection's slot is
-    /// empty while its `NewConn` sits in a worker's receive queue (the token lives on until the
-    /// core settles it), and filled again if it comes back.
-    tokens: Slab<Option<OwnedFd>>,
-    /// When each accepted connection not handed over yet was accepted.
-    accepted_at: HashMap<usize, Instant>,
+    /// Fds under the core's tokens: accepted connections and users' fds.
+    tokens: Slab<Held>,
     /// Connections handed to workers so far, and how long they waited for it.
     handoffs: u64,
     handoff_latency: super::HandoffLatency,
@@ -148,7 +162,6 @@ impl Driver {
             workers: HashMap::new(),
             listeners: HashMap::new(),
             tokens: Slab::new(),
-            accepted_at: HashMap::new(),
             handoffs: 0,
             handoff_latency: super::HandoffLatency::default(),
             accept_errors: 0,
@@ -280,14 +293,13 @@ impl Driver {
                 }
                 Output::Close(conn) | Output::Delivered { conn, .. } => {
                     self.tokens.try_remove(conn);
-                    self.accepted_at.remove(&conn);
                 }
                 Output::CloseLink { worker } => self.close_link(worker),
                 Output::Returned { worker, handle } => self.take_back(worker, handle),
                 Output::Reclaimed { conn, .. } => {
-                    if let (Some(fd), Some(slot)) = (self.received.pop(), self.tokens.get_mut(conn))
+                    if let (Some(fd), Some(held)) = (self.received.pop(), self.tokens.get_mut(conn))
                     {
-                        *slot = Some(fd);
+                        held.fd = Some(fd);
                     }
                 }
                 Output::Kill { worker, reason } => {
@@ -325,7 +337,7 @@ impl Driver {
         workers.sort_by_key(|w| w.id);
         Stats {
             workers,
-            connections_held: self.tokens.iter().filter(|(_, fd)| fd.is_some()).count(),
+            connections_held: self.tokens.iter().filter(|(_, h)| h.fd.is_some()).count(),
             listeners: self.listeners.len(),
             handoffs: self.handoffs,
             handoff_latency: self.handoff_latency.clone(),
