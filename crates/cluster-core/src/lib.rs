@@ -42,4 +42,5 @@ pub use primary::{Attachment, Config, Counters, Event, FdKind, Output, Primary, 
 pub use registry::{Registry, RegistryConfig, RegistryOutput, RoundRobin, SchedulingPolicy};
 pub use session::{SessionEvent, SessionOutput, WorkerSession};
 pub use supervisor::{Supervisor, SupervisorConfig, SupervisorEvent, SupervisorOutput};
+pub use user::{Answer, SendError};
 pub use wire::{HandleId, PROTOCOL_VERSION, Seq, WorkerId};

@@ -16,10 +16,10 @@ use std::time::Duration;
 
 use crate::error::ProtocolError;
 use crate::link::{Link, LinkError};
-use crate::user::{self, MessageTooLarge, Reassembly, UserFrame};
+use crate::user::{self, Answer, Arrived, MessageTooLarge, Reassembly, SendError, UserFrame};
 use crate::wire::{
     self, Envelope, Errno, HandleId, ListenInfo, ListenRequest, PROTOCOL_VERSION, PrimaryMessage,
-    Seq, WorkerMessage,
+    Seq, UserKind, WorkerMessage,
 };
 
 /// What the worker's driver is told. `F` is the driver's fd, as it gave it to
@@ -53,12 +53,22 @@ pub enum SessionEvent<F> {
         /// For a shared handle, the listening socket.
         socket: Option<F>,
     },
-    /// A user message, request or reply (fragments put back together).
-    User {
-        /// What the primary sent.
-        envelope: Envelope,
-        /// The fd that came with it (`envelope.fd`).
+    /// A user message or request (fragments put back together).
+    Message {
+        /// The encoded value.
+        payload: Vec<u8>,
+        /// The fd that came with it.
         fd: Option<F>,
+        /// For a request, the number to answer it under ([`WorkerSession::send_answer`]).
+        request: Option<Seq>,
+    },
+    /// The primary answered this worker's request `seq` ([`WorkerSession::send_request`]).
+    /// When the link closes first, no answer comes: the driver fails what waits for it.
+    Answer {
+        /// The request's number.
+        seq: Seq,
+        /// Its answer.
+        answer: Answer,
     },
 }
 
@@ -91,6 +101,8 @@ struct Offered {
 enum Request {
     Listen,
     ExitedAfterDisconnect,
+    /// A user request ([`WorkerSession::send_request`]).
+    User,
 }
 
 enum Queued<F> {
@@ -273,19 +285,67 @@ impl<F> WorkerSession<F> {
         Ok(seq)
     }
 
-    /// Queues a user message, request or reply, with `fd` (its last frame carries it); a
-    /// payload larger than one frame is queued as fragments (see [`crate::user`]).
+    /// Queues a user message, with `fd` (its last frame carries it); a payload larger than one
+    /// frame is queued as fragments (see [`crate::user`]).
     ///
     /// # Errors
     ///
     /// The payload is over [`MAX_MESSAGE`](crate::user::MAX_MESSAGE); nothing is queued, and
     /// `fd` comes back.
-    pub fn send_user(
+    pub fn send_message(
         &mut self,
-        mut envelope: Envelope,
+        payload: Vec<u8>,
         fd: Option<F>,
     ) -> Result<(), (MessageTooLarge, Option<F>)> {
-        envelope.fd = fd.is_some();
+        self.send_user(UserKind::Message, payload, fd)
+    }
+
+    /// Queues a request to the primary and returns its number; the answer comes as
+    /// [`SessionEvent::Answer`] with it, unless the link closes first or
+    /// [`Self::forget_request`] dropped it.
+    ///
+    /// # Errors
+    ///
+    /// The payload is too large, or the link is closed; nothing is queued.
+    pub fn send_request(&mut self, payload: Vec<u8>) -> Result<Seq, SendError> {
+        user::check_size(payload.len())?;
+        let seq = self
+            .link
+            .start_request(Request::User, None)
+            .map_err(|_| SendError::Closed)?;
+        self.send_user(UserKind::Request { seq }, payload, None)
+            .map_err(|(error, _)| error)?;
+        Ok(seq)
+    }
+
+    /// Answers the primary's request `ack` ([`SessionEvent::Message`] with `request`).
+    ///
+    /// # Errors
+    ///
+    /// A reply's payload is too large; nothing is queued.
+    pub fn send_answer(&mut self, ack: Seq, answer: Answer) -> Result<(), MessageTooLarge> {
+        let (kind, payload) = answer.into_frame(ack);
+        self.send_user(kind, payload, None)
+            .map_err(|(error, _)| error)
+    }
+
+    /// Nobody waits for the answer to request `seq` any more (it timed out): the answer, if it
+    /// comes, is dropped.
+    pub fn forget_request(&mut self, seq: Seq) {
+        let _ = self.link.finish_request_if(seq, |r| *r == Request::User);
+    }
+
+    fn send_user(
+        &mut self,
+        kind: UserKind,
+        payload: Vec<u8>,
+        fd: Option<F>,
+    ) -> Result<(), (MessageTooLarge, Option<F>)> {
+        let envelope = Envelope {
+            kind,
+            fd: fd.is_some(),
+            payload,
+        };
         let frames = match user::split(envelope) {
             Ok(frames) => frames,
             Err(error) => return Err((error, fd)),
@@ -373,7 +433,22 @@ impl<F> WorkerSession<F> {
             PrimaryMessage::User(envelope) => {
                 let envelope = self.reassembly.complete(envelope)?;
                 let fd = if envelope.fd { fd.take() } else { None };
-                self.event(SessionEvent::User { envelope, fd });
+                let event = match Arrived::from_envelope(envelope) {
+                    Arrived::Message { payload, request } => SessionEvent::Message {
+                        payload,
+                        fd,
+                        request,
+                    },
+                    Arrived::Answer { seq, answer } => {
+                        match self.link.finish_request_if(seq, |r| *r == Request::User) {
+                            Ok(_) => SessionEvent::Answer { seq, answer },
+                            // Its waiter gave up ([`Self::forget_request`]).
+                            Err(LinkError::DuplicateAck { .. }) => return Ok(()),
+                            Err(error) => return Err(error.into()),
+                        }
+                    }
+                };
+                self.event(event);
             }
             PrimaryMessage::Fragment { data } => self.reassembly.fragment(&data)?,
         }
@@ -721,5 +796,71 @@ mod tests {
             })]
         );
         assert_eq!(s.listen(request()), Err(LinkError::Closed));
+    }
+
+    fn user(kind: UserKind, payload: &[u8]) -> Vec<u8> {
+        frame(&PrimaryMessage::User(Envelope {
+            kind,
+            fd: false,
+            payload: payload.to_vec(),
+        }))
+    }
+
+    #[test]
+    fn a_request_is_numbered_in_the_link_and_answered_once() {
+        let mut s = connected();
+        let listen = s.listen(request()).unwrap();
+        let seq = s.send_request(b"ping".to_vec()).unwrap();
+        assert_ne!(seq, listen, "one numbering for every request on the link");
+        outputs(&mut s);
+        // A listen reply naming the user request, and a user answer naming the listen, are
+        // answers of the wrong kind.
+        let wrong = PrimaryMessage::ListenReply {
+            ack: seq,
+            result: Err(Errno::EINVAL),
+        };
+        assert_eq!(
+            s.handle_frame(&frame(&wrong), vec![]),
+            Err(ProtocolError::Link(LinkError::WrongReply { ack: seq }))
+        );
+        assert_eq!(
+            s.handle_frame(&user(UserKind::Reply { ack: listen }, b""), vec![]),
+            Err(ProtocolError::Link(LinkError::WrongReply { ack: listen }))
+        );
+        s.handle_frame(&user(UserKind::Reply { ack: seq }, b"pong"), vec![])
+            .unwrap();
+        assert_eq!(
+            outputs(&mut s),
+            [Err(SessionEvent::Answer {
+                seq,
+                answer: Answer::Reply(b"pong".to_vec())
+            })]
+        );
+        // Again: late, dropped. Never issued: a broken primary.
+        s.handle_frame(&user(UserKind::Refusal { ack: seq }, b"x"), vec![])
+            .unwrap();
+        assert_eq!(outputs(&mut s), []);
+        let never = Seq::new(1000);
+        assert_eq!(
+            s.handle_frame(&user(UserKind::Reply { ack: never }, b""), vec![]),
+            Err(ProtocolError::Link(LinkError::UnknownAck { ack: never }))
+        );
+    }
+
+    #[test]
+    fn a_forgotten_request_drops_its_answer_and_a_closed_link_sends_none() {
+        let mut s = connected();
+        let seq = s.send_request(vec![1]).unwrap();
+        outputs(&mut s);
+        s.forget_request(seq);
+        s.handle_frame(&user(UserKind::Reply { ack: seq }, b"late"), vec![])
+            .unwrap();
+        assert_eq!(outputs(&mut s), []);
+        s.handle_link_closed();
+        assert_eq!(s.send_request(vec![1]), Err(SendError::Closed));
+        assert!(matches!(
+            S::new(1).send_request(vec![0; user::MAX_MESSAGE + 1]),
+            Err(SendError::TooLarge(_))
+        ));
     }
 }

@@ -6,7 +6,7 @@
 //! frame comes between them; control frames may, and are handled as usual. The receiver holds at
 //! most [`MAX_MESSAGE`] bytes per link, so a peer cannot make it allocate more.
 
-use crate::wire::{Envelope, MAX_PAYLOAD};
+use crate::wire::{Envelope, MAX_PAYLOAD, Seq, UserKind};
 
 /// The largest user payload either side sends or accepts, in bytes (16 MiB).
 pub const MAX_MESSAGE: usize = 16 * 1024 * 1024;
@@ -23,6 +23,73 @@ pub struct MessageTooLarge {
     pub len: usize,
     /// [`MAX_MESSAGE`].
     pub max: usize,
+}
+
+/// Why a user message or request was not queued; nothing was.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SendError {
+    /// The payload is over [`MAX_MESSAGE`].
+    #[error(transparent)]
+    TooLarge(#[from] MessageTooLarge),
+    /// The link is closed, or nothing sent on it arrives any more.
+    #[error("the link is closed")]
+    Closed,
+}
+
+/// How the peer answered a request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Answer {
+    /// The reply's payload.
+    Reply(Vec<u8>),
+    /// The request was refused, or dropped unanswered; the reason.
+    Refusal(String),
+}
+
+impl Answer {
+    /// The user frame's kind and payload that carry this answer to request `ack`.
+    pub(crate) fn into_frame(self, ack: Seq) -> (UserKind, Vec<u8>) {
+        match self {
+            Self::Reply(payload) => (UserKind::Reply { ack }, payload),
+            Self::Refusal(reason) => (UserKind::Refusal { ack }, reason.into_bytes()),
+        }
+    }
+}
+
+/// What a user frame that arrived is, once its fragments are put back together: a message or
+/// request for user code, or the answer to one of this side's requests.
+#[derive(Debug)]
+pub(crate) enum Arrived {
+    /// A message, or (with `request`) a request to answer under that number.
+    Message {
+        payload: Vec<u8>,
+        request: Option<Seq>,
+    },
+    /// The answer to this side's request `seq`.
+    Answer { seq: Seq, answer: Answer },
+}
+
+impl Arrived {
+    pub(crate) fn from_envelope(envelope: Envelope) -> Self {
+        let payload = envelope.payload;
+        match envelope.kind {
+            UserKind::Message => Self::Message {
+                payload,
+                request: None,
+            },
+            UserKind::Request { seq } => Self::Message {
+                payload,
+                request: Some(seq),
+            },
+            UserKind::Reply { ack } => Self::Answer {
+                seq: ack,
+                answer: Answer::Reply(payload),
+            },
+            UserKind::Refusal { ack } => Self::Answer {
+                seq: ack,
+                answer: Answer::Refusal(String::from_utf8_lossy(&payload).into_owned()),
+            },
+        }
+    }
 }
 
 /// One frame of a user message, in sending order.
@@ -42,12 +109,7 @@ pub enum UserFrame {
 /// The payload is over [`MAX_MESSAGE`]: nothing is produced.
 pub fn split(mut envelope: Envelope) -> Result<Vec<UserFrame>, MessageTooLarge> {
     let len = envelope.payload.len();
-    if len > MAX_MESSAGE {
-        return Err(MessageTooLarge {
-            len,
-            max: MAX_MESSAGE,
-        });
-    }
+    check_size(len)?;
     if len <= FRAGMENT_SIZE {
         return Ok(vec![UserFrame::Last(envelope)]);
     }
@@ -61,6 +123,17 @@ pub fn split(mut envelope: Envelope) -> Result<Vec<UserFrame>, MessageTooLarge> 
     envelope.payload = rest;
     frames.push(UserFrame::Last(envelope));
     Ok(frames)
+}
+
+/// Refuses a payload of `len` bytes over [`MAX_MESSAGE`].
+pub(crate) fn check_size(len: usize) -> Result<(), MessageTooLarge> {
+    if len > MAX_MESSAGE {
+        return Err(MessageTooLarge {
+            len,
+            max: MAX_MESSAGE,
+        });
+    }
+    Ok(())
 }
 
 /// Puts a fragmented payload back together, on the receiving side of one link.

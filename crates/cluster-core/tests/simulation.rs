@@ -402,7 +402,8 @@ impl Sim {
             Event::Listening { worker, .. } => (worker, "listening"),
             Event::Disconnect { worker } => (worker, "disconnect"),
             Event::Exit { worker, .. } => (worker, "exit"),
-            Event::User { worker, .. } => (worker, "message"),
+            Event::Message { worker, .. } => (worker, "message"),
+            Event::Answer { worker, .. } => (worker, "answer"),
             Event::Error {
                 worker,
                 error: cluster_core::ProtocolError::HandoffTimeout { .. },

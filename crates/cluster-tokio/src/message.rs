@@ -97,11 +97,7 @@ impl From<DecodeError> for io::Error {
     }
 }
 
-/// How a request ended, as the side that answers it says.
-pub(crate) enum Answer {
-    Reply(Vec<u8>),
-    Refusal(String),
-}
+pub(crate) use proto::Answer;
 
 /// Sends an [`Answer`] back over the link the request came on.
 pub(crate) type Responder = Box<dyn FnOnce(Answer) -> io::Result<()> + Send>;
@@ -300,63 +296,43 @@ impl From<RequestError> for io::Error {
 
 pub(crate) type ReplySender = oneshot::Sender<Result<Vec<u8>, RequestError>>;
 
-/// Requests one side sent over one link and still waits for.
+/// Who waits for the answers to the requests one side sent over one link, by the number the
+/// core gave each request.
 #[derive(Default)]
-pub(crate) struct PendingRequests {
-    next: u64,
+pub(crate) struct Waiters {
     waiting: HashMap<Seq, ReplySender>,
     /// Size after the last sweep of requests whose waiter gave up.
     swept_at: usize,
 }
 
-impl PendingRequests {
-    /// Numbers a new request.
-    pub(crate) fn start(&mut self, reply: ReplySender) -> Seq {
+impl Waiters {
+    /// Waits for the answer to request `seq`. Returns the requests whose waiter gave up (timed
+    /// out) since the last sweep, for the core to forget.
+    pub(crate) fn insert(&mut self, seq: Seq, reply: ReplySender) -> Vec<Seq> {
+        let mut gone = Vec::new();
         if self.waiting.len() > 2 * self.swept_at.max(32) {
-            self.waiting.retain(|_, tx| !tx.is_closed());
+            self.waiting.retain(|seq, tx| {
+                let closed = tx.is_closed();
+                if closed {
+                    gone.push(*seq);
+                }
+                !closed
+            });
             self.swept_at = self.waiting.len();
         }
-        self.next += 1;
-        let seq = Seq::new(self.next);
         self.waiting.insert(seq, reply);
-        seq
+        gone
     }
 
-    /// An answer came; one for a request nobody waits for (timed out) is dropped.
-    pub(crate) fn finish(&mut self, ack: Seq, answer: Answer) {
-        if let Some(tx) = self.waiting.remove(&ack) {
+    /// The answer to request `seq` came; one nobody waits for any more (timed out) is dropped.
+    pub(crate) fn answer(&mut self, seq: Seq, answer: Answer) {
+        if let Some(tx) = self.waiting.remove(&seq) {
             let _ = tx.send(match answer {
                 Answer::Reply(payload) => Ok(payload),
                 Answer::Refusal(reason) => Err(RequestError::Refused(reason)),
             });
         }
     }
-}
-
-/// Routes a user frame that arrived on a link, the same on both sides: the answer to one of our
-/// `requests` finishes it (`None`); a message, or a request to be answered through the
-/// responder `answer` makes for its seq, is for user code.
-pub(crate) fn route(
-    envelope: proto::wire::Envelope,
-    fd: Option<OwnedFd>,
-    requests: Option<&mut PendingRequests>,
-    answer: impl FnOnce(Seq) -> Responder,
-) -> Option<Message> {
-    use proto::wire::UserKind;
-    let responder = match envelope.kind {
-        UserKind::Message => None,
-        UserKind::Request { seq } => Some(answer(seq)),
-        UserKind::Reply { ack } => {
-            requests?.finish(ack, Answer::Reply(envelope.payload));
-            return None;
-        }
-        UserKind::Refusal { ack } => {
-            let reason = String::from_utf8_lossy(&envelope.payload).into_owned();
-            requests?.finish(ack, Answer::Refusal(reason));
-            return None;
-        }
-    };
-    Some(Message::new(envelope.payload, fd, responder))
 }
 
 /// Waits for the answer to a request and decodes it.
@@ -369,4 +345,35 @@ pub(crate) async fn await_reply<R: DeserializeOwned>(
         .map_err(|_| RequestError::TimedOut(timeout))?
         .map_err(|_| RequestError::Disconnected)??;
     decode(&payload).map_err(RequestError::Decode)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_whose_waiter_gave_up_are_swept_for_the_core_to_forget() {
+        let mut waiters = Waiters::default();
+        let mut kept = Vec::new();
+        for n in 1..=40 {
+            let (tx, rx) = oneshot::channel();
+            // Every other waiter gives up.
+            if n % 2 == 0 {
+                kept.push(rx);
+            }
+            assert_eq!(waiters.insert(Seq::new(n), tx), []);
+        }
+        let mut gone = Vec::new();
+        for n in 41..=100 {
+            let (tx, rx) = oneshot::channel();
+            kept.push(rx);
+            gone.extend(waiters.insert(Seq::new(n), tx));
+        }
+        let odd: Vec<Seq> = (1..=40).filter(|n| n % 2 == 1).map(Seq::new).collect();
+        gone.sort_by_key(|seq| seq.get());
+        assert_eq!(gone, odd);
+        // The ones still waited for are answered.
+        waiters.answer(Seq::new(2), Answer::Reply(vec![7]));
+        assert_eq!(kept[0].try_recv().unwrap().unwrap(), vec![7]);
+    }
 }

@@ -6,12 +6,12 @@ use std::time::{Duration, Instant};
 use crate::error::ProtocolError;
 use crate::key::HandleKey;
 use crate::lifecycle::{ExitStatus, KillReason, Lifecycle, Transition, WorkerState};
-use crate::link::Link;
+use crate::link::{Link, LinkError};
 use crate::registry::{Registry, RegistryConfig, RegistryError, RegistryOutput};
-use crate::user::{self, MessageTooLarge, Reassembly, UserFrame};
+use crate::user::{self, Answer, Arrived, MessageTooLarge, Reassembly, SendError, UserFrame};
 use crate::wire::{
     self, BoundAddr, Distribution, Envelope, Errno, HandleId, ListenInfo, ListenRequest,
-    PROTOCOL_VERSION, PrimaryMessage, WorkerId, WorkerMessage,
+    PROTOCOL_VERSION, PrimaryMessage, Seq, UserKind, WorkerId, WorkerMessage,
 };
 
 /// Settings of the primary's core.
@@ -61,7 +61,7 @@ pub enum Attachment<C> {
         /// The connection's token.
         conn: C,
         /// Its handoff's sequence number.
-        seq: wire::Seq,
+        seq: Seq,
     },
     /// The listening socket of a shared handle.
     Listener(HandleId),
@@ -102,13 +102,25 @@ pub enum Event {
         /// Where it is bound.
         addr: BoundAddr,
     },
-    /// A user message, request or reply (with its fragments put back together). With
-    /// `envelope.fd`, the fd that came with the frame is part of it.
-    User {
+    /// A user message or request (with its fragments put back together).
+    Message {
         /// The sender.
         worker: WorkerId,
-        /// What it sent.
-        envelope: Envelope,
+        /// The encoded value.
+        payload: Vec<u8>,
+        /// The fd that came with the frame is part of it (the driver closes it otherwise).
+        fd: bool,
+        /// For a request, the number to answer it under ([`Primary::send_answer`]).
+        request: Option<Seq>,
+    },
+    /// The worker answered the primary's request `seq` ([`Primary::send_request`]).
+    Answer {
+        /// The worker.
+        worker: WorkerId,
+        /// The request's number.
+        seq: Seq,
+        /// Its answer.
+        answer: Answer,
     },
     /// The worker's application declared itself ready to serve (once per worker).
     Ready {
@@ -231,17 +243,28 @@ enum Request<C> {
         conn: C,
         reclaimed: bool,
     },
+    /// A user request ([`Primary::send_request`]), answered by the worker's user code.
+    User,
 }
 
 impl<C> Request<C> {
-    fn is_reclaimed(&self) -> bool {
+    /// A handoff the worker may still ack or refuse (one that reached it).
+    fn is_live_handoff(&self) -> bool {
         matches!(
             self,
             Self::Handoff {
-                reclaimed: true,
+                reclaimed: false,
                 ..
             }
         )
+    }
+
+    fn is_handoff(&self) -> bool {
+        matches!(self, Self::Handoff { .. })
+    }
+
+    fn is_user(&self) -> bool {
+        matches!(self, Self::User)
     }
 }
 
@@ -387,7 +410,7 @@ impl<C: Copy + Eq + std::fmt::Debug> Primary<C> {
         // nothing more: nothing it leaves unread can be a connection.
         if let Some(entry) = self.workers.get_mut(&worker)
             && entry.farewell_answered
-            && entry.link.pending_len() == 0
+            && !entry.link.pending_requests().any(|(_, r)| r.is_handoff())
             && !entry.peer_released
         {
             entry.peer_released = true;
@@ -436,13 +459,14 @@ impl<C: Copy + Eq + std::fmt::Debug> Primary<C> {
                 *reclaimed = true;
             }
         }
+        // User requests are failed by the driver, which drops their waiters with the link.
         for (_, request) in entry.link.close() {
-            let Request::Handoff {
+            if let Request::Handoff {
                 handle,
                 conn,
-                reclaimed,
-            } = request;
-            if !reclaimed {
+                reclaimed: false,
+            } = request
+            {
                 entry.counters.delivered += 1;
                 // Both books agree on what is in flight, so this cannot fail; if it did, the
                 // token would only stay in the registry's books until the handle is forgotten.
@@ -515,18 +539,13 @@ impl<C: Copy + Eq + std::fmt::Debug> Primary<C> {
     /// token to keep it under; `None` when `seq` is not a handoff in flight to `worker` (the
     /// driver closes the fd). Call before [`Self::handle_link_closed`], which dispatches it
     /// again.
-    pub fn handle_reclaimed(
-        &mut self,
-        now: Instant,
-        worker: WorkerId,
-        seq: wire::Seq,
-    ) -> Option<C> {
+    pub fn handle_reclaimed(&mut self, now: Instant, worker: WorkerId, seq: Seq) -> Option<C> {
         let entry = self.workers.get_mut(&worker)?;
         if entry.deaf {
             // Nothing sent to it arrives any more: the handoff is over, as if refused, and the
             // connection goes to another worker now rather than when its link closes.
             let Ok(Request::Handoff { handle, conn, .. }) =
-                entry.link.finish_request_if(seq, |r| !r.is_reclaimed())
+                entry.link.finish_request_if(seq, Request::is_live_handoff)
             else {
                 return None;
             };
@@ -541,7 +560,7 @@ impl<C: Copy + Eq + std::fmt::Debug> Primary<C> {
 
     /// Marks handoff `seq` to a gone worker as the primary's again: dispatched when its link
     /// closes.
-    fn reclaim(&mut self, worker: WorkerId, seq: wire::Seq) -> Option<C> {
+    fn reclaim(&mut self, worker: WorkerId, seq: Seq) -> Option<C> {
         match self.workers.get_mut(&worker)?.link.pending_mut(seq)? {
             Request::Handoff {
                 conn, reclaimed, ..
@@ -549,7 +568,7 @@ impl<C: Copy + Eq + std::fmt::Debug> Primary<C> {
                 *reclaimed = true;
                 Some(*conn)
             }
-            Request::Handoff { .. } => None,
+            Request::Handoff { .. } | Request::User => None,
         }
     }
 
@@ -652,9 +671,8 @@ impl<C: Copy + Eq + std::fmt::Debug> Primary<C> {
         true
     }
 
-    /// Queues a user message, request or reply for `worker`, with `fd` (the driver's token for
-    /// an fd to attach) when `envelope.fd` is set. A payload larger than one frame is queued as
-    /// fragments (see [`crate::user`]).
+    /// Queues a user message for `worker`, with `fd` (the driver's token for an fd to attach).
+    /// A payload larger than one frame is queued as fragments (see [`crate::user`]).
     ///
     /// Messages to unknown or disconnected workers are dropped (as Node's `send` on a closed
     /// channel), and their fd comes back as [`Output::Close`].
@@ -663,13 +681,76 @@ impl<C: Copy + Eq + std::fmt::Debug> Primary<C> {
     ///
     /// The payload is over [`MAX_MESSAGE`](crate::user::MAX_MESSAGE); nothing is queued and `fd`
     /// is returned.
-    pub fn send_user(
+    pub fn send_message(
         &mut self,
         worker: WorkerId,
-        mut envelope: Envelope,
+        payload: Vec<u8>,
         fd: Option<C>,
     ) -> Result<(), (MessageTooLarge, Option<C>)> {
-        envelope.fd = fd.is_some();
+        self.send_user(worker, UserKind::Message, payload, fd)
+    }
+
+    /// Queues a request for `worker` and returns its number. Its answer comes as
+    /// [`Event::Answer`] with that number, unless the link closes first (the driver fails what
+    /// waits for it) or [`Self::forget_request`] dropped it.
+    ///
+    /// # Errors
+    ///
+    /// The payload is too large, or the worker's link is closed (or nothing sent on it arrives
+    /// any more); nothing is queued.
+    pub fn send_request(&mut self, worker: WorkerId, payload: Vec<u8>) -> Result<Seq, SendError> {
+        user::check_size(payload.len())?;
+        let entry = self
+            .workers
+            .get_mut(&worker)
+            .filter(|e| !e.deaf && !e.failed)
+            .ok_or(SendError::Closed)?;
+        let seq = entry
+            .link
+            .start_request(Request::User, None)
+            .map_err(|_| SendError::Closed)?;
+        self.send_user(worker, UserKind::Request { seq }, payload, None)
+            .map_err(|(error, _)| error)?;
+        Ok(seq)
+    }
+
+    /// Answers `worker`'s request `ack` ([`Event::Message`] with `request`). Answers to
+    /// disconnected workers are dropped, as messages are.
+    ///
+    /// # Errors
+    ///
+    /// A reply's payload is too large; nothing is queued.
+    pub fn send_answer(
+        &mut self,
+        worker: WorkerId,
+        ack: Seq,
+        answer: Answer,
+    ) -> Result<(), MessageTooLarge> {
+        let (kind, payload) = answer.into_frame(ack);
+        self.send_user(worker, kind, payload, None)
+            .map_err(|(error, _)| error)
+    }
+
+    /// Nobody waits for the answer to request `seq` to `worker` any more (it timed out): the
+    /// answer, if it comes, is dropped.
+    pub fn forget_request(&mut self, worker: WorkerId, seq: Seq) {
+        if let Some(entry) = self.workers.get_mut(&worker) {
+            let _ = entry.link.finish_request_if(seq, Request::is_user);
+        }
+    }
+
+    fn send_user(
+        &mut self,
+        worker: WorkerId,
+        kind: UserKind,
+        payload: Vec<u8>,
+        fd: Option<C>,
+    ) -> Result<(), (MessageTooLarge, Option<C>)> {
+        let envelope = Envelope {
+            kind,
+            fd: fd.is_some(),
+            payload,
+        };
         let frames = user::split(envelope).map_err(|e| (e, fd))?;
         for frame in frames {
             match frame {
@@ -730,6 +811,11 @@ impl<C: Copy + Eq + std::fmt::Debug> Primary<C> {
         self.workers.get(&worker).map(|e| &e.lifecycle)
     }
 
+    /// Whether the worker's application declared itself ready ([`Event::Ready`]).
+    pub fn is_ready(&self, worker: WorkerId) -> bool {
+        self.workers.get(&worker).is_some_and(|e| e.service_ready)
+    }
+
     /// The pid the worker reported in its handshake.
     pub fn pid(&self, worker: WorkerId) -> Option<u32> {
         self.workers.get(&worker)?.pid
@@ -742,9 +828,12 @@ impl<C: Copy + Eq + std::fmt::Debug> Primary<C> {
 
     /// Connections handed to `worker` and not yet acked, over all handles.
     pub fn in_flight(&self, worker: WorkerId) -> usize {
-        self.workers
-            .get(&worker)
-            .map_or(0, |e| e.link.pending_len())
+        self.workers.get(&worker).map_or(0, |e| {
+            e.link
+                .pending_requests()
+                .filter(|(_, r)| r.is_handoff())
+                .count()
+        })
     }
 
     /// The registry, for inspection.
@@ -821,20 +910,28 @@ impl<C: Copy + Eq + std::fmt::Debug> Primary<C> {
             }
             WorkerMessage::Accepted { through } => {
                 // A reclaimed handoff never reached the worker, which cannot have acked it.
-                let acked = entry.link.finish_through(through, |r| !r.is_reclaimed())?;
+                let acked = entry
+                    .link
+                    .finish_through(through, Request::is_live_handoff)?;
                 entry.counters.delivered += acked.len() as u64;
-                for (_, Request::Handoff { handle, conn, .. }) in acked {
-                    self.registry.ack(worker, handle, conn, true)?;
+                for (_, request) in acked {
+                    if let Request::Handoff { handle, conn, .. } = request {
+                        self.registry.ack(worker, handle, conn, true)?;
+                    }
                 }
             }
             WorkerMessage::Refused { ack } => {
-                let Request::Handoff { handle, conn, .. } =
-                    entry.link.finish_request_if(ack, |r| !r.is_reclaimed())?;
-                entry.counters.refused += 1;
-                // First: the driver must hold the fd again before it is dispatched.
-                self.out
-                    .push_back(Queued::Ready(Output::Reclaimed { worker, conn }));
-                self.registry.ack(worker, handle, conn, false)?;
+                // Only a live handoff passes, so the `else` is never taken.
+                if let Request::Handoff { handle, conn, .. } = entry
+                    .link
+                    .finish_request_if(ack, Request::is_live_handoff)?
+                {
+                    entry.counters.refused += 1;
+                    // First: the driver must hold the fd again before it is dispatched.
+                    self.out
+                        .push_back(Queued::Ready(Output::Reclaimed { worker, conn }));
+                    self.registry.ack(worker, handle, conn, false)?;
+                }
             }
             WorkerMessage::Ready { handle } | WorkerMessage::Close { handle } => {
                 let result = match message {
@@ -854,7 +951,28 @@ impl<C: Copy + Eq + std::fmt::Debug> Primary<C> {
             }
             WorkerMessage::User(envelope) => {
                 let envelope = entry.reassembly.complete(envelope)?;
-                self.push(Output::Event(Event::User { worker, envelope }));
+                let fd = envelope.fd;
+                let event = match Arrived::from_envelope(envelope) {
+                    Arrived::Message { payload, request } => Event::Message {
+                        worker,
+                        payload,
+                        fd,
+                        request,
+                    },
+                    Arrived::Answer { seq, answer } => {
+                        match entry.link.finish_request_if(seq, Request::is_user) {
+                            Ok(_) => Event::Answer {
+                                worker,
+                                seq,
+                                answer,
+                            },
+                            // Its waiter gave up ([`Self::forget_request`]).
+                            Err(LinkError::DuplicateAck { .. }) => return Ok(()),
+                            Err(error) => return Err(error.into()),
+                        }
+                    }
+                };
+                self.push(Output::Event(event));
             }
             WorkerMessage::Fragment { data } => entry.reassembly.fragment(&data)?,
             WorkerMessage::Heartbeat => {}
@@ -983,7 +1101,7 @@ impl<C: Copy + Eq + std::fmt::Debug> Primary<C> {
                             }
                             started.map(|seq| (seq, reply))
                         }
-                        None => Err((crate::LinkError::Closed, handoff)),
+                        None => Err((LinkError::Closed, handoff)),
                     };
                     match started {
                         Ok((seq, reply)) => self.send(

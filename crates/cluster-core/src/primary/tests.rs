@@ -241,9 +241,11 @@ fn garbage_from_a_worker_disconnects_only_that_worker() {
     h.recv(w2, &user_message(vec![2]));
     assert_eq!(
         h.events(),
-        [Event::User {
+        [Event::Message {
             worker: w2,
-            envelope: envelope(vec![2]),
+            payload: vec![2],
+            fd: false,
+            request: None,
         }]
     );
 }
@@ -735,11 +737,13 @@ fn user_messages_are_size_checked_before_queueing() {
     let mut h = Harness::new();
     let w = h.online();
     h.outputs();
-    let too_large = envelope(vec![0; MAX_MESSAGE + 1]);
-    let refused = h.primary.send_user(w, too_large, Some(9)).unwrap_err();
+    let refused = h
+        .primary
+        .send_message(w, vec![0; MAX_MESSAGE + 1], Some(9))
+        .unwrap_err();
     assert_eq!(refused.1, Some(9), "the fd comes back to the caller");
     assert_eq!(h.outputs(), []);
-    h.primary.send_user(w, envelope(vec![1, 2]), None).unwrap();
+    h.primary.send_message(w, vec![1, 2], None).unwrap();
     assert_eq!(
         h.outputs(),
         [Out::Send(
@@ -756,9 +760,7 @@ fn a_large_message_goes_out_in_fragments_with_its_fd_on_the_last_frame() {
     let w = h.online();
     h.outputs();
     let payload: Vec<u8> = (0..200_000u32).map(|i| i as u8).collect();
-    h.primary
-        .send_user(w, envelope(payload.clone()), Some(4))
-        .unwrap();
+    h.primary.send_message(w, payload.clone(), Some(4)).unwrap();
     let outs = h.outputs();
     assert_eq!(outs.len(), 200_000 / FRAGMENT_SIZE + 1);
     let mut joined = Vec::new();
@@ -787,9 +789,11 @@ fn fragments_from_a_worker_are_put_back_together_and_bounded() {
     h.recv(w, &user_message(vec![3]));
     assert_eq!(
         h.events(),
-        [Event::User {
+        [Event::Message {
             worker: w,
-            envelope: envelope(vec![1, 2, 3]),
+            payload: vec![1, 2, 3],
+            fd: false,
+            request: None,
         }]
     );
     // A worker that never ends its message is cut off at the limit.
@@ -816,7 +820,7 @@ fn an_fd_sent_to_a_worker_whose_link_closed_is_handed_back_to_be_closed() {
     let mut h = Harness::new();
     let w = h.online();
     h.outputs();
-    h.primary.send_user(w, envelope(vec![1]), Some(5)).unwrap();
+    h.primary.send_message(w, vec![1], Some(5)).unwrap();
     h.primary.handle_link_closed(h.now, w);
     let outs = h.outputs();
     assert!(outs.contains(&Out::Other(Output::Close(5))), "{outs:?}");
@@ -973,4 +977,150 @@ fn a_deaf_worker_is_offered_nothing_and_its_unsent_handoffs_go_elsewhere_at_once
         let sent = handoffs(&h.outputs());
         assert!(sent.iter().all(|(w, ..)| *w == other), "{sent:?}");
     }
+}
+
+fn answer_frame(kind: UserKind, payload: &[u8]) -> WorkerMessage {
+    WorkerMessage::User(Envelope {
+        kind,
+        fd: false,
+        payload: payload.to_vec(),
+    })
+}
+
+/// The seq of the one `Request` frame in `outs`.
+fn request_seq(outs: &[Out]) -> Seq {
+    let seqs: Vec<Seq> = outs
+        .iter()
+        .filter_map(|o| match o {
+            Out::Send(
+                _,
+                PrimaryMessage::User(Envelope {
+                    kind: UserKind::Request { seq },
+                    ..
+                }),
+                None,
+            ) => Some(*seq),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(seqs.len(), 1, "{outs:?}");
+    seqs[0]
+}
+
+#[test]
+fn a_request_is_numbered_in_the_link_and_its_answer_comes_once() {
+    let mut h = Harness::new();
+    let w = h.online();
+    let handle = h.listen(w, 1, "127.0.0.1:0");
+    h.outputs();
+    // A handoff and a request in flight together: one numbering, each answered in its kind.
+    h.primary.handle_connection(h.now, handle, 7).unwrap();
+    let handoff = handoffs(&h.outputs())[0].1;
+    let seq = h.primary.send_request(w, b"ping".to_vec()).unwrap();
+    assert_eq!(request_seq(&h.outputs()), seq);
+    assert_ne!(seq, handoff);
+    assert_eq!(h.primary.in_flight(w), 1, "requests are not connections");
+    // The worker's cumulative ack covers the handoff, not the request.
+    h.recv(w, &WorkerMessage::Accepted { through: seq });
+    assert_eq!(
+        h.outputs(),
+        [Out::Other(Output::Delivered { worker: w, conn: 7 })]
+    );
+    h.recv(w, &answer_frame(UserKind::Reply { ack: seq }, b"pong"));
+    assert_eq!(
+        h.events(),
+        [Event::Answer {
+            worker: w,
+            seq,
+            answer: Answer::Reply(b"pong".to_vec()),
+        }]
+    );
+    // The same answer again is late (as for a request whose waiter gave up): dropped.
+    h.recv(w, &answer_frame(UserKind::Refusal { ack: seq }, b"no"));
+    assert_eq!(h.outputs(), []);
+}
+
+#[test]
+fn a_forgotten_request_drops_its_answer() {
+    let mut h = Harness::new();
+    let w = h.online();
+    let seq = h.primary.send_request(w, vec![1]).unwrap();
+    h.outputs();
+    h.primary.forget_request(w, seq);
+    h.recv(w, &answer_frame(UserKind::Refusal { ack: seq }, b"busy"));
+    assert_eq!(h.outputs(), []);
+    // A refusal of a request still waited for is an answer.
+    let seq = h.primary.send_request(w, vec![2]).unwrap();
+    h.outputs();
+    h.recv(w, &answer_frame(UserKind::Refusal { ack: seq }, b"busy"));
+    assert_eq!(
+        h.events(),
+        [Event::Answer {
+            worker: w,
+            seq,
+            answer: Answer::Refusal("busy".into()),
+        }]
+    );
+}
+
+#[test]
+fn answers_to_requests_never_sent_or_of_another_kind_break_the_protocol() {
+    let mut h = Harness::new();
+    let (w1, w2, handle) = h.two_workers_on_one_handle();
+    // Never issued.
+    h.recv(
+        w1,
+        &answer_frame(UserKind::Reply { ack: Seq::new(99) }, b""),
+    );
+    let events = h.events();
+    assert_eq!(
+        events[0],
+        Event::Error {
+            worker: w1,
+            error: LinkError::UnknownAck { ack: Seq::new(99) }.into()
+        }
+    );
+    // A user answer naming a handoff.
+    h.primary.handle_connection(h.now, handle, 3).unwrap();
+    let sent = handoffs(&h.outputs());
+    let [(to, seq, _, 3)] = sent[..] else {
+        panic!("{sent:?}")
+    };
+    assert_eq!(to, w2, "w1 broke the protocol and is offered nothing");
+    h.recv(w2, &answer_frame(UserKind::Reply { ack: seq }, b""));
+    assert_eq!(
+        h.events()[0],
+        Event::Error {
+            worker: w2,
+            error: LinkError::WrongReply { ack: seq }.into()
+        }
+    );
+}
+
+#[test]
+fn requests_to_a_gone_or_deaf_worker_are_not_sent() {
+    let mut h = Harness::new();
+    let w1 = h.online();
+    let w2 = h.online();
+    h.outputs();
+    h.primary.handle_deaf(h.now, w1);
+    assert_eq!(h.primary.send_request(w1, vec![1]), Err(SendError::Closed));
+    h.primary.handle_link_closed(h.now, w2);
+    assert_eq!(h.primary.send_request(w2, vec![1]), Err(SendError::Closed));
+    assert_eq!(
+        h.primary.send_request(WorkerId::new(77), vec![1]),
+        Err(SendError::Closed)
+    );
+    let online = h.online();
+    assert!(matches!(
+        h.primary.send_request(online, vec![0; MAX_MESSAGE + 1]),
+        Err(SendError::TooLarge(_))
+    ));
+    let outs = h.outputs();
+    assert!(
+        !outs
+            .iter()
+            .any(|o| matches!(o, Out::Send(_, PrimaryMessage::User(_), _))),
+        "{outs:?}"
+    );
 }

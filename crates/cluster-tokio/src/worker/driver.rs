@@ -6,14 +6,14 @@ use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::{Arc, OnceLock};
 
-use proto::wire::{BoundAddr, Distribution, Envelope, ListenInfo, ListenRequest, UserKind};
+use proto::wire::{BoundAddr, Distribution, ListenInfo, ListenRequest};
 use proto::{HandleId, Seq, SessionEvent, SessionOutput, WorkerSession};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::LinkState;
 use super::queue::{HandoffQueue, Offer};
 use crate::ipc::{Channel, Received};
-use crate::message::{Answer, Message, PendingRequests, ReplySender};
+use crate::message::{Answer, Message, ReplySender, Waiters};
 
 pub(crate) enum Command {
     Listen {
@@ -81,7 +81,8 @@ pub(crate) struct Driver {
     messages: mpsc::UnboundedSender<Message>,
     listens: HashMap<Seq, oneshot::Sender<io::Result<Granted>>>,
     queues: HashMap<HandleId, Arc<HandoffQueue>>,
-    requests: PendingRequests,
+    /// Who waits for answers to this worker's requests.
+    waiters: Waiters,
     /// Waiting for the primary to acknowledge this worker's leaving (`Some` once it announced
     /// it).
     leaving: Option<Vec<oneshot::Sender<io::Result<()>>>>,
@@ -113,7 +114,7 @@ impl Driver {
             messages,
             listens: HashMap::new(),
             queues: HashMap::new(),
-            requests: PendingRequests::default(),
+            waiters: Waiters::default(),
             leaving: None,
             left: false,
             flushes: Vec::new(),
@@ -215,7 +216,12 @@ impl Driver {
                     let _ = self.session.refuse(seq, conn);
                 }
             },
-            SessionEvent::User { envelope, fd } => self.user(envelope, fd),
+            SessionEvent::Message {
+                payload,
+                fd,
+                request,
+            } => self.message(payload, fd, request),
+            SessionEvent::Answer { seq, answer } => self.waiters.answer(seq, answer),
             // As Node's workers: close every listener, then the link (announced first, so that
             // the primary knows every handoff is settled); the process may go on finishing its
             // connections.
@@ -261,34 +267,18 @@ impl Driver {
         granted
     }
 
-    /// A user message, request or answer from the primary.
-    fn user(&mut self, envelope: Envelope, fd: Option<OwnedFd>) {
+    /// A user message or request from the primary.
+    fn message(&self, payload: Vec<u8>, fd: Option<OwnedFd>, request: Option<Seq>) {
         let answers = self.answers.clone();
-        let answer = move |seq| -> crate::message::Responder {
+        let responder = request.map(|seq| -> crate::message::Responder {
             Box::new(move |answer| {
                 answers
                     .upgrade()
                     .and_then(|tx| tx.send(Command::Answer { ack: seq, answer }).ok())
                     .ok_or_else(super::not_connected)
             })
-        };
-        if let Some(message) = crate::message::route(envelope, fd, Some(&mut self.requests), answer)
-        {
-            let _ = self.messages.send(message);
-        }
-    }
-
-    /// Queues a user frame; its fd, if any, goes with it.
-    fn send_user(&mut self, kind: UserKind, payload: Vec<u8>, fd: Option<OwnedFd>) {
-        let envelope = Envelope {
-            kind,
-            fd: fd.is_some(),
-            payload,
-        };
-        // Sizes were checked when the value was encoded.
-        if let Err((error, _fd)) = self.session.send_user(envelope, fd) {
-            tracing::warn!(%error, "message to the primary not sent");
-        }
+        });
+        let _ = self.messages.send(Message::new(payload, fd, responder));
     }
 
     /// Hands a connection to its listener; gives it back if the listener is full or gone (it
@@ -356,17 +346,26 @@ impl Driver {
             Command::Ready { handle } => self.session.ready(handle),
             Command::ServiceReady => self.session.service_ready(),
             Command::GiveBack { handle, conns } => self.give_back(handle, conns),
-            Command::Send { payload, fd } => self.send_user(UserKind::Message, payload, fd),
-            Command::Request { payload, reply } => {
-                let seq = self.requests.start(reply);
-                self.send_user(UserKind::Request { seq }, payload, None);
-            }
-            Command::Answer { ack, answer } => match answer {
-                Answer::Reply(payload) => self.send_user(UserKind::Reply { ack }, payload, None),
-                Answer::Refusal(reason) => {
-                    self.send_user(UserKind::Refusal { ack }, reason.into_bytes(), None);
+            Command::Send { payload, fd } => {
+                // Sizes were checked when the value was encoded.
+                if let Err((error, _fd)) = self.session.send_message(payload, fd) {
+                    tracing::warn!(%error, "message to the primary not sent");
                 }
-            },
+            }
+            // Not sent (the link is closed): the reply sender is dropped, which fails the
+            // request at once.
+            Command::Request { payload, reply } => {
+                if let Ok(seq) = self.session.send_request(payload) {
+                    for gone in self.waiters.insert(seq, reply) {
+                        self.session.forget_request(gone);
+                    }
+                }
+            }
+            Command::Answer { ack, answer } => {
+                if let Err(error) = self.session.send_answer(ack, answer) {
+                    tracing::warn!(%error, "answer to the primary not sent");
+                }
+            }
             Command::Disconnect { reply } => self.leave(Some(reply)),
             Command::Flush { reply } => self.flushes.push(reply),
         }

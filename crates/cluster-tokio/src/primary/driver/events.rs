@@ -5,7 +5,6 @@ use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
 use proto::WorkerId;
-use proto::wire::{Envelope, UserKind};
 
 use super::super::{Event, ListenAddress, WorkerHandle, WorkerShared};
 use super::{Driver, Held, Input};
@@ -23,14 +22,14 @@ impl Driver {
                 let Some(w) = handle(&self.workers, &worker) else {
                     return;
                 };
-                w.shared.update(|s| s.state = proto::WorkerState::Online);
+                self.mirror(worker, &w.shared);
                 Event::Online(w)
             }
             proto::Event::Listening { worker, addr, .. } => {
                 let Some(w) = handle(&self.workers, &worker) else {
                     return;
                 };
-                w.shared.update(|s| s.state = proto::WorkerState::Listening);
+                self.mirror(worker, &w.shared);
                 Event::Listening {
                     worker: w,
                     address: ListenAddress::from_bound(addr),
@@ -40,17 +39,18 @@ impl Driver {
                 let Some(w) = handle(&self.workers, &worker) else {
                     return;
                 };
-                w.shared.update(|s| s.ready = true);
+                self.mirror(worker, &w.shared);
                 Event::Ready(w)
             }
-            proto::Event::User { worker, envelope } => {
-                let fd = if envelope.fd {
-                    self.received.pop()
-                } else {
-                    None
-                };
+            proto::Event::Message {
+                worker,
+                payload,
+                fd,
+                request,
+            } => {
+                let fd = if fd { self.received.pop() } else { None };
                 let tx = self.input_tx.downgrade();
-                let answer = move |seq| -> crate::message::Responder {
+                let responder = request.map(|seq| -> crate::message::Responder {
                     Box::new(move |answer| {
                         tx.upgrade()
                             .and_then(|tx| {
@@ -63,29 +63,28 @@ impl Driver {
                             })
                             .ok_or_else(super::super::stopped)
                     })
-                };
-                let requests = self.links.get_mut(&worker).map(|link| &mut link.requests);
-                let Some(message) = crate::message::route(envelope, fd, requests, answer) else {
-                    return;
-                };
+                });
+                let message = crate::message::Message::new(payload, fd, responder);
                 let Some(w) = handle(&self.workers, &worker) else {
                     return;
                 };
                 Event::Message { worker: w, message }
             }
+            proto::Event::Answer {
+                worker,
+                seq,
+                answer,
+            } => {
+                if let Some(link) = self.links.get_mut(&worker) {
+                    link.waiters.answer(seq, answer);
+                }
+                return;
+            }
             proto::Event::Disconnect { worker } => {
                 let Some(w) = handle(&self.workers, &worker) else {
                     return;
                 };
-                let eod = self
-                    .core
-                    .lifecycle(worker)
-                    .and_then(proto::Lifecycle::exited_after_disconnect);
-                w.shared.update(|s| {
-                    s.state = proto::WorkerState::Disconnected;
-                    s.connected = false;
-                    s.exited_after_disconnect = eod;
-                });
+                self.mirror(worker, &w.shared);
                 Event::Disconnect(w)
             }
             proto::Event::Exit {
@@ -106,6 +105,7 @@ impl Driver {
                     shared,
                     tx: self.input_tx.clone(),
                 };
+                // The core forgot the worker: its last word is in the event.
                 w.shared.update(|s| {
                     s.state = proto::WorkerState::Dead;
                     s.connected = false;
@@ -132,22 +132,26 @@ impl Driver {
         self.shared.publish(event);
     }
 
-    /// Queues a user frame for `worker`; an fd waits in the connection slab until sent.
-    pub(super) fn send_user(
-        &mut self,
-        worker: WorkerId,
-        kind: UserKind,
-        payload: Vec<u8>,
-        fd: Option<OwnedFd>,
-    ) {
-        let envelope = Envelope {
-            kind,
-            fd: fd.is_some(),
-            payload,
+    /// Copies the core's view of `worker` (the one place its state is kept) into what its
+    /// handles show.
+    fn mirror(&self, worker: WorkerId, shared: &WorkerShared) {
+        let Some(lifecycle) = self.core.lifecycle(worker) else {
+            return;
         };
+        let ready = self.core.is_ready(worker);
+        shared.update(|s| {
+            s.state = lifecycle.state();
+            s.connected = !lifecycle.is_disconnected();
+            s.exited_after_disconnect = lifecycle.exited_after_disconnect();
+            s.ready = ready;
+        });
+    }
+
+    /// Queues a user message for `worker`; its fd waits in the connection slab until sent.
+    pub(super) fn send_message(&mut self, worker: WorkerId, payload: Vec<u8>, fd: Option<OwnedFd>) {
         let token = fd.map(|fd| self.tokens.insert(Held::new(fd)));
         // Sizes were checked when the value was encoded.
-        if let Err((error, token)) = self.core.send_user(worker, envelope, token) {
+        if let Err((error, token)) = self.core.send_message(worker, payload, token) {
             tracing::warn!(%worker, %error, "message not sent");
             if let Some(token) = token {
                 self.tokens.remove(token);

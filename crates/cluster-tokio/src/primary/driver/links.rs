@@ -11,7 +11,7 @@ use socket2::{Domain, Type};
 use super::accept::Listener;
 use super::{BUDGET, Driver, now};
 use crate::ipc::{Channel, Received};
-use crate::message::PendingRequests;
+use crate::message::Waiters;
 
 /// Frames read from a gone worker's link at most; a full socket buffer holds far fewer.
 const LAST_FRAMES: usize = 65_536;
@@ -22,8 +22,9 @@ pub(super) struct WorkerLink {
     /// core needs no read-back (the worker left on purpose), so that its close is seen.
     pub(super) peer: Option<OwnedFd>,
     pub(super) outgoing: VecDeque<(Vec<u8>, Option<Attachment<usize>>)>,
-    /// The primary's requests to this worker; dropped with the link, which fails them.
-    pub(super) requests: PendingRequests,
+    /// Who waits for answers to the primary's requests to this worker; dropped with the link,
+    /// which fails them.
+    pub(super) waiters: Waiters,
     /// The worker shut its end down for reading (a send failed with `EPIPE`): nothing more is
     /// sent, but what the worker sends is still read until its process is gone.
     pub(super) hung_up: bool,

@@ -37,7 +37,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use proto::wire::{ListenTarget, UserKind};
+use proto::wire::ListenTarget;
 use proto::{ExitStatus, HandleId, Output, Seq, WorkerId};
 use slab::Slab;
 use tokio::sync::{mpsc, oneshot};
@@ -47,7 +47,7 @@ use self::links::WorkerLink;
 use self::timer::Timer;
 use super::image::Image;
 use super::{Event, PrimaryShared, Stats, WorkerHandle, WorkerShared, WorkerStats, spawn};
-use crate::message::{Answer, PendingRequests, ReplySender};
+use crate::message::{Answer, ReplySender, Waiters};
 use crate::settings::Settings;
 
 /// What the driver is asked to do, or told, from outside its `poll`.
@@ -211,19 +211,21 @@ impl Driver {
                     worker,
                     payload,
                     fd,
-                } => self.send_user(worker, UserKind::Message, payload, fd),
+                } => self.send_message(worker, payload, fd),
                 Input::Request {
                     worker,
                     payload,
                     reply,
                 } => {
-                    // No link, or one that refuses every send: the reply sender is dropped,
-                    // which fails the request at once.
+                    // Not sent (no link, or one nothing arrives on any more): the reply sender
+                    // is dropped, which fails the request at once.
                     if let Some(link) = self.links.get_mut(&worker)
-                        && !link.hung_up
+                        && let Ok(seq) = self.core.send_request(worker, payload)
                     {
-                        let seq = link.requests.start(reply);
-                        self.send_user(worker, UserKind::Request { seq }, payload, None);
+                        for gone in link.waiters.insert(seq, reply) {
+                            self.core.forget_request(worker, gone);
+                        }
+                        self.drain_core();
                     }
                 }
                 Input::Answer {
@@ -231,11 +233,11 @@ impl Driver {
                     ack,
                     answer,
                 } => {
-                    let (kind, payload) = match answer {
-                        Answer::Reply(payload) => (UserKind::Reply { ack }, payload),
-                        Answer::Refusal(reason) => (UserKind::Refusal { ack }, reason.into_bytes()),
-                    };
-                    self.send_user(worker, kind, payload, None);
+                    // Sizes were checked when the value was encoded.
+                    if let Err(error) = self.core.send_answer(worker, ack, answer) {
+                        tracing::warn!(%worker, %error, "answer not sent");
+                    }
+                    self.drain_core();
                 }
                 Input::Exited { worker, status } => {
                     self.finish_link(worker);
@@ -374,7 +376,7 @@ impl Driver {
                 channel,
                 peer: Some(peer),
                 outgoing: VecDeque::new(),
-                requests: PendingRequests::default(),
+                waiters: Waiters::default(),
                 hung_up: false,
             },
         );
