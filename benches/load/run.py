@@ -6,6 +6,7 @@
     python3 benches/load/run.py --duration 5 --reps 1 --no-write
     python3 benches/load/run.py --only cluster-rr-2,reuseport-2 --layouts pinned --workloads close
     python3 benches/load/run.py --baseline /path/to/older/hello --only cluster-rr-2,baseline-rr-2 ...
+    python3 benches/load/run.py --baseline old=/path/a --baseline older=/path/b --only cluster-rr-2,old-rr-2,older-rr-2 ...
 
 It builds what it needs (release), installs wrk if missing (apt-get), pins wrk to CPU 1, restarts
 every server for every repetition and warms it up (2 s of the same load, untimed), reads server CPU
@@ -41,7 +42,7 @@ def launch(cmd, env, cpus):
     return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=preexec)
 
 
-def configs(baseline=None):
+def configs(baselines=()):
     def hello(workers, policy=None, binary=HELLO, **extra):
         def start(port, cpus, **more):
             env = dict(os.environ, ADDR=f"127.0.0.1:{port}", CLUSTER_WORKERS=str(workers), RUST_LOG="warn",
@@ -91,9 +92,10 @@ def configs(baseline=None):
     ]
     if shutil.which("node"):
         found += [("node-rr-2", node("rr"), True), ("node-none-2", node("none"), False)]
-    if baseline:
+    for baseline in baselines:
         # Another build of `hello` (an older commit), side by side in the same run.
-        found += [("baseline-rr-2", hello(2, "rr", binary=baseline), True)]
+        label, _, binary = baseline.rpartition("=")
+        found += [(f"{label or 'baseline'}-rr-2", hello(2, "rr", binary=binary), True)]
     return found
 
 
@@ -235,7 +237,9 @@ def main():
     ap.add_argument("--only", help="comma-separated config names (implies --no-write)")
     ap.add_argument("--workloads", default="keepalive,close")
     ap.add_argument("--no-write", action="store_true", help="print only; do not write docs/benchmarks.md")
-    ap.add_argument("--baseline", help="another build of examples/hello, run as `baseline-rr-2`")
+    ap.add_argument("--baseline", action="append", default=[],
+                    help="[LABEL=]PATH: another build of examples/hello, run as `LABEL-rr-2` "
+                         "(default label `baseline`); may be given more than once")
     args = ap.parse_args()
     layouts = args.layouts.split(",")
     workloads = args.workloads.split(",")

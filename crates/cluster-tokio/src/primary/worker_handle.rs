@@ -15,10 +15,11 @@ use super::driver::Input;
 use super::{Signal, holding, stopped};
 use crate::message::{DEFAULT_REQUEST_TIMEOUT, RequestError};
 
+/// What a worker's handles show: a copy of the core's view, refreshed by the driver with each
+/// event.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Status {
     pub(super) state: WorkerState,
-    pub(super) connected: bool,
     pub(super) ready: bool,
     pub(super) exited_after_disconnect: Option<bool>,
     pub(super) exit: Option<ExitStatus>,
@@ -44,7 +45,6 @@ impl WorkerShared {
     ) -> Self {
         let status = Status {
             state: WorkerState::None,
-            connected: true,
             ready: false,
             exited_after_disconnect: None,
             exit: None,
@@ -112,7 +112,7 @@ impl WorkerHandle {
 
     /// Whether its link to the primary is open.
     pub fn is_connected(&self) -> bool {
-        self.shared.status.borrow().connected
+        self.shared.status.borrow().state < WorkerState::Disconnected
     }
 
     /// Whether it declared itself ready to serve ([`Worker::ready`](crate::Worker::ready)).
@@ -281,7 +281,7 @@ impl WorkerHandle {
     /// Waits until its process has exited and returns how.
     pub async fn exited(&self) -> ExitStatus {
         let mut rx = self.shared.status.subscribe();
-        let status = rx.wait_for(|s| s.exit.is_some() && !s.connected).await;
+        let status = rx.wait_for(|s| s.exit.is_some()).await;
         match status {
             Ok(s) => s.exit.expect("checked by wait_for"),
             // The sender lives in `self.shared`, so it cannot be dropped while we wait.

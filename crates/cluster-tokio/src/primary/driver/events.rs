@@ -108,7 +108,6 @@ impl Driver {
                 // The core forgot the worker: its last word is in the event.
                 w.shared.update(|s| {
                     s.state = proto::WorkerState::Dead;
-                    s.connected = false;
                     s.exited_after_disconnect = Some(exited_after_disconnect);
                     s.exit = Some(status);
                     s.killed = killed;
@@ -141,7 +140,6 @@ impl Driver {
         let ready = self.core.is_ready(worker);
         shared.update(|s| {
             s.state = lifecycle.state();
-            s.connected = !lifecycle.is_disconnected();
             s.exited_after_disconnect = lifecycle.exited_after_disconnect();
             s.ready = ready;
         });
