@@ -148,23 +148,17 @@ pub(crate) fn monotonic_usec() -> u64 {
 /// The kernel's clock ticks per second (`sysconf(_SC_CLK_TCK)`), the unit of the CPU times in
 /// `/proc/<pid>/stat`: often 100, but not guaranteed to be.
 pub(crate) fn clock_ticks_per_second() -> u64 {
-    static TICKS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-    // SAFETY: sysconf only reads a system constant; it has no memory-safety preconditions.
-    *TICKS.get_or_init(|| u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).unwrap_or(100))
+    rustix::param::clock_ticks_per_second()
 }
 
 /// The size of a memory page in bytes (`sysconf(_SC_PAGESIZE)`), the unit of `/proc/<pid>/statm`.
 pub(crate) fn page_size() -> u64 {
-    static PAGE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-    // SAFETY: sysconf only reads a system constant; it has no memory-safety preconditions.
-    *PAGE
-        .get_or_init(|| u64::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096))
+    rustix::param::page_size() as u64
 }
 
 /// This process's effective user id.
 pub(crate) fn effective_uid() -> u32 {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() }
+    rustix::process::geteuid().as_raw()
 }
 
 /// Takes ownership of the IPC fd a worker inherited, marking it close-on-exec so the worker's own
@@ -229,17 +223,17 @@ pub(crate) fn remove_env_if_single_threaded(names: &[&str]) -> bool {
 /// Raises the soft `RLIMIT_NOFILE` to the hard limit: every connection in flight costs an fd in
 /// the primary and the worker.
 pub(crate) fn raise_fd_limit() {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit write and read a properly sized struct we own.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
-        {
-            limit.rlim_cur = limit.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
-        }
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    // `None` is `RLIM_INFINITY`.
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current.unwrap_or(u64::MAX) < limit.maximum.unwrap_or(u64::MAX) {
+        let _ = setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: limit.maximum,
+                maximum: limit.maximum,
+            },
+        );
     }
 }
 
@@ -502,9 +496,8 @@ pub(crate) fn set_thread_name(name: &str) {
     let Ok(name) = std::ffi::CString::new(name) else {
         return;
     };
-    // SAFETY: PR_SET_NAME copies at most 15 bytes from a NUL-terminated string; `name` is one
-    // and outlives the call. It cannot fail for a valid pointer, so the result is not checked.
-    unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr(), 0, 0, 0) };
+    // It cannot fail for a valid string, so the result is not checked.
+    let _ = rustix::thread::set_name(&name);
 }
 
 /// Whether this process has a controlling terminal (one it could open as `/dev/tty`). After the
@@ -532,8 +525,7 @@ pub(crate) fn in_foreground_of_terminal() -> bool {
     else {
         return false;
     };
-    // SAFETY: tcgetpgrp(3) on an fd we own; getpgrp(2) has no preconditions.
-    let foreground = unsafe { libc::tcgetpgrp(tty.as_raw_fd()) == libc::getpgrp() };
+    let foreground = rustix::termios::tcgetpgrp(&tty) == Ok(rustix::process::getpgrp());
     // SAFETY: with a null new action, sigaction(2) only writes the current one into a struct
     // we own.
     let ignored = unsafe {
@@ -548,35 +540,29 @@ pub(crate) fn in_foreground_of_terminal() -> bool {
 /// counts per real user id over processes and threads alike, and does not enforce for root).
 /// Without this a worker count above the limit would be a storm of failing forks.
 pub(crate) fn check_process_limit(workers: usize) -> Result<(), crate::SettingsError> {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
+    let uid = rustix::process::getuid();
+    // `None` is `RLIM_INFINITY`.
+    let Some(limit) = rustix::process::getrlimit(rustix::process::Resource::Nproc).current else {
+        return Ok(());
     };
-    // SAFETY: getrlimit writes a properly sized struct we own; getuid has no preconditions.
-    let (got, uid) = unsafe {
-        (
-            libc::getrlimit(libc::RLIMIT_NPROC, &mut limit),
-            libc::getuid(),
-        )
-    };
-    if got != 0 || limit.rlim_cur == libc::RLIM_INFINITY || uid == 0 {
+    if uid.is_root() {
         return Ok(());
     }
-    let running = tasks_of_user(uid);
-    let available = limit.rlim_cur.saturating_sub(running);
+    let running = tasks_of_user(uid.as_raw());
+    let available = limit.saturating_sub(running);
     if (workers as u64) <= available {
         return Ok(());
     }
     Err(crate::SettingsError::ProcessLimit {
         workers,
         available,
-        limit: limit.rlim_cur,
+        limit,
         running,
     })
 }
 
 /// The tasks (threads) of processes whose real user id is `uid`, from `/proc`.
-fn tasks_of_user(uid: libc::uid_t) -> u64 {
+fn tasks_of_user(uid: u32) -> u64 {
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return 0;
     };
