@@ -5,7 +5,7 @@
 //! clock, `sysconf`, the effective uid), and taking the sockets of systemd's socket activation.
 
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
@@ -114,18 +114,12 @@ pub(crate) fn use_batch_scheduling() -> io::Result<bool> {
 /// names and never drops what it gets (so even an fd that something else in this process
 /// believes it owns is never closed twice).
 pub(crate) fn take_activated_socket(fd: RawFd) -> io::Result<OwnedFd> {
-    // SAFETY: fcntl on a possibly closed fd number only reads and sets its flags, or fails
-    // (EBADF).
-    unsafe {
-        let flags = libc::fcntl(fd, libc::F_GETFD);
-        if flags < 0 || libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC) < 0 {
-            return Err(io::Error::last_os_error());
-        }
-    }
-    // SAFETY: the fd is open (fcntl succeeded) and nothing closes it during this borrow.
-    let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
-    // Fails with ENOTSOCK for anything but a socket.
-    socket2::SockRef::from(&borrowed).r#type()?;
+    with_fd_number(fd, |borrowed| {
+        set_cloexec(borrowed)?;
+        // Fails with ENOTSOCK for anything but a socket.
+        socket2::SockRef::from(&borrowed).r#type()?;
+        Ok(())
+    })?;
     // SAFETY: `fd` is an open socket the service manager passed to this process for it to own
     // (`LISTEN_PID` is ours); the caller takes each such fd once and never closes it.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
@@ -162,39 +156,73 @@ pub(crate) fn effective_uid() -> u32 {
 /// parent (`SO_PEERCRED`): a grandchild that inherited the environment markers, or anything
 /// else that happens to sit at fd 3, is not taken for a link.
 pub(crate) fn take_inherited_ipc_fd() -> Option<OwnedFd> {
-    // SAFETY: fcntl on a possibly closed fd number only reads its flags, or fails (EBADF).
-    let flags = unsafe { libc::fcntl(IPC_FD, libc::F_GETFD) };
-    if flags < 0 {
+    let parent = rustix::process::Pid::as_raw(rustix::process::getppid());
+    let ours = with_fd_number(IPC_FD, |fd| {
+        if socket2::SockRef::from(&fd).r#type()? != socket2::Type::SEQPACKET
+            || peer_pid(fd)? != parent
+        {
+            return Ok(false);
+        }
+        let _ = set_cloexec(fd);
+        Ok(true)
+    });
+    if !ours.unwrap_or(false) {
         return None;
     }
-    // SAFETY: the fd is open (fcntl succeeded) and nothing closes it during this borrow.
-    let borrowed = unsafe { BorrowedFd::borrow_raw(IPC_FD) };
-    if socket2::SockRef::from(&borrowed).r#type().ok()? != socket2::Type::SEQPACKET {
-        return None;
-    }
-    // SAFETY: getsockopt reads the peer's credentials into a properly sized local, or fails.
-    unsafe {
-        let mut cred = libc::ucred {
-            pid: 0,
-            uid: 0,
-            gid: 0,
-        };
-        let mut len = size_of::<libc::ucred>() as libc::socklen_t;
-        let peer = libc::getsockopt(
-            IPC_FD,
+    // SAFETY: the fd is open and is the link our parent made for us alone; the role is detected
+    // once, so nothing else takes ownership of it.
+    Some(unsafe { OwnedFd::from_raw_fd(IPC_FD) })
+}
+
+/// The pid of `socket`'s peer as it connected (`SO_PEERCRED`); 0 when there is none (an
+/// unconnected socket) or it is not visible from this process's pid namespace.
+fn peer_pid(socket: BorrowedFd<'_>) -> io::Result<libc::pid_t> {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes of the peer's credentials into `cred`, a
+    // properly sized local, or fails. (Not rustix's `socket_peercred`: its `UCred` holds a
+    // non-zero `Pid`, and the kernel reports pid 0 in the cases above.)
+    let peer = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
             libc::SOL_SOCKET,
             libc::SO_PEERCRED,
             (&raw mut cred).cast(),
             &mut len,
-        );
-        if peer < 0 || cred.pid != libc::getppid() {
-            return None;
-        }
-        libc::fcntl(IPC_FD, libc::F_SETFD, flags | libc::FD_CLOEXEC);
-        // SAFETY: the fd is open and is the link our parent made for us alone; the role is
-        // detected once, so nothing else takes ownership of it.
-        Some(OwnedFd::from_raw_fd(IPC_FD))
+        )
+    };
+    if peer < 0 {
+        return Err(io::Error::last_os_error());
     }
+    Ok(cred.pid)
+}
+
+/// Runs `f` on fd number `fd` of this process, borrowed, once it is shown to be open (`EBADF`
+/// otherwise).
+///
+/// Only for the fds this process was handed by number (socket activation's, a worker's IPC fd,
+/// the one `listen({ fd })` names), which nothing in this process closes while it takes or
+/// copies them.
+fn with_fd_number<T>(fd: RawFd, f: impl FnOnce(BorrowedFd<'_>) -> io::Result<T>) -> io::Result<T> {
+    // SAFETY: fcntl(F_GETFD) on any integer only reads that fd's flags, or fails (EBADF for a
+    // closed or negative number). (rustix's `fcntl_getfd` takes a `BorrowedFd`, which must
+    // already be open.)
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is open (fcntl succeeded, so it is not -1) and stays open while `f` runs (see
+    // above); the borrow ends when `f` returns.
+    f(unsafe { BorrowedFd::borrow_raw(fd) })
+}
+
+/// Marks `fd` close-on-exec.
+fn set_cloexec(fd: BorrowedFd<'_>) -> io::Result<()> {
+    use rustix::io::{FdFlags, fcntl_getfd, fcntl_setfd};
+    Ok(fcntl_setfd(fd, fcntl_getfd(fd)? | FdFlags::CLOEXEC)?)
 }
 
 /// Removes `names` from the environment if this process has a single thread, so that nothing
@@ -296,7 +324,7 @@ pub(crate) fn register(fd: OwnedFd, interest: Interest) -> io::Result<AsyncFd<Ow
 /// `EBADF` when `fd` is not open.
 pub(crate) fn duplicate_fd(fd: RawFd) -> io::Result<OwnedFd> {
     // The stdio fds are never sockets a cluster listens on.
-    duplicate_at_least(fd, 3)
+    with_fd_number(fd, |fd| duplicate_at_least(fd, 3))
 }
 
 /// `fd`, moved above the fds a worker's spawn sets up ([`IPC_FD`] and below), where the child
@@ -305,19 +333,11 @@ pub(crate) fn above_ipc_fd(fd: OwnedFd) -> io::Result<OwnedFd> {
     if fd.as_raw_fd() > IPC_FD {
         return Ok(fd);
     }
-    duplicate_at_least(fd.as_raw_fd(), IPC_FD + 1)
+    duplicate_at_least(fd.as_fd(), IPC_FD + 1)
 }
 
-fn duplicate_at_least(fd: RawFd, lowest: RawFd) -> io::Result<OwnedFd> {
-    // SAFETY: fcntl(F_DUPFD_CLOEXEC) on any integer is memory-safe (it only reads `fd`): it
-    // fails with EBADF when `fd` is not open and otherwise returns a new fd, which we own at
-    // once.
-    let duplicate = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, lowest) };
-    if duplicate < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fcntl returned a new, open fd that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(duplicate) })
+fn duplicate_at_least(fd: BorrowedFd<'_>, lowest: RawFd) -> io::Result<OwnedFd> {
+    Ok(rustix::io::fcntl_dupfd_cloexec(fd, lowest)?)
 }
 
 /// Room for the control message of a few fds, 8-byte aligned as `cmsghdr` requires.
