@@ -1,8 +1,23 @@
-//! The crate's only `unsafe` code: what must happen between `fork` and `exec` of a worker,
-//! taking over the inherited IPC fd and environment in the worker before any thread starts, and
-//! the few raw calls std and socket2 do not offer (`accept4` without a reactor, `poll`, `fcntl`,
-//! scheduling policy, `sendmsg`/`recvmsg` with fds for the links, a timer fd, the monotonic
-//! clock, `sysconf`, the effective uid), and taking the sockets of systemd's socket activation.
+//! The system calls that std, socket2 and Tokio do not offer, and the crate's only `unsafe` code.
+//!
+//! rustix makes the cold ones safe: `sysconf` (clock ticks, page size), the user ids, the
+//! process group and the terminal's foreground group, the resource limits, the thread name
+//! (`PR_SET_NAME`), `fcntl` on a borrowed fd (close-on-exec, `F_DUPFD_CLOEXEC`), the
+//! zero-timeout `poll`, the monotonic clock and the timer fd.
+//!
+//! `unsafe` remains, as raw `libc` calls or claims the compiler cannot check, for:
+//! - what must happen between `fork` and `exec` of a worker ([`prepare_child`]);
+//! - the connection path, which changes only with a benchmark: `accept4` without a reactor,
+//!   `sendmsg`/`recvmsg` with fds for the links, and registering fds with the reactor;
+//! - the fds this process is handed by number (systemd's socket activation, a worker's IPC fd,
+//!   `listen({ fd })`): `fcntl(F_GETFD)` on the bare number before it is borrowed, and taking
+//!   ownership of those it keeps;
+//! - `SO_PEERCRED`, whose pid may be 0, which rustix's `UCred` cannot hold;
+//! - `kill`, since rustix's `Signal` names the real-time signals a worker may be sent only
+//!   through an `unsafe` constructor;
+//! - what rustix does not offer safely: the scheduling policy, and whether SIGHUP is ignored
+//!   (`sigaction`);
+//! - removing environment variables (`std::env::remove_var`) while this process has one thread.
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
