@@ -1,11 +1,26 @@
-//! The crate's only `unsafe` code: what must happen between `fork` and `exec` of a worker,
-//! taking over the inherited IPC fd and environment in the worker before any thread starts, and
-//! the few raw calls std and socket2 do not offer (`accept4` without a reactor, `poll`, `fcntl`,
-//! scheduling policy, `sendmsg`/`recvmsg` with fds for the links, a timer fd, the monotonic
-//! clock, `sysconf`, the effective uid), and taking the sockets of systemd's socket activation.
+//! The system calls that std, socket2 and Tokio do not offer, and the crate's only `unsafe` code.
+//!
+//! rustix makes the cold ones safe: `sysconf` (clock ticks, page size), the user ids, the
+//! process group and the terminal's foreground group, the resource limits, the thread name
+//! (`PR_SET_NAME`), `fcntl` on a borrowed fd (close-on-exec, `F_DUPFD_CLOEXEC`), the
+//! zero-timeout `poll`, the monotonic clock and the timer fd.
+//!
+//! `unsafe` remains, as raw `libc` calls or claims the compiler cannot check, for:
+//! - what must happen between `fork` and `exec` of a worker ([`prepare_child`]);
+//! - the connection path, which changes only with a benchmark: `accept4` without a reactor,
+//!   `sendmsg`/`recvmsg` with fds for the links, and registering fds with the reactor;
+//! - the fds this process is handed by number (systemd's socket activation, a worker's IPC fd,
+//!   `listen({ fd })`): `fcntl(F_GETFD)` on the bare number before it is borrowed, and taking
+//!   ownership of those it keeps;
+//! - `SO_PEERCRED`, whose pid may be 0, which rustix's `UCred` cannot hold;
+//! - `kill`, since rustix's `Signal` names the real-time signals a worker may be sent only
+//!   through an `unsafe` constructor;
+//! - what rustix does not offer safely: the scheduling policy, and whether SIGHUP is ignored
+//!   (`sigaction`);
+//! - removing environment variables (`std::env::remove_var`) while this process has one thread.
 
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
@@ -114,18 +129,12 @@ pub(crate) fn use_batch_scheduling() -> io::Result<bool> {
 /// names and never drops what it gets (so even an fd that something else in this process
 /// believes it owns is never closed twice).
 pub(crate) fn take_activated_socket(fd: RawFd) -> io::Result<OwnedFd> {
-    // SAFETY: fcntl on a possibly closed fd number only reads and sets its flags, or fails
-    // (EBADF).
-    unsafe {
-        let flags = libc::fcntl(fd, libc::F_GETFD);
-        if flags < 0 || libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC) < 0 {
-            return Err(io::Error::last_os_error());
-        }
-    }
-    // SAFETY: the fd is open (fcntl succeeded) and nothing closes it during this borrow.
-    let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
-    // Fails with ENOTSOCK for anything but a socket.
-    socket2::SockRef::from(&borrowed).r#type()?;
+    with_fd_number(fd, |borrowed| {
+        set_cloexec(borrowed)?;
+        // Fails with ENOTSOCK for anything but a socket.
+        socket2::SockRef::from(&borrowed).r#type()?;
+        Ok(())
+    })?;
     // SAFETY: `fd` is an open socket the service manager passed to this process for it to own
     // (`LISTEN_PID` is ours); the caller takes each such fd once and never closes it.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
@@ -133,13 +142,7 @@ pub(crate) fn take_activated_socket(fd: RawFd) -> io::Result<OwnedFd> {
 
 /// `CLOCK_MONOTONIC` in microseconds (systemd's `MONOTONIC_USEC`).
 pub(crate) fn monotonic_usec() -> u64 {
-    let mut now = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes a properly sized struct we own; CLOCK_MONOTONIC always
-    // exists on Linux.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut now) };
+    let now = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
     let secs = u64::try_from(now.tv_sec).unwrap_or(0);
     let micros = u64::try_from(now.tv_nsec).unwrap_or(0) / 1_000;
     secs * 1_000_000 + micros
@@ -148,23 +151,17 @@ pub(crate) fn monotonic_usec() -> u64 {
 /// The kernel's clock ticks per second (`sysconf(_SC_CLK_TCK)`), the unit of the CPU times in
 /// `/proc/<pid>/stat`: often 100, but not guaranteed to be.
 pub(crate) fn clock_ticks_per_second() -> u64 {
-    static TICKS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-    // SAFETY: sysconf only reads a system constant; it has no memory-safety preconditions.
-    *TICKS.get_or_init(|| u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).unwrap_or(100))
+    rustix::param::clock_ticks_per_second()
 }
 
 /// The size of a memory page in bytes (`sysconf(_SC_PAGESIZE)`), the unit of `/proc/<pid>/statm`.
 pub(crate) fn page_size() -> u64 {
-    static PAGE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-    // SAFETY: sysconf only reads a system constant; it has no memory-safety preconditions.
-    *PAGE
-        .get_or_init(|| u64::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096))
+    rustix::param::page_size() as u64
 }
 
 /// This process's effective user id.
 pub(crate) fn effective_uid() -> u32 {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() }
+    rustix::process::geteuid().as_raw()
 }
 
 /// Takes ownership of the IPC fd a worker inherited, marking it close-on-exec so the worker's own
@@ -174,39 +171,73 @@ pub(crate) fn effective_uid() -> u32 {
 /// parent (`SO_PEERCRED`): a grandchild that inherited the environment markers, or anything
 /// else that happens to sit at fd 3, is not taken for a link.
 pub(crate) fn take_inherited_ipc_fd() -> Option<OwnedFd> {
-    // SAFETY: fcntl on a possibly closed fd number only reads its flags, or fails (EBADF).
-    let flags = unsafe { libc::fcntl(IPC_FD, libc::F_GETFD) };
-    if flags < 0 {
+    let parent = rustix::process::Pid::as_raw(rustix::process::getppid());
+    let ours = with_fd_number(IPC_FD, |fd| {
+        if socket2::SockRef::from(&fd).r#type()? != socket2::Type::SEQPACKET
+            || peer_pid(fd)? != parent
+        {
+            return Ok(false);
+        }
+        let _ = set_cloexec(fd);
+        Ok(true)
+    });
+    if !ours.unwrap_or(false) {
         return None;
     }
-    // SAFETY: the fd is open (fcntl succeeded) and nothing closes it during this borrow.
-    let borrowed = unsafe { BorrowedFd::borrow_raw(IPC_FD) };
-    if socket2::SockRef::from(&borrowed).r#type().ok()? != socket2::Type::SEQPACKET {
-        return None;
-    }
-    // SAFETY: getsockopt reads the peer's credentials into a properly sized local, or fails.
-    unsafe {
-        let mut cred = libc::ucred {
-            pid: 0,
-            uid: 0,
-            gid: 0,
-        };
-        let mut len = size_of::<libc::ucred>() as libc::socklen_t;
-        let peer = libc::getsockopt(
-            IPC_FD,
+    // SAFETY: the fd is open and is the link our parent made for us alone; the role is detected
+    // once, so nothing else takes ownership of it.
+    Some(unsafe { OwnedFd::from_raw_fd(IPC_FD) })
+}
+
+/// The pid of `socket`'s peer as it connected (`SO_PEERCRED`); 0 when there is none (an
+/// unconnected socket) or it is not visible from this process's pid namespace.
+fn peer_pid(socket: BorrowedFd<'_>) -> io::Result<libc::pid_t> {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes of the peer's credentials into `cred`, a
+    // properly sized local, or fails. (Not rustix's `socket_peercred`: its `UCred` holds a
+    // non-zero `Pid`, and the kernel reports pid 0 in the cases above.)
+    let peer = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
             libc::SOL_SOCKET,
             libc::SO_PEERCRED,
             (&raw mut cred).cast(),
             &mut len,
-        );
-        if peer < 0 || cred.pid != libc::getppid() {
-            return None;
-        }
-        libc::fcntl(IPC_FD, libc::F_SETFD, flags | libc::FD_CLOEXEC);
-        // SAFETY: the fd is open and is the link our parent made for us alone; the role is
-        // detected once, so nothing else takes ownership of it.
-        Some(OwnedFd::from_raw_fd(IPC_FD))
+        )
+    };
+    if peer < 0 {
+        return Err(io::Error::last_os_error());
     }
+    Ok(cred.pid)
+}
+
+/// Runs `f` on fd number `fd` of this process, borrowed, once it is shown to be open (`EBADF`
+/// otherwise).
+///
+/// Only for the fds this process was handed by number (socket activation's, a worker's IPC fd,
+/// the one `listen({ fd })` names), which nothing in this process closes while it takes or
+/// copies them.
+fn with_fd_number<T>(fd: RawFd, f: impl FnOnce(BorrowedFd<'_>) -> io::Result<T>) -> io::Result<T> {
+    // SAFETY: fcntl(F_GETFD) on any integer only reads that fd's flags, or fails (EBADF for a
+    // closed or negative number). (rustix's `fcntl_getfd` takes a `BorrowedFd`, which must
+    // already be open.)
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is open (fcntl succeeded, so it is not -1) and stays open while `f` runs (see
+    // above); the borrow ends when `f` returns.
+    f(unsafe { BorrowedFd::borrow_raw(fd) })
+}
+
+/// Marks `fd` close-on-exec.
+fn set_cloexec(fd: BorrowedFd<'_>) -> io::Result<()> {
+    use rustix::io::{FdFlags, fcntl_getfd, fcntl_setfd};
+    Ok(fcntl_setfd(fd, fcntl_getfd(fd)? | FdFlags::CLOEXEC)?)
 }
 
 /// Removes `names` from the environment if this process has a single thread, so that nothing
@@ -229,17 +260,17 @@ pub(crate) fn remove_env_if_single_threaded(names: &[&str]) -> bool {
 /// Raises the soft `RLIMIT_NOFILE` to the hard limit: every connection in flight costs an fd in
 /// the primary and the worker.
 pub(crate) fn raise_fd_limit() {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit write and read a properly sized struct we own.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
-        {
-            limit.rlim_cur = limit.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
-        }
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    // `None` is `RLIM_INFINITY`.
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current.unwrap_or(u64::MAX) < limit.maximum.unwrap_or(u64::MAX) {
+        let _ = setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: limit.maximum,
+                maximum: limit.maximum,
+            },
+        );
     }
 }
 
@@ -282,16 +313,10 @@ pub(crate) fn accept(listener: BorrowedFd<'_>) -> io::Result<OwnedFd> {
 /// that succeeds (3.3 µs against 0.2 µs for `poll` on the benchmark machine). An error says
 /// "maybe", so the caller falls back to accepting until `EAGAIN`.
 pub(crate) fn connection_waiting(listener: BorrowedFd<'_>) -> bool {
-    use std::os::fd::AsRawFd;
-    let mut entry = libc::pollfd {
-        fd: listener.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: poll reads and writes only the one `pollfd` it is given, which lives across the
-    // call; a zero timeout never blocks.
-    let ready = unsafe { libc::poll(&raw mut entry, 1, 0) };
-    ready != 0
+    use rustix::event::{PollFd, PollFlags, Timespec, poll};
+    let mut entry = [PollFd::new(&listener, PollFlags::IN)];
+    // A zero timeout never blocks.
+    poll(&mut entry, Some(&Timespec::default())) != Ok(0)
 }
 
 /// Registers a listening socket with the reactor, for readiness only (see [`accept`]).
@@ -314,7 +339,7 @@ pub(crate) fn register(fd: OwnedFd, interest: Interest) -> io::Result<AsyncFd<Ow
 /// `EBADF` when `fd` is not open.
 pub(crate) fn duplicate_fd(fd: RawFd) -> io::Result<OwnedFd> {
     // The stdio fds are never sockets a cluster listens on.
-    duplicate_at_least(fd, 3)
+    with_fd_number(fd, |fd| duplicate_at_least(fd, 3))
 }
 
 /// `fd`, moved above the fds a worker's spawn sets up ([`IPC_FD`] and below), where the child
@@ -323,19 +348,11 @@ pub(crate) fn above_ipc_fd(fd: OwnedFd) -> io::Result<OwnedFd> {
     if fd.as_raw_fd() > IPC_FD {
         return Ok(fd);
     }
-    duplicate_at_least(fd.as_raw_fd(), IPC_FD + 1)
+    duplicate_at_least(fd.as_fd(), IPC_FD + 1)
 }
 
-fn duplicate_at_least(fd: RawFd, lowest: RawFd) -> io::Result<OwnedFd> {
-    // SAFETY: fcntl(F_DUPFD_CLOEXEC) on any integer is memory-safe (it only reads `fd`): it
-    // fails with EBADF when `fd` is not open and otherwise returns a new fd, which we own at
-    // once.
-    let duplicate = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, lowest) };
-    if duplicate < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fcntl returned a new, open fd that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(duplicate) })
+fn duplicate_at_least(fd: BorrowedFd<'_>, lowest: RawFd) -> io::Result<OwnedFd> {
+    Ok(rustix::io::fcntl_dupfd_cloexec(fd, lowest)?)
 }
 
 /// Room for the control message of a few fds, 8-byte aligned as `cmsghdr` requires.
@@ -448,51 +465,32 @@ pub(crate) fn recv_frame(
 
 /// A non-blocking, close-on-exec, disarmed timer on the monotonic clock (`timerfd_create(2)`).
 pub(crate) fn timer() -> io::Result<OwnedFd> {
-    // SAFETY: timerfd_create takes no pointers; on success it returns a new fd nothing else owns.
-    let fd = unsafe {
-        libc::timerfd_create(
-            libc::CLOCK_MONOTONIC,
-            libc::TFD_NONBLOCK | libc::TFD_CLOEXEC,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a new open fd, owned from here on.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    use rustix::time::{TimerfdClockId, TimerfdFlags, timerfd_create};
+    Ok(timerfd_create(
+        TimerfdClockId::Monotonic,
+        TimerfdFlags::NONBLOCK | TimerfdFlags::CLOEXEC,
+    )?)
 }
 
 /// Arms `timer` to expire once, `after` from now (at least a nanosecond: zero would disarm it).
 pub(crate) fn arm_timer(timer: BorrowedFd<'_>, after: std::time::Duration) -> io::Result<()> {
+    use rustix::time::{Itimerspec, TimerfdTimerFlags, Timespec, timerfd_settime};
     let after = after.max(std::time::Duration::from_nanos(1));
-    let value = libc::itimerspec {
-        it_interval: libc::timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        },
-        it_value: libc::timespec {
-            tv_sec: libc::time_t::try_from(after.as_secs()).unwrap_or(libc::time_t::MAX),
-            tv_nsec: libc::c_long::from(after.subsec_nanos()),
+    let value = Itimerspec {
+        it_interval: Timespec::default(),
+        it_value: Timespec {
+            tv_sec: after.as_secs().try_into().unwrap_or(i64::MAX),
+            tv_nsec: after.subsec_nanos().into(),
         },
     };
-    // SAFETY: `value` lives across the call and is only read; the old value is not asked for.
-    let armed = unsafe {
-        libc::timerfd_settime(timer.as_raw_fd(), 0, &raw const value, std::ptr::null_mut())
-    };
-    if armed < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    timerfd_settime(timer, TimerfdTimerFlags::empty(), &value)?;
     Ok(())
 }
 
 /// Consumes an expiry of `timer`; `WouldBlock` if it has not expired since it was last read.
 pub(crate) fn read_timer(timer: BorrowedFd<'_>) -> io::Result<()> {
     let mut expirations = [0u8; 8];
-    // SAFETY: read(2) into a live local buffer of the stated size.
-    let read = unsafe { libc::read(timer.as_raw_fd(), expirations.as_mut_ptr().cast(), 8) };
-    if read < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    rustix::io::read(timer, &mut expirations)?;
     Ok(())
 }
 
@@ -502,9 +500,8 @@ pub(crate) fn set_thread_name(name: &str) {
     let Ok(name) = std::ffi::CString::new(name) else {
         return;
     };
-    // SAFETY: PR_SET_NAME copies at most 15 bytes from a NUL-terminated string; `name` is one
-    // and outlives the call. It cannot fail for a valid pointer, so the result is not checked.
-    unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr(), 0, 0, 0) };
+    // It cannot fail for a valid string, so the result is not checked.
+    let _ = rustix::thread::set_name(&name);
 }
 
 /// Whether this process has a controlling terminal (one it could open as `/dev/tty`). After the
@@ -532,8 +529,7 @@ pub(crate) fn in_foreground_of_terminal() -> bool {
     else {
         return false;
     };
-    // SAFETY: tcgetpgrp(3) on an fd we own; getpgrp(2) has no preconditions.
-    let foreground = unsafe { libc::tcgetpgrp(tty.as_raw_fd()) == libc::getpgrp() };
+    let foreground = rustix::termios::tcgetpgrp(&tty) == Ok(rustix::process::getpgrp());
     // SAFETY: with a null new action, sigaction(2) only writes the current one into a struct
     // we own.
     let ignored = unsafe {
@@ -548,35 +544,29 @@ pub(crate) fn in_foreground_of_terminal() -> bool {
 /// counts per real user id over processes and threads alike, and does not enforce for root).
 /// Without this a worker count above the limit would be a storm of failing forks.
 pub(crate) fn check_process_limit(workers: usize) -> Result<(), crate::SettingsError> {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
+    let uid = rustix::process::getuid();
+    // `None` is `RLIM_INFINITY`.
+    let Some(limit) = rustix::process::getrlimit(rustix::process::Resource::Nproc).current else {
+        return Ok(());
     };
-    // SAFETY: getrlimit writes a properly sized struct we own; getuid has no preconditions.
-    let (got, uid) = unsafe {
-        (
-            libc::getrlimit(libc::RLIMIT_NPROC, &mut limit),
-            libc::getuid(),
-        )
-    };
-    if got != 0 || limit.rlim_cur == libc::RLIM_INFINITY || uid == 0 {
+    if uid.is_root() {
         return Ok(());
     }
-    let running = tasks_of_user(uid);
-    let available = limit.rlim_cur.saturating_sub(running);
+    let running = tasks_of_user(uid.as_raw());
+    let available = limit.saturating_sub(running);
     if (workers as u64) <= available {
         return Ok(());
     }
     Err(crate::SettingsError::ProcessLimit {
         workers,
         available,
-        limit: limit.rlim_cur,
+        limit,
         running,
     })
 }
 
 /// The tasks (threads) of processes whose real user id is `uid`, from `/proc`.
-fn tasks_of_user(uid: libc::uid_t) -> u64 {
+fn tasks_of_user(uid: u32) -> u64 {
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return 0;
     };
