@@ -70,7 +70,9 @@ pub struct WorkerStatus {
     pub usage: Option<ProcessUsage>,
     /// The TCP connections it is serving: established ones on a port the primary listens on
     /// (its fds in `/proc`, matched with the kernel's socket diagnostics); connections over Unix
-    /// sockets and its own outgoing ones are not counted. `None` if they could not be read.
+    /// sockets and its own outgoing ones are not counted. `None` if they could not be read. As of
+    /// a reading up to 5 s old: one costs the primary milliseconds, so it is not taken again for
+    /// each status asked for within that time.
     pub connections: Option<usize>,
 }
 
@@ -262,6 +264,38 @@ impl Book {
     }
 }
 
+/// How long a reading of the connections each worker serves is reused. Taking one walks the
+/// kernel's whole TCP hash table and every worker's fds (milliseconds, however many connections
+/// there are), so however often a status is asked for (a scraper, `cluster-ctl` in a loop), the
+/// primary takes at most one reading per period.
+pub(crate) const CONNECTIONS_MAX_AGE: Duration = Duration::from_secs(5);
+
+/// The last reading of the connections served, by pid (`None`: its fds could not be read).
+type ConnectionsReading = (Instant, HashMap<u32, Option<usize>>);
+
+static CONNECTIONS: std::sync::Mutex<Option<ConnectionsReading>> = std::sync::Mutex::new(None);
+
+/// How many connections each of `pids` serves, as of a reading at most
+/// [`CONNECTIONS_MAX_AGE`] old that covers them all (a new one otherwise).
+fn connections_served(pids: &[u32]) -> HashMap<u32, Option<usize>> {
+    let mut last = CONNECTIONS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some((at, counts)) = &*last
+        && at.elapsed() < CONNECTIONS_MAX_AGE
+        && pids.iter().all(|pid| counts.contains_key(pid))
+    {
+        return counts.clone();
+    }
+    let serving = crate::primary::holding::Serving::read();
+    let counts: HashMap<u32, Option<usize>> = pids
+        .iter()
+        .map(|&pid| (pid, serving.as_ref().and_then(|s| s.by(pid))))
+        .collect();
+    *last = Some((Instant::now(), counts.clone()));
+    counts
+}
+
 /// Puts a status together: `stats` from the primary, the supervisor's `book`, and `/proc`.
 pub(crate) async fn assemble(
     primary: &Primary,
@@ -272,11 +306,11 @@ pub(crate) async fn assemble(
     // off connections.
     let pids: Vec<u32> = stats.workers.iter().map(|w| w.pid).collect();
     let usage = tokio::task::spawn_blocking(move || {
-        let serving = crate::primary::holding::Serving::read();
+        let connections = connections_served(&pids);
         pids.into_iter()
             .map(|pid| {
-                let connections = serving.as_ref().and_then(|s| s.by(pid));
-                (ProcessUsage::of(pid), connections)
+                let served = connections.get(&pid).copied().flatten();
+                (ProcessUsage::of(pid), served)
             })
             .collect::<Vec<_>>()
     })

@@ -52,15 +52,28 @@ pub(crate) struct Serving {
 
 impl Serving {
     /// The kernel's view now; `None` if it does not answer.
+    ///
+    /// Listing the established sockets walks the kernel's whole TCP hash table, milliseconds
+    /// whatever the load (listing the listening ones is cheap): done only for the address
+    /// families this process listens on.
     pub(crate) fn read() -> Option<Self> {
         let ours = socket_inodes(std::process::id())?;
-        let ports = tcp_sockets(LISTEN)
-            .ok()?
-            .into_iter()
-            .filter(|s| ours.contains(&s.inode))
-            .map(|s| s.local_port)
-            .collect();
-        let established = tcp_sockets(ESTABLISHED).ok()?;
+        let mut ports = HashSet::new();
+        let mut established = Vec::new();
+        for family in [libc::AF_INET, libc::AF_INET6] {
+            let mut listening = Vec::new();
+            dump(family, LISTEN, &mut listening).ok()?;
+            let before = ports.len();
+            ports.extend(
+                listening
+                    .iter()
+                    .filter(|s| ours.contains(&s.inode))
+                    .map(|s| s.local_port),
+            );
+            if ports.len() > before {
+                dump(family, ESTABLISHED, &mut established).ok()?;
+            }
+        }
         Some(Self { ports, established })
     }
 
