@@ -268,6 +268,9 @@ def main():
         return
     boot = {n: startup(n) for n in (1, 4, 16)}
     micro = micro_benchmarks()
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import metrics_cost
+    micro += metrics_cost.measure(HELLO)
     report = render(cells, layouts, results, boot, micro, args)
     print(report)
     with open(os.path.join(ROOT, "docs/benchmarks.md"), "w") as f:
@@ -381,7 +384,9 @@ def render(cells, layouts, results, boot, micro, args):
               f"| primary RSS < 10 MiB | {med([r['primary_rss'] for r in rr]) / 1024:.1f} MiB (worker {med([r['worker_rss'] for r in rr]) / 1024:.1f} MiB) |",
               "", "## Hot paths", "",
               "`cargo bench -p benches --bench core` (criterion: the sans-IO core alone, no syscalls) and "
-              "`cargo run --release -p benches --bin messages` (user messages over a real link, 1 worker).", "",
+              "`cargo run --release -p benches --bin messages` (user messages over a real link, 1 worker); "
+              "`python3 benches/load/metrics_cost.py` (what the metrics endpoint costs the primary: per scrape, "
+              "and under churn in one process, windows with and without a scrape a second).", "",
               "| what | figure |", "|---|---|"]
     lines += [f"| {name} | {figure} |" for name, figure in micro]
     lines.append("")
