@@ -94,7 +94,9 @@ def configs(baselines=()):
         found += [("node-rr-2", node("rr"), True), ("node-none-2", node("none"), False)]
     for baseline in baselines:
         # Another build of `hello` (an older commit), side by side in the same run.
-        label, _, binary = baseline.rpartition("=")
+        label, _, binary = baseline.partition("=")
+        if not binary or "/" in label:  # no label: all of it is the path
+            label, binary = "", baseline
         found += [(f"{label or 'baseline'}-rr-2", hello(2, "rr", binary=binary), True)]
     return found
 

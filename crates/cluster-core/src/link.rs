@@ -74,14 +74,18 @@ enum State {
 pub struct Link<P> {
     state: State,
     next_seq: u64,
-    /// Ordered by seq, so the oldest request (the first deadline to expire) is first.
-    pending: BTreeMap<Seq, Pending<P>>,
+    /// The requests with a deadline, by seq. Their deadlines never decrease (one timeout per
+    /// kind), so the first one's is the earliest.
+    timed: BTreeMap<Seq, Timed<P>>,
+    /// The requests without one (a user's request, a listen), by seq: kept apart so that finding
+    /// the next deadline never walks over them.
+    untimed: BTreeMap<Seq, P>,
 }
 
 #[derive(Debug)]
-struct Pending<P> {
+struct Timed<P> {
     what: P,
-    deadline: Option<Instant>,
+    deadline: Instant,
 }
 
 impl<P> Default for Link<P> {
@@ -96,7 +100,8 @@ impl<P> Link<P> {
         Self {
             state: State::Handshake,
             next_seq: 1,
-            pending: BTreeMap::new(),
+            timed: BTreeMap::new(),
+            untimed: BTreeMap::new(),
         }
     }
 
@@ -198,7 +203,14 @@ impl<P> Link<P> {
         }
         let seq = Seq::new(self.next_seq);
         self.next_seq += 1;
-        self.pending.insert(seq, Pending { what, deadline });
+        match deadline {
+            Some(deadline) => {
+                self.timed.insert(seq, Timed { what, deadline });
+            }
+            None => {
+                self.untimed.insert(seq, what);
+            }
+        }
         Ok(seq)
     }
 
@@ -210,8 +222,8 @@ impl<P> Link<P> {
     /// already answered.
     pub fn finish_request(&mut self, ack: Seq) -> Result<P, LinkError> {
         self.check_open()?;
-        match self.pending.remove(&ack) {
-            Some(p) => Ok(p.what),
+        match self.remove(ack) {
+            Some(what) => Ok(what),
             None if ack.get() > 0 && ack.get() < self.next_seq => {
                 Err(LinkError::DuplicateAck { ack })
             }
@@ -230,8 +242,8 @@ impl<P> Link<P> {
         accept: impl FnOnce(&P) -> bool,
     ) -> Result<P, LinkError> {
         self.check_open()?;
-        match self.pending.get(&ack) {
-            Some(p) if !accept(&p.what) => Err(LinkError::WrongReply { ack }),
+        match self.pending(ack) {
+            Some(what) if !accept(what) => Err(LinkError::WrongReply { ack }),
             _ => self.finish_request(ack),
         }
     }
@@ -253,11 +265,16 @@ impl<P> Link<P> {
         if through.get() == 0 || through.get() >= self.next_seq {
             return Err(LinkError::UnknownAck { ack: through });
         }
-        let finished: Vec<(Seq, P)> = self
-            .pending
+        let mut finished: Vec<(Seq, P)> = self
+            .timed
             .extract_if(..=through, |_, p| answered(&p.what))
             .map(|(seq, p)| (seq, p.what))
+            .chain(
+                self.untimed
+                    .extract_if(..=through, |_, what| answered(what)),
+            )
             .collect();
+        finished.sort_unstable_by_key(|(seq, _)| *seq);
         if finished.is_empty() {
             return Err(LinkError::DuplicateAck { ack: through });
         }
@@ -266,53 +283,90 @@ impl<P> Link<P> {
 
     /// The pending request for `seq`, if any.
     pub fn pending(&self, seq: Seq) -> Option<&P> {
-        self.pending.get(&seq).map(|p| &p.what)
+        match self.timed.get(&seq) {
+            Some(p) => Some(&p.what),
+            None => self.untimed.get(&seq),
+        }
     }
 
     /// The pending request for `seq`, if any, to update what it stands for.
     pub fn pending_mut(&mut self, seq: Seq) -> Option<&mut P> {
-        self.pending.get_mut(&seq).map(|p| &mut p.what)
+        match self.timed.get_mut(&seq) {
+            Some(p) => Some(&mut p.what),
+            None => self.untimed.get_mut(&seq),
+        }
+    }
+
+    /// Forgets request `seq` if `what` agrees, whatever the link's state (its waiter gave up);
+    /// an answer to it, if one comes, is then a [`LinkError::DuplicateAck`].
+    pub fn forget_if(&mut self, seq: Seq, what: impl FnOnce(&P) -> bool) -> Option<P> {
+        if what(self.pending(seq)?) {
+            self.remove(seq)
+        } else {
+            None
+        }
+    }
+
+    fn remove(&mut self, seq: Seq) -> Option<P> {
+        match self.timed.remove(&seq) {
+            Some(p) => Some(p.what),
+            None => self.untimed.remove(&seq),
+        }
     }
 
     /// The pending requests, oldest first.
     pub fn pending_requests(&self) -> impl Iterator<Item = (Seq, &P)> + '_ {
-        self.pending.iter().map(|(seq, p)| (*seq, &p.what))
+        let mut timed = self.timed.iter().map(|(seq, p)| (*seq, &p.what)).peekable();
+        let mut untimed = self
+            .untimed
+            .iter()
+            .map(|(seq, what)| (*seq, what))
+            .peekable();
+        std::iter::from_fn(move || match (timed.peek(), untimed.peek()) {
+            (Some((a, _)), Some((b, _))) if a > b => untimed.next(),
+            (Some(_), _) => timed.next(),
+            (None, _) => untimed.next(),
+        })
     }
 
     /// How many requests await a reply.
     pub fn pending_len(&self) -> usize {
-        self.pending.len()
+        self.timed.len() + self.untimed.len()
     }
 
     /// The earliest deadline among pending requests.
     ///
     /// Requests with deadlines are assumed to be issued with non-decreasing deadlines (one
-    /// timeout per kind), so this looks at the oldest requests first and stops at the first one
-    /// that has a deadline.
+    /// timeout per kind), so this is the oldest timed request's.
     pub fn next_deadline(&self) -> Option<Instant> {
-        self.pending.values().find_map(|p| p.deadline)
+        self.timed.values().next().map(|p| p.deadline)
     }
 
     /// The requests whose deadline is at or before `now`, oldest first. They stay pending.
     pub fn expired(&self, now: Instant) -> impl Iterator<Item = (Seq, &P)> + '_ {
-        self.pending
+        self.timed
             .iter()
-            .filter(move |(_, p)| p.deadline.is_some_and(|d| d <= now))
+            .take_while(move |(_, p)| p.deadline <= now)
             .map(|(seq, p)| (*seq, &p.what))
     }
 
     /// Closes the link; every pending request is returned as failed, oldest first.
     pub fn close(&mut self) -> impl Iterator<Item = (Seq, P)> {
         self.state = State::Closed;
-        std::mem::take(&mut self.pending)
+        let mut failed: Vec<(Seq, P)> = std::mem::take(&mut self.timed)
             .into_iter()
             .map(|(seq, p)| (seq, p.what))
+            .chain(std::mem::take(&mut self.untimed))
+            .collect();
+        failed.sort_unstable_by_key(|(seq, _)| *seq);
+        failed.into_iter()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     fn open() -> Link<&'static str> {
         let mut link = Link::new();
@@ -422,7 +476,7 @@ mod tests {
     #[test]
     fn deadlines_are_reported_oldest_first() {
         let t0 = Instant::now();
-        let s = std::time::Duration::from_secs(1);
+        let s = Duration::from_secs(1);
         let mut link = open();
         link.start_request("no deadline", None).unwrap();
         let a = link.start_request("a", Some(t0 + s)).unwrap();
@@ -435,5 +489,48 @@ mod tests {
         );
         link.finish_request(a).unwrap();
         assert_eq!(link.next_deadline(), Some(t0 + 2 * s));
+    }
+
+    #[test]
+    fn requests_without_a_deadline_never_hide_the_next_one_and_keep_their_order() {
+        let mut link = open();
+        let now = Instant::now();
+        let untimed = link.start_request("user", None).unwrap();
+        let first = link
+            .start_request("handoff", Some(now + Duration::from_secs(1)))
+            .unwrap();
+        let second = link.start_request("listen", None).unwrap();
+        let third = link
+            .start_request("handoff", Some(now + Duration::from_secs(2)))
+            .unwrap();
+        assert_eq!(link.next_deadline(), Some(now + Duration::from_secs(1)));
+        let expired: Vec<_> = link.expired(now + Duration::from_secs(1)).collect();
+        assert_eq!(expired, [(first, &"handoff")]);
+        let order: Vec<Seq> = link.pending_requests().map(|(seq, _)| seq).collect();
+        assert_eq!(order, [untimed, first, second, third]);
+        // A cumulative reply covers both kinds if asked to, oldest first.
+        let done = link.finish_through(second, |_| true).unwrap();
+        assert_eq!(
+            done.iter().map(|(seq, _)| *seq).collect::<Vec<_>>(),
+            [untimed, first, second]
+        );
+        assert_eq!(link.next_deadline(), Some(now + Duration::from_secs(2)));
+        let last = link.start_request("user", None).unwrap();
+        let failed: Vec<Seq> = link.close().map(|(seq, _)| seq).collect();
+        assert_eq!(failed, [third, last]);
+    }
+
+    #[test]
+    fn a_request_is_forgotten_even_before_the_handshake() {
+        let mut link = Link::<&str>::new();
+        let seq = link.start_request("user", None).unwrap();
+        assert_eq!(link.forget_if(seq, |what| *what == "listen"), None);
+        assert_eq!(link.forget_if(seq, |what| *what == "user"), Some("user"));
+        assert_eq!(link.pending_len(), 0);
+        link.handle_handshake(PROTOCOL_VERSION).unwrap();
+        assert_eq!(
+            link.finish_request(seq),
+            Err(LinkError::DuplicateAck { ack: seq })
+        );
     }
 }

@@ -332,7 +332,7 @@ impl<F> WorkerSession<F> {
     /// Nobody waits for the answer to request `seq` any more (it timed out): the answer, if it
     /// comes, is dropped.
     pub fn forget_request(&mut self, seq: Seq) {
-        let _ = self.link.finish_request_if(seq, |r| *r == Request::User);
+        self.link.forget_if(seq, |r| *r == Request::User);
     }
 
     fn send_user(

@@ -735,7 +735,7 @@ impl<C: Copy + Eq + std::fmt::Debug> Primary<C> {
     /// answer, if it comes, is dropped.
     pub fn forget_request(&mut self, worker: WorkerId, seq: Seq) {
         if let Some(entry) = self.workers.get_mut(&worker) {
-            let _ = entry.link.finish_request_if(seq, Request::is_user);
+            entry.link.forget_if(seq, Request::is_user);
         }
     }
 

@@ -63,14 +63,14 @@ impl Serving {
         for family in [libc::AF_INET, libc::AF_INET6] {
             let mut listening = Vec::new();
             dump(family, LISTEN, &mut listening).ok()?;
-            let before = ports.len();
-            ports.extend(
-                listening
-                    .iter()
-                    .filter(|s| ours.contains(&s.inode))
-                    .map(|s| s.local_port),
-            );
-            if ports.len() > before {
+            let mut listens = false;
+            for socket in listening.iter().filter(|s| ours.contains(&s.inode)) {
+                ports.insert(socket.local_port);
+                listens = true;
+            }
+            // Per family, even for a port already seen in the other one (`0.0.0.0:P` and
+            // `[::]:P`): each family's connections are its own sockets.
+            if listens {
                 dump(family, ESTABLISHED, &mut established).ok()?;
             }
         }
@@ -233,6 +233,8 @@ impl fmt::Display for Holding {
 
 #[cfg(test)]
 mod tests {
+    use std::os::fd::AsRawFd;
+
     use super::*;
 
     #[test]
@@ -250,6 +252,28 @@ mod tests {
         assert!(holding.connections >= 2, "{holding:?}");
         assert!(holding.other_sockets >= 1, "{holding:?}");
         drop((client, served));
+    }
+
+    #[test]
+    fn connections_on_a_port_open_in_both_families_are_all_found() {
+        use std::os::unix::fs::MetadataExt;
+        let v4 = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = v4.local_addr().unwrap().port();
+        let v6 = std::net::TcpListener::bind(("::1", port)).unwrap();
+        let client = std::net::TcpStream::connect(("::1", port)).unwrap();
+        let (served, _) = v6.accept().unwrap();
+        let inode = std::fs::metadata(format!("/proc/self/fd/{}", served.as_raw_fd()))
+            .unwrap()
+            .ino();
+        let serving = Serving::read().expect("the kernel answers");
+        assert!(
+            serving
+                .established
+                .iter()
+                .any(|s| s.inode == inode && s.local_port == port),
+            "{serving:?}"
+        );
+        drop((client, served, v4));
     }
 
     #[test]

@@ -125,9 +125,9 @@ impl WorkerHandle {
         self.shared.status.borrow().exit.is_some()
     }
 
-    /// `None` until it disconnects or exits; then whether it left on purpose (the primary
-    /// disconnected it, or it disconnected itself). A [`Self::kill`] is just a signal and leaves
-    /// this `false`, as in Node ≥ 15.
+    /// `None` until it is asked to leave, disconnects or exits; then whether it left on purpose
+    /// (the primary disconnected it, or it disconnected itself: `true` from the request on, as
+    /// Node's). A [`Self::kill`] is just a signal and leaves this `false`, as in Node ≥ 15.
     pub fn exited_after_disconnect(&self) -> Option<bool> {
         self.shared.status.borrow().exited_after_disconnect
     }
