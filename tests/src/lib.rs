@@ -264,7 +264,8 @@ pub enum Reply {
     },
 }
 
-/// Sends `signal` to process `pid` (the tests' one `unsafe` call).
+/// Sends `signal` to process `pid` (`kill(2)`; the tests observe the OS through raw calls like
+/// this one, each with its `SAFETY` comment).
 ///
 /// # Errors
 ///
