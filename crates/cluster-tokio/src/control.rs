@@ -15,13 +15,11 @@
 use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::Semaphore;
 
 use crate::env::ErrorChain;
 use crate::socket::SocketFile;
@@ -56,26 +54,20 @@ pub(crate) fn bind(path: &Path) -> io::Result<ControlSocket> {
 
 /// Serves the control socket until dropped.
 pub(crate) async fn serve(socket: ControlSocket, handle: SupervisorHandle) {
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let ours = crate::sys::effective_uid();
-    loop {
-        let stream = match socket.listener.accept().await {
-            Ok((stream, _)) => stream,
-            Err(error) => {
-                tracing::debug!(%error, "control socket: accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
+    let listener = &socket.listener;
+    crate::local_server::accept_loop(
+        "control socket",
+        MAX_CONNECTIONS,
+        || async { Ok(listener.accept().await?.0) },
+        |stream| {
+            let handle = handle.clone();
+            async move {
+                let _ = converse(stream, ours, &handle).await;
             }
-        };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            continue;
-        };
-        let handle = handle.clone();
-        tokio::spawn(async move {
-            let _ = converse(stream, ours, &handle).await;
-            drop(permit);
-        });
-    }
+        },
+    )
+    .await;
 }
 
 async fn converse(stream: UnixStream, ours: u32, handle: &SupervisorHandle) -> io::Result<()> {

@@ -8,12 +8,10 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
 
 use crate::supervisor::SupervisorHandle;
 
@@ -45,26 +43,19 @@ pub(crate) fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
 
 /// Serves the endpoint until dropped.
 pub(crate) async fn serve(listener: TcpListener, handle: SupervisorHandle) {
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
-            Err(error) => {
-                // Out of fds, mostly: the workers' connections matter more than a scrape.
-                tracing::debug!(%error, "metrics endpoint: accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
+    let listener = &listener;
+    crate::local_server::accept_loop(
+        "metrics endpoint",
+        MAX_CONNECTIONS,
+        || async { Ok(listener.accept().await?.0) },
+        |stream| {
+            let handle = handle.clone();
+            async move {
+                let _ = answer(stream, &handle).await;
             }
-        };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            continue;
-        };
-        let handle = handle.clone();
-        tokio::spawn(async move {
-            let _ = answer(stream, &handle).await;
-            drop(permit);
-        });
-    }
+        },
+    )
+    .await;
 }
 
 async fn answer(mut stream: TcpStream, handle: &SupervisorHandle) -> io::Result<()> {

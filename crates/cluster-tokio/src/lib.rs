@@ -21,6 +21,7 @@ mod endpoint;
 mod entry;
 pub mod env;
 mod ipc;
+mod local_server;
 pub mod message;
 #[cfg(feature = "metrics")]
 mod metrics;
