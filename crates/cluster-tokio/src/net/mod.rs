@@ -43,6 +43,19 @@ pub trait Listener: sealed::Sealed + Send + Unpin + 'static {
     ) -> Poll<io::Result<(Self::Io, Self::Addr)>>;
 }
 
+/// A connection just accepted, with its peer's address: one reset before it was looked at
+/// (`NotConnected`) is `ConnectionAborted`, nothing to serve.
+#[cfg(any(feature = "axum", feature = "hyper", feature = "tonic"))]
+fn with_peer<S, A>(stream: S, peer: io::Result<A>) -> io::Result<(S, A)> {
+    match peer {
+        Ok(peer) => Ok((stream, peer)),
+        Err(e) if e.kind() == io::ErrorKind::NotConnected => {
+            Err(io::Error::new(io::ErrorKind::ConnectionAborted, e))
+        }
+        Err(e) => Err(e),
+    }
+}
+
 #[cfg(any(feature = "axum", feature = "hyper", feature = "tonic"))]
 mod sealed {
     #[expect(unnameable_types)] // The sealing trait: nameable by nobody outside, on purpose.

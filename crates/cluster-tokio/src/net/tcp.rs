@@ -212,14 +212,8 @@ impl super::Listener for ClusterListener {
         cx: &mut Context<'_>,
     ) -> Poll<io::Result<(TcpStream, SocketAddr)>> {
         let stream = ready!(self.poll_accept(cx))?;
-        Poll::Ready(match stream.peer_addr() {
-            Ok(peer) => Ok((stream, peer)),
-            // Reset before we looked at it: nothing to serve.
-            Err(e) if e.kind() == io::ErrorKind::NotConnected => {
-                Err(io::Error::new(io::ErrorKind::ConnectionAborted, e))
-            }
-            Err(e) => Err(e),
-        })
+        let peer = stream.peer_addr();
+        Poll::Ready(super::with_peer(stream, peer))
     }
 }
 

@@ -183,13 +183,8 @@ impl super::Listener for ClusterUnixListener {
         cx: &mut Context<'_>,
     ) -> Poll<io::Result<(UnixStream, tokio::net::unix::SocketAddr)>> {
         let stream = ready!(self.poll_accept(cx))?;
-        Poll::Ready(match stream.peer_addr() {
-            Ok(peer) => Ok((stream, peer)),
-            Err(e) if e.kind() == io::ErrorKind::NotConnected => {
-                Err(io::Error::new(io::ErrorKind::ConnectionAborted, e))
-            }
-            Err(e) => Err(e),
-        })
+        let peer = stream.peer_addr();
+        Poll::Ready(super::with_peer(stream, peer))
     }
 }
 
