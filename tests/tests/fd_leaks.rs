@@ -67,7 +67,7 @@ async fn primary_fds_return_to_baseline() {
         cluster
             .expect(&b, |e| matches!(e, Event::Exit { .. }))
             .await;
-        let stats = cluster.primary.stats().await.unwrap();
+        let stats = cluster.primary.counters().await.unwrap();
         assert_eq!(
             (stats.connections_held, stats.listeners),
             (0, 0),

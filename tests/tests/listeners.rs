@@ -123,7 +123,7 @@ async fn unix_socket_paths_are_distributed_like_ports_and_removed_with_the_last_
             !path.exists(),
             "{policy:?}: the socket file outlived its last worker"
         );
-        assert_eq!(cluster.primary.stats().await.unwrap().listeners, 0);
+        assert_eq!(cluster.primary.counters().await.unwrap().listeners, 0);
     }
 }
 
@@ -319,7 +319,7 @@ async fn exclusive_own_and_reuse_port_binds_bypass_the_primary() {
     }
     assert!([w1.id().get(), w2.id().get()].contains(&who(free).await));
     // The primary holds none of these sockets.
-    assert_eq!(cluster.primary.stats().await.unwrap().listeners, 0);
+    assert_eq!(cluster.primary.counters().await.unwrap().listeners, 0);
 }
 
 #[tokio::test]
@@ -389,7 +389,7 @@ async fn udp_is_shared_by_every_worker_even_under_round_robin() {
             tokio::time::timeout(WAIT, w.exited()).await.unwrap();
         }
     }
-    let stats = cluster.primary.stats().await.unwrap();
+    let stats = cluster.primary.counters().await.unwrap();
     assert_eq!(
         (stats.listeners, stats.connections_held),
         (1, 0),
@@ -494,7 +494,7 @@ async fn a_udp_bind_dropped_before_the_reply_leaves_nothing_behind() {
         after, before,
         "the worker kept the socket of a cancelled bind"
     );
-    let stats = cluster.primary.stats().await.unwrap();
+    let stats = cluster.primary.counters().await.unwrap();
     assert_eq!(
         stats.listeners, 0,
         "the primary kept a handle nobody uses: {stats:?}"

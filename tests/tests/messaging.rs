@@ -206,7 +206,7 @@ async fn handles_pass_both_ways_at_once() {
     drop(listener);
     // The primary kept no copy of what it sent (its fds wait in the connection slab until sent;
     // this binary's other tests open fds concurrently, so the slab is what is checked).
-    let stats = cluster.primary.stats().await.unwrap();
+    let stats = cluster.primary.counters().await.unwrap();
     assert_eq!(stats.connections_held, 0, "{stats:?}");
 }
 

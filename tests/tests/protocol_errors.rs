@@ -78,7 +78,7 @@ async fn a_rogue_worker_is_disconnected_and_the_primary_carries_on() {
         "{exit:?}"
     );
     // The primary that met the rogues is still responsive, and holds nothing of theirs.
-    let after = rogue_cluster.primary.stats().await.unwrap();
+    let after = rogue_cluster.primary.counters().await.unwrap();
     assert!(after.workers.is_empty(), "{after:?}");
     // And a primary in the same process was never disturbed.
     assert_eq!(who(port).await, good.id().get());
@@ -156,7 +156,7 @@ async fn connections_offered_to_a_worker_that_stopped_reading_are_served_by_anot
     }
     assert!(!rogue.is_dead(), "served only once the rogue was gone");
     // It is offered nothing more, and what it sends is still read.
-    let stats = cluster.primary.stats().await.unwrap();
+    let stats = cluster.primary.counters().await.unwrap();
     let books = stats.workers.iter().find(|w| w.id == rogue.id()).unwrap();
     assert!(books.handoffs >= 1, "{stats:?}");
     assert_eq!(books.in_flight, 0, "{stats:?}");

@@ -38,7 +38,7 @@ async fn connection_in_flight_to_a_killed_worker_is_served_by_another() {
     // Wait until the handoff is in flight to it (it is the only worker, so it gets it).
     let deadline = tokio::time::Instant::now() + support::WAIT;
     loop {
-        let stats = cluster.primary.stats().await.unwrap();
+        let stats = cluster.primary.counters().await.unwrap();
         if stats
             .workers
             .iter()
@@ -118,7 +118,7 @@ async fn connections_queued_in_a_closing_listener_go_to_another_worker() {
         );
         let clients: Vec<_> = (0..3).map(|_| tokio::spawn(who(port))).collect();
         let deadline = tokio::time::Instant::now() + support::WAIT;
-        while cluster.primary.stats().await.unwrap().connections_held > 0
+        while cluster.primary.counters().await.unwrap().connections_held > 0
             || !all_connected(&clients)
         {
             assert!(
@@ -162,11 +162,11 @@ fn all_connected(clients: &[tokio::task::JoinHandle<u64>]) -> bool {
 async fn until(
     cluster: &Cluster,
     what: &str,
-    done: impl Fn(&cluster::primary::Stats) -> bool,
-) -> cluster::primary::Stats {
+    done: impl Fn(&cluster::primary::Counters) -> bool,
+) -> cluster::primary::Counters {
     let deadline = tokio::time::Instant::now() + support::WAIT;
     loop {
-        let stats = cluster.primary.stats().await.unwrap();
+        let stats = cluster.primary.counters().await.unwrap();
         if done(&stats) {
             return stats;
         }
@@ -179,9 +179,9 @@ async fn until(
 }
 
 fn worker_stats(
-    stats: &cluster::primary::Stats,
+    stats: &cluster::primary::Counters,
     worker: &cluster::primary::WorkerHandle,
-) -> cluster::primary::WorkerStats {
+) -> cluster::primary::WorkerCounters {
     stats
         .workers
         .iter()

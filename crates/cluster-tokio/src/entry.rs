@@ -132,14 +132,17 @@ where
     run(settings, move |role| async move {
         match role {
             Role::Worker(_) => body().await,
-            Role::Primary(primary) => R::from_primary(
-                crate::Supervisor::new(primary)
-                    .run()
-                    .await
-                    .map_err(io::Error::from),
-            ),
+            Role::Primary(primary) => R::from_primary(supervise(primary).await),
         }
     })
+}
+
+/// The primary of [`run_workers`]: observed, then supervised.
+async fn supervise(primary: Primary) -> io::Result<()> {
+    let supervisor = crate::Supervisor::new(primary);
+    // Before any worker starts: an address that cannot be served stops the cluster here.
+    let _observed = crate::observability::serve(&supervisor.handle())?;
+    Ok(supervisor.run().await?)
 }
 
 /// What `#[cluster::main]` does with its settings before [`run`]: applies the `CLUSTER_*`

@@ -9,6 +9,8 @@
 //! - [`Worker`] is a worker's link to its primary; [`ClusterListener`] is the listener user code
 //!   binds, in a worker or in a plain process alike.
 //! - [`Supervisor`] keeps the workers running and owns the signals.
+//! - [`observability`] shows a supervised cluster outside: its status, the `/healthz`,
+//!   `/readyz` and `/metrics` endpoint, the control socket.
 //! - [`run`] and [`run_workers`] decide the role of this process and run `main` on a runtime
 //!   built for it (what `#[cluster::main]` expands to), with the [`Settings`] it was given.
 //! - With the features of the same names, `axum::serve`, `hyper::serve` and `tonic::serve` serve
@@ -16,23 +18,18 @@
 
 #![deny(unsafe_code)]
 
-mod control;
-mod endpoint;
 mod entry;
 pub mod env;
 mod ipc;
-mod local_server;
 pub mod message;
-#[cfg(feature = "metrics")]
-mod metrics;
 pub mod net;
+pub mod observability;
 pub mod primary;
 mod role;
 #[cfg(any(feature = "axum", feature = "hyper", feature = "tonic"))]
 mod serve;
 pub mod settings;
 mod socket;
-pub mod status;
 pub mod supervisor;
 // The one module allowed `unsafe`: every block there has a `// SAFETY:` comment.
 #[allow(unsafe_code)]

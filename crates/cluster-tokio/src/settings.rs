@@ -410,6 +410,9 @@ impl Settings {
         config.crash_loop_window = self.crash_loop_window;
         config.fatal_exit_code = self.fatal_exit_code;
         config.boot_timeout = Some(self.boot_timeout);
+        config.wait_ready = self.wait_ready;
+        config.retry_bind_errors = self.retry_bind_errors;
+        config.max_workers = MAX_WORKERS;
         config
     }
 
@@ -533,7 +536,7 @@ pub enum SettingsError {
 }
 
 impl SettingsError {
-    fn out_of_range(
+    pub(crate) fn out_of_range(
         setting: &'static str,
         value: impl fmt::Display,
         accepted: impl fmt::Display,

@@ -32,12 +32,12 @@
 //! - The paved path is at the root: [`main`], [`run`], [`Role`], [`shutdown`], [`ready`],
 //!   [`worker()`], [`Settings`], [`ClusterListener`], [`Primary`], [`Worker`].
 //! - [`net`]: every listener (TCP, Unix, UDP) and its bind options.
-//! - [`primary`]: what the primary knows of its workers: events, handles, stats, signals.
+//! - [`primary`]: what the primary knows of its workers: events, handles, counters, signals.
 //! - [`worker`](mod@worker): the worker's side.
 //! - [`message`]: typed messages and requests between the two.
 //! - [`supervisor`]: restarts, rolling reloads, scaling, and their errors.
-//! - [`status`]: a snapshot of the cluster from outside (workers, slots, restarts, reloads,
-//!   memory and CPU time), which the primary's metrics endpoint and control socket serve.
+//! - [`observability`]: a snapshot of the cluster from outside (workers, slots, restarts,
+//!   reloads, memory and CPU time), and the metrics endpoint and control socket that serve it.
 //! - [`settings`] and [`env`](mod@env): configuration, in code and from the environment.
 //!
 //! # Optional features
@@ -64,7 +64,7 @@ pub use cluster_tokio::hyper;
 pub use cluster_tokio::tonic;
 pub use cluster_tokio::{
     ClusterListener, MainOutput, Primary, Role, Settings, Supervisor, Worker, env, message, net,
-    primary, ready, run, run_workers, settings, shutdown, status, supervisor, worker,
+    observability, primary, ready, run, run_workers, settings, shutdown, supervisor, worker,
 };
 
 #[doc = include_str!("../../../docs/guide.md")]

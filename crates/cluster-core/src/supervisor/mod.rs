@@ -7,9 +7,14 @@
 //! from outside (an operator's `kill`, the OOM killer) is not at fault: it is restarted after a
 //! short backoff that grows with the kills but never past a second, and does not count towards
 //! the breaker. The policy gives up only on what a restart cannot fix: a worker that exits with
-//! the fatal code, or every slot crash-looping before its workers even listen. One that exits 0
-//! or leaves on purpose has finished and is not replaced. Like the rest of the core this
-//! performs no I/O and reads no clock; randomness comes from a seed.
+//! the fatal code, every slot crash-looping before its workers even listen, or a socket the
+//! workers asked for that cannot be bound while nothing serves. One that exits 0 or leaves on
+//! purpose has finished and is not replaced. Like the rest of the core this performs no I/O and
+//! reads no clock; randomness comes from a seed.
+//!
+//! Every rule of supervision lives here, so the driver only executes: when a worker counts as up
+//! (listening, or declared ready), which exits are kills from outside and which are the
+//! supervisor's own kills, when a listen failure stops the cluster, and the bounds of scaling.
 //!
 //! ```text
 //!  Spawning ──spawned──▶ Booting ──listening──▶ Running
@@ -21,7 +26,7 @@
 //!     └──────────────── CoolingDown                 Broken            Stopped
 //! ```
 
-use std::collections::VecDeque;
+use std::collections::{BTreeSet, VecDeque};
 use std::fmt;
 use std::time::{Duration, Instant};
 
@@ -48,6 +53,15 @@ pub struct SupervisorConfig {
     pub fatal_exit_code: Option<i32>,
     /// How long a new worker may take to listen before it is killed; `None` waits forever.
     pub boot_timeout: Option<Duration>,
+    /// Whether a worker is up once it declares itself ready ([`Supervisor::handle_ready`])
+    /// rather than once it listens.
+    pub wait_ready: bool,
+    /// Whether a socket that cannot be bound is left to the workers' restarts. When `false`, a
+    /// worker that exits at boot after the primary failed to bind for it, while no worker
+    /// serves, stops the cluster ([`GiveUp::Listen`]): every worker would fail the same way.
+    pub retry_bind_errors: bool,
+    /// The most slots [`Supervisor::scale`] keeps.
+    pub max_workers: usize,
 }
 
 impl Default for SupervisorConfig {
@@ -60,9 +74,59 @@ impl Default for SupervisorConfig {
             crash_loop_window: Duration::from_secs(10),
             fatal_exit_code: Some(FATAL_EXIT_CODE),
             boot_timeout: Some(Duration::from_secs(60)),
+            wait_ready: false,
+            retry_bind_errors: false,
+            max_workers: MAX_WORKERS,
         }
     }
 }
+
+/// The default of [`SupervisorConfig::max_workers`]: more processes than one primary serves
+/// well (each has a link, a heartbeat and its share of every handoff queue).
+pub const MAX_WORKERS: usize = 1024;
+
+/// How a worker's process ended, as the driver saw it ([`Supervisor::handle_exit`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WorkerExit {
+    /// Its exit status.
+    pub status: ExitStatus,
+    /// It left on purpose: it was disconnected, or disconnected itself (Node's
+    /// `exitedAfterDisconnect`).
+    pub on_purpose: bool,
+    /// Why the primary killed it, if it did (a hang, a handoff never acked, its disconnect
+    /// deadline).
+    pub killed: Option<KillReason>,
+    /// It died of a signal a process does not raise against itself by faulting or aborting (an
+    /// operator's `kill`, the OOM killer): the driver knows the platform's signal numbers.
+    pub signal_from_outside: bool,
+}
+
+/// Why [`Supervisor::scale`] refused a worker count.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ScaleError {
+    /// More than [`SupervisorConfig::max_workers`].
+    TooMany {
+        /// What was asked for.
+        asked: usize,
+        /// The most allowed.
+        max: usize,
+    },
+    /// The cluster is stopping.
+    Stopping,
+}
+
+impl fmt::Display for ScaleError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::TooMany { asked, max } => {
+                write!(f, "{asked} workers asked for, at most {max} are allowed")
+            }
+            Self::Stopping => f.write_str("the cluster is stopping"),
+        }
+    }
+}
+
+impl std::error::Error for ScaleError {}
 
 /// The default fatal exit code: 78, `EX_CONFIG` of `sysexits.h` ("configuration error").
 pub const FATAL_EXIT_CODE: i32 = 78;
@@ -144,6 +208,12 @@ pub enum SupervisorOutput {
         /// Why.
         reason: KillReason,
     },
+    /// Disconnect `worker`: it drains and exits, and its exit is not restarted (its slot was
+    /// scaled away, or no longer wants it).
+    Disconnect {
+        /// The worker.
+        worker: WorkerId,
+    },
     /// Tell the user.
     Event(SupervisorEvent),
 }
@@ -199,6 +269,13 @@ pub struct Supervisor {
     rng: u64,
     stopping: bool,
     out: VecDeque<SupervisorOutput>,
+    /// Workers this supervisor ordered killed (boot deadline): their deaths are its own doing,
+    /// crashes to count, never kills from outside.
+    killed: BTreeSet<WorkerId>,
+    /// The last socket the primary could not bind for a worker, until a worker listens.
+    listen_failure: Option<(String, i32)>,
+    /// Why the cluster was given up before every slot finished.
+    given_up: Option<GiveUp>,
 }
 
 impl Supervisor {
@@ -212,6 +289,9 @@ impl Supervisor {
             rng: seed,
             stopping: false,
             out: VecDeque::new(),
+            killed: BTreeSet::new(),
+            listen_failure: None,
+            given_up: None,
         };
         for index in 0..workers {
             supervisor.out.push_back(SupervisorOutput::Spawn {
@@ -222,7 +302,8 @@ impl Supervisor {
     }
 
     /// The worker for `slot` was started. Returns false when the slot no longer wants it (a
-    /// replacement took the slot meanwhile, or the cluster is stopping): disconnect it.
+    /// replacement took the slot meanwhile, it was scaled away, or the cluster is stopping):
+    /// then a [`SupervisorOutput::Disconnect`] for it follows.
     pub fn handle_spawned(&mut self, now: Instant, slot: SlotId, worker: WorkerId) -> bool {
         let deadline = self.config.boot_timeout.map(|t| now + t);
         match self.slots.get_mut(slot.0) {
@@ -235,7 +316,10 @@ impl Supervisor {
                 s.last = Some(worker);
                 true
             }
-            _ => false,
+            _ => {
+                self.out.push_back(SupervisorOutput::Disconnect { worker });
+                false
+            }
         }
     }
 
@@ -277,8 +361,29 @@ impl Supervisor {
         }
     }
 
-    /// `worker` listens: it has booted.
+    /// `worker` listens: without [`SupervisorConfig::wait_ready`] it has booted. Any listen
+    /// failure before it is forgotten (a socket can be bound after all).
     pub fn handle_listening(&mut self, now: Instant, worker: WorkerId) {
+        self.listen_failure = None;
+        if !self.config.wait_ready {
+            self.booted(now, worker);
+        }
+    }
+
+    /// `worker` declared itself ready: with [`SupervisorConfig::wait_ready`] it has booted.
+    pub fn handle_ready(&mut self, now: Instant, worker: WorkerId) {
+        if self.config.wait_ready {
+            self.booted(now, worker);
+        }
+    }
+
+    /// The primary could not bind `address` (`errno`) for a worker. Decided when a worker exits
+    /// at boot: a worker may handle the error itself (an optional port, a fallback address).
+    pub fn handle_listen_failed(&mut self, address: String, errno: i32) {
+        self.listen_failure = Some((address, errno));
+    }
+
+    fn booted(&mut self, now: Instant, worker: WorkerId) {
         if let Some(slot) = self.slot_of(worker)
             && let State::Booting { .. } = self.slots[slot].state
         {
@@ -286,16 +391,44 @@ impl Supervisor {
         }
     }
 
-    /// `worker` exited. A crash (a non-zero code or a signal) is restarted after a backoff. A
-    /// worker that exited 0 or left on purpose (it was disconnected, or disconnected itself) has
-    /// finished and is not replaced; one that exited with the fatal code is not replaced either.
-    pub fn handle_exit(
-        &mut self,
-        now: Instant,
-        worker: WorkerId,
-        status: ExitStatus,
-        on_purpose: bool,
-    ) {
+    /// `worker` exited. A crash (a non-zero code, a fault's signal, the supervisor's own kill)
+    /// is restarted after a backoff; a kill from outside after a short one
+    /// ([`KILL_BACKOFF_MAX`]) that does not count towards the breaker. A worker that exited 0
+    /// or left on purpose has finished and is not replaced; one that exited with the fatal code
+    /// is not replaced either. A worker that fails at boot after a listen failed, while nothing
+    /// serves, gives the cluster up ([`GiveUp::Listen`]) unless
+    /// [`SupervisorConfig::retry_bind_errors`].
+    pub fn handle_exit(&mut self, now: Instant, worker: WorkerId, exit: WorkerExit) {
+        let WorkerExit {
+            status,
+            on_purpose,
+            killed,
+            signal_from_outside,
+        } = exit;
+        let ours = self.killed.remove(&worker) || killed.is_some();
+        let failed_at_boot =
+            self.is_booting(worker) && !on_purpose && status != ExitStatus::Code(0);
+        if failed_at_boot
+            && !self.stopping
+            && self.serving() == 0
+            && !self.config.retry_bind_errors
+            && let Some((address, errno)) = self.listen_failure.take()
+        {
+            self.given_up = Some(GiveUp::Listen { address, errno });
+            self.stop();
+            if let Some(slot) = self.slot_of(worker) {
+                self.slots[slot].state = State::Stopped;
+            }
+            return;
+        }
+        if !on_purpose && !ours && signal_from_outside {
+            self.handle_killed(now, worker);
+        } else {
+            self.ended(now, worker, status, on_purpose);
+        }
+    }
+
+    fn ended(&mut self, now: Instant, worker: WorkerId, status: ExitStatus, on_purpose: bool) {
         let Some(slot) = self.slot_of(worker) else {
             return;
         };
@@ -325,7 +458,7 @@ impl Supervisor {
     /// slot's recent kills up to [`KILL_BACKOFF_MAX`], without counting towards the breaker.
     /// A worker killed before it listened counts as a crash at boot (the OOM killer at every
     /// start is a boot loop, not a storm).
-    pub fn handle_killed(&mut self, now: Instant, worker: WorkerId) {
+    fn handle_killed(&mut self, now: Instant, worker: WorkerId) {
         let Some(index) = self.slot_of(worker) else {
             return;
         };
@@ -386,6 +519,7 @@ impl Supervisor {
                         deadline: None,
                         since,
                     };
+                    self.killed.insert(worker);
                     self.out.push_back(SupervisorOutput::Kill {
                         worker,
                         reason: KillReason::BootTimeout,
@@ -435,6 +569,9 @@ impl Supervisor {
     /// down from crashes that all came before its workers listened (nothing serves, and a
     /// restart is not going to change that; [`Self::gave_up`] says why).
     pub fn is_done(&self) -> bool {
+        if self.given_up.is_some() {
+            return true;
+        }
         // Scaled to zero is idle, not done: it may be scaled up again.
         self.slots.iter().all(|s| {
             matches!(
@@ -447,9 +584,14 @@ impl Supervisor {
         }) && self.slots.iter().any(|s| s.state != State::Removed)
     }
 
-    /// Why the cluster is over, if it is and not because every worker finished: a worker's
-    /// fatal exit first, else a slot whose workers crash before they listen.
+    /// Why the cluster is over, if it is and not because every worker finished: a socket that
+    /// cannot be bound, else a worker's fatal exit, else a slot whose workers crash before they
+    /// listen. Workers may still run when the cluster is given up (a listen failure stops it
+    /// while other workers boot): the driver drains them.
     pub fn gave_up(&self) -> Option<GiveUp> {
+        if let Some(given_up) = &self.given_up {
+            return Some(given_up.clone());
+        }
         if !self.is_done() {
             return None;
         }
@@ -507,6 +649,51 @@ impl Supervisor {
             .count()
     }
 
+    /// Keeps `target` slots active: adds slots (their `Spawn`s follow), or removes the newest
+    /// ones (a [`SupervisorOutput::Disconnect`] for each one's worker follows). Returns the
+    /// slots removed.
+    ///
+    /// # Errors
+    ///
+    /// Over [`SupervisorConfig::max_workers`], or while the cluster stops; nothing changes.
+    pub fn scale(&mut self, target: usize) -> Result<Vec<SlotId>, ScaleError> {
+        if self.stopping {
+            return Err(ScaleError::Stopping);
+        }
+        if target > self.config.max_workers {
+            return Err(ScaleError::TooMany {
+                asked: target,
+                max: self.config.max_workers,
+            });
+        }
+        while self.active() < target {
+            self.add_slot();
+        }
+        let mut removed = Vec::new();
+        while self.active() > target {
+            let Some((slot, _)) = self.remove_slot() else {
+                break;
+            };
+            removed.push(slot);
+        }
+        Ok(removed)
+    }
+
+    /// One worker more (`true`) or fewer, as SIGTTIN and SIGTTOU ask: never fewer than one
+    /// (only [`Self::scale`] empties the cluster). Returns the target and the slots removed.
+    ///
+    /// # Errors
+    ///
+    /// As [`Self::scale`].
+    pub fn scale_by_one(&mut self, more: bool) -> Result<(usize, Vec<SlotId>), ScaleError> {
+        let target = if more {
+            self.active() + 1
+        } else {
+            self.active().saturating_sub(1).max(1)
+        };
+        self.scale(target).map(|removed| (target, removed))
+    }
+
     /// Adds a slot; its `Spawn` is the next output.
     pub fn add_slot(&mut self) -> SlotId {
         let slot = SlotId(self.slots.len());
@@ -515,9 +702,9 @@ impl Supervisor {
         slot
     }
 
-    /// Removes the newest active slot. Returns it, with its worker if one runs, which the driver
-    /// disconnects (it drains and exits, and is not restarted); `None` if there was no active
-    /// slot.
+    /// Removes the newest active slot. Returns it, with its worker if one runs, for which a
+    /// [`SupervisorOutput::Disconnect`] follows (it drains and exits, and is not restarted);
+    /// `None` if there was no active slot.
     pub fn remove_slot(&mut self) -> Option<(SlotId, Option<WorkerId>)> {
         let index = self.slots.iter().rposition(|s| {
             !matches!(
@@ -535,6 +722,9 @@ impl Supervisor {
                 slot: SlotId(index),
             }
         });
+        if let Some(worker) = worker {
+            self.out.push_back(SupervisorOutput::Disconnect { worker });
+        }
         Some((SlotId(index), worker))
     }
 
@@ -617,8 +807,16 @@ impl Slot {
 pub const KILL_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// Why the supervisor gave up on the cluster ([`Supervisor::gave_up`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum GiveUp {
+    /// A socket the workers asked for could not be bound while no worker served, and a worker
+    /// failed at boot after it: every worker would fail the same way.
+    Listen {
+        /// The address, as the worker asked for it.
+        address: String,
+        /// The bind's errno.
+        errno: i32,
+    },
     /// A worker exited with the fatal exit code.
     Fatal {
         /// Its slot.

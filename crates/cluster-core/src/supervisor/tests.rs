@@ -4,6 +4,32 @@ fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
 }
 
+/// A crash: the worker's own fault (or the supervisor's kill).
+fn crash(status: ExitStatus) -> WorkerExit {
+    WorkerExit {
+        status,
+        on_purpose: false,
+        killed: None,
+        signal_from_outside: false,
+    }
+}
+
+/// A worker that left on purpose.
+fn left(status: ExitStatus) -> WorkerExit {
+    WorkerExit {
+        on_purpose: true,
+        ..crash(status)
+    }
+}
+
+/// SIGKILL from someone else.
+fn from_outside() -> WorkerExit {
+    WorkerExit {
+        signal_from_outside: true,
+        ..crash(ExitStatus::Signal(9))
+    }
+}
+
 fn drain(s: &mut Supervisor) -> Vec<SupervisorOutput> {
     std::iter::from_fn(|| s.poll_output()).collect()
 }
@@ -38,7 +64,7 @@ fn starts_every_slot_then_respawns_a_crash_after_a_jittered_backoff() {
     let mut next = 1;
     let workers = start_all(&mut s, t0, &mut next);
     assert_eq!(workers.len(), 3);
-    s.handle_exit(t0 + ms(5), workers[1], ExitStatus::Signal(9), false);
+    s.handle_exit(t0 + ms(5), workers[1], crash(ExitStatus::Signal(9)));
     let out = drain(&mut s);
     let [
         SupervisorOutput::Event(SupervisorEvent::Respawning {
@@ -72,7 +98,7 @@ fn backoff_ceiling_doubles_caps_and_resets_after_a_healthy_run() {
     let mut worker = start_all(&mut s, now, &mut next)[0];
     let mut ceilings_exceeded = 0;
     for attempt in 0..12u32 {
-        s.handle_exit(now, worker, ExitStatus::Code(1), false);
+        s.handle_exit(now, worker, crash(ExitStatus::Code(1)));
         let out = drain(&mut s);
         let SupervisorOutput::Event(SupervisorEvent::Respawning { delay, .. }) = out[0] else {
             panic!("{out:?}")
@@ -88,7 +114,7 @@ fn backoff_ceiling_doubles_caps_and_resets_after_a_healthy_run() {
     assert_eq!(ceilings_exceeded, 0);
     // After 30 s of health the next crash waits at most the first ceiling again.
     now += Duration::from_secs(31);
-    s.handle_exit(now, worker, ExitStatus::Code(1), false);
+    s.handle_exit(now, worker, crash(ExitStatus::Code(1)));
     let SupervisorOutput::Event(SupervisorEvent::Respawning { delay, .. }) = drain(&mut s)[0]
     else {
         panic!()
@@ -104,7 +130,7 @@ fn crash_loop_opens_the_breaker_which_cools_down_and_tries_again() {
     let workers = start_all(&mut s, now, &mut next);
     let (mut looping, healthy) = (workers[0], workers[1]);
     for failure in 1..=5 {
-        s.handle_exit(now, looping, ExitStatus::Code(1), false);
+        s.handle_exit(now, looping, crash(ExitStatus::Code(1)));
         let out = drain(&mut s);
         if failure < 5 {
             let SupervisorOutput::Event(SupervisorEvent::Respawning {
@@ -146,7 +172,7 @@ fn crash_loop_opens_the_breaker_which_cools_down_and_tries_again() {
     assert_eq!(again.len(), 1);
     assert_eq!(s.slot_of(again[0]), Some(0));
     assert_eq!(s.broken(), 0);
-    s.handle_exit(cooled, again[0], ExitStatus::Code(1), false);
+    s.handle_exit(cooled, again[0], crash(ExitStatus::Code(1)));
     assert!(matches!(
         drain(&mut s)[..],
         [SupervisorOutput::Event(SupervisorEvent::Respawning {
@@ -173,7 +199,7 @@ fn every_slot_crashing_before_it_listens_is_given_up() {
     boot(&mut s, &mut next, &mut booting);
     for round in 0..5 {
         for (_, worker) in std::mem::take(&mut booting) {
-            s.handle_exit(now, worker, ExitStatus::Code(1), false);
+            s.handle_exit(now, worker, crash(ExitStatus::Code(1)));
         }
         if round < 4 {
             assert!(!s.is_done());
@@ -200,7 +226,7 @@ fn a_slot_crashing_at_boot_beside_a_serving_sibling_keeps_trying() {
     let now = Instant::now();
     let mut next = 1;
     let workers = start_all(&mut s, now, &mut next);
-    s.handle_exit(now, workers[0], ExitStatus::Code(1), false);
+    s.handle_exit(now, workers[0], crash(ExitStatus::Code(1)));
     for _ in 0..5 {
         let _ = drain(&mut s);
         s.handle_timeout(now + Duration::from_secs(20));
@@ -208,7 +234,7 @@ fn a_slot_crashing_at_boot_beside_a_serving_sibling_keeps_trying() {
             let worker = WorkerId::new(next);
             next += 1;
             assert!(s.handle_spawned(now, SlotId(slot), worker));
-            s.handle_exit(now, worker, ExitStatus::Code(1), false);
+            s.handle_exit(now, worker, crash(ExitStatus::Code(1)));
         }
     }
     assert!(!s.is_done(), "slot 1 still serves");
@@ -229,7 +255,7 @@ fn kills_from_outside_restart_promptly_and_never_open_the_breaker() {
     // A storm: killed every 200 ms, far more often than the breaker allows crashes.
     for kill in 0..50 {
         now += ms(200);
-        s.handle_killed(now, worker);
+        s.handle_exit(now, worker, from_outside());
         let out = drain(&mut s);
         let [SupervisorOutput::Event(SupervisorEvent::Killed { delay, .. })] = out[..] else {
             panic!("kill {kill}: {out:?}")
@@ -241,7 +267,7 @@ fn kills_from_outside_restart_promptly_and_never_open_the_breaker() {
     }
     assert_eq!(s.broken(), 0);
     // A crash still counts from zero: the kills are not crashes.
-    s.handle_exit(now, worker, ExitStatus::Code(1), false);
+    s.handle_exit(now, worker, crash(ExitStatus::Code(1)));
     assert!(matches!(
         drain(&mut s)[..],
         [SupervisorOutput::Event(SupervisorEvent::Respawning {
@@ -259,7 +285,7 @@ fn crashes_spread_beyond_the_window_do_not_open_the_breaker() {
     let mut worker = start_all(&mut s, now, &mut next)[0];
     for _ in 0..10 {
         now += Duration::from_secs(4);
-        s.handle_exit(now, worker, ExitStatus::Code(1), false);
+        s.handle_exit(now, worker, crash(ExitStatus::Code(1)));
         let out = drain(&mut s);
         let SupervisorOutput::Event(SupervisorEvent::Respawning {
             delay,
@@ -283,7 +309,7 @@ fn fatal_exit_and_leaving_on_purpose_are_not_respawned() {
     let now = Instant::now();
     let mut next = 1;
     let workers = start_all(&mut s, now, &mut next);
-    s.handle_exit(now, workers[0], ExitStatus::Code(FATAL_EXIT_CODE), false);
+    s.handle_exit(now, workers[0], crash(ExitStatus::Code(FATAL_EXIT_CODE)));
     assert_eq!(
         drain(&mut s),
         [SupervisorOutput::Event(SupervisorEvent::Fatal {
@@ -292,7 +318,7 @@ fn fatal_exit_and_leaving_on_purpose_are_not_respawned() {
             code: FATAL_EXIT_CODE,
         })]
     );
-    s.handle_exit(now, workers[1], ExitStatus::Code(0), true);
+    s.handle_exit(now, workers[1], left(ExitStatus::Code(0)));
     assert_eq!(drain(&mut s), []);
     assert!(s.is_done());
     assert!(matches!(
@@ -328,8 +354,7 @@ fn a_worker_that_never_listens_is_killed_at_the_boot_deadline_and_counts_as_a_cr
     s.handle_exit(
         t0 + Duration::from_secs(61),
         worker,
-        ExitStatus::Signal(9),
-        false,
+        crash(ExitStatus::Signal(9)),
     );
     assert!(matches!(
         drain(&mut s)[..],
@@ -343,7 +368,7 @@ fn a_clean_exit_is_finished_not_crashed() {
     let now = Instant::now();
     let mut next = 1;
     let worker = start_all(&mut s, now, &mut next)[0];
-    s.handle_exit(now, worker, ExitStatus::Code(0), false);
+    s.handle_exit(now, worker, crash(ExitStatus::Code(0)));
     assert_eq!(drain(&mut s), []);
     assert!(s.is_done());
     assert_eq!(s.broken(), 0);
@@ -355,12 +380,12 @@ fn stopping_cancels_pending_respawns() {
     let now = Instant::now();
     let mut next = 1;
     let workers = start_all(&mut s, now, &mut next);
-    s.handle_exit(now, workers[0], ExitStatus::Code(1), false);
+    s.handle_exit(now, workers[0], crash(ExitStatus::Code(1)));
     drain(&mut s);
     s.stop();
     s.handle_timeout(now + Duration::from_secs(60));
     assert_eq!(drain(&mut s), []);
-    s.handle_exit(now, workers[1], ExitStatus::Code(0), true);
+    s.handle_exit(now, workers[1], left(ExitStatus::Code(0)));
     assert!(s.is_done());
 }
 
@@ -385,10 +410,10 @@ fn a_replacement_takes_the_slot_and_the_old_exit_is_not_restarted() {
     let new = WorkerId::new(10);
     assert!(s.handle_replaced(now, workers[0], new));
     assert_eq!(s.slot_of(new), Some(0));
-    s.handle_exit(now, workers[0], ExitStatus::Code(0), true);
+    s.handle_exit(now, workers[0], left(ExitStatus::Code(0)));
     assert_eq!(drain(&mut s), []);
     // The replacement is supervised like any worker: its crash is restarted.
-    s.handle_exit(now, new, ExitStatus::Signal(9), false);
+    s.handle_exit(now, new, crash(ExitStatus::Signal(9)));
     assert!(matches!(
         drain(&mut s)[..],
         [SupervisorOutput::Event(SupervisorEvent::Respawning { .. })]
@@ -401,7 +426,7 @@ fn a_replacement_fills_a_slot_whose_old_worker_crashed_mid_reload() {
     let now = Instant::now();
     let mut next = 1;
     let old = start_all(&mut s, now, &mut next)[0];
-    s.handle_exit(now, old, ExitStatus::Signal(9), false);
+    s.handle_exit(now, old, crash(ExitStatus::Signal(9)));
     drain(&mut s);
     let new = WorkerId::new(10);
     assert!(s.handle_replaced(now, old, new));
@@ -417,7 +442,7 @@ fn a_spawn_that_lost_its_slot_to_a_replacement_is_refused() {
     let now = Instant::now();
     let mut next = 1;
     let old = start_all(&mut s, now, &mut next)[0];
-    s.handle_exit(now, old, ExitStatus::Signal(9), false);
+    s.handle_exit(now, old, crash(ExitStatus::Signal(9)));
     drain(&mut s);
     s.handle_timeout(now + Duration::from_secs(20));
     assert_eq!(spawns(&drain(&mut s)), [0]);
@@ -441,8 +466,12 @@ fn scaling_adds_slots_and_removes_the_newest_draining_its_worker() {
     assert_eq!(s.active(), 3);
     assert_eq!(s.remove_slot(), Some((SlotId(2), Some(third[0]))));
     assert_eq!(s.active(), 2);
+    assert_eq!(
+        drain(&mut s),
+        [SupervisorOutput::Disconnect { worker: third[0] }]
+    );
     // Its exit (it drains on purpose) is not restarted, and neither would a crash be.
-    s.handle_exit(now, third[0], ExitStatus::Signal(9), false);
+    s.handle_exit(now, third[0], crash(ExitStatus::Signal(9)));
     assert_eq!(drain(&mut s), []);
     assert_eq!(s.remove_slot(), Some((SlotId(1), Some(workers[1]))));
     assert_eq!(s.remove_slot(), Some((SlotId(0), Some(workers[0]))));
@@ -458,11 +487,221 @@ fn removing_a_slot_waiting_to_restart_cancels_the_restart() {
     let now = Instant::now();
     let mut next = 1;
     let worker = start_all(&mut s, now, &mut next)[0];
-    s.handle_exit(now, worker, ExitStatus::Code(1), false);
+    s.handle_exit(now, worker, crash(ExitStatus::Code(1)));
     drain(&mut s);
     // The slot goes, with no worker to disconnect.
     assert_eq!(s.remove_slot(), Some((SlotId(0), None)));
     assert_eq!(s.remove_slot(), None);
     s.handle_timeout(now + Duration::from_secs(60));
     assert_eq!(drain(&mut s), []);
+}
+
+fn config() -> SupervisorConfig {
+    SupervisorConfig::default()
+}
+
+#[test]
+fn with_wait_ready_a_worker_is_up_when_ready_not_when_listening() {
+    let mut s = Supervisor::new(
+        SupervisorConfig {
+            wait_ready: true,
+            ..config()
+        },
+        1,
+        20,
+    );
+    let now = Instant::now();
+    assert_eq!(spawns(&drain(&mut s)), [0]);
+    let worker = WorkerId::new(1);
+    assert!(s.handle_spawned(now, SlotId(0), worker));
+    s.handle_listening(now, worker);
+    assert_eq!(s.serving(), 0, "listening is not up");
+    assert!(s.is_booting(worker));
+    s.handle_ready(now, worker);
+    assert_eq!(s.serving(), 1);
+
+    // Without it, readiness changes nothing and listening is up.
+    let mut s = Supervisor::new(config(), 1, 21);
+    drain(&mut s);
+    assert!(s.handle_spawned(now, SlotId(0), worker));
+    s.handle_ready(now, worker);
+    assert_eq!(s.serving(), 0);
+    s.handle_listening(now, worker);
+    assert_eq!(s.serving(), 1);
+}
+
+#[test]
+fn a_listen_failure_while_nothing_serves_gives_the_cluster_up() {
+    let mut s = Supervisor::new(config(), 2, 22);
+    let now = Instant::now();
+    assert_eq!(spawns(&drain(&mut s)), [0, 1]);
+    let (first, second) = (WorkerId::new(1), WorkerId::new(2));
+    assert!(s.handle_spawned(now, SlotId(0), first));
+    assert!(s.handle_spawned(now, SlotId(1), second));
+    s.handle_listen_failed("0.0.0.0:80".to_owned(), 13);
+    s.handle_exit(now, first, crash(ExitStatus::Code(1)));
+    assert!(
+        s.is_done(),
+        "the other worker still boots, but would fail alike"
+    );
+    assert_eq!(
+        s.gave_up(),
+        Some(GiveUp::Listen {
+            address: "0.0.0.0:80".to_owned(),
+            errno: 13
+        })
+    );
+    assert_eq!(drain(&mut s), [], "nothing restarted");
+    assert_eq!(s.scale(3), Err(ScaleError::Stopping));
+}
+
+#[test]
+fn a_listen_failure_is_left_to_restarts_when_something_serves_or_it_is_asked() {
+    let now = Instant::now();
+    // A worker serves: the failing one is a crash like any other.
+    let mut s = Supervisor::new(config(), 2, 23);
+    drain(&mut s);
+    assert!(s.handle_spawned(now, SlotId(0), WorkerId::new(1)));
+    s.handle_listening(now, WorkerId::new(1));
+    assert!(s.handle_spawned(now, SlotId(1), WorkerId::new(2)));
+    s.handle_listen_failed("[::]:443".to_owned(), 98);
+    s.handle_exit(now, WorkerId::new(2), crash(ExitStatus::Code(1)));
+    assert!(!s.is_done());
+    assert!(matches!(
+        drain(&mut s)[..],
+        [SupervisorOutput::Event(SupervisorEvent::Respawning { .. })]
+    ));
+
+    // `retry_bind_errors`: the same.
+    let mut s = Supervisor::new(
+        SupervisorConfig {
+            retry_bind_errors: true,
+            ..config()
+        },
+        1,
+        24,
+    );
+    drain(&mut s);
+    assert!(s.handle_spawned(now, SlotId(0), WorkerId::new(1)));
+    s.handle_listen_failed("[::]:443".to_owned(), 98);
+    s.handle_exit(now, WorkerId::new(1), crash(ExitStatus::Code(1)));
+    assert!(!s.is_done());
+    assert_eq!(s.gave_up(), None);
+
+    // A listen that succeeded later clears the failure.
+    let mut s = Supervisor::new(config(), 2, 25);
+    drain(&mut s);
+    assert!(s.handle_spawned(now, SlotId(0), WorkerId::new(1)));
+    assert!(s.handle_spawned(now, SlotId(1), WorkerId::new(2)));
+    s.handle_listen_failed("[::]:443".to_owned(), 98);
+    s.handle_listening(now, WorkerId::new(2));
+    s.handle_exit(now, WorkerId::new(2), crash(ExitStatus::Code(1)));
+    s.handle_exit(now, WorkerId::new(1), crash(ExitStatus::Code(1)));
+    assert_eq!(s.gave_up(), None);
+
+    // A worker that exits 0 at boot has not failed.
+    let mut s = Supervisor::new(config(), 1, 26);
+    drain(&mut s);
+    assert!(s.handle_spawned(now, SlotId(0), WorkerId::new(1)));
+    s.handle_listen_failed("[::]:443".to_owned(), 98);
+    s.handle_exit(now, WorkerId::new(1), crash(ExitStatus::Code(0)));
+    assert_eq!(s.gave_up(), None);
+}
+
+#[test]
+fn the_supervisors_own_kill_is_a_crash_and_a_kill_from_outside_is_not() {
+    let now = Instant::now();
+    let config = SupervisorConfig {
+        crash_loop_failures: 2,
+        ..config()
+    };
+    let mut s = Supervisor::new(config, 1, 27);
+    let mut next = 1;
+    // Killed from outside, twice: restarted after a short backoff, never a crash loop.
+    for _ in 0..2 {
+        let worker = start_all(&mut s, now, &mut next)[0];
+        s.handle_exit(now, worker, from_outside());
+        assert!(matches!(
+            drain(&mut s)[..],
+            [SupervisorOutput::Event(SupervisorEvent::Killed { .. })]
+        ));
+        s.handle_timeout(now + KILL_BACKOFF_MAX);
+    }
+    // The boot deadline's kill is the supervisor's own: its SIGKILL is a crash at boot.
+    let worker = WorkerId::new(next);
+    assert_eq!(spawns(&drain(&mut s)), [0]);
+    assert!(s.handle_spawned(now, SlotId(0), worker));
+    let deadline = s.poll_timeout().expect("a boot deadline");
+    s.handle_timeout(deadline);
+    assert_eq!(
+        drain(&mut s),
+        [SupervisorOutput::Kill {
+            worker,
+            reason: KillReason::BootTimeout
+        }]
+    );
+    s.handle_exit(deadline, worker, from_outside());
+    assert!(matches!(
+        drain(&mut s)[..],
+        [SupervisorOutput::Event(SupervisorEvent::Respawning { .. })]
+    ));
+    // The primary's kill (a hang) is a crash too, even by a signal from outside's number.
+    s.handle_timeout(deadline + Duration::from_secs(60));
+    let worker = start_all(&mut s, deadline, &mut next)[0];
+    s.handle_exit(
+        deadline,
+        worker,
+        WorkerExit {
+            killed: Some(KillReason::HeartbeatTimeout),
+            ..from_outside()
+        },
+    );
+    assert!(matches!(
+        drain(&mut s)[..],
+        [SupervisorOutput::Event(SupervisorEvent::CrashLoop { .. })]
+    ));
+}
+
+#[test]
+fn scaling_is_bounded_and_by_one_never_empties() {
+    let mut s = Supervisor::new(
+        SupervisorConfig {
+            max_workers: 3,
+            ..config()
+        },
+        1,
+        28,
+    );
+    let now = Instant::now();
+    let mut next = 1;
+    let first = start_all(&mut s, now, &mut next)[0];
+    assert_eq!(s.scale(4), Err(ScaleError::TooMany { asked: 4, max: 3 }));
+    assert_eq!(s.active(), 1, "nothing changed");
+    assert_eq!(s.scale(3), Ok(vec![]));
+    assert_eq!(spawns(&drain(&mut s)), [1, 2]);
+    assert!(s.scale_by_one(true).is_err());
+    assert_eq!(s.scale_by_one(false).map(|(n, _)| n), Ok(2));
+    assert_eq!(s.scale_by_one(false).map(|(n, _)| n), Ok(1));
+    assert_eq!(s.scale_by_one(false), Ok((1, vec![])), "never below one");
+    assert_eq!(s.scale(0), Ok(vec![SlotId(0)]));
+    assert_eq!(
+        drain(&mut s),
+        [SupervisorOutput::Disconnect { worker: first }]
+    );
+}
+
+#[test]
+fn a_worker_started_for_a_slot_scaled_away_meanwhile_is_disconnected() {
+    let mut s = Supervisor::new(config(), 2, 29);
+    let now = Instant::now();
+    assert_eq!(spawns(&drain(&mut s)), [0, 1]);
+    assert_eq!(s.scale(1), Ok(vec![SlotId(1)]));
+    // The fork was under way.
+    assert!(!s.handle_spawned(now, SlotId(1), WorkerId::new(2)));
+    assert_eq!(
+        drain(&mut s),
+        [SupervisorOutput::Disconnect {
+            worker: WorkerId::new(2)
+        }]
+    );
 }

@@ -1,5 +1,5 @@
 //! The primary: forks workers, owns the listening sockets and hands out connections
-//! ([`Primary`]), and what it tells about its workers ([`Event`], [`WorkerHandle`], [`Stats`]).
+//! ([`Primary`]), and what it tells about its workers ([`Event`], [`WorkerHandle`], [`Counters`]).
 
 mod alarm;
 mod driver;
@@ -28,7 +28,6 @@ pub use crate::message::Message;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::settings::{Settings, SettingsError};
-use crate::supervisor::{AbortReason, ReloadAborted, ReloadError, ReloadReport};
 use driver::{Driver, Input};
 
 pub use events::{Event, Events, ListenAddress};
@@ -72,7 +71,6 @@ pub(crate) struct PrimaryShared {
     subscribers: Mutex<Vec<mpsc::UnboundedSender<Event>>>,
     workers: Mutex<BTreeMap<WorkerId, WorkerHandle>>,
     settings: Settings,
-    reloading: tokio::sync::Mutex<()>,
     /// The program of the current generation: what forks, respawns and scale-ups run.
     image: Mutex<Arc<Image>>,
     /// The number the next reload's generation gets (never reused, aborted reloads included).
@@ -132,7 +130,6 @@ impl Primary {
             subscribers: Mutex::new(Vec::new()),
             workers: Mutex::new(BTreeMap::new()),
             settings: settings.clone(),
-            reloading: tokio::sync::Mutex::new(()),
             image: Mutex::new(Arc::new(image)),
             next_generation: std::sync::atomic::AtomicU64::new(2),
         });
@@ -174,11 +171,11 @@ impl Primary {
     }
 
     /// The program of the current generation.
-    fn image(&self) -> Arc<Image> {
+    pub(crate) fn image(&self) -> Arc<Image> {
         self.shared.image.lock().expect("not poisoned").clone()
     }
 
-    async fn fork_image(
+    pub(crate) async fn fork_image(
         &self,
         env: Vec<(OsString, OsString)>,
         image: Arc<Image>,
@@ -275,113 +272,36 @@ impl Primary {
         Ok(())
     }
 
-    /// Replaces every worker, one at a time, without dropping a connection (a rolling reload:
-    /// [`SupervisorHandle::reload`](crate::supervisor::SupervisorHandle::reload) and SIGHUP).
-    pub(crate) async fn reload(&self) -> Result<ReloadReport, ReloadError> {
-        let Ok(_only_one) = self.shared.reloading.try_lock() else {
-            return Err(ReloadError::AlreadyRunning);
-        };
-        let boot_timeout = self.shared.settings.boot_timeout;
-        let wait_ready = self.shared.settings.wait_ready;
-        let current = self.image();
-        // Looked up again now: a deploy renamed or copied a new build onto this path.
-        let path = current.binary.path.clone();
+    /// The program of the next generation: the program's path looked up again (a deploy
+    /// renamed or copied a new build onto it), under a generation number never used before.
+    pub(crate) fn open_next_image(&self) -> io::Result<Image> {
+        let path = self.image().binary.path.clone();
         let generation = self
             .shared
             .next_generation
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let next = Image::open(&path, generation)
-            .map_err(|source| ReloadError::Binary { path, source })?;
-        let changed = !next.binary.same_file(&current.binary);
-        if changed {
-            tracing::info!(generation = next.generation, from = %current.binary, to = %next.binary, "rolling reload to a new binary");
-        } else {
-            tracing::info!(generation = next.generation, binary = %next.binary, "rolling reload: the binary is unchanged, recycling the workers");
-        }
-        let next = Arc::new(next);
-        let mut report = ReloadReport {
-            generation: next.generation,
-            from: current.binary.clone(),
-            to: next.binary.clone(),
-            replaced: Vec::new(),
-            aborted: None,
-        };
-        // Until every worker runs the new generation: one that crashed meanwhile came back on
-        // the current image, and is replaced too.
-        while let Some(old) = self
-            .workers()
-            .into_iter()
-            .find(|w| !w.is_dead() && w.is_connected() && w.generation() < next.generation)
-        {
-            let mut events = self.events();
-            let new = self
-                .fork_image(Vec::new(), next.clone())
-                .await
-                .map_err(ReloadError::Spawn)?;
-            let ready = async {
-                loop {
-                    match events.recv().await {
-                        Some(Event::Listening { worker, .. })
-                            if worker.id() == new.id() && !wait_ready =>
-                        {
-                            return None;
-                        }
-                        Some(Event::Ready(worker)) if worker.id() == new.id() && wait_ready => {
-                            return None;
-                        }
-                        Some(Event::Exit { worker, status, .. }) if worker.id() == new.id() => {
-                            return Some(AbortReason::ExitedBeforeListening(status));
-                        }
-                        Some(Event::Error {
-                            worker,
-                            error: ProtocolError::Link(LinkError::VersionMismatch { ours, theirs }),
-                        }) if worker.id() == new.id() => {
-                            return Some(AbortReason::ProtocolMismatch { ours, theirs });
-                        }
-                        Some(_) => {}
-                        None => return Some(AbortReason::PrimaryStopped),
-                    }
-                }
-            };
-            let outcome = tokio::time::timeout(boot_timeout, ready).await;
-            // Nothing else to wait for: an unread subscriber would hold every later event
-            // (and the fds and requests of messages) until the old worker has drained.
-            drop(events);
-            let reason = outcome.unwrap_or(Some(AbortReason::BootTimeout(boot_timeout)));
-            if let Some(reason) = reason {
-                let _ = new.kill(Signal::KILL);
-                tracing::error!(old = old.id().get(), new = new.id().get(), %reason, "reload aborted");
-                report.aborted = Some(ReloadAborted {
-                    worker: old.id(),
-                    reason,
-                });
-                return Ok(report);
-            }
-            self.shared.publish(Event::Replaced {
-                old: old.clone(),
-                new: new.clone(),
-            });
-            old.disconnect().await.map_err(|_| ReloadError::Stopped)?;
-            tracing::info!(
-                old = old.id().get(),
-                new = new.id().get(),
-                "worker replaced"
-            );
-            report.replaced.push((old.id(), new.id()));
-        }
-        *self.shared.image.lock().expect("not poisoned") = next;
-        Ok(report)
+        Image::open(&path, generation)
     }
 
-    /// A snapshot of the primary's bookkeeping (for metrics and tests).
+    /// From now on, forks, respawns and scale-ups run `image`.
+    pub(crate) fn set_image(&self, image: Arc<Image>) {
+        *self.shared.image.lock().expect("not poisoned") = image;
+    }
+
+    /// Publishes an event that happened above the primary (a reload's replacement).
+    pub(crate) fn announce(&self, event: Event) {
+        self.shared.publish(event);
+    }
+
+    /// The primary's counters: its workers' handoffs, what it holds (for metrics and tests).
     ///
     /// # Errors
     ///
     /// The driver stopped.
-    pub async fn stats(&self) -> io::Result<Stats> {
+    pub async fn counters(&self) -> io::Result<Counters> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Input::Stats { reply })
+            .send(Input::Counters { reply })
             .map_err(|_| stopped())?;
         rx.await.map_err(|_| stopped())
     }
@@ -424,12 +344,13 @@ impl From<StartError> for io::Error {
     }
 }
 
-/// What [`Primary::stats`] reports.
+/// What [`Primary::counters`] reports: the primary's own bookkeeping, as opposed to the
+/// supervised cluster's status ([`ClusterStatus`](crate::observability::ClusterStatus)).
 #[derive(Clone, Debug)]
 #[non_exhaustive]
-pub struct Stats {
+pub struct Counters {
     /// Every worker not yet exited, by id.
-    pub workers: Vec<WorkerStats>,
+    pub workers: Vec<WorkerCounters>,
     /// Fds of accepted connections (and of user messages not sent yet) the primary holds:
     /// queued for a worker, or taken back. A connection sent to a worker is in that worker's
     /// receive queue, not here: the primary closes its copy when it sends it.
@@ -446,10 +367,10 @@ pub struct Stats {
     pub accept_errors: u64,
 }
 
-/// One worker in [`Stats`].
+/// One worker in [`Counters`].
 #[derive(Clone, Debug)]
 #[non_exhaustive]
-pub struct WorkerStats {
+pub struct WorkerCounters {
     /// Its id.
     pub id: WorkerId,
     /// Its pid.

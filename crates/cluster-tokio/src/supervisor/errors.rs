@@ -125,27 +125,6 @@ pub enum SupervisorError {
         /// Its crashes within the window.
         failures: usize,
     },
-    /// The control socket ([`Settings::control_socket`](crate::Settings::control_socket)) could
-    /// not be bound: its path is taken by a live socket or another file, or its directory is
-    /// missing or not writable.
-    #[error("cannot listen for commands on {}", path.display())]
-    ControlSocket {
-        /// The path.
-        path: std::path::PathBuf,
-        /// Why.
-        #[source]
-        source: io::Error,
-    },
-    /// The metrics endpoint ([`Settings::metrics_addr`](crate::Settings::metrics_addr)) could
-    /// not be bound.
-    #[error("cannot serve the metrics endpoint on {address}")]
-    Endpoint {
-        /// The address.
-        address: std::net::SocketAddr,
-        /// Why.
-        #[source]
-        source: io::Error,
-    },
     /// No worker is left, and one exited with the fatal code (a configuration error).
     #[error("{slot}: {worker} exited with the fatal exit code {code}")]
     Fatal {

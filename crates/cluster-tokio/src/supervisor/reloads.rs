@@ -6,7 +6,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use tokio::sync::oneshot;
 
-use super::{ReloadError, ReloadReport, Shared};
+use super::handle::Shared;
+use super::{ReloadError, ReloadReport};
 use crate::env::ErrorChain;
 use crate::primary::Primary;
 
@@ -98,7 +99,7 @@ impl Reloads {
         let shared = self.shared.clone();
         let queued = self.queued.clone();
         self.running = Some(tokio::spawn(async move {
-            let outcome = primary.reload().await;
+            let outcome = super::reload::rolling_reload(&primary).await;
             shared.book.lock().expect("not poisoned").reloaded(&outcome);
             match &outcome {
                 Ok(report) if report.is_complete() => tracing::info!(

@@ -46,7 +46,7 @@ use self::accept::Listener;
 use self::links::WorkerLink;
 use self::timer::Timer;
 use super::image::Image;
-use super::{Event, PrimaryShared, Stats, WorkerHandle, WorkerShared, WorkerStats, spawn};
+use super::{Counters, Event, PrimaryShared, WorkerCounters, WorkerHandle, WorkerShared, spawn};
 use crate::message::{Answer, ReplySender, Waiters};
 use crate::settings::Settings;
 
@@ -83,8 +83,8 @@ pub(crate) enum Input {
         worker: WorkerId,
         status: ExitStatus,
     },
-    Stats {
-        reply: oneshot::Sender<Stats>,
+    Counters {
+        reply: oneshot::Sender<Counters>,
     },
 }
 
@@ -243,8 +243,8 @@ impl Driver {
                     self.finish_link(worker);
                     self.core.handle_exit(worker, status);
                 }
-                Input::Stats { reply } => {
-                    let _ = reply.send(self.stats());
+                Input::Counters { reply } => {
+                    let _ = reply.send(self.counters());
                 }
             }
             self.drain_core();
@@ -321,12 +321,12 @@ impl Driver {
         }
     }
 
-    fn stats(&self) -> Stats {
-        let mut workers: Vec<WorkerStats> = self
+    fn counters(&self) -> Counters {
+        let mut workers: Vec<WorkerCounters> = self
             .workers
             .values()
             .map(|w| (w, self.core.counters(w.id).unwrap_or_default()))
-            .map(|(w, counters)| WorkerStats {
+            .map(|(w, counters)| WorkerCounters {
                 id: w.id,
                 pid: w.pid,
                 state: self.core.state(w.id).unwrap_or(proto::WorkerState::Dead),
@@ -337,7 +337,7 @@ impl Driver {
             })
             .collect();
         workers.sort_by_key(|w| w.id);
-        Stats {
+        Counters {
             workers,
             connections_held: self.tokens.iter().filter(|(_, h)| h.fd.is_some()).count(),
             listeners: self.listeners.len(),

@@ -10,8 +10,8 @@ use prometheus_client::registry::Registry;
 use prometheus_client::encoding::{EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::MetricType;
 
+use super::ClusterStatus;
 use crate::primary::{HandoffLatency, WorkerState};
-use crate::status::ClusterStatus;
 
 /// The `Content-Type` of the text [`encode`] writes.
 pub(crate) const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
@@ -60,7 +60,7 @@ pub(crate) fn encode(status: &ClusterStatus) -> Result<String, std::fmt::Error> 
         let count = status
             .workers
             .iter()
-            .filter(|w| w.stats.state == state)
+            .filter(|w| w.counters.state == state)
             .count();
         workers
             .get_or_create(&label("state", state))
@@ -90,9 +90,9 @@ pub(crate) fn encode(status: &ClusterStatus) -> Result<String, std::fmt::Error> 
     let memory = Family::<Labels, Gauge>::default();
     let cpu = Family::<Labels, Counter<f64, std::sync::atomic::AtomicU64>>::default();
     for worker in &status.workers {
-        let id = label("worker", worker.stats.id.get());
-        handoffs.get_or_create(&id).inc_by(worker.stats.handoffs);
-        refused.get_or_create(&id).inc_by(worker.stats.refused);
+        let id = label("worker", worker.counters.id.get());
+        handoffs.get_or_create(&id).inc_by(worker.counters.handoffs);
+        refused.get_or_create(&id).inc_by(worker.counters.refused);
         if let Some(count) = worker.connections {
             connections
                 .get_or_create(&id)

@@ -21,9 +21,9 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
+use super::ClusterStatus;
 use crate::env::ErrorChain;
 use crate::socket::SocketFile;
-use crate::status::ClusterStatus;
 use crate::supervisor::SupervisorHandle;
 
 /// The longest command line.
@@ -56,7 +56,7 @@ pub(crate) fn bind(path: &Path) -> io::Result<ControlSocket> {
 pub(crate) async fn serve(socket: ControlSocket, handle: SupervisorHandle) {
     let ours = crate::sys::effective_uid();
     let listener = &socket.listener;
-    crate::local_server::accept_loop(
+    super::local_server::accept_loop(
         "control socket",
         MAX_CONNECTIONS,
         || async { Ok(listener.accept().await?.0) },
@@ -181,20 +181,20 @@ fn status_json(status: &ClusterStatus) -> Value {
         .iter()
         .map(|w| {
             json!({
-                "id": w.stats.id.get(),
-                "pid": w.stats.pid,
+                "id": w.counters.id.get(),
+                "pid": w.counters.pid,
                 "slot": w.slot.map(|s| s.index()),
                 "generation": w.generation,
-                "state": w.stats.state.to_string(),
+                "state": w.counters.state.to_string(),
                 "uptime_seconds": w.uptime.as_secs_f64(),
                 "restarts": w.restarts,
                 "resident_bytes": w.usage.map(|u| u.resident_bytes),
                 "cpu_seconds": w.usage.map(|u| u.cpu_time.as_secs_f64()),
-                "handoffs": w.stats.handoffs,
+                "handoffs": w.counters.handoffs,
                 "connections": w.connections,
-                "in_flight": w.stats.in_flight,
-                "refused": w.stats.refused,
-                "returned": w.stats.returned,
+                "in_flight": w.counters.in_flight,
+                "refused": w.counters.refused,
+                "returned": w.counters.returned,
                 "previous": w.previous.map(|p| json!({
                     "id": p.worker.get(),
                     "status": p.status.to_string(),

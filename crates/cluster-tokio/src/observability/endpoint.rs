@@ -44,7 +44,7 @@ pub(crate) fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
 /// Serves the endpoint until dropped.
 pub(crate) async fn serve(listener: TcpListener, handle: SupervisorHandle) {
     let listener = &listener;
-    crate::local_server::accept_loop(
+    super::local_server::accept_loop(
         "metrics endpoint",
         MAX_CONNECTIONS,
         || async { Ok(listener.accept().await?.0) },
@@ -114,8 +114,8 @@ async fn route(path: &str, handle: &SupervisorHandle) -> (u16, &'static str, Str
 #[cfg(feature = "metrics")]
 async fn metrics(handle: &SupervisorHandle) -> (u16, &'static str, String) {
     match tokio::time::timeout(STATUS_TIMEOUT, handle.status()).await {
-        Ok(Ok(status)) => match crate::metrics::encode(&status) {
-            Ok(text) => (200, crate::metrics::CONTENT_TYPE, text),
+        Ok(Ok(status)) => match super::metrics::encode(&status) {
+            Ok(text) => (200, super::metrics::CONTENT_TYPE, text),
             Err(_) => (500, TEXT, "could not encode the metrics\n".to_owned()),
         },
         Ok(Err(error)) => (503, TEXT, format!("{error}\n")),

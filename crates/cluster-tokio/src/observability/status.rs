@@ -1,17 +1,16 @@
 //! What a running cluster looks like from outside: [`ClusterStatus`], a snapshot that combines
-//! the primary's bookkeeping ([`Primary::stats`]), the supervisor's (slots, restarts, reloads)
+//! the primary's bookkeeping ([`Primary::counters`]), the supervisor's (slots, restarts, reloads)
 //! and what the kernel says of each worker process (memory, CPU time). Taken with
-//! [`SupervisorHandle::status`](crate::supervisor::SupervisorHandle::status); the metrics
-//! endpoint and the control socket serve it.
+//! [`SupervisorHandle::status`]; the metrics endpoint and the control socket serve it.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use proto::WorkerId;
 use proto::supervisor::SlotId;
-use proto::{ExitStatus, KillReason, WorkerId};
 
-use crate::primary::{Primary, Stats, WorkerStats};
-use crate::supervisor::{ReloadError, ReloadReport};
+use crate::primary::{Counters, Primary, WorkerCounters};
+use crate::supervisor::{Book, PreviousWorker, ReloadCounts, SupervisorError, SupervisorHandle};
 
 /// A snapshot of a supervised cluster.
 #[derive(Clone, Debug)]
@@ -37,15 +36,15 @@ pub struct ClusterStatus {
     pub restarts: u64,
     /// Rolling reloads, by how they ended.
     pub reloads: ReloadCounts,
-    /// As [`Stats::connections_held`].
+    /// As [`Counters::connections_held`].
     pub connections_held: usize,
-    /// As [`Stats::listeners`].
+    /// As [`Counters::listeners`].
     pub listeners: usize,
-    /// As [`Stats::handoffs`]: connections handed to workers since the primary started.
+    /// As [`Counters::handoffs`]: connections handed to workers since the primary started.
     pub handoffs: u64,
-    /// As [`Stats::handoff_latency`].
+    /// As [`Counters::handoff_latency`].
     pub handoff_latency: crate::primary::HandoffLatency,
-    /// As [`Stats::accept_errors`].
+    /// As [`Counters::accept_errors`].
     pub accept_errors: u64,
 }
 
@@ -54,7 +53,7 @@ pub struct ClusterStatus {
 #[non_exhaustive]
 pub struct WorkerStatus {
     /// What the primary counts for it: id, pid, state, handoffs.
-    pub stats: WorkerStats,
+    pub counters: WorkerCounters,
     /// The supervisor's slot it runs in; `None` for a worker forked outside the supervisor, or
     /// a reload's replacement that does not listen yet.
     pub slot: Option<SlotId>,
@@ -90,38 +89,6 @@ pub struct SlotStatus {
     pub previous: Option<PreviousWorker>,
     /// Whether the cluster was scaled down past it.
     pub removed: bool,
-}
-
-/// A worker that left its slot.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct PreviousWorker {
-    /// Its id.
-    pub worker: WorkerId,
-    /// How it ended.
-    pub status: ExitStatus,
-    /// Why the primary or the supervisor killed it, if it did.
-    pub killed: Option<KillReason>,
-}
-
-/// Rolling reloads, by how they ended.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct ReloadCounts {
-    /// Every worker was replaced.
-    pub complete: u64,
-    /// A replacement failed, and the old workers it would have replaced keep serving.
-    pub aborted: u64,
-    /// The reload could not run at all (the new binary cannot be run, a replacement could not
-    /// be spawned).
-    pub failed: u64,
-}
-
-impl ReloadCounts {
-    /// Every reload that ended.
-    pub fn total(&self) -> u64 {
-        self.complete + self.aborted + self.failed
-    }
 }
 
 /// A process's use of the machine, as `/proc/<pid>/stat` and `/proc/<pid>/statm` say.
@@ -164,106 +131,6 @@ fn parse_proc(stat: &str, statm: &str) -> Option<(u64, u64)> {
     Some((utime + stime, resident))
 }
 
-/// What the supervisor knows that the primary does not: which worker runs in which slot,
-/// restarts, reloads. Kept by the supervisor's loop, read by [`ClusterStatus`] snapshots.
-#[derive(Debug)]
-pub(crate) struct Book {
-    started: Instant,
-    slots: BTreeMap<SlotId, SlotBook>,
-    worker_slots: HashMap<WorkerId, SlotId>,
-    pub(crate) reloads: ReloadCounts,
-    pub(crate) serving: usize,
-    pub(crate) wanted: usize,
-    pub(crate) forked: u64,
-}
-
-#[derive(Clone, Debug, Default)]
-struct SlotBook {
-    worker: Option<WorkerId>,
-    had_worker: bool,
-    restarts: u64,
-    previous: Option<PreviousWorker>,
-    removed: bool,
-}
-
-impl Book {
-    pub(crate) fn new() -> Self {
-        Self {
-            started: Instant::now(),
-            slots: BTreeMap::new(),
-            worker_slots: HashMap::new(),
-            reloads: ReloadCounts::default(),
-            serving: 0,
-            wanted: 0,
-            forked: 0,
-        }
-    }
-
-    /// The supervisor started `worker` in `slot`.
-    pub(crate) fn spawned(&mut self, slot: SlotId, worker: WorkerId) {
-        let book = self.slots.entry(slot).or_default();
-        if book.had_worker {
-            book.restarts += 1;
-        }
-        book.had_worker = true;
-        book.worker = Some(worker);
-        self.worker_slots.insert(worker, slot);
-    }
-
-    /// A reload's `new` worker took `old`'s slot.
-    pub(crate) fn replaced(&mut self, old: WorkerId, new: WorkerId) {
-        if let Some(slot) = self.worker_slots.get(&old).copied() {
-            self.worker_slots.insert(new, slot);
-            if let Some(book) = self.slots.get_mut(&slot) {
-                book.worker = Some(new);
-            }
-        }
-    }
-
-    /// `worker` exited.
-    pub(crate) fn exited(
-        &mut self,
-        worker: WorkerId,
-        status: ExitStatus,
-        killed: Option<KillReason>,
-    ) {
-        let Some(slot) = self.worker_slots.remove(&worker) else {
-            return;
-        };
-        if let Some(book) = self.slots.get_mut(&slot) {
-            book.previous = Some(PreviousWorker {
-                worker,
-                status,
-                killed,
-            });
-            if book.worker == Some(worker) {
-                book.worker = None;
-            }
-        }
-    }
-
-    /// `slot` was scaled away, with its worker if it had one.
-    pub(crate) fn removed(&mut self, slot: SlotId) {
-        if let Some(book) = self.slots.get_mut(&slot) {
-            book.removed = true;
-        }
-    }
-
-    /// A rolling reload ended.
-    pub(crate) fn reloaded(&mut self, outcome: &Result<ReloadReport, ReloadError>) {
-        match outcome {
-            Ok(report) if report.is_complete() => self.reloads.complete += 1,
-            Ok(_) => self.reloads.aborted += 1,
-            Err(ReloadError::AlreadyRunning) => {}
-            Err(_) => self.reloads.failed += 1,
-        }
-    }
-
-    pub(crate) fn restarts(&self) -> u64 {
-        self.slots.values().map(|s| s.restarts).sum()
-    }
-}
-
 /// How long a reading of the connections each worker serves is reused. Taking one walks the
 /// kernel's whole TCP hash table and every worker's fds (milliseconds, however many connections
 /// there are), so however often a status is asked for (a scraper, `cluster-ctl` in a loop), the
@@ -296,10 +163,43 @@ fn connections_served(pids: &[u32]) -> HashMap<u32, Option<usize>> {
     counts
 }
 
-/// Puts a status together: `stats` from the primary, the supervisor's `book`, and `/proc`.
-pub(crate) async fn assemble(
+// Defined here, not beside the handle: the supervisor knows nothing of how it is observed.
+impl SupervisorHandle {
+    /// A snapshot of the cluster: every worker with its slot, generation, uptime, restarts,
+    /// memory and CPU time and what the primary counts for it, and the supervisor's totals
+    /// (restarts, reloads by result). Answered while the workers drain at shutdown too.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn dox(handle: cluster_tokio::supervisor::SupervisorHandle) -> Result<(), cluster_tokio::supervisor::SupervisorError> {
+    /// let status = handle.status().await?;
+    /// for worker in &status.workers {
+    ///     println!("worker {} pid {} restarts {}", worker.counters.id, worker.counters.pid, worker.restarts);
+    /// }
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`SupervisorError::Stopped`]: the supervisor or the primary stopped.
+    pub async fn status(&self) -> Result<ClusterStatus, SupervisorError> {
+        if !self.is_running() {
+            return Err(SupervisorError::Stopped);
+        }
+        let primary = self.primary();
+        let counters = primary
+            .counters()
+            .await
+            .map_err(|_| SupervisorError::Stopped)?;
+        Ok(assemble(primary, counters, &self.shared.book).await)
+    }
+}
+
+/// Puts a status together: `counters` from the primary, the supervisor's `book`, and `/proc`.
+async fn assemble(
     primary: &Primary,
-    stats: Stats,
+    stats: Counters,
     book: &std::sync::Mutex<Book>,
 ) -> ClusterStatus {
     // `/proc` is read on a blocking thread: the primary's runtime has one thread, which hands
@@ -333,11 +233,11 @@ pub(crate) async fn assemble(
         .workers
         .into_iter()
         .zip(usage.into_iter().map(Some).chain(std::iter::repeat(None)))
-        .filter_map(|(stats, read)| {
+        .filter_map(|(counters, read)| {
             let (usage, connections) = read.unwrap_or_default();
             // Gone since the primary counted it: not in the snapshot.
-            let handle = primary.worker(stats.id)?;
-            let slot = book.worker_slots.get(&stats.id).copied();
+            let handle = primary.worker(counters.id)?;
+            let slot = book.worker_slots.get(&counters.id).copied();
             let of_slot = slot.and_then(|slot| book.slots.get(&slot));
             Some(WorkerStatus {
                 slot,
@@ -347,7 +247,7 @@ pub(crate) async fn assemble(
                 previous: of_slot.and_then(|s| s.previous),
                 usage,
                 connections,
-                stats,
+                counters,
             })
         })
         .collect();

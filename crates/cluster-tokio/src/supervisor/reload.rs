@@ -1,0 +1,100 @@
+//! One rolling reload: every worker replaced, one at a time, by a worker of the next generation
+//! (the program at its path looked up again), each replacement up before its predecessor drains.
+
+use std::sync::Arc;
+
+use crate::primary::{Event, LinkError, Primary, ProtocolError, Signal};
+
+use super::{AbortReason, ReloadAborted, ReloadError, ReloadReport};
+
+/// Replaces every worker of `primary`, one at a time, without dropping a connection. The
+/// supervisor runs at most one at a time ([`super::reloads`]).
+pub(super) async fn rolling_reload(primary: &Primary) -> Result<ReloadReport, ReloadError> {
+    let settings = primary.settings();
+    let (boot_timeout, wait_ready) = (settings.boot_timeout, settings.wait_ready);
+    let current = primary.image();
+    // Looked up again now: a deploy renamed or copied a new build onto this path.
+    let next = primary
+        .open_next_image()
+        .map_err(|source| ReloadError::Binary {
+            path: current.binary.path.clone(),
+            source,
+        })?;
+    if next.binary.same_file(&current.binary) {
+        tracing::info!(generation = next.generation, binary = %next.binary, "rolling reload: the binary is unchanged, recycling the workers");
+    } else {
+        tracing::info!(generation = next.generation, from = %current.binary, to = %next.binary, "rolling reload to a new binary");
+    }
+    let next = Arc::new(next);
+    let mut report = ReloadReport {
+        generation: next.generation,
+        from: current.binary.clone(),
+        to: next.binary.clone(),
+        replaced: Vec::new(),
+        aborted: None,
+    };
+    // Until every worker runs the new generation: one that crashed meanwhile came back on the
+    // current image, and is replaced too.
+    while let Some(old) = primary
+        .workers()
+        .into_iter()
+        .find(|w| !w.is_dead() && w.is_connected() && w.generation() < next.generation)
+    {
+        let mut events = primary.events();
+        let new = primary
+            .fork_image(Vec::new(), next.clone())
+            .await
+            .map_err(ReloadError::Spawn)?;
+        let up = async {
+            loop {
+                match events.recv().await {
+                    Some(Event::Listening { worker, .. })
+                        if worker.id() == new.id() && !wait_ready =>
+                    {
+                        return None;
+                    }
+                    Some(Event::Ready(worker)) if worker.id() == new.id() && wait_ready => {
+                        return None;
+                    }
+                    Some(Event::Exit { worker, status, .. }) if worker.id() == new.id() => {
+                        return Some(AbortReason::ExitedBeforeListening(status));
+                    }
+                    Some(Event::Error {
+                        worker,
+                        error: ProtocolError::Link(LinkError::VersionMismatch { ours, theirs }),
+                    }) if worker.id() == new.id() => {
+                        return Some(AbortReason::ProtocolMismatch { ours, theirs });
+                    }
+                    Some(_) => {}
+                    None => return Some(AbortReason::PrimaryStopped),
+                }
+            }
+        };
+        let outcome = tokio::time::timeout(boot_timeout, up).await;
+        // Nothing else to wait for: an unread subscriber would hold every later event until
+        // the old worker has drained.
+        drop(events);
+        if let Some(reason) = outcome.unwrap_or(Some(AbortReason::BootTimeout(boot_timeout))) {
+            let _ = new.kill(Signal::KILL);
+            tracing::error!(old = old.id().get(), new = new.id().get(), %reason, "reload aborted");
+            report.aborted = Some(ReloadAborted {
+                worker: old.id(),
+                reason,
+            });
+            return Ok(report);
+        }
+        primary.announce(Event::Replaced {
+            old: old.clone(),
+            new: new.clone(),
+        });
+        old.disconnect().await.map_err(|_| ReloadError::Stopped)?;
+        tracing::info!(
+            old = old.id().get(),
+            new = new.id().get(),
+            "worker replaced"
+        );
+        report.replaced.push((old.id(), new.id()));
+    }
+    primary.set_image(next);
+    Ok(report)
+}

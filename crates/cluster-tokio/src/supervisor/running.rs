@@ -1,0 +1,400 @@
+//! The supervisor's loop: signals, control commands, the primary's events, forks and the timer
+//! go in; the core's policy decides; each of its outputs is carried out here.
+
+use std::io;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use futures_util::future::BoxFuture;
+use futures_util::stream::FuturesUnordered;
+use proto::supervisor::{
+    GiveUp, ScaleError, SlotId, Supervisor as Policy, SupervisorOutput, WorkerExit,
+};
+use tokio::sync::mpsc;
+
+use super::handle::{Control, Shared};
+use super::log::{SpawnFailures, is_kill_from_outside, log_exit, report};
+use super::reloads::Reloads;
+use super::signals::{Asked, Signals};
+use super::{ReloadError, SupervisorError};
+use crate::primary::{Event, Events, Primary, Signal, WorkerHandle};
+use crate::settings::SettingsError;
+
+/// How long a fast shutdown (SIGINT) lets workers drain before it kills them.
+const FAST_SHUTDOWN: Duration = Duration::from_secs(5);
+
+/// A fork under way, for a slot.
+type Fork = BoxFuture<'static, (SlotId, io::Result<WorkerHandle>)>;
+
+/// Why the loop ends.
+enum Stop {
+    /// Drain every worker within `within`, then return `outcome`.
+    Drain {
+        within: Duration,
+        outcome: Result<(), SupervisorError>,
+    },
+    /// The primary is gone: nothing to drain.
+    PrimaryGone,
+}
+
+/// Everything the loop owns.
+pub(super) struct Running {
+    primary: Primary,
+    shared: Arc<Shared>,
+    policy: Policy,
+    controls: mpsc::UnboundedReceiver<Control>,
+    events: Events,
+    /// Forks under way. Polled before the primary's events: the driver answers a fork before it
+    /// publishes anything of the new worker, so its slot is known before its `Listening`.
+    forks: FuturesUnordered<Fork>,
+    reloads: Reloads,
+    spawn_failures: SpawnFailures,
+    progress: crate::systemd::Progress,
+    watchdog: crate::systemd::Watchdog,
+}
+
+impl Running {
+    pub(super) fn new(
+        primary: Primary,
+        shared: Arc<Shared>,
+        controls: mpsc::UnboundedReceiver<Control>,
+        seed: u64,
+    ) -> Self {
+        let settings = primary.settings();
+        let policy = Policy::new(settings.supervisor_config(), settings.worker_count(), seed);
+        Self {
+            events: primary.events(),
+            reloads: Reloads::new(shared.clone()),
+            primary,
+            shared,
+            policy,
+            controls,
+            forks: FuturesUnordered::new(),
+            spawn_failures: SpawnFailures::default(),
+            progress: crate::systemd::Progress::default(),
+            watchdog: crate::systemd::Watchdog::new(),
+        }
+    }
+
+    pub(super) async fn supervise(mut self, mut signals: Signals) -> Result<(), SupervisorError> {
+        loop {
+            self.carry_out();
+            if let Some(stop) = self.given_up() {
+                return self.stop(stop, &mut signals).await;
+            }
+            self.publish();
+            let timer = self
+                .policy
+                .poll_timeout()
+                .map(tokio::time::Instant::from_std);
+            let stop = tokio::select! {
+                biased;
+                Some((slot, forked)) = self.forks.next() => self.forked(slot, forked),
+                asked = signals.recv() => self.on_signal(asked),
+                // Here, not in a task of its own: a wedged loop stops the pets.
+                () = self.watchdog.tick() => watchdog(),
+                Some(control) = self.controls.recv() => self.on_control(control),
+                () = self.reloads.finished() => self.reload_queued(),
+                event = self.events.recv() => self.on_event(event),
+                () = sleep_until(timer) => self.on_timer(),
+            };
+            if let Some(stop) = stop {
+                return self.stop(stop, &mut signals).await;
+            }
+        }
+    }
+
+    /// Carries out what the policy decided.
+    fn carry_out(&mut self) {
+        while let Some(output) = self.policy.poll_output() {
+            match output {
+                SupervisorOutput::Spawn { slot } => {
+                    let primary = self.primary.clone();
+                    self.forks
+                        .push(Box::pin(async move { (slot, primary.fork().await) }));
+                }
+                SupervisorOutput::Kill { worker, reason } => {
+                    tracing::warn!(worker = worker.get(), %reason, "killing worker");
+                    if let Some(handle) = self.primary.worker(worker) {
+                        let _ = handle.kill(Signal::KILL);
+                    }
+                }
+                SupervisorOutput::Disconnect { worker } => {
+                    if let Some(handle) = self.primary.worker(worker) {
+                        tokio::spawn(async move { handle.disconnect().await });
+                    }
+                }
+                SupervisorOutput::Event(event) => report(event, &self.spawn_failures),
+            }
+        }
+    }
+
+    /// The end, if the policy says there is nothing left to supervise.
+    fn given_up(&mut self) -> Option<Stop> {
+        if !self.policy.is_done() {
+            return None;
+        }
+        self.spawn_failures.end_burst("no worker is left to start");
+        let outcome = match self.policy.gave_up() {
+            Some(GiveUp::Fatal { slot, worker, code }) => {
+                Err(SupervisorError::Fatal { slot, worker, code })
+            }
+            Some(GiveUp::BootLoop { slot, failures }) => {
+                Err(SupervisorError::BootLoop { slot, failures })
+            }
+            Some(GiveUp::Listen { address, errno }) => {
+                let source = io::Error::from_raw_os_error(errno);
+                tracing::error!(%address, error = %source, "cannot listen, and no worker serves: stopping (every worker would fail the same way)");
+                Err(SupervisorError::Listen { address, source })
+            }
+            None => Ok(()),
+        };
+        if let Err(error) = &outcome {
+            crate::systemd::stopping(&format!("giving up: {error}"));
+        }
+        Some(Stop::Drain {
+            within: self.primary.settings().disconnect_timeout,
+            outcome,
+        })
+    }
+
+    /// Tells systemd and the book how many workers serve.
+    fn publish(&mut self) {
+        let (serving, wanted) = (self.policy.serving(), self.policy.active());
+        self.progress
+            .update(serving, wanted, self.primary.generation());
+        let mut book = self.shared.book.lock().expect("not poisoned");
+        book.serving = serving;
+        book.wanted = wanted;
+    }
+
+    fn forked(&mut self, slot: SlotId, forked: io::Result<WorkerHandle>) -> Option<Stop> {
+        match forked {
+            Ok(worker) => {
+                self.spawn_failures.end_burst("a worker started again");
+                if self.policy.handle_spawned(now(), slot, worker.id()) {
+                    let mut book = self.shared.book.lock().expect("not poisoned");
+                    book.spawned(slot, worker.id());
+                }
+            }
+            Err(error) => {
+                self.spawn_failures.failed(slot, &error);
+                self.policy.handle_spawn_failed(now(), slot);
+            }
+        }
+        None
+    }
+
+    fn reload_queued(&mut self) -> Option<Stop> {
+        self.reloads.start_queued(&self.primary);
+        None
+    }
+
+    fn on_timer(&mut self) -> Option<Stop> {
+        self.policy.handle_timeout(now());
+        None
+    }
+
+    fn on_signal(&mut self, asked: Asked) -> Option<Stop> {
+        let settings = self.primary.settings();
+        let (within, why) = match asked {
+            Asked::Terminate => (settings.disconnect_timeout, "SIGTERM: draining the workers"),
+            Asked::Interrupt => (
+                FAST_SHUTDOWN.min(settings.disconnect_timeout),
+                "SIGINT: stopping the workers",
+            ),
+            Asked::TerminalClosed => (
+                settings.disconnect_timeout,
+                "SIGHUP: the terminal closed; draining the workers",
+            ),
+            Asked::Reload => {
+                self.reloads.on_signal(&self.primary);
+                return None;
+            }
+            Asked::Scale { more } => {
+                if let Err(error) = self.scale_by_one(more) {
+                    let signal = if more { "SIGTTIN" } else { "SIGTTOU" };
+                    tracing::warn!(%error, "{signal}: not scaling");
+                }
+                return None;
+            }
+        };
+        crate::systemd::stopping(why);
+        tracing::info!("{why}");
+        Some(Stop::Drain {
+            within,
+            outcome: Ok(()),
+        })
+    }
+
+    fn on_control(&mut self, control: Control) -> Option<Stop> {
+        match control {
+            Control::Scale { workers, reply } => {
+                let _ = reply.send(self.scale(workers));
+            }
+            Control::Reload { reply } => self.reloads.ask(&self.primary, reply),
+            Control::Ping { reply } => {
+                let _ = reply.send(());
+            }
+        }
+        None
+    }
+
+    fn on_event(&mut self, event: Option<Event>) -> Option<Stop> {
+        let now = now();
+        let Some(event) = event else {
+            return Some(Stop::PrimaryGone);
+        };
+        match event {
+            Event::Replaced { old, new } => {
+                crate::systemd::reload_progress(crate::systemd::reload_step(
+                    self.primary.settings(),
+                ));
+                self.policy.handle_replaced(now, old.id(), new.id());
+                let mut book = self.shared.book.lock().expect("not poisoned");
+                book.replaced(old.id(), new.id());
+            }
+            Event::ListenFailed { address, errno } => {
+                self.policy.handle_listen_failed(address, errno);
+            }
+            Event::Listening { worker, address } => {
+                tracing::info!(worker = worker.id().get(), pid = worker.pid(), %address, "listening");
+                self.policy.handle_listening(now, worker.id());
+            }
+            Event::Ready(worker) => {
+                tracing::info!(
+                    worker = worker.id().get(),
+                    pid = worker.pid(),
+                    "worker ready"
+                );
+                self.policy.handle_ready(now, worker.id());
+            }
+            Event::Exit {
+                worker,
+                status,
+                killed,
+            } => {
+                let on_purpose = worker.exited_after_disconnect() == Some(true);
+                log_exit(worker.id(), worker.pid(), status, on_purpose, killed);
+                let mut book = self.shared.book.lock().expect("not poisoned");
+                book.exited(worker.id(), status, killed);
+                drop(book);
+                let exit = WorkerExit {
+                    status,
+                    on_purpose,
+                    killed,
+                    signal_from_outside: is_kill_from_outside(status),
+                };
+                self.policy.handle_exit(now, worker.id(), exit);
+            }
+            Event::Fork(_) => self.shared.book.lock().expect("not poisoned").forked += 1,
+            _ => {}
+        }
+        None
+    }
+
+    /// Keeps `target` workers: the policy's bounds, and this user's process limit for the
+    /// ones to add.
+    fn scale(&mut self, target: usize) -> Result<(), SupervisorError> {
+        crate::sys::check_process_limit(target.saturating_sub(self.policy.active()))?;
+        let from = self.policy.active();
+        let removed = self.policy.scale(target).map_err(scale_error)?;
+        tracing::info!(from, to = target, "scaling");
+        self.removed(&removed);
+        Ok(())
+    }
+
+    fn scale_by_one(&mut self, more: bool) -> Result<(), SupervisorError> {
+        if more {
+            crate::sys::check_process_limit(1)?;
+        }
+        let from = self.policy.active();
+        let (target, removed) = self.policy.scale_by_one(more).map_err(scale_error)?;
+        if target != from {
+            tracing::info!(from, to = target, "scaling");
+        }
+        self.removed(&removed);
+        Ok(())
+    }
+
+    fn removed(&self, slots: &[SlotId]) {
+        let mut book = self.shared.book.lock().expect("not poisoned");
+        for &slot in slots {
+            book.removed(slot);
+        }
+    }
+
+    /// Drains every worker (a second SIGTERM or SIGINT meanwhile kills them at once) and ends
+    /// the loop. Meanwhile the loop stays alive for `/healthz` and refuses reloads and scaling.
+    async fn stop(mut self, stop: Stop, signals: &mut Signals) -> Result<(), SupervisorError> {
+        self.policy.stop();
+        self.reloads.cancel();
+        let (within, outcome) = match stop {
+            Stop::PrimaryGone => {
+                crate::systemd::stopping("the primary stopped");
+                return Ok(());
+            }
+            Stop::Drain { within, outcome } => (within, outcome),
+        };
+        self.shared.book.lock().expect("not poisoned").serving = 0;
+        // Forks under way end in workers the drain must see.
+        while self.forks.next().await.is_some() {}
+        let draining = self.primary.disconnect_within(within);
+        let mut draining = std::pin::pin!(draining);
+        loop {
+            tokio::select! {
+                done = &mut draining => {
+                    done.map_err(|_| SupervisorError::Stopped)?;
+                    return outcome;
+                }
+                asked = signals.recv() => {
+                    if matches!(asked, Asked::Terminate | Asked::Interrupt) {
+                        kill_all(&self.primary).await;
+                        return outcome;
+                    }
+                }
+                Some(control) = self.controls.recv() => match control {
+                    Control::Ping { reply } => { let _ = reply.send(()); }
+                    Control::Scale { reply, .. } => { let _ = reply.send(Err(SupervisorError::Stopped)); }
+                    Control::Reload { reply } => { let _ = reply.send(Err(ReloadError::Stopped)); }
+                },
+            }
+        }
+    }
+}
+
+fn scale_error(error: ScaleError) -> SupervisorError {
+    match error {
+        ScaleError::TooMany { asked, max } => SupervisorError::TooManyWorkers(
+            SettingsError::out_of_range("workers", asked, format!("from 0 to {max}")),
+        ),
+        ScaleError::Stopping => SupervisorError::Stopped,
+    }
+}
+
+fn watchdog() -> Option<Stop> {
+    crate::systemd::notify("WATCHDOG=1");
+    None
+}
+
+async fn kill_all(primary: &Primary) {
+    tracing::warn!("killing every worker");
+    for worker in primary.workers() {
+        let _ = worker.kill(Signal::KILL);
+    }
+    for worker in primary.workers() {
+        worker.exited().await;
+    }
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn now() -> Instant {
+    tokio::time::Instant::now().into_std()
+}
