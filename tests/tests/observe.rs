@@ -611,3 +611,44 @@ fn bad_endpoint_settings_stop_the_program_naming_them() {
     assert!(err.contains("in use"), "{err}");
     assert!(out.is_empty(), "no worker may start: {out}");
 }
+
+/// A program that builds its own supervisor serves the endpoint with `observability::serve`:
+/// probes are answered while the supervisor runs, say so once it stopped, and the endpoint
+/// closes when what `serve` returned is dropped.
+#[tokio::test]
+async fn the_endpoint_served_by_hand_answers_until_it_is_dropped() {
+    use cluster::primary::{Event, SchedulingPolicy};
+    let mut cluster = support::Cluster::with(SchedulingPolicy::RoundRobin, |s| {
+        s.workers(1)
+            .metrics_addr("127.0.0.1:0".parse::<std::net::SocketAddr>().unwrap())
+    });
+    let supervisor = cluster::Supervisor::new(cluster.primary.clone());
+    let served = cluster::observability::serve(&supervisor.handle()).expect("binds");
+    let port = served.endpoint_addr().expect("an endpoint").port();
+    let probe = async |path: &'static str| {
+        tokio::task::spawn_blocking(move || get(port, path))
+            .await
+            .unwrap()
+    };
+    let running = tokio::spawn(supervisor.run());
+    loop {
+        if let Event::Fork(worker) = cluster.event().await {
+            cluster.adopt(&worker);
+            break;
+        }
+    }
+    assert_eq!(probe("/healthz").await.unwrap().0, 200);
+    running.abort();
+    assert!(running.await.unwrap_err().is_cancelled());
+    assert_eq!(
+        probe("/healthz").await.unwrap().0,
+        503,
+        "the supervisor is gone"
+    );
+    drop(served);
+    let deadline = Instant::now() + WAIT;
+    while probe("/healthz").await.is_ok() {
+        assert!(Instant::now() < deadline, "the endpoint still answers");
+        tokio::task::yield_now().await;
+    }
+}

@@ -354,9 +354,14 @@ impl Supervisor {
         }
     }
 
-    /// The worker for `slot` could not even be started: counts as a crash at boot.
+    /// The worker for `slot` could not even be started: counts as a crash at boot, unless the
+    /// slot no longer waits for it (scaled away or stopped meanwhile).
     pub fn handle_spawn_failed(&mut self, now: Instant, slot: SlotId) {
-        if slot.0 < self.slots.len() {
+        if self
+            .slots
+            .get(slot.0)
+            .is_some_and(|s| s.state == State::Spawning)
+        {
             self.failed(now, slot.0, true);
         }
     }

@@ -640,6 +640,8 @@ fn the_supervisors_own_kill_is_a_crash_and_a_kill_from_outside_is_not() {
             reason: KillReason::BootTimeout
         }]
     );
+    // It listened just before the SIGKILL landed: still the supervisor's own kill, a crash.
+    s.handle_listening(deadline, worker);
     s.handle_exit(deadline, worker, from_outside());
     assert!(matches!(
         drain(&mut s)[..],
@@ -704,4 +706,18 @@ fn a_worker_started_for_a_slot_scaled_away_meanwhile_is_disconnected() {
             worker: WorkerId::new(2)
         }]
     );
+}
+
+#[test]
+fn a_failed_start_for_a_slot_scaled_away_meanwhile_does_not_bring_it_back() {
+    let mut s = Supervisor::new(config(), 1, 30);
+    let now = Instant::now();
+    assert_eq!(spawns(&drain(&mut s)), [0]);
+    assert_eq!(s.scale(0), Ok(vec![SlotId(0)]));
+    // The fork under way fails.
+    s.handle_spawn_failed(now, SlotId(0));
+    assert_eq!(drain(&mut s), []);
+    assert_eq!(s.active(), 0);
+    s.handle_timeout(now + Duration::from_secs(60));
+    assert_eq!(drain(&mut s), [], "no restart of a removed slot");
 }
