@@ -345,7 +345,7 @@ impl From<StartError> for io::Error {
 }
 
 /// What [`Primary::counters`] reports: the primary's own bookkeeping, as opposed to the
-/// supervised cluster's status ([`ClusterStatus`](crate::observability::ClusterStatus)).
+/// status of a supervised cluster, which the observability module assembles above it.
 #[derive(Clone, Debug)]
 #[non_exhaustive]
 pub struct Counters {
