@@ -10,6 +10,7 @@
 //! | `CLUSTER_HANDOFF_WINDOW` | [`Settings::window`] | `1` to `4096` |
 //! | `CLUSTER_BATCH_SCHEDULING` | [`Settings::batch_scheduling`] | `1` or `0` |
 //! | `CLUSTER_DISCONNECT_TIMEOUT` | [`Settings::disconnect_timeout`] | a duration: `20s`, `500ms` |
+//! | `CLUSTER_SHUTDOWN_DELAY` | [`Settings::shutdown_delay`] | a duration, or `0` |
 //! | `CLUSTER_BOOT_TIMEOUT` | [`Settings::boot_timeout`] | a duration |
 //! | `CLUSTER_HANDOFF_TIMEOUT` | [`Settings::handoff_timeout`] | a duration |
 //! | `CLUSTER_HEARTBEAT_TIMEOUT` | [`Settings::heartbeat_timeout`] | a duration of at least `2s`, or `off` |
@@ -40,6 +41,8 @@ pub const HANDOFF_WINDOW: &str = "CLUSTER_HANDOFF_WINDOW";
 pub const BATCH_SCHEDULING: &str = "CLUSTER_BATCH_SCHEDULING";
 /// How long a disconnected worker may drain.
 pub const DISCONNECT_TIMEOUT: &str = "CLUSTER_DISCONNECT_TIMEOUT";
+/// How long the cluster keeps serving after SIGTERM before it drains.
+pub const SHUTDOWN_DELAY: &str = "CLUSTER_SHUTDOWN_DELAY";
 /// How long a new worker may take to listen.
 pub const BOOT_TIMEOUT: &str = "CLUSTER_BOOT_TIMEOUT";
 /// How long a worker may take to ack a connection.
@@ -73,12 +76,13 @@ pub(crate) fn answer_queries() {
 }
 
 /// Every variable [`Settings::apply_env`] reads, in the order it reads them.
-pub const VARIABLES: [&str; 10] = [
+pub const VARIABLES: [&str; 11] = [
     WORKERS,
     SCHED_POLICY,
     HANDOFF_WINDOW,
     BATCH_SCHEDULING,
     DISCONNECT_TIMEOUT,
+    SHUTDOWN_DELAY,
     BOOT_TIMEOUT,
     HANDOFF_TIMEOUT,
     HEARTBEAT_TIMEOUT,
@@ -254,6 +258,15 @@ impl Settings {
                             .ok_or_else(|| fail(accepted))?,
                     );
                 }
+                SHUTDOWN_DELAY => {
+                    let accepted = "a duration up to 24h: `0`, or a whole number and its unit, \
+                                    `ms`, `s`, `m` or `h` (such as `5s`)";
+                    self.shutdown_delay = Some(if text == Some("0") {
+                        Duration::ZERO
+                    } else {
+                        parse_duration(text, Duration::ZERO).ok_or_else(|| fail(accepted))?
+                    });
+                }
                 CONTROL_SOCKET => {
                     let accepted =
                         "an absolute path to a file, such as `/run/my-service/control.sock`";
@@ -316,6 +329,21 @@ mod tests {
 
     fn apply(name: &str, value: &str) -> Result<Settings, EnvError> {
         Settings::new().apply_env_from(|n| (n == name).then(|| value.into()))
+    }
+
+    #[test]
+    fn the_shutdown_delay_takes_zero_or_a_duration() {
+        let delay = |value| apply(SHUTDOWN_DELAY, value).map(|s| s.shutdown_delay);
+        assert_eq!(delay("0"), Ok(Some(Duration::ZERO)));
+        assert_eq!(delay("0s"), Ok(Some(Duration::ZERO)));
+        assert_eq!(delay("5s"), Ok(Some(Duration::from_secs(5))));
+        assert_eq!(delay("24h"), Ok(Some(Duration::from_secs(86_400))));
+        for bad in ["", "5", "-1s", "5 s", "25h", "1d"] {
+            let error = delay(bad).unwrap_err();
+            assert!(error.to_string().contains(SHUTDOWN_DELAY), "{error}");
+        }
+        // Unset: the default, which depends on where the program runs.
+        assert_eq!(Settings::new().shutdown_delay, None);
     }
 
     #[test]

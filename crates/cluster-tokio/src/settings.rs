@@ -11,6 +11,11 @@ pub use proto::SchedulingPolicy;
 pub use proto::supervisor::FATAL_EXIT_CODE;
 use proto::supervisor::SupervisorConfig;
 
+/// The shutdown delay by default in a Kubernetes pod (where `KUBERNETES_SERVICE_HOST` is set):
+/// long enough for kube-proxy and the usual ingress controllers to drop a terminating pod's
+/// endpoints, which they do within a few seconds of its deletion.
+pub const KUBERNETES_SHUTDOWN_DELAY: Duration = Duration::from_secs(5);
+
 /// The most workers one primary starts (`CLUSTER_WORKERS` and [`Settings::workers`] alike). A
 /// worker is a process: past a thousand, a machine is better served by more hosts.
 pub const MAX_WORKERS: usize = 1024;
@@ -70,6 +75,7 @@ pub struct Settings {
     pub(crate) max_queued: usize,
     pub(crate) handoff_timeout: Duration,
     pub(crate) disconnect_timeout: Duration,
+    pub(crate) shutdown_delay: Option<Duration>,
     pub(crate) heartbeat_timeout: Option<Duration>,
     pub(crate) boot_timeout: Duration,
     pub(crate) backlog: u32,
@@ -112,6 +118,7 @@ impl Settings {
             max_queued: core.registry.max_queued,
             handoff_timeout: core.handoff_timeout,
             disconnect_timeout: Duration::from_secs(30),
+            shutdown_delay: None,
             heartbeat_timeout: core.heartbeat_timeout,
             boot_timeout: supervisor.boot_timeout.unwrap_or(Duration::from_secs(60)),
             backlog: 511,
@@ -226,6 +233,30 @@ impl Settings {
     pub fn disconnect_timeout(mut self, timeout: Duration) -> Self {
         self.disconnect_timeout = timeout;
         self
+    }
+
+    /// How long the cluster keeps serving after SIGTERM before it drains (default: 0, or
+    /// [`KUBERNETES_SHUTDOWN_DELAY`] in a Kubernetes pod). Meanwhile `/readyz` answers 503, the
+    /// primary keeps accepting and the workers keep serving: a load balancer that health-checks
+    /// `/readyz`, or Kubernetes removing the pod from its Service's endpoints, stops sending new
+    /// connections before the listeners close, so none is refused (what a `preStop` sleep does
+    /// otherwise). A second SIGTERM, or SIGINT, skips the rest of the delay. Give the platform
+    /// time for both: Kubernetes' `terminationGracePeriodSeconds` above the delay plus
+    /// [`Self::disconnect_timeout`]. `CLUSTER_SHUTDOWN_DELAY` overrides it.
+    pub fn shutdown_delay(mut self, delay: Duration) -> Self {
+        self.shutdown_delay = Some(delay);
+        self
+    }
+
+    /// The shutdown delay in force ([`Self::shutdown_delay`]), and where it came from.
+    pub(crate) fn shutdown_delay_in_force(&self) -> (Duration, &'static str) {
+        match self.shutdown_delay {
+            Some(delay) => (delay, "set"),
+            None if std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() => {
+                (KUBERNETES_SHUTDOWN_DELAY, "a Kubernetes pod's default")
+            }
+            None => (Duration::ZERO, "default"),
+        }
     }
 
     /// How long a worker may stay silent before it is presumed hung, killed and replaced
@@ -386,6 +417,9 @@ impl Settings {
         }
         if let Some(timeout) = self.heartbeat_timeout {
             check_timeout("heartbeat_timeout", timeout, MIN_HEARTBEAT_TIMEOUT)?;
+        }
+        if let Some(delay) = self.shutdown_delay {
+            check_timeout("shutdown_delay", delay, Duration::ZERO)?;
         }
         if self.backoff_initial > self.backoff_max {
             return Err(SettingsError::BackoffInverted {

@@ -10,7 +10,9 @@ use proto::WorkerId;
 use proto::supervisor::SlotId;
 
 use crate::primary::{Counters, Primary, WorkerCounters};
-use crate::supervisor::{Book, PreviousWorker, ReloadCounts, SupervisorError, SupervisorHandle};
+use crate::supervisor::{
+    Book, Phase, PreviousWorker, ReloadCounts, SupervisorError, SupervisorHandle,
+};
 
 /// A snapshot of a supervised cluster.
 #[derive(Clone, Debug)]
@@ -20,6 +22,8 @@ pub struct ClusterStatus {
     pub pid: u32,
     /// How long the supervisor has been running.
     pub uptime: Duration,
+    /// Whether it serves, waits out its shutdown delay, or drains.
+    pub phase: Phase,
     /// The generation new workers start in: 1 until a rolling reload completes.
     pub generation: u64,
     /// How many workers the supervisor keeps running (its active slots).
@@ -254,6 +258,7 @@ async fn assemble(
     ClusterStatus {
         pid: std::process::id(),
         uptime: book.started.elapsed(),
+        phase: book.phase,
         generation,
         wanted: book.wanted,
         serving: book.serving,

@@ -41,6 +41,31 @@ impl ReloadCounts {
     }
 }
 
+/// Where a supervised cluster is in its life.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Phase {
+    /// Keeping its workers running.
+    #[default]
+    Serving,
+    /// SIGTERM came: it serves on for the shutdown delay
+    /// ([`Settings::shutdown_delay`](crate::Settings::shutdown_delay)) while load balancers
+    /// stop sending, and `/readyz` answers 503.
+    Delaying,
+    /// Draining its workers before it stops.
+    Draining,
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Serving => "serving",
+            Self::Delaying => "shutdown delay",
+            Self::Draining => "draining",
+        })
+    }
+}
+
 /// What the supervisor knows that the primary does not: which worker runs in which slot,
 /// restarts, reloads. Kept by the supervisor's loop, read by status snapshots
 /// ([`ClusterStatus`](crate::observability::ClusterStatus)).
@@ -53,6 +78,7 @@ pub(crate) struct Book {
     pub(crate) serving: usize,
     pub(crate) wanted: usize,
     pub(crate) forked: u64,
+    pub(crate) phase: Phase,
 }
 
 /// One slot in the [`Book`].
@@ -75,6 +101,7 @@ impl Book {
             serving: 0,
             wanted: 0,
             forked: 0,
+            phase: Phase::Serving,
         }
     }
 

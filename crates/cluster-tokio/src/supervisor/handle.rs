@@ -104,9 +104,11 @@ impl SupervisorHandle {
         self.control.send(Control::Ping { reply }).is_ok() && rx.await.is_ok()
     }
 
-    /// Whether at least one worker serves (what `/readyz` asks).
+    /// Whether at least one worker serves and the cluster is not shutting down (what `/readyz`
+    /// asks).
     pub(crate) fn is_serving(&self) -> bool {
-        self.is_running() && self.shared.book.lock().expect("not poisoned").serving > 0
+        let book = self.shared.book.lock().expect("not poisoned");
+        self.is_running() && book.phase == super::Phase::Serving && book.serving > 0
     }
 
     /// The primary the supervisor keeps the workers of.

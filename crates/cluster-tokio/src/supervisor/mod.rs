@@ -21,7 +21,7 @@ pub use proto::supervisor::SlotId;
 use tokio::sync::mpsc;
 
 pub(crate) use self::book::Book;
-pub use self::book::{PreviousWorker, ReloadCounts};
+pub use self::book::{Phase, PreviousWorker, ReloadCounts};
 pub use self::errors::{AbortReason, ReloadAborted, ReloadError, ReloadReport, SupervisorError};
 pub use self::handle::SupervisorHandle;
 use self::handle::{Control, Shared};

@@ -52,6 +52,8 @@ pub(super) struct Running {
     spawn_failures: SpawnFailures,
     progress: crate::systemd::Progress,
     watchdog: crate::systemd::Watchdog,
+    /// When the shutdown delay a SIGTERM started ends, and the drain begins.
+    leave_at: Option<tokio::time::Instant>,
 }
 
 impl Running {
@@ -74,10 +76,19 @@ impl Running {
             spawn_failures: SpawnFailures::default(),
             progress: crate::systemd::Progress::default(),
             watchdog: crate::systemd::Watchdog::new(),
+            leave_at: None,
         }
     }
 
     pub(super) async fn supervise(mut self, mut signals: Signals) -> Result<(), SupervisorError> {
+        let (delay, from) = self.primary.settings().shutdown_delay_in_force();
+        if !delay.is_zero() {
+            tracing::info!(
+                ?delay,
+                from,
+                "on SIGTERM the cluster serves on for the shutdown delay, then drains"
+            );
+        }
         loop {
             self.carry_out();
             if let Some(stop) = self.given_up() {
@@ -98,6 +109,7 @@ impl Running {
                 () = self.reloads.finished() => self.reload_queued(),
                 event = self.events.recv() => self.on_event(event),
                 () = sleep_until(timer) => self.on_timer(),
+                () = sleep_until(self.leave_at) => self.drain_after_delay(),
             };
             if let Some(stop) = stop {
                 return self.stop(stop, &mut signals).await;
@@ -198,7 +210,17 @@ impl Running {
 
     fn on_signal(&mut self, asked: Asked) -> Option<Stop> {
         let settings = self.primary.settings();
+        let (delay, _) = settings.shutdown_delay_in_force();
+        let leaving = self.leave_at.is_some();
         let (within, why) = match asked {
+            Asked::Terminate if !leaving && !delay.is_zero() => {
+                self.delay_shutdown(delay);
+                return None;
+            }
+            Asked::Terminate if leaving => (
+                settings.disconnect_timeout,
+                "SIGTERM again: the rest of the shutdown delay skipped; draining the workers",
+            ),
             Asked::Terminate => (settings.disconnect_timeout, "SIGTERM: draining the workers"),
             Asked::Interrupt => (
                 FAST_SHUTDOWN.min(settings.disconnect_timeout),
@@ -208,6 +230,10 @@ impl Running {
                 settings.disconnect_timeout,
                 "SIGHUP: the terminal closed; draining the workers",
             ),
+            Asked::Reload | Asked::Scale { .. } if leaving => {
+                tracing::warn!(?asked, "shutting down: not reloading or scaling");
+                return None;
+            }
             Asked::Reload => {
                 self.reloads.on_signal(&self.primary);
                 return None;
@@ -228,7 +254,34 @@ impl Running {
         })
     }
 
+    /// SIGTERM with a shutdown delay: `/readyz` fails at once, and everything else carries on
+    /// (workers serve, crashed ones are restarted) until the delay ends; reloads and scaling are
+    /// refused meanwhile.
+    fn delay_shutdown(&mut self, delay: Duration) {
+        self.leave_at = Some(tokio::time::Instant::now() + delay);
+        self.reloads.cancel();
+        self.shared.book.lock().expect("not poisoned").phase = super::Phase::Delaying;
+        let why = format!(
+            "SIGTERM: serving {delay:?} more while load balancers stop sending, then draining"
+        );
+        crate::systemd::stopping(&why);
+        tracing::info!("{why}");
+    }
+
+    fn drain_after_delay(&self) -> Option<Stop> {
+        tracing::info!("the shutdown delay is over: draining the workers");
+        crate::systemd::notify("STATUS=draining the workers");
+        Some(Stop::Drain {
+            within: self.primary.settings().disconnect_timeout,
+            outcome: Ok(()),
+        })
+    }
+
     fn on_control(&mut self, control: Control) -> Option<Stop> {
+        if self.leave_at.is_some() {
+            refuse(control);
+            return None;
+        }
         match control {
             Control::Scale { workers, reply } => {
                 let _ = reply.send(self.scale(workers));
@@ -337,7 +390,11 @@ impl Running {
             }
             Stop::Drain { within, outcome } => (within, outcome),
         };
-        self.shared.book.lock().expect("not poisoned").serving = 0;
+        {
+            let mut book = self.shared.book.lock().expect("not poisoned");
+            book.phase = super::Phase::Draining;
+            book.serving = 0;
+        }
         // Forks under way end in workers the drain must see.
         while self.forks.next().await.is_some() {}
         let draining = self.primary.disconnect_within(within);
@@ -354,12 +411,23 @@ impl Running {
                         return outcome;
                     }
                 }
-                Some(control) = self.controls.recv() => match control {
-                    Control::Ping { reply } => { let _ = reply.send(()); }
-                    Control::Scale { reply, .. } => { let _ = reply.send(Err(SupervisorError::Stopped)); }
-                    Control::Reload { reply } => { let _ = reply.send(Err(ReloadError::Stopped)); }
-                },
+                Some(control) = self.controls.recv() => refuse(control),
             }
+        }
+    }
+}
+
+/// Answers a command while the cluster shuts down: alive, but no reload and no scaling.
+fn refuse(control: Control) {
+    match control {
+        Control::Ping { reply } => {
+            let _ = reply.send(());
+        }
+        Control::Scale { reply, .. } => {
+            let _ = reply.send(Err(SupervisorError::Stopped));
+        }
+        Control::Reload { reply } => {
+            let _ = reply.send(Err(ReloadError::Stopped));
         }
     }
 }
