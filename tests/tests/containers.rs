@@ -1,5 +1,6 @@
 //! The cluster where services run in containers: the shutdown delay that replaces a `preStop`
-//! sleep (`/readyz` fails at once on SIGTERM, the cluster serves on for the delay, then drains).
+//! sleep (`/readyz` fails at once on SIGTERM, the cluster serves on for the delay, then drains),
+//! and the primary as a reaper of orphans, as a child subreaper and as PID 1 of a pid namespace.
 
 mod support;
 
@@ -24,6 +25,12 @@ fn endpoint_port(program: &Program) -> u16 {
 /// returns it with the endpoint's port and the workers' port once both listen and `/readyz`
 /// says ready.
 fn start(delay: &str) -> (Program, u16, u16) {
+    let (program, endpoint, app, _) = start_with_pids(delay);
+    (program, endpoint, app)
+}
+
+/// As [`start`], with the workers' pids.
+fn start_with_pids(delay: &str) -> (Program, u16, u16, Vec<u32>) {
     let mut program = Program::start(
         env!("CARGO_BIN_EXE_http_fixture"),
         &[
@@ -33,11 +40,11 @@ fn start(delay: &str) -> (Program, u16, u16) {
             ("RUST_LOG", "info"),
         ],
     );
-    let app = program.worker().2;
-    program.worker();
+    let (_, first, app) = program.worker();
+    let (_, second, _) = program.worker();
     let endpoint = endpoint_port(&program);
     wait_readyz(endpoint, 200);
-    (program, endpoint, app)
+    (program, endpoint, app, vec![first, second])
 }
 
 /// Waits (bounded) until `/readyz` answers `expected`.
@@ -116,4 +123,155 @@ fn a_malformed_shutdown_delay_stops_the_program_naming_it() {
         // The line names the variable and the value (read as the pipe delivers it).
         program.wait_for_log(&format!("CLUSTER_SHUTDOWN_DELAY={bad:?}"));
     }
+}
+
+/// A process's state letter, parent and pid namespace, from `/proc`.
+fn proc_entry(pid: u32) -> Option<(char, u32, String)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    let mut fields = rest.split_whitespace();
+    let state = fields.next()?.chars().next()?;
+    let parent = fields.next()?.parse().ok()?;
+    let namespace = std::fs::read_link(format!("/proc/{pid}/ns/pid"))
+        .ok()?
+        .to_string_lossy()
+        .into_owned();
+    Some((state, parent, namespace))
+}
+
+/// Every process on the machine, as (pid, state, parent, pid namespace).
+fn processes() -> Vec<(u32, char, u32, String)> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|pid| {
+            let (state, parent, namespace) = proc_entry(pid)?;
+            Some((pid, state, parent, namespace))
+        })
+        .collect()
+}
+
+#[test]
+fn orphans_a_worker_leaves_behind_are_reaped_and_workers_exits_still_seen() {
+    let (mut program, _, app, workers) = start_with_pids("0");
+    let primary = program.pid();
+    let (status, body) = get(app, "/abandon/1000").unwrap();
+    assert_eq!(status, 200, "{body}");
+    // The orphans still alive are the primary's children now, not init's.
+    let orphans = processes()
+        .iter()
+        .filter(|(pid, _, parent, _)| *parent == primary && !workers.contains(pid))
+        .count();
+    assert!(orphans > 0, "no orphan came to the primary");
+    // Once they exit, none stays a zombie: every child of the primary is a worker again.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let left: Vec<_> = processes()
+            .into_iter()
+            .filter(|(pid, _, parent, _)| *parent == primary && !workers.contains(pid))
+            .collect();
+        if left.is_empty() {
+            break;
+        }
+        let zombies = left.iter().filter(|(_, state, ..)| *state == 'Z').count();
+        assert!(
+            Instant::now() < deadline,
+            "{} orphans left, {zombies} of them zombies",
+            left.len()
+        );
+        std::thread::yield_now();
+    }
+    eprintln!("1000 abandoned: {orphans} came to the primary alive; all reaped");
+    // A worker's exit is still the primary's to see: a SIGKILL is a kill from outside.
+    cluster_tests::signal(workers[0], libc::SIGKILL).unwrap();
+    program.wait_for_log("worker killed from outside; restarting it");
+    assert!(!program.stderr().contains("waiting for worker failed"));
+    program.signal(libc::SIGTERM);
+    assert!(program.wait().success(), "{}", program.stderr());
+}
+
+/// A port nobody listens on now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[test]
+fn as_pid_1_of_a_pid_namespace_it_reaps_every_orphan_and_stops_cleanly() {
+    let probe = std::process::Command::new("unshare")
+        .args(["--pid", "--fork", "--mount-proc", "--kill-child", "true"])
+        .output();
+    match probe {
+        Ok(output) if output.status.success() => {}
+        Ok(output) => {
+            eprintln!(
+                "skipped: cannot make a pid namespace here (unshare: {})",
+                String::from_utf8_lossy(&output.stderr).trim()
+            );
+            return;
+        }
+        Err(error) => {
+            eprintln!("skipped: unshare cannot be run ({error})");
+            return;
+        }
+    }
+    let app = free_port();
+    let addr = format!("127.0.0.1:{app}");
+    // Worker lines carry the namespace's pids: the test reads none of them (`Program` would
+    // take them for the machine's), and `--kill-child` takes the namespace down with `unshare`.
+    let mut program = Program::start_with(
+        "unshare",
+        &[
+            ("CLUSTER_WORKERS", "2"),
+            ("CLUSTER_METRICS_ADDR", "127.0.0.1:0"),
+            ("ADDR", addr.as_str()),
+            ("RUST_LOG", "info"),
+        ],
+        |command| {
+            command
+                .args(["--pid", "--fork", "--mount-proc", "--kill-child"])
+                .arg(env!("CARGO_BIN_EXE_http_fixture"));
+        },
+    );
+    let endpoint = endpoint_port(&program);
+    wait_readyz(endpoint, 200);
+    let unshare = program.pid();
+    let (primary, _, namespace) = processes()
+        .into_iter()
+        .find(|(_, _, parent, _)| *parent == unshare)
+        .map(|(pid, state, _, namespace)| (pid, state, namespace))
+        .expect("the namespace's init");
+    let (status, body) = get(app, "/abandon/1000").unwrap();
+    assert_eq!(status, 200, "{body}");
+    let in_namespace = |ns: &str| ns == namespace;
+    // Until the orphans are gone: the primary and its two workers are all that is left.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let left: Vec<_> = processes()
+            .into_iter()
+            .filter(|(_, _, _, ns)| in_namespace(ns))
+            .collect();
+        let zombies = left.iter().filter(|(_, state, ..)| *state == 'Z').count();
+        if left.len() == 3 && zombies == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} processes in the namespace, {zombies} zombies",
+            left.len()
+        );
+        std::thread::yield_now();
+    }
+    cluster_tests::signal(primary, libc::SIGTERM).unwrap();
+    let status = program.wait();
+    assert!(status.success(), "{status:?}: {}", program.stderr());
+    program.wait_for_log("cluster stopped");
+    assert!(
+        processes().iter().all(|(_, _, _, ns)| !in_namespace(ns)),
+        "processes outlived the namespace's init"
+    );
 }

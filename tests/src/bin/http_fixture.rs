@@ -8,7 +8,8 @@
 //! the file named by `FIXTURE_FAIL_IF` exists exit 1 at once. With `FIXTURE_WAIT_READY=1` the
 //! primary waits for readiness (`Settings::wait_ready`), and every worker calls
 //! `cluster::ready()` once it listens, except in a build stamped `unready`, which never does.
-//! `FIXTURE_BOOT_DELAY_MS` makes every worker wait that long before it binds.
+//! `FIXTURE_BOOT_DELAY_MS` makes every worker wait that long before it binds. `GET /abandon/<n>`
+//! leaves `n` orphaned processes behind (each lives 2 s) before it answers.
 
 use std::convert::Infallible;
 use std::io::Write;
@@ -94,6 +95,21 @@ async fn main() -> std::io::Result<()> {
                 {
                     say(&format!("delaying {id} {ms}"));
                     tokio::time::sleep(Duration::from_millis(ms)).await;
+                }
+                if let Some(count) = path
+                    .strip_prefix("/abandon/")
+                    .and_then(|count| count.parse::<u32>().ok())
+                {
+                    // Leaves `count` processes behind, each living 2 s: each is started by a
+                    // subshell that exits at once, so it is orphaned (and goes to the nearest
+                    // subreaper).
+                    let script =
+                        format!("i=0; while [ $i -lt {count} ]; do (sleep 2 &); i=$((i+1)); done");
+                    let _ = tokio::process::Command::new("sh")
+                        .arg("-c")
+                        .arg(script)
+                        .status()
+                        .await;
                 }
                 let body = if path == "/version" {
                     format!("{build} worker {id}\n")

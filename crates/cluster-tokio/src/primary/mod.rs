@@ -7,6 +7,7 @@ mod events;
 pub(crate) mod holding;
 mod image;
 mod latency;
+mod reaper;
 mod spawn;
 mod worker_handle;
 
@@ -70,6 +71,8 @@ pub struct Primary {
 pub(crate) struct PrimaryShared {
     subscribers: Mutex<Vec<mpsc::UnboundedSender<Event>>>,
     workers: Mutex<BTreeMap<WorkerId, WorkerHandle>>,
+    /// The pids of the workers' processes, which the orphan reaper leaves alone.
+    worker_pids: reaper::WorkerPids,
     settings: Settings,
     /// The program of the current generation: what forks, respawns and scale-ups run.
     image: Mutex<Arc<Image>>,
@@ -103,6 +106,12 @@ impl Primary {
     /// when the thread that forked it exits (`PR_SET_PDEATHSIG`): start the primary on a
     /// long-lived runtime, never inside `spawn_blocking`.
     ///
+    /// This process becomes a child subreaper (`PR_SET_CHILD_SUBREAPER`): processes the workers
+    /// leave behind become its children when their parent exits, and it reaps their zombies
+    /// (as a container's PID 1, every orphan of the container). It never reaps a worker, nor a
+    /// process in its own process group: a child this program starts itself stays its own to
+    /// wait for.
+    ///
     /// # Errors
     ///
     /// The settings are not valid ([`Settings::validate`]), or the workers' program cannot be
@@ -129,10 +138,12 @@ impl Primary {
         let shared = Arc::new(PrimaryShared {
             subscribers: Mutex::new(Vec::new()),
             workers: Mutex::new(BTreeMap::new()),
+            worker_pids: reaper::WorkerPids::default(),
             settings: settings.clone(),
             image: Mutex::new(Arc::new(image)),
             next_generation: std::sync::atomic::AtomicU64::new(2),
         });
+        reaper::start(shared.worker_pids.clone());
         tokio::spawn(Driver::new(settings, shared.clone(), rx, tx.clone()));
         Ok(Self { tx, shared })
     }

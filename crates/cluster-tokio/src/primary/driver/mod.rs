@@ -349,6 +349,12 @@ impl Driver {
 
     fn fork(&mut self, env: &[(OsString, OsString)], image: &Image) -> io::Result<WorkerHandle> {
         let id = self.core.add_worker();
+        // Held across the spawn: the orphan reaper must know a worker before it can exit.
+        let mut worker_pids = self
+            .shared
+            .worker_pids
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let (mut child, channel, peer) =
             match spawn::spawn(&self.settings, image, id, env, self.batch_scheduling) {
                 Ok(spawned) => spawned,
@@ -358,6 +364,8 @@ impl Driver {
                 }
             };
         let pid = child.id().unwrap_or_default();
+        worker_pids.insert(pid);
+        drop(worker_pids);
         let output = if self.settings.silent {
             spawn::forward_output(id, &mut child)
         } else {
@@ -381,8 +389,15 @@ impl Driver {
             },
         );
         let tx = self.input_tx.clone();
+        let worker_pids = self.shared.worker_pids.clone();
         tokio::spawn(async move {
-            let status = match child.wait().await {
+            let waited = child.wait().await;
+            // Reaped: the pid may be reused by an orphan from now on.
+            worker_pids
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .remove(&pid);
+            let status = match waited {
                 Ok(status) => match (status.code(), status.signal()) {
                     (Some(code), _) => ExitStatus::Code(code),
                     (None, Some(signal)) => ExitStatus::Signal(signal),

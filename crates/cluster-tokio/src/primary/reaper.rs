@@ -1,0 +1,141 @@
+//! Orphans. The primary is a child subreaper (`PR_SET_CHILD_SUBREAPER`), and may be a
+//! container's PID 1: a process that outlives its parent (a worker's subprocess left behind, a
+//! daemon that double-forked) becomes the primary's child, and its zombie must be reaped here or
+//! it holds a pid until the pids limit is reached.
+//!
+//! Only orphans are reaped: never a worker (the driver waits for each, for its exit status),
+//! and never a process in the primary's own process group, which is what the primary's own code
+//! starts (it waits for those itself). Workers run in process groups of their own, so what they
+//! leave behind does not share the primary's.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rustix::process::{Pid, WaitOptions};
+use tokio::signal::unix::{SignalKind, signal};
+
+/// How often the primary looks for zombies even without a SIGCHLD (signals coalesce, and one
+/// may come while a scan runs).
+const SWEEP: Duration = Duration::from_secs(1);
+
+/// The pids of the workers' processes, kept by the driver: added before a spawn can be seen
+/// (the lock is held across it) and removed once the driver reaped the worker.
+pub(crate) type WorkerPids = Arc<Mutex<HashSet<u32>>>;
+
+/// Makes this process a child subreaper and reaps orphans until the runtime stops: at each
+/// SIGCHLD, and every second.
+pub(crate) fn start(workers: WorkerPids) {
+    if let Err(error) = rustix::process::set_child_subreaper(Some(rustix::process::getpid())) {
+        tracing::debug!(%error, "cannot become a child subreaper; orphans go to init");
+    }
+    let mut children = signal(SignalKind::child())
+        .inspect_err(
+            |error| tracing::warn!(%error, "cannot watch SIGCHLD; orphans are reaped every second"),
+        )
+        .ok();
+    tokio::spawn(async move {
+        let mut sweep = tokio::time::interval(SWEEP);
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let child = async {
+                match &mut children {
+                    Some(children) => children.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = sweep.tick() => {}
+                _ = child => {}
+            }
+            // `/proc` is read off the runtime's thread, which hands off connections.
+            let workers = workers.clone();
+            let reaped = tokio::task::spawn_blocking(move || reap_orphans(&workers))
+                .await
+                .unwrap_or(0);
+            if reaped > 0 {
+                tracing::debug!(reaped, "reaped orphaned processes");
+            }
+        }
+    });
+}
+
+/// Reaps every zombie child that is an orphan; returns how many.
+fn reap_orphans(workers: &Mutex<HashSet<u32>>) -> usize {
+    // Read from `/proc` like the children's: in a pid namespace made by `unshare --fork`, the
+    // primary's group belongs to the parent namespace, and shows as 0 here.
+    let Some((_, ours)) = std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|stat| parse_stat(&stat))
+    else {
+        return 0;
+    };
+    let mut reaped = 0;
+    for pid in children() {
+        let Some((state, group)) = state_and_group(pid) else {
+            continue;
+        };
+        if state != 'Z' || group == ours {
+            continue;
+        }
+        // Held while reaping: a worker just spawned is in the set before it can be a zombie.
+        let workers = workers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if workers.contains(&pid.unsigned_abs()) {
+            continue;
+        }
+        let Some(raw) = Pid::from_raw(pid) else {
+            continue;
+        };
+        if let Ok(Some(_)) = rustix::process::waitpid(Some(raw), WaitOptions::NOHANG) {
+            reaped += 1;
+        }
+    }
+    reaped
+}
+
+/// This process's children: every thread's, as `/proc` lists them.
+fn children() -> Vec<i32> {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return Vec::new();
+    };
+    let mut pids = Vec::new();
+    for task in tasks.flatten() {
+        if let Ok(list) = std::fs::read_to_string(task.path().join("children")) {
+            pids.extend(
+                list.split_whitespace()
+                    .filter_map(|pid| pid.parse::<i32>().ok()),
+            );
+        }
+    }
+    pids
+}
+
+/// A process's state letter and process group, from `/proc/<pid>/stat`.
+fn state_and_group(pid: i32) -> Option<(char, i32)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_stat(&stat)
+}
+
+fn parse_stat(stat: &str) -> Option<(char, i32)> {
+    // The command name (field 2) may hold spaces and parentheses: fields after it start after
+    // the last `)`. Then: state (3), ppid (4), pgrp (5).
+    let (_, rest) = stat.rsplit_once(')')?;
+    let mut fields = rest.split_whitespace();
+    let state = fields.next()?.chars().next()?;
+    let group = fields.nth(1)?.parse().ok()?;
+    Some((state, group))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_state_and_group_follow_the_command_name() {
+        let stat = "4242 (odd) name) Z 1 4000 4000 0 -1 4194560 0 0";
+        assert_eq!(parse_stat(stat), Some(('Z', 4000)));
+        assert_eq!(parse_stat("garbage"), None);
+    }
+}
