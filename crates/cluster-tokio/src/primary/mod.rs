@@ -71,8 +71,6 @@ pub struct Primary {
 pub(crate) struct PrimaryShared {
     subscribers: Mutex<Vec<mpsc::UnboundedSender<Event>>>,
     workers: Mutex<BTreeMap<WorkerId, WorkerHandle>>,
-    /// The pids of the workers' processes, which the orphan reaper leaves alone.
-    worker_pids: reaper::WorkerPids,
     settings: Settings,
     /// The program of the current generation: what forks, respawns and scale-ups run.
     image: Mutex<Arc<Image>>,
@@ -138,12 +136,11 @@ impl Primary {
         let shared = Arc::new(PrimaryShared {
             subscribers: Mutex::new(Vec::new()),
             workers: Mutex::new(BTreeMap::new()),
-            worker_pids: reaper::WorkerPids::default(),
             settings: settings.clone(),
             image: Mutex::new(Arc::new(image)),
             next_generation: std::sync::atomic::AtomicU64::new(2),
         });
-        reaper::start(shared.worker_pids.clone());
+        reaper::start();
         tokio::spawn(Driver::new(settings, shared.clone(), rx, tx.clone()));
         Ok(Self { tx, shared })
     }

@@ -8,8 +8,9 @@
 //! starts (it waits for those itself). Workers run in process groups of their own, so what they
 //! leave behind does not share the primary's.
 
-use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use rustix::process::{Pid, WaitOptions};
@@ -19,13 +20,29 @@ use tokio::signal::unix::{SignalKind, signal};
 /// may come while a scan runs).
 const SWEEP: Duration = Duration::from_secs(1);
 
-/// The pids of the workers' processes, kept by the driver: added before a spawn can be seen
-/// (the lock is held across it) and removed once the driver reaped the worker.
-pub(crate) type WorkerPids = Arc<Mutex<HashSet<u32>>>;
+/// The pids of every worker process of every primary in this process, kept by the drivers:
+/// added before a spawn can be seen (the lock is held across it) and removed once the driver
+/// reaped the worker. One set and one reaper per process: the children of a process are all
+/// its primaries' (a test harness may run several).
+static WORKER_PIDS: Mutex<BTreeSet<u32>> = Mutex::new(BTreeSet::new());
+
+/// Whether a reaper task runs (on the runtime of the primary that started it; the next primary
+/// starts another once that runtime is gone).
+static RUNNING: AtomicBool = AtomicBool::new(false);
+
+/// The set of workers' pids, locked.
+pub(crate) fn worker_pids() -> MutexGuard<'static, BTreeSet<u32>> {
+    WORKER_PIDS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
 
 /// Makes this process a child subreaper and reaps orphans until the runtime stops: at each
 /// SIGCHLD, and every second.
-pub(crate) fn start(workers: WorkerPids) {
+pub(crate) fn start() {
+    if RUNNING.swap(true, Ordering::SeqCst) {
+        return;
+    }
     if let Err(error) = rustix::process::set_child_subreaper(Some(rustix::process::getpid())) {
         tracing::debug!(%error, "cannot become a child subreaper; orphans go to init");
     }
@@ -35,6 +52,7 @@ pub(crate) fn start(workers: WorkerPids) {
         )
         .ok();
     tokio::spawn(async move {
+        let _running = Running;
         let mut sweep = tokio::time::interval(SWEEP);
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -49,10 +67,7 @@ pub(crate) fn start(workers: WorkerPids) {
                 _ = child => {}
             }
             // `/proc` is read off the runtime's thread, which hands off connections.
-            let workers = workers.clone();
-            let reaped = tokio::task::spawn_blocking(move || reap_orphans(&workers))
-                .await
-                .unwrap_or(0);
+            let reaped = tokio::task::spawn_blocking(reap_orphans).await.unwrap_or(0);
             if reaped > 0 {
                 tracing::debug!(reaped, "reaped orphaned processes");
             }
@@ -60,8 +75,17 @@ pub(crate) fn start(workers: WorkerPids) {
     });
 }
 
+/// Clears [`RUNNING`] when the reaper's task ends with its runtime.
+struct Running;
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        RUNNING.store(false, Ordering::SeqCst);
+    }
+}
+
 /// Reaps every zombie child that is an orphan; returns how many.
-fn reap_orphans(workers: &Mutex<HashSet<u32>>) -> usize {
+fn reap_orphans() -> usize {
     // Read from `/proc` like the children's: in a pid namespace made by `unshare --fork`, the
     // primary's group belongs to the parent namespace, and shows as 0 here.
     let Some((_, ours)) = std::fs::read_to_string("/proc/self/stat")
@@ -79,9 +103,7 @@ fn reap_orphans(workers: &Mutex<HashSet<u32>>) -> usize {
             continue;
         }
         // Held while reaping: a worker just spawned is in the set before it can be a zombie.
-        let workers = workers
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let workers = worker_pids();
         if workers.contains(&pid.unsigned_abs()) {
             continue;
         }

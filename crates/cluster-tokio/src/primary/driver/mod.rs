@@ -350,11 +350,7 @@ impl Driver {
     fn fork(&mut self, env: &[(OsString, OsString)], image: &Image) -> io::Result<WorkerHandle> {
         let id = self.core.add_worker();
         // Held across the spawn: the orphan reaper must know a worker before it can exit.
-        let mut worker_pids = self
-            .shared
-            .worker_pids
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut worker_pids = super::reaper::worker_pids();
         let (mut child, channel, peer) =
             match spawn::spawn(&self.settings, image, id, env, self.batch_scheduling) {
                 Ok(spawned) => spawned,
@@ -389,14 +385,10 @@ impl Driver {
             },
         );
         let tx = self.input_tx.clone();
-        let worker_pids = self.shared.worker_pids.clone();
         tokio::spawn(async move {
             let waited = child.wait().await;
             // Reaped: the pid may be reused by an orphan from now on.
-            worker_pids
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .remove(&pid);
+            super::reaper::worker_pids().remove(&pid);
             let status = match waited {
                 Ok(status) => match (status.code(), status.signal()) {
                     (Some(code), _) => ExitStatus::Code(code),
