@@ -45,6 +45,8 @@ pub use entry::configure;
 pub use entry::{MainOutput, Role, ready, run, run_workers, shutdown};
 pub use net::ClusterListener;
 pub use primary::Primary;
+#[cfg(any(feature = "axum", feature = "hyper", feature = "tonic"))]
+pub use serve::Serve;
 #[cfg(feature = "axum")]
 pub use serve::axum;
 #[cfg(feature = "hyper")]
