@@ -34,8 +34,7 @@ pub mod settings;
 mod socket;
 pub mod status;
 pub mod supervisor;
-// The one module allowed `unsafe`: every block there has a `// SAFETY:` comment.
-#[allow(unsafe_code)]
+// `sys::ffi` is the one module allowed `unsafe`: every block there has a `// SAFETY:` comment.
 mod sys;
 mod systemd;
 pub mod worker;
