@@ -13,7 +13,6 @@
 
 #[cfg(feature = "axum")]
 pub mod axum;
-#[cfg(any(feature = "axum", feature = "hyper", feature = "tonic"))]
 mod builder;
 #[cfg(any(feature = "axum", feature = "hyper"))]
 mod http;
@@ -30,11 +29,9 @@ use tokio::time::{Instant, Sleep};
 
 use crate::net::Listener;
 
-#[cfg(any(feature = "axum", feature = "hyper", feature = "tonic"))]
 pub(crate) use builder::Front;
 #[cfg(any(feature = "axum", feature = "hyper"))]
 pub(crate) use builder::Http1;
-#[cfg(any(feature = "axum", feature = "hyper", feature = "tonic"))]
 pub use builder::Serve;
 
 /// How long a draining HTTP/1.1 server keeps answering requests with `Connection: close` before
