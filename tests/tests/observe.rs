@@ -486,6 +486,72 @@ fn garbage_on_the_control_socket_gets_an_error_and_the_primary_carries_on() {
 }
 
 #[test]
+fn json_requests_are_versioned_and_the_wrong_ones_get_typed_errors() {
+    let mut cluster = Cluster::start("json", 1);
+    let socket = cluster.socket();
+    // Several requests on one connection, each answered by one line.
+    let mut stream = UnixStream::connect(&socket).unwrap();
+    stream.set_read_timeout(Some(WAIT)).unwrap();
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut ask = |request: &str| {
+        stream.write_all(format!("{request}\n").as_bytes()).unwrap();
+        let mut answer = String::new();
+        reader.read_line(&mut answer).unwrap();
+        serde_json::from_str::<serde_json::Value>(&answer).unwrap()
+    };
+    let answer = ask(r#"{"version":1,"command":"status"}"#);
+    assert_eq!(
+        (&answer["version"], &answer["ok"]),
+        (&1.into(), &true.into()),
+        "{answer}"
+    );
+    assert_eq!(
+        answer["status"]["workers"].as_array().unwrap().len(),
+        1,
+        "{answer}"
+    );
+    // Another version: told so, whatever the rest of the request holds, and nothing is done.
+    for request in [
+        r#"{"version":2,"command":"scale","workers":0}"#,
+        r#"{"version":0,"command":"status"}"#,
+        r#"{"version":99,"what":"ever"}"#,
+    ] {
+        let answer = ask(request);
+        assert_eq!(answer["ok"], false, "{request}: {answer}");
+        assert_eq!(answer["kind"], "unknown_version", "{request}: {answer}");
+        assert!(
+            answer["error"].as_str().unwrap().contains("version 1"),
+            "{request}: {answer}"
+        );
+    }
+    // The right version, a wrong shape.
+    for request in [
+        r#"{"version":1,"command":"frobnicate"}"#,
+        r#"{"version":1,"command":"scale"}"#,
+        r#"{"version":1,"command":"scale","workers":-1}"#,
+        r#"{"version":1}"#,
+        r#"{"command":"status"}"#,
+        r#"{"version":"1","command":"status"}"#,
+        r#"{"version":1,"command":"status""#,
+        "[1,2]",
+    ] {
+        let answer = ask(request);
+        assert_eq!(answer["ok"], false, "{request}: {answer}");
+        assert_eq!(answer["kind"], "malformed", "{request}: {answer}");
+        assert!(
+            answer["error"].as_str().is_some_and(|e| !e.is_empty()),
+            "{request}: {answer}"
+        );
+    }
+    // The same connection is still answered, the primary still serves and scaled nothing.
+    let answer = ask(r#"{"version":1,"command":"status"}"#);
+    assert_eq!(answer["ok"], true, "{answer}");
+    assert_eq!(answer["status"]["wanted"], 1, "{answer}");
+    assert!(cluster.program.is_running());
+    assert_eq!(get(cluster.app, "/").unwrap().0, 200);
+}
+
+#[test]
 fn a_client_of_another_user_is_refused() {
     if !cluster_tests::is_root() {
         eprintln!("not root: a client of another user cannot be started; skipped");

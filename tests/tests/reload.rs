@@ -729,3 +729,162 @@ fn axum_serve_keeps_serving_after_running_out_of_fds() {
     assert!(program.wait().success(), "{}", program.stderr());
     assert!(signalled.elapsed() < Duration::from_secs(10));
 }
+
+/// What the h2c client of [`h2c_client`] saw.
+#[derive(Debug)]
+enum H2c {
+    /// A `200` with this body.
+    Answer(String),
+    /// The server said `GOAWAY` (no error): the next request goes on a new connection.
+    GoAway,
+    /// A request that failed, or any other answer.
+    Failure(String),
+}
+
+/// An HTTP/2 client with prior knowledge (h2c) sending `GET /` to `port` one after another on
+/// the connection it holds, until `stop`. A `GOAWAY` from the server makes it open a new
+/// connection: h2 refuses locally to send on a connection that was told to go away, so no
+/// request is lost by that. Nothing is retried: a request that fails is reported as one.
+async fn h2c_client(port: u16, stop: Arc<AtomicBool>, seen: std::sync::mpsc::Sender<H2c>) {
+    let mut held: Option<h2::client::SendRequest<&'static [u8]>> = None;
+    // Bounded: never more than this many requests.
+    for _ in 0..100_000 {
+        if stop.load(Ordering::Relaxed) {
+            return;
+        }
+        let outcome = tokio::time::timeout(WAIT, h2c_get(&mut held, port))
+            .await
+            .unwrap_or_else(|_| H2c::Failure("no answer in time".to_owned()));
+        if seen.send(outcome).is_err() {
+            return;
+        }
+    }
+}
+
+/// One `GET /` on `held` (a new connection when there is none); `held` is emptied when its
+/// connection is of no more use.
+async fn h2c_get(held: &mut Option<h2::client::SendRequest<&'static [u8]>>, port: u16) -> H2c {
+    let sender = match held.take() {
+        Some(sender) => sender,
+        None => {
+            let stream = match tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
+                Ok(stream) => stream,
+                Err(error) => return H2c::Failure(format!("connect: {error}")),
+            };
+            let handshake = h2::client::Builder::new().handshake::<_, &'static [u8]>(stream);
+            let (sender, connection) = match handshake.await {
+                Ok(handshake) => handshake,
+                Err(error) => return H2c::Failure(format!("h2 handshake: {error}")),
+            };
+            tokio::spawn(connection);
+            sender
+        }
+    };
+    let went_away = |error: &h2::Error| {
+        error.is_go_away() && error.is_remote() && error.reason() == Some(h2::Reason::NO_ERROR)
+    };
+    let mut sender = match sender.ready().await {
+        Ok(sender) => sender,
+        Err(error) if went_away(&error) => return H2c::GoAway,
+        Err(error) => return H2c::Failure(format!("ready: {error}")),
+    };
+    let request = http::Request::get(format!("http://127.0.0.1:{port}/"))
+        .body(())
+        .unwrap();
+    let response = match sender.send_request(request, true) {
+        Ok((response, _)) => response,
+        Err(error) if went_away(&error) => return H2c::GoAway,
+        Err(error) => return H2c::Failure(format!("send: {error}")),
+    };
+    // Sent: from here on, any error is a failed request.
+    let response = match response.await {
+        Ok(response) => response,
+        Err(error) => return H2c::Failure(format!("response: {error}")),
+    };
+    let status = response.status();
+    let mut body = response.into_body();
+    let mut text = Vec::new();
+    while let Some(chunk) = body.data().await {
+        match chunk {
+            Ok(chunk) => {
+                let _ = body.flow_control().release_capacity(chunk.len());
+                text.extend_from_slice(&chunk);
+            }
+            Err(error) => return H2c::Failure(format!("body: {error}")),
+        }
+    }
+    let text = String::from_utf8_lossy(&text).trim().to_owned();
+    *held = Some(sender);
+    match status.as_u16() {
+        200 => H2c::Answer(text),
+        other => H2c::Failure(format!("{other} {text}")),
+    }
+}
+
+#[test]
+fn axum_serve_answers_h2c_and_a_reload_moves_its_clients_with_a_goaway() {
+    // `cluster::axum::serve` speaks HTTP/2 with prior knowledge as `axum::serve` does. A client
+    // holding an h2c connection across a rolling reload is told to go away (`GOAWAY`) by the
+    // draining worker, and goes on on a new connection to the new workers without a failure.
+    let mut program = Program::start(
+        env!("CARGO_BIN_EXE_axum_fixture"),
+        &[("CLUSTER_WORKERS", "2"), ("RUST_LOG", "info")],
+    );
+    let (_, _, port) = program.worker();
+    program.worker();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (tx, seen) = std::sync::mpsc::channel();
+    let client = runtime.spawn(h2c_client(port, stop.clone(), tx));
+    let (mut answers, mut goaways) = (BTreeSet::new(), 0);
+    let mut record = |deadline: Instant, until: &dyn Fn(&BTreeSet<String>, usize) -> bool| {
+        while !until(&answers, goaways) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match seen.recv_timeout(left) {
+                Ok(H2c::Answer(body)) => {
+                    answers.insert(body);
+                }
+                Ok(H2c::GoAway) => goaways += 1,
+                // No point going on: the test fails on the first failed request.
+                Ok(H2c::Failure(failure)) => panic!(
+                    "a request failed: {failure}; answered by {answers:?}, {goaways} GOAWAYs"
+                ),
+                Err(error) => panic!("{error}: answered by {answers:?}, {goaways} GOAWAYs"),
+            }
+        }
+    };
+    // Served over h2c by the first workers.
+    record(Instant::now() + WAIT, &|answers, _| !answers.is_empty());
+    program.signal(libc::SIGHUP);
+    let ids = [program.worker().0, program.worker().0];
+    assert_eq!(ids, [3, 4]);
+    program.wait_for_logs("reload complete", 1);
+    // The old workers are gone: the client was told to go away at least once, and the new
+    // workers answer it.
+    record(Instant::now() + WAIT, &|answers, goaways| {
+        goaways >= 1 && (answers.contains("worker 3") || answers.contains("worker 4"))
+    });
+    stop.store(true, Ordering::Relaxed);
+    runtime
+        .block_on(async { tokio::time::timeout(WAIT, client).await })
+        .expect("the client stops")
+        .unwrap();
+    let failures: Vec<_> = (seen.try_iter().filter_map(|seen| match seen {
+        H2c::Failure(failure) => Some(failure),
+        _ => None,
+    }))
+    .collect();
+    assert!(failures.is_empty(), "failed requests: {failures:?}");
+    eprintln!("h2c: answered by {answers:?}, {goaways} GOAWAYs, 0 failures");
+    program.signal(libc::SIGTERM);
+    assert!(program.wait().success(), "{}", program.stderr());
+    assert!(
+        !program.stderr().contains("killing it"),
+        "{}",
+        program.stderr()
+    );
+}

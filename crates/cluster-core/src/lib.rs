@@ -23,6 +23,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod control;
 pub mod error;
 pub mod key;
 pub mod lifecycle;

@@ -12,9 +12,11 @@
 //! answered. Exit codes: 0 done, 1 the primary refused (the reason is printed), 2 a usage error,
 //! 69 (`EX_UNAVAILABLE`) the primary could not be reached.
 //!
-//! The protocol is one line of text per command, answered with one line of JSON, so
+//! The protocol is one line of JSON per request (`{"version":1,"command":"status"}`), answered
+//! with one line of JSON; its messages are typed in `cluster_core::control`, which the primary
+//! shares. The primary also takes the bare words (`status`, `reload`, `scale N`), so
 //! `echo status | socat - UNIX-CONNECT:/run/my-service/control.sock` works as well; `--json`
-//! prints that answer as it came.
+//! prints the answer as it came.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -22,7 +24,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use serde_json::Value;
+use proto::control::{Answer, Command, ErrorKind, Request, Status};
 
 /// The variable the socket's path is read from when `--socket` is not given.
 pub const CONTROL_SOCKET: &str = "CLUSTER_CONTROL_SOCKET";
@@ -61,17 +63,18 @@ pub fn run(args: &[String], env_socket: Option<PathBuf>) -> (u8, String, String)
         }
     }
     let command = match words.as_slice() {
-        ["status"] => "status".to_owned(),
-        ["reload"] => "reload".to_owned(),
-        ["scale", n] if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) => {
-            format!("scale {n}")
-        }
+        ["status"] => Command::Status,
+        ["reload"] => Command::Reload,
+        ["scale", n] => match Command::from_words(&format!("scale {n}")) {
+            Ok(command) => command,
+            Err(error) => return usage(&error.message),
+        },
         _ => return usage("expected one command: status, reload or scale N"),
     };
     let Some(socket) = socket else {
         return usage("no socket: pass --socket PATH or set CLUSTER_CONTROL_SOCKET");
     };
-    let answer = match ask(&socket, &command) {
+    let answer = match ask(&socket, command) {
         Ok(answer) => answer,
         Err(error) => {
             return (
@@ -81,38 +84,41 @@ pub fn run(args: &[String], env_socket: Option<PathBuf>) -> (u8, String, String)
             );
         }
     };
-    let Ok(value) = serde_json::from_str::<Value>(&answer) else {
-        return (
-            1,
-            String::new(),
-            format!("cluster-ctl: not an answer: {answer:?}\n"),
-        );
+    let as_came = if json {
+        format!("{answer}\n")
+    } else {
+        String::new()
     };
-    if value["ok"] != Value::Bool(true) {
-        let reason = value["error"].as_str().unwrap_or("no reason given");
-        let out = if json {
-            format!("{answer}\n")
-        } else {
-            String::new()
-        };
-        return (1, out, format!("cluster-ctl: {reason}\n"));
-    }
-    if json {
-        let aborted = value["reload"]["aborted"].is_string();
-        return (u8::from(aborted), format!("{answer}\n"), String::new());
-    }
-    match command.as_str() {
-        "status" => (0, table(&value["status"]), String::new()),
-        // An aborted reload left old workers serving: not what was asked.
-        "reload" if value["reload"]["aborted"].is_string() => {
-            (1, String::new(), reloaded(&value["reload"]))
+    let parsed = match serde_json::from_str::<Answer>(&answer) {
+        Ok(parsed) => parsed,
+        Err(error) => {
+            return (
+                1,
+                as_came,
+                format!("cluster-ctl: cannot read the primary's answer ({error}): {answer:?}\n"),
+            );
         }
-        "reload" => (0, reloaded(&value["reload"]), String::new()),
-        _ => (
-            0,
-            format!("scaling to {} workers\n", value["scale"]),
-            String::new(),
-        ),
+    };
+    match parsed {
+        Answer::Error(error) => {
+            let reason = match error.kind {
+                ErrorKind::UnknownVersion => format!(
+                    "the primary does not speak this cluster-ctl's protocol: {}",
+                    error.message
+                ),
+                _ => error.message,
+            };
+            (1, as_came, format!("cluster-ctl: {reason}\n"))
+        }
+        // An aborted reload left old workers serving: not what was asked.
+        Answer::Reload(reload) if json => {
+            (u8::from(reload.aborted.is_some()), as_came, String::new())
+        }
+        _ if json => (0, as_came, String::new()),
+        Answer::Status(status) => (0, table(&status), String::new()),
+        Answer::Reload(reload) if reload.aborted.is_some() => (1, String::new(), reloaded(&reload)),
+        Answer::Reload(reload) => (0, reloaded(&reload), String::new()),
+        Answer::Scale(workers) => (0, format!("scaling to {workers} workers\n"), String::new()),
     }
 }
 
@@ -125,14 +131,17 @@ fn usage(problem: &str) -> (u8, String, String) {
 }
 
 /// Sends `command` and reads the one-line answer.
-fn ask(socket: &std::path::Path, command: &str) -> std::io::Result<String> {
+fn ask(socket: &std::path::Path, command: Command) -> std::io::Result<String> {
+    let mut request =
+        serde_json::to_string(&Request::new(command)).map_err(std::io::Error::other)?;
+    request.push('\n');
     let mut stream = UnixStream::connect(socket)?;
-    let timeout = (command != "reload").then_some(TIMEOUT);
+    let timeout = (command != Command::Reload).then_some(TIMEOUT);
     stream.set_read_timeout(timeout)?;
     stream.set_write_timeout(Some(TIMEOUT))?;
     // A primary that refuses this client answers and closes at once, maybe before the command
     // is written: its answer is still there to read.
-    if let Err(error) = stream.write_all(format!("{command}\n").as_bytes())
+    if let Err(error) = stream.write_all(request.as_bytes())
         && error.kind() != std::io::ErrorKind::BrokenPipe
     {
         return Err(error);
@@ -148,13 +157,13 @@ fn ask(socket: &std::path::Path, command: &str) -> std::io::Result<String> {
     Ok(answer.trim_end().to_owned())
 }
 
-fn reloaded(reload: &Value) -> String {
-    match reload["aborted"].as_str() {
+fn reloaded(reload: &proto::control::Reload) -> String {
+    match &reload.aborted {
         None => format!(
             "reload complete: generation {}, {} workers replaced{}\n",
-            reload["generation"],
-            reload["replaced"],
-            if reload["binary_changed"] == Value::Bool(true) {
+            reload.generation,
+            reload.replaced,
+            if reload.binary_changed {
                 ", new binary"
             } else {
                 ""
@@ -162,48 +171,49 @@ fn reloaded(reload: &Value) -> String {
         ),
         Some(reason) => format!(
             "reload aborted after {} workers, the old workers keep serving: {reason}\n",
-            reload["replaced"]
+            reload.replaced
         ),
     }
 }
 
 /// The status as `pm2 ls` would show it.
-fn table(status: &Value) -> String {
-    let reloads = &status["reloads"];
+fn table(status: &Status) -> String {
+    let reloads = &status.reloads;
+    let phase = match status.phase.as_str() {
+        "" | "serving" => String::new(),
+        phase => format!(" ({phase})"),
+    };
     let mut out = format!(
-        "primary pid {}, up {}, generation {}, {} of {} workers serving, {} restarts, reloads: {} complete, {} aborted, {} failed\n",
-        status["pid"],
-        duration(status["uptime_seconds"].as_f64()),
-        status["generation"],
-        status["serving"],
-        status["wanted"],
-        status["restarts"],
-        reloads["complete"],
-        reloads["aborted"],
-        reloads["failed"],
+        "primary pid {}{phase}, up {}, generation {}, {} of {} workers serving, {} restarts, reloads: {} complete, {} aborted, {} failed\n",
+        status.pid,
+        duration(Some(status.uptime_seconds)),
+        status.generation,
+        status.serving,
+        status.wanted,
+        status.restarts,
+        reloads.complete,
+        reloads.aborted,
+        reloads.failed,
     );
     let header = [
         "id", "slot", "pid", "gen", "state", "uptime", "restarts", "rss", "cpu", "conns",
         "handoffs",
     ];
     let mut rows = vec![header.map(str::to_owned).to_vec()];
-    for worker in status["workers"].as_array().into_iter().flatten() {
-        let number = |key: &str| match &worker[key] {
-            Value::Null => "-".to_owned(),
-            value => value.to_string(),
-        };
+    let number = |n: Option<String>| n.unwrap_or_else(|| "-".to_owned());
+    for worker in &status.workers {
         rows.push(vec![
-            number("id"),
-            number("slot"),
-            number("pid"),
-            number("generation"),
-            worker["state"].as_str().unwrap_or("?").to_owned(),
-            duration(worker["uptime_seconds"].as_f64()),
-            number("restarts"),
-            bytes(worker["resident_bytes"].as_u64()),
-            cpu(worker["cpu_seconds"].as_f64()),
-            number("connections"),
-            number("handoffs"),
+            worker.id.to_string(),
+            number(worker.slot.map(|s| s.to_string())),
+            worker.pid.to_string(),
+            worker.generation.to_string(),
+            worker.state.clone(),
+            duration(Some(worker.uptime_seconds)),
+            worker.restarts.to_string(),
+            bytes(worker.resident_bytes),
+            cpu(worker.cpu_seconds),
+            number(worker.connections.map(|c| c.to_string())),
+            worker.handoffs.to_string(),
         ]);
     }
     let widths: Vec<usize> = (0..header.len())
@@ -261,7 +271,7 @@ mod tests {
 
     #[test]
     fn the_table_has_a_row_per_worker() {
-        let status: Value = serde_json::from_str(
+        let status: Status = serde_json::from_str(
             r#"{"pid":10,"uptime_seconds":3700.5,"generation":2,"wanted":2,"serving":2,
                 "restarts":1,"reloads":{"complete":1,"aborted":0,"failed":0},
                 "workers":[
@@ -283,6 +293,82 @@ mod tests {
             "{table}"
         );
         assert!(lines[3].contains(" -  "), "{table}");
+    }
+
+    #[test]
+    fn the_wire_is_readable_json_with_a_version() {
+        let request = |command| serde_json::to_string(&Request::new(command)).unwrap();
+        assert_eq!(
+            request(Command::Status),
+            r#"{"version":1,"command":"status"}"#
+        );
+        assert_eq!(
+            request(Command::Scale { workers: 4 }),
+            r#"{"version":1,"command":"scale","workers":4}"#
+        );
+        let answer = |answer| serde_json::to_string(&answer).unwrap();
+        assert_eq!(
+            answer(Answer::Scale(4)),
+            r#"{"version":1,"ok":true,"scale":4}"#
+        );
+        let refusal = Answer::Error(proto::control::Error::new(ErrorKind::UnknownVersion, "no"));
+        let line = answer(refusal.clone());
+        assert_eq!(
+            line,
+            r#"{"version":1,"ok":false,"kind":"unknown_version","error":"no"}"#
+        );
+        assert_eq!(serde_json::from_str::<Answer>(&line).unwrap(), refusal);
+        let status = Answer::Status(Status {
+            pid: 7,
+            ..Status::default()
+        });
+        assert_eq!(
+            serde_json::from_str::<Answer>(&answer(status.clone())).unwrap(),
+            status
+        );
+        // An answer of another version, or of no known shape, is not taken for one.
+        for line in [
+            r#"{"version":2,"ok":true,"scale":4}"#,
+            r#"{"version":1,"ok":true}"#,
+            r#"{"ok":true,"scale":4}"#,
+        ] {
+            assert!(serde_json::from_str::<Answer>(line).is_err(), "{line}");
+        }
+        // A kind from a newer primary still reads, as `other`.
+        let newer = r#"{"version":1,"ok":false,"kind":"on_fire","error":"x"}"#;
+        let Answer::Error(error) = serde_json::from_str::<Answer>(newer).unwrap() else {
+            panic!("not an error")
+        };
+        assert_eq!(error.kind, ErrorKind::Other);
+    }
+
+    #[test]
+    fn a_primary_of_another_version_is_reported_readably() {
+        // A primary that speaks only version 2, on a real socket: one request, one answer.
+        let dir = std::env::temp_dir().join(format!("cluster-ctl-version-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("control.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let primary = std::thread::spawn(move || {
+            let (stream, _) = listener.accept().unwrap();
+            stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+            let mut request = String::new();
+            BufReader::new(&stream).read_line(&mut request).unwrap();
+            let answer = r#"{"version":2,"ok":false,"kind":"unknown_version","error":"control protocol version 1 is unknown: this primary speaks version 2"}"#;
+            (&stream)
+                .write_all(format!("{answer}\n").as_bytes())
+                .unwrap();
+            request
+        });
+        let (code, out, err) = run(&["reload".to_owned()], Some(path));
+        let request = primary.join().unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(request, "{\"version\":1,\"command\":\"reload\"}\n");
+        assert_eq!((code, out.as_str()), (1, ""), "{err}");
+        assert_eq!(
+            err,
+            "cluster-ctl: the primary does not speak this cluster-ctl's protocol: control protocol version 1 is unknown: this primary speaks version 2\n"
+        );
     }
 
     #[test]

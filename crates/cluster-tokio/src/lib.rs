@@ -31,8 +31,7 @@ mod serve;
 pub mod settings;
 mod socket;
 pub mod supervisor;
-// The one module allowed `unsafe`: every block there has a `// SAFETY:` comment.
-#[allow(unsafe_code)]
+// `sys::ffi` is the one module allowed `unsafe`: every block there has a `// SAFETY:` comment.
 mod sys;
 mod systemd;
 pub mod worker;
@@ -42,6 +41,8 @@ pub use entry::configure;
 pub use entry::{MainOutput, Role, ready, run, run_workers, shutdown};
 pub use net::ClusterListener;
 pub use primary::Primary;
+#[cfg(any(feature = "axum", feature = "hyper", feature = "tonic"))]
+pub use serve::Serve;
 #[cfg(feature = "axum")]
 pub use serve::axum;
 #[cfg(feature = "hyper")]

@@ -47,7 +47,8 @@
 //!   to leave, then drains it without losing a request (with `ConnectInfo` for the peer's
 //!   address); and `ClusterListener` and `ClusterUnixListener` implement
 //!   `axum::serve::Listener`.
-//! - `hyper`: `hyper::serve(listener, service)`, the same for a hyper service (HTTP/1.1).
+//! - `hyper`: `hyper::serve(listener, service)`, the same for a hyper service (HTTP/1.1 and
+//!   h2c, HTTP/2 without TLS).
 //! - `tonic`: `tonic::serve(listener, router)`, the same for a tonic router (HTTP/2), with a
 //!   drain deadline and accept errors handled.
 //! - `metrics`: `GET /metrics` on the primary's HTTP endpoint

@@ -41,7 +41,63 @@ pub trait Listener: sealed::Sealed + Send + Unpin + 'static {
         &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<io::Result<(Self::Io, Self::Addr)>>;
+
+    /// The address it listens on, for `axum::serve::Listener`.
+    #[doc(hidden)]
+    fn local_addr(&self) -> io::Result<Self::Addr>;
 }
+
+/// One impl for both listeners (a blanket impl over [`Listener`] is not allowed on axum's trait).
+#[cfg(feature = "axum")]
+macro_rules! axum_listener {
+    ($($listener:ty),*) => {$(
+        /// With the `axum` feature, `axum::serve(listener, app)` works directly on both listeners; but
+        /// [`axum::serve`](crate::axum::serve) is the one that drains without failing requests.
+        ///
+        /// `accept` cannot fail in axum's trait: as axum's own `TcpListener` does, errors that concern
+        /// one connection are skipped, and others (such as `EMFILE`) are logged and retried after a
+        /// second. Once the worker is shutting down it waits forever: pair `axum::serve` with
+        /// `.with_graceful_shutdown(cluster::shutdown())`, which ends the accept loop (and closes idle
+        /// keep-alive connections at once, racing requests clients are sending on them).
+        ///
+        /// For `ConnectInfo<SocketAddr>`, wrap the listener with `axum::serve::ListenerExt::tap_io`
+        /// (`listener.tap_io(|_| {})`) and use `into_make_service_with_connect_info::<SocketAddr>()`: axum
+        /// implements `Connected` only for its own listeners and for `TapIo`, and the orphan rule keeps
+        /// us from adding an impl for `ClusterListener`. [`axum::serve`](crate::axum::serve) inserts
+        /// `ConnectInfo` itself.
+        impl axum::serve::Listener for $listener {
+            type Io = <Self as Listener>::Io;
+            type Addr = <Self as Listener>::Addr;
+
+            async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+                use crate::serve::{ACCEPT_BACKOFF, AcceptError};
+                loop {
+                    let accepted =
+                        std::future::poll_fn(|cx| Listener::poll_accept_peer(self, cx)).await;
+                    let error = match accepted {
+                        Ok(accepted) => return accepted,
+                        Err(error) => error,
+                    };
+                    match AcceptError::of(&error) {
+                        AcceptError::Leaving => std::future::pending().await,
+                        AcceptError::Skip => {}
+                        AcceptError::Backoff => {
+                            tracing::error!(%error, "accept failed; retrying in 1s");
+                            tokio::time::sleep(ACCEPT_BACKOFF).await;
+                        }
+                    }
+                }
+            }
+
+            fn local_addr(&self) -> io::Result<Self::Addr> {
+                Listener::local_addr(self)
+            }
+        }
+    )*};
+}
+
+#[cfg(feature = "axum")]
+axum_listener!(ClusterListener, ClusterUnixListener);
 
 /// A connection just accepted, with its peer's address: one reset before it was looked at
 /// (`NotConnected`) is `ConnectionAborted`, nothing to serve.

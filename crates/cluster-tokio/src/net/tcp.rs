@@ -215,46 +215,8 @@ impl super::Listener for ClusterListener {
         let peer = stream.peer_addr();
         Poll::Ready(super::with_peer(stream, peer))
     }
-}
 
-/// With the `axum` feature, `axum::serve(listener, app)` works directly; but
-/// [`axum::serve`](crate::axum::serve) is the one that drains without failing requests.
-///
-/// `accept` cannot fail in axum's trait: as axum's own `TcpListener` does, errors that concern
-/// one connection are skipped, and others (such as `EMFILE`) are logged and retried after a
-/// second. Once the worker is shutting down it waits forever: pair `axum::serve` with
-/// `.with_graceful_shutdown(cluster::shutdown())`, which ends the accept loop (and closes idle
-/// keep-alive connections at once, racing requests clients are sending on them).
-///
-/// For `ConnectInfo<SocketAddr>`, wrap the listener with `axum::serve::ListenerExt::tap_io`
-/// (`listener.tap_io(|_| {})`) and use `into_make_service_with_connect_info::<SocketAddr>()`: axum
-/// implements `Connected` only for its own listeners and for `TapIo`, and the orphan rule keeps
-/// us from adding an impl for `ClusterListener`. [`axum::serve`](crate::axum::serve) inserts
-/// `ConnectInfo` itself.
-#[cfg(feature = "axum")]
-impl axum::serve::Listener for ClusterListener {
-    type Io = TcpStream;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        use crate::serve::{ACCEPT_BACKOFF, AcceptError};
-        loop {
-            let error = match Self::accept(self).await {
-                Ok(accepted) => return accepted,
-                Err(error) => error,
-            };
-            match AcceptError::of(&error) {
-                AcceptError::Leaving => std::future::pending().await,
-                AcceptError::Skip => {}
-                AcceptError::Backoff => {
-                    tracing::error!(%error, "accept failed; retrying in 1s");
-                    tokio::time::sleep(ACCEPT_BACKOFF).await;
-                }
-            }
-        }
-    }
-
-    fn local_addr(&self) -> io::Result<Self::Addr> {
-        Self::local_addr(self)
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        Ok(self.local_addr)
     }
 }

@@ -186,34 +186,8 @@ impl super::Listener for ClusterUnixListener {
         let peer = stream.peer_addr();
         Poll::Ready(super::with_peer(stream, peer))
     }
-}
 
-/// With the `axum` feature, `axum::serve(listener, app)` works directly; errors are handled as
-/// for [`ClusterListener`](super::ClusterListener).
-#[cfg(feature = "axum")]
-impl axum::serve::Listener for ClusterUnixListener {
-    type Io = UnixStream;
-    type Addr = tokio::net::unix::SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        use crate::serve::{ACCEPT_BACKOFF, AcceptError};
-        loop {
-            let error = match Self::accept(self).await {
-                Ok(accepted) => return accepted,
-                Err(error) => error,
-            };
-            match AcceptError::of(&error) {
-                AcceptError::Leaving => std::future::pending().await,
-                AcceptError::Skip => {}
-                AcceptError::Backoff => {
-                    tracing::error!(%error, "accept failed; retrying in 1s");
-                    tokio::time::sleep(ACCEPT_BACKOFF).await;
-                }
-            }
-        }
-    }
-
-    fn local_addr(&self) -> io::Result<Self::Addr> {
+    fn local_addr(&self) -> io::Result<tokio::net::unix::SocketAddr> {
         match self.incoming.listener() {
             Some(listener) => listener.local_addr(),
             None => Err(io::Error::new(

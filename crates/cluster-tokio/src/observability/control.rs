@@ -1,12 +1,7 @@
 //! The primary's control socket ([`Settings::control_socket`](crate::Settings::control_socket)):
-//! a Unix stream socket that answers one line with one line of JSON.
-//!
-//! ```text
-//! status        {"ok":true,"status":{"pid":..,"workers":[..],..}}
-//! reload        {"ok":true,"reload":{"generation":2,"replaced":4,"complete":true,..}}
-//! scale <n>     {"ok":true,"scale":<n>}
-//! anything else {"ok":false,"error":"..."}
-//! ```
+//! a Unix stream socket that answers one line with one line of JSON. The messages are typed in
+//! `cluster_core::control`, which `cluster-ctl` shares; this module reads requests, does them and
+//! writes the answers.
 //!
 //! The socket file is mode 0600, and every peer is checked with `SO_PEERCRED`: only the
 //! primary's user and root are answered. Lines are bounded, a connection idle for long is
@@ -17,7 +12,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::Duration;
 
-use serde_json::{Value, json};
+use proto::control::{self, Answer, Command, ErrorKind, Request, Versioned};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
@@ -79,10 +74,13 @@ async fn converse(stream: UnixStream, ours: u32, handle: &SupervisorHandle) -> i
             pid = peer.pid(),
             "control socket: refused a client of another user"
         );
-        let refusal = error(format!(
-            "refused: uid {} is neither this primary's user ({ours}) nor root",
-            peer.uid()
-        ));
+        let refusal = error(
+            ErrorKind::Refused,
+            format!(
+                "refused: uid {} is neither this primary's user ({ours}) nor root",
+                peer.uid()
+            ),
+        );
         return reply(&mut writer, &refusal).await;
     }
     let mut reader = BufReader::new(reader).take(0);
@@ -103,18 +101,21 @@ async fn converse(stream: UnixStream, ours: u32, handle: &SupervisorHandle) -> i
             } else {
                 "a command ends with a newline".to_owned()
             };
-            return reply(&mut writer, &error(message)).await;
+            return reply(&mut writer, &error(ErrorKind::Malformed, message)).await;
         }
         let answer = match std::str::from_utf8(&line) {
-            Ok(command) => execute(command.trim(), handle).await,
-            Err(_) => error("a command is UTF-8 text".to_owned()),
+            Ok(line) => match parse(line) {
+                Ok(command) => execute(command, handle).await,
+                Err(refusal) => Answer::Error(refusal),
+            },
+            Err(_) => error(ErrorKind::Malformed, "a command is UTF-8 text".to_owned()),
         };
         reply(&mut writer, &answer).await?;
     }
 }
 
-async fn reply(writer: &mut tokio::net::unix::OwnedWriteHalf, value: &Value) -> io::Result<()> {
-    let mut line = value.to_string();
+async fn reply(writer: &mut tokio::net::unix::OwnedWriteHalf, answer: &Answer) -> io::Result<()> {
+    let mut line = serde_json::to_string(answer).map_err(io::Error::other)?;
     line.push('\n');
     let write = writer.write_all(line.as_bytes());
     tokio::time::timeout(IDLE_TIMEOUT, write)
@@ -122,103 +123,104 @@ async fn reply(writer: &mut tokio::net::unix::OwnedWriteHalf, value: &Value) -> 
         .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into()))
 }
 
-fn error(message: String) -> Value {
-    json!({ "ok": false, "error": message })
+fn error(kind: ErrorKind, message: String) -> Answer {
+    Answer::Error(control::Error::new(kind, message))
 }
 
-async fn execute(command: &str, handle: &SupervisorHandle) -> Value {
-    let mut words = command.split_ascii_whitespace();
-    match (words.next(), words.next(), words.next()) {
-        (Some("status"), None, None) => match handle.status().await {
-            Ok(status) => json!({ "ok": true, "status": status_json(&status) }),
-            Err(e) => error(ErrorChain(&e).to_string()),
+/// Reads one request: a JSON [`Request`] (its version checked before its shape) or the words
+/// form.
+fn parse(line: &str) -> Result<Command, control::Error> {
+    let line = line.trim();
+    if !line.starts_with('{') {
+        return Command::from_words(line);
+    }
+    let malformed = |e: serde_json::Error| {
+        control::Error::new(ErrorKind::Malformed, format!("not a request: {e}"))
+    };
+    serde_json::from_str::<Versioned>(line)
+        .map_err(malformed)?
+        .check()?;
+    Ok(serde_json::from_str::<Request>(line)
+        .map_err(malformed)?
+        .command)
+}
+
+async fn execute(command: Command, handle: &SupervisorHandle) -> Answer {
+    let failed = |e: &dyn std::error::Error| error(ErrorKind::Failed, ErrorChain(e).to_string());
+    match command {
+        Command::Status => match handle.status().await {
+            Ok(status) => Answer::Status(status_of(&status)),
+            Err(e) => failed(&e),
         },
-        (Some("reload"), None, None) => {
+        Command::Reload => {
             tracing::info!("control socket: reload asked");
             match handle.reload().await {
-                Ok(report) => json!({
-                    "ok": true,
-                    "reload": {
-                        "generation": report.generation,
-                        "replaced": report.replaced.len(),
-                        "complete": report.is_complete(),
-                        "binary_changed": report.binary_changed(),
-                        "aborted": report.aborted.as_ref().map(|a| format!("worker {}: {}", a.worker, a.reason)),
-                    }
+                Ok(report) => Answer::Reload(control::Reload {
+                    generation: report.generation,
+                    replaced: report.replaced.len(),
+                    complete: report.is_complete(),
+                    binary_changed: report.binary_changed(),
+                    aborted: report
+                        .aborted
+                        .as_ref()
+                        .map(|a| format!("worker {}: {}", a.worker, a.reason)),
                 }),
-                Err(e) => error(ErrorChain(&e).to_string()),
+                Err(e) => failed(&e),
             }
         }
-        (Some("scale"), Some(count), None) => {
-            let Some(workers) = count
-                .bytes()
-                .all(|b| b.is_ascii_digit())
-                .then(|| count.parse::<usize>().ok())
-                .flatten()
-            else {
-                return error(format!(
-                    "`scale` takes a whole number of workers, not `{count}`"
-                ));
-            };
+        Command::Scale { workers } => {
             tracing::info!(workers, "control socket: scale asked");
             match handle.scale(workers).await {
-                Ok(()) => json!({ "ok": true, "scale": workers }),
-                Err(e) => error(ErrorChain(&e).to_string()),
+                Ok(()) => Answer::Scale(workers),
+                Err(e) => failed(&e),
             }
-        }
-        _ => {
-            let shown: String = command.chars().take(40).collect();
-            error(format!(
-                "unknown command `{shown}`: expected `status`, `reload` or `scale <workers>`"
-            ))
         }
     }
 }
 
-fn status_json(status: &ClusterStatus) -> Value {
-    let workers: Vec<Value> = status
+fn status_of(status: &ClusterStatus) -> control::Status {
+    let workers = status
         .workers
         .iter()
-        .map(|w| {
-            json!({
-                "id": w.counters.id.get(),
-                "pid": w.counters.pid,
-                "slot": w.slot.map(|s| s.index()),
-                "generation": w.generation,
-                "state": w.counters.state.to_string(),
-                "uptime_seconds": w.uptime.as_secs_f64(),
-                "restarts": w.restarts,
-                "resident_bytes": w.usage.map(|u| u.resident_bytes),
-                "cpu_seconds": w.usage.map(|u| u.cpu_time.as_secs_f64()),
-                "handoffs": w.counters.handoffs,
-                "connections": w.connections,
-                "in_flight": w.counters.in_flight,
-                "refused": w.counters.refused,
-                "returned": w.counters.returned,
-                "previous": w.previous.map(|p| json!({
-                    "id": p.worker.get(),
-                    "status": p.status.to_string(),
-                    "killed": p.killed.map(|k| k.to_string()),
-                })),
-            })
+        .map(|w| control::WorkerStatus {
+            id: w.counters.id.get(),
+            pid: w.counters.pid,
+            slot: w.slot.map(|s| s.index()),
+            generation: w.generation,
+            state: w.counters.state.to_string(),
+            uptime_seconds: w.uptime.as_secs_f64(),
+            restarts: w.restarts,
+            resident_bytes: w.usage.map(|u| u.resident_bytes),
+            cpu_seconds: w.usage.map(|u| u.cpu_time.as_secs_f64()),
+            handoffs: w.counters.handoffs,
+            connections: w.connections,
+            in_flight: w.counters.in_flight,
+            refused: w.counters.refused,
+            returned: w.counters.returned,
+            previous: w.previous.map(|p| control::PreviousWorker {
+                id: p.worker.get(),
+                status: p.status.to_string(),
+                killed: p.killed.map(|k| k.to_string()),
+            }),
         })
         .collect();
-    json!({
-        "pid": status.pid,
-        "uptime_seconds": status.uptime.as_secs_f64(),
-        "generation": status.generation,
-        "wanted": status.wanted,
-        "serving": status.serving,
-        "restarts": status.restarts,
-        "reloads": {
-            "complete": status.reloads.complete,
-            "aborted": status.reloads.aborted,
-            "failed": status.reloads.failed,
+    control::Status {
+        pid: status.pid,
+        uptime_seconds: status.uptime.as_secs_f64(),
+        generation: status.generation,
+        phase: status.phase.to_string(),
+        wanted: status.wanted,
+        serving: status.serving,
+        restarts: status.restarts,
+        reloads: control::ReloadCounts {
+            complete: status.reloads.complete,
+            aborted: status.reloads.aborted,
+            failed: status.reloads.failed,
         },
-        "connections_held": status.connections_held,
-        "listeners": status.listeners,
-        "handoffs": status.handoffs,
-        "accept_errors": status.accept_errors,
-        "workers": workers,
-    })
+        connections_held: status.connections_held,
+        listeners: status.listeners,
+        handoffs: status.handoffs,
+        accept_errors: status.accept_errors,
+        workers,
+    }
 }

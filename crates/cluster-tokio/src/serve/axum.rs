@@ -19,18 +19,15 @@
 //! # }
 //! ```
 
-use std::fmt;
 use std::future::{Future, IntoFuture};
 use std::io;
 use std::pin::Pin;
-use std::time::Duration;
 
 use axum::Router;
 use axum::extract::ConnectInfo;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 
-use super::Drain;
 use crate::net::Listener;
 
 /// Serves `router` on every connection of `listener` (a [`ClusterListener`] or a
@@ -38,17 +35,19 @@ use crate::net::Listener;
 /// `axum::serve(listener, router).with_graceful_shutdown(cluster::shutdown())` does, without
 /// the failed requests.
 ///
-/// It speaks HTTP/1.1, with upgrades (WebSockets). Each request carries its peer's address as
+/// It speaks HTTP/1.1, with upgrades (WebSockets), and HTTP/2 over cleartext (h2c, with prior
+/// knowledge), as `axum::serve` does. Each request carries its peer's address as
 /// [`ConnectInfo<L::Addr>`](ConnectInfo) (`ConnectInfo<SocketAddr>` on TCP), for axum's
 /// extractor.
 ///
 /// Once [`shutdown`](crate::shutdown) resolves (in a worker: the primary asked it to leave, for
 /// a reload or a shutdown; in a plain process: SIGTERM or SIGINT), it stops accepting (connections
 /// handed over but not accepted go back to the primary), answers every request with
-/// `Connection: close` for [`keep_alive_grace`](Serve::keep_alive_grace) (500 ms), so that
-/// keep-alive clients send their next request elsewhere instead of racing the close of an idle
-/// connection, then closes idle connections and waits for requests in flight, until
-/// [`drain_timeout`](Serve::drain_timeout). It ends sooner once no connection is left.
+/// `Connection: close` over HTTP/1.1 for [`keep_alive_grace`](crate::Serve::keep_alive_grace)
+/// (500 ms), so that keep-alive clients send their next request elsewhere instead of racing the
+/// close of an idle connection, then closes idle connections, sends HTTP/2 clients a `GOAWAY`
+/// and waits for requests in flight, until
+/// [`drain_timeout`](crate::Serve::drain_timeout). It ends sooner once no connection is left.
 /// Connections upgraded to another protocol (WebSockets) are the application's from then on:
 /// they are not drained, and close when the runtime shuts down, as `main` returns.
 ///
@@ -58,50 +57,21 @@ use crate::net::Listener;
 /// [`ClusterListener`]: crate::ClusterListener
 /// [`ClusterUnixListener`]: crate::net::ClusterUnixListener
 pub fn serve<L: Listener>(listener: L, router: Router) -> Serve<L> {
-    Serve {
-        listener,
-        router,
-        drain: Drain::default(),
-    }
+    Serve::new(listener, Axum(router))
 }
 
-/// A server that [`serve`] set up: await it (it implements [`IntoFuture`]), after setting its
-/// drain if the defaults do not fit.
-#[must_use = "a server does nothing until awaited"]
-pub struct Serve<L> {
-    listener: L,
-    router: Router,
-    drain: Drain,
+/// The server [`serve`] sets up: its knobs are [`Serve`](crate::Serve)'s.
+pub type Serve<L> = crate::Serve<L, Axum>;
+
+/// What an axum [`Serve`] serves: the router.
+#[derive(Debug)]
+pub struct Axum(Router);
+
+impl super::Front for Axum {
+    const HTTP1: bool = true;
 }
 
-impl<L> Serve<L> {
-    /// How long a draining server keeps answering requests with `Connection: close` before it
-    /// closes the connections left: long enough for a busy keep-alive client to send one more
-    /// request. 500 ms unless set. Counted within [`Self::drain_timeout`].
-    pub fn keep_alive_grace(mut self, grace: Duration) -> Self {
-        self.drain.grace = Some(grace);
-        self
-    }
-
-    /// How long the whole drain may take, grace included, before the connections left are
-    /// closed and the future returns. By default a little under the time the primary gave
-    /// this worker when it asked it to leave (29 s of the default 30 s disconnect timeout; 4.5 s
-    /// of a Ctrl-C's 5 s), so a slow drain still ends before the primary kills the worker.
-    pub fn drain_timeout(mut self, timeout: Duration) -> Self {
-        self.drain.timeout = Some(timeout);
-        self
-    }
-}
-
-impl<L: fmt::Debug> fmt::Debug for Serve<L> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Serve")
-            .field("listener", &self.listener)
-            .field("keep_alive_grace", &self.drain.grace())
-            .field("drain_timeout", &self.drain.timeout())
-            .finish_non_exhaustive()
-    }
-}
+impl super::Http1 for Axum {}
 
 impl<L: Listener> IntoFuture for Serve<L> {
     /// `Ok` once drained; no error today (accept errors are retried), as `axum::serve`'s.
@@ -109,11 +79,7 @@ impl<L: Listener> IntoFuture for Serve<L> {
     type IntoFuture = Pin<Box<dyn Future<Output = io::Result<()>> + Send>>;
 
     fn into_future(self) -> Self::IntoFuture {
-        let Self {
-            listener,
-            router,
-            drain,
-        } = self;
+        let Axum(router) = self.app;
         let service = move |peer: L::Addr| {
             let router = router.clone();
             service_fn(move |mut request: hyper::Request<Incoming>| {
@@ -121,6 +87,6 @@ impl<L: Listener> IntoFuture for Serve<L> {
                 tower_service::Service::call(&mut router.clone(), request)
             })
         };
-        Box::pin(super::http1::serve(listener, service, drain))
+        Box::pin(super::http::serve(self.listener, service, self.drain))
     }
 }

@@ -2,17 +2,20 @@
 //! without losing a request, for axum, hyper and tonic (one module each, behind the feature of
 //! the same name).
 //!
-//! What they share is here: accepting with a policy for accept errors, and (for HTTP/1.1) the
-//! drain. Closing a connection hyper considers idle races with a request the client is sending
-//! on it: an idle keep-alive connection, or a fresh one whose first request has not arrived. So
-//! once the worker is asked to leave, the server stops accepting, answers every request with
-//! `Connection: close` for a grace period (keep-alive clients move on after their next
-//! request, cleanly), then shuts down what is left gracefully, within a deadline.
+//! What they share is here: the one builder, [`Serve`], with the knobs of the drain; accepting
+//! with a policy for accept errors; and (in `http`, for axum and hyper) the HTTP server and its
+//! drain. Closing an HTTP/1.1 connection hyper considers idle races with a request the client is
+//! sending on it: an idle keep-alive connection, or a fresh one whose first request has not
+//! arrived. So once the worker is asked to leave, the server stops accepting, answers every
+//! HTTP/1.1 request with `Connection: close` for a grace period (keep-alive clients move on after
+//! their next request, cleanly), then shuts down what is left gracefully (HTTP/2 connections get
+//! a `GOAWAY`), within a deadline.
 
 #[cfg(feature = "axum")]
 pub mod axum;
+mod builder;
 #[cfg(any(feature = "axum", feature = "hyper"))]
-mod http1;
+mod http;
 #[cfg(feature = "hyper")]
 pub mod hyper;
 #[cfg(feature = "tonic")]
@@ -25,6 +28,11 @@ use std::time::Duration;
 use tokio::time::{Instant, Sleep};
 
 use crate::net::Listener;
+
+pub(crate) use builder::Front;
+#[cfg(any(feature = "axum", feature = "hyper"))]
+pub(crate) use builder::Http1;
+pub use builder::Serve;
 
 /// How long a draining HTTP/1.1 server keeps answering requests with `Connection: close` before
 /// it closes the connections left, unless set otherwise.

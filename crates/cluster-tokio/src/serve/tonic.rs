@@ -12,12 +12,10 @@
 //! ```
 
 use std::error::Error as StdError;
-use std::fmt;
 use std::future::{Future, IntoFuture};
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response};
@@ -27,7 +25,7 @@ use tonic::transport::server::{Connected, Router};
 use tower_layer::Layer;
 use tower_service::Service;
 
-use super::{Drain, Incoming};
+use super::Incoming;
 use crate::net::Listener;
 
 type BoxError = Box<dyn StdError + Send + Sync>;
@@ -41,7 +39,7 @@ type BoxError = Box<dyn StdError + Send + Sync>;
 /// a reload or a shutdown; in a plain process: SIGTERM or SIGINT), tonic stops accepting and
 /// shuts its connections down gracefully: over HTTP/2 a `GOAWAY` tells clients which requests
 /// were taken, and they send new ones elsewhere, so there is no close race to wait out. It
-/// waits for requests in flight until [`drain_timeout`](Serve::drain_timeout), then returns;
+/// waits for requests in flight until [`drain_timeout`](crate::Serve::drain_timeout), then returns;
 /// connections still open then are closed when the runtime shuts down, as `main` returns.
 ///
 /// Accept errors never end it, nor spin: those about one connection are skipped, others (such
@@ -54,40 +52,19 @@ where
     L: Listener,
     L::Io: Connected,
 {
-    Serve {
-        listener,
-        router,
-        drain: Drain::default(),
-    }
+    Serve::new(listener, Tonic(router))
 }
 
-/// A server that [`serve`] set up: await it (it implements [`IntoFuture`]), after setting its
-/// drain deadline if the default does not fit.
-#[must_use = "a server does nothing until awaited"]
-pub struct Serve<L, Lyr> {
-    listener: L,
-    router: Router<Lyr>,
-    drain: Drain,
-}
+/// The server [`serve`] sets up: its knob is [`Serve::drain_timeout`](crate::Serve::drain_timeout).
+pub type Serve<L, Lyr> = crate::Serve<L, Tonic<Lyr>>;
 
-impl<L, Lyr> Serve<L, Lyr> {
-    /// How long the drain may take before the future returns. By default a little under the
-    /// time the primary gave this worker when it asked it to leave (29 s of the default 30 s
-    /// disconnect timeout; 4.5 s of a Ctrl-C's 5 s), so a slow drain still ends before the
-    /// primary kills the worker.
-    pub fn drain_timeout(mut self, timeout: Duration) -> Self {
-        self.drain.timeout = Some(timeout);
-        self
-    }
-}
+/// What a tonic [`Serve`] serves: the router.
+#[derive(Debug)]
+pub struct Tonic<Lyr>(Router<Lyr>);
 
-impl<L: fmt::Debug, Lyr> fmt::Debug for Serve<L, Lyr> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Serve")
-            .field("listener", &self.listener)
-            .field("drain_timeout", &self.drain.timeout())
-            .finish_non_exhaustive()
-    }
+impl<Lyr> super::Front for Tonic<Lyr> {
+    // HTTP/2 only: a `GOAWAY` leaves no close to race, so no grace.
+    const HTTP1: bool = false;
 }
 
 impl<L, Lyr, ResBody> IntoFuture for Serve<L, Lyr>
@@ -106,11 +83,8 @@ where
     type IntoFuture = Pin<Box<dyn Future<Output = Self::Output> + Send>>;
 
     fn into_future(self) -> Self::IntoFuture {
-        let Self {
-            listener,
-            router,
-            drain,
-        } = self;
+        let Tonic(router) = self.app;
+        let (listener, drain) = (self.listener, self.drain);
         Box::pin(async move {
             let server = router.serve_with_incoming_shutdown(
                 Connections(Incoming::new(listener)),

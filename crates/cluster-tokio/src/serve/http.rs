@@ -1,4 +1,6 @@
-//! The HTTP/1.1 server with the keep-alive drain, which the axum and hyper helpers share.
+//! The HTTP server with the keep-alive drain, which the axum and hyper helpers share: HTTP/1.1
+//! (with upgrades) and HTTP/2 over cleartext (h2c, prior knowledge), told apart by hyper-util's
+//! auto builder, drained with its `GracefulShutdown`.
 
 use std::error::Error as StdError;
 use std::future::Future;
@@ -10,11 +12,11 @@ use std::task::{Context, Poll, ready};
 
 use hyper::body::{Body, Incoming as IncomingBody};
 use hyper::header::{CONNECTION, HeaderValue};
-use hyper::server::conn::http1::UpgradeableConnection;
 use hyper::service::Service;
-use hyper::{Request, Response};
-use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite};
+use hyper::{Request, Response, Version};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -23,7 +25,7 @@ use crate::net::Listener;
 
 type BoxError = Box<dyn StdError + Send + Sync>;
 
-/// Serves HTTP/1.1 (with upgrades) on every connection of `listener`, with the service
+/// Serves HTTP/1.1 (with upgrades) and h2c on every connection of `listener`, with the service
 /// `service` makes for its peer, until [`shutdown`](crate::shutdown) resolves or the worker
 /// stops serving; then drains as `drain` says. Accept errors never end it.
 pub(crate) async fn serve<L, M, S, B>(listener: L, mut service: M, drain: Drain) -> io::Result<()>
@@ -38,9 +40,12 @@ where
     B::Error: Into<BoxError>,
 {
     let mut incoming = Incoming::new(listener);
+    let builder = auto::Builder::new(TokioExecutor::new());
     let draining = Arc::new(AtomicBool::new(false));
-    // `true`: shut down gracefully. Every connection holds a receiver; dropped: close now.
-    let (close, _) = watch::channel(false);
+    let graceful = GracefulShutdown::new();
+    // Every connection's task holds a receiver: dropping the sender (the drain deadline passed,
+    // or this future was dropped) ends the connections left at once.
+    let (abort, _) = watch::channel(());
     let mut shutdown = pin!(crate::shutdown());
     loop {
         let (io, peer) = tokio::select! {
@@ -54,10 +59,17 @@ where
             inner: service(peer),
             draining: draining.clone(),
         };
-        let connection = hyper::server::conn::http1::Builder::new()
-            .serve_connection(TokioIo::new(io), service)
-            .with_upgrades();
-        tokio::spawn(watch_connection(connection, close.subscribe()));
+        let connection = builder
+            .serve_connection_with_upgrades(TokioIo::new(io), service)
+            .into_owned();
+        let connection = graceful.watch(connection);
+        let mut aborted = abort.subscribe();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = connection => {}
+                _ = aborted.changed() => {}
+            }
+        });
     }
     let deadline = drain.deadline();
     // Connections handed over but not accepted yet go back to the primary, for another worker.
@@ -65,46 +77,22 @@ where
     draining.store(true, Ordering::Relaxed);
     tokio::select! {
         () = tokio::time::sleep_until(deadline.min(Instant::now() + drain.grace())) => {}
-        () = close.closed() => return Ok(()),
+        () = abort.closed() => return Ok(()),
     }
-    close.send_replace(true);
-    if tokio::time::timeout_at(deadline, close.closed())
+    if tokio::time::timeout_at(deadline, graceful.shutdown())
         .await
         .is_err()
     {
         tracing::warn!(
-            connections = close.receiver_count(),
+            connections = abort.receiver_count(),
             "drain deadline passed; closing the connections left"
         );
     }
     Ok(())
 }
 
-/// Runs `connection` until it ends; shuts it down gracefully once `close` says so, and drops it
-/// once the server is gone (its drain deadline passed, or it was dropped).
-async fn watch_connection<I, S, B>(
-    connection: UpgradeableConnection<TokioIo<I>, Closing<S>>,
-    mut close: watch::Receiver<bool>,
-) where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    S: Service<Request<IncomingBody>, Response = Response<B>>,
-    S::Error: Into<BoxError>,
-    B: Body + 'static,
-    B::Error: Into<BoxError>,
-{
-    let mut connection = pin!(connection);
-    tokio::select! {
-        _ = connection.as_mut() => return,
-        _ = close.wait_for(|close| *close) => {}
-    }
-    connection.as_mut().graceful_shutdown();
-    tokio::select! {
-        _ = connection => {}
-        () = async { while close.changed().await.is_ok() {} } => {}
-    }
-}
-
-/// A service whose responses say `Connection: close` once the server drains.
+/// A service whose HTTP/1.x responses say `Connection: close` once the server drains (HTTP/2
+/// forbids the header; its connections get a `GOAWAY` instead).
 #[derive(Debug)]
 struct Closing<S> {
     inner: S,
@@ -120,9 +108,10 @@ where
     type Future = ClosingFuture<S::Future>;
 
     fn call(&self, request: Request<IncomingBody>) -> Self::Future {
+        let http1 = request.version() < Version::HTTP_2;
         ClosingFuture {
             inner: self.inner.call(request),
-            draining: self.draining.clone(),
+            draining: http1.then(|| self.draining.clone()),
         }
     }
 }
@@ -133,7 +122,8 @@ pin_project_lite::pin_project! {
     struct ClosingFuture<F> {
         #[pin]
         inner: F,
-        draining: Arc<AtomicBool>,
+        // `None` for an HTTP/2 request.
+        draining: Option<Arc<AtomicBool>>,
     }
 }
 
@@ -146,7 +136,11 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let mut response = ready!(this.inner.poll(cx))?;
-        if this.draining.load(Ordering::Relaxed) {
+        if this
+            .draining
+            .as_ref()
+            .is_some_and(|draining| draining.load(Ordering::Relaxed))
+        {
             response
                 .headers_mut()
                 .insert(CONNECTION, HeaderValue::from_static("close"));
