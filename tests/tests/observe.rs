@@ -718,3 +718,92 @@ async fn the_endpoint_served_by_hand_answers_until_it_is_dropped() {
         tokio::task::yield_now().await;
     }
 }
+
+/// A slowloris on the endpoint: 50 connections that send half a request head and wait, each
+/// reopened as soon as the primary closes it. Every probe meanwhile is answered.
+#[test]
+fn probes_are_answered_while_slow_clients_hold_the_endpoint() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let cluster = Cluster::start("slowloris", 1);
+    let port = cluster.endpoint;
+    let stop = Arc::new(AtomicBool::new(false));
+    let opened = Arc::new(AtomicUsize::new(0));
+    let attackers: Vec<_> = (0..50)
+        .map(|_| {
+            let (stop, opened) = (stop.clone(), opened.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+                        continue;
+                    };
+                    opened.fetch_add(1, Ordering::Relaxed);
+                    let _ = stream.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ");
+                    // Until the primary closes it (or the test ends).
+                    stream
+                        .set_read_timeout(Some(Duration::from_millis(200)))
+                        .unwrap();
+                    let mut byte = [0; 1];
+                    while !stop.load(Ordering::Relaxed) {
+                        match stream.read(&mut byte) {
+                            Ok(0) => break,
+                            Ok(_) => {}
+                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
+                            Err(_) => break,
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    // Let the attackers take their slots first.
+    let deadline = Instant::now() + WAIT;
+    while opened.load(Ordering::Relaxed) < 50 {
+        assert!(Instant::now() < deadline, "the attackers never connected");
+        std::thread::yield_now();
+    }
+    let mut slowest = Duration::ZERO;
+    let mut answered = 0;
+    for probe in 0..60 {
+        let path = if probe % 2 == 0 {
+            "/healthz"
+        } else {
+            "/readyz"
+        };
+        let asked = Instant::now();
+        let (status, body) = get(port, path).unwrap_or_else(|e| panic!("probe {probe}: {e}"));
+        assert_eq!(status, 200, "probe {probe} {path}: {body}");
+        slowest = slowest.max(asked.elapsed());
+        answered += 1;
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    stop.store(true, Ordering::Relaxed);
+    for attacker in attackers {
+        attacker.join().unwrap();
+    }
+    eprintln!(
+        "{answered} of 60 probes answered, the slowest in {slowest:?}, while {} slow connections \
+         were opened",
+        opened.load(Ordering::Relaxed)
+    );
+}
+
+/// 200 connections to the control socket that never say anything: `cluster-ctl status`
+/// still answers.
+#[test]
+fn idle_connections_do_not_keep_cluster_ctl_out() {
+    let cluster = Cluster::start("idle-control", 1);
+    let idle: Vec<_> = (0..200)
+        .map(|_| UnixStream::connect(cluster.socket()).expect("connect"))
+        .collect();
+    let asked = Instant::now();
+    let (code, out, err) = ctl(&cluster.socket(), &["status"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("1 of 1 workers serving"), "{out}");
+    eprintln!(
+        "cluster-ctl status answered in {:?} past {} idle connections",
+        asked.elapsed(),
+        idle.len()
+    );
+}

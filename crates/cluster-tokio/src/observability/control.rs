@@ -17,16 +17,19 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
 use super::ClusterStatus;
+use super::local_server::Idle;
 use crate::env::ErrorChain;
 use crate::socket::SocketFile;
 use crate::supervisor::SupervisorHandle;
 
 /// The longest command line.
 const MAX_LINE: usize = 1024;
-/// How long a connection may stay silent before it is closed.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
-/// Connections served at once; more are closed at once.
-const MAX_CONNECTIONS: usize = 8;
+/// How long a connection may stay silent before it is closed: `cluster-ctl` sends its command
+/// at once.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connections served at once (when they are all taken, the oldest waiting for a command gives
+/// way).
+const MAX_CONNECTIONS: usize = 32;
 
 /// A bound control socket; the file is removed when it is dropped.
 #[derive(Debug)]
@@ -55,17 +58,22 @@ pub(crate) async fn serve(socket: ControlSocket, handle: SupervisorHandle) {
         "control socket",
         MAX_CONNECTIONS,
         || async { Ok(listener.accept().await?.0) },
-        |stream| {
+        |stream, idle| {
             let handle = handle.clone();
             async move {
-                let _ = converse(stream, ours, &handle).await;
+                let _ = converse(stream, ours, &handle, idle).await;
             }
         },
     )
     .await;
 }
 
-async fn converse(stream: UnixStream, ours: u32, handle: &SupervisorHandle) -> io::Result<()> {
+async fn converse(
+    stream: UnixStream,
+    ours: u32,
+    handle: &SupervisorHandle,
+    idle: Idle,
+) -> io::Result<()> {
     let peer = stream.peer_cred()?;
     let (reader, mut writer) = stream.into_split();
     if peer.uid() != ours && peer.uid() != 0 {
@@ -89,12 +97,14 @@ async fn converse(stream: UnixStream, ours: u32, handle: &SupervisorHandle) -> i
         line.clear();
         // One byte more than a line may have: a line that long is refused.
         reader.set_limit(MAX_LINE as u64 + 1);
+        idle.set(true);
         let read = tokio::time::timeout(IDLE_TIMEOUT, reader.read_until(b'\n', &mut line));
         match read.await {
             Ok(Ok(0)) | Err(_) => return Ok(()),
             Ok(Ok(_)) => {}
             Ok(Err(error)) => return Err(error),
         }
+        idle.set(false);
         if line.last() != Some(&b'\n') {
             let message = if line.len() > MAX_LINE {
                 format!("a command is at most {MAX_LINE} bytes")

@@ -13,18 +13,23 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::supervisor::SupervisorHandle;
+use super::local_server::Idle;
+use crate::supervisor::{Phase, SupervisorHandle};
 
 /// The longest request head read.
 const MAX_HEAD: usize = 8 * 1024;
-/// How long a client may take to send its request, and to read the answer.
+/// How long a client may take to send its request head: a probe or a scraper sends it at
+/// once, and a slow one holds a slot.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a client may take to read the answer.
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long `/healthz` waits for the supervisor's loop to answer.
 const PING_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long `/metrics` waits for a snapshot.
 const STATUS_TIMEOUT: Duration = Duration::from_secs(5);
-/// Connections served at once; more are closed at once.
-const MAX_CONNECTIONS: usize = 16;
+/// Connections served at once: more than a slow or flooding client is likely to hold (and
+/// when they are all taken, the oldest that has not sent its request gives way).
+const MAX_CONNECTIONS: usize = 128;
 
 /// Binds the endpoint's listener.
 pub(crate) fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
@@ -48,18 +53,18 @@ pub(crate) async fn serve(listener: TcpListener, handle: SupervisorHandle) {
         "metrics endpoint",
         MAX_CONNECTIONS,
         || async { Ok(listener.accept().await?.0) },
-        |stream| {
+        |stream, idle| {
             let handle = handle.clone();
             async move {
-                let _ = answer(stream, &handle).await;
+                let _ = answer(stream, &handle, idle).await;
             }
         },
     )
     .await;
 }
 
-async fn answer(mut stream: TcpStream, handle: &SupervisorHandle) -> io::Result<()> {
-    let head = match tokio::time::timeout(IO_TIMEOUT, read_head(&mut stream)).await {
+async fn answer(mut stream: TcpStream, handle: &SupervisorHandle, idle: Idle) -> io::Result<()> {
+    let head = match tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut stream)).await {
         Ok(Ok(Some(head))) => head,
         Ok(Ok(None)) => return respond(&mut stream, 431, TEXT, "request head too large\n").await,
         Ok(Err(error)) => return Err(error),
@@ -76,6 +81,8 @@ async fn answer(mut stream: TcpStream, handle: &SupervisorHandle) -> io::Result<
     if method != "GET" && method != "HEAD" {
         return respond(&mut stream, 405, TEXT, "only GET\n").await;
     }
+    // Asked: from now on it is not given away to a new client.
+    idle.set(false);
     let path = target.split_once('?').map_or(target, |(path, _)| path);
     let (status, content_type, body) = route(path, handle).await;
     let body = if method == "HEAD" {
@@ -95,13 +102,11 @@ async fn route(path: &str, handle: &SupervisorHandle) -> (u16, &'static str, Str
             Ok(false) => (503, TEXT, "the supervisor stopped\n".to_owned()),
             Err(_) => (503, TEXT, "the supervisor does not answer\n".to_owned()),
         },
-        "/readyz" => {
-            if handle.is_serving() {
-                (200, TEXT, "ready\n".to_owned())
-            } else {
-                (503, TEXT, "no worker serves\n".to_owned())
-            }
-        }
+        "/readyz" => match handle.phase() {
+            Phase::Serving if handle.is_serving() => (200, TEXT, "ready\n".to_owned()),
+            Phase::Serving => (503, TEXT, "no worker serves\n".to_owned()),
+            phase => (503, TEXT, format!("shutting down ({phase})\n")),
+        },
         "/metrics" => metrics(handle).await,
         _ => (
             404,

@@ -111,6 +111,11 @@ impl SupervisorHandle {
         self.is_running() && book.phase == super::Phase::Serving && book.serving > 0
     }
 
+    /// Whether the cluster serves, waits out its shutdown delay, or drains.
+    pub(crate) fn phase(&self) -> super::Phase {
+        self.shared.book.lock().expect("not poisoned").phase
+    }
+
     /// The primary the supervisor keeps the workers of.
     pub(crate) fn primary(&self) -> &Primary {
         &self.shared.primary
