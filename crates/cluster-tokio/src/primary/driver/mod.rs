@@ -141,6 +141,42 @@ pub(crate) struct Driver {
     batch_scheduling: bool,
 }
 
+/// Kills a worker as the core said. One late to leave is killed once what it still holds is
+/// known, for the log line: read before the kill (its fds go with it), off the runtime's
+/// thread (which hands off connections), and bounded.
+fn kill(worker: &Arc<WorkerShared>, reason: proto::KillReason) {
+    let (id, pid) = (worker.id, worker.pid);
+    if reason != proto::KillReason::DisconnectTimeout {
+        tracing::warn!(%id, %reason, "killing worker");
+        let _ = crate::sys::kill(pid, libc::SIGKILL);
+        return;
+    }
+    let worker = worker.clone();
+    tokio::spawn(async move {
+        let read = tokio::task::spawn_blocking(move || super::holding::Holding::of(pid));
+        let holding = match tokio::time::timeout(HOLDING_READ, read).await {
+            Ok(Ok(holding)) => holding,
+            _ => None,
+        };
+        // It may have exited meanwhile: never signal a pid that may be someone else's now.
+        if worker.status.borrow().exit.is_some() {
+            return;
+        }
+        match holding {
+            Some(holding) => {
+                tracing::warn!(worker = %id, pid, "worker did not exit within the disconnect timeout; killing it: {holding}")
+            }
+            None => {
+                tracing::warn!(worker = %id, pid, "worker did not exit within the disconnect timeout; killing it")
+            }
+        }
+        let _ = crate::sys::kill(pid, libc::SIGKILL);
+    });
+}
+
+/// How long the kill at the disconnect deadline waits to learn what the worker still holds.
+const HOLDING_READ: Duration = Duration::from_secs(1);
+
 fn now() -> Instant {
     tokio::time::Instant::now().into_std()
 }
@@ -305,9 +341,8 @@ impl Driver {
                     }
                 }
                 Output::Kill { worker, reason } => {
-                    tracing::warn!(%worker, %reason, "killing worker");
                     if let Some(w) = self.workers.get(&worker) {
-                        let _ = crate::sys::kill(w.pid, libc::SIGKILL);
+                        kill(w, reason);
                     }
                 }
                 Output::ReleasePeer { worker } => {
