@@ -49,10 +49,13 @@ pub enum Command {
     },
     /// Leave the cluster on purpose, then exit 0.
     Disconnect,
-    /// When the link to the primary closes, connect to the Unix socket at `report` and write
-    /// `"connected=<is_connected> shutting_down=<is_shutting_down> ms_left=<Some(ms)|None>\n"`,
-    /// `ms_left` being what is left of `leave_deadline()` (the link is closed then, so the test
-    /// learns of it another way).
+    /// Connect to the Unix socket at `report` now; when the worker is asked to leave
+    /// (`shutdown()` resolves) write `"shutdown connected=<is_connected>\n"`, and when the link
+    /// to the primary closes `"disconnected connected=<is_connected>
+    /// shutting_down=<is_shutting_down> ms_left=<Some(ms)|None>\n"`, `ms_left` being what is left
+    /// of `leave_deadline()` (the link is closed then, so the test learns of it another way).
+    /// Each listener's accept loop holds the link (`Worker::hold_link`) until its connections
+    /// are done.
     WatchLink {
         /// A Unix stream socket the test listens on.
         report: String,

@@ -198,6 +198,12 @@ async fn serve(worker: Worker) {
             Command::WatchLink { report } => {
                 let worker = worker.clone();
                 tokio::spawn(async move {
+                    let mut to = tokio::net::UnixStream::connect(report)
+                        .await
+                        .expect("report");
+                    worker.shutdown().await;
+                    let line = format!("shutdown connected={}\n", worker.is_connected());
+                    to.write_all(line.as_bytes()).await.expect("report");
                     worker.disconnected().await;
                     let left = worker.leave_deadline().map(|deadline| {
                         deadline
@@ -205,13 +211,10 @@ async fn serve(worker: Worker) {
                             .as_millis()
                     });
                     let line = format!(
-                        "connected={} shutting_down={} ms_left={left:?}\n",
+                        "disconnected connected={} shutting_down={} ms_left={left:?}\n",
                         worker.is_connected(),
                         worker.is_shutting_down()
                     );
-                    let mut to = tokio::net::UnixStream::connect(report)
-                        .await
-                        .expect("report");
                     to.write_all(line.as_bytes()).await.expect("report");
                 });
             }
@@ -347,6 +350,8 @@ impl Accept for ClusterUnixListener {
 }
 
 async fn accept_loop<L: Accept>(id: u64, mut listener: L, mut paused: watch::Receiver<bool>) {
+    // Once the worker leaves, its link stays open until these connections are done.
+    let link = cluster::worker().map(|worker| worker.hold_link());
     let mut connections = JoinSet::new();
     loop {
         // While paused, connections queue up in the listener unaccepted.
@@ -368,4 +373,5 @@ async fn accept_loop<L: Accept>(id: u64, mut listener: L, mut paused: watch::Rec
     }
     drop(listener);
     while connections.join_next().await.is_some() {}
+    drop(link);
 }

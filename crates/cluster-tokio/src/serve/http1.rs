@@ -37,6 +37,8 @@ where
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
+    // The link to the primary stays open until this server's connections are done.
+    let _link = super::hold_link();
     let mut incoming = Incoming::new(listener);
     let draining = Arc::new(AtomicBool::new(false));
     // `true`: shut down gracefully. Every connection holds a receiver; dropped: close now.

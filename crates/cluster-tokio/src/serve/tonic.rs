@@ -112,6 +112,8 @@ where
             drain,
         } = self;
         Box::pin(async move {
+            // The link to the primary stays open until this server's connections are done.
+            let _link = super::hold_link();
             let server = router.serve_with_incoming_shutdown(
                 Connections(Incoming::new(listener)),
                 crate::shutdown(),
