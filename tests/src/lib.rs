@@ -66,6 +66,11 @@ pub enum Command {
         /// Payload size.
         size: usize,
     },
+    /// Serve `GET /delay/<ms>` (answered `worker <id>` after `ms` milliseconds) on
+    /// 127.0.0.1:0 with `cluster::axum::serve`, and nothing else on that listener; replies
+    /// `Listening { index: 0, port }`, and `Delaying { ms }` when a request arrives. On leaving, `main` returns only once the link has closed:
+    /// the serve helper's end of drain must close it.
+    ServeAxum,
     /// Like `Listen`, with a listener of another kind or with options.
     ListenSpec(Listen),
     /// Bind a UDP socket that answers every datagram with `"worker <id>: <payload>"`.
@@ -204,6 +209,11 @@ pub enum Reply {
         index: usize,
         /// Its real port.
         port: u16,
+    },
+    /// A `ServeAxum` server received `GET /delay/<ms>` and answers in `ms` milliseconds.
+    Delaying {
+        /// The delay asked for.
+        ms: u64,
     },
     /// `Listen` failed.
     BindFailed {

@@ -326,6 +326,78 @@ async fn the_primarys_disconnect_closes_the_link_once_the_workers_connections_ar
 }
 
 #[tokio::test]
+async fn a_serve_helper_keeps_the_link_open_until_its_drain_ends() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    for policy in POLICIES {
+        let mut cluster = Cluster::start(policy);
+        let worker = cluster.fork().await;
+        let Reply::Listening { port, .. } = cluster.ask(&worker, Command::ServeAxum).await else {
+            panic!("{policy:?}: not serving");
+        };
+        let mut client = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        let ms = HOLD.as_millis();
+        client
+            .write_all(format!("GET /delay/{ms} HTTP/1.1\r\nHost: test\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let Event::Message { message, .. } = cluster
+            .expect(&worker, |e| matches!(e, Event::Message { .. }))
+            .await
+        else {
+            unreachable!()
+        };
+        assert!(
+            matches!(message.decode(), Ok(Reply::Delaying { .. })),
+            "{policy:?}"
+        );
+        // The request is in the handler: asked to leave, the worker drains it first.
+        let asked = tokio::time::Instant::now();
+        let disconnecting = {
+            let worker = worker.clone();
+            tokio::spawn(async move { worker.disconnect().await })
+        };
+        let responding = tokio::spawn(async move {
+            let mut response = String::new();
+            client.read_to_string(&mut response).await.map(|_| response)
+        });
+        let Event::Disconnect(_) = cluster
+            .expect(&worker, |e| !matches!(e, Event::Listening { .. }))
+            .await
+        else {
+            panic!("{policy:?}: not a disconnect first");
+        };
+        // Not before the request in flight was answered: its handler took `HOLD` from a moment
+        // just before the request to leave.
+        assert!(
+            asked.elapsed() >= HOLD / 2,
+            "{policy:?}: {:?}",
+            asked.elapsed()
+        );
+        let response = responding.await.unwrap().unwrap();
+        assert!(
+            response.starts_with("HTTP/1.1 200"),
+            "{policy:?}: {response}"
+        );
+        assert!(response.ends_with("worker 1\n"), "{policy:?}: {response}");
+        let life = cluster.life_of(&worker).await;
+        assert_eq!(names(&life), ["exit"], "{policy:?}");
+        tokio::time::timeout(support::WAIT, disconnecting)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            worker.exit_status(),
+            Some(ExitStatus::Code(0)),
+            "{policy:?}"
+        );
+        assert_eq!(worker.killed(), None, "{policy:?}");
+    }
+}
+
+#[tokio::test]
 async fn a_worker_is_killed_at_its_disconnect_deadline_though_nobody_waits_for_it() {
     const DEADLINE: std::time::Duration = std::time::Duration::from_millis(500);
     for policy in POLICIES {

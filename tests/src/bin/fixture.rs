@@ -1,6 +1,6 @@
 //! A worker for the multi-process tests: does what the test (its primary) tells it.
 
-use std::future::Future;
+use std::future::{Future, IntoFuture};
 use std::io;
 use std::time::Duration;
 
@@ -35,6 +35,7 @@ async fn serve(worker: Worker) {
     let mut udp = Vec::new();
     let mut series = Series::default();
     let mut handles_sent = false;
+    let mut axum_servers = Vec::new();
     loop {
         let message = tokio::select! {
             message = worker.recv_message() => message,
@@ -51,6 +52,23 @@ async fn serve(worker: Worker) {
                 listened(&worker, &mut listeners, bound, |l| {
                     l.local_addr().expect("bound").port()
                 });
+            }
+            Command::ServeAxum => {
+                let listener = ClusterListener::bind("127.0.0.1:0").await.expect("bind");
+                let port = listener.local_addr().expect("bound").port();
+                let to_primary = worker.clone();
+                let delay = move |axum::extract::Path(ms): axum::extract::Path<u64>| async move {
+                    to_primary.send(&Reply::Delaying { ms }).expect("send");
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                    format!("worker {id}\n")
+                };
+                let app = axum::Router::new().route("/delay/{ms}", axum::routing::get(delay));
+                axum_servers.push(tokio::spawn(
+                    cluster::axum::serve(listener, app).into_future(),
+                ));
+                worker
+                    .send(&Reply::Listening { index: 0, port })
+                    .expect("send");
             }
             Command::ListenSpec(spec) => match spec {
                 Listen::Tcp { addr, options } => {
@@ -233,6 +251,14 @@ async fn serve(worker: Worker) {
     }
     for task in udp {
         task.abort();
+    }
+    if !axum_servers.is_empty() {
+        // Only the serve helpers' drains can close the link now (nothing else holds it, and
+        // `main` has not returned): the test sees the `Disconnect` or a kill at the deadline.
+        worker.disconnected().await;
+        for server in axum_servers {
+            server.await.expect("served").expect("served");
+        }
     }
     // Leaving: every listener stopped accepting; wait until the clients close what was accepted.
     for Listener { task, pause } in listeners.into_iter().flatten() {
