@@ -392,6 +392,13 @@ impl Driver {
     /// acknowledged it.
     fn leave(&mut self, reply: Option<oneshot::Sender<io::Result<()>>>) {
         self.stop_serving();
+        if self.acked {
+            // Left already; the link waits for the connections, not for another answer.
+            if let Some(reply) = reply {
+                let _ = reply.send(Ok(()));
+            }
+            return;
+        }
         if let Some(waiting) = &mut self.leaving {
             waiting.extend(reply);
             return;
