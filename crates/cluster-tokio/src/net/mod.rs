@@ -376,34 +376,29 @@ impl<F: Family> Incoming<F> {
 
 /// Resolves when the worker stops serving (never outside a worker, or with a bypassing bind in
 /// a worker that is not shutting down).
-struct Shutdown(
-    Option<Pin<Box<dyn Future<Output = ()> + Send + Sync>>>,
-    bool,
-);
+struct Shutdown {
+    wait: Option<Pin<Box<dyn Future<Output = ()> + Send + Sync>>>,
+    /// `wait` finished: it is never polled again (a listener may be polled after its end).
+    done: bool,
+}
 
 impl Shutdown {
     fn new() -> Self {
-        Self(
-            worker::current().map(|worker| {
-                let mut rx = worker.shutdown_receiver();
-                let wait: Pin<Box<dyn Future<Output = ()> + Send + Sync>> = Box::pin(async move {
-                    let _ = rx.wait_for(|v| *v).await;
-                });
-                wait
-            }),
-            false,
-        )
+        let wait = worker::current().map(|worker| {
+            let mut rx = worker.shutdown_receiver();
+            let wait: Pin<Box<dyn Future<Output = ()> + Send + Sync>> = Box::pin(async move {
+                let _ = rx.wait_for(|v| *v).await;
+            });
+            wait
+        });
+        Self { wait, done: false }
     }
 
     fn is_ready(&mut self, cx: &mut Context<'_>) -> bool {
-        let Some(wait) = &mut self.0 else {
-            return false;
-        };
-        if !self.1 {
-            // A finished future is never polled again: a listener may be polled after its end.
-            self.1 = wait.as_mut().poll(cx).is_ready();
+        if let (Some(wait), false) = (&mut self.wait, self.done) {
+            self.done = wait.as_mut().poll(cx).is_ready();
         }
-        self.1
+        self.done
     }
 }
 
