@@ -49,10 +49,13 @@ pub enum Command {
     },
     /// Leave the cluster on purpose, then exit 0.
     Disconnect,
-    /// When the link to the primary closes, connect to the Unix socket at `report` and write
-    /// `"connected=<is_connected> shutting_down=<is_shutting_down> ms_left=<Some(ms)|None>\n"`,
-    /// `ms_left` being what is left of `leave_deadline()` (the link is closed then, so the test
-    /// learns of it another way).
+    /// Connect to the Unix socket at `report` now; when the worker is asked to leave
+    /// (`shutdown()` resolves) write `"shutdown connected=<is_connected>\n"`, and when the link
+    /// to the primary closes `"disconnected connected=<is_connected>
+    /// shutting_down=<is_shutting_down> ms_left=<Some(ms)|None>\n"`, `ms_left` being what is left
+    /// of `leave_deadline()` (the link is closed then, so the test learns of it another way).
+    /// Each listener's accept loop holds the link (`Worker::hold_link`) until its connections
+    /// are done.
     WatchLink {
         /// A Unix stream socket the test listens on.
         report: String,
@@ -63,6 +66,11 @@ pub enum Command {
         /// Payload size.
         size: usize,
     },
+    /// Serve `GET /delay/<ms>` (answered `worker <id>` after `ms` milliseconds) on
+    /// 127.0.0.1:0 with `cluster::axum::serve`, and nothing else on that listener; replies
+    /// `Listening { index: 0, port }`, and `Delaying { ms }` when a request arrives. On leaving, `main` returns only once the link has closed:
+    /// the serve helper's end of drain must close it.
+    ServeAxum,
     /// Like `Listen`, with a listener of another kind or with options.
     ListenSpec(Listen),
     /// Bind a UDP socket that answers every datagram with `"worker <id>: <payload>"`.
@@ -201,6 +209,11 @@ pub enum Reply {
         index: usize,
         /// Its real port.
         port: u16,
+    },
+    /// A `ServeAxum` server received `GET /delay/<ms>` and answers in `ms` milliseconds.
+    Delaying {
+        /// The delay asked for.
+        ms: u64,
     },
     /// `Listen` failed.
     BindFailed {

@@ -166,7 +166,7 @@ async fn worker_initiated_disconnect_is_on_purpose() {
 }
 
 #[tokio::test]
-async fn a_worker_that_leaves_is_disconnected_while_it_finishes_its_connections() {
+async fn a_worker_that_leaves_on_its_own_disconnects_once_its_connections_are_done() {
     for policy in POLICIES {
         let mut cluster = Cluster::start(policy);
         let worker = cluster.fork().await;
@@ -174,94 +174,275 @@ async fn a_worker_that_leaves_is_disconnected_while_it_finishes_its_connections(
         // The worker stays until this client closes its connection.
         let client = served_client(port).await;
         worker.send(&Command::Disconnect).unwrap();
-        // Node's order: `disconnect` when the worker closes its channel, `exit` when it ends.
-        let disconnect = cluster
-            .expect(&worker, |e| !matches!(e, Event::Listening { .. }))
-            .await;
+        // Node's order: `disconnect` once its servers' connections are done, then `exit`.
+        assert_no_disconnect_for(&mut cluster, &worker, HOLD).await;
         assert!(
-            matches!(disconnect, Event::Disconnect(_)),
-            "{policy:?}: {disconnect:?}"
-        );
-        assert!(
-            running(worker.pid()),
+            worker.is_connected(),
             "{policy:?}: its client is still open"
         );
-        assert_eq!(worker.state(), WorkerState::Disconnected);
-        assert_eq!(worker.exited_after_disconnect(), Some(true));
         drop(client);
         let life = cluster.life_of(&worker).await;
-        assert_eq!(names(&life), ["exit"], "{policy:?}");
+        assert_eq!(names(&life), ["disconnect", "exit"], "{policy:?}");
         assert_eq!(worker.exit_status(), Some(ExitStatus::Code(0)));
+        assert_eq!(worker.exited_after_disconnect(), Some(true));
     }
 }
 
+/// How long the tests hold a client open while its worker is asked to leave.
+const HOLD: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Asserts that `worker` neither disconnects nor exits within `window` (other events are
+/// dropped).
+async fn assert_no_disconnect_for(
+    cluster: &mut Cluster,
+    worker: &cluster::primary::WorkerHandle,
+    window: std::time::Duration,
+) {
+    let until = tokio::time::Instant::now() + window;
+    while let Ok(event) = tokio::time::timeout_at(until, cluster.event()).await {
+        assert!(
+            support::worker_of(&event) != Some(worker.id())
+                || !matches!(event, Event::Disconnect(_) | Event::Exit { .. }),
+            "{event:?} while its client was open"
+        );
+    }
+}
+
+/// A Unix socket the fixture reports its view of the link to (`Command::WatchLink`), and the
+/// worker's connection to it.
+async fn watch_link(
+    worker: &cluster::primary::WorkerHandle,
+    name: &str,
+) -> tokio::io::BufReader<tokio::net::UnixStream> {
+    let path = std::env::temp_dir().join(format!(
+        "cluster-link-{}-{name}-{}.sock",
+        std::process::id(),
+        worker.id()
+    ));
+    let _ = std::fs::remove_file(&path);
+    let report = tokio::net::UnixListener::bind(&path).unwrap();
+    worker
+        .send(&Command::WatchLink {
+            report: path.display().to_string(),
+        })
+        .unwrap();
+    let (from_worker, _) = tokio::time::timeout(support::WAIT, report.accept())
+        .await
+        .expect("the worker connected to report")
+        .unwrap();
+    let _ = std::fs::remove_file(&path);
+    tokio::io::BufReader::new(from_worker)
+}
+
+/// The next line the worker reports.
+async fn reported(from_worker: &mut tokio::io::BufReader<tokio::net::UnixStream>) -> String {
+    use tokio::io::AsyncBufReadExt;
+    let mut line = String::new();
+    tokio::time::timeout(support::WAIT, from_worker.read_line(&mut line))
+        .await
+        .expect("the worker reported")
+        .unwrap();
+    line.trim_end().to_owned()
+}
+
+/// One round of [`the_primarys_disconnect_closes_the_link_once_the_workers_connections_are_done`].
+async fn disconnect_once_the_connections_are_done(
+    policy: cluster::primary::SchedulingPolicy,
+    round: usize,
+) {
+    let mut cluster = Cluster::start(policy);
+    let worker = cluster.fork().await;
+    let port = cluster.listen(&worker, "127.0.0.1:0").await;
+    let mut from_worker = watch_link(&worker, &format!("{policy:?}")).await;
+    // Served, and held open: the worker's accept loop holds its link until this closes.
+    let client = served_client(port).await;
+    let disconnecting = {
+        let worker = worker.clone();
+        tokio::spawn(async move { worker.disconnect().await })
+    };
+    // Inside the worker: asked to leave, its listeners closed, its link still open.
+    assert_eq!(
+        reported(&mut from_worker).await,
+        "shutdown connected=true",
+        "{policy:?} round {round}"
+    );
+    // Node's order: no `disconnect` while the client is open (its link stays open inside the
+    // worker too: nothing more is reported)...
+    assert_no_disconnect_for(&mut cluster, &worker, HOLD).await;
+    let mut byte = [0; 1];
+    assert_eq!(
+        from_worker
+            .get_ref()
+            .try_read(&mut byte)
+            .map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::WouldBlock),
+        "{policy:?} round {round}: the worker's link closed while its client was open"
+    );
+    assert!(worker.is_connected(), "{policy:?} round {round}");
+    assert!(running(worker.pid()), "{policy:?} round {round}");
+    assert_eq!(worker.state(), WorkerState::Listening);
+    // ... then `disconnect` once it closes, and `exit`.
+    drop(client);
+    let life = cluster.life_of(&worker).await;
+    assert_eq!(
+        names(&life),
+        ["disconnect", "exit"],
+        "{policy:?} round {round}"
+    );
+    let seen = reported(&mut from_worker).await;
+    let (state, left) = seen.split_once(" ms_left=").unwrap();
+    assert_eq!(
+        state, "disconnected connected=false shutting_down=true",
+        "{policy:?} round {round}"
+    );
+    // The primary's deadline came with its request: the harness's 10 s disconnect timeout.
+    let left: u64 = left
+        .strip_prefix("Some(")
+        .and_then(|ms| ms.strip_suffix(')'))
+        .unwrap_or_else(|| panic!("no deadline: {seen}"))
+        .parse()
+        .unwrap();
+    assert!(left <= 10_000, "{seen}");
+    tokio::time::timeout(support::WAIT, disconnecting)
+        .await
+        .expect("the worker exited once its client closed")
+        .unwrap()
+        .unwrap();
+    assert_eq!(worker.exit_status(), Some(ExitStatus::Code(0)));
+    assert_eq!(worker.exited_after_disconnect(), Some(true));
+    assert_eq!(worker.killed(), None);
+}
+
 #[tokio::test]
-async fn the_primarys_disconnect_closes_the_link_while_the_worker_finishes_its_connections() {
-    use tokio::io::AsyncReadExt;
+async fn the_primarys_disconnect_closes_the_link_once_the_workers_connections_are_done() {
+    // Both policies side by side, 30 rounds each.
+    let [round_robin, shared] = POLICIES;
+    let rounds = |policy| async move {
+        for round in 0..30 {
+            disconnect_once_the_connections_are_done(policy, round).await;
+        }
+    };
+    tokio::join!(rounds(round_robin), rounds(shared));
+}
+
+#[tokio::test]
+async fn a_serve_helper_keeps_the_link_open_until_its_drain_ends() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     for policy in POLICIES {
         let mut cluster = Cluster::start(policy);
         let worker = cluster.fork().await;
-        let port = cluster.listen(&worker, "127.0.0.1:0").await;
-        let path = std::env::temp_dir().join(format!(
-            "cluster-link-{}-{policy:?}.sock",
-            std::process::id()
-        ));
-        let _ = std::fs::remove_file(&path);
-        let report = tokio::net::UnixListener::bind(&path).unwrap();
-        worker
-            .send(&Command::WatchLink {
-                report: path.display().to_string(),
-            })
+        let Reply::Listening { port, .. } = cluster.ask(&worker, Command::ServeAxum).await else {
+            panic!("{policy:?}: not serving");
+        };
+        let mut client = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
             .unwrap();
-        // Served, and held open: the worker cannot exit before this client closes.
-        let client = served_client(port).await;
+        let ms = HOLD.as_millis();
+        client
+            .write_all(format!("GET /delay/{ms} HTTP/1.1\r\nHost: test\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let Event::Message { message, .. } = cluster
+            .expect(&worker, |e| matches!(e, Event::Message { .. }))
+            .await
+        else {
+            unreachable!()
+        };
+        assert!(
+            matches!(message.decode(), Ok(Reply::Delaying { .. })),
+            "{policy:?}"
+        );
+        // The request is in the handler: asked to leave, the worker drains it first.
+        let asked = tokio::time::Instant::now();
         let disconnecting = {
             let worker = worker.clone();
             tokio::spawn(async move { worker.disconnect().await })
         };
-        // Node's order: `disconnect` when the worker has closed its listeners and its channel,
-        // while it is still serving; `exit` when it ends.
-        let disconnect = cluster
+        let responding = tokio::spawn(async move {
+            let mut response = String::new();
+            client.read_to_string(&mut response).await.map(|_| response)
+        });
+        let Event::Disconnect(_) = cluster
             .expect(&worker, |e| !matches!(e, Event::Listening { .. }))
-            .await;
+            .await
+        else {
+            panic!("{policy:?}: not a disconnect first");
+        };
+        // Not before the request in flight was answered: its handler took `HOLD` from a moment
+        // just before the request to leave.
         assert!(
-            matches!(disconnect, Event::Disconnect(_)),
-            "{policy:?}: {disconnect:?}"
+            asked.elapsed() >= HOLD / 2,
+            "{policy:?}: {:?}",
+            asked.elapsed()
         );
-        assert!(running(worker.pid()), "{policy:?}: its client is open");
-        assert!(!worker.is_dead(), "{policy:?}");
-        assert_eq!(worker.state(), WorkerState::Disconnected);
-        // Inside the worker, at that moment, the link is closed too.
-        let (mut from_worker, _) = tokio::time::timeout(support::WAIT, report.accept())
-            .await
-            .expect("the worker saw its link close")
-            .unwrap();
-        let mut seen = String::new();
-        tokio::time::timeout(support::WAIT, from_worker.read_to_string(&mut seen))
-            .await
-            .unwrap()
-            .unwrap();
-        let (state, left) = seen.trim_end().split_once(" ms_left=").unwrap();
-        assert_eq!(state, "connected=false shutting_down=true", "{policy:?}");
-        // The primary's deadline came with its request: the harness's 10 s disconnect timeout.
-        let left: u64 = left
-            .strip_prefix("Some(")
-            .and_then(|ms| ms.strip_suffix(')'))
-            .unwrap_or_else(|| panic!("no deadline: {seen}"))
-            .parse()
-            .unwrap();
-        assert!(left <= 10_000, "{seen}");
-        let _ = std::fs::remove_file(&path);
-        drop(client);
-        tokio::time::timeout(support::WAIT, disconnecting)
-            .await
-            .expect("the worker exited once its client closed")
-            .unwrap()
-            .unwrap();
+        let response = responding.await.unwrap().unwrap();
+        assert!(
+            response.starts_with("HTTP/1.1 200"),
+            "{policy:?}: {response}"
+        );
+        assert!(response.ends_with("worker 1\n"), "{policy:?}: {response}");
         let life = cluster.life_of(&worker).await;
         assert_eq!(names(&life), ["exit"], "{policy:?}");
-        assert_eq!(worker.exit_status(), Some(ExitStatus::Code(0)));
+        tokio::time::timeout(support::WAIT, disconnecting)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            worker.exit_status(),
+            Some(ExitStatus::Code(0)),
+            "{policy:?}"
+        );
+        assert_eq!(worker.killed(), None, "{policy:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_worker_is_killed_at_its_disconnect_deadline_though_nobody_waits_for_it() {
+    const DEADLINE: std::time::Duration = std::time::Duration::from_millis(500);
+    for policy in POLICIES {
+        let mut cluster = Cluster::with(policy, |s| s.disconnect_timeout(DEADLINE));
+        let worker = cluster.fork().await;
+        let port = cluster.listen(&worker, "127.0.0.1:0").await;
+        let mut from_worker = watch_link(&worker, "killed").await;
+        // Held open for longer than the deadline: the worker will not leave in time.
+        let mut client = served_client(port).await;
+        let asked = tokio::time::Instant::now();
+        // Polled once (the request goes out), then dropped: a reload cancelled.
+        let waited = tokio::time::timeout(std::time::Duration::ZERO, worker.disconnect()).await;
+        assert!(waited.is_err(), "{policy:?}: it left at once");
+        assert_eq!(
+            reported(&mut from_worker).await,
+            "shutdown connected=true",
+            "{policy:?}: the request went out"
+        );
+        let life = cluster.life_of(&worker).await;
+        let killed_after = asked.elapsed();
+        assert_eq!(names(&life), ["disconnect", "exit"], "{policy:?}");
+        assert!(
+            matches!(
+                life[1],
+                Event::Exit {
+                    status: ExitStatus::Signal(libc::SIGKILL),
+                    killed: Some(cluster::primary::KillReason::DisconnectTimeout),
+                    ..
+                }
+            ),
+            "{policy:?}: {:?}",
+            life[1]
+        );
+        assert!(killed_after >= DEADLINE, "{policy:?}: {killed_after:?}");
+        assert_eq!(
+            worker.killed(),
+            Some(cluster::primary::KillReason::DisconnectTimeout)
+        );
         assert_eq!(worker.exited_after_disconnect(), Some(true));
+        // Its connection went with it.
+        use tokio::io::AsyncReadExt;
+        let mut rest = Vec::new();
+        let _ = tokio::time::timeout(support::WAIT, client.read_to_end(&mut rest))
+            .await
+            .expect("the connection ended with the worker");
     }
 }
 

@@ -67,6 +67,9 @@ pub enum KillReason {
     BootTimeout,
     /// It did not ack a handed-off connection in time.
     HandoffTimeout,
+    /// Asked to disconnect, it was still there at the deadline the primary gave it (still
+    /// serving its connections, or stuck).
+    DisconnectTimeout,
     /// Its runtime sent no heartbeat (nor anything else) in time: it is hung.
     HeartbeatTimeout,
     /// It broke the protocol (the `Event::Error` before its exit says which rule): whatever
@@ -79,6 +82,7 @@ impl fmt::Display for KillReason {
         f.write_str(match self {
             Self::BootTimeout => "did not listen within the boot deadline",
             Self::HandoffTimeout => "did not ack a connection in time",
+            Self::DisconnectTimeout => "did not exit within the disconnect timeout",
             Self::HeartbeatTimeout => "missed its heartbeats (hung runtime)",
             Self::ProtocolViolation => "broke the protocol",
         })

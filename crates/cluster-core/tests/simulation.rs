@@ -14,7 +14,7 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 
-use cluster_core::lifecycle::ExitStatus;
+use cluster_core::lifecycle::{ExitStatus, KillReason};
 use cluster_core::primary::{Attachment, Config, Event, FdKind, Output, Primary};
 use cluster_core::session::{SessionEvent, SessionOutput, WorkerSession};
 use cluster_core::wire::{
@@ -58,6 +58,8 @@ struct SimWorker {
     owned: BTreeSet<Conn>,
     events: Vec<&'static str>,
     exit_code: i32,
+    /// The deadline of the primary's `disconnect`, if it asked: killed there if still alive.
+    leave_by: Option<Instant>,
 }
 
 impl SimWorker {
@@ -198,6 +200,7 @@ impl Sim {
             owned: BTreeSet::new(),
             events: Vec::new(),
             exit_code: 0,
+            leave_by: None,
         };
         self.workers.insert(id, worker);
         self.flush_worker(id);
@@ -356,7 +359,16 @@ impl Sim {
                 Output::CloseLink { worker } => {
                     panic!("protocol error from a well-behaved {worker}")
                 }
-                Output::Kill { worker, .. } => kills.push(worker),
+                Output::Kill { worker, reason } => {
+                    if reason == KillReason::DisconnectTimeout {
+                        let by = self.workers.get(&worker).and_then(|w| w.leave_by);
+                        assert!(
+                            by.is_some_and(|by| by <= self.now),
+                            "{worker} killed for its disconnect deadline before it: {by:?}"
+                        );
+                    }
+                    kills.push(worker);
+                }
                 Output::Reclaimed { conn, .. } => {
                     assert_eq!(self.incoming.take(), Some(conn), "a refusal carries its fd");
                 }
@@ -521,6 +533,12 @@ impl Sim {
             Op::Serve(i) => self.nth(i).into_iter().for_each(|id| self.serve(id)),
             Op::Disconnect(i) => {
                 if let Some(id) = self.nth(i) {
+                    let by = self.now + Duration::from_secs(30);
+                    if let Some(w) = self.workers.get_mut(&id)
+                        && !w.link_closed
+                    {
+                        w.leave_by = Some(w.leave_by.map_or(by, |old| old.min(by)));
+                    }
                     self.primary
                         .disconnect(self.now, id, Duration::from_secs(30));
                     self.flush_primary();
@@ -631,6 +649,12 @@ impl Sim {
         }
         self.settle();
         self.check_accounting();
+        // The primary's disconnect deadline (30 s) is long past: nobody asked is still there.
+        for (id, w) in &self.workers {
+            if w.leave_by.is_some_and(|by| by <= self.now) {
+                assert!(!w.alive, "{id} outlived its disconnect deadline");
+            }
+        }
         let serving = self
             .workers
             .values()

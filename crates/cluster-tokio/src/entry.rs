@@ -2,8 +2,6 @@
 
 use std::future::Future;
 use std::io::{self, Write};
-use std::sync::OnceLock;
-use std::time::Duration;
 
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -44,7 +42,6 @@ where
     match role::take() {
         Some(Detected::Worker { id, ipc }) => {
             name_process(&format!("w{}", id.get()));
-            remember_disconnect_timeout(&settings);
             let runtime = settings
                 .worker_runtime()
                 .expect("failed to build the worker's Tokio runtime");
@@ -116,7 +113,6 @@ where
         if let Err(error) = settings.validate() {
             crate::env::exit_misconfigured(&error);
         }
-        remember_disconnect_timeout(&settings);
         let runtime = settings
             .worker_runtime()
             .expect("failed to build the Tokio runtime");
@@ -163,26 +159,6 @@ pub fn configure(settings: Settings, env: bool) -> Settings {
         crate::env::exit_misconfigured(&error);
     }
     settings
-}
-
-/// The disconnect timeout of the settings this process serves with, once [`run`] or
-/// [`run_workers`] started a worker (or an unclustered run) with them.
-static DISCONNECT_TIMEOUT: OnceLock<Duration> = OnceLock::new();
-
-fn remember_disconnect_timeout(settings: &Settings) {
-    let _ = DISCONNECT_TIMEOUT.set(settings.disconnect_timeout);
-}
-
-/// How long the primary gives this process to leave once asked, as far as this process knows:
-/// the disconnect timeout of the settings it was started with (the primary's, when both run
-/// the same program with the same environment), if it was started by [`run`] or
-/// [`run_workers`].
-#[cfg_attr(
-    not(any(feature = "axum", feature = "hyper", feature = "tonic")),
-    allow(dead_code)
-)]
-pub(crate) fn disconnect_timeout() -> Option<Duration> {
-    DISCONNECT_TIMEOUT.get().copied()
 }
 
 /// In this form no user code runs in the primary, so nobody else can install a subscriber for

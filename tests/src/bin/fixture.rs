@@ -1,6 +1,6 @@
 //! A worker for the multi-process tests: does what the test (its primary) tells it.
 
-use std::future::Future;
+use std::future::{Future, IntoFuture};
 use std::io;
 use std::time::Duration;
 
@@ -35,6 +35,7 @@ async fn serve(worker: Worker) {
     let mut udp = Vec::new();
     let mut series = Series::default();
     let mut handles_sent = false;
+    let mut axum_servers = Vec::new();
     loop {
         let message = tokio::select! {
             message = worker.recv_message() => message,
@@ -51,6 +52,23 @@ async fn serve(worker: Worker) {
                 listened(&worker, &mut listeners, bound, |l| {
                     l.local_addr().expect("bound").port()
                 });
+            }
+            Command::ServeAxum => {
+                let listener = ClusterListener::bind("127.0.0.1:0").await.expect("bind");
+                let port = listener.local_addr().expect("bound").port();
+                let to_primary = worker.clone();
+                let delay = move |axum::extract::Path(ms): axum::extract::Path<u64>| async move {
+                    to_primary.send(&Reply::Delaying { ms }).expect("send");
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                    format!("worker {id}\n")
+                };
+                let app = axum::Router::new().route("/delay/{ms}", axum::routing::get(delay));
+                axum_servers.push(tokio::spawn(
+                    cluster::axum::serve(listener, app).into_future(),
+                ));
+                worker
+                    .send(&Reply::Listening { index: 0, port })
+                    .expect("send");
             }
             Command::ListenSpec(spec) => match spec {
                 Listen::Tcp { addr, options } => {
@@ -198,6 +216,12 @@ async fn serve(worker: Worker) {
             Command::WatchLink { report } => {
                 let worker = worker.clone();
                 tokio::spawn(async move {
+                    let mut to = tokio::net::UnixStream::connect(report)
+                        .await
+                        .expect("report");
+                    worker.shutdown().await;
+                    let line = format!("shutdown connected={}\n", worker.is_connected());
+                    to.write_all(line.as_bytes()).await.expect("report");
                     worker.disconnected().await;
                     let left = worker.leave_deadline().map(|deadline| {
                         deadline
@@ -205,13 +229,10 @@ async fn serve(worker: Worker) {
                             .as_millis()
                     });
                     let line = format!(
-                        "connected={} shutting_down={} ms_left={left:?}\n",
+                        "disconnected connected={} shutting_down={} ms_left={left:?}\n",
                         worker.is_connected(),
                         worker.is_shutting_down()
                     );
-                    let mut to = tokio::net::UnixStream::connect(report)
-                        .await
-                        .expect("report");
                     to.write_all(line.as_bytes()).await.expect("report");
                 });
             }
@@ -230,6 +251,14 @@ async fn serve(worker: Worker) {
     }
     for task in udp {
         task.abort();
+    }
+    if !axum_servers.is_empty() {
+        // Only the serve helpers' drains can close the link now (nothing else holds it, and
+        // `main` has not returned): the test sees the `Disconnect` or a kill at the deadline.
+        worker.disconnected().await;
+        for server in axum_servers {
+            server.await.expect("served").expect("served");
+        }
     }
     // Leaving: every listener stopped accepting; wait until the clients close what was accepted.
     for Listener { task, pause } in listeners.into_iter().flatten() {
@@ -347,6 +376,8 @@ impl Accept for ClusterUnixListener {
 }
 
 async fn accept_loop<L: Accept>(id: u64, mut listener: L, mut paused: watch::Receiver<bool>) {
+    // Once the worker leaves, its link stays open until these connections are done.
+    let link = cluster::worker().map(|worker| worker.hold_link());
     let mut connections = JoinSet::new();
     loop {
         // While paused, connections queue up in the listener unaccepted.
@@ -368,4 +399,5 @@ async fn accept_loop<L: Accept>(id: u64, mut listener: L, mut paused: watch::Rec
     }
     drop(listener);
     while connections.join_next().await.is_some() {}
+    drop(link);
 }

@@ -302,6 +302,10 @@ struct WorkerEntry<C> {
     deaf: bool,
     /// When a frame last came from it, after its handshake.
     last_seen: Option<Instant>,
+    /// When it is killed if its process is still there: the deadline of the primary's
+    /// [`Primary::disconnect`]. It holds whether the worker leaves as asked or had announced
+    /// leaving on its own; only a link closed or an exit ends it.
+    leave_by: Option<Instant>,
     /// Broke the protocol: its frames are ignored until the driver closes the link.
     failed: bool,
     /// Handoffs sent since the last one that asked for an immediate ack.
@@ -377,6 +381,7 @@ impl<C: Copy + Eq + std::fmt::Debug> Primary<C> {
             service_ready: false,
             deaf: false,
             last_seen: None,
+            leave_by: None,
             failed: false,
             unasked: 0,
             counters: Counters::default(),
@@ -589,7 +594,8 @@ impl<C: Copy + Eq + std::fmt::Debug> Primary<C> {
         self.registry.wants_connections(handle)
     }
 
-    /// Time passed: workers that missed a handoff deadline or went silent are killed.
+    /// Time passed: workers that missed a handoff deadline, went silent, or were asked to
+    /// disconnect and are still there at the deadline of [`Self::disconnect`] are killed.
     pub fn handle_timeout(&mut self, now: Instant) {
         self.registry.release_kept(Some(now));
         self.drain_registry(now);
@@ -597,9 +603,14 @@ impl<C: Copy + Eq + std::fmt::Debug> Primary<C> {
         let doomed: Vec<_> = self
             .workers
             .iter()
-            .filter(|(_, e)| e.killed.is_none() && !e.failed && !e.link.is_closed())
+            .filter(|(_, e)| e.killed.is_none() && !e.failed)
             .filter_map(|(w, e)| {
-                if let Some((seq, _)) = e.link.expired(now).next() {
+                // Until its process exits: a worker that closed its link may still hang.
+                if e.leave_by.is_some_and(|by| now >= by) && e.lifecycle.exit_status().is_none() {
+                    Some((*w, KillReason::DisconnectTimeout, None))
+                } else if e.link.is_closed() {
+                    None
+                } else if let Some((seq, _)) = e.link.expired(now).next() {
                     Some((*w, KillReason::HandoffTimeout, Some(seq)))
                 } else if let (Some(seen), Some(timeout)) = (e.last_seen, heartbeat)
                     && now.saturating_duration_since(seen) >= timeout
@@ -630,6 +641,11 @@ impl<C: Copy + Eq + std::fmt::Debug> Primary<C> {
     /// When [`Self::handle_timeout`] should be called next.
     pub fn poll_timeout(&self) -> Option<Instant> {
         let heartbeat = self.config.heartbeat_timeout;
+        let leave_by = self
+            .workers
+            .values()
+            .filter(|e| e.killed.is_none() && !e.failed && e.lifecycle.exit_status().is_none())
+            .filter_map(|e| e.leave_by);
         self.workers
             .values()
             .filter(|e| e.killed.is_none() && !e.failed && !e.link.is_closed())
@@ -640,6 +656,7 @@ impl<C: Copy + Eq + std::fmt::Debug> Primary<C> {
                 ]
             })
             .flatten()
+            .chain(leave_by)
             .chain(self.registry.next_release())
             .min()
     }
@@ -653,14 +670,25 @@ impl<C: Copy + Eq + std::fmt::Debug> Primary<C> {
     }
 
     /// Asks `worker` to disconnect: it is offered no more connections, its pending listens are
-    /// refused, and it is told to close its listeners and leave `within` (the driver kills it
-    /// then; the worker is told, so that its drain ends before). Returns false if it is already
-    /// leaving or gone.
+    /// refused, and it is told to close its listeners and leave `within`. The worker is told the
+    /// deadline, so that its drain ends before; if its process is still there then,
+    /// [`Self::handle_timeout`] emits [`Output::Kill`] with [`KillReason::DisconnectTimeout`],
+    /// whoever waits for the exit (or nobody). Returns false if it is already leaving or gone;
+    /// a worker that announced leaving on its own is still given the deadline (the earlier
+    /// one, if asked twice), though not asked again.
     pub fn disconnect(&mut self, now: Instant, worker: WorkerId, within: Duration) -> bool {
         let Some(entry) = self.workers.get_mut(&worker) else {
             return false;
         };
-        if entry.leaving || entry.link.is_closed() {
+        if entry.link.is_closed() || entry.failed {
+            return false;
+        }
+        let by = now.checked_add(within);
+        entry.leave_by = match (entry.leave_by, by) {
+            (Some(old), Some(new)) => Some(old.min(new)),
+            (old, new) => old.or(new),
+        };
+        if entry.leaving {
             return false;
         }
         entry.leave_on_purpose();

@@ -1124,3 +1124,133 @@ fn requests_to_a_gone_or_deaf_worker_are_not_sent() {
         "{outs:?}"
     );
 }
+
+/// A harness whose workers are never killed for silence: only the disconnect deadline fires.
+fn without_heartbeats() -> Harness {
+    let config = Config {
+        heartbeat_timeout: None,
+        ..Config::default()
+    };
+    Harness {
+        primary: Primary::new(config),
+        now: Instant::now(),
+    }
+}
+
+fn kills(outs: &[Out]) -> Vec<(WorkerId, KillReason)> {
+    outs.iter()
+        .filter_map(|o| match o {
+            Out::Other(Output::Kill { worker, reason }) => Some((*worker, *reason)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_worker_still_there_at_its_disconnect_deadline_is_killed_by_the_core() {
+    let mut h = without_heartbeats();
+    let w = h.online();
+    let other = h.online();
+    h.outputs();
+    assert_eq!(h.primary.poll_timeout(), None);
+    let asked = h.now;
+    assert!(h.primary.disconnect(asked, w, Duration::from_secs(5)));
+    h.outputs();
+    assert_eq!(
+        h.primary.poll_timeout(),
+        Some(asked + Duration::from_secs(5))
+    );
+    // It answers (leaves on purpose) and even closes its link, but its process stays.
+    h.recv(
+        w,
+        &WorkerMessage::ExitedAfterDisconnect { seq: Seq::new(2) },
+    );
+    h.primary.handle_link_closed(h.now, w);
+    assert_eq!(h.events(), [Event::Disconnect { worker: w }]);
+    h.primary
+        .handle_timeout(asked + Duration::from_secs(5) - Duration::from_millis(1));
+    assert_eq!(kills(&h.outputs()), [], "not before its deadline");
+    h.primary.handle_timeout(asked + Duration::from_secs(5));
+    assert_eq!(
+        kills(&h.outputs()),
+        [(w, KillReason::DisconnectTimeout)],
+        "only the late worker"
+    );
+    assert_eq!(h.primary.poll_timeout(), None, "killed once");
+    h.primary.handle_timeout(asked + Duration::from_secs(6));
+    assert_eq!(kills(&h.outputs()), []);
+    h.primary.handle_exit(w, ExitStatus::Signal(9));
+    assert_eq!(
+        h.events(),
+        [Event::Exit {
+            worker: w,
+            status: ExitStatus::Signal(9),
+            exited_after_disconnect: true,
+            killed: Some(KillReason::DisconnectTimeout),
+        }]
+    );
+    assert!(h.primary.lifecycle(other).is_some());
+}
+
+#[test]
+fn a_worker_that_exits_before_its_disconnect_deadline_is_not_killed() {
+    let mut h = without_heartbeats();
+    let w = h.online();
+    h.outputs();
+    assert!(h.primary.disconnect(h.now, w, Duration::from_secs(5)));
+    h.outputs();
+    // The exit seen before the link's close (the driver's `wait` may win): no kill either.
+    h.primary.handle_exit(w, ExitStatus::Code(0));
+    assert_eq!(h.primary.poll_timeout(), None);
+    h.primary.handle_timeout(h.now + Duration::from_secs(5));
+    assert_eq!(kills(&h.outputs()), []);
+    h.primary.handle_link_closed(h.now, w);
+    h.primary.handle_timeout(h.now + Duration::from_secs(10));
+    let outs = h.outputs();
+    assert_eq!(kills(&outs), []);
+    assert!(outs.contains(&Out::Other(Output::Event(Event::Exit {
+        worker: w,
+        status: ExitStatus::Code(0),
+        exited_after_disconnect: true,
+        killed: None,
+    }))));
+}
+
+#[test]
+fn a_worker_leaving_on_its_own_is_bounded_by_the_primarys_deadline() {
+    let mut h = without_heartbeats();
+    let w = h.online();
+    h.outputs();
+    // Leaving on its own: no deadline from the primary, none in the core.
+    h.recv(
+        w,
+        &WorkerMessage::ExitedAfterDisconnect { seq: Seq::new(2) },
+    );
+    h.outputs();
+    assert_eq!(h.primary.poll_timeout(), None);
+    // The primary's disconnect (a reload) is not sent again, but its deadline holds.
+    assert!(!h.primary.disconnect(h.now, w, Duration::from_secs(3)));
+    assert_eq!(h.outputs(), []);
+    assert_eq!(
+        h.primary.poll_timeout(),
+        Some(h.now + Duration::from_secs(3))
+    );
+    // Asked again with a longer one: the earlier deadline stays.
+    assert!(!h.primary.disconnect(h.now, w, Duration::from_secs(30)));
+    h.primary.handle_timeout(h.now + Duration::from_secs(3));
+    assert_eq!(kills(&h.outputs()), [(w, KillReason::DisconnectTimeout)]);
+}
+
+#[test]
+fn a_worker_killed_for_another_reason_is_not_killed_again_at_its_disconnect_deadline() {
+    let mut h = Harness::new();
+    let w = h.online();
+    h.outputs();
+    assert!(h.primary.disconnect(h.now, w, Duration::from_secs(60)));
+    h.outputs();
+    // Silent past its heartbeat deadline (30 s), before its disconnect deadline.
+    h.primary.handle_timeout(h.now + Duration::from_secs(30));
+    assert_eq!(kills(&h.outputs()), [(w, KillReason::HeartbeatTimeout)]);
+    h.primary.handle_timeout(h.now + Duration::from_secs(60));
+    assert_eq!(kills(&h.outputs()), []);
+}

@@ -432,23 +432,29 @@ impl<F: Family> Incoming<F> {
 
 /// Resolves when the worker stops serving (never outside a worker, or with a bypassing bind in
 /// a worker that is not shutting down).
-struct Shutdown(Option<Pin<Box<dyn Future<Output = ()> + Send + Sync>>>);
+struct Shutdown {
+    wait: Option<Pin<Box<dyn Future<Output = ()> + Send + Sync>>>,
+    /// `wait` finished: it is never polled again (a listener may be polled after its end).
+    done: bool,
+}
 
 impl Shutdown {
     fn new() -> Self {
-        Self(worker::current().map(|worker| {
+        let wait = worker::current().map(|worker| {
             let mut rx = worker.shutdown_receiver();
             let wait: Pin<Box<dyn Future<Output = ()> + Send + Sync>> = Box::pin(async move {
                 let _ = rx.wait_for(|v| *v).await;
             });
             wait
-        }))
+        });
+        Self { wait, done: false }
     }
 
     fn is_ready(&mut self, cx: &mut Context<'_>) -> bool {
-        self.0
-            .as_mut()
-            .is_some_and(|wait| wait.as_mut().poll(cx).is_ready())
+        if let (Some(wait), false) = (&mut self.wait, self.done) {
+            self.done = wait.as_mut().poll(cx).is_ready();
+        }
+        self.done
     }
 }
 
@@ -456,6 +462,19 @@ impl std::fmt::Debug for Shutdown {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Shutdown")
     }
+}
+
+/// What `accept` gives once the worker stopped serving. Not at once: it pends until the
+/// worker's [`shutdown`](crate::shutdown) has resolved, and one turn more, so that in the
+/// documented loop (`select!` on `accept()` and `shutdown()`) the shutdown branch is always the
+/// one taken, whatever order the branches are polled in; a loop on `accept` alone then ends
+/// with `NotConnected`.
+async fn stopped<T>() -> io::Result<T> {
+    if let Some(worker) = worker::current() {
+        worker.shutdown().await;
+    }
+    tokio::task::yield_now().await;
+    Err(shutting_down())
 }
 
 fn shutting_down() -> io::Error {

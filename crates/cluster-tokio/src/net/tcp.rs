@@ -168,10 +168,18 @@ impl ClusterListener {
     ///
     /// # Errors
     ///
-    /// An accept error, or `NotConnected` once the worker is shutting down.
+    /// An accept error, or `NotConnected` once the worker is shutting down: not before
+    /// [`shutdown`](crate::shutdown) has resolved, so that a `select!` on both always ends in
+    /// its shutdown branch, never with this error.
     pub async fn accept(&mut self) -> io::Result<(TcpStream, SocketAddr)> {
         loop {
-            let stream = std::future::poll_fn(|cx| self.poll_accept(cx)).await?;
+            let next = std::future::poll_fn(|cx| {
+                futures_core::Stream::poll_next(Pin::new(&mut *self), cx)
+            });
+            let Some(stream) = next.await else {
+                return super::stopped().await;
+            };
+            let stream = stream?;
             match stream.peer_addr() {
                 Ok(peer) => return Ok((stream, peer)),
                 // Reset before we looked at it: nothing to serve.

@@ -145,9 +145,16 @@ impl ClusterUnixListener {
     ///
     /// # Errors
     ///
-    /// An accept error, or `NotConnected` once the worker is shutting down.
+    /// An accept error, or `NotConnected` once the worker is shutting down: not before
+    /// [`shutdown`](crate::shutdown) has resolved, so that a `select!` on both always ends in
+    /// its shutdown branch, never with this error.
     pub async fn accept(&mut self) -> io::Result<(UnixStream, tokio::net::unix::SocketAddr)> {
-        let stream = std::future::poll_fn(|cx| self.poll_accept(cx)).await?;
+        let next =
+            std::future::poll_fn(|cx| futures_core::Stream::poll_next(Pin::new(&mut *self), cx));
+        let Some(stream) = next.await else {
+            return super::stopped().await;
+        };
+        let stream = stream?;
         let peer = stream.peer_addr()?;
         Ok((stream, peer))
     }

@@ -12,7 +12,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::driver::Input;
-use super::{Signal, holding, stopped};
+use super::{Signal, stopped};
 use crate::message::{DEFAULT_REQUEST_TIMEOUT, RequestError};
 
 /// What a worker's handles show: a copy of the core's view, refreshed by the driver with each
@@ -238,8 +238,11 @@ impl WorkerHandle {
     }
 
     /// Asks it to disconnect gracefully (close its listeners, finish its connections, exit) and
-    /// waits for its exit; kills it if it has not exited within
-    /// [`Settings::disconnect_timeout`](crate::Settings::disconnect_timeout).
+    /// waits for its exit. The primary kills it if it has not exited within
+    /// [`Settings::disconnect_timeout`](crate::Settings::disconnect_timeout), whether this
+    /// future is still awaited or not: once asked, dropping the future cancels only the wait.
+    /// Its [`Event::Exit`](crate::primary::Event::Exit) then says
+    /// `killed: Some(KillReason::DisconnectTimeout)`.
     ///
     /// # Errors
     ///
@@ -248,6 +251,8 @@ impl WorkerHandle {
         self.disconnect_within(self.shared.disconnect_timeout).await
     }
 
+    /// Asks it to leave within `deadline` (the core kills it then), then waits for its exit.
+    /// The request is sent before the first poll returns.
     pub(crate) async fn disconnect_within(&self, deadline: Duration) -> io::Result<()> {
         self.tx
             .send(Input::Disconnect {
@@ -255,26 +260,7 @@ impl WorkerHandle {
                 within: deadline,
             })
             .map_err(|_| stopped())?;
-        if tokio::time::timeout(deadline, self.exited()).await.is_err() {
-            // What it still holds, for the log line, read before the kill (its fds go with it)
-            // and off the runtime's thread, which hands off connections; bounded.
-            let pid = self.pid();
-            let read = tokio::task::spawn_blocking(move || holding::Holding::of(pid));
-            let holding = match tokio::time::timeout(HOLDING_READ, read).await {
-                Ok(Ok(holding)) => holding,
-                _ => None,
-            };
-            match holding {
-                Some(holding) => {
-                    tracing::warn!(worker = %self.id(), pid = self.pid(), ?deadline, "worker did not exit within the disconnect timeout; killing it: {holding}")
-                }
-                None => {
-                    tracing::warn!(worker = %self.id(), pid = self.pid(), ?deadline, "worker did not exit within the disconnect timeout; killing it")
-                }
-            }
-            self.kill(Signal::KILL)?;
-            self.exited().await;
-        }
+        self.exited().await;
         Ok(())
     }
 
@@ -289,6 +275,3 @@ impl WorkerHandle {
         }
     }
 }
-
-/// How long the kill at the disconnect deadline waits to learn what the worker still holds.
-const HOLDING_READ: Duration = Duration::from_secs(1);

@@ -39,6 +39,8 @@ where
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
+    // The link to the primary stays open until this server's connections are done.
+    let _link = super::hold_link();
     let mut incoming = Incoming::new(listener);
     let builder = auto::Builder::new(TokioExecutor::new());
     let draining = Arc::new(AtomicBool::new(false));

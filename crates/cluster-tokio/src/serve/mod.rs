@@ -39,10 +39,6 @@ pub use builder::Serve;
 #[cfg_attr(not(any(feature = "axum", feature = "hyper")), allow(dead_code))]
 pub(crate) const KEEP_ALIVE_GRACE: Duration = Duration::from_millis(500);
 
-/// The disconnect timeout assumed outside a process started by `run` or `run_workers`: the
-/// default of `Settings::disconnect_timeout`.
-const DEFAULT_DISCONNECT_TIMEOUT: Duration = Duration::from_secs(30);
-
 /// The most a drain leaves of the disconnect timeout for the worker to exit before the primary
 /// kills it.
 const EXIT_MARGIN: Duration = Duration::from_secs(1);
@@ -115,11 +111,19 @@ impl Drain {
     }
 }
 
-/// A little under the disconnect timeout (29 s of the default 30 s; 90% of one under 10 s), so
-/// that a worker which runs out of time still exits on its own, before the primary kills it.
+/// A little under [`DEFAULT_LEAVE_TIMEOUT`](crate::worker::DEFAULT_LEAVE_TIMEOUT) (29 s of 30 s),
+/// for a process that no primary gave a deadline: the one fallback of
+/// [`Worker::leave_deadline`](crate::Worker::leave_deadline).
 pub(crate) fn default_drain_timeout() -> Duration {
-    let disconnect = crate::entry::disconnect_timeout().unwrap_or(DEFAULT_DISCONNECT_TIMEOUT);
-    disconnect.saturating_sub((disconnect / 10).min(EXIT_MARGIN))
+    let leave = crate::worker::DEFAULT_LEAVE_TIMEOUT;
+    leave.saturating_sub((leave / 10).min(EXIT_MARGIN))
+}
+
+/// In a worker, keeps its link to the primary open while a server runs, drain included: the
+/// primary's `Disconnect` comes once the server's connections are done (see
+/// [`Worker::hold_link`](crate::Worker::hold_link)).
+pub(crate) fn hold_link() -> Option<crate::worker::LinkHold> {
+    crate::worker::current().map(|worker| worker.hold_link())
 }
 
 /// The connections of a [`Listener`], with accept errors handled: those about one connection
@@ -174,7 +178,7 @@ mod tests {
 
     #[test]
     fn the_default_drain_ends_a_little_before_the_disconnect_timeout() {
-        // Outside `run`, the default disconnect timeout: 30 s.
+        // Without a primary's deadline, the default one: 30 s.
         assert_eq!(default_drain_timeout(), Duration::from_secs(29));
     }
 }

@@ -86,6 +86,8 @@ where
         let Tonic(router) = self.app;
         let (listener, drain) = (self.listener, self.drain);
         Box::pin(async move {
+            // The link to the primary stays open until this server's connections are done.
+            let _link = super::hold_link();
             let server = router.serve_with_incoming_shutdown(
                 Connections(Incoming::new(listener)),
                 crate::shutdown(),

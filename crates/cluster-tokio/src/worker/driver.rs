@@ -10,8 +10,8 @@ use proto::wire::{BoundAddr, Distribution, ListenInfo, ListenRequest};
 use proto::{HandleId, Seq, SessionEvent, SessionOutput, WorkerSession};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::LinkState;
 use super::queue::{HandoffQueue, Offer};
+use super::{Holds, LinkState};
 use crate::ipc::{Channel, Received};
 use crate::message::{Answer, Message, ReplySender, Waiters};
 
@@ -79,6 +79,8 @@ pub(crate) struct Driver {
     /// When the primary kills this worker, once it asked it to leave.
     deadline: Arc<OnceLock<tokio::time::Instant>>,
     messages: mpsc::UnboundedSender<Message>,
+    /// Who keeps the link open once this worker is leaving.
+    holds: watch::Receiver<Holds>,
     listens: HashMap<Seq, oneshot::Sender<io::Result<Granted>>>,
     queues: HashMap<HandleId, Arc<HandoffQueue>>,
     /// Who waits for answers to this worker's requests.
@@ -86,7 +88,10 @@ pub(crate) struct Driver {
     /// Waiting for the primary to acknowledge this worker's leaving (`Some` once it announced
     /// it).
     leaving: Option<Vec<oneshot::Sender<io::Result<()>>>>,
-    /// This worker left on purpose and the primary acknowledged: the link is done.
+    /// This worker left on purpose and the primary acknowledged: the link closes once its
+    /// connections are done (`holds`).
+    acked: bool,
+    /// Acknowledged and done: the link closes now.
     left: bool,
     flushes: Vec<oneshot::Sender<()>>,
     outgoing: VecDeque<(Vec<u8>, Option<OwnedFd>)>,
@@ -112,15 +117,23 @@ impl Driver {
             link,
             deadline,
             messages,
+            holds: watch::Sender::new(Holds::default()).subscribe(),
             listens: HashMap::new(),
             queues: HashMap::new(),
             waiters: Waiters::default(),
             leaving: None,
+            acked: false,
             left: false,
             flushes: Vec::new(),
             outgoing: VecDeque::new(),
             buf: Vec::new(),
         }
+    }
+
+    /// Who keeps the link open once this worker is leaving ([`super::Worker::hold_link`]).
+    pub(crate) fn with_holds(mut self, holds: watch::Receiver<Holds>) -> Self {
+        self.holds = holds;
+        self
     }
 
     pub(crate) async fn run(mut self) {
@@ -141,6 +154,7 @@ impl Driver {
             if self.left {
                 break;
             }
+            let mut holds = self.holds.clone();
             tokio::select! {
                 received = self.channel.recv(&mut fds) => match received {
                     Ok(Received::Frame { len }) => {
@@ -161,6 +175,9 @@ impl Driver {
                     None => break,
                 },
                 _ = heartbeat.tick() => self.session.heartbeat(),
+                // Its connections are done (every `LinkHold` dropped): the link closes, which
+                // is the primary's `Disconnect`.
+                Ok(_) = holds.wait_for(Holds::released), if self.acked => self.left = true,
             }
         }
         self.link_closed();
@@ -222,15 +239,14 @@ impl Driver {
                 request,
             } => self.message(payload, fd, request),
             SessionEvent::Answer { seq, answer } => self.waiters.answer(seq, answer),
-            // As Node's workers: close every listener, then the link (announced first, so that
-            // the primary knows every handoff is settled); the process may go on finishing its
-            // connections.
+            // As Node's workers: close every listener (announced at once, so that the primary
+            // knows every handoff is settled), then the link once the connections are done.
             SessionEvent::DisconnectRequested { within } => {
                 let _ = self.deadline.set(tokio::time::Instant::now() + within);
                 self.leave(None);
             }
             SessionEvent::DisconnectAcked => {
-                self.left = true;
+                self.acked = true;
                 for reply in self.leaving.take().into_iter().flatten() {
                     let _ = reply.send(Ok(()));
                 }
@@ -314,13 +330,14 @@ impl Driver {
         self.session.close(handle);
     }
 
-    /// Stops every listener and resolves `shutdown()`.
+    /// Resolves `shutdown()` and stops every listener: in that order, so that a listener that
+    /// ends finds `shutdown()` resolved (see `net::stopped`).
     fn stop_serving(&mut self) {
+        self.shutdown.send_replace(true);
         let handles: Vec<_> = self.session.handles().collect();
         for handle in handles {
             self.close(handle);
         }
-        self.shutdown.send_replace(true);
     }
 
     fn command(&mut self, command: Command) {
@@ -375,6 +392,13 @@ impl Driver {
     /// acknowledged it.
     fn leave(&mut self, reply: Option<oneshot::Sender<io::Result<()>>>) {
         self.stop_serving();
+        if self.acked {
+            // Left already; the link waits for the connections, not for another answer.
+            if let Some(reply) = reply {
+                let _ = reply.send(Ok(()));
+            }
+            return;
+        }
         if let Some(waiting) = &mut self.leaving {
             waiting.extend(reply);
             return;
@@ -390,6 +414,8 @@ impl Driver {
     }
 
     fn link_closed(mut self) {
+        // Before the listeners end (see `stop_serving`).
+        self.shutdown.send_replace(true);
         self.session.handle_link_closed();
         self.pump();
         for (_, queue) in self.queues.drain() {

@@ -54,6 +54,24 @@ struct Inner {
     link: watch::Receiver<LinkState>,
     deadline: Arc<OnceLock<tokio::time::Instant>>,
     messages: Mutex<mpsc::UnboundedReceiver<Message>>,
+    holds: Arc<watch::Sender<Holds>>,
+}
+
+/// Who keeps the link open once this worker is leaving ([`Worker::hold_link`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Holds {
+    /// [`LinkHold`]s alive.
+    pub(crate) count: usize,
+    /// Whether one was ever taken: if not, nothing said when the connections end, and the link
+    /// stays open until `main` returns.
+    pub(crate) taken: bool,
+}
+
+impl Holds {
+    /// Whether the servers that said they serve are done.
+    pub(crate) fn released(&self) -> bool {
+        self.taken && self.count == 0
+    }
 }
 
 impl fmt::Debug for Worker {
@@ -83,6 +101,7 @@ impl Worker {
         let (link_tx, link) = watch::channel(LinkState::Open);
         let deadline = Arc::new(OnceLock::new());
         let (message_tx, messages) = mpsc::unbounded_channel();
+        let holds = Arc::new(watch::Sender::new(Holds::default()));
         let worker = Self {
             inner: Arc::new(Inner {
                 id,
@@ -91,6 +110,7 @@ impl Worker {
                 link,
                 deadline: deadline.clone(),
                 messages: Mutex::new(messages),
+                holds: holds.clone(),
             }),
         };
         let answers = worker.inner.commands.downgrade();
@@ -102,7 +122,8 @@ impl Worker {
             link_tx,
             deadline,
             message_tx,
-        );
+        )
+        .with_holds(holds.subscribe());
         tokio::spawn(driver.run());
         Ok(CURRENT.get_or_init(|| worker).clone())
     }
@@ -112,25 +133,64 @@ impl Worker {
         self.inner.id
     }
 
-    /// Whether the link to the primary is open (Node's `worker.isConnected()`). It closes when
-    /// this worker leaves: after [`Self::disconnect`], or once the primary asked it to
-    /// disconnect and its listeners are closed (the process may still be finishing its
-    /// connections); or when the primary goes away.
+    /// Whether the link to the primary is open (Node's `worker.isConnected()`). Once this worker
+    /// leaves (the primary asked it to disconnect, or [`Self::disconnect`]) its listeners close
+    /// at once, but the link stays open while it finishes its connections, as a Node worker's
+    /// channel stays open until its servers have closed: until every [`LinkHold`] is dropped
+    /// (the serve helpers hold one until their drain ends), or, if none was ever taken, until
+    /// `main` returns. It also closes when the primary goes away.
     pub fn is_connected(&self) -> bool {
         *self.inner.link.borrow() == LinkState::Open
     }
 
     /// Resolves when the link to the primary has closed (Node's `'disconnect'` event in a
-    /// worker); see [`Self::is_connected`].
+    /// worker; the primary's [`Event::Disconnect`](crate::primary::Event::Disconnect) comes at
+    /// the same moment); see [`Self::is_connected`].
     pub async fn disconnected(&self) {
         let mut rx = self.inner.link.clone();
         let _ = rx.wait_for(|state| *state != LinkState::Open).await;
     }
 
+    /// Says that this worker still serves connections: once it is leaving, the link to the
+    /// primary (and so the primary's `Disconnect`) waits until every hold is dropped, as Node's
+    /// worker waits for its servers' `close` before it disconnects. Dropping the last hold
+    /// says "my connections are done". The serve helpers (`cluster::axum::serve`…) take one
+    /// for as long as they run, drain included; a hand-written accept loop takes one and
+    /// drops it once its connections have ended (clones count too: one per connection task
+    /// works).
+    ///
+    /// If no hold is ever taken, the runtime cannot know when the connections end: the link
+    /// then stays open until `main` returns. Either way a worker still there at the
+    /// primary's deadline ([`Self::leave_deadline`]) is killed, holds or not. A worker with
+    /// both a serve helper and a hand-written loop should hold for the loop too: the link
+    /// closes when the last hold goes.
+    ///
+    /// ```no_run
+    /// # async fn dox(worker: cluster_tokio::Worker) -> std::io::Result<()> {
+    /// let mut listener = cluster_tokio::ClusterListener::bind("127.0.0.1:3000").await?;
+    /// let hold = worker.hold_link();
+    /// let mut connections = tokio::task::JoinSet::new();
+    /// loop {
+    ///     let (stream, _) = tokio::select! {
+    ///         accepted = listener.accept() => accepted?,
+    ///         () = worker.shutdown() => break,
+    ///     };
+    ///     connections.spawn(async move { /* serve `stream` */ drop(stream) });
+    /// }
+    /// connections.join_all().await;
+    /// drop(hold); // the link closes now: the primary's `Disconnect`
+    /// # Ok(()) }
+    /// ```
+    pub fn hold_link(&self) -> LinkHold {
+        LinkHold::new(self.inner.holds.clone())
+    }
+
     /// When the primary kills this worker if it has not exited: set once the primary asked it to
     /// leave (the disconnect timeout of a SIGTERM, a reload or a scale-down; 5 s at most for a
     /// SIGINT), `None` before, and when this worker left of its own accord or lost its primary.
-    /// A server draining its connections should be done before it.
+    /// A server draining its connections should be done before it. This is the one source of
+    /// the deadline in a worker: the serve helpers' drains end a little before it, and where
+    /// there is none, after [`DEFAULT_LEAVE_TIMEOUT`].
     pub fn leave_deadline(&self) -> Option<tokio::time::Instant> {
         self.inner.deadline.get().copied()
     }
@@ -239,10 +299,11 @@ impl Worker {
     }
 
     /// Leaves the cluster on purpose (Node's `worker.disconnect()` in a worker): closes every
-    /// listener, tells the primary (so its `exited_after_disconnect` is true), and closes the
-    /// link once the primary acknowledged. The process keeps running until `main` returns.
-    /// The runtime does the same by itself when the primary asks this worker to disconnect;
-    /// calling it again after either is harmless.
+    /// listener, tells the primary (so its `exited_after_disconnect` is true), and resolves once
+    /// the primary acknowledged. The link then closes when this worker's connections are done
+    /// (see [`Self::hold_link`]); the process keeps running until `main` returns. The runtime
+    /// does the same by itself when the primary asks this worker to disconnect; calling it
+    /// again after either is harmless.
     ///
     /// # Errors
     ///
@@ -324,6 +385,50 @@ impl Worker {
             .map_err(|_| not_connected())
     }
 }
+
+/// Keeps the link to the primary open while this worker finishes its connections, once it is
+/// leaving: see [`Worker::hold_link`]. Cloning takes another hold; dropping the last says the
+/// connections are done.
+#[must_use = "the link closes when the last hold is dropped"]
+pub struct LinkHold {
+    holds: Arc<watch::Sender<Holds>>,
+}
+
+impl LinkHold {
+    fn new(holds: Arc<watch::Sender<Holds>>) -> Self {
+        holds.send_modify(|h| {
+            h.count += 1;
+            h.taken = true;
+        });
+        Self { holds }
+    }
+}
+
+impl Clone for LinkHold {
+    fn clone(&self) -> Self {
+        Self::new(self.holds.clone())
+    }
+}
+
+impl Drop for LinkHold {
+    fn drop(&mut self) {
+        self.holds.send_modify(|h| h.count -= 1);
+    }
+}
+
+impl fmt::Debug for LinkHold {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LinkHold")
+            .field("holds", &self.holds.borrow().count)
+            .finish()
+    }
+}
+
+/// How long a process leaves itself to finish its connections when no primary gave it a
+/// deadline ([`Worker::leave_deadline`] is `None`: an unclustered process, or a worker leaving
+/// on its own): the default of [`Settings::disconnect_timeout`](crate::Settings::disconnect_timeout).
+/// The serve helpers' drains end a little before it.
+pub const DEFAULT_LEAVE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A listen whose future may be dropped: the driver closes a grant it could not deliver, but a
 /// grant delivered into the channel just before the drop is only found here.

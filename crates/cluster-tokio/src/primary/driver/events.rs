@@ -93,6 +93,7 @@ impl Driver {
                 exited_after_disconnect,
                 killed,
             } => {
+                self.disconnect_within.remove(&worker);
                 let Some(shared) = self.workers.remove(&worker) else {
                     return;
                 };

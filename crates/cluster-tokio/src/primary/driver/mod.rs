@@ -119,6 +119,9 @@ pub(crate) struct Driver {
     input_tx: mpsc::UnboundedSender<Input>,
     links: HashMap<WorkerId, WorkerLink>,
     workers: HashMap<WorkerId, Arc<WorkerShared>>,
+    /// The shortest time each worker asked to disconnect was given, for the log line of its
+    /// kill (the deadline itself is the core's).
+    disconnect_within: HashMap<WorkerId, Duration>,
     listeners: HashMap<HandleId, Listener>,
     /// Fds under the core's tokens: accepted connections and users' fds.
     tokens: Slab<Held>,
@@ -141,6 +144,43 @@ pub(crate) struct Driver {
     batch_scheduling: bool,
 }
 
+/// Kills a worker as the core said. One late to leave is killed once what it still holds is
+/// known, for the log line: read before the kill (its fds go with it), off the runtime's
+/// thread (which hands off connections), and bounded.
+fn kill(worker: &Arc<WorkerShared>, reason: proto::KillReason, deadline: Option<Duration>) {
+    let (id, pid) = (worker.id, worker.pid);
+    if reason != proto::KillReason::DisconnectTimeout {
+        tracing::warn!(worker = %id, %reason, "killing worker");
+        let _ = crate::sys::kill(pid, libc::SIGKILL);
+        return;
+    }
+    let deadline = deadline.unwrap_or(worker.disconnect_timeout);
+    let worker = worker.clone();
+    tokio::spawn(async move {
+        let read = tokio::task::spawn_blocking(move || super::holding::Holding::of(pid));
+        let holding = match tokio::time::timeout(HOLDING_READ, read).await {
+            Ok(Ok(holding)) => holding,
+            _ => None,
+        };
+        // It may have exited meanwhile: never signal a pid that may be someone else's now.
+        if worker.status.borrow().exit.is_some() {
+            return;
+        }
+        match holding {
+            Some(holding) => {
+                tracing::warn!(worker = %id, pid, ?deadline, "worker did not exit within the disconnect timeout; killing it: {holding}")
+            }
+            None => {
+                tracing::warn!(worker = %id, pid, ?deadline, "worker did not exit within the disconnect timeout; killing it")
+            }
+        }
+        let _ = crate::sys::kill(pid, libc::SIGKILL);
+    });
+}
+
+/// How long the kill at the disconnect deadline waits to learn what the worker still holds.
+const HOLDING_READ: Duration = Duration::from_secs(1);
+
 fn now() -> Instant {
     tokio::time::Instant::now().into_std()
 }
@@ -160,6 +200,7 @@ impl Driver {
             input_tx,
             links: HashMap::new(),
             workers: HashMap::new(),
+            disconnect_within: HashMap::new(),
             listeners: HashMap::new(),
             tokens: Slab::new(),
             handoffs: 0,
@@ -205,6 +246,10 @@ impl Driver {
                 }
                 Input::Disconnect { worker, within } => {
                     self.core.disconnect(now(), worker, within);
+                    if self.workers.contains_key(&worker) {
+                        let shortest = self.disconnect_within.entry(worker).or_insert(within);
+                        *shortest = within.min(*shortest);
+                    }
                 }
                 Input::ReleaseKeptHandles => self.core.release_kept_handles(now()),
                 Input::Send {
@@ -305,9 +350,8 @@ impl Driver {
                     }
                 }
                 Output::Kill { worker, reason } => {
-                    tracing::warn!(%worker, %reason, "killing worker");
                     if let Some(w) = self.workers.get(&worker) {
-                        let _ = crate::sys::kill(w.pid, libc::SIGKILL);
+                        kill(w, reason, self.disconnect_within.get(&worker).copied());
                     }
                 }
                 Output::ReleasePeer { worker } => {
