@@ -121,9 +121,7 @@ use proc_macro::TokenStream;
 /// fn main() -> std::io::Result<()> {
 ///     let settings = cluster::Settings::new()
 ///         .workers(4)
-///         .flavor(cluster::settings::Flavor::MultiThread)
-///         .apply_env()
-///         .unwrap_or_else(|error| error.exit());
+///         .flavor(cluster::settings::Flavor::MultiThread);
 ///     cluster::run_workers(settings, || async move {
 ///         println!("Hello from a worker");
 ///         Ok(())
@@ -144,14 +142,14 @@ use proc_macro::TokenStream;
 ///
 /// ```ignore
 /// fn main() {
-///     let settings = my_settings().apply_env().unwrap_or_else(|error| error.exit());
-///     cluster::run(settings, |role: cluster::Role| async move {
+///     cluster::run(my_settings(), |role: cluster::Role| async move {
 ///         println!("{role:?}");
 ///     })
 /// }
 /// ```
 ///
-/// With `env = false`, the `.apply_env()` step is left out.
+/// Both functions apply the `CLUSTER_*` overrides and validate the settings as the macro does;
+/// `env = false` is `.env_overrides(false)` on the settings.
 ///
 /// `cluster::run` and `cluster::run_workers` must be the first thing `main` does, before any
 /// thread exists: they read and remove the markers a worker finds in its environment.
