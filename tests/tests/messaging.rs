@@ -6,7 +6,8 @@ mod support;
 use std::io::Read;
 
 use cluster::message::{EncodeError, RequestError};
-use cluster::primary::{Event, SchedulingPolicy, Signal};
+use cluster::primary::{Event, Signal};
+use cluster::settings::SchedulingPolicy;
 use cluster_tests::{Command, Reply};
 use support::{Cluster, WAIT};
 

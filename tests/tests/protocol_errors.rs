@@ -3,7 +3,8 @@
 
 mod support;
 
-use cluster::primary::{Event, ExitStatus, KillReason, LinkError, ProtocolError, SchedulingPolicy};
+use cluster::primary::{Event, ExitStatus, KillReason, LinkError, ProtocolError};
+use cluster::settings::SchedulingPolicy;
 use support::{Cluster, who};
 
 type Expected = fn(&ProtocolError) -> bool;

@@ -2,7 +2,8 @@
 
 mod support;
 
-use cluster::primary::{Event, SchedulingPolicy, Signal};
+use cluster::primary::{Event, Signal};
+use cluster::settings::SchedulingPolicy;
 use cluster_tests::{Command, Reply};
 use support::{Cluster, who};
 

@@ -53,6 +53,6 @@ pub use serve::hyper;
 pub use serve::tonic;
 pub use settings::Settings;
 pub use supervisor::Supervisor;
-pub use worker::{Worker, current as worker};
+pub use worker::Worker;
 
 pub(crate) use settings::SettingsError;

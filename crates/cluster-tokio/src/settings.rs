@@ -8,7 +8,6 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 pub use proto::SchedulingPolicy;
-pub use proto::supervisor::FATAL_EXIT_CODE;
 use proto::supervisor::SupervisorConfig;
 
 /// The most workers one primary starts (`CLUSTER_WORKERS` and [`Settings::workers`] alike). A
@@ -299,7 +298,7 @@ impl Settings {
     }
 
     /// An exit code that means "do not restart me", for a worker that found its configuration
-    /// unusable (default: 78, [`FATAL_EXIT_CODE`]); `None` restarts every crash.
+    /// unusable (default: 78, [`FATAL_EXIT_CODE`](crate::supervisor::FATAL_EXIT_CODE)); `None` restarts every crash.
     pub fn fatal_exit_code(mut self, code: impl Into<Option<i32>>) -> Self {
         self.fatal_exit_code = code.into();
         self

@@ -30,7 +30,7 @@
 //! # Where things are
 //!
 //! - The paved path is at the root: [`main`], [`run`], [`Role`], [`shutdown`], [`ready`],
-//!   [`worker()`], [`Settings`], [`ClusterListener`], [`Primary`], [`Worker`].
+//!   [`Worker::current`], [`Settings`], [`ClusterListener`], [`Primary`], [`Worker`].
 //! - [`net`]: every listener (TCP, Unix, UDP) and its bind options.
 //! - [`primary`]: what the primary knows of its workers: events, handles, stats, signals.
 //! - [`worker`](mod@worker): the worker's side.

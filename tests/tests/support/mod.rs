@@ -7,7 +7,8 @@ pub mod program;
 use std::collections::VecDeque;
 use std::time::Duration;
 
-use cluster::primary::{Event, Events, SchedulingPolicy, Signal, WorkerHandle};
+use cluster::primary::{Event, Events, Signal, WorkerHandle};
+use cluster::settings::SchedulingPolicy;
 use cluster::{Primary, Settings};
 use cluster_tests::{Command, Reply};
 use tokio::io::AsyncReadExt;

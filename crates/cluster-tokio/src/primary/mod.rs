@@ -18,13 +18,13 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-pub use proto::{
-    ExitStatus, KillReason, LinkError, ProtocolError, SchedulingPolicy, WorkerId, WorkerState,
-};
+// One home per public type: `WorkerId` lives here (the primary numbers its workers);
+// `SchedulingPolicy` in `settings`, `Message` in `message`, `FATAL_EXIT_CODE` in `supervisor`.
+pub use proto::{ExitStatus, KillReason, LinkError, ProtocolError, WorkerId, WorkerState};
 
 use serde::Serialize;
 
-pub use crate::message::Message;
+use crate::message::Message;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::settings::{Settings, SettingsError};
