@@ -13,7 +13,6 @@ fn names(events: &[Event]) -> Vec<&'static str> {
             Event::Fork(_) => "fork",
             Event::Online(_) => "online",
             Event::Listening { .. } => "listening",
-            Event::Message { .. } => "message",
             Event::Disconnect(_) => "disconnect",
             Event::Exit { .. } => "exit",
             _ => "other",
@@ -273,12 +272,7 @@ async fn a_message_sent_just_before_main_returns_is_delivered() {
         let worker = cluster.fork().await;
         cluster.listen(&worker, "127.0.0.1:0").await;
         worker.send(&Command::SendAndReturn { size: SIZE }).unwrap();
-        let Event::Message { message, .. } = cluster
-            .expect(&worker, |e| matches!(e, Event::Message { .. }))
-            .await
-        else {
-            unreachable!()
-        };
+        let mut message = cluster.message_from(&worker).await;
         let socket = message.take_fd().expect("the socket came with it");
         let reply: Reply = message.decode().unwrap();
         let Reply::Numbered { payload, .. } = reply else {

@@ -113,10 +113,10 @@ async fn a_worker_that_stops_reading_is_still_heard() {
 /// The next tick of the `hangup` rogue; any other event of it (a disconnect) fails the test.
 async fn next_tick(cluster: &mut Cluster) -> u8 {
     loop {
-        match cluster.event().await {
-            Event::Message { message, .. } => return message.decode::<u8>().unwrap(),
-            Event::Fork(_) | Event::Online(_) => {}
-            other => panic!("expected a message, got {other:?}"),
+        match cluster.message_or_event().await {
+            Ok((_, message)) => return message.decode::<u8>().unwrap(),
+            Err(Event::Fork(_) | Event::Online(_)) => {}
+            Err(other) => panic!("expected a message, got {other:?}"),
         }
     }
 }

@@ -40,7 +40,7 @@ async fn serve(worker: Worker) {
             message = worker.recv_message() => message,
             () = worker.shutdown() => break,
         };
-        let Some(message) = message else { break };
+        let Some(mut message) = message else { break };
         let command = match message.decode::<Command>() {
             Ok(command) => command,
             Err(error) => panic!("undecodable command: {error}"),
@@ -122,6 +122,11 @@ async fn serve(worker: Worker) {
                     worker
                         .send(&Reply::Numbered { index, payload })
                         .expect("send");
+                    // As fast as the link takes them, without piling them up here: a send only
+                    // queues, a flush waits for the link's buffer.
+                    if index % 64 == 63 {
+                        worker.flush().await.expect("flush");
+                    }
                 }
             }
             Command::Numbered { index, payload } => series.push(index, &payload),
@@ -138,7 +143,7 @@ async fn serve(worker: Worker) {
                     worker.send(&Reply::Answer { result }).expect("send");
                 });
             }
-            Command::Question { text } => answer(id, &message, &text),
+            Command::Question { text } => answer(id, &mut message, &text),
             Command::Handle { send_back } => {
                 let mut stream = message
                     .take_tcp_stream()
@@ -271,7 +276,7 @@ fn bind_failed(error: &io::Error) -> Reply {
 }
 
 /// Answers a `Question` request.
-fn answer(id: u64, message: &Message, text: &str) {
+fn answer(id: u64, message: &mut Message, text: &str) {
     assert!(message.is_request(), "questions come as requests");
     match text {
         "refuse" => message.refuse("nope").expect("refuse"),

@@ -1124,3 +1124,36 @@ fn requests_to_a_gone_or_deaf_worker_are_not_sent() {
         "{outs:?}"
     );
 }
+
+#[test]
+fn a_held_worker_is_not_presumed_hung_and_its_deadlines_resume_moved_by_the_hold() {
+    let mut h = Harness::new();
+    let w = h.online();
+    h.outputs();
+    let start = h.now;
+    assert_eq!(
+        h.primary.poll_timeout(),
+        Some(start + Duration::from_secs(30))
+    );
+    // Held 10 s in: no deadline while held, however long.
+    h.primary.hold(start + Duration::from_secs(10), w);
+    assert_eq!(h.primary.poll_timeout(), None);
+    h.primary.handle_timeout(start + Duration::from_secs(100));
+    assert_eq!(h.outputs(), []);
+    // Released at 100 s: 20 s of its 30 s remain.
+    h.primary.release(start + Duration::from_secs(100), w);
+    assert_eq!(
+        h.primary.poll_timeout(),
+        Some(start + Duration::from_secs(120))
+    );
+    h.primary.handle_timeout(start + Duration::from_secs(119));
+    assert_eq!(h.outputs(), []);
+    h.primary.handle_timeout(start + Duration::from_secs(120));
+    assert_eq!(
+        h.outputs(),
+        [Out::Other(Output::Kill {
+            worker: w,
+            reason: KillReason::HeartbeatTimeout
+        })]
+    );
+}

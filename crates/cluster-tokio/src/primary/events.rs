@@ -11,7 +11,7 @@ use proto::wire::BoundAddr;
 use proto::{ExitStatus, KillReason, ProtocolError};
 use tokio::sync::mpsc;
 
-use super::{Message, WorkerHandle};
+use super::WorkerHandle;
 
 /// The stream returned by [`Primary::events`](super::Primary::events).
 #[derive(Debug)]
@@ -85,13 +85,6 @@ pub enum Event {
     /// [`Settings::wait_ready`](crate::Settings::wait_ready) the supervisor and rolling reloads
     /// count a worker as up from this event instead of its first `Listening`.
     Ready(WorkerHandle),
-    /// It sent a message or a request (answer it with [`Message::reply`]).
-    Message {
-        /// The sender.
-        worker: WorkerHandle,
-        /// The message.
-        message: Message,
-    },
     /// A rolling reload replaced `old` with `new`, which listens; `old` is disconnected next.
     Replaced {
         /// The worker being retired.

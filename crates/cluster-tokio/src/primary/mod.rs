@@ -7,6 +7,7 @@ mod events;
 pub(crate) mod holding;
 mod image;
 mod latency;
+pub(crate) mod messages;
 mod spawn;
 mod worker_handle;
 
@@ -24,7 +25,6 @@ pub use proto::{ExitStatus, KillReason, LinkError, ProtocolError, WorkerId, Work
 
 use serde::Serialize;
 
-use crate::message::Message;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::settings::{Settings, SettingsError};
@@ -35,6 +35,7 @@ pub use events::{Event, Events, ListenAddress};
 pub use image::Binary;
 pub(crate) use image::Image;
 pub use latency::HandoffLatency;
+pub use messages::Messages;
 pub use signal::Signal;
 pub use worker_handle::WorkerHandle;
 pub(crate) use worker_handle::WorkerShared;
@@ -70,6 +71,8 @@ pub struct Primary {
 
 pub(crate) struct PrimaryShared {
     subscribers: Mutex<Vec<mpsc::UnboundedSender<Event>>>,
+    /// The queue of [`Primary::messages`], if it was taken.
+    messages: messages::Slot,
     workers: Mutex<BTreeMap<WorkerId, WorkerHandle>>,
     settings: Settings,
     reloading: tokio::sync::Mutex<()>,
@@ -130,6 +133,7 @@ impl Primary {
         let (tx, rx) = mpsc::unbounded_channel();
         let shared = Arc::new(PrimaryShared {
             subscribers: Mutex::new(Vec::new()),
+            messages: messages::Slot::default(),
             workers: Mutex::new(BTreeMap::new()),
             settings: settings.clone(),
             reloading: tokio::sync::Mutex::new(()),
@@ -209,6 +213,28 @@ impl Primary {
             sent += 1;
         }
         Ok(sent)
+    }
+
+    /// The messages and requests workers send ([`Worker::send`](crate::Worker::send),
+    /// [`Worker::request`](crate::Worker::request)), each with its sender, in the order each
+    /// worker sent them; answer a request with [`Message::reply`](crate::message::Message::reply).
+    ///
+    /// One reader at a time: a later call takes over, and the earlier stream ends (what it had
+    /// not read goes to the new one). Bounded ([`Messages`]): a reader slower than a worker
+    /// slows that worker down instead of growing the primary's memory.
+    ///
+    /// Messages that arrive while nobody took the stream (before the first call, or after the
+    /// stream was dropped) are dropped, as Node drops a message no `'message'` listener hears:
+    /// requests among them are refused at once, fds closed, and
+    /// [`Self::messages_dropped`] counts them (logged at debug level).
+    pub fn messages(&self) -> Messages {
+        Messages::new(self.shared.messages.take_over())
+    }
+
+    /// How many messages from workers were dropped because nobody read [`Self::messages`].
+    #[must_use]
+    pub fn messages_dropped(&self) -> u64 {
+        self.shared.messages.dropped()
     }
 
     /// A stream of everything that happens to workers from now on, in Node's order per worker

@@ -156,7 +156,7 @@ impl Worker {
     }
 
     /// Sends a message to the primary, encoded with postcard; it arrives as
-    /// [`Event::Message`](crate::primary::Event::Message). Messages arrive in the order they are sent.
+    /// [`Primary::messages`](crate::Primary::messages). Messages arrive in the order they are sent.
     /// Values larger than one frame are split and put back together transparently, up to
     /// [`MAX_MESSAGE`](crate::message::MAX_MESSAGE) (16 MiB).
     ///
@@ -209,7 +209,7 @@ impl Worker {
     }
 
     /// Asks the primary and waits for its answer (up to [`DEFAULT_REQUEST_TIMEOUT`], 30 s): the
-    /// primary gets an [`Event::Message`](crate::primary::Event::Message) whose message
+    /// primary gets an [`Primary::messages`](crate::Primary::messages) whose message
     /// [`is_request`](Message::is_request), and answers with [`Message::reply`].
     ///
     /// # Errors
