@@ -10,11 +10,11 @@ use cluster::settings::SchedulingPolicy;
 use cluster_tests::{Command, Reply};
 use support::Cluster;
 
-/// Messages the worker sends, as fast as it can: about 20 s of a debug build on a busy 2-CPU
-/// machine (the codec's per-byte serde calls dominate), and enough that the worker's messages,
-/// if they all piled up in the primary (as before `Primary::messages()` was bounded), would
-/// take it well past [`BOUND_KB`]: 60,000 × (1 KiB payload + its allocation) ≈ 75 MB.
-const COUNT: u32 = 60_000;
+/// Messages the worker sends, as fast as it can: 1,000,000 take over a minute in a debug build
+/// on a busy 2-CPU machine; 200,000 take 10 to 20 s. If they all piled up in the primary (as
+/// before `Primary::messages()` was bounded) they would take it far past [`BOUND_KB`]: about
+/// 1.3 kB each (measured, unbounded: 55 MB after 38,000), 260 MB for 200,000.
+const COUNT: u32 = 200_000;
 /// Bytes of each message's payload.
 const SIZE: usize = 1024;
 /// The primary's resident memory may never exceed this.

@@ -21,7 +21,7 @@ use std::time::Duration;
 
 // One home per public type: `WorkerId` lives here (the primary numbers its workers);
 // `SchedulingPolicy` in `settings`, `Message` in `message`, `FATAL_EXIT_CODE` in `supervisor`.
-pub use proto::{ExitStatus, KillReason, LinkError, ProtocolError, WorkerId, WorkerState};
+pub use proto::{ExitStatus, KillReason, WorkerId, WorkerState};
 
 use serde::Serialize;
 
@@ -31,7 +31,7 @@ use crate::settings::{Settings, SettingsError};
 use crate::supervisor::{AbortReason, ReloadAborted, ReloadError, ReloadReport};
 use driver::{Driver, Input};
 
-pub use events::{Event, Events, ListenAddress};
+pub use events::{Event, Events, ListenAddress, ProtocolError, ProtocolErrorKind};
 pub use image::Binary;
 pub(crate) use image::Image;
 pub use latency::HandoffLatency;
@@ -358,11 +358,10 @@ impl Primary {
                         Some(Event::Exit { worker, status, .. }) if worker.id() == new.id() => {
                             return Some(AbortReason::ExitedBeforeListening(status));
                         }
-                        Some(Event::Error {
-                            worker,
-                            error: ProtocolError::Link(LinkError::VersionMismatch { ours, theirs }),
-                        }) if worker.id() == new.id() => {
-                            return Some(AbortReason::ProtocolMismatch { ours, theirs });
+                        Some(Event::Error { worker, error }) if worker.id() == new.id() => {
+                            if let Some((ours, theirs)) = error.version_mismatch() {
+                                return Some(AbortReason::ProtocolMismatch { ours, theirs });
+                            }
                         }
                         Some(_) => {}
                         None => return Some(AbortReason::PrimaryStopped),

@@ -126,7 +126,10 @@ impl Driver {
                 let Some(w) = handle(&self.workers, &worker) else {
                     return;
                 };
-                Event::Error { worker: w, error }
+                Event::Error {
+                    worker: w,
+                    error: super::super::ProtocolError::new(error),
+                }
             }
         };
         self.shared.publish(event);
