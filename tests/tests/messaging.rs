@@ -332,3 +332,34 @@ async fn a_worker_held_by_a_slow_reader_is_not_presumed_hung() {
         Reply::Fds { .. }
     ));
 }
+
+#[tokio::test]
+async fn a_reader_that_leaves_frees_the_worker_it_held_and_its_messages_are_counted() {
+    const COUNT: u32 = 3000;
+    let mut cluster = Cluster::start(SchedulingPolicy::RoundRobin);
+    let w = cluster.fork().await;
+    w.send(&Command::Flood {
+        count: COUNT,
+        size: 1024,
+    })
+    .unwrap();
+    // Held: the worker is blocked by its link.
+    let started = std::time::Instant::now();
+    let mut last = (cpu_ticks(w.pid()), std::time::Instant::now());
+    while last.1.elapsed() < std::time::Duration::from_millis(200) {
+        assert!(started.elapsed() < WAIT, "the worker never stopped sending");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        let ticks = cpu_ticks(w.pid());
+        if ticks != last.0 {
+            last = (ticks, std::time::Instant::now());
+        }
+    }
+    assert_eq!(cluster.primary.messages_dropped(), 0);
+    // The reader leaves: what it had not read, what was held and what comes next are dropped,
+    // and the worker is read again (its answer comes after the whole flood).
+    drop(cluster.primary.messages());
+    let question = Command::Question { text: "hi".into() };
+    let answer: Reply = w.request(&question).await.unwrap();
+    assert!(matches!(answer, Reply::Answer { .. }), "{answer:?}");
+    assert_eq!(cluster.primary.messages_dropped(), u64::from(COUNT));
+}

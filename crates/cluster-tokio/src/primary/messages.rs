@@ -31,9 +31,10 @@ pub(crate) const BUDGET: usize = 1 << 20;
 type Item = (WorkerHandle, Message);
 
 /// The queue between the driver and the one [`Messages`] that reads it.
-#[derive(Default)]
 pub(crate) struct Queue {
     state: Mutex<State>,
+    /// The primary's count of messages dropped unread ([`Slot::dropped`]).
+    dropped: Arc<AtomicU64>,
 }
 
 #[derive(Default)]
@@ -103,14 +104,19 @@ impl Queue {
     }
 
     /// Moves held messages into the queue while there is room, and returns the workers that
-    /// have none held any more (their links may be read again). Registers `waker` to be woken
-    /// when room is made, if some stay held. A closed queue drops what it held.
-    pub(crate) fn flush_held(&self, waker: &Waker) -> Vec<WorkerId> {
-        let mut state = self.lock();
-        let state = &mut *state;
-        if state.closed {
-            return state.held.drain().map(|(worker, _)| worker).collect();
+    /// have none held any more (their links may be read again), and how many messages were
+    /// dropped. Registers `waker` to be woken when room is made, if some stay held. A closed
+    /// queue (its reader is gone) drops what it held.
+    pub(crate) fn flush_held(&self, waker: &Waker) -> (Vec<WorkerId>, usize) {
+        let mut guard = self.lock();
+        if guard.closed {
+            let held = std::mem::take(&mut guard.held);
+            drop(guard);
+            let dropped = held.values().map(VecDeque::len).sum();
+            // Dropped outside the lock: requests are refused, fds closed.
+            return (held.into_keys().collect(), dropped);
         }
+        let state = &mut *guard;
         let mut released = Vec::new();
         // Oldest worker first would be fairer; any order keeps each worker's own order.
         let workers: Vec<WorkerId> = state.held.keys().copied().collect();
@@ -134,7 +140,7 @@ impl Queue {
         if !state.held.is_empty() {
             state.driver = Some(waker.clone());
         }
-        released
+        (released, 0)
     }
 
     /// Ends this queue for its reader (a newer one replaces it) and hands over what it has not
@@ -235,6 +241,9 @@ impl Drop for Messages {
         // Dropped here, not in the driver: requests are refused and fds closed now.
         let items = std::mem::take(&mut state.items);
         state.bytes = 0;
+        self.queue
+            .dropped
+            .fetch_add(items.len() as u64, Ordering::Relaxed);
         // The driver drops what it held and reads those links again.
         Queue::wake_driver(&mut state);
         drop(state);
@@ -246,13 +255,16 @@ impl Drop for Messages {
 #[derive(Default)]
 pub(crate) struct Slot {
     current: Mutex<Option<Arc<Queue>>>,
-    dropped: AtomicU64,
+    dropped: Arc<AtomicU64>,
 }
 
 impl Slot {
     /// A new queue takes over from the current one.
     pub(super) fn take_over(&self) -> Arc<Queue> {
-        let queue = Arc::new(Queue::default());
+        let queue = Arc::new(Queue {
+            state: Mutex::default(),
+            dropped: self.dropped.clone(),
+        });
         let mut current = self.current.lock().expect("not poisoned");
         if let Some(previous) = current.replace(queue.clone()) {
             previous.close_into(&queue);
@@ -270,7 +282,8 @@ impl Slot {
         self.dropped.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Messages dropped because nobody read them.
+    /// Messages dropped because nobody read them: they arrived while nobody had taken the
+    /// stream, or it was dropped with them still in it.
     pub(super) fn dropped(&self) -> u64 {
         self.dropped.load(Ordering::Relaxed)
     }

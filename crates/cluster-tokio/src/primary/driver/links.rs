@@ -58,7 +58,8 @@ impl Driver {
                 self.handle_received(id, received);
             }
         }
-        progress
+        // A message held just now: the queue must know whom to wake when the reader makes room.
+        progress | self.release_held(cx)
     }
 
     /// Moves held messages into the user's queue as room allows; links whose messages all fit
@@ -70,7 +71,10 @@ impl Driver {
         let Some(queue) = self.shared.messages.current() else {
             return false;
         };
-        let released = queue.flush_held(cx.waker());
+        let (released, dropped) = queue.flush_held(cx.waker());
+        for _ in 0..dropped {
+            self.shared.messages.count_dropped();
+        }
         for worker in &released {
             if let Some(link) = self.links.get_mut(worker) {
                 link.held = false;
