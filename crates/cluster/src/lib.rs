@@ -32,7 +32,8 @@
 //! - The paved path is at the root: [`main`], [`run`], [`Role`], [`shutdown`], [`ready`],
 //!   [`Worker::current`], [`Settings`], [`ClusterListener`], [`Primary`], [`Worker`].
 //! - [`net`]: every listener (TCP, Unix, UDP) and its bind options.
-//! - [`primary`]: what the primary knows of its workers: events, handles, stats, signals.
+//! - [`primary`]: what the primary knows of its workers: events, their messages, handles, stats,
+//!   signals.
 //! - [`worker`](mod@worker): the worker's side.
 //! - [`message`]: typed messages and requests between the two.
 //! - [`supervisor`]: restarts, rolling reloads, scaling, and their errors.

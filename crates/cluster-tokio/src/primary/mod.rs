@@ -1,5 +1,6 @@
 //! The primary: forks workers, owns the listening sockets and hands out connections
-//! ([`Primary`]), and what it tells about its workers ([`Event`], [`WorkerHandle`], [`Stats`]).
+//! ([`Primary`]), and what it tells about its workers ([`Event`], [`Messages`], [`WorkerHandle`],
+//! [`Stats`]).
 
 mod alarm;
 mod driver;
