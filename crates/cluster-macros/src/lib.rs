@@ -19,7 +19,7 @@ use proc_macro::TokenStream;
 /// no worker can be kept running. The return type must then be `()` or `Result<(), E>` where
 /// `E: From<std::io::Error>` (see `cluster::MainOutput`).
 ///
-/// ```ignore
+/// ```no_run
 /// #[cluster::main(workers = 4)]
 /// async fn main() -> std::io::Result<()> {
 ///     let mut listener = cluster::ClusterListener::bind("127.0.0.1:3000").await?;
@@ -37,7 +37,7 @@ use proc_macro::TokenStream;
 /// workers it forks. The primary forks and watches the workers itself. The parameter may be
 /// any pattern, and its type is kept as written.
 ///
-/// ```ignore
+/// ```no_run
 /// use cluster::Role;
 ///
 /// #[cluster::main]
@@ -81,14 +81,14 @@ use proc_macro::TokenStream;
 /// Invalid settings (after the environment overrides) are reported on one line of stderr, and
 /// the program exits with code 78 (`EX_CONFIG`) before it starts any worker.
 ///
-/// ```ignore
+/// ```no_run
 /// #[cluster::main(workers = 2, flavor = "multi_thread", worker_threads = 4)]
 /// async fn main() -> Result<(), Box<dyn std::error::Error>> {
 ///     Ok(())
 /// }
 /// ```
 ///
-/// ```ignore
+/// ```no_run
 /// use std::time::Duration;
 ///
 /// fn settings() -> cluster::Settings {
@@ -107,7 +107,7 @@ use proc_macro::TokenStream;
 ///
 /// The workers form
 ///
-/// ```ignore
+/// ```no_run
 /// #[cluster::main(workers = 4, flavor = "multi_thread")]
 /// async fn main() -> std::io::Result<()> {
 ///     println!("Hello from a worker");
@@ -117,7 +117,7 @@ use proc_macro::TokenStream;
 ///
 /// is equivalent to
 ///
-/// ```ignore
+/// ```no_run
 /// fn main() -> std::io::Result<()> {
 ///     let settings = cluster::Settings::new()
 ///         .workers(4)
@@ -131,7 +131,8 @@ use proc_macro::TokenStream;
 ///
 /// and the role form
 ///
-/// ```ignore
+/// ```no_run
+/// # fn my_settings() -> cluster::Settings { cluster::Settings::new() }
 /// #[cluster::main(settings = my_settings)]
 /// async fn main(role: cluster::Role) {
 ///     println!("{role:?}");
@@ -140,7 +141,8 @@ use proc_macro::TokenStream;
 ///
 /// to
 ///
-/// ```ignore
+/// ```no_run
+/// # fn my_settings() -> cluster::Settings { cluster::Settings::new() }
 /// fn main() {
 ///     cluster::run(my_settings(), |role: cluster::Role| async move {
 ///         println!("{role:?}");
