@@ -25,7 +25,7 @@ async fn main() -> std::io::Result<()> {
 }
 
 async fn hello(ConnectInfo(peer): ConnectInfo<SocketAddr>) -> String {
-    let id = cluster::worker().map_or(0, |w| w.id().get());
+    let id = cluster::Worker::current().map_or(0, |w| w.id().get());
     format!(
         "Hello {peer} from worker {id} (pid {})\n",
         std::process::id()

@@ -24,7 +24,6 @@
 
 use std::convert::Infallible;
 
-use cluster::primary::Event;
 use cluster::{Role, Supervisor};
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
@@ -53,14 +52,14 @@ async fn main(role: Role) -> std::io::Result<()> {
 
 async fn count(primary: cluster::Primary) -> std::io::Result<()> {
     tracing_subscriber::fmt().init();
-    let mut events = primary.events();
+    let mut messages = primary.messages();
     // The supervisor forks, respawns, reloads and drains; this task only counts.
     let mut supervisor = tokio::spawn(Supervisor::new(primary).run());
     let mut total: u64 = 0;
     loop {
         tokio::select! {
-            event = events.recv() => {
-                let Some(Event::Message { worker, message }) = event else { continue };
+            received = messages.recv() => {
+                let Some((worker, mut message)) = received else { continue };
                 match message.decode::<ToPrimary>() {
                     Ok(ToPrimary::Served) => total += 1,
                     Ok(ToPrimary::Total) => {

@@ -33,7 +33,7 @@ const DRAIN: Duration = Duration::from_secs(10);
 
 #[cluster::main]
 async fn main() -> io::Result<()> {
-    let id = cluster::worker().map_or(0, |w| w.id().get());
+    let id = cluster::Worker::current().map_or(0, |w| w.id().get());
     let greeting = Bytes::from(format!(
         "Hello from worker {id} (pid {})\n",
         std::process::id()

@@ -12,7 +12,7 @@
 async fn main() -> std::io::Result<()> {
     let addr = std::env::var("ADDR").unwrap_or_else(|_| "127.0.0.1:4000".to_owned());
     let socket = cluster::net::ClusterUdpSocket::bind(&addr).await?;
-    let id = cluster::worker().map_or(0, |w| w.id().get());
+    let id = cluster::Worker::current().map_or(0, |w| w.id().get());
     let mut buf = vec![0; 65_536];
     loop {
         let (len, peer) = tokio::select! {

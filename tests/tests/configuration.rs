@@ -288,3 +288,70 @@ fn workers_that_cannot_be_started_are_logged_once_per_burst() {
     );
     assert_eq!(stderr.matches("crash loop").count(), 4, "{stderr}");
 }
+
+/// The `Role` form's fixture (`cluster::run` without the macro), as [`fixture`].
+fn role_fixture(env: &[(&str, &OsStr)]) -> Command {
+    program(Path::new(env!("CARGO_BIN_EXE_role_fixture")), env)
+}
+
+/// The workers a run of the `Role` fixture started, from its stdout.
+fn workers_started(stdout: &str) -> usize {
+    stdout.lines().filter(|l| l.starts_with("worker ")).count()
+}
+
+#[test]
+fn cluster_run_applies_the_environment_as_the_macro_does() {
+    let (code, stdout, stderr) = run_to_exit(role_fixture(&[("CLUSTER_WORKERS", OsStr::new("1"))]));
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.starts_with("forking 1\n"), "{stdout}");
+    assert_eq!(workers_started(&stdout), 1, "{stdout}");
+    // A bad value stops it as it stops the macro's forms: 78, one line, nothing started.
+    let (code, stdout, stderr) =
+        run_to_exit(role_fixture(&[("CLUSTER_WORKERS", OsStr::new("abc"))]));
+    assert_eq!(code, Some(78), "{stderr}");
+    assert!(stderr.contains("CLUSTER_WORKERS=\"abc\""), "{stderr}");
+    assert!(stdout.is_empty(), "{stdout}");
+}
+
+#[test]
+fn cluster_run_with_env_overrides_off_ignores_the_environment() {
+    for value in ["1", "abc"] {
+        let (code, stdout, stderr) = run_to_exit(role_fixture(&[
+            ("CLUSTER_WORKERS", OsStr::new(value)),
+            ("FIXTURE_NO_ENV", OsStr::new("1")),
+        ]));
+        assert_eq!(code, Some(0), "{value}: {stderr}");
+        assert!(stdout.starts_with("forking 2\n"), "{value}: {stdout}");
+        assert_eq!(workers_started(&stdout), 2, "{value}: {stdout}");
+    }
+}
+
+#[test]
+fn the_role_form_refuses_more_workers_than_the_process_limit_allows() {
+    // As `more_workers_than_the_process_limit_allows_start_none`, through `cluster::run`.
+    let is_root = cluster_tests::is_root();
+    let fixture = Path::new(env!("CARGO_BIN_EXE_role_fixture"));
+    let (scratch, copy) = if is_root {
+        let (dir, copy) = cluster_tests::copy_for_nobody(fixture, "nproc-role");
+        (Some(dir), copy)
+    } else {
+        (None, fixture.to_path_buf())
+    };
+    let mut command = program(&copy, &[("CLUSTER_WORKERS", OsStr::new("1000"))]);
+    command.current_dir(std::env::temp_dir());
+    if is_root {
+        use std::os::unix::process::CommandExt;
+        command.uid(65534).gid(65534);
+    }
+    cluster_tests::limit_processes(&mut command, 200);
+    let (code, stdout, stderr) = run_to_exit(command);
+    if let Some(scratch) = scratch {
+        let _ = std::fs::remove_dir_all(scratch);
+    }
+    assert_eq!(code, Some(78), "{stderr}");
+    assert!(stderr.contains("RLIMIT_NPROC is 200"), "{stderr}");
+    assert!(
+        stdout.is_empty(),
+        "the primary's code may not run: {stdout}"
+    );
+}

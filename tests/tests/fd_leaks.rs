@@ -4,7 +4,8 @@
 
 mod support;
 
-use cluster::primary::{Event, SchedulingPolicy, Signal};
+use cluster::primary::{Event, Signal};
+use cluster::settings::SchedulingPolicy;
 use cluster_tests::{Command, Listen, Options, Reply, UdpTarget};
 use support::{Cluster, open_fds, who};
 

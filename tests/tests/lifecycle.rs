@@ -13,7 +13,6 @@ fn names(events: &[Event]) -> Vec<&'static str> {
             Event::Fork(_) => "fork",
             Event::Online(_) => "online",
             Event::Listening { .. } => "listening",
-            Event::Message { .. } => "message",
             Event::Disconnect(_) => "disconnect",
             Event::Exit { .. } => "exit",
             _ => "other",
@@ -89,7 +88,7 @@ async fn lifecycle_basic_in_node_order() {
 
 #[tokio::test]
 async fn exit_code_is_reported_once_with_its_events() {
-    let mut cluster = Cluster::start(cluster::primary::SchedulingPolicy::RoundRobin);
+    let mut cluster = Cluster::start(cluster::settings::SchedulingPolicy::RoundRobin);
     let worker = cluster.fork().await;
     worker.send(&Command::Exit { code: 42 }).unwrap();
     let life = cluster.life_of(&worker).await;
@@ -106,7 +105,7 @@ async fn exit_code_is_reported_once_with_its_events() {
 
 #[tokio::test]
 async fn kill_from_primary_and_external_sigkill() {
-    let mut cluster = Cluster::start(cluster::primary::SchedulingPolicy::RoundRobin);
+    let mut cluster = Cluster::start(cluster::settings::SchedulingPolicy::RoundRobin);
     let killed = cluster.fork().await;
     let external = cluster.fork().await;
     killed.kill(Signal::KILL).unwrap();
@@ -155,7 +154,7 @@ async fn primary_disconnect_is_graceful_and_on_purpose() {
 
 #[tokio::test]
 async fn worker_initiated_disconnect_is_on_purpose() {
-    let mut cluster = Cluster::start(cluster::primary::SchedulingPolicy::RoundRobin);
+    let mut cluster = Cluster::start(cluster::settings::SchedulingPolicy::RoundRobin);
     let worker = cluster.fork().await;
     worker.send(&Command::Disconnect).unwrap();
     let life = cluster.life_of(&worker).await;
@@ -247,7 +246,7 @@ async fn reported(from_worker: &mut tokio::io::BufReader<tokio::net::UnixStream>
 
 /// One round of [`the_primarys_disconnect_closes_the_link_once_the_workers_connections_are_done`].
 async fn disconnect_once_the_connections_are_done(
-    policy: cluster::primary::SchedulingPolicy,
+    policy: cluster::settings::SchedulingPolicy,
     round: usize,
 ) {
     let mut cluster = Cluster::start(policy);
@@ -342,12 +341,7 @@ async fn a_serve_helper_keeps_the_link_open_until_its_drain_ends() {
             .write_all(format!("GET /delay/{ms} HTTP/1.1\r\nHost: test\r\n\r\n").as_bytes())
             .await
             .unwrap();
-        let Event::Message { message, .. } = cluster
-            .expect(&worker, |e| matches!(e, Event::Message { .. }))
-            .await
-        else {
-            unreachable!()
-        };
+        let message = cluster.message_from(&worker).await;
         assert!(
             matches!(message.decode(), Ok(Reply::Delaying { .. })),
             "{policy:?}"
@@ -454,12 +448,7 @@ async fn a_message_sent_just_before_main_returns_is_delivered() {
         let worker = cluster.fork().await;
         cluster.listen(&worker, "127.0.0.1:0").await;
         worker.send(&Command::SendAndReturn { size: SIZE }).unwrap();
-        let Event::Message { message, .. } = cluster
-            .expect(&worker, |e| matches!(e, Event::Message { .. }))
-            .await
-        else {
-            unreachable!()
-        };
+        let mut message = cluster.message_from(&worker).await;
         let socket = message.take_fd().expect("the socket came with it");
         let reply: Reply = message.decode().unwrap();
         let Reply::Numbered { payload, .. } = reply else {
@@ -476,7 +465,7 @@ async fn a_message_sent_just_before_main_returns_is_delivered() {
 
 #[tokio::test]
 async fn cluster_disconnect_all_then_again() {
-    let mut cluster = Cluster::start(cluster::primary::SchedulingPolicy::RoundRobin);
+    let mut cluster = Cluster::start(cluster::settings::SchedulingPolicy::RoundRobin);
     // With no workers it completes at once.
     cluster.primary.disconnect().await.unwrap();
     for round in 0..2 {
@@ -503,7 +492,7 @@ async fn disconnect_waits_for_open_connections() {
     }
 }
 
-async fn disconnect_waits_for_open_connections_under(policy: cluster::primary::SchedulingPolicy) {
+async fn disconnect_waits_for_open_connections_under(policy: cluster::settings::SchedulingPolicy) {
     let mut cluster = Cluster::start(policy);
     let worker = cluster.fork().await;
     let port = cluster.listen(&worker, "127.0.0.1:0").await;
@@ -540,7 +529,7 @@ async fn disconnect_waits_for_open_connections_under(policy: cluster::primary::S
 
 #[tokio::test]
 async fn concurrent_disconnects_and_kills_leave_a_working_primary() {
-    let mut cluster = Cluster::start(cluster::primary::SchedulingPolicy::RoundRobin);
+    let mut cluster = Cluster::start(cluster::settings::SchedulingPolicy::RoundRobin);
     let mut workers = Vec::new();
     for _ in 0..4 {
         let w = cluster.fork().await;
@@ -578,7 +567,7 @@ async fn concurrent_disconnects_and_kills_leave_a_working_primary() {
 #[tokio::test]
 async fn environment_cwd_and_hidden_role_markers() {
     let dir = std::env::temp_dir();
-    let mut cluster = Cluster::with(cluster::primary::SchedulingPolicy::RoundRobin, |s| {
+    let mut cluster = Cluster::with(cluster::settings::SchedulingPolicy::RoundRobin, |s| {
         s.env("FROM_SETTINGS", "all").cwd(&dir)
     });
     let worker = cluster
@@ -621,7 +610,7 @@ async fn environment_cwd_and_hidden_role_markers() {
 
 #[tokio::test]
 async fn a_worker_whose_runtime_blocks_is_killed_for_missing_heartbeats() {
-    let mut cluster = Cluster::with(cluster::primary::SchedulingPolicy::RoundRobin, |s| {
+    let mut cluster = Cluster::with(cluster::settings::SchedulingPolicy::RoundRobin, |s| {
         s.heartbeat_timeout(std::time::Duration::from_secs(3))
     });
     let blocked = cluster.fork().await;
@@ -648,7 +637,7 @@ async fn a_worker_whose_runtime_blocks_is_killed_for_missing_heartbeats() {
 #[tokio::test]
 async fn a_supervisor_handle_scales_and_is_refused_once_its_supervisor_is_gone() {
     use cluster::supervisor::{Supervisor, SupervisorError};
-    let mut cluster = Cluster::with(cluster::primary::SchedulingPolicy::RoundRobin, |s| {
+    let mut cluster = Cluster::with(cluster::settings::SchedulingPolicy::RoundRobin, |s| {
         s.workers(1)
     });
     let supervisor = Supervisor::new(cluster.primary.clone());

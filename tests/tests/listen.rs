@@ -2,7 +2,7 @@
 
 mod support;
 
-use cluster::primary::SchedulingPolicy;
+use cluster::settings::SchedulingPolicy;
 use cluster_tests::{Command, Reply};
 use support::{Cluster, POLICIES, who};
 
@@ -182,4 +182,21 @@ async fn unspecified_ipv6_is_dual_stack_and_shared() {
             "{policy:?}"
         );
     }
+}
+
+#[tokio::test]
+async fn poll_accept_yields_the_peer_address_as_tokio_does() {
+    // Unclustered (this process is no worker): the listener binds itself.
+    let mut listener = cluster::ClusterListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let client = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let accepted = tokio::time::timeout(
+        support::WAIT,
+        std::future::poll_fn(|cx| listener.poll_accept(cx)),
+    )
+    .await
+    .expect("a connection in time");
+    let (stream, peer) = accepted.unwrap();
+    assert_eq!(peer, client.local_addr().unwrap());
+    assert_eq!(stream.peer_addr().unwrap(), peer);
 }

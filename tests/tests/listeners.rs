@@ -7,7 +7,8 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use cluster::primary::{SchedulingPolicy, Signal, WorkerHandle};
+use cluster::primary::{Signal, WorkerHandle};
+use cluster::settings::SchedulingPolicy;
 use cluster_tests::{Command, Listen, Options, Reply, UdpTarget};
 use support::{Cluster, POLICIES, WAIT, who};
 use tokio::io::AsyncReadExt;

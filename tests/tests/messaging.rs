@@ -6,19 +6,16 @@ mod support;
 use std::io::Read;
 
 use cluster::message::{EncodeError, RequestError};
-use cluster::primary::{Event, SchedulingPolicy, Signal};
+use cluster::primary::Signal;
+use cluster::settings::SchedulingPolicy;
 use cluster_tests::{Command, Reply};
 use support::{Cluster, WAIT};
 
-/// The next message event of any worker, decoded as a `Reply`.
+/// The next message of any worker.
 async fn next_reply(
     cluster: &mut Cluster,
 ) -> (cluster::primary::WorkerHandle, cluster::message::Message) {
-    loop {
-        if let Event::Message { worker, message } = cluster.event().await {
-            return (worker, message);
-        }
-    }
+    cluster.message().await
 }
 
 #[tokio::test]
@@ -124,7 +121,7 @@ async fn requests_are_answered_refused_or_timed_out_both_ways() {
         timeout_ms,
     };
     w.send(&ask("ping", 20_000)).unwrap();
-    let (_, request) = next_reply(&mut cluster).await;
+    let (_, mut request) = next_reply(&mut cluster).await;
     assert!(request.is_request());
     assert_eq!(request.decode::<String>().unwrap(), "ping");
     request.reply(&"pong".to_owned()).unwrap();
@@ -141,7 +138,7 @@ async fn requests_are_answered_refused_or_timed_out_both_ways() {
     );
     // Not answered in time: the worker gets a timeout; the late answer is dropped harmlessly.
     w.send(&ask("slow", 100)).unwrap();
-    let (_, slow) = next_reply(&mut cluster).await;
+    let (_, mut slow) = next_reply(&mut cluster).await;
     let (_, result) = next_reply(&mut cluster).await;
     let Reply::Answer { result: Err(error) } = result.decode().unwrap() else {
         panic!("answered without an answer")
@@ -150,7 +147,7 @@ async fn requests_are_answered_refused_or_timed_out_both_ways() {
     slow.reply(&"too late".to_owned()).unwrap();
     // The worker carries on.
     w.send(&ask("again", 20_000)).unwrap();
-    let (_, request) = next_reply(&mut cluster).await;
+    let (_, mut request) = next_reply(&mut cluster).await;
     request.reply(&"yes".to_owned()).unwrap();
     let (_, result) = next_reply(&mut cluster).await;
     assert_eq!(
@@ -185,7 +182,7 @@ async fn handles_pass_both_ways_at_once() {
     }
     let mut received = 0;
     while received < COUNT {
-        let (_, message) = next_reply(&mut cluster).await;
+        let (_, mut message) = next_reply(&mut cluster).await;
         let Reply::Handle { index } = message.decode().unwrap() else {
             panic!("unexpected message")
         };
@@ -262,4 +259,107 @@ async fn large_messages_and_handoffs_share_the_link_without_losing_either() {
             bytes: 20_000_000
         }
     );
+}
+
+#[tokio::test]
+async fn messages_nobody_reads_are_dropped_and_counted_not_buffered() {
+    let mut cluster = Cluster::start(SchedulingPolicy::RoundRobin);
+    let w = cluster.fork().await;
+    // Nobody reads: a stream that takes over from the harness's, dropped at once.
+    drop(cluster.primary.messages());
+    w.send(&Command::Flood {
+        count: 10,
+        size: 16,
+    })
+    .unwrap();
+    // The answer to a request (not a message) comes after the flood on the same link: the
+    // flood was handled by then.
+    let question = Command::Question { text: "hi".into() };
+    let answer: Reply = w.request(&question).await.unwrap();
+    assert!(matches!(answer, Reply::Answer { .. }), "{answer:?}");
+    assert_eq!(cluster.primary.messages_dropped(), 10);
+    // Read again: nothing of the flood was kept.
+    cluster.messages = cluster.primary.messages();
+    let reply = cluster.ask(&w, Command::CountFds).await;
+    assert!(matches!(reply, Reply::Fds { .. }), "{reply:?}");
+}
+
+/// The user and system CPU time of process `pid`, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("/proc/<pid>/stat");
+    let fields: Vec<&str> = stat[stat.rfind(')').expect("comm") + 2..]
+        .split_whitespace()
+        .collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+#[tokio::test]
+async fn a_worker_held_by_a_slow_reader_is_not_presumed_hung() {
+    const COUNT: u32 = 5000;
+    let heartbeat = std::time::Duration::from_secs(2);
+    let mut cluster = Cluster::with(SchedulingPolicy::RoundRobin, |s| {
+        s.heartbeat_timeout(heartbeat)
+    });
+    let w = cluster.fork().await;
+    w.send(&Command::Flood {
+        count: COUNT,
+        size: 1024,
+    })
+    .unwrap();
+    // Read nothing until the worker is blocked by its link (its CPU time stands still)...
+    let started = std::time::Instant::now();
+    let mut last = (cpu_ticks(w.pid()), std::time::Instant::now());
+    while last.1.elapsed() < std::time::Duration::from_millis(200) {
+        assert!(started.elapsed() < WAIT, "the worker never stopped sending");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        let ticks = cpu_ticks(w.pid());
+        if ticks != last.0 {
+            last = (ticks, std::time::Instant::now());
+        }
+    }
+    // ...and past its heartbeat deadline: its heartbeats are behind what the primary holds.
+    let quiet = tokio::time::timeout(heartbeat + heartbeat / 2, cluster.event()).await;
+    assert!(quiet.is_err(), "nothing happens to it: {quiet:?}");
+    for index in 0..COUNT {
+        let message = cluster.message_from(&w).await;
+        let Reply::Numbered { index: got, .. } = message.decode().unwrap() else {
+            panic!("unexpected message");
+        };
+        assert_eq!(got, index);
+    }
+    assert!(matches!(
+        cluster.ask(&w, Command::CountFds).await,
+        Reply::Fds { .. }
+    ));
+}
+
+#[tokio::test]
+async fn a_reader_that_leaves_frees_the_worker_it_held_and_its_messages_are_counted() {
+    const COUNT: u32 = 3000;
+    let mut cluster = Cluster::start(SchedulingPolicy::RoundRobin);
+    let w = cluster.fork().await;
+    w.send(&Command::Flood {
+        count: COUNT,
+        size: 1024,
+    })
+    .unwrap();
+    // Held: the worker is blocked by its link.
+    let started = std::time::Instant::now();
+    let mut last = (cpu_ticks(w.pid()), std::time::Instant::now());
+    while last.1.elapsed() < std::time::Duration::from_millis(200) {
+        assert!(started.elapsed() < WAIT, "the worker never stopped sending");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        let ticks = cpu_ticks(w.pid());
+        if ticks != last.0 {
+            last = (ticks, std::time::Instant::now());
+        }
+    }
+    assert_eq!(cluster.primary.messages_dropped(), 0);
+    // The reader leaves: what it had not read, what was held and what comes next are dropped,
+    // and the worker is read again (its answer comes after the whole flood).
+    drop(cluster.primary.messages());
+    let question = Command::Question { text: "hi".into() };
+    let answer: Reply = w.request(&question).await.unwrap();
+    assert!(matches!(answer, Reply::Answer { .. }), "{answer:?}");
+    assert_eq!(cluster.primary.messages_dropped(), u64::from(COUNT));
 }

@@ -683,7 +683,8 @@ fn bad_endpoint_settings_stop_the_program_naming_them() {
 /// closes when what `serve` returned is dropped.
 #[tokio::test]
 async fn the_endpoint_served_by_hand_answers_until_it_is_dropped() {
-    use cluster::primary::{Event, SchedulingPolicy};
+    use cluster::primary::Event;
+    use cluster::settings::SchedulingPolicy;
     let mut cluster = support::Cluster::with(SchedulingPolicy::RoundRobin, |s| {
         s.workers(1)
             .metrics_addr("127.0.0.1:0".parse::<std::net::SocketAddr>().unwrap())

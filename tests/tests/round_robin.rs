@@ -2,7 +2,8 @@
 
 mod support;
 
-use cluster::primary::{Event, SchedulingPolicy, Signal};
+use cluster::primary::{Event, Signal};
+use cluster::settings::SchedulingPolicy;
 use cluster_tests::{Command, Reply};
 use support::{Cluster, who};
 
@@ -84,10 +85,8 @@ async fn worker_that_never_acks_is_killed_at_the_deadline_and_its_connection_ser
         .await;
     assert!(matches!(
         error,
-        Event::Error {
-            error: cluster::primary::ProtocolError::HandoffTimeout { .. },
-            ..
-        }
+        Event::Error { ref error, .. }
+            if error.kind() == cluster::primary::ProtocolErrorKind::HandoffTimeout
     ));
     cluster
         .expect(&stopped, |e| matches!(e, Event::Exit { .. }))

@@ -85,7 +85,7 @@ fn a_worker_crashing_at_boot_opens_the_breaker() {
 
 #[test]
 fn the_fatal_exit_code_is_not_restarted() {
-    let code = cluster::settings::FATAL_EXIT_CODE.to_string();
+    let code = cluster::supervisor::FATAL_EXIT_CODE.to_string();
     let child = primary(1, &[("FIXTURE_EXIT_AT_BOOT", &code)]);
     let (status, stderr) = wait_exit(child);
     assert_eq!(

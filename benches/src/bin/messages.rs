@@ -11,7 +11,6 @@
 
 use std::time::{Duration, Instant};
 
-use cluster::primary::Event;
 use cluster::{Role, Settings};
 use serde::{Deserialize, Serialize};
 
@@ -45,15 +44,13 @@ fn main() {
 }
 
 async fn measure(primary: cluster::Primary) {
-    let mut events = primary.events();
+    let mut messages = primary.messages();
     let worker = primary.fork().await.expect("fork");
-    let mut next_message = async || loop {
-        match tokio::time::timeout(Duration::from_secs(60), events.recv()).await {
-            Ok(Some(Event::Message { message, .. })) => return message,
-            Ok(Some(_)) => {}
+    let mut next_message =
+        async || match tokio::time::timeout(Duration::from_secs(60), messages.recv()).await {
+            Ok(Some((_, message))) => message,
             Ok(None) | Err(_) => panic!("no message from the worker"),
-        }
-    };
+        };
 
     let started = Instant::now();
     for i in 0..COUNT {
@@ -111,7 +108,7 @@ fn report(what: &str, count: u64, elapsed: Duration) {
 }
 
 async fn answer(worker: cluster::Worker) {
-    while let Some(message) = worker.recv_message().await {
+    while let Some(mut message) = worker.recv_message().await {
         match message.decode::<ToWorker>().expect("decode") {
             ToWorker::Small(i, _) if i == COUNT - 1 => {
                 worker.send(&ToPrimary::Got(i)).expect("send")

@@ -334,6 +334,14 @@ impl<P> Link<P> {
         self.timed.len() + self.untimed.len()
     }
 
+    /// Moves every pending request's deadline `by` later: time the driver spent not reading
+    /// the peer does not count against it. Their order is kept.
+    pub fn postpone(&mut self, by: std::time::Duration) {
+        for timed in self.timed.values_mut() {
+            timed.deadline += by;
+        }
+    }
+
     /// The earliest deadline among pending requests.
     ///
     /// Requests with deadlines are assumed to be issued with non-decreasing deadlines (one

@@ -19,7 +19,7 @@ use proc_macro::TokenStream;
 /// no worker can be kept running. The return type must then be `()` or `Result<(), E>` where
 /// `E: From<std::io::Error>` (see `cluster::MainOutput`).
 ///
-/// ```ignore
+/// ```no_run
 /// #[cluster::main(workers = 4)]
 /// async fn main() -> std::io::Result<()> {
 ///     let mut listener = cluster::ClusterListener::bind("127.0.0.1:3000").await?;
@@ -37,7 +37,7 @@ use proc_macro::TokenStream;
 /// workers it forks. The primary forks and watches the workers itself. The parameter may be
 /// any pattern, and its type is kept as written.
 ///
-/// ```ignore
+/// ```no_run
 /// use cluster::Role;
 ///
 /// #[cluster::main]
@@ -81,14 +81,14 @@ use proc_macro::TokenStream;
 /// Invalid settings (after the environment overrides) are reported on one line of stderr, and
 /// the program exits with code 78 (`EX_CONFIG`) before it starts any worker.
 ///
-/// ```ignore
+/// ```no_run
 /// #[cluster::main(workers = 2, flavor = "multi_thread", worker_threads = 4)]
 /// async fn main() -> Result<(), Box<dyn std::error::Error>> {
 ///     Ok(())
 /// }
 /// ```
 ///
-/// ```ignore
+/// ```no_run
 /// use std::time::Duration;
 ///
 /// fn settings() -> cluster::Settings {
@@ -107,7 +107,7 @@ use proc_macro::TokenStream;
 ///
 /// The workers form
 ///
-/// ```ignore
+/// ```no_run
 /// #[cluster::main(workers = 4, flavor = "multi_thread")]
 /// async fn main() -> std::io::Result<()> {
 ///     println!("Hello from a worker");
@@ -117,13 +117,11 @@ use proc_macro::TokenStream;
 ///
 /// is equivalent to
 ///
-/// ```ignore
+/// ```no_run
 /// fn main() -> std::io::Result<()> {
 ///     let settings = cluster::Settings::new()
 ///         .workers(4)
-///         .flavor(cluster::settings::Flavor::MultiThread)
-///         .apply_env()
-///         .unwrap_or_else(|error| error.exit());
+///         .flavor(cluster::settings::Flavor::MultiThread);
 ///     cluster::run_workers(settings, || async move {
 ///         println!("Hello from a worker");
 ///         Ok(())
@@ -133,7 +131,8 @@ use proc_macro::TokenStream;
 ///
 /// and the role form
 ///
-/// ```ignore
+/// ```no_run
+/// # fn my_settings() -> cluster::Settings { cluster::Settings::new() }
 /// #[cluster::main(settings = my_settings)]
 /// async fn main(role: cluster::Role) {
 ///     println!("{role:?}");
@@ -142,16 +141,17 @@ use proc_macro::TokenStream;
 ///
 /// to
 ///
-/// ```ignore
+/// ```no_run
+/// # fn my_settings() -> cluster::Settings { cluster::Settings::new() }
 /// fn main() {
-///     let settings = my_settings().apply_env().unwrap_or_else(|error| error.exit());
-///     cluster::run(settings, |role: cluster::Role| async move {
+///     cluster::run(my_settings(), |role: cluster::Role| async move {
 ///         println!("{role:?}");
 ///     })
 /// }
 /// ```
 ///
-/// With `env = false`, the `.apply_env()` step is left out.
+/// Both functions apply the `CLUSTER_*` overrides and validate the settings as the macro does;
+/// `env = false` is `.env_overrides(false)` on the settings.
 ///
 /// `cluster::run` and `cluster::run_workers` must be the first thing `main` does, before any
 /// thread exists: they read and remove the markers a worker finds in its environment.

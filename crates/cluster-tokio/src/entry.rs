@@ -24,11 +24,13 @@ pub enum Role {
 /// started with `settings`, on a current-thread runtime.
 ///
 /// Call it first thing in `fn main`, before any thread exists: it reads and removes the worker
-/// markers from the environment (`#[cluster::main]` expands to this). It does not read the
-/// `CLUSTER_*` overrides: apply them first with [`Settings::apply_env`].
+/// markers from the environment (`#[cluster::main]` expands to this). It applies the
+/// `CLUSTER_*` overrides of the environment to `settings` first ([`Settings::apply_env`]), as
+/// [`run_workers`] and `#[cluster::main]` do, unless [`Settings::env_overrides`] is off.
 ///
-/// Settings the primary cannot run with end the program, as `#[cluster::main]` does: one line
-/// on stderr, exit code 78.
+/// A bad `CLUSTER_*` value, settings the primary cannot run with, and more workers
+/// ([`Settings::worker_count`]) than this user may start processes end the program before
+/// `main` runs, as `#[cluster::main]` does: one line on stderr, exit code 78.
 ///
 /// # Panics
 ///
@@ -38,7 +40,36 @@ where
     F: FnOnce(Role) -> Fut,
     Fut: Future,
 {
+    run_configured(configured(settings), main, || {})
+}
+
+/// What every entry does with its settings first: takes the worker markers (before anything
+/// else can read the environment or start a thread), answers
+/// [`PRINT_PROTOCOL_VERSION`](crate::env::PRINT_PROTOCOL_VERSION), applies the `CLUSTER_*`
+/// overrides (unless [`Settings::env_overrides`] is off) and validates. A program moved from
+/// `#[cluster::main]` to [`run`] keeps its operators' overrides because all three go through
+/// here. On error: one line on stderr, exit code 78 (`EX_CONFIG`).
+fn configured(settings: Settings) -> Settings {
+    role::detect();
     crate::env::answer_queries();
+    let settings = if settings.env_overrides {
+        settings.apply_env().unwrap_or_else(|error| error.exit())
+    } else {
+        settings
+    };
+    if let Err(error) = settings.validate() {
+        crate::env::exit_misconfigured(&error);
+    }
+    settings
+}
+
+/// [`run`] with settings already [`configured`]; `before_primary` runs in the primary once its
+/// settings passed every check, before it starts.
+fn run_configured<F, Fut>(settings: Settings, main: F, before_primary: fn()) -> Fut::Output
+where
+    F: FnOnce(Role) -> Fut,
+    Fut: Future,
+{
     match role::take() {
         Some(Detected::Worker { id, ipc }) => {
             name_process(&format!("w{}", id.get()));
@@ -56,6 +87,12 @@ where
             })
         }
         _ => {
+            // Refused here rather than at the thousandth fork: in the `Role` form as in the
+            // workers form.
+            if let Err(error) = crate::sys::check_process_limit(settings.worker_count()) {
+                crate::env::exit_misconfigured(&error);
+            }
+            before_primary();
             name_process("primary");
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -96,41 +133,37 @@ fn name_process(role: &str) {
 /// running with a [`Supervisor`](crate::Supervisor) (restarts with backoff, crash-loop breaker,
 /// graceful shutdown on SIGTERM, within 5 s on SIGINT, rolling reload on SIGHUP).
 ///
-/// This is `#[cluster::main]` without a parameter. With zero workers the body runs in this
-/// process, unclustered. The primary returns `Ok` after a shutdown signal, or once every worker
-/// left on purpose; an error once every slot failed. Settings the primary cannot run with,
-/// and more workers than this user may start processes, end the program before any worker
-/// starts: one line on stderr, exit code 78.
+/// This is `#[cluster::main]` without a parameter. The `CLUSTER_*` overrides apply as in
+/// [`run`]. With zero workers the body runs in this process, unclustered. The primary returns
+/// `Ok` after a shutdown signal, or once every worker left on purpose; an error once every slot
+/// failed. A bad `CLUSTER_*` value, settings the primary cannot run with, and more workers than
+/// this user may start processes end the program before any worker starts: one line on
+/// stderr, exit code 78.
 pub fn run_workers<F, Fut, R>(settings: Settings, body: F) -> R
 where
     F: FnOnce() -> Fut,
     Fut: Future<Output = R>,
     R: MainOutput,
 {
-    crate::env::answer_queries();
+    let settings = configured(settings);
     if !role::is_worker() && settings.worker_count() == 0 {
         // `CLUSTER_WORKERS=0`: no cluster at all, the body runs in this process.
-        if let Err(error) = settings.validate() {
-            crate::env::exit_misconfigured(&error);
-        }
         let runtime = settings
             .worker_runtime()
             .expect("failed to build the Tokio runtime");
         return runtime.block_on(body());
     }
-    if !role::is_worker() {
-        if let Err(error) = crate::sys::check_process_limit(settings.worker_count()) {
-            crate::env::exit_misconfigured(&error);
-        }
-        // Before the primary starts: it logs what it makes of systemd's environment.
-        install_default_logging();
-    }
-    run(settings, move |role| async move {
-        match role {
-            Role::Worker(_) => body().await,
-            Role::Primary(primary) => R::from_primary(supervise(primary).await),
-        }
-    })
+    // Before the primary starts: it logs what it makes of systemd's environment.
+    run_configured(
+        settings,
+        move |role| async move {
+            match role {
+                Role::Worker(_) => body().await,
+                Role::Primary(primary) => R::from_primary(supervise(primary).await),
+            }
+        },
+        install_default_logging,
+    )
 }
 
 /// The primary of [`run_workers`]: observed, then supervised.
@@ -141,24 +174,16 @@ async fn supervise(primary: Primary) -> io::Result<()> {
     Ok(supervisor.run().await?)
 }
 
-/// What `#[cluster::main]` does with its settings before [`run`]: applies the `CLUSTER_*`
-/// overrides if `env` is true, and validates. On error it prints one line on stderr naming the
-/// variable or setting, its value and what it accepts, and exits with code 78 (`EX_CONFIG`).
+/// What `#[cluster::main]` does with its settings before [`run`] or [`run_workers`]:
+/// `env = false` turns [`Settings::env_overrides`] off; both entries apply and validate the
+/// rest.
 #[doc(hidden)]
 pub fn configure(settings: Settings, env: bool) -> Settings {
-    // The worker markers are taken before anything else can read the environment or start a
-    // thread.
-    role::detect();
-    crate::env::answer_queries();
-    let settings = if env {
-        settings.apply_env().unwrap_or_else(|error| error.exit())
-    } else {
+    if env {
         settings
-    };
-    if let Err(error) = settings.validate() {
-        crate::env::exit_misconfigured(&error);
+    } else {
+        settings.env_overrides(false)
     }
-    settings
 }
 
 /// In this form no user code runs in the primary, so nobody else can install a subscriber for

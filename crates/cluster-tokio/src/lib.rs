@@ -51,6 +51,6 @@ pub use serve::hyper;
 pub use serve::tonic;
 pub use settings::Settings;
 pub use supervisor::Supervisor;
-pub use worker::{Worker, current as worker};
+pub use worker::Worker;
 
 pub(crate) use settings::SettingsError;

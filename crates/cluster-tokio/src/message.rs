@@ -5,7 +5,6 @@ use std::collections::HashMap;
 use std::fmt;
 use std::io;
 use std::os::fd::OwnedFd;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use proto::Seq;
@@ -105,23 +104,19 @@ pub(crate) type Responder = Box<dyn FnOnce(Answer) -> io::Result<()> + Send>;
 /// A message or request from the other side of the link: a postcard-encoded value, maybe with a
 /// file descriptor (a socket sent along with it).
 ///
-/// Cheap to clone: clones share the fd (the first [`take_fd`](Self::take_fd) gets it) and the
-/// reply (the first [`reply`](Self::reply) answers). A request dropped unanswered is answered
-/// with a refusal, so the requester learns at once instead of at its timeout.
-#[derive(Clone)]
+/// It owns its fd and its reply: one [`take_fd`](Self::take_fd) gets the fd, one
+/// [`reply`](Self::reply) answers, and dropping it closes an fd nobody took. A request dropped
+/// unanswered is answered with a refusal, so the requester learns at once instead of at its
+/// timeout.
 pub struct Message {
-    inner: Arc<Inner>,
-}
-
-struct Inner {
     payload: Vec<u8>,
-    fd: Mutex<Option<OwnedFd>>,
-    responder: Mutex<Option<Responder>>,
+    fd: Option<OwnedFd>,
+    responder: Option<Responder>,
 }
 
-impl Drop for Inner {
+impl Drop for Message {
     fn drop(&mut self) {
-        if let Some(responder) = lock(&self.responder).take() {
+        if let Some(responder) = self.responder.take() {
             let _ = responder(Answer::Refusal(
                 "the request was dropped without a reply".into(),
             ));
@@ -129,18 +124,11 @@ impl Drop for Inner {
     }
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // Nothing panics while holding these locks; recover anyway.
-    mutex
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
 impl fmt::Debug for Message {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Message")
-            .field("len", &self.inner.payload.len())
-            .field("fd", &lock(&self.inner.fd).is_some())
+            .field("len", &self.payload.len())
+            .field("fd", &self.fd.is_some())
             .field("request", &self.is_request())
             .finish()
     }
@@ -149,11 +137,9 @@ impl fmt::Debug for Message {
 impl Message {
     pub(crate) fn new(payload: Vec<u8>, fd: Option<OwnedFd>, responder: Option<Responder>) -> Self {
         Self {
-            inner: Arc::new(Inner {
-                payload,
-                fd: Mutex::new(fd),
-                responder: Mutex::new(responder),
-            }),
+            payload,
+            fd,
+            responder,
         }
     }
 
@@ -165,17 +151,17 @@ impl Message {
     /// types on the wire, so a value of another type that happens to decode as a `T` is not
     /// always detected: both sides must agree on the type (a shared enum is the usual way).
     pub fn decode<T: DeserializeOwned>(&self) -> Result<T, DecodeError> {
-        decode(&self.inner.payload)
+        decode(&self.payload)
     }
 
     /// The encoded bytes.
     pub fn as_bytes(&self) -> &[u8] {
-        &self.inner.payload
+        &self.payload
     }
 
     /// Takes the file descriptor sent with the message, if any (once).
-    pub fn take_fd(&self) -> Option<OwnedFd> {
-        lock(&self.inner.fd).take()
+    pub fn take_fd(&mut self) -> Option<OwnedFd> {
+        self.fd.take()
     }
 
     /// Takes the fd sent with the message as a Tokio `TcpStream`.
@@ -184,7 +170,7 @@ impl Message {
     ///
     /// No fd came with the message (`NotFound`), or it is not a TCP socket (`InvalidData`; the
     /// fd is closed).
-    pub fn take_tcp_stream(&self) -> io::Result<tokio::net::TcpStream> {
+    pub fn take_tcp_stream(&mut self) -> io::Result<tokio::net::TcpStream> {
         let socket = self.take_ip_socket(socket2::Type::STREAM)?;
         tokio::net::TcpStream::from_std(socket.into())
     }
@@ -194,12 +180,12 @@ impl Message {
     /// # Errors
     ///
     /// As [`Self::take_tcp_stream`], for a UDP socket.
-    pub fn take_udp_socket(&self) -> io::Result<tokio::net::UdpSocket> {
+    pub fn take_udp_socket(&mut self) -> io::Result<tokio::net::UdpSocket> {
         let socket = self.take_ip_socket(socket2::Type::DGRAM)?;
         tokio::net::UdpSocket::from_std(socket.into())
     }
 
-    fn take_ip_socket(&self, ty: socket2::Type) -> io::Result<socket2::Socket> {
+    fn take_ip_socket(&mut self, ty: socket2::Type) -> io::Result<socket2::Socket> {
         let fd = self
             .take_fd()
             .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no fd came with it"))?;
@@ -217,7 +203,7 @@ impl Message {
 
     /// Whether it is a request that still awaits its reply.
     pub fn is_request(&self) -> bool {
-        lock(&self.inner.responder).is_some()
+        self.responder.is_some()
     }
 
     /// Answers the request with `value`.
@@ -226,7 +212,7 @@ impl Message {
     ///
     /// It is not a request or was already answered (`InvalidInput`), `value` cannot be
     /// encoded or is over the size limit (`InvalidInput`), or the link closed (`NotConnected`).
-    pub fn reply<R: Serialize + ?Sized>(&self, value: &R) -> io::Result<()> {
+    pub fn reply<R: Serialize + ?Sized>(&mut self, value: &R) -> io::Result<()> {
         let payload = encode(value)?;
         self.answer(Answer::Reply(payload))
     }
@@ -237,7 +223,7 @@ impl Message {
     /// # Errors
     ///
     /// As [`Self::reply`].
-    pub fn refuse(&self, reason: impl fmt::Display) -> io::Result<()> {
+    pub fn refuse(&mut self, reason: impl fmt::Display) -> io::Result<()> {
         let mut reason = reason.to_string();
         if reason.len() > MAX_REASON {
             let mut end = MAX_REASON;
@@ -249,8 +235,8 @@ impl Message {
         self.answer(Answer::Refusal(reason))
     }
 
-    fn answer(&self, answer: Answer) -> io::Result<()> {
-        let responder = lock(&self.inner.responder).take().ok_or_else(|| {
+    fn answer(&mut self, answer: Answer) -> io::Result<()> {
+        let responder = self.responder.take().ok_or_else(|| {
             io::Error::new(
                 io::ErrorKind::InvalidInput,
                 "not a request, or already answered",

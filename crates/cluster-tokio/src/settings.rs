@@ -8,7 +8,6 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 pub use proto::SchedulingPolicy;
-pub use proto::supervisor::FATAL_EXIT_CODE;
 use proto::supervisor::SupervisorConfig;
 
 /// The shutdown delay by default in a Kubernetes pod (where `KUBERNETES_SERVICE_HOST` is set):
@@ -44,9 +43,14 @@ pub enum Flavor {
 ///
 /// Built by value, like [`ListenOptions`](crate::net::ListenOptions); every setting has a default
 /// (the table in the guide's "Configuration"), and the `CLUSTER_*` environment variables override
-/// some of them through [`Self::apply_env`] (which `#[cluster::main]` calls unless told
-/// `env = false`). Settings that contradict each other are refused when the primary starts,
-/// with a [`SettingsError`].
+/// some of them: [`run`](crate::run), [`run_workers`](crate::run_workers) and
+/// `#[cluster::main]` all apply them ([`Self::apply_env`]) before anything starts, unless
+/// [`Self::env_overrides`] is off. Settings that contradict each other are refused when the
+/// primary starts, with a [`SettingsError`].
+///
+/// Each builder method has a getter of the same name with `get_` in front, as
+/// [`std::process::Command`] names its own (`arg` and `get_args`): [`Self::get_window`] reads
+/// back what [`Self::window`] set. [`Self::worker_count`] resolves the default worker count.
 ///
 /// # Examples
 ///
@@ -90,6 +94,7 @@ pub struct Settings {
     pub(crate) wait_ready: bool,
     pub(crate) metrics_addr: Option<SocketAddr>,
     pub(crate) control_socket: Option<PathBuf>,
+    pub(crate) env_overrides: bool,
 }
 
 impl Default for Settings {
@@ -133,6 +138,7 @@ impl Settings {
             wait_ready: false,
             metrics_addr: None,
             control_socket: None,
+            env_overrides: true,
         }
     }
 
@@ -323,7 +329,7 @@ impl Settings {
     }
 
     /// An exit code that means "do not restart me", for a worker that found its configuration
-    /// unusable (default: 78, [`FATAL_EXIT_CODE`]); `None` restarts every crash.
+    /// unusable (default: 78, [`FATAL_EXIT_CODE`](crate::supervisor::FATAL_EXIT_CODE)); `None` restarts every crash.
     pub fn fatal_exit_code(mut self, code: impl Into<Option<i32>>) -> Self {
         self.fatal_exit_code = code.into();
         self
@@ -373,10 +379,179 @@ impl Settings {
         self
     }
 
+    /// Whether [`run`](crate::run), [`run_workers`](crate::run_workers) and `#[cluster::main]`
+    /// apply the `CLUSTER_*` overrides of the environment ([`crate::env`]) to these settings
+    /// before they start anything (default: on). Off, the program runs with exactly the settings
+    /// of its code, and a bad `CLUSTER_*` value is ignored instead of stopping it: for a program
+    /// whose environment is not its operators' to set (a test harness, a tool that embeds a
+    /// cluster). `#[cluster::main(env = false)]` turns it off.
+    pub fn env_overrides(mut self, apply: bool) -> Self {
+        self.env_overrides = apply;
+        self
+    }
+
     /// How many workers the supervisor starts: the configured number, or one per CPU.
+    #[must_use]
     pub fn worker_count(&self) -> usize {
         self.workers
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from))
+    }
+
+    /// What [`Self::workers`] set, if anything (`None`: one per CPU, as [`Self::worker_count`]
+    /// resolves it).
+    #[must_use]
+    pub fn get_workers(&self) -> Option<usize> {
+        self.workers
+    }
+
+    /// What [`Self::flavor`] set.
+    #[must_use]
+    pub fn get_flavor(&self) -> Flavor {
+        self.flavor
+    }
+
+    /// What [`Self::worker_threads`] set, if anything (`None`: one per CPU).
+    #[must_use]
+    pub fn get_worker_threads(&self) -> Option<usize> {
+        self.worker_threads
+    }
+
+    /// What [`Self::exec`] set, if anything (`None`: this binary).
+    #[must_use]
+    pub fn get_exec(&self) -> Option<&std::path::Path> {
+        self.exec.as_deref()
+    }
+
+    /// What [`Self::args`] set, if anything (`None`: this process's own arguments).
+    #[must_use]
+    pub fn get_args(&self) -> Option<&[OsString]> {
+        self.args.as_deref()
+    }
+
+    /// The variables [`Self::env`] added to the workers' environment, in the order they were
+    /// added.
+    pub fn get_env(&self) -> impl ExactSizeIterator<Item = (&std::ffi::OsStr, &std::ffi::OsStr)> {
+        self.env.iter().map(|(k, v)| (k.as_os_str(), v.as_os_str()))
+    }
+
+    /// What [`Self::cwd`] set, if anything (`None`: the primary's).
+    #[must_use]
+    pub fn get_cwd(&self) -> Option<&std::path::Path> {
+        self.cwd.as_deref()
+    }
+
+    /// What [`Self::silent`] set.
+    #[must_use]
+    pub fn get_silent(&self) -> bool {
+        self.silent
+    }
+
+    /// What [`Self::policy`] set.
+    #[must_use]
+    pub fn get_policy(&self) -> SchedulingPolicy {
+        self.policy
+    }
+
+    /// What [`Self::window`] set.
+    #[must_use]
+    pub fn get_window(&self) -> usize {
+        self.window
+    }
+
+    /// What [`Self::max_queued`] set.
+    #[must_use]
+    pub fn get_max_queued(&self) -> usize {
+        self.max_queued
+    }
+
+    /// What [`Self::handoff_timeout`] set.
+    #[must_use]
+    pub fn get_handoff_timeout(&self) -> Duration {
+        self.handoff_timeout
+    }
+
+    /// What [`Self::disconnect_timeout`] set.
+    #[must_use]
+    pub fn get_disconnect_timeout(&self) -> Duration {
+        self.disconnect_timeout
+    }
+
+    /// What [`Self::heartbeat_timeout`] set (`None`: the check is off).
+    #[must_use]
+    pub fn get_heartbeat_timeout(&self) -> Option<Duration> {
+        self.heartbeat_timeout
+    }
+
+    /// What [`Self::boot_timeout`] set.
+    #[must_use]
+    pub fn get_boot_timeout(&self) -> Duration {
+        self.boot_timeout
+    }
+
+    /// What [`Self::backlog`] set.
+    #[must_use]
+    pub fn get_backlog(&self) -> u32 {
+        self.backlog
+    }
+
+    /// What [`Self::batch_scheduling`] set.
+    #[must_use]
+    pub fn get_batch_scheduling(&self) -> bool {
+        self.batch_scheduling
+    }
+
+    /// What [`Self::backoff`] set: the first delay and the longest.
+    #[must_use]
+    pub fn get_backoff(&self) -> (Duration, Duration) {
+        (self.backoff_initial, self.backoff_max)
+    }
+
+    /// What [`Self::healthy_after`] set.
+    #[must_use]
+    pub fn get_healthy_after(&self) -> Duration {
+        self.healthy_after
+    }
+
+    /// What [`Self::crash_loop`] set: the crashes and the window they count within.
+    #[must_use]
+    pub fn get_crash_loop(&self) -> (usize, Duration) {
+        (self.crash_loop_failures, self.crash_loop_window)
+    }
+
+    /// What [`Self::fatal_exit_code`] set (`None`: every crash is restarted).
+    #[must_use]
+    pub fn get_fatal_exit_code(&self) -> Option<i32> {
+        self.fatal_exit_code
+    }
+
+    /// What [`Self::retry_bind_errors`] set.
+    #[must_use]
+    pub fn get_retry_bind_errors(&self) -> bool {
+        self.retry_bind_errors
+    }
+
+    /// What [`Self::wait_ready`] set.
+    #[must_use]
+    pub fn get_wait_ready(&self) -> bool {
+        self.wait_ready
+    }
+
+    /// What [`Self::metrics_addr`] set, if anything.
+    #[must_use]
+    pub fn get_metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
+    }
+
+    /// What [`Self::control_socket`] set, if anything.
+    #[must_use]
+    pub fn get_control_socket(&self) -> Option<&std::path::Path> {
+        self.control_socket.as_deref()
+    }
+
+    /// What [`Self::env_overrides`] set.
+    #[must_use]
+    pub fn get_env_overrides(&self) -> bool {
+        self.env_overrides
     }
 
     /// Checks the settings against each other and against their bounds.
@@ -592,6 +767,73 @@ impl From<SettingsError> for std::io::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_builder_reads_back() {
+        let settings = Settings::new()
+            .workers(3)
+            .flavor(Flavor::MultiThread)
+            .worker_threads(2)
+            .exec("/bin/true")
+            .args(["a"])
+            .env("K", "V")
+            .cwd("/tmp")
+            .silent(true)
+            .policy(SchedulingPolicy::Shared)
+            .window(5)
+            .max_queued(7)
+            .handoff_timeout(Duration::from_secs(1))
+            .disconnect_timeout(Duration::from_secs(2))
+            .heartbeat_timeout(None)
+            .boot_timeout(Duration::from_secs(3))
+            .backlog(9)
+            .batch_scheduling(false)
+            .backoff(Duration::from_secs(4), Duration::from_secs(5))
+            .healthy_after(Duration::from_secs(6))
+            .crash_loop(2, Duration::from_secs(7))
+            .fatal_exit_code(None)
+            .retry_bind_errors(true)
+            .wait_ready(true)
+            .metrics_addr("127.0.0.1:1".parse::<SocketAddr>().unwrap())
+            .control_socket(PathBuf::from("/run/c.sock"))
+            .env_overrides(false);
+        assert_eq!(settings.get_workers(), Some(3));
+        assert_eq!(settings.get_flavor(), Flavor::MultiThread);
+        assert_eq!(settings.get_worker_threads(), Some(2));
+        assert_eq!(settings.get_exec(), Some(std::path::Path::new("/bin/true")));
+        assert_eq!(settings.get_args(), Some(&[OsString::from("a")][..]));
+        assert_eq!(
+            settings.get_env().collect::<Vec<_>>(),
+            [(std::ffi::OsStr::new("K"), std::ffi::OsStr::new("V"))]
+        );
+        assert_eq!(settings.get_cwd(), Some(std::path::Path::new("/tmp")));
+        assert!(settings.get_silent());
+        assert_eq!(settings.get_policy(), SchedulingPolicy::Shared);
+        assert_eq!(settings.get_window(), 5);
+        assert_eq!(settings.get_max_queued(), 7);
+        assert_eq!(settings.get_handoff_timeout(), Duration::from_secs(1));
+        assert_eq!(settings.get_disconnect_timeout(), Duration::from_secs(2));
+        assert_eq!(settings.get_heartbeat_timeout(), None);
+        assert_eq!(settings.get_boot_timeout(), Duration::from_secs(3));
+        assert_eq!(settings.get_backlog(), 9);
+        assert!(!settings.get_batch_scheduling());
+        assert_eq!(
+            settings.get_backoff(),
+            (Duration::from_secs(4), Duration::from_secs(5))
+        );
+        assert_eq!(settings.get_healthy_after(), Duration::from_secs(6));
+        assert_eq!(settings.get_crash_loop(), (2, Duration::from_secs(7)));
+        assert_eq!(settings.get_fatal_exit_code(), None);
+        assert!(settings.get_retry_bind_errors());
+        assert!(settings.get_wait_ready());
+        assert_eq!(settings.get_metrics_addr(), "127.0.0.1:1".parse().ok());
+        assert_eq!(
+            settings.get_control_socket(),
+            Some(std::path::Path::new("/run/c.sock"))
+        );
+        assert!(!settings.get_env_overrides());
+        assert!(Settings::new().get_env_overrides());
+    }
 
     #[test]
     fn the_defaults_are_valid() {

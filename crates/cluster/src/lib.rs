@@ -30,9 +30,10 @@
 //! # Where things are
 //!
 //! - The paved path is at the root: [`main`], [`run`], [`Role`], [`shutdown`], [`ready`],
-//!   [`worker()`], [`Settings`], [`ClusterListener`], [`Primary`], [`Worker`].
+//!   [`Worker::current`], [`Settings`], [`ClusterListener`], [`Primary`], [`Worker`].
 //! - [`net`]: every listener (TCP, Unix, UDP) and its bind options.
-//! - [`primary`]: what the primary knows of its workers: events, handles, counters, signals.
+//! - [`primary`]: what the primary knows of its workers: events, their messages, handles,
+//!   counters, signals.
 //! - [`worker`](mod@worker): the worker's side.
 //! - [`message`]: typed messages and requests between the two.
 //! - [`supervisor`]: restarts, rolling reloads, scaling, and their errors.

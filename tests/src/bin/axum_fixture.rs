@@ -20,7 +20,7 @@ async fn main() -> std::io::Result<()> {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .try_init();
-    let id = cluster::worker().map_or(0, |w| w.id().get());
+    let id = cluster::Worker::current().map_or(0, |w| w.id().get());
     let app = Router::new().route("/", get(move || async move { format!("worker {id}\n") }));
     let addr = std::env::var("ADDR").unwrap_or_else(|_| "127.0.0.1:0".to_owned());
     match addr.strip_prefix("unix:") {

@@ -41,7 +41,7 @@ async fn serve(worker: Worker) {
             message = worker.recv_message() => message,
             () = worker.shutdown() => break,
         };
-        let Some(message) = message else { break };
+        let Some(mut message) = message else { break };
         let command = match message.decode::<Command>() {
             Ok(command) => command,
             Err(error) => panic!("undecodable command: {error}"),
@@ -140,6 +140,11 @@ async fn serve(worker: Worker) {
                     worker
                         .send(&Reply::Numbered { index, payload })
                         .expect("send");
+                    // As fast as the link takes them, without piling them up here: a send only
+                    // queues, a flush waits for the link's buffer.
+                    if index % 64 == 63 {
+                        worker.flush().await.expect("flush");
+                    }
                 }
             }
             Command::Numbered { index, payload } => series.push(index, &payload),
@@ -156,7 +161,7 @@ async fn serve(worker: Worker) {
                     worker.send(&Reply::Answer { result }).expect("send");
                 });
             }
-            Command::Question { text } => answer(id, &message, &text),
+            Command::Question { text } => answer(id, &mut message, &text),
             Command::Handle { send_back } => {
                 let mut stream = message
                     .take_tcp_stream()
@@ -300,7 +305,7 @@ fn bind_failed(error: &io::Error) -> Reply {
 }
 
 /// Answers a `Question` request.
-fn answer(id: u64, message: &Message, text: &str) {
+fn answer(id: u64, message: &mut Message, text: &str) {
     assert!(message.is_request(), "questions come as requests");
     match text {
         "refuse" => message.refuse("nope").expect("refuse"),
@@ -377,7 +382,7 @@ impl Accept for ClusterUnixListener {
 
 async fn accept_loop<L: Accept>(id: u64, mut listener: L, mut paused: watch::Receiver<bool>) {
     // Once the worker leaves, its link stays open until these connections are done.
-    let link = cluster::worker().map(|worker| worker.hold_link());
+    let link = Worker::current().map(|worker| worker.hold_link());
     let mut connections = JoinSet::new();
     loop {
         // While paused, connections queue up in the listener unaccepted.

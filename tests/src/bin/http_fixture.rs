@@ -55,7 +55,7 @@ async fn main() -> std::io::Result<()> {
         Some(name) => ClusterListener::from_activation(name).await?,
         None => ClusterListener::bind(addr).await?,
     };
-    let id = cluster::worker().map_or(0, |w| w.id().get());
+    let id = cluster::Worker::current().map_or(0, |w| w.id().get());
     say(&format!(
         "worker {id} pid {} port {}",
         std::process::id(),

@@ -16,7 +16,7 @@ async fn main() -> std::io::Result<()> {
     let addr = std::env::var("ADDR").unwrap_or_else(|_| "127.0.0.1:0".to_owned());
     let mut listener = ClusterListener::bind(addr).await?;
     // Unclustered (`CLUSTER_WORKERS=0`), the body runs in the primary process: id 0.
-    let id = cluster::worker().map_or(0, |w| w.id().get());
+    let id = cluster::Worker::current().map_or(0, |w| w.id().get());
     let port = listener.local_addr()?.port();
     let mut out = std::io::stdout().lock();
     writeln!(out, "worker {id} pid {} port {port}", std::process::id())?;

@@ -21,7 +21,7 @@ fn settings() -> cluster::Settings {
 #[cluster::main(settings = settings)]
 async fn main() -> std::io::Result<()> {
     let mut listener = cluster::ClusterListener::bind("127.0.0.1:0").await?;
-    let id = cluster::worker().map_or(0, |w| w.id().get());
+    let id = cluster::Worker::current().map_or(0, |w| w.id().get());
     let mut out = std::io::stdout().lock();
     writeln!(
         out,

@@ -306,6 +306,10 @@ struct WorkerEntry<C> {
     /// [`Primary::disconnect`]. It holds whether the worker leaves as asked or had announced
     /// leaving on its own; only a link closed or an exit ends it.
     leave_by: Option<Instant>,
+    /// Since when the driver holds its frames unread ([`Primary::hold`]): its silence is the
+    /// primary's doing, so its heartbeat and handoff deadlines are suspended (not its
+    /// disconnect deadline).
+    held_since: Option<Instant>,
     /// Broke the protocol: its frames are ignored until the driver closes the link.
     failed: bool,
     /// Handoffs sent since the last one that asked for an immediate ack.
@@ -382,6 +386,7 @@ impl<C: Copy + Eq + std::fmt::Debug> Primary<C> {
             deaf: false,
             last_seen: None,
             leave_by: None,
+            held_since: None,
             failed: false,
             unasked: 0,
             counters: Counters::default(),
@@ -605,10 +610,11 @@ impl<C: Copy + Eq + std::fmt::Debug> Primary<C> {
             .iter()
             .filter(|(_, e)| e.killed.is_none() && !e.failed)
             .filter_map(|(w, e)| {
-                // Until its process exits: a worker that closed its link may still hang.
+                // Until its process exits: a worker that closed its link may still hang. The
+                // deadline holds while the driver holds its frames, too.
                 if e.leave_by.is_some_and(|by| now >= by) && e.lifecycle.exit_status().is_none() {
                     Some((*w, KillReason::DisconnectTimeout, None))
-                } else if e.link.is_closed() {
+                } else if e.link.is_closed() || e.held_since.is_some() {
                     None
                 } else if let Some((seq, _)) = e.link.expired(now).next() {
                     Some((*w, KillReason::HandoffTimeout, Some(seq)))
@@ -638,6 +644,30 @@ impl<C: Copy + Eq + std::fmt::Debug> Primary<C> {
         }
     }
 
+    /// The driver stops reading `worker`'s link for now (a message from it waits for room in
+    /// the user's queue): what it sent is behind that message, so its heartbeats and acks
+    /// cannot arrive. Until [`Self::release`], its heartbeat and handoff deadlines are
+    /// suspended, so a worker is never presumed hung because the primary did not read it.
+    pub fn hold(&mut self, now: Instant, worker: WorkerId) {
+        if let Some(entry) = self.workers.get_mut(&worker) {
+            entry.held_since.get_or_insert(now);
+        }
+    }
+
+    /// The driver reads `worker`'s link again: its deadlines resume where they stood when
+    /// [`Self::hold`] suspended them (moved later by the time it was held).
+    pub fn release(&mut self, now: Instant, worker: WorkerId) {
+        let Some(entry) = self.workers.get_mut(&worker) else {
+            return;
+        };
+        let Some(since) = entry.held_since.take() else {
+            return;
+        };
+        let held = now.saturating_duration_since(since);
+        entry.last_seen = entry.last_seen.map(|seen| (seen + held).min(now));
+        entry.link.postpone(held);
+    }
+
     /// When [`Self::handle_timeout`] should be called next.
     pub fn poll_timeout(&self) -> Option<Instant> {
         let heartbeat = self.config.heartbeat_timeout;
@@ -648,7 +678,9 @@ impl<C: Copy + Eq + std::fmt::Debug> Primary<C> {
             .filter_map(|e| e.leave_by);
         self.workers
             .values()
-            .filter(|e| e.killed.is_none() && !e.failed && !e.link.is_closed())
+            .filter(|e| {
+                e.killed.is_none() && !e.failed && !e.link.is_closed() && e.held_since.is_none()
+            })
             .flat_map(|e| {
                 [
                     e.link.next_deadline(),

@@ -1254,3 +1254,59 @@ fn a_worker_killed_for_another_reason_is_not_killed_again_at_its_disconnect_dead
     h.primary.handle_timeout(h.now + Duration::from_secs(60));
     assert_eq!(kills(&h.outputs()), []);
 }
+
+#[test]
+fn a_held_worker_is_not_presumed_hung_and_its_deadlines_resume_moved_by_the_hold() {
+    let mut h = Harness::new();
+    let w = h.online();
+    h.outputs();
+    let start = h.now;
+    assert_eq!(
+        h.primary.poll_timeout(),
+        Some(start + Duration::from_secs(30))
+    );
+    // Held 10 s in: no deadline while held, however long.
+    h.primary.hold(start + Duration::from_secs(10), w);
+    assert_eq!(h.primary.poll_timeout(), None);
+    h.primary.handle_timeout(start + Duration::from_secs(100));
+    assert_eq!(h.outputs(), []);
+    // Released at 100 s: 20 s of its 30 s remain.
+    h.primary.release(start + Duration::from_secs(100), w);
+    assert_eq!(
+        h.primary.poll_timeout(),
+        Some(start + Duration::from_secs(120))
+    );
+    h.primary.handle_timeout(start + Duration::from_secs(119));
+    assert_eq!(h.outputs(), []);
+    h.primary.handle_timeout(start + Duration::from_secs(120));
+    assert_eq!(
+        h.outputs(),
+        [Out::Other(Output::Kill {
+            worker: w,
+            reason: KillReason::HeartbeatTimeout
+        })]
+    );
+}
+
+#[test]
+fn the_disconnect_deadline_holds_while_the_driver_holds_the_workers_frames() {
+    let mut h = Harness::new();
+    let w = h.online();
+    h.outputs();
+    assert!(h.primary.disconnect(h.now, w, Duration::from_secs(5)));
+    h.outputs();
+    h.primary.hold(h.now + Duration::from_secs(1), w);
+    assert_eq!(
+        h.primary.poll_timeout(),
+        Some(h.now + Duration::from_secs(5)),
+        "held, the disconnect deadline still counts"
+    );
+    h.primary.handle_timeout(h.now + Duration::from_secs(5));
+    assert_eq!(
+        h.outputs(),
+        [Out::Other(Output::Kill {
+            worker: w,
+            reason: KillReason::DisconnectTimeout
+        })]
+    );
+}

@@ -189,12 +189,29 @@ impl ClusterListener {
         }
     }
 
-    /// Polls for the next connection.
+    /// Polls for the next connection and its peer's address, as tokio's
+    /// `TcpListener::poll_accept` does.
     ///
     /// # Errors
     ///
     /// As [`Self::accept`].
-    pub fn poll_accept(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<TcpStream>> {
+    pub fn poll_accept(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<(TcpStream, SocketAddr)>> {
+        loop {
+            let stream = ready!(self.poll_stream(cx))?;
+            match stream.peer_addr() {
+                Ok(peer) => return Poll::Ready(Ok((stream, peer))),
+                // Reset before we looked at it: nothing to serve.
+                Err(e) if e.kind() == io::ErrorKind::NotConnected => {}
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+
+    /// The next connection, without its peer's address.
+    fn poll_stream(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<TcpStream>> {
         match ready!(futures_core::Stream::poll_next(Pin::new(self), cx)) {
             Some(result) => Poll::Ready(result),
             None => Poll::Ready(Err(super::shutting_down())),
@@ -219,7 +236,7 @@ impl super::Listener for ClusterListener {
         &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<io::Result<(TcpStream, SocketAddr)>> {
-        let stream = ready!(self.poll_accept(cx))?;
+        let stream = ready!(self.poll_stream(cx))?;
         let peer = stream.peer_addr();
         Poll::Ready(super::with_peer(stream, peer))
     }

@@ -8,10 +8,10 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use proto::wire::BoundAddr;
-use proto::{ExitStatus, KillReason, ProtocolError};
+use proto::{ExitStatus, KillReason, LinkError};
 use tokio::sync::mpsc;
 
-use super::{Message, WorkerHandle};
+use super::WorkerHandle;
 
 /// The stream returned by [`Primary::events`](super::Primary::events).
 #[derive(Debug)]
@@ -85,13 +85,6 @@ pub enum Event {
     /// [`Settings::wait_ready`](crate::Settings::wait_ready) the supervisor and rolling reloads
     /// count a worker as up from this event instead of its first `Listening`.
     Ready(WorkerHandle),
-    /// It sent a message or a request (answer it with [`Message::reply`]).
-    Message {
-        /// The sender.
-        worker: WorkerHandle,
-        /// The message.
-        message: Message,
-    },
     /// A rolling reload replaced `old` with `new`, which listens; `old` is disconnected next.
     Replaced {
         /// The worker being retired.
@@ -99,11 +92,13 @@ pub enum Event {
         /// Its replacement.
         new: WorkerHandle,
     },
-    /// Its link to the primary closed: it left on purpose and closed its end (a worker that
-    /// called [`Worker::disconnect`](crate::Worker::disconnect) may still be finishing its
-    /// connections), its process is gone (reported just before its `Exit`, once what it sent
-    /// was read and what it never read was taken back), or the primary dropped it for breaking
-    /// the protocol.
+    /// Its link to the primary closed: it left on purpose (its own
+    /// [`Worker::disconnect`](crate::Worker::disconnect) or the primary's) and closed its end
+    /// once its servers' connections were done, as in Node (the serve helpers' drain ended,
+    /// every [`Worker::hold_link`](crate::Worker::hold_link) guard dropped, or, if none was
+    /// taken, its `main` returned); its process is gone (reported just before its `Exit`, once
+    /// what it sent was read and what it never read was taken back); or the primary dropped it
+    /// for breaking the protocol.
     Disconnect(WorkerHandle),
     /// Its process ended (always after its `Disconnect`).
     Exit {
@@ -129,4 +124,104 @@ pub enum Event {
         /// The OS error number (`std::io::Error::from_raw_os_error(errno)` describes it).
         errno: i32,
     },
+}
+
+/// How a worker broke the protocol ([`Event::Error`]): opaque, as hyper's errors are. Its
+/// [`kind`](Self::kind) says which rule, its `Display` and `source` chain say the details.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ProtocolError {
+    inner: proto::ProtocolError,
+}
+
+impl ProtocolError {
+    pub(crate) fn new(inner: proto::ProtocolError) -> Self {
+        Self { inner }
+    }
+
+    /// Which rule was broken.
+    #[must_use]
+    pub fn kind(&self) -> ProtocolErrorKind {
+        use proto::ProtocolError as E;
+        match &self.inner {
+            E::Decode(_) => ProtocolErrorKind::Decode,
+            E::Truncated => ProtocolErrorKind::Truncated,
+            E::Link(LinkError::VersionMismatch { .. }) => ProtocolErrorKind::VersionMismatch,
+            E::Link(LinkError::HandshakeExpected | LinkError::DuplicateHandshake) => {
+                ProtocolErrorKind::Handshake
+            }
+            E::Link(_) => ProtocolErrorKind::Link,
+            E::Registry(_) => ProtocolErrorKind::Handle,
+            E::UnexpectedFds { .. } => ProtocolErrorKind::UnexpectedFds,
+            E::DuplicateConnection { .. } => ProtocolErrorKind::DuplicateConnection,
+            E::MessageTooLarge(_) => ProtocolErrorKind::MessageTooLarge,
+            E::NotAConnection => ProtocolErrorKind::NotAConnection,
+            E::HandoffTimeout { .. } => ProtocolErrorKind::HandoffTimeout,
+            // The core's error is non-exhaustive: a rule it adds is reported, not lost.
+            _ => ProtocolErrorKind::Other,
+        }
+    }
+
+    /// The protocol versions of the primary and of the worker (`(ours, theirs)`), if the worker
+    /// speaks another one ([`ProtocolErrorKind::VersionMismatch`]).
+    #[must_use]
+    pub fn version_mismatch(&self) -> Option<(u16, u16)> {
+        match self.inner {
+            proto::ProtocolError::Link(LinkError::VersionMismatch { ours, theirs }) => {
+                Some((ours, theirs))
+            }
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Debug for ProtocolError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ProtocolError")
+            .field("kind", &self.kind())
+            .field("detail", &self.inner)
+            .finish()
+    }
+}
+
+impl fmt::Display for ProtocolError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.inner, f)
+    }
+}
+
+impl std::error::Error for ProtocolError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        std::error::Error::source(&self.inner)
+    }
+}
+
+/// Which protocol rule a worker broke ([`ProtocolError::kind`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ProtocolErrorKind {
+    /// A frame could not be decoded.
+    Decode,
+    /// A datagram or its fds were truncated by the receive buffer.
+    Truncated,
+    /// The worker speaks another protocol version ([`ProtocolError::version_mismatch`]).
+    VersionMismatch,
+    /// Its first frame was not its handshake, or it sent the handshake twice.
+    Handshake,
+    /// It broke the request and answer rules (an answer to no request, twice, or of the wrong
+    /// kind), or sent on a closed link.
+    Link,
+    /// It named a listening handle or a connection it does not hold.
+    Handle,
+    /// A frame came with the wrong number of file descriptors.
+    UnexpectedFds,
+    /// It offered the same connection twice.
+    DuplicateConnection,
+    /// A message grew past [`MAX_MESSAGE`](crate::message::MAX_MESSAGE).
+    MessageTooLarge,
+    /// It sent back, as a connection, an fd that is not a stream socket.
+    NotAConnection,
+    /// It did not ack a handed-off connection in time: presumed hung.
+    HandoffTimeout,
+    /// A rule this version does not name.
+    Other,
 }

@@ -1,5 +1,6 @@
 //! The primary: forks workers, owns the listening sockets and hands out connections
-//! ([`Primary`]), and what it tells about its workers ([`Event`], [`WorkerHandle`], [`Counters`]).
+//! ([`Primary`]), and what it tells about its workers ([`Event`], [`Messages`], [`WorkerHandle`],
+//! [`Counters`]).
 
 mod alarm;
 mod driver;
@@ -7,6 +8,7 @@ mod events;
 pub(crate) mod holding;
 mod image;
 mod latency;
+pub(crate) mod messages;
 mod reaper;
 mod spawn;
 mod worker_handle;
@@ -19,22 +21,22 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-pub use proto::{
-    ExitStatus, KillReason, LinkError, ProtocolError, SchedulingPolicy, WorkerId, WorkerState,
-};
+// One home per public type: `WorkerId` lives here (the primary numbers its workers);
+// `SchedulingPolicy` in `settings`, `Message` in `message`, `FATAL_EXIT_CODE` in `supervisor`.
+pub use proto::{ExitStatus, KillReason, WorkerId, WorkerState};
 
 use serde::Serialize;
 
-pub use crate::message::Message;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::settings::{Settings, SettingsError};
 use driver::{Driver, Input};
 
-pub use events::{Event, Events, ListenAddress};
+pub use events::{Event, Events, ListenAddress, ProtocolError, ProtocolErrorKind};
 pub use image::Binary;
 pub(crate) use image::Image;
 pub use latency::HandoffLatency;
+pub use messages::Messages;
 pub use signal::Signal;
 pub use worker_handle::WorkerHandle;
 pub(crate) use worker_handle::WorkerShared;
@@ -70,6 +72,8 @@ pub struct Primary {
 
 pub(crate) struct PrimaryShared {
     subscribers: Mutex<Vec<mpsc::UnboundedSender<Event>>>,
+    /// The queue of [`Primary::messages`], if it was taken.
+    messages: messages::Slot,
     workers: Mutex<BTreeMap<WorkerId, WorkerHandle>>,
     settings: Settings,
     /// The program of the current generation: what forks, respawns and scale-ups run.
@@ -135,6 +139,7 @@ impl Primary {
         let (tx, rx) = mpsc::unbounded_channel();
         let shared = Arc::new(PrimaryShared {
             subscribers: Mutex::new(Vec::new()),
+            messages: messages::Slot::default(),
             workers: Mutex::new(BTreeMap::new()),
             settings: settings.clone(),
             image: Mutex::new(Arc::new(image)),
@@ -214,6 +219,28 @@ impl Primary {
             sent += 1;
         }
         Ok(sent)
+    }
+
+    /// The messages and requests workers send ([`Worker::send`](crate::Worker::send),
+    /// [`Worker::request`](crate::Worker::request)), each with its sender, in the order each
+    /// worker sent them; answer a request with [`Message::reply`](crate::message::Message::reply).
+    ///
+    /// One reader at a time: a later call takes over, and the earlier stream ends (what it had
+    /// not read goes to the new one). Bounded ([`Messages`]): a reader slower than a worker
+    /// slows that worker down instead of growing the primary's memory.
+    ///
+    /// Messages that arrive while nobody took the stream (before the first call, or after the
+    /// stream was dropped) are dropped, as Node drops a message no `'message'` listener hears:
+    /// requests among them are refused at once, fds closed, and
+    /// [`Self::messages_dropped`] counts them (logged at debug level).
+    pub fn messages(&self) -> Messages {
+        Messages::new(self.shared.messages.take_over())
+    }
+
+    /// How many messages from workers were dropped because nobody read [`Self::messages`].
+    #[must_use]
+    pub fn messages_dropped(&self) -> u64 {
+        self.shared.messages.dropped()
     }
 
     /// A stream of everything that happens to workers from now on, in Node's order per worker

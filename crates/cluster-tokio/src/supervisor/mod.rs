@@ -17,7 +17,7 @@ mod signals;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-pub use proto::supervisor::SlotId;
+pub use proto::supervisor::{FATAL_EXIT_CODE, SlotId};
 use tokio::sync::mpsc;
 
 pub(crate) use self::book::Book;

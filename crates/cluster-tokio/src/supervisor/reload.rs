@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use crate::primary::{Event, LinkError, Primary, ProtocolError, Signal};
+use crate::primary::{Event, Primary, Signal};
 
 use super::{AbortReason, ReloadAborted, ReloadError, ReloadReport};
 
@@ -59,11 +59,10 @@ pub(super) async fn rolling_reload(primary: &Primary) -> Result<ReloadReport, Re
                     Some(Event::Exit { worker, status, .. }) if worker.id() == new.id() => {
                         return Some(AbortReason::ExitedBeforeListening(status));
                     }
-                    Some(Event::Error {
-                        worker,
-                        error: ProtocolError::Link(LinkError::VersionMismatch { ours, theirs }),
-                    }) if worker.id() == new.id() => {
-                        return Some(AbortReason::ProtocolMismatch { ours, theirs });
+                    Some(Event::Error { worker, error }) if worker.id() == new.id() => {
+                        if let Some((ours, theirs)) = error.version_mismatch() {
+                            return Some(AbortReason::ProtocolMismatch { ours, theirs });
+                        }
                     }
                     Some(_) => {}
                     None => return Some(AbortReason::PrimaryStopped),

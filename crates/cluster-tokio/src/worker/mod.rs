@@ -1,4 +1,4 @@
-//! The worker side: this process's link to its primary ([`Worker`], and [`current`] to find
+//! The worker side: this process's link to its primary ([`Worker`], and [`Worker::current`] to find
 //! it from anywhere in a worker).
 
 mod driver;
@@ -10,7 +10,7 @@ use std::os::fd::OwnedFd;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-pub use proto::WorkerId;
+use proto::WorkerId;
 use proto::wire::ListenRequest;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -82,12 +82,19 @@ impl fmt::Debug for Worker {
     }
 }
 
-/// The current worker, if this process is one.
-pub fn current() -> Option<Worker> {
+/// The current worker, if this process is one ([`Worker::current`]).
+pub(crate) fn current() -> Option<Worker> {
     CURRENT.get().cloned()
 }
 
 impl Worker {
+    /// This process's worker, if it is one (Node's `cluster.worker`): `None` in the primary and
+    /// in a process that runs unclustered.
+    #[must_use]
+    pub fn current() -> Option<Self> {
+        current()
+    }
+
     /// Connects this process to its primary over the inherited link and registers it as the
     /// current worker.
     pub(crate) fn start(id: WorkerId, ipc: OwnedFd) -> io::Result<Self> {
@@ -209,7 +216,7 @@ impl Worker {
     }
 
     /// Sends a message to the primary, encoded with postcard; it arrives as
-    /// [`Event::Message`](crate::primary::Event::Message). Messages arrive in the order they are sent.
+    /// [`Primary::messages`](crate::Primary::messages). Messages arrive in the order they are sent.
     /// Values larger than one frame are split and put back together transparently, up to
     /// [`MAX_MESSAGE`](crate::message::MAX_MESSAGE) (16 MiB).
     ///
@@ -262,7 +269,7 @@ impl Worker {
     }
 
     /// Asks the primary and waits for its answer (up to [`DEFAULT_REQUEST_TIMEOUT`], 30 s): the
-    /// primary gets an [`Event::Message`](crate::primary::Event::Message) whose message
+    /// primary gets an [`Primary::messages`](crate::Primary::messages) whose message
     /// [`is_request`](Message::is_request), and answers with [`Message::reply`].
     ///
     /// # Errors

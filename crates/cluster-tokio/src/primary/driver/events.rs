@@ -68,7 +68,8 @@ impl Driver {
                 let Some(w) = handle(&self.workers, &worker) else {
                     return;
                 };
-                Event::Message { worker: w, message }
+                // Not an event: messages have their own bounded stream.
+                return self.deliver_message(worker, w, message);
             }
             proto::Event::Answer {
                 worker,
@@ -126,7 +127,10 @@ impl Driver {
                 let Some(w) = handle(&self.workers, &worker) else {
                     return;
                 };
-                Event::Error { worker: w, error }
+                Event::Error {
+                    worker: w,
+                    error: super::super::ProtocolError::new(error),
+                }
             }
         };
         self.shared.publish(event);

@@ -12,6 +12,7 @@ use super::accept::Listener;
 use super::{BUDGET, Driver, now};
 use crate::ipc::{Channel, Received};
 use crate::message::Waiters;
+use crate::primary::messages::Delivered;
 
 /// Frames read from a gone worker's link at most; a full socket buffer holds far fewer.
 const LAST_FRAMES: usize = 65_536;
@@ -28,11 +29,14 @@ pub(super) struct WorkerLink {
     /// The worker shut its end down for reading (a send failed with `EPIPE`): nothing more is
     /// sent, but what the worker sends is still read until its process is gone.
     pub(super) hung_up: bool,
+    /// A message it sent waits for room in the user's queue: its link is not read until it
+    /// fits (`primary/messages.rs`), and the core suspends its deadlines meanwhile.
+    pub(super) held: bool,
 }
 
 impl Driver {
     pub(super) fn poll_links(&mut self, cx: &mut Context<'_>) -> bool {
-        let mut progress = false;
+        let mut progress = self.release_held(cx);
         self.ids.clear();
         self.ids.extend(self.links.keys());
         for i in 0..self.ids.len() {
@@ -41,6 +45,11 @@ impl Driver {
                 let Some(link) = self.links.get_mut(&id) else {
                     break;
                 };
+                // Not read while one of its messages waits for room: the kernel's buffer then
+                // slows its sends, and nothing it sends piles up here.
+                if link.held {
+                    break;
+                }
                 let received = match link.channel.poll_recv(cx, &mut self.received) {
                     Poll::Pending => break,
                     Poll::Ready(received) => received,
@@ -49,7 +58,59 @@ impl Driver {
                 self.handle_received(id, received);
             }
         }
-        progress
+        // A message held just now: the queue must know whom to wake when the reader makes room.
+        progress | self.release_held(cx)
+    }
+
+    /// Moves held messages into the user's queue as room allows; links whose messages all fit
+    /// are read again, and their deadlines resume. The queue wakes this task when room is made.
+    fn release_held(&mut self, cx: &Context<'_>) -> bool {
+        if !self.links.values().any(|link| link.held) {
+            return false;
+        }
+        let Some(queue) = self.shared.messages.current() else {
+            return false;
+        };
+        let (released, dropped) = queue.flush_held(cx.waker());
+        for _ in 0..dropped {
+            self.shared.messages.count_dropped();
+        }
+        for worker in &released {
+            if let Some(link) = self.links.get_mut(worker) {
+                link.held = false;
+            }
+            self.core.release(now(), *worker);
+        }
+        !released.is_empty()
+    }
+
+    /// Hands a message from `worker` to the user's queue: held if it is full (the link is not
+    /// read until it fits), dropped if nobody reads messages (as Node drops a message nobody
+    /// listens for), with a debug line and [`Primary::messages_dropped`](crate::Primary::messages_dropped).
+    pub(super) fn deliver_message(
+        &mut self,
+        worker: WorkerId,
+        handle: crate::primary::WorkerHandle,
+        message: crate::message::Message,
+    ) {
+        let delivered = match self.shared.messages.current() {
+            Some(queue) => queue.deliver(worker, (handle, message)),
+            None => Err((handle, message)),
+        };
+        match delivered {
+            Ok(Delivered::Queued) => {}
+            Ok(Delivered::Held) => {
+                if let Some(link) = self.links.get_mut(&worker) {
+                    link.held = true;
+                }
+                self.core.hold(now(), worker);
+            }
+            Err(dropped) => {
+                self.shared.messages.count_dropped();
+                tracing::debug!(%worker, "message dropped: nobody reads `Primary::messages()`");
+                drop(dropped);
+            }
+        }
     }
 
     /// Hands what came from `worker`'s link to the core and acts on the outcome.

@@ -426,6 +426,7 @@ impl Driver {
                 outgoing: VecDeque::new(),
                 waiters: Waiters::default(),
                 hung_up: false,
+                held: false,
             },
         );
         let tx = self.input_tx.clone();
