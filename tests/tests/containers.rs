@@ -275,3 +275,92 @@ fn as_pid_1_of_a_pid_namespace_it_reaps_every_orphan_and_stops_cleanly() {
         "processes outlived the namespace's init"
     );
 }
+
+/// A cgroup of its own with a CPU quota, removed on drop (after what ran in it is gone).
+struct CpuCgroup {
+    dir: std::path::PathBuf,
+    v2: bool,
+}
+
+impl CpuCgroup {
+    /// A new cgroup under the root of the `cpu` hierarchy (v1) or of the unified one (v2);
+    /// `Err` says why there cannot be one here.
+    fn new() -> Result<Self, String> {
+        let name = format!("cluster-test-{}", std::process::id());
+        let v1 = std::path::Path::new("/sys/fs/cgroup/cpu");
+        let (dir, v2) = if v1.join("cpu.cfs_quota_us").exists() {
+            (v1.join(name), false)
+        } else if std::fs::read_to_string("/sys/fs/cgroup/cgroup.subtree_control")
+            .is_ok_and(|controllers| controllers.split_whitespace().any(|c| c == "cpu"))
+        {
+            (std::path::Path::new("/sys/fs/cgroup").join(name), true)
+        } else {
+            return Err("no cgroup hierarchy with the cpu controller".to_owned());
+        };
+        std::fs::create_dir(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        Ok(Self { dir, v2 })
+    }
+
+    fn set_cpus(&self, cpus: u32) {
+        let quota = u64::from(cpus) * 100_000;
+        if self.v2 {
+            std::fs::write(self.dir.join("cpu.max"), format!("{quota} 100000")).unwrap();
+        } else {
+            std::fs::write(self.dir.join("cpu.cfs_period_us"), "100000").unwrap();
+            std::fs::write(self.dir.join("cpu.cfs_quota_us"), quota.to_string()).unwrap();
+        }
+    }
+}
+
+impl Drop for CpuCgroup {
+    fn drop(&mut self) {
+        // Its processes were killed with their `Program`: a moment for the kernel to let go.
+        let deadline = Instant::now() + WAIT;
+        while std::fs::remove_dir(&self.dir).is_err() && Instant::now() < deadline {
+            std::thread::yield_now();
+        }
+    }
+}
+
+#[test]
+fn workers_start_one_per_cpu_of_the_limit_and_follow_it_when_asked() {
+    let cgroup = match CpuCgroup::new() {
+        Ok(cgroup) => cgroup,
+        Err(why) => {
+            eprintln!("skipped: {why}");
+            return;
+        }
+    };
+    cgroup.set_cpus(1);
+    let procs = cgroup.dir.join("cgroup.procs");
+    // The program starts inside the cgroup: the shell moves itself there, then execs it.
+    let mut program = Program::start_with(
+        "sh",
+        &[
+            ("FIXTURE_DEFAULT_WORKERS", "1"),
+            ("CLUSTER_WORKERS_FOLLOW_CPU_LIMIT", "1"),
+            ("RUST_LOG", "info"),
+        ],
+        |command| {
+            command
+                .arg("-c")
+                .arg(r#"echo $$ > "$1" && exec "$0""#)
+                .arg(env!("CARGO_BIN_EXE_http_fixture"))
+                .arg(&procs);
+        },
+    );
+    program.worker();
+    program.wait_for_log("one per CPU: the cgroup's CPU quota");
+    assert!(
+        program.stderr().contains("workers=1"),
+        "{}",
+        program.stderr()
+    );
+    assert!(program.new_workers().is_empty(), "one worker for one CPU");
+    // An in-place resize: two CPUs, two workers within a period of the follower.
+    cgroup.set_cpus(2);
+    program.worker();
+    program.wait_for_log("the CPU limit changed");
+    program.signal(libc::SIGTERM);
+    assert!(program.wait().success(), "{}", program.stderr());
+}

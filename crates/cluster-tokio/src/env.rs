@@ -11,6 +11,7 @@
 //! | `CLUSTER_BATCH_SCHEDULING` | [`Settings::batch_scheduling`] | `1` or `0` |
 //! | `CLUSTER_DISCONNECT_TIMEOUT` | [`Settings::disconnect_timeout`] | a duration: `20s`, `500ms` |
 //! | `CLUSTER_SHUTDOWN_DELAY` | [`Settings::shutdown_delay`] | a duration, or `0` |
+//! | `CLUSTER_WORKERS_FOLLOW_CPU_LIMIT` | [`Settings::workers_follow_cpu_limit`] | `1` or `0` |
 //! | `CLUSTER_BOOT_TIMEOUT` | [`Settings::boot_timeout`] | a duration |
 //! | `CLUSTER_HANDOFF_TIMEOUT` | [`Settings::handoff_timeout`] | a duration |
 //! | `CLUSTER_HEARTBEAT_TIMEOUT` | [`Settings::heartbeat_timeout`] | a duration of at least `2s`, or `off` |
@@ -43,6 +44,8 @@ pub const BATCH_SCHEDULING: &str = "CLUSTER_BATCH_SCHEDULING";
 pub const DISCONNECT_TIMEOUT: &str = "CLUSTER_DISCONNECT_TIMEOUT";
 /// How long the cluster keeps serving after SIGTERM before it drains.
 pub const SHUTDOWN_DELAY: &str = "CLUSTER_SHUTDOWN_DELAY";
+/// Whether the worker count follows the CPU limit: `1` or `0`.
+pub const WORKERS_FOLLOW_CPU_LIMIT: &str = "CLUSTER_WORKERS_FOLLOW_CPU_LIMIT";
 /// How long a new worker may take to listen.
 pub const BOOT_TIMEOUT: &str = "CLUSTER_BOOT_TIMEOUT";
 /// How long a worker may take to ack a connection.
@@ -76,13 +79,14 @@ pub(crate) fn answer_queries() {
 }
 
 /// Every variable [`Settings::apply_env`] reads, in the order it reads them.
-pub const VARIABLES: [&str; 11] = [
+pub const VARIABLES: [&str; 12] = [
     WORKERS,
     SCHED_POLICY,
     HANDOFF_WINDOW,
     BATCH_SCHEDULING,
     DISCONNECT_TIMEOUT,
     SHUTDOWN_DELAY,
+    WORKERS_FOLLOW_CPU_LIMIT,
     BOOT_TIMEOUT,
     HANDOFF_TIMEOUT,
     HEARTBEAT_TIMEOUT,
@@ -235,6 +239,13 @@ impl Settings {
                 }
                 BATCH_SCHEDULING => {
                     self.batch_scheduling = match text {
+                        Some("1") => true,
+                        Some("0") => false,
+                        _ => return Err(fail("`1` or `0`")),
+                    };
+                }
+                WORKERS_FOLLOW_CPU_LIMIT => {
+                    self.workers_follow_cpu_limit = match text {
                         Some("1") => true,
                         Some("0") => false,
                         _ => return Err(fail("`1` or `0`")),

@@ -18,6 +18,7 @@
 
 #![deny(unsafe_code)]
 
+mod cpu_limit;
 mod entry;
 pub mod env;
 mod ipc;

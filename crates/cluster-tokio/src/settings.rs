@@ -10,6 +10,9 @@ use std::time::Duration;
 pub use proto::SchedulingPolicy;
 use proto::supervisor::SupervisorConfig;
 
+/// How often [`Settings::workers_follow_cpu_limit`] reads the CPU limit again.
+pub const CPU_LIMIT_PERIOD: Duration = Duration::from_secs(10);
+
 /// The shutdown delay by default in a Kubernetes pod (where `KUBERNETES_SERVICE_HOST` is set):
 /// long enough for kube-proxy and the usual ingress controllers to drop a terminating pod's
 /// endpoints, which they do within a few seconds of its deletion.
@@ -95,6 +98,7 @@ pub struct Settings {
     pub(crate) metrics_addr: Option<SocketAddr>,
     pub(crate) control_socket: Option<PathBuf>,
     pub(crate) env_overrides: bool,
+    pub(crate) workers_follow_cpu_limit: bool,
 }
 
 impl Default for Settings {
@@ -139,6 +143,7 @@ impl Settings {
             metrics_addr: None,
             control_socket: None,
             env_overrides: true,
+            workers_follow_cpu_limit: false,
         }
     }
 
@@ -394,7 +399,7 @@ impl Settings {
     #[must_use]
     pub fn worker_count(&self) -> usize {
         self.workers
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from))
+            .unwrap_or_else(|| crate::cpu_limit::available().count)
     }
 
     /// What [`Self::workers`] set, if anything (`None`: one per CPU, as [`Self::worker_count`]
@@ -552,6 +557,48 @@ impl Settings {
     #[must_use]
     pub fn get_env_overrides(&self) -> bool {
         self.env_overrides
+    }
+
+    /// [`Self::shutdown_delay`]; `None` when it was not set (the default then depends on where
+    /// the program runs: 5 s in a Kubernetes pod, else 0).
+    #[must_use]
+    pub fn get_shutdown_delay(&self) -> Option<Duration> {
+        self.shutdown_delay
+    }
+
+    /// [`Self::workers_follow_cpu_limit`].
+    #[must_use]
+    pub fn get_workers_follow_cpu_limit(&self) -> bool {
+        self.workers_follow_cpu_limit
+    }
+
+    /// Whether the supervisor keeps as many workers as the CPU limit allows, re-reading it every
+    /// [`CPU_LIMIT_PERIOD`] (default: off). The cgroup's quota is what a container's CPU limit
+    /// sets, and Kubernetes can change it under a running pod (an in-place resize); the count
+    /// is the quota rounded down (at least 1), bounded by the CPU affinity and the host's CPUs,
+    /// and changes like any scaling (new workers start, removed ones drain). A pod with CPU
+    /// requests but no limit sees the whole node: set [`Self::workers`] (`CLUSTER_WORKERS`)
+    /// there instead. `CLUSTER_WORKERS_FOLLOW_CPU_LIMIT=1` turns it on.
+    pub fn workers_follow_cpu_limit(mut self, follow: bool) -> Self {
+        self.workers_follow_cpu_limit = follow;
+        self
+    }
+
+    /// How many workers run by default, and why: [`Self::workers`], else one per CPU this
+    /// process may use (the cgroup's CPU quota, the CPU affinity, or the host's CPUs).
+    pub(crate) fn worker_count_and_source(&self) -> (usize, String) {
+        match self.workers {
+            Some(workers)
+                if self.env_overrides && std::env::var_os(crate::env::WORKERS).is_some() =>
+            {
+                (workers, crate::env::WORKERS.to_owned())
+            }
+            Some(workers) => (workers, "the settings".to_owned()),
+            None => {
+                let cpus = crate::cpu_limit::available();
+                (cpus.count, format!("one per CPU: {}", cpus.source))
+            }
+        }
     }
 
     /// Checks the settings against each other and against their bounds.

@@ -8,7 +8,8 @@
 //! the file named by `FIXTURE_FAIL_IF` exists exit 1 at once. With `FIXTURE_WAIT_READY=1` the
 //! primary waits for readiness (`Settings::wait_ready`), and every worker calls
 //! `cluster::ready()` once it listens, except in a build stamped `unready`, which never does.
-//! `FIXTURE_BOOT_DELAY_MS` makes every worker wait that long before it binds. `GET /abandon/<n>`
+//! `FIXTURE_BOOT_DELAY_MS` makes every worker wait that long before it binds;
+//! `FIXTURE_DEFAULT_WORKERS=1` runs the default count instead of two. `GET /abandon/<n>`
 //! leaves `n` orphaned processes behind (each lives 2 s) before it answers.
 
 use std::convert::Infallible;
@@ -29,7 +30,13 @@ use hyper_util::server::graceful::GracefulShutdown;
 
 fn settings() -> cluster::Settings {
     let wait_ready = std::env::var_os("FIXTURE_WAIT_READY").is_some();
-    cluster::Settings::new().workers(2).wait_ready(wait_ready)
+    let settings = cluster::Settings::new().wait_ready(wait_ready);
+    // The default count (one per CPU this process may use), or two.
+    if std::env::var_os("FIXTURE_DEFAULT_WORKERS").is_some() {
+        settings
+    } else {
+        settings.workers(2)
+    }
 }
 
 #[cluster::main(settings = settings)]

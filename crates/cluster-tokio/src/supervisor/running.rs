@@ -54,6 +54,11 @@ pub(super) struct Running {
     watchdog: crate::systemd::Watchdog,
     /// When the shutdown delay a SIGTERM started ends, and the drain begins.
     leave_at: Option<tokio::time::Instant>,
+    /// With `workers_follow_cpu_limit`: when to read the CPU limit again, and the count it gave
+    /// last time.
+    cpu_limit: Option<(tokio::time::Interval, usize)>,
+    /// Whether an unreadable CPU limit was logged already (once is enough).
+    cpu_limit_unreadable: bool,
 }
 
 impl Running {
@@ -77,10 +82,22 @@ impl Running {
             progress: crate::systemd::Progress::default(),
             watchdog: crate::systemd::Watchdog::new(),
             leave_at: None,
+            cpu_limit: None,
+            cpu_limit_unreadable: false,
         }
     }
 
     pub(super) async fn supervise(mut self, mut signals: Signals) -> Result<(), SupervisorError> {
+        let settings = self.primary.settings();
+        let (workers, from) = settings.worker_count_and_source();
+        tracing::info!(workers, from = %from, "starting the workers");
+        if settings.workers_follow_cpu_limit {
+            let mut period = tokio::time::interval(crate::settings::CPU_LIMIT_PERIOD);
+            period.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            period.reset();
+            self.cpu_limit = Some((period, crate::cpu_limit::available().count));
+            tracing::info!(period = ?crate::settings::CPU_LIMIT_PERIOD, "the worker count follows the CPU limit");
+        }
         let (delay, from) = self.primary.settings().shutdown_delay_in_force();
         if !delay.is_zero() {
             tracing::info!(
@@ -110,6 +127,7 @@ impl Running {
                 event = self.events.recv() => self.on_event(event),
                 () = sleep_until(timer) => self.on_timer(),
                 () = sleep_until(self.leave_at) => self.drain_after_delay(),
+                () = tick(&mut self.cpu_limit) => self.follow_cpu_limit(),
             };
             if let Some(stop) = stop {
                 return self.stop(stop, &mut signals).await;
@@ -275,6 +293,29 @@ impl Running {
             within: self.primary.settings().disconnect_timeout,
             outcome: Ok(()),
         })
+    }
+
+    /// `workers_follow_cpu_limit`: the CPU limit changed since the last reading (a resize of
+    /// the container), so the worker count follows it. A limit that cannot be read leaves the
+    /// count as it is, logged once.
+    fn follow_cpu_limit(&mut self) -> Option<Stop> {
+        if let Err(error) = crate::cpu_limit::quota_readable() {
+            if !std::mem::replace(&mut self.cpu_limit_unreadable, true) {
+                tracing::warn!(%error, "cannot read the CPU limit; the worker count stays as it is");
+            }
+            return None;
+        }
+        self.cpu_limit_unreadable = false;
+        let cpus = crate::cpu_limit::available();
+        let last = self.cpu_limit.as_mut().map(|(_, last)| last)?;
+        if cpus.count == std::mem::replace(last, cpus.count) || self.leave_at.is_some() {
+            return None;
+        }
+        tracing::info!(cpus = cpus.count, source = %cpus.source, "the CPU limit changed");
+        if let Err(error) = self.scale(cpus.count) {
+            tracing::warn!(%error, "not following the CPU limit");
+        }
+        None
     }
 
     fn on_control(&mut self, control: Control) -> Option<Stop> {
@@ -453,6 +494,16 @@ async fn kill_all(primary: &Primary) {
     }
     for worker in primary.workers() {
         worker.exited().await;
+    }
+}
+
+/// The next tick of `period`, if there is one.
+async fn tick(period: &mut Option<(tokio::time::Interval, usize)>) {
+    match period {
+        Some((period, _)) => {
+            period.tick().await;
+        }
+        None => std::future::pending().await,
     }
 }
 
