@@ -364,3 +364,108 @@ fn workers_start_one_per_cpu_of_the_limit_and_follow_it_when_asked() {
     program.signal(libc::SIGTERM);
     assert!(program.wait().success(), "{}", program.stderr());
 }
+
+/// A memory cgroup of its own under this process's, limited, removed on drop.
+struct MemoryCgroup {
+    dir: std::path::PathBuf,
+}
+
+impl MemoryCgroup {
+    fn new(limit_bytes: u64) -> Result<Self, String> {
+        let cgroups = std::fs::read_to_string("/proc/self/cgroup").map_err(|e| e.to_string())?;
+        let name = format!("cluster-oom-{}", std::process::id());
+        let v1 = cgroups
+            .lines()
+            .find_map(|line| line.split_once(":memory:").map(|(_, path)| path.to_owned()));
+        let (dir, file) = match v1 {
+            Some(path) => (
+                std::path::Path::new("/sys/fs/cgroup/memory")
+                    .join(path.trim_start_matches('/'))
+                    .join(&name),
+                "memory.limit_in_bytes",
+            ),
+            None => {
+                let path = cgroups
+                    .lines()
+                    .find_map(|line| line.strip_prefix("0::"))
+                    .ok_or("no memory cgroup")?;
+                (
+                    std::path::Path::new("/sys/fs/cgroup")
+                        .join(path.trim_start_matches('/'))
+                        .join(&name),
+                    "memory.max",
+                )
+            }
+        };
+        std::fs::create_dir(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        let cgroup = Self { dir };
+        std::fs::write(cgroup.dir.join(file), limit_bytes.to_string())
+            .map_err(|e| format!("cannot limit {}: {e}", cgroup.dir.display()))?;
+        Ok(cgroup)
+    }
+}
+
+impl Drop for MemoryCgroup {
+    fn drop(&mut self) {
+        let deadline = Instant::now() + WAIT;
+        while std::fs::remove_dir(&self.dir).is_err() && Instant::now() < deadline {
+            std::thread::yield_now();
+        }
+    }
+}
+
+fn oom_score_adj(pid: u32) -> i32 {
+    std::fs::read_to_string(format!("/proc/{pid}/oom_score_adj"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn the_oom_killer_takes_a_worker_not_the_primary_and_it_is_reported() {
+    let cgroup = match MemoryCgroup::new(256 << 20) {
+        Ok(cgroup) => cgroup,
+        Err(why) => {
+            eprintln!("skipped: {why}");
+            return;
+        }
+    };
+    let procs = cgroup.dir.join("cgroup.procs");
+    let mut program = Program::start_with(
+        "sh",
+        &[
+            ("CLUSTER_METRICS_ADDR", "127.0.0.1:0"),
+            ("RUST_LOG", "info"),
+        ],
+        |command| {
+            command
+                .arg("-c")
+                .arg(r#"echo $$ > "$1" && exec "$0""#)
+                .arg(env!("CARGO_BIN_EXE_http_fixture"))
+                .arg(&procs);
+        },
+    );
+    let (_, first, app) = program.worker();
+    let (_, second, _) = program.worker();
+    let primary = oom_score_adj(program.pid());
+    for worker in [first, second] {
+        assert!(
+            oom_score_adj(worker) > primary,
+            "worker {worker}: {} <= the primary's {primary}",
+            oom_score_adj(worker)
+        );
+    }
+    // Past the limit: the kernel kills the worker that asked (it dies mid-request).
+    let _ = get(app, "/allocate/512");
+    program.wait_for_log("killed by the kernel's OOM killer");
+    program.worker();
+    assert!(program.is_running(), "the primary lives");
+    let metrics = get(endpoint_port(&program), "/metrics").unwrap().1;
+    assert!(
+        metrics.contains("cluster_worker_oom_kills_total 1"),
+        "{metrics}"
+    );
+    program.signal(libc::SIGTERM);
+    assert!(program.wait().success(), "{}", program.stderr());
+}

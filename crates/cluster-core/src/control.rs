@@ -127,6 +127,8 @@ pub struct Status {
     pub serving: usize,
     /// Workers restarted after they died.
     pub restarts: u64,
+    /// Workers the kernel's OOM killer killed.
+    pub oom_kills: u64,
     /// Reloads, by how they ended.
     pub reloads: ReloadCounts,
     /// Connections the primary holds (accepted, not yet handed to a worker for good).
@@ -199,6 +201,8 @@ pub struct PreviousWorker {
     pub status: String,
     /// Why the primary killed it, if it did.
     pub killed: Option<String>,
+    /// Whether the kernel's OOM killer killed it.
+    pub oom_killed: bool,
 }
 
 /// How a reload went, as [`Command::Reload`] answers it.

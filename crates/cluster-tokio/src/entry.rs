@@ -73,6 +73,7 @@ where
     match role::take() {
         Some(Detected::Worker { id, ipc }) => {
             name_process(&format!("w{}", id.get()));
+            raise_oom_score();
             let runtime = settings
                 .worker_runtime()
                 .expect("failed to build the worker's Tokio runtime");
@@ -127,6 +128,27 @@ fn name_process(role: &str) {
         end -= 1;
     }
     crate::sys::set_thread_name(&format!("{}:{role}", &program[..end]));
+}
+
+/// How much more a worker's `oom_score_adj` is than its primary's: the kernel's OOM killer picks
+/// a worker, whose loss costs its own connections, before the primary, whose loss costs every
+/// worker.
+const WORKER_OOM_SCORE_ADJ: i32 = 500;
+
+/// Raises this worker's `oom_score_adj` above the primary's (it starts equal: inherited).
+/// Raising it needs no privilege; if `/proc` says no, the worker runs as it is.
+fn raise_oom_score() {
+    let path = "/proc/self/oom_score_adj";
+    let Some(inherited) = std::fs::read_to_string(path)
+        .ok()
+        .and_then(|adj| adj.trim().parse::<i32>().ok())
+    else {
+        return;
+    };
+    let raised = (inherited + WORKER_OOM_SCORE_ADJ).min(1000);
+    if raised > inherited {
+        let _ = std::fs::write(path, raised.to_string());
+    }
 }
 
 /// Runs `body` in every worker while the primary keeps [`Settings::worker_count`] of them

@@ -18,7 +18,7 @@
 
 #![deny(unsafe_code)]
 
-mod cpu_limit;
+mod cgroup;
 mod entry;
 pub mod env;
 mod ipc;

@@ -399,7 +399,7 @@ impl Settings {
     #[must_use]
     pub fn worker_count(&self) -> usize {
         self.workers
-            .unwrap_or_else(|| crate::cpu_limit::available().count)
+            .unwrap_or_else(|| crate::cgroup::available().count)
     }
 
     /// What [`Self::workers`] set, if anything (`None`: one per CPU, as [`Self::worker_count`]
@@ -595,7 +595,7 @@ impl Settings {
             }
             Some(workers) => (workers, "the settings".to_owned()),
             None => {
-                let cpus = crate::cpu_limit::available();
+                let cpus = crate::cgroup::available();
                 (cpus.count, format!("one per CPU: {}", cpus.source))
             }
         }

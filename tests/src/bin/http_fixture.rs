@@ -10,7 +10,8 @@
 //! `cluster::ready()` once it listens, except in a build stamped `unready`, which never does.
 //! `FIXTURE_BOOT_DELAY_MS` makes every worker wait that long before it binds;
 //! `FIXTURE_DEFAULT_WORKERS=1` runs the default count instead of two. `GET /abandon/<n>`
-//! leaves `n` orphaned processes behind (each lives 2 s) before it answers.
+//! leaves `n` orphaned processes behind (each lives 2 s) before it answers; `GET /allocate/<mb>`
+//! takes that many megabytes and keeps them.
 
 use std::convert::Infallible;
 use std::io::Write;
@@ -102,6 +103,17 @@ async fn main() -> std::io::Result<()> {
                 {
                     say(&format!("delaying {id} {ms}"));
                     tokio::time::sleep(Duration::from_millis(ms)).await;
+                }
+                if let Some(megabytes) = path
+                    .strip_prefix("/allocate/")
+                    .and_then(|mb| mb.parse::<usize>().ok())
+                {
+                    // Takes that much memory for real (every page written), and keeps it.
+                    let mut taken = vec![0u8; megabytes << 20];
+                    for page in taken.chunks_mut(4096) {
+                        page[0] = 1;
+                    }
+                    std::mem::forget(taken);
                 }
                 if let Some(count) = path
                     .strip_prefix("/abandon/")

@@ -211,6 +211,7 @@ fn status_of(status: &ClusterStatus) -> control::Status {
                 id: p.worker.get(),
                 status: p.status.to_string(),
                 killed: p.killed.map(|k| k.to_string()),
+                oom_killed: p.oom_killed,
             }),
         })
         .collect();
@@ -222,6 +223,7 @@ fn status_of(status: &ClusterStatus) -> control::Status {
         wanted: status.wanted,
         serving: status.serving,
         restarts: status.restarts,
+        oom_kills: status.oom_kills,
         reloads: control::ReloadCounts {
             complete: status.reloads.complete,
             aborted: status.reloads.aborted,

@@ -160,6 +160,14 @@ pub(crate) fn encode(status: &ClusterStatus) -> Result<String, std::fmt::Error> 
         accept_errors,
     );
 
+    let oom_kills = Counter::<u64>::default();
+    oom_kills.inc_by(status.oom_kills);
+    registry.register(
+        "cluster_worker_oom_kills",
+        "Workers the kernel's OOM killer killed (their memory cgroup ran out of memory)",
+        oom_kills,
+    );
+
     let generation = Gauge::<i64>::default();
     generation.set(i64::try_from(status.generation).unwrap_or(i64::MAX));
     registry.register(

@@ -40,6 +40,8 @@ pub struct ClusterStatus {
     pub restarts: u64,
     /// Rolling reloads, by how they ended.
     pub reloads: ReloadCounts,
+    /// Workers the kernel's OOM killer killed (their memory cgroup ran out of memory).
+    pub oom_kills: u64,
     /// As [`Counters::connections_held`].
     pub connections_held: usize,
     /// As [`Counters::listeners`].
@@ -266,6 +268,7 @@ async fn assemble(
         slots,
         restarts: book.restarts(),
         reloads: book.reloads,
+        oom_kills: book.oom_kills,
         connections_held: stats.connections_held,
         listeners: stats.listeners,
         handoffs: stats.handoffs,

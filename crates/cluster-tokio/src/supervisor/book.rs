@@ -19,6 +19,8 @@ pub struct PreviousWorker {
     pub status: ExitStatus,
     /// Why the primary or the supervisor killed it, if it did.
     pub killed: Option<KillReason>,
+    /// Whether the kernel's OOM killer killed it (its memory cgroup counted a kill as it died).
+    pub oom_killed: bool,
 }
 
 /// Rolling reloads, by how they ended.
@@ -79,6 +81,8 @@ pub(crate) struct Book {
     pub(crate) wanted: usize,
     pub(crate) forked: u64,
     pub(crate) phase: Phase,
+    /// Workers the OOM killer killed.
+    pub(crate) oom_kills: u64,
 }
 
 /// One slot in the [`Book`].
@@ -102,6 +106,7 @@ impl Book {
             wanted: 0,
             forked: 0,
             phase: Phase::Serving,
+            oom_kills: 0,
         }
     }
 
@@ -132,7 +137,9 @@ impl Book {
         worker: WorkerId,
         status: ExitStatus,
         killed: Option<KillReason>,
+        oom_killed: bool,
     ) {
+        self.oom_kills += u64::from(oom_killed);
         let Some(slot) = self.worker_slots.remove(&worker) else {
             return;
         };
@@ -141,6 +148,7 @@ impl Book {
                 worker,
                 status,
                 killed,
+                oom_killed,
             });
             if book.worker == Some(worker) {
                 book.worker = None;

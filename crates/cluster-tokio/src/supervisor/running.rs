@@ -18,7 +18,7 @@ use super::log::{SpawnFailures, is_kill_from_outside, log_exit, report};
 use super::reloads::Reloads;
 use super::signals::{Asked, Signals};
 use super::{ReloadError, SupervisorError};
-use crate::primary::{Event, Events, Primary, Signal, WorkerHandle};
+use crate::primary::{Event, Events, ExitStatus, Primary, Signal, WorkerHandle};
 use crate::settings::SettingsError;
 
 /// How long a fast shutdown (SIGINT) lets workers drain before it kills them.
@@ -59,6 +59,9 @@ pub(super) struct Running {
     cpu_limit: Option<(tokio::time::Interval, usize)>,
     /// Whether an unreadable CPU limit was logged already (once is enough).
     cpu_limit_unreadable: bool,
+    /// The OOM kills the memory cgroup counted at the last look: one more when a worker died
+    /// of SIGKILL means the OOM killer killed it.
+    oom_kills: Option<u64>,
 }
 
 impl Running {
@@ -84,6 +87,7 @@ impl Running {
             leave_at: None,
             cpu_limit: None,
             cpu_limit_unreadable: false,
+            oom_kills: crate::cgroup::oom_kills(),
         }
     }
 
@@ -95,7 +99,7 @@ impl Running {
             let mut period = tokio::time::interval(crate::settings::CPU_LIMIT_PERIOD);
             period.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             period.reset();
-            self.cpu_limit = Some((period, crate::cpu_limit::available().count));
+            self.cpu_limit = Some((period, crate::cgroup::available().count));
             tracing::info!(period = ?crate::settings::CPU_LIMIT_PERIOD, "the worker count follows the CPU limit");
         }
         let (delay, from) = self.primary.settings().shutdown_delay_in_force();
@@ -299,14 +303,14 @@ impl Running {
     /// the container), so the worker count follows it. A limit that cannot be read leaves the
     /// count as it is, logged once.
     fn follow_cpu_limit(&mut self) -> Option<Stop> {
-        if let Err(error) = crate::cpu_limit::quota_readable() {
+        if let Err(error) = crate::cgroup::quota_readable() {
             if !std::mem::replace(&mut self.cpu_limit_unreadable, true) {
                 tracing::warn!(%error, "cannot read the CPU limit; the worker count stays as it is");
             }
             return None;
         }
         self.cpu_limit_unreadable = false;
-        let cpus = crate::cpu_limit::available();
+        let cpus = crate::cgroup::available();
         let last = self.cpu_limit.as_mut().map(|(_, last)| last)?;
         if cpus.count == std::mem::replace(last, cpus.count) || self.leave_at.is_some() {
             return None;
@@ -371,8 +375,19 @@ impl Running {
             } => {
                 let on_purpose = worker.exited_after_disconnect() == Some(true);
                 log_exit(worker.id(), worker.pid(), status, on_purpose, killed);
+                let oom_killed = status == ExitStatus::Signal(libc::SIGKILL)
+                    && killed.is_none()
+                    && self.oom_killed();
+                if oom_killed {
+                    tracing::warn!(
+                        worker = worker.id().get(),
+                        pid = worker.pid(),
+                        "the worker was killed by the kernel's OOM killer: its memory cgroup is \
+                         out of memory (a container's memory limit)"
+                    );
+                }
                 let mut book = self.shared.book.lock().expect("not poisoned");
-                book.exited(worker.id(), status, killed);
+                book.exited(worker.id(), status, killed, oom_killed);
                 drop(book);
                 let exit = WorkerExit {
                     status,
@@ -386,6 +401,13 @@ impl Running {
             _ => {}
         }
         None
+    }
+
+    /// Whether the memory cgroup counted an OOM kill since the last look.
+    fn oom_killed(&mut self) -> bool {
+        let now = crate::cgroup::oom_kills();
+        let before = std::mem::replace(&mut self.oom_kills, now);
+        matches!((before, now), (Some(before), Some(now)) if now > before)
     }
 
     /// Keeps `target` workers: the policy's bounds, and this user's process limit for the

@@ -1,7 +1,9 @@
-//! How many CPUs this process may use, and why: the cgroup's CPU quota (a container's CPU limit,
-//! v1 `cpu.cfs_quota_us` or v2 `cpu.max`, ancestors included), the CPU affinity, or the host's
-//! CPUs. The default worker count, logged with its source, and what
-//! [`Settings::workers_follow_cpu_limit`](crate::Settings::workers_follow_cpu_limit) follows.
+//! What the cgroups say of this process. How many CPUs it may use, and why: the cgroup's CPU
+//! quota (a container's CPU limit, v1 `cpu.cfs_quota_us` or v2 `cpu.max`, ancestors included),
+//! the CPU affinity, or the host's CPUs: the default worker count, logged with its source, and
+//! what [`Settings::workers_follow_cpu_limit`](crate::Settings::workers_follow_cpu_limit)
+//! follows. And how many processes of its memory cgroup the OOM killer killed, which tells a
+//! worker OOM-killed from one killed by someone.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -66,6 +68,26 @@ pub(crate) fn quota_readable() -> Result<(), String> {
     quota().map(|_| ())
 }
 
+/// How many processes the kernel's OOM killer killed in this process's memory cgroup (v2
+/// `memory.events`, v1 `memory.oom_control`: their `oom_kill` line); `None` if it cannot be
+/// read (no memory controller, a kernel before 4.13).
+pub(crate) fn oom_kills() -> Option<u64> {
+    let cgroups = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let (dir, v2) = cgroup_dirs(&cgroups, &mounts, "memory")
+        .into_iter()
+        .next()?;
+    let file = if v2 {
+        "memory.events"
+    } else {
+        "memory.oom_control"
+    };
+    let text = std::fs::read_to_string(dir.join(file)).ok()?;
+    text.lines()
+        .find_map(|line| line.strip_prefix("oom_kill "))
+        .and_then(|count| count.trim().parse().ok())
+}
+
 /// The host's online CPUs, from `/sys/devices/system/cpu/online` (`0-3,8-11`).
 fn host_cpus() -> Option<usize> {
     let online = std::fs::read_to_string("/sys/devices/system/cpu/online").ok()?;
@@ -91,7 +113,7 @@ fn quota() -> Result<Option<usize>, String> {
     let mounts = std::fs::read_to_string("/proc/self/mountinfo")
         .map_err(|e| format!("/proc/self/mountinfo: {e}"))?;
     let mut tightest: Option<f64> = None;
-    for dir in quota_dirs(&cgroups, &mounts) {
+    for dir in cgroup_dirs(&cgroups, &mounts, "cpu") {
         let (directory, v2) = dir;
         if let Some(cpus) = read_quota(&directory, v2)? {
             tightest = Some(tightest.map_or(cpus, |t| t.min(cpus)));
@@ -101,9 +123,9 @@ fn quota() -> Result<Option<usize>, String> {
     Ok(tightest.map(|cpus| (cpus.floor() as usize).max(1)))
 }
 
-/// The directories whose quota applies to this process, each with whether it is cgroup v2:
-/// its own cgroup's and every ancestor's up to the mount's root.
-fn quota_dirs(cgroups: &str, mounts: &str) -> Vec<(PathBuf, bool)> {
+/// The directories of this process's cgroup for `controller`, then of every ancestor up to the
+/// mount's root, each with whether it is cgroup v2.
+fn cgroup_dirs(cgroups: &str, mounts: &str, controller: &str) -> Vec<(PathBuf, bool)> {
     let mut dirs = Vec::new();
     for line in cgroups.lines() {
         let mut fields = line.splitn(3, ':');
@@ -113,10 +135,10 @@ fn quota_dirs(cgroups: &str, mounts: &str) -> Vec<(PathBuf, bool)> {
             continue;
         };
         let v2 = controllers.is_empty();
-        if !v2 && !controllers.split(',').any(|c| c == "cpu") {
+        if !v2 && !controllers.split(',').any(|c| c == controller) {
             continue;
         }
-        let Some((root, mount)) = mount_of(mounts, v2) else {
+        let Some((root, mount)) = mount_of(mounts, v2, controller) else {
             continue;
         };
         // Relative to the mount's root (a cgroup namespace shows `/` for the container).
@@ -135,9 +157,9 @@ fn quota_dirs(cgroups: &str, mounts: &str) -> Vec<(PathBuf, bool)> {
     dirs
 }
 
-/// The root and mount point of the cgroup v2 hierarchy, or of the v1 one with the `cpu`
-/// controller, from `/proc/self/mountinfo`.
-fn mount_of(mounts: &str, v2: bool) -> Option<(PathBuf, PathBuf)> {
+/// The root and mount point of the cgroup v2 hierarchy, or of the v1 one with `controller`,
+/// from `/proc/self/mountinfo`.
+fn mount_of(mounts: &str, v2: bool, controller: &str) -> Option<(PathBuf, PathBuf)> {
     mounts.lines().find_map(|line| {
         let (before, after) = line.split_once(" - ")?;
         let mut after = after.split_whitespace();
@@ -146,7 +168,7 @@ fn mount_of(mounts: &str, v2: bool) -> Option<(PathBuf, PathBuf)> {
         let wanted = if v2 {
             fstype == "cgroup2"
         } else {
-            fstype == "cgroup" && options.split(',').any(|o| o == "cpu")
+            fstype == "cgroup" && options.split(',').any(|o| o == controller)
         };
         if !wanted {
             return None;
@@ -215,7 +237,11 @@ mod tests {
 
     #[test]
     fn the_cgroup_and_its_ancestors_are_found_in_either_version() {
-        let dirs = quota_dirs("4:memory:/x\n1:cpu,cpuacct:/kubepods/pod1/c1\n", MOUNTS_V1);
+        let dirs = cgroup_dirs(
+            "4:memory:/x\n1:cpu,cpuacct:/kubepods/pod1/c1\n",
+            MOUNTS_V1,
+            "cpu",
+        );
         let dirs: Vec<_> = dirs
             .iter()
             .map(|(d, v2)| (d.to_str().unwrap(), *v2))
@@ -229,15 +255,15 @@ mod tests {
                 ("/sys/fs/cgroup/cpu,cpuacct", false),
             ]
         );
-        let dirs = quota_dirs("0::/system.slice/app.service\n", MOUNTS_V2);
+        let dirs = cgroup_dirs("0::/system.slice/app.service\n", MOUNTS_V2, "cpu");
         assert_eq!(dirs.len(), 3);
         assert_eq!(
             dirs[0].0,
             Path::new("/sys/fs/cgroup/system.slice/app.service")
         );
         // A cgroup namespace: the process sees itself at the root.
-        assert_eq!(quota_dirs("0::/\n", MOUNTS_V2).len(), 1);
-        assert!(quota_dirs("garbage\n", MOUNTS_V2).is_empty());
+        assert_eq!(cgroup_dirs("0::/\n", MOUNTS_V2, "cpu").len(), 1);
+        assert!(cgroup_dirs("garbage\n", MOUNTS_V2, "cpu").is_empty());
     }
 
     #[test]
@@ -257,6 +283,12 @@ mod tests {
         assert_eq!(read_quota(&dir, false), Ok(Some(2.0)));
         std::fs::remove_dir_all(&dir).unwrap();
         assert_eq!(read_quota(&dir, true), Ok(None), "no such file: no quota");
+    }
+
+    #[test]
+    fn the_memory_cgroup_is_found_beside_the_cpu_one() {
+        let dirs = cgroup_dirs("4:memory:/app\n1:cpu,cpuacct:/\n", MOUNTS_V1, "memory");
+        assert_eq!(dirs[0], (PathBuf::from("/sys/fs/cgroup/memory/app"), false));
     }
 
     #[test]
