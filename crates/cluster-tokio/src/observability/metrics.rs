@@ -136,6 +136,16 @@ pub(crate) fn encode(status: &ClusterStatus) -> Result<String, std::fmt::Error> 
         cpu,
     );
 
+    if let Some(value) = saturation(status) {
+        let gauge = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        gauge.set(value);
+        registry.register(
+            "cluster_saturation",
+            "TCP connections being served per serving worker",
+            gauge,
+        );
+    }
+
     let reloads = Family::<Labels, Counter>::default();
     for (result, count) in [
         ("complete", status.reloads.complete),
@@ -171,4 +181,17 @@ pub(crate) fn encode(status: &ClusterStatus) -> Result<String, std::fmt::Error> 
     let mut text = String::new();
     prometheus_text::encode(&mut text, &registry)?;
     Ok(text)
+}
+
+/// `cluster_saturation`: the TCP connections every worker serves (draining workers' included:
+/// they are load still on the pod) over the workers that serve; `None` while none serves (the
+/// gauge is left out rather than made up). The same under both scheduling policies: the
+/// connections are read from the kernel, not counted by the primary as it hands them out.
+fn saturation(status: &ClusterStatus) -> Option<f64> {
+    if status.serving == 0 {
+        return None;
+    }
+    let connections: usize = status.workers.iter().filter_map(|w| w.connections).sum();
+    // Both are far below 2^52: exact as f64.
+    Some(connections as f64 / status.serving as f64)
 }
