@@ -215,8 +215,6 @@ pub fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd")
         .expect("/proc/self/fd")
         .flatten()
-        .filter(|fd| {
-            std::fs::read_link(fd.path()).is_ok_and(|target| !target.starts_with("/proc"))
-        })
+        .filter(|fd| std::fs::read_link(fd.path()).is_ok_and(|target| !target.starts_with("/proc")))
         .count()
 }
