@@ -367,7 +367,10 @@ struct Hello {
 
 impl Hello {
     /// Starts it with `env`, the endpoint and the application on free ports of the loopback
-    /// whatever `env` says, and waits until `/readyz` answers 200 and every worker serves.
+    /// and `workers` workers whatever `env` says (the manifest leaves the count to the pod's CPU
+    /// limit; a test machine's CPUs are another matter), outside a pod (no
+    /// `KUBERNETES_SERVICE_HOST`: the delay is the one `env` sets), and waits until every worker
+    /// serves.
     fn start(env: &BTreeMap<String, String>, workers: usize) -> Self {
         let endpoint = free_port();
         let app = free_port();
