@@ -136,6 +136,16 @@ pub(crate) fn encode(status: &ClusterStatus) -> Result<String, std::fmt::Error> 
         cpu,
     );
 
+    if let Some(value) = saturation(status) {
+        let gauge = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        gauge.set(value);
+        registry.register(
+            "cluster_saturation",
+            "TCP connections being served per serving worker",
+            gauge,
+        );
+    }
+
     let reloads = Family::<Labels, Counter>::default();
     for (result, count) in [
         ("complete", status.reloads.complete),
@@ -179,4 +189,95 @@ pub(crate) fn encode(status: &ClusterStatus) -> Result<String, std::fmt::Error> 
     let mut text = String::new();
     prometheus_text::encode(&mut text, &registry)?;
     Ok(text)
+}
+
+/// `cluster_saturation`: the TCP connections every worker serves (draining workers' included:
+/// they are load still on the pod) over the workers that serve; `None` while none serves (the
+/// gauge is left out rather than made up). The same under both scheduling policies: the
+/// connections are read from the kernel, not counted by the primary as it hands them out.
+fn saturation(status: &ClusterStatus) -> Option<f64> {
+    if status.serving == 0 {
+        return None;
+    }
+    let connections: usize = status.workers.iter().filter_map(|w| w.connections).sum();
+    // Both are far below 2^52: exact as f64.
+    Some(connections as f64 / status.serving as f64)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use proto::WorkerId;
+
+    use super::*;
+    use crate::observability::WorkerStatus;
+    use crate::primary::WorkerCounters;
+
+    fn worker(id: u64, state: WorkerState, connections: Option<usize>) -> WorkerStatus {
+        WorkerStatus {
+            counters: WorkerCounters {
+                id: WorkerId::new(id),
+                pid: 1000 + u32::try_from(id).unwrap(),
+                state,
+                in_flight: 0,
+                handoffs: 0,
+                refused: 0,
+                returned: 0,
+            },
+            slot: None,
+            generation: 1,
+            uptime: Duration::from_secs(1),
+            restarts: 0,
+            previous: None,
+            usage: None,
+            connections,
+        }
+    }
+
+    fn status(serving: usize, workers: Vec<WorkerStatus>) -> ClusterStatus {
+        ClusterStatus {
+            pid: 1,
+            uptime: Duration::from_secs(1),
+            phase: crate::supervisor::Phase::default(),
+            generation: 1,
+            wanted: workers.len(),
+            serving,
+            workers,
+            slots: Vec::new(),
+            restarts: 0,
+            reloads: crate::supervisor::ReloadCounts::default(),
+            connections_held: 0,
+            listeners: 1,
+            handoffs: 0,
+            handoff_latency: HandoffLatency::default(),
+            accept_errors: 0,
+        }
+    }
+
+    #[test]
+    fn saturation_is_the_connections_served_per_serving_worker() {
+        // Two serving workers with 3 and 5 connections, one draining with 4 (still load on the
+        // pod), one whose connections could not be read.
+        let cluster = status(
+            2,
+            vec![
+                worker(1, WorkerState::Listening, Some(3)),
+                worker(2, WorkerState::Listening, Some(5)),
+                worker(3, WorkerState::Disconnected, Some(4)),
+                worker(4, WorkerState::Online, None),
+            ],
+        );
+        assert_eq!(saturation(&cluster), Some(6.0));
+        let text = encode(&cluster).unwrap();
+        assert!(
+            text.contains("# TYPE cluster_saturation gauge\ncluster_saturation 6.0\n"),
+            "{text}"
+        );
+
+        // No worker serves: left out, not a division by zero.
+        let idle = status(0, vec![worker(1, WorkerState::Online, Some(0))]);
+        assert_eq!(saturation(&idle), None);
+        assert!(!encode(&idle).unwrap().contains("cluster_saturation"));
+    }
 }
