@@ -247,6 +247,7 @@ mod tests {
             slots: Vec::new(),
             restarts: 0,
             reloads: crate::supervisor::ReloadCounts::default(),
+            oom_kills: 0,
             connections_held: 0,
             listeners: 1,
             handoffs: 0,
