@@ -608,13 +608,13 @@ impl<C: Copy + Eq + std::fmt::Debug> Primary<C> {
         let doomed: Vec<_> = self
             .workers
             .iter()
-            .filter(|(_, e)| e.killed.is_none() && !e.failed)
+            .filter(|(_, e)| e.killed.is_none())
             .filter_map(|(w, e)| {
-                // Until its process exits: a worker that closed its link may still hang. The
-                // deadline holds while the driver holds its frames, too.
+                // Until its process exits: a worker that closed its link (or broke the protocol)
+                // may still hang. The deadline holds while the driver holds its frames, too.
                 if e.leave_by.is_some_and(|by| now >= by) && e.lifecycle.exit_status().is_none() {
                     Some((*w, KillReason::DisconnectTimeout, None))
-                } else if e.link.is_closed() || e.held_since.is_some() {
+                } else if e.failed || e.link.is_closed() || e.held_since.is_some() {
                     None
                 } else if let Some((seq, _)) = e.link.expired(now).next() {
                     Some((*w, KillReason::HandoffTimeout, Some(seq)))
@@ -674,7 +674,7 @@ impl<C: Copy + Eq + std::fmt::Debug> Primary<C> {
         let leave_by = self
             .workers
             .values()
-            .filter(|e| e.killed.is_none() && !e.failed && e.lifecycle.exit_status().is_none())
+            .filter(|e| e.killed.is_none() && e.lifecycle.exit_status().is_none())
             .filter_map(|e| e.leave_by);
         self.workers
             .values()
@@ -712,15 +712,17 @@ impl<C: Copy + Eq + std::fmt::Debug> Primary<C> {
         let Some(entry) = self.workers.get_mut(&worker) else {
             return false;
         };
-        if entry.link.is_closed() || entry.failed {
-            return false;
+        // The deadline first, whatever the link's state: a worker whose link closed (it left on
+        // its own, or broke the protocol) may still be running, and whoever disconnects it
+        // waits for its exit.
+        if entry.lifecycle.exit_status().is_none() {
+            let by = now.checked_add(within);
+            entry.leave_by = match (entry.leave_by, by) {
+                (Some(old), Some(new)) => Some(old.min(new)),
+                (old, new) => old.or(new),
+            };
         }
-        let by = now.checked_add(within);
-        entry.leave_by = match (entry.leave_by, by) {
-            (Some(old), Some(new)) => Some(old.min(new)),
-            (old, new) => old.or(new),
-        };
-        if entry.leaving {
+        if entry.link.is_closed() || entry.failed || entry.leaving {
             return false;
         }
         entry.leave_on_purpose();

@@ -1310,3 +1310,27 @@ fn the_disconnect_deadline_holds_while_the_driver_holds_the_workers_frames() {
         })]
     );
 }
+
+#[test]
+fn a_worker_whose_link_closed_still_gets_the_deadline_of_a_later_disconnect() {
+    let mut h = without_heartbeats();
+    let w = h.online();
+    h.outputs();
+    // Leaves on its own and closes its link once its connections are done; its process stays.
+    h.recv(
+        w,
+        &WorkerMessage::ExitedAfterDisconnect { seq: Seq::new(2) },
+    );
+    h.primary.handle_link_closed(h.now, w);
+    h.outputs();
+    // The supervisor's shutdown now disconnects it, and waits for its exit.
+    h.primary.disconnect(h.now, w, Duration::from_secs(3));
+    h.outputs();
+    assert_eq!(
+        h.primary.poll_timeout(),
+        Some(h.now + Duration::from_secs(3)),
+        "no deadline: Primary::disconnect_within waits for this exit forever"
+    );
+    h.primary.handle_timeout(h.now + Duration::from_secs(3));
+    assert_eq!(kills(&h.outputs()), [(w, KillReason::DisconnectTimeout)]);
+}
