@@ -363,3 +363,30 @@ async fn a_reader_that_leaves_frees_the_worker_it_held_and_its_messages_are_coun
     assert!(matches!(answer, Reply::Answer { .. }), "{answer:?}");
     assert_eq!(cluster.primary.messages_dropped(), u64::from(COUNT));
 }
+
+/// A worker that exits while its messages are held (the reader reads nothing yet): every one of
+/// them is still delivered, in order, once the reader makes room.
+#[tokio::test]
+async fn messages_held_when_their_worker_exits_are_still_delivered() {
+    const COUNT: u32 = 320;
+    let mut cluster = Cluster::start(SchedulingPolicy::RoundRobin);
+    let worker = cluster.fork().await;
+    worker
+        .send(&Command::Flood {
+            count: COUNT,
+            size: 512,
+        })
+        .unwrap();
+    worker.send(&Command::Exit { code: 0 }).unwrap();
+    tokio::time::timeout(support::WAIT, worker.exited())
+        .await
+        .expect("the worker exits");
+    for index in 0..COUNT {
+        let (_, message) = cluster.message().await;
+        let Reply::Numbered { index: got, .. } = message.decode().unwrap() else {
+            panic!("message {index}: not a numbered one");
+        };
+        assert_eq!(got, index);
+    }
+    assert_eq!(cluster.primary.messages_dropped(), 0);
+}

@@ -65,12 +65,14 @@ impl Driver {
     /// Moves held messages into the user's queue as room allows; links whose messages all fit
     /// are read again, and their deadlines resume. The queue wakes this task when room is made.
     fn release_held(&mut self, cx: &Context<'_>) -> bool {
-        if !self.links.values().any(|link| link.held) {
-            return false;
-        }
+        // Asked of the queue, not of the links: a worker that exited while held has no link,
+        // and its messages are still to be delivered (or dropped, if the reader left).
         let Some(queue) = self.shared.messages.current() else {
             return false;
         };
+        if !queue.has_held() {
+            return false;
+        }
         let (released, dropped) = queue.flush_held(cx.waker());
         for _ in 0..dropped {
             self.shared.messages.count_dropped();
