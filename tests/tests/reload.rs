@@ -979,3 +979,43 @@ fn every_leaving_echo_worker_exits_0_over_five_reloads_and_a_sigterm() {
         );
     }
 }
+
+/// A rolling reload while a scaled-away worker drains: the reload leaves it to go and replaces
+/// the others only, so no worker runs beyond the count asked for.
+#[test]
+fn a_reload_during_a_scale_down_drain_starts_no_worker_beyond_the_target() {
+    let mut program = Program::start(
+        env!("CARGO_BIN_EXE_http_fixture"),
+        &[("CLUSTER_WORKERS", "1"), ("RUST_LOG", "info")],
+    );
+    let (_, _, port) = program.worker();
+    program.signal(libc::SIGTTIN);
+    let (two, _, _) = program.worker();
+    // A slow request on worker `two`, so that its drain lasts: round robin gives the
+    // connection after one of worker 1's to `two`.
+    loop {
+        let (_, body) = get(port, "/").unwrap();
+        if body.trim() == "worker 1" {
+            break;
+        }
+    }
+    let slow = std::thread::spawn(move || get(port, "/delay/5000"));
+    let line = program.line("delaying ");
+    assert_eq!(
+        line.split_whitespace().nth(1),
+        Some(two.to_string().as_str()),
+        "{line}"
+    );
+    program.signal(libc::SIGTTOU);
+    program.wait_for_log("from=2 to=1");
+    program.signal(libc::SIGHUP);
+    program.wait_for_log("reload complete");
+    let alive: Vec<_> = program
+        .new_workers()
+        .into_iter()
+        .filter(|(_, pid, _)| cluster_tests::signal(*pid, 0).is_ok())
+        .collect();
+    assert_eq!(alive.len(), 1, "one worker wanted, alive: {alive:?}");
+    let (status, _) = slow.join().unwrap().expect("the slow request is answered");
+    assert_eq!(status, 200);
+}

@@ -34,6 +34,9 @@ pub(crate) struct WorkerShared {
     pub(super) status: watch::Sender<Status>,
     /// When the primary started it (made right after the spawn).
     pub(super) started: std::time::Instant,
+    /// Asked to leave through a handle: a rolling reload does not replace a worker that is
+    /// already on its way out (scaled away, say).
+    pub(super) leaving: std::sync::atomic::AtomicBool,
 }
 
 impl WorkerShared {
@@ -57,6 +60,7 @@ impl WorkerShared {
             disconnect_timeout,
             status: watch::Sender::new(status),
             started: std::time::Instant::now(),
+            leaving: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -254,6 +258,9 @@ impl WorkerHandle {
     /// Asks it to leave within `deadline` (the core kills it then), then waits for its exit.
     /// The request is sent before the first poll returns.
     pub(crate) async fn disconnect_within(&self, deadline: Duration) -> io::Result<()> {
+        self.shared
+            .leaving
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         self.tx
             .send(Input::Disconnect {
                 worker: self.id(),
@@ -262,6 +269,13 @@ impl WorkerHandle {
             .map_err(|_| stopped())?;
         self.exited().await;
         Ok(())
+    }
+
+    /// Whether it was asked to leave through a handle (it may still be draining).
+    pub(crate) fn is_leaving(&self) -> bool {
+        self.shared
+            .leaving
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Waits until its process has exited and returns how.

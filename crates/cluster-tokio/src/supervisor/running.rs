@@ -349,9 +349,22 @@ impl Running {
                 crate::systemd::reload_progress(crate::systemd::reload_step(
                     self.primary.settings(),
                 ));
-                self.policy.handle_replaced(now, old.id(), new.id());
-                let mut book = self.shared.book.lock().expect("not poisoned");
-                book.replaced(old.id(), new.id());
+                let supervised = self
+                    .shared
+                    .book
+                    .lock()
+                    .expect("not poisoned")
+                    .worker_slots
+                    .contains_key(&old.id());
+                if self.policy.handle_replaced(now, old.id(), new.id()) {
+                    let mut book = self.shared.book.lock().expect("not poisoned");
+                    book.replaced(old.id(), new.id());
+                } else if supervised {
+                    // Its slot no longer wants a worker (scaled away meanwhile): the replacement
+                    // goes too, instead of running outside every slot.
+                    tracing::info!(old = old.id().get(), new = new.id().get(), "the replaced worker's slot is gone: disconnecting its replacement");
+                    tokio::spawn(async move { new.disconnect().await });
+                }
             }
             Event::ListenFailed { address, errno } => {
                 self.policy.handle_listen_failed(address, errno);
