@@ -469,3 +469,22 @@ fn the_oom_killer_takes_a_worker_not_the_primary_and_it_is_reported() {
     program.signal(libc::SIGTERM);
     assert!(program.wait().success(), "{}", program.stderr());
 }
+
+/// A child the primary's own code starts in a process group of its own (`process_group(0)`, as
+/// one shields a child from a terminal's Ctrl-C) keeps its exit status for that code: the
+/// reaper takes only what workers leave behind (this primary is not PID 1).
+#[tokio::test]
+async fn a_child_of_the_primarys_own_code_keeps_its_exit_status() {
+    use std::os::unix::process::CommandExt;
+    let _cluster = support::Cluster::start(cluster::settings::SchedulingPolicy::RoundRobin);
+    let mut child = std::process::Command::new("sh")
+        .args(["-c", "exit 7"])
+        .process_group(0)
+        .spawn()
+        .expect("spawn");
+    // Not a synchronization: the program's code waits late on purpose, past a few of the
+    // reaper's sweeps (every second, and at each SIGCHLD).
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let status = child.wait().expect("the exit status was taken");
+    assert_eq!(status.code(), Some(7));
+}

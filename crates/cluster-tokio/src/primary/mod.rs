@@ -110,9 +110,10 @@ impl Primary {
     ///
     /// This process becomes a child subreaper (`PR_SET_CHILD_SUBREAPER`): processes the workers
     /// leave behind become its children when their parent exits, and it reaps their zombies
-    /// (as a container's PID 1, every orphan of the container). It never reaps a worker, nor a
-    /// process in its own process group: a child this program starts itself stays its own to
-    /// wait for.
+    /// (those in a worker's process group). As a container's PID 1 it reaps every zombie outside
+    /// its own process group. It never reaps a worker, nor a process in its own process group:
+    /// a child this program starts itself stays its own to wait for (as PID 1, as long as it
+    /// stays in this process's group).
     ///
     /// # Errors
     ///

@@ -3,12 +3,15 @@
 //! daemon that double-forked) becomes the primary's child, and its zombie must be reaped here or
 //! it holds a pid until the pids limit is reached.
 //!
-//! Only orphans are reaped: never a worker (the driver waits for each, for its exit status),
-//! and never a process in the primary's own process group, which is what the primary's own code
-//! starts (it waits for those itself). Workers run in process groups of their own, so what they
-//! leave behind does not share the primary's.
+//! Only orphans are reaped, never a child the primary's own code waits for: a worker (the driver
+//! waits for each, for its exit status), or what the program starts itself. Workers run in
+//! process groups of their own, and what they leave behind stays in them: a zombie in a
+//! worker's group (present or past) is an orphan. As PID 1 (a container's init) every orphan of
+//! the container comes here, daemons that made groups of their own included, so there a zombie
+//! of any group but the primary's own is reaped: a child the program starts itself in a group of
+//! its own is then reaped too, and its waiter finds it gone (documented).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
@@ -24,14 +27,43 @@ const SWEEP: Duration = Duration::from_secs(1);
 /// added before a spawn can be seen (the lock is held across it) and removed once the driver
 /// reaped the worker. One set and one reaper per process: the children of a process are all
 /// its primaries' (a test harness may run several).
-static WORKER_PIDS: Mutex<BTreeSet<u32>> = Mutex::new(BTreeSet::new());
+static WORKER_PIDS: Mutex<Workers> = Mutex::new(Workers {
+    live: BTreeSet::new(),
+    groups: VecDeque::new(),
+});
+
+/// How many past workers' process groups are remembered: their orphans may outlive them.
+const GROUPS_KEPT: usize = 4096;
+
+/// The workers' processes: those alive, and the process groups of the latest ones.
+pub(crate) struct Workers {
+    live: BTreeSet<u32>,
+    /// A worker's group is its pid (it leads a group of its own), kept after it exits.
+    groups: VecDeque<u32>,
+}
+
+impl Workers {
+    /// A worker was spawned.
+    pub(crate) fn insert(&mut self, pid: u32) {
+        self.live.insert(pid);
+        if self.groups.len() == GROUPS_KEPT {
+            self.groups.pop_front();
+        }
+        self.groups.push_back(pid);
+    }
+
+    /// A worker was reaped by its driver.
+    pub(crate) fn remove(&mut self, pid: u32) {
+        self.live.remove(&pid);
+    }
+}
 
 /// Whether a reaper task runs (on the runtime of the primary that started it; the next primary
 /// starts another once that runtime is gone).
 static RUNNING: AtomicBool = AtomicBool::new(false);
 
 /// The set of workers' pids, locked.
-pub(crate) fn worker_pids() -> MutexGuard<'static, BTreeSet<u32>> {
+pub(crate) fn worker_pids() -> MutexGuard<'static, Workers> {
     WORKER_PIDS
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -94,6 +126,7 @@ fn reap_orphans() -> usize {
     else {
         return 0;
     };
+    let as_init = rustix::process::getpid().as_raw_nonzero().get() == 1;
     let mut reaped = 0;
     for pid in children() {
         let Some((state, group)) = state_and_group(pid) else {
@@ -104,7 +137,8 @@ fn reap_orphans() -> usize {
         }
         // Held while reaping: a worker just spawned is in the set before it can be a zombie.
         let workers = worker_pids();
-        if workers.contains(&pid.unsigned_abs()) {
+        let left_by_a_worker = workers.groups.contains(&group.unsigned_abs());
+        if workers.live.contains(&pid.unsigned_abs()) || !(left_by_a_worker || as_init) {
             continue;
         }
         let Some(raw) = Pid::from_raw(pid) else {

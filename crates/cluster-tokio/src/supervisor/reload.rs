@@ -35,13 +35,9 @@ pub(super) async fn rolling_reload(primary: &Primary) -> Result<ReloadReport, Re
     };
     // Until every worker runs the new generation: one that crashed meanwhile came back on the
     // current image, and is replaced too. One on its way out (scaled away) is left to go.
-    while let Some(old) = primary
-        .workers()
-        .into_iter()
-        .find(|w| {
-            !w.is_dead() && w.is_connected() && !w.is_leaving() && w.generation() < next.generation
-        })
-    {
+    while let Some(old) = primary.workers().into_iter().find(|w| {
+        !w.is_dead() && w.is_connected() && !w.is_leaving() && w.generation() < next.generation
+    }) {
         let mut events = primary.events();
         let new = primary
             .fork_image(Vec::new(), next.clone())

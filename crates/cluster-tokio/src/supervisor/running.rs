@@ -362,7 +362,11 @@ impl Running {
                 } else if supervised {
                     // Its slot no longer wants a worker (scaled away meanwhile): the replacement
                     // goes too, instead of running outside every slot.
-                    tracing::info!(old = old.id().get(), new = new.id().get(), "the replaced worker's slot is gone: disconnecting its replacement");
+                    tracing::info!(
+                        old = old.id().get(),
+                        new = new.id().get(),
+                        "the replaced worker's slot is gone: disconnecting its replacement"
+                    );
                     tokio::spawn(async move { new.disconnect().await });
                 }
             }

@@ -433,7 +433,7 @@ impl Driver {
         tokio::spawn(async move {
             let waited = child.wait().await;
             // Reaped: the pid may be reused by an orphan from now on.
-            super::reaper::worker_pids().remove(&pid);
+            super::reaper::worker_pids().remove(pid);
             let status = match waited {
                 Ok(status) => match (status.code(), status.signal()) {
                     (Some(code), _) => ExitStatus::Code(code),
