@@ -378,7 +378,7 @@ async fn messages_held_when_their_worker_exits_are_still_delivered() {
         })
         .unwrap();
     worker.send(&Command::Exit { code: 0 }).unwrap();
-    tokio::time::timeout(support::WAIT, worker.exited())
+    tokio::time::timeout(WAIT, worker.exited())
         .await
         .expect("the worker exits");
     for index in 0..COUNT {
