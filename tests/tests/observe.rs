@@ -720,8 +720,9 @@ async fn the_endpoint_served_by_hand_answers_until_it_is_dropped() {
     }
 }
 
-/// A slowloris on the endpoint: 50 connections that send half a request head and wait, each
-/// reopened as soon as the primary closes it. Every probe meanwhile is answered.
+/// A slowloris on the endpoint: 200 connections (more than its slots: the oldest give way)
+/// that send half a request head and wait, each reopened as soon as the primary closes it.
+/// Every probe meanwhile is answered.
 #[test]
 fn probes_are_answered_while_slow_clients_hold_the_endpoint() {
     use std::sync::Arc;
@@ -730,7 +731,7 @@ fn probes_are_answered_while_slow_clients_hold_the_endpoint() {
     let port = cluster.endpoint;
     let stop = Arc::new(AtomicBool::new(false));
     let opened = Arc::new(AtomicUsize::new(0));
-    let attackers: Vec<_> = (0..50)
+    let attackers: Vec<_> = (0..200)
         .map(|_| {
             let (stop, opened) = (stop.clone(), opened.clone());
             std::thread::spawn(move || {
@@ -760,7 +761,7 @@ fn probes_are_answered_while_slow_clients_hold_the_endpoint() {
         .collect();
     // Let the attackers take their slots first.
     let deadline = Instant::now() + WAIT;
-    while opened.load(Ordering::Relaxed) < 50 {
+    while opened.load(Ordering::Relaxed) < 200 {
         assert!(Instant::now() < deadline, "the attackers never connected");
         std::thread::yield_now();
     }

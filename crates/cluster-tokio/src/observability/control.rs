@@ -97,14 +97,17 @@ async fn converse(
         line.clear();
         // One byte more than a line may have: a line that long is refused.
         reader.set_limit(MAX_LINE as u64 + 1);
-        idle.set(true);
+        idle.idle();
         let read = tokio::time::timeout(IDLE_TIMEOUT, reader.read_until(b'\n', &mut line));
         match read.await {
             Ok(Ok(0)) | Err(_) => return Ok(()),
             Ok(Ok(_)) => {}
             Ok(Err(error)) => return Err(error),
         }
-        idle.set(false);
+        // A command came: it runs to its end, unless the connection was given away first.
+        if !idle.busy() {
+            return Ok(());
+        }
         if line.last() != Some(&b'\n') {
             let message = if line.len() > MAX_LINE {
                 format!("a command is at most {MAX_LINE} bytes")

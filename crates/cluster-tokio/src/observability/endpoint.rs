@@ -81,8 +81,10 @@ async fn answer(mut stream: TcpStream, handle: &SupervisorHandle, idle: Idle) ->
     if method != "GET" && method != "HEAD" {
         return respond(&mut stream, 405, TEXT, "only GET\n").await;
     }
-    // Asked: from now on it is not given away to a new client.
-    idle.set(false);
+    // Asked: from now on it is not given away to a new client (unless it was just now).
+    if !idle.busy() {
+        return Ok(());
+    }
     let path = target.split_once('?').map_or(target, |(path, _)| path);
     let (status, content_type, body) = route(path, handle).await;
     let body = if method == "HEAD" {

@@ -297,15 +297,23 @@ impl Primary {
         self.tx
             .send(Input::ReleaseKeptHandles)
             .map_err(|_| stopped())?;
-        let workers = self.workers();
-        let mut waits = tokio::task::JoinSet::new();
-        for worker in workers {
-            waits.spawn(async move { worker.disconnect_within(deadline).await });
+        // Until no new worker shows up: a fork under way (a reload cancelled by the shutdown)
+        // may add one after the first look.
+        let mut asked = std::collections::HashSet::new();
+        loop {
+            let mut waits = tokio::task::JoinSet::new();
+            for worker in self.workers() {
+                if asked.insert(worker.id()) {
+                    waits.spawn(async move { worker.disconnect_within(deadline).await });
+                }
+            }
+            if waits.is_empty() {
+                return Ok(());
+            }
+            while let Some(done) = waits.join_next().await {
+                done.map_err(io::Error::other)??;
+            }
         }
-        while let Some(done) = waits.join_next().await {
-            done.map_err(io::Error::other)??;
-        }
-        Ok(())
     }
 
     /// The program of the next generation: the program's path looked up again (a deploy

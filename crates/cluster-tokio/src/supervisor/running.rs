@@ -45,8 +45,9 @@ pub(super) struct Running {
     policy: Policy,
     controls: mpsc::UnboundedReceiver<Control>,
     events: Events,
-    /// Forks under way. Polled before the primary's events: the driver answers a fork before it
-    /// publishes anything of the new worker, so its slot is known before its `Listening`.
+    /// Forks under way. Polled before the primary's events: the driver answers a fork in the
+    /// turn it spawns the process, and a `Listening` needs frames the worker sends later, so its
+    /// slot is known before its `Listening`.
     forks: FuturesUnordered<Fork>,
     reloads: Reloads,
     spawn_failures: SpawnFailures,
