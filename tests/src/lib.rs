@@ -100,7 +100,7 @@ pub enum Command {
         /// Its place in the series, from 0.
         index: u32,
         /// Filler.
-        #[serde(with = "bytes")]
+        #[serde(with = "serde_bytes")]
         payload: Vec<u8>,
     },
     /// Report how many `Numbered` arrived and whether in order.
@@ -255,7 +255,7 @@ pub enum Reply {
         /// Its place, from 0.
         index: u32,
         /// Filler.
-        #[serde(with = "bytes")]
+        #[serde(with = "serde_bytes")]
         payload: Vec<u8>,
     },
     /// `Check`.
@@ -642,43 +642,4 @@ pub fn monotonic_usec() -> u64 {
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut now) };
     u64::try_from(now.tv_sec).unwrap_or(0) * 1_000_000
         + u64::try_from(now.tv_nsec).unwrap_or(0) / 1_000
-}
-
-/// Payloads as one byte string, not a sequence of `u8`s: a sequence costs a serde call per byte,
-/// which in a debug build is most of the time of a test that sends a million bytes.
-mod bytes {
-    use std::fmt;
-
-    use serde::de::{Deserializer, Error, SeqAccess, Visitor};
-    use serde::ser::Serializer;
-
-    pub(crate) fn serialize<S: Serializer>(bytes: &[u8], serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_bytes(bytes)
-    }
-
-    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(
-        deserializer: D,
-    ) -> Result<Vec<u8>, D::Error> {
-        struct Bytes;
-        impl<'de> Visitor<'de> for Bytes {
-            type Value = Vec<u8>;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("bytes")
-            }
-            fn visit_bytes<E: Error>(self, v: &[u8]) -> Result<Vec<u8>, E> {
-                Ok(v.to_vec())
-            }
-            fn visit_byte_buf<E: Error>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
-                Ok(v)
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<u8>, A::Error> {
-                let mut out = Vec::new();
-                while let Some(b) = seq.next_element()? {
-                    out.push(b);
-                }
-                Ok(out)
-            }
-        }
-        deserializer.deserialize_byte_buf(Bytes)
-    }
 }

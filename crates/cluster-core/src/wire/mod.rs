@@ -264,7 +264,7 @@ pub enum WorkerMessage {
     /// one frame travels as fragments and a final `User`; see [`crate::user`]).
     Fragment {
         /// A slice of the payload.
-        #[serde(with = "bytes")]
+        #[serde(with = "serde_bytes")]
         data: Vec<u8>,
     },
     /// Refuses one [`PrimaryMessage::NewConn`]; the connection's fd is attached (the primary
@@ -323,7 +323,7 @@ pub enum PrimaryMessage {
     /// The next bytes of the payload of the next [`PrimaryMessage::User`].
     Fragment {
         /// A slice of the payload.
-        #[serde(with = "bytes")]
+        #[serde(with = "serde_bytes")]
         data: Vec<u8>,
     },
 }
@@ -358,47 +358,8 @@ pub struct Envelope {
     /// Whether one fd travels with this frame.
     pub fd: bool,
     /// The encoded value (the whole of it, once fragments are put back together).
-    #[serde(with = "bytes")]
+    #[serde(with = "serde_bytes")]
     pub payload: Vec<u8>,
-}
-
-/// Payloads as one byte string rather than a sequence of `u8`: the same bytes on the wire in
-/// postcard (a length, then the bytes), copied at once instead of one serde call per byte.
-mod bytes {
-    use std::fmt;
-
-    use serde::de::{Deserializer, Error, SeqAccess, Visitor};
-    use serde::ser::Serializer;
-
-    pub(super) fn serialize<S: Serializer>(bytes: &[u8], serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_bytes(bytes)
-    }
-
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
-        deserializer: D,
-    ) -> Result<Vec<u8>, D::Error> {
-        struct Bytes;
-        impl<'de> Visitor<'de> for Bytes {
-            type Value = Vec<u8>;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("bytes")
-            }
-            fn visit_bytes<E: Error>(self, v: &[u8]) -> Result<Vec<u8>, E> {
-                Ok(v.to_vec())
-            }
-            fn visit_byte_buf<E: Error>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
-                Ok(v)
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<u8>, A::Error> {
-                let mut out = Vec::new();
-                while let Some(byte) = seq.next_element()? {
-                    out.push(byte);
-                }
-                Ok(out)
-            }
-        }
-        deserializer.deserialize_byte_buf(Bytes)
-    }
 }
 
 /// Socket addresses on the wire. serde's own encoding of `SocketAddrV6` drops `flowinfo` and
