@@ -524,14 +524,19 @@ pub fn open_pty() -> (std::os::fd::OwnedFd, std::os::fd::OwnedFd) {
 }
 
 /// Runs `command` as a terminal program: in a session of its own whose controlling terminal is
-/// its stdin (set that to a pty's slave), as a shell would start it in a terminal window.
+/// its stdin (set that to a pty's slave), as a shell would start it in a terminal window. SIGHUP
+/// is back to its default there, as a shell leaves it: a test run under `nohup` (which the
+/// program honours: it then outlives its terminal) must not pass that on.
 pub fn in_terminal_session(command: &mut std::process::Command) {
     use std::os::unix::process::CommandExt;
-    // SAFETY: the hook runs between fork and exec and only calls setsid(2) and ioctl(2), which
-    // are async-signal-safe and allocate nothing.
+    // SAFETY: the hook runs between fork and exec and only calls signal(2), setsid(2) and
+    // ioctl(2), which are async-signal-safe and allocate nothing.
     unsafe {
         command.pre_exec(|| {
-            if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+            if libc::signal(libc::SIGHUP, libc::SIG_DFL) == libc::SIG_ERR
+                || libc::setsid() < 0
+                || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0
+            {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())
