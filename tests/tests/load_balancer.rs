@@ -63,7 +63,11 @@ impl Instance {
         program.worker();
         let deadline = Instant::now() + WAIT;
         while !get(self.metrics, "/readyz").is_ok_and(|(status, _)| status == 200) {
-            assert!(Instant::now() < deadline, "never ready: {}", program.stderr());
+            assert!(
+                Instant::now() < deadline,
+                "never ready: {}",
+                program.stderr()
+            );
             std::thread::yield_now();
         }
         self.program = Some(program);
