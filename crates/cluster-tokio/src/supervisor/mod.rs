@@ -40,7 +40,9 @@ use crate::primary::Primary;
 /// rolling reload), unless it says that this process's terminal closed, which stops the cluster
 /// as SIGTERM does; SIGTTIN and SIGTTOU add and remove one worker; SIGTERM disconnects every
 /// worker gracefully (bounded by [`Settings::disconnect_timeout`](crate::Settings::disconnect_timeout),
-/// then SIGKILL); SIGINT (Ctrl-C) does the same within 5 s at most; a second SIGTERM or SIGINT
+/// then SIGKILL); SIGQUIT the same without the shutdown delay; SIGUSR1 is passed on to the
+/// workers and SIGUSR2 ignored with a warning; SIGINT (Ctrl-C) drains within 5 s at most; a
+/// second SIGTERM or SIGINT
 /// during either kills them at once. Workers run in process groups of their own, so a
 /// terminal's Ctrl-C and hangup reach the primary alone, which stops them as described. A [`SupervisorHandle`] asks for a reload or a
 /// new worker count from code.

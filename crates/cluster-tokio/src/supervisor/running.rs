@@ -60,6 +60,10 @@ pub(super) struct Running {
     cpu_limit: Option<(tokio::time::Interval, usize)>,
     /// Whether an unreadable CPU limit was logged already (once is enough).
     cpu_limit_unreadable: bool,
+    /// Log lines about signals passed on, and about signals ignored: a storm of either logs
+    /// once a second.
+    forward_log: RateLimit,
+    ignore_log: RateLimit,
     /// The OOM kills the memory cgroup counted at the last look: one more when a worker died
     /// of SIGKILL means the OOM killer killed it.
     oom_kills: Option<u64>,
@@ -89,6 +93,8 @@ impl Running {
             cpu_limit: None,
             cpu_limit_unreadable: false,
             oom_kills: crate::cgroup::oom_kills(),
+            forward_log: RateLimit::default(),
+            ignore_log: RateLimit::default(),
         }
     }
 
@@ -236,6 +242,10 @@ impl Running {
         let (delay, _) = settings.shutdown_delay_in_force();
         let leaving = self.leave_at.is_some();
         let (within, why) = match asked {
+            Asked::Quit => (
+                settings.disconnect_timeout,
+                "SIGQUIT: a graceful stop, as SIGTERM without its delay; draining the workers",
+            ),
             Asked::Terminate if !leaving && !delay.is_zero() => {
                 self.delay_shutdown(delay);
                 return None;
@@ -253,6 +263,16 @@ impl Running {
                 settings.disconnect_timeout,
                 "SIGHUP: the terminal closed; draining the workers",
             ),
+            Asked::Forward(signal) => {
+                self.forward(signal);
+                return None;
+            }
+            Asked::Ignored(name) => {
+                if self.ignore_log.allows() {
+                    tracing::warn!("{name}: ignored (no in-place upgrade here; SIGHUP reloads)");
+                }
+                return None;
+            }
             Asked::Reload | Asked::Scale { .. } if leaving => {
                 tracing::warn!(?asked, "shutting down: not reloading or scaling");
                 return None;
@@ -321,6 +341,24 @@ impl Running {
             tracing::warn!(%error, "not following the CPU limit");
         }
         None
+    }
+
+    /// Passes `signal` on to every worker, as an init passes on what it does not handle.
+    fn forward(&mut self, signal: i32) {
+        let workers = self.primary.workers();
+        if self.forward_log.allows() {
+            tracing::info!(
+                signal,
+                workers = workers.len(),
+                "passing the signal on to the workers"
+            );
+        }
+        let Some(signal) = Signal::from_raw(signal) else {
+            return;
+        };
+        for worker in workers {
+            let _ = worker.kill(signal);
+        }
     }
 
     fn on_control(&mut self, control: Control) -> Option<Stop> {
@@ -487,7 +525,7 @@ impl Running {
                     return outcome;
                 }
                 asked = signals.recv() => {
-                    if matches!(asked, Asked::Terminate | Asked::Interrupt) {
+                    if matches!(asked, Asked::Terminate | Asked::Quit | Asked::Interrupt) {
                         kill_all(&self.primary).await;
                         return outcome;
                     }
@@ -495,6 +533,24 @@ impl Running {
                 Some(control) = self.controls.recv() => refuse(control),
             }
         }
+    }
+}
+
+/// At most one log line a second.
+#[derive(Default)]
+struct RateLimit(Option<Instant>);
+
+impl RateLimit {
+    fn allows(&mut self) -> bool {
+        let now = Instant::now();
+        if self
+            .0
+            .is_some_and(|last| now.duration_since(last) < Duration::from_secs(1))
+        {
+            return false;
+        }
+        self.0 = Some(now);
+        true
     }
 }
 

@@ -9,6 +9,8 @@ use super::SupervisorError;
 pub(super) enum Asked {
     /// SIGTERM: drain every worker within the disconnect timeout.
     Terminate,
+    /// SIGQUIT (nginx's "graceful stop", sent out of habit): as SIGTERM.
+    Quit,
     /// SIGINT (Ctrl-C): drain within 5 s at most.
     Interrupt,
     /// SIGHUP when the terminal this primary runs in the foreground of closed: as SIGTERM.
@@ -17,6 +19,12 @@ pub(super) enum Asked {
     Reload,
     /// SIGTTIN, SIGTTOU: one worker more, or fewer.
     Scale { more: bool },
+    /// SIGUSR1 (logrotate's "reopen your logs"): passed on to every worker, as an init passes
+    /// on what it does not handle; a worker's runtime survives it, and its code may listen.
+    Forward(i32),
+    /// SIGUSR2 (nginx's and gunicorn's "upgrade"): nothing does that here yet; ignored with a
+    /// warning rather than killing the service.
+    Ignored(&'static str),
 }
 
 /// The supervisor's signal handlers, installed once.
@@ -26,6 +34,9 @@ pub(super) struct Signals {
     hangup: Signal,
     more: Signal,
     fewer: Signal,
+    quit: Signal,
+    user1: Signal,
+    user2: Signal,
     /// Whether this primary runs in the foreground of a terminal: its SIGHUP may be the
     /// terminal's hangup (asked before our handler replaces an inherited `nohup`).
     in_terminal: bool,
@@ -41,6 +52,9 @@ impl Signals {
             hangup: install(SignalKind::hangup())?,
             more: install(SignalKind::from_raw(libc::SIGTTIN))?,
             fewer: install(SignalKind::from_raw(libc::SIGTTOU))?,
+            quit: install(SignalKind::quit())?,
+            user1: install(SignalKind::user_defined1())?,
+            user2: install(SignalKind::user_defined2())?,
             in_terminal,
         })
     }
@@ -58,8 +72,11 @@ impl Signals {
                     Asked::Reload
                 }
             }
+            _ = self.quit.recv() => Asked::Quit,
             _ = self.more.recv() => Asked::Scale { more: true },
             _ = self.fewer.recv() => Asked::Scale { more: false },
+            _ = self.user1.recv() => Asked::Forward(libc::SIGUSR1),
+            _ = self.user2.recv() => Asked::Ignored("SIGUSR2"),
         }
     }
 }

@@ -132,6 +132,7 @@ impl Worker {
         )
         .with_holds(holds.subscribe());
         tokio::spawn(driver.run());
+        survive_user_signals();
         Ok(CURRENT.get_or_init(|| worker).clone())
     }
 
@@ -460,4 +461,19 @@ pub(crate) fn not_connected() -> io::Error {
         io::ErrorKind::NotConnected,
         "the link to the cluster primary is closed",
     )
+}
+
+/// SIGUSR1 and SIGUSR2 end a process by default: an operator's `pkill -USR1 my-service`
+/// (logrotate's habit) or the primary passing SIGUSR1 on must not kill the workers. They are
+/// listened for here and dropped; the program's own code may listen too (Tokio gives every
+/// listener each signal).
+fn survive_user_signals() {
+    for kind in [
+        tokio::signal::unix::SignalKind::user_defined1(),
+        tokio::signal::unix::SignalKind::user_defined2(),
+    ] {
+        if let Ok(mut signals) = tokio::signal::unix::signal(kind) {
+            tokio::spawn(async move { while signals.recv().await.is_some() {} });
+        }
+    }
 }
