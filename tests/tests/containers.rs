@@ -6,20 +6,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use support::program::{Program, WAIT, get};
-
-/// The port the primary logged for its endpoint.
-fn endpoint_port(program: &Program) -> u16 {
-    program.wait_for_log("serving /metrics");
-    let log = program.stderr();
-    let line = log
-        .lines()
-        .find(|l| l.contains("serving /metrics"))
-        .unwrap();
-    let address = line.split("address=").nth(1).unwrap();
-    let address = address.split_whitespace().next().unwrap();
-    address.rsplit(':').next().unwrap().parse().unwrap()
-}
+use support::program::{Program, WAIT, endpoint_port, free_port, get, wait_readyz};
 
 /// `http_fixture` with two workers, its endpoint on a free port and the shutdown delay given;
 /// returns it with the endpoint's port and the workers' port once both listen and `/readyz`
@@ -45,19 +32,6 @@ fn start_with_pids(delay: &str) -> (Program, u16, u16, Vec<u32>) {
     let endpoint = endpoint_port(&program);
     wait_readyz(endpoint, 200);
     (program, endpoint, app, vec![first, second])
-}
-
-/// Waits (bounded) until `/readyz` answers `expected`.
-fn wait_readyz(port: u16, expected: u16) {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let (status, body) = get(port, "/readyz").unwrap();
-        if status == expected {
-            return;
-        }
-        assert!(Instant::now() < deadline, "/readyz stayed {status}: {body}");
-        std::thread::yield_now();
-    }
 }
 
 #[test]
@@ -191,15 +165,6 @@ fn orphans_a_worker_leaves_behind_are_reaped_and_workers_exits_still_seen() {
     assert!(program.wait().success(), "{}", program.stderr());
 }
 
-/// A port nobody listens on now.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 #[test]
 fn as_pid_1_of_a_pid_namespace_it_reaps_every_orphan_and_stops_cleanly() {
     let probe = std::process::Command::new("unshare")
@@ -276,6 +241,18 @@ fn as_pid_1_of_a_pid_namespace_it_reaps_every_orphan_and_stops_cleanly() {
     );
 }
 
+/// `http_fixture` started inside the cgroup whose `cgroup.procs` is `procs`: a shell moves
+/// itself there, then execs the program.
+fn start_in_cgroup(procs: &std::path::Path, env: &[(&str, &str)]) -> Program {
+    Program::start_with("sh", env, |command| {
+        command
+            .arg("-c")
+            .arg(r#"echo $$ > "$1" && exec "$0""#)
+            .arg(env!("CARGO_BIN_EXE_http_fixture"))
+            .arg(procs);
+    })
+}
+
 /// A cgroup of its own with a CPU quota, removed on drop (after what ran in it is gone).
 struct CpuCgroup {
     dir: std::path::PathBuf,
@@ -333,21 +310,13 @@ fn workers_start_one_per_cpu_of_the_limit_and_follow_it_when_asked() {
     };
     cgroup.set_cpus(1);
     let procs = cgroup.dir.join("cgroup.procs");
-    // The program starts inside the cgroup: the shell moves itself there, then execs it.
-    let mut program = Program::start_with(
-        "sh",
+    let mut program = start_in_cgroup(
+        &procs,
         &[
             ("FIXTURE_DEFAULT_WORKERS", "1"),
             ("CLUSTER_WORKERS_FOLLOW_CPU_LIMIT", "1"),
             ("RUST_LOG", "info"),
         ],
-        |command| {
-            command
-                .arg("-c")
-                .arg(r#"echo $$ > "$1" && exec "$0""#)
-                .arg(env!("CARGO_BIN_EXE_http_fixture"))
-                .arg(&procs);
-        },
     );
     program.worker();
     program.wait_for_log("one per CPU: the cgroup's CPU quota");
@@ -432,19 +401,12 @@ fn the_oom_killer_takes_a_worker_not_the_primary_and_it_is_reported() {
         }
     };
     let procs = cgroup.dir.join("cgroup.procs");
-    let mut program = Program::start_with(
-        "sh",
+    let mut program = start_in_cgroup(
+        &procs,
         &[
             ("CLUSTER_METRICS_ADDR", "127.0.0.1:0"),
             ("RUST_LOG", "info"),
         ],
-        |command| {
-            command
-                .arg("-c")
-                .arg(r#"echo $$ > "$1" && exec "$0""#)
-                .arg(env!("CARGO_BIN_EXE_http_fixture"))
-                .arg(&procs);
-        },
     );
     let (_, first, app) = program.worker();
     let (_, second, _) = program.worker();

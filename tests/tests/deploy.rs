@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 use serde_yaml_ng::Value;
-use support::program::{Program, WAIT, get};
+use support::program::{Program, WAIT, free_port, get};
 
 /// The repository's root.
 fn root() -> PathBuf {
@@ -330,15 +330,6 @@ fn the_manifest_matches_the_program() {
         metric["pods"]["metric"]["name"].as_str(),
         Some("cluster_saturation")
     );
-}
-
-/// A free port on the loopback (the kernel's choice; closed again for the program to take).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// The pids of `parent`'s children, from `/proc`.

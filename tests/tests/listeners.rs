@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use cluster::primary::{Signal, WorkerHandle};
 use cluster::settings::SchedulingPolicy;
 use cluster_tests::{Command, Listen, Options, Reply, UdpTarget};
+use support::program::free_port;
 use support::{Cluster, POLICIES, WAIT, who};
 use tokio::io::AsyncReadExt;
 
@@ -247,12 +248,6 @@ async fn listening_on_an_inherited_fd_shares_the_primarys_socket() {
         drop(cluster);
         assert!(tcp_listener.local_addr().is_ok() && unix_listener.local_addr().is_ok());
     }
-}
-
-/// A port nothing listens on right now.
-fn free_port() -> u16 {
-    let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    probe.local_addr().unwrap().port()
 }
 
 /// Sends `text` to 127.0.0.1:`port` and returns the answer.

@@ -16,15 +16,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Instant;
 
-use support::program::{Program, WAIT, get};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use support::program::{Program, WAIT, free_port, get};
 
 /// One instance of the service: `http_fixture` (two workers) on fixed ports.
 struct Instance {

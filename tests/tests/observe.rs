@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use support::program::{Program, WAIT, get};
+use support::program::{Program, WAIT, endpoint_port, get, wait_readyz};
 
 /// A directory of its own for a test's control socket, removed on drop.
 struct Scratch(PathBuf);
@@ -86,24 +86,6 @@ impl Cluster {
     }
 }
 
-/// The port the primary logged for its endpoint.
-fn endpoint_port(program: &Program) -> u16 {
-    program.wait_for_log("serving /metrics");
-    let log = program.stderr();
-    let line = log
-        .lines()
-        .find(|l| l.contains("serving /metrics"))
-        .unwrap();
-    let address = line
-        .split("address=")
-        .nth(1)
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap();
-    address.rsplit(':').next().unwrap().parse().unwrap()
-}
-
 /// The value of the sample `name{labels}` (or `name` without labels) in a scrape.
 fn sample(metrics: &str, series: &str) -> Option<f64> {
     metrics.lines().find_map(|line| {
@@ -167,19 +149,6 @@ fn status(socket: &Path) -> serde_json::Value {
     assert_eq!(code, 0, "{err}");
     let answer: serde_json::Value = serde_json::from_str(&out).unwrap();
     answer["status"].clone()
-}
-
-/// Waits (bounded) until `/readyz` answers `expected`.
-fn wait_readyz(port: u16, expected: u16) {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let (status, body) = get(port, "/readyz").unwrap();
-        if status == expected {
-            return;
-        }
-        assert!(Instant::now() < deadline, "/readyz stayed {status}: {body}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 #[test]

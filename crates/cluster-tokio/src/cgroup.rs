@@ -40,13 +40,21 @@ impl fmt::Display for Source {
 /// The CPUs this process may use now: the smallest of its cgroup quota, its affinity and the
 /// host's CPUs. Reads a few small files; an unreadable or malformed one is left out.
 pub(crate) fn available() -> Cpus {
+    with_quota(quota().ok().flatten())
+}
+
+/// As [`available`], or why the quota cannot be read (for a caller that follows it).
+pub(crate) fn try_available() -> Result<Cpus, String> {
+    quota().map(with_quota)
+}
+
+fn with_quota(quota: Option<usize>) -> Cpus {
     let host = host_cpus().unwrap_or(1);
     let affinity = rustix::thread::sched_getaffinity(None)
         .ok()
         .map(|set| set.count() as usize)
         .filter(|&n| n > 0)
         .unwrap_or(host);
-    let quota = quota().ok().flatten();
     match quota {
         Some(quota) if quota < affinity.min(host) => Cpus {
             count: quota,
@@ -61,11 +69,6 @@ pub(crate) fn available() -> Cpus {
             source: Source::Host,
         },
     }
-}
-
-/// Checks that the quota can be read (for a caller that follows it): `Err` says why not.
-pub(crate) fn quota_readable() -> Result<(), String> {
-    quota().map(|_| ())
 }
 
 /// How many processes the kernel's OOM killer killed in this process's memory cgroup (v2

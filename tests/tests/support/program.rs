@@ -190,3 +190,38 @@ pub fn get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
         ))),
     }
 }
+
+/// A port nobody listens on now (the kernel's choice, closed again for a program to take).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The port the primary logged for its metrics endpoint.
+pub fn endpoint_port(program: &Program) -> u16 {
+    program.wait_for_log("serving /metrics");
+    let log = program.stderr();
+    let line = log
+        .lines()
+        .find(|l| l.contains("serving /metrics"))
+        .unwrap();
+    let address = line.split("address=").nth(1).unwrap();
+    let address = address.split_whitespace().next().unwrap();
+    address.rsplit(':').next().unwrap().parse().unwrap()
+}
+
+/// Waits (bounded) until `/readyz` on `port` answers `expected`.
+pub fn wait_readyz(port: u16, expected: u16) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (status, body) = get(port, "/readyz").unwrap();
+        if status == expected {
+            return;
+        }
+        assert!(Instant::now() < deadline, "/readyz stayed {status}: {body}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

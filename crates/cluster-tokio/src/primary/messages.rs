@@ -103,12 +103,6 @@ impl Queue {
         }
     }
 
-    /// Whether some worker has messages held: the driver then has work to release (its link
-    /// may already be gone: a worker that exited while held).
-    pub(crate) fn has_held(&self) -> bool {
-        !self.lock().held.is_empty()
-    }
-
     /// Moves held messages into the queue while there is room, and returns the workers that
     /// have none held any more (their links may be read again), and how many messages were
     /// dropped. Registers `waker` to be woken when room is made, if some stay held. A closed

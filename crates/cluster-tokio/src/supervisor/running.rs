@@ -324,14 +324,16 @@ impl Running {
     /// the container), so the worker count follows it. A limit that cannot be read leaves the
     /// count as it is, logged once.
     fn follow_cpu_limit(&mut self) -> Option<Stop> {
-        if let Err(error) = crate::cgroup::quota_readable() {
-            if !std::mem::replace(&mut self.cpu_limit_unreadable, true) {
-                tracing::warn!(%error, "cannot read the CPU limit; the worker count stays as it is");
+        let cpus = match crate::cgroup::try_available() {
+            Ok(cpus) => cpus,
+            Err(error) => {
+                if !std::mem::replace(&mut self.cpu_limit_unreadable, true) {
+                    tracing::warn!(%error, "cannot read the CPU limit; the worker count stays as it is");
+                }
+                return None;
             }
-            return None;
-        }
+        };
         self.cpu_limit_unreadable = false;
-        let cpus = crate::cgroup::available();
         let last = self.cpu_limit.as_mut().map(|(_, last)| last)?;
         if cpus.count == std::mem::replace(last, cpus.count) || self.leave_at.is_some() {
             return None;

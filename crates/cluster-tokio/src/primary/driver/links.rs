@@ -65,19 +65,20 @@ impl Driver {
     /// Moves held messages into the user's queue as room allows; links whose messages all fit
     /// are read again, and their deadlines resume. The queue wakes this task when room is made.
     fn release_held(&mut self, cx: &Context<'_>) -> bool {
-        // Asked of the queue, not of the links: a worker that exited while held has no link,
-        // and its messages are still to be delivered (or dropped, if the reader left).
+        // Kept per worker, not per link: a worker that exited while held has no link, and its
+        // messages are still to be delivered (or dropped, if the reader left).
+        if self.held_messages.is_empty() {
+            return false;
+        }
         let Some(queue) = self.shared.messages.current() else {
             return false;
         };
-        if !queue.has_held() {
-            return false;
-        }
         let (released, dropped) = queue.flush_held(cx.waker());
         for _ in 0..dropped {
             self.shared.messages.count_dropped();
         }
         for worker in &released {
+            self.held_messages.remove(worker);
             if let Some(link) = self.links.get_mut(worker) {
                 link.held = false;
             }
@@ -102,6 +103,7 @@ impl Driver {
         match delivered {
             Ok(Delivered::Queued) => {}
             Ok(Delivered::Held) => {
+                self.held_messages.insert(worker);
                 if let Some(link) = self.links.get_mut(&worker) {
                     link.held = true;
                 }

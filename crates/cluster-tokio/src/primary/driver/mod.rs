@@ -125,6 +125,9 @@ pub(crate) struct Driver {
     listeners: HashMap<HandleId, Listener>,
     /// Fds under the core's tokens: accepted connections and users' fds.
     tokens: Slab<Held>,
+    /// Workers with messages held for want of room in the user's queue (their link, if it is
+    /// still there, is not read): known here, so that a poll with none held costs no lock.
+    held_messages: std::collections::BTreeSet<WorkerId>,
     /// Connections handed to workers so far, and how long they waited for it.
     handoffs: u64,
     handoff_latency: super::HandoffLatency,
@@ -203,6 +206,7 @@ impl Driver {
             disconnect_within: HashMap::new(),
             listeners: HashMap::new(),
             tokens: Slab::new(),
+            held_messages: std::collections::BTreeSet::new(),
             handoffs: 0,
             handoff_latency: super::HandoffLatency::default(),
             accept_errors: 0,
