@@ -105,6 +105,7 @@ fn codec(c: &mut Criterion) {
         seq: Seq::new(123_456),
         handle: HandleId::new(3),
         reply: false,
+        prefix: Vec::new(),
     };
     c.bench_function("codec: encode NewConn", |b| {
         b.iter(|| {

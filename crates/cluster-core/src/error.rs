@@ -42,6 +42,27 @@ pub enum ProtocolError {
     /// socket.
     #[error("the fd sent back as a connection is not a stream socket")]
     NotAConnection,
+    /// The primary offered a connection with a prefix on a handle whose listener never said it
+    /// takes one.
+    #[error("connection {seq} came with a prefix the listener does not take")]
+    UnexpectedPrefix {
+        /// Its seq.
+        seq: Seq,
+    },
+    /// A worker handed back a connection with more unread bytes than
+    /// [`MAX_PREFIX`](crate::wire::MAX_PREFIX).
+    #[error("a connection handed back with {len} unread bytes, over the bound")]
+    PrefixTooLong {
+        /// How many bytes came.
+        len: usize,
+    },
+    /// A worker handed back more connections than it was given, or one of a handle it was never
+    /// given a connection on.
+    #[error("{handle} handed back a connection it was not given")]
+    NotGiven {
+        /// The handle it named.
+        handle: crate::wire::HandleId,
+    },
     /// A worker did not ack a handed-off connection in time; it is presumed hung.
     #[error("handoff {seq} not acked in time")]
     HandoffTimeout {

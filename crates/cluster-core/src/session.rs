@@ -35,6 +35,10 @@ pub enum SessionEvent<F> {
         handle: HandleId,
         /// The connection.
         conn: F,
+        /// Bytes to read before what is in the socket (another worker read them before it
+        /// handed the connection back); empty unless the listener takes prefixes
+        /// ([`WorkerSession::takes_prefixes`]).
+        prefix: Vec<u8>,
     },
     /// The primary acknowledged [`WorkerSession::exit_after_disconnect`]: close the link and exit.
     DisconnectAcked,
@@ -42,6 +46,9 @@ pub enum SessionEvent<F> {
     DisconnectRequested {
         /// How long it has, from when the primary asked, before it is killed.
         within: Duration,
+        /// Other workers stay: idle connections may be handed back
+        /// ([`WorkerSession::hand_back`]) rather than closed.
+        hand_back: bool,
     },
     /// The answer to [`WorkerSession::listen`]. When the link closes first, the result is
     /// `ENOTCONN`.
@@ -120,6 +127,8 @@ const ENOTCONN: Errno = Errno(107);
 pub struct WorkerSession<F> {
     link: Link<Request>,
     handles: BTreeSet<HandleId>,
+    /// Handles whose listener takes connections with a prefix.
+    prefixed: BTreeSet<HandleId>,
     /// Oldest first; answered in this order.
     offered: VecDeque<Offered>,
     /// The highest accepted connection not acknowledged yet.
@@ -146,6 +155,7 @@ impl<F> WorkerSession<F> {
         let mut session = Self {
             link: Link::new(),
             handles: BTreeSet::new(),
+            prefixed: BTreeSet::new(),
             offered: VecDeque::new(),
             unacked: None,
             disconnect_requested: false,
@@ -260,6 +270,36 @@ impl<F> WorkerSession<F> {
         // Acked first: the primary settles the handoff before it takes the connection back.
         self.flush_acks();
         self.send_with(WorkerMessage::Return { handle }, Some(conn));
+    }
+
+    /// Hands back `conn`, a connection of `handle` this worker served and stopped between two
+    /// requests because it is leaving, with `prefix`, the bytes it read and did not use. The
+    /// primary gives it to another worker, which reads `prefix` first.
+    ///
+    /// # Errors
+    ///
+    /// Gives both back when `prefix` is over [`MAX_PREFIX`](crate::wire::MAX_PREFIX): the
+    /// connection is this worker's to finish.
+    pub fn hand_back(
+        &mut self,
+        handle: HandleId,
+        conn: F,
+        prefix: Vec<u8>,
+    ) -> Result<(), (F, Vec<u8>)> {
+        if prefix.len() > wire::MAX_PREFIX || self.link.is_closed() {
+            return Err((conn, prefix));
+        }
+        self.flush_acks();
+        self.send_with(WorkerMessage::HandBack { handle, prefix }, Some(conn));
+        Ok(())
+    }
+
+    /// Tells the primary the listener for `handle` takes connections that carry a prefix
+    /// ([`SessionEvent::Connection::prefix`]); only the first call per handle sends.
+    pub fn takes_prefixes(&mut self, handle: HandleId) {
+        if self.handles.contains(&handle) && self.prefixed.insert(handle) {
+            self.send(WorkerMessage::TakesPrefixes { handle });
+        }
     }
 
     /// Tells the primary this worker's runtime is alive, with the acks it still owes; call every
@@ -400,9 +440,17 @@ impl<F> WorkerSession<F> {
                     socket: fd.take(),
                 });
             }
-            PrimaryMessage::NewConn { seq, handle, reply } => {
+            PrimaryMessage::NewConn {
+                seq,
+                handle,
+                reply,
+                prefix,
+            } => {
                 if self.offered.iter().any(|o| o.seq == seq) {
                     return Err(ProtocolError::DuplicateConnection { seq });
+                }
+                if !prefix.is_empty() && !self.prefixed.contains(&handle) {
+                    return Err(ProtocolError::UnexpectedPrefix { seq });
                 }
                 let conn = fd.take().ok_or(ProtocolError::UnexpectedFds {
                     expected: 1,
@@ -410,7 +458,12 @@ impl<F> WorkerSession<F> {
                 })?;
                 if self.handles.contains(&handle) && !self.disconnect_requested {
                     self.offered.push_back(Offered { seq, reply });
-                    self.event(SessionEvent::Connection { seq, handle, conn });
+                    self.event(SessionEvent::Connection {
+                        seq,
+                        handle,
+                        conn,
+                        prefix,
+                    });
                 } else {
                     // Refused at once: it goes back as it came.
                     if reply {
@@ -419,10 +472,14 @@ impl<F> WorkerSession<F> {
                     self.send_with(WorkerMessage::Refused { ack: seq }, Some(conn));
                 }
             }
-            PrimaryMessage::Disconnect { within_ms } => {
+            PrimaryMessage::Disconnect {
+                within_ms,
+                hand_back,
+            } => {
                 self.disconnect_requested = true;
                 self.event(SessionEvent::DisconnectRequested {
                     within: Duration::from_millis(within_ms),
+                    hand_back,
                 });
             }
             PrimaryMessage::DisconnectAck { ack } => {
@@ -587,7 +644,10 @@ mod tests {
         let mut s = S::new(1);
         let err = s
             .handle_frame(
-                &frame(&PrimaryMessage::Disconnect { within_ms: 5_000 }),
+                &frame(&PrimaryMessage::Disconnect {
+                    within_ms: 5_000,
+                    hand_back: false,
+                }),
                 vec![],
             )
             .unwrap_err();
@@ -622,6 +682,7 @@ mod tests {
             seq: Seq::new(seq),
             handle,
             reply,
+            prefix: Vec::new(),
         })
     }
 
@@ -638,12 +699,14 @@ mod tests {
                 Err(SessionEvent::Connection {
                     seq: one,
                     handle,
-                    conn: 1
+                    conn: 1,
+                    prefix: Vec::new()
                 }),
                 Err(SessionEvent::Connection {
                     seq: two,
                     handle,
-                    conn: 2
+                    conn: 2,
+                    prefix: Vec::new()
                 })
             ]
         );

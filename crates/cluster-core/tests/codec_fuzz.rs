@@ -71,6 +71,9 @@ fn worker_message() -> impl Strategy<Value = WorkerMessage> {
         seq().prop_map(|seq| WorkerMessage::ExitedAfterDisconnect { seq }),
         envelope().prop_map(WorkerMessage::User),
         handle().prop_map(|handle| WorkerMessage::Return { handle }),
+        (handle(), proptest::collection::vec(any::<u8>(), 0..64))
+            .prop_map(|(handle, prefix)| WorkerMessage::HandBack { handle, prefix }),
+        handle().prop_map(|handle| WorkerMessage::TakesPrefixes { handle }),
         Just(WorkerMessage::Heartbeat),
         payload().prop_map(|data| WorkerMessage::Fragment { data }),
     ]
@@ -93,12 +96,24 @@ fn primary_message() -> impl Strategy<Value = PrimaryMessage> {
     prop_oneof![
         any::<u16>().prop_map(|version| PrimaryMessage::Hello { version }),
         (seq(), result).prop_map(|(ack, result)| PrimaryMessage::ListenReply { ack, result }),
-        (seq(), handle(), any::<bool>()).prop_map(|(seq, handle, reply)| PrimaryMessage::NewConn {
-            seq,
-            handle,
-            reply
+        (
+            seq(),
+            handle(),
+            any::<bool>(),
+            proptest::collection::vec(any::<u8>(), 0..64)
+        )
+            .prop_map(|(seq, handle, reply, prefix)| PrimaryMessage::NewConn {
+                seq,
+                handle,
+                reply,
+                prefix
+            }),
+        (any::<u64>(), any::<bool>()).prop_map(|(within_ms, hand_back)| {
+            PrimaryMessage::Disconnect {
+                within_ms,
+                hand_back,
+            }
         }),
-        any::<u64>().prop_map(|within_ms| PrimaryMessage::Disconnect { within_ms }),
         seq().prop_map(|ack| PrimaryMessage::DisconnectAck { ack }),
         envelope().prop_map(PrimaryMessage::User),
         payload().prop_map(|data| PrimaryMessage::Fragment { data }),

@@ -372,14 +372,21 @@ impl Sim {
                 Output::Reclaimed { conn, .. } => {
                     assert_eq!(self.incoming.take(), Some(conn), "a refusal carries its fd");
                 }
-                Output::Returned { worker, handle } => {
+                Output::Returned {
+                    worker,
+                    handle,
+                    prefix,
+                    ..
+                } => {
                     let conn = self
                         .incoming
                         .take()
                         .expect("a Return carries its connection");
                     // Back in the primary's custody.
                     assert_eq!(self.delivered.remove(&conn), Some(worker));
-                    if let Err(conn) = self.primary.handle_returned(self.now, worker, handle, conn)
+                    if let Err(conn) = self
+                        .primary
+                        .handle_returned(self.now, worker, handle, conn, prefix)
                     {
                         assert!(self.closed.insert(conn), "closed twice");
                     }
@@ -540,7 +547,7 @@ impl Sim {
                         w.leave_by = Some(w.leave_by.map_or(by, |old| old.min(by)));
                     }
                     self.primary
-                        .disconnect(self.now, id, Duration::from_secs(30));
+                        .disconnect(self.now, id, Duration::from_secs(30), true);
                     self.flush_primary();
                 }
             }

@@ -57,7 +57,7 @@ fn vectors() -> Vec<Vector> {
                 version: PROTOCOL_VERSION,
                 pid: 4242,
             },
-            "00 03 92 21",
+            "00 04 92 21",
         ),
         worker(
             WorkerMessage::QueryServer {
@@ -184,11 +184,24 @@ fn vectors() -> Vec<Vector> {
         ),
         worker(WorkerMessage::Refused { ack: Seq::new(7) }, "0b 07"),
         worker(WorkerMessage::ServiceReady, "0c"),
+        worker(
+            WorkerMessage::HandBack {
+                handle: HandleId::new(0),
+                prefix: b"GE".to_vec(),
+            },
+            "0d 00 02 47 45",
+        ),
+        worker(
+            WorkerMessage::TakesPrefixes {
+                handle: HandleId::new(0),
+            },
+            "0e 00",
+        ),
         primary(
             PrimaryMessage::Hello {
                 version: PROTOCOL_VERSION,
             },
-            "00 03",
+            "00 04",
         ),
         primary(
             PrimaryMessage::ListenReply {
@@ -231,20 +244,34 @@ fn vectors() -> Vec<Vector> {
                 seq: Seq::new(1),
                 handle: HandleId::new(0),
                 reply: false,
+                prefix: Vec::new(),
             },
-            "02 01 00 00",
+            "02 01 00 00 00",
         ),
         primary(
             PrimaryMessage::NewConn {
                 seq: Seq::new(4),
                 handle: HandleId::new(2),
                 reply: true,
+                prefix: Vec::new(),
             },
-            "02 04 02 01",
+            "02 04 02 01 00",
         ),
         primary(
-            PrimaryMessage::Disconnect { within_ms: 30_000 },
-            "03 b0 ea 01",
+            PrimaryMessage::NewConn {
+                seq: Seq::new(5),
+                handle: HandleId::new(0),
+                reply: false,
+                prefix: b"GE".to_vec(),
+            },
+            "02 05 00 00 02 47 45",
+        ),
+        primary(
+            PrimaryMessage::Disconnect {
+                within_ms: 30_000,
+                hand_back: true,
+            },
+            "03 b0 ea 01 01",
         ),
         primary(PrimaryMessage::DisconnectAck { ack: Seq::new(5) }, "04 05"),
         primary(
@@ -328,6 +355,8 @@ fn variant_index(message: &Message) -> u8 {
             WorkerMessage::Fragment { .. } => 10,
             WorkerMessage::Refused { .. } => 11,
             WorkerMessage::ServiceReady => 12,
+            WorkerMessage::HandBack { .. } => 13,
+            WorkerMessage::TakesPrefixes { .. } => 14,
         },
         Message::Primary(m) => match m {
             PrimaryMessage::Hello { .. } => 0,
@@ -384,7 +413,7 @@ fn vectors_decode_to_their_messages() {
 
 #[test]
 fn every_variant_has_a_vector_led_by_its_index() {
-    let mut worker = [false; 13];
+    let mut worker = [false; 15];
     let mut primary = [false; 7];
     for v in vectors() {
         let index = variant_index(&v.message);
@@ -395,7 +424,7 @@ fn every_variant_has_a_vector_led_by_its_index() {
         }
     }
     assert_eq!(
-        worker, [true; 13],
+        worker, [true; 15],
         "WorkerMessage variants without a vector"
     );
     assert_eq!(

@@ -2,15 +2,18 @@
 //! (default `127.0.0.1:0`; `unix:<path>` for a Unix socket) and prints
 //! `worker <id> pid <pid> port <port>` (port 0 on a Unix socket), then serves with
 //! `cluster::axum::serve` and nothing else: it never looks at `cluster::shutdown()` itself.
-//! `GET /` answers `worker <id>`; `GET /peer` answers the peer's address from `ConnectInfo`.
+//! `GET /` answers `worker <id>`; `GET /peer` answers the peer's address from `ConnectInfo`;
+//! `GET /version` answers `<build> worker <id>` with the build the binary was stamped as
+//! (`cluster_tests::stamp`); `POST /echo` answers `<build> worker <id> <body>`;
+//! `GET /delay/<ms>` answers `worker <id>` after `ms` milliseconds.
 //! Workers log to stderr (`RUST_LOG`, default `warn`).
 
 use std::io::Write;
 use std::net::SocketAddr;
 
 use axum::Router;
-use axum::extract::ConnectInfo;
-use axum::routing::get;
+use axum::extract::{ConnectInfo, Path};
+use axum::routing::{get, post};
 
 #[cluster::main(workers = 2)]
 async fn main() -> std::io::Result<()> {
@@ -21,7 +24,25 @@ async fn main() -> std::io::Result<()> {
         .with_writer(std::io::stderr)
         .try_init();
     let id = cluster::Worker::current().map_or(0, |w| w.id().get());
-    let app = Router::new().route("/", get(move || async move { format!("worker {id}\n") }));
+    let build = cluster_tests::build_version();
+    let echo_build = build.clone();
+    let app = Router::new()
+        .route("/", get(move || async move { format!("worker {id}\n") }))
+        .route(
+            "/version",
+            get(move || async move { format!("{build} worker {id}\n") }),
+        )
+        .route(
+            "/echo",
+            post(move |body: String| async move { format!("{echo_build} worker {id} {body}\n") }),
+        )
+        .route(
+            "/delay/{ms}",
+            get(move |Path(ms): Path<u64>| async move {
+                tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+                format!("worker {id}\n")
+            }),
+        );
     let addr = std::env::var("ADDR").unwrap_or_else(|_| "127.0.0.1:0".to_owned());
     match addr.strip_prefix("unix:") {
         Some(path) => {

@@ -205,12 +205,17 @@ pub enum Output<C> {
         conn: C,
     },
     /// The frame just handled carried a connection that `worker` gives back on `handle`: keep
-    /// its fd under a new token and call [`Primary::handle_returned`].
+    /// its fd under a new token and call [`Primary::handle_returned`] with `prefix`.
     Returned {
         /// The worker giving it back.
         worker: WorkerId,
         /// The handle it belongs to.
         handle: HandleId,
+        /// The bytes the worker read from it and did not use, to be read first.
+        prefix: Vec<u8>,
+        /// The worker served it and handed it back between two requests
+        /// ([`WorkerMessage::HandBack`]), rather than giving back one it never served.
+        handed_back: bool,
     },
     /// Kill this worker: it is hung. The connections it never read are re-dispatched once its
     /// link closes.
@@ -280,6 +285,8 @@ pub struct Counters {
     pub refused: u64,
     /// Connections it gave back after acking them (`Return`).
     pub returned: u64,
+    /// Connections it served and handed back between two requests as it left (`HandBack`).
+    pub handed_back: u64,
 }
 
 #[derive(Debug)]
@@ -314,6 +321,8 @@ struct WorkerEntry<C> {
     failed: bool,
     /// Handoffs sent since the last one that asked for an immediate ack.
     unasked: usize,
+    /// The handles it was handed connections on: the only ones it may hand one back on.
+    served: Vec<HandleId>,
     counters: Counters,
     /// A user message arriving in fragments.
     reassembly: Reassembly,
@@ -344,6 +353,8 @@ pub struct Primary<C> {
     workers: BTreeMap<WorkerId, WorkerEntry<C>>,
     next_worker: u64,
     out: VecDeque<Queued<C>>,
+    /// The bytes each connection handed back with a prefix carries, until a worker has it.
+    prefixes: Vec<(C, Vec<u8>)>,
 }
 
 impl<C> std::fmt::Debug for Queued<C> {
@@ -366,6 +377,7 @@ impl<C: Copy + Eq + std::fmt::Debug> Primary<C> {
             workers: BTreeMap::new(),
             next_worker: 1,
             out: VecDeque::new(),
+            prefixes: Vec::new(),
         }
     }
 
@@ -389,6 +401,7 @@ impl<C: Copy + Eq + std::fmt::Debug> Primary<C> {
             held_since: None,
             failed: false,
             unasked: 0,
+            served: Vec::new(),
             counters: Counters::default(),
             reassembly: Reassembly::default(),
         };
@@ -522,8 +535,9 @@ impl<C: Copy + Eq + std::fmt::Debug> Primary<C> {
         Ok(())
     }
 
-    /// The driver registered a connection `worker` gave back (after [`Output::Returned`]); it
-    /// goes to another worker first.
+    /// The driver registered a connection `worker` gave back (after [`Output::Returned`], with
+    /// its `prefix`); it goes to another worker first (one that takes prefixes, if `prefix` is
+    /// not empty).
     ///
     /// # Errors
     ///
@@ -534,12 +548,18 @@ impl<C: Copy + Eq + std::fmt::Debug> Primary<C> {
         worker: WorkerId,
         handle: HandleId,
         conn: C,
+        prefix: Vec<u8>,
     ) -> Result<(), C> {
         let leaving = self
             .workers
             .get(&worker)
             .is_none_or(|e| e.is_retired() || e.link.is_closed());
-        self.registry.give_back(worker, handle, conn, leaving)?;
+        let prefixed = !prefix.is_empty();
+        self.registry
+            .give_back(worker, handle, conn, leaving, prefixed)?;
+        if prefixed {
+            self.prefixes.push((conn, prefix));
+        }
         self.drain_registry(now);
         Ok(())
     }
@@ -708,7 +728,13 @@ impl<C: Copy + Eq + std::fmt::Debug> Primary<C> {
     /// whoever waits for the exit (or nobody). Returns false if it is already leaving or gone;
     /// a worker that announced leaving on its own is still given the deadline (the earlier
     /// one, if asked twice), though not asked again.
-    pub fn disconnect(&mut self, now: Instant, worker: WorkerId, within: Duration) -> bool {
+    pub fn disconnect(
+        &mut self,
+        now: Instant,
+        worker: WorkerId,
+        within: Duration,
+        hand_back: bool,
+    ) -> bool {
         let Some(entry) = self.workers.get_mut(&worker) else {
             return false;
         };
@@ -729,7 +755,20 @@ impl<C: Copy + Eq + std::fmt::Debug> Primary<C> {
         self.registry.leave_all(worker);
         self.drain_registry(now);
         let within_ms = u64::try_from(within.as_millis()).unwrap_or(u64::MAX);
-        self.send(worker, PrimaryMessage::Disconnect { within_ms }, None);
+        // Handing back to nobody would only close the connections less gently.
+        let hand_back = hand_back
+            && self
+                .workers
+                .iter()
+                .any(|(id, e)| *id != worker && !e.is_retired() && !e.link.is_closed());
+        self.send(
+            worker,
+            PrimaryMessage::Disconnect {
+                within_ms,
+                hand_back,
+            },
+            None,
+        );
         true
     }
 
@@ -924,7 +963,9 @@ impl<C: Copy + Eq + std::fmt::Debug> Primary<C> {
         let message: WorkerMessage = entry.link.receive(frame, fds.len())?;
         if matches!(
             message,
-            WorkerMessage::Refused { .. } | WorkerMessage::Return { .. }
+            WorkerMessage::Refused { .. }
+                | WorkerMessage::Return { .. }
+                | WorkerMessage::HandBack { .. }
         ) && fds != [FdKind::Connection]
         {
             return Err(ProtocolError::NotAConnection);
@@ -1046,7 +1087,37 @@ impl<C: Copy + Eq + std::fmt::Debug> Primary<C> {
             }
             WorkerMessage::Return { handle } => {
                 entry.counters.returned += 1;
-                self.push(Output::Returned { worker, handle });
+                self.push(Output::Returned {
+                    worker,
+                    handle,
+                    prefix: Vec::new(),
+                    handed_back: false,
+                });
+            }
+            WorkerMessage::HandBack { handle, prefix } => {
+                if prefix.len() > wire::MAX_PREFIX {
+                    return Err(ProtocolError::PrefixTooLong { len: prefix.len() });
+                }
+                // Never more than it was given: a worker cannot loop a connection through the
+                // primary faster than the primary hands it out.
+                let given = entry.counters.delivered;
+                let back = entry.counters.returned + entry.counters.handed_back;
+                if !entry.served.contains(&handle) || back >= given {
+                    return Err(ProtocolError::NotGiven { handle });
+                }
+                entry.counters.handed_back += 1;
+                self.push(Output::Returned {
+                    worker,
+                    handle,
+                    prefix,
+                    handed_back: true,
+                });
+            }
+            WorkerMessage::TakesPrefixes { handle } => {
+                match self.registry.takes_prefixes(worker, handle) {
+                    Err(RegistryError::NotHeld { .. }) if entry.is_retired() => {}
+                    result => result?,
+                }
             }
         }
         self.drain_registry(now);
@@ -1111,9 +1182,13 @@ impl<C: Copy + Eq + std::fmt::Debug> Primary<C> {
                     });
                 }
                 RegistryOutput::Unbind { handle } => self.push(Output::Unbind { handle }),
-                RegistryOutput::Close(conn) => self.push(Output::Close(conn)),
+                RegistryOutput::Close(conn) => {
+                    self.take_prefix(conn);
+                    self.push(Output::Close(conn));
+                }
                 RegistryOutput::Delivered { worker, conn } => {
-                    self.push(Output::Delivered { worker, conn })
+                    self.take_prefix(conn);
+                    self.push(Output::Delivered { worker, conn });
                 }
                 RegistryOutput::Reply {
                     worker,
@@ -1156,6 +1231,9 @@ impl<C: Copy + Eq + std::fmt::Debug> Primary<C> {
                             if started.is_ok() {
                                 entry.counters.handoffs += 1;
                                 entry.unasked += 1;
+                                if !entry.served.contains(&handle) {
+                                    entry.served.push(handle);
+                                }
                             }
                             let reply = entry.unasked >= ask_every;
                             if reply {
@@ -1166,17 +1244,44 @@ impl<C: Copy + Eq + std::fmt::Debug> Primary<C> {
                         None => Err((LinkError::Closed, handoff)),
                     };
                     match started {
-                        Ok((seq, reply)) => self.send(
-                            worker,
-                            PrimaryMessage::NewConn { seq, handle, reply },
-                            Some(Attachment::Conn { conn, seq }),
-                        ),
+                        Ok((seq, reply)) => {
+                            // Kept until a worker has it: a refusal sends it out again.
+                            let prefix = self.prefix(conn).to_vec();
+                            self.send(
+                                worker,
+                                PrimaryMessage::NewConn {
+                                    seq,
+                                    handle,
+                                    reply,
+                                    prefix,
+                                },
+                                Some(Attachment::Conn { conn, seq }),
+                            );
+                        }
                         // Unreachable while the registry forgets workers when their link closes;
                         // if it ever happens, the connection goes to someone else, not astray.
                         Err(_) => self.registry.remove_worker(now, worker),
                     }
                 }
             }
+        }
+    }
+
+    /// The bytes connection `conn` carries (none for most).
+    fn prefix(&self, conn: C) -> &[u8] {
+        if self.prefixes.is_empty() {
+            return &[];
+        }
+        self.prefixes
+            .iter()
+            .find(|(c, _)| *c == conn)
+            .map_or(&[], |(_, prefix)| prefix)
+    }
+
+    /// `conn` left the primary's hands: its bytes went with it, or it is closed.
+    fn take_prefix(&mut self, conn: C) {
+        if !self.prefixes.is_empty() {
+            self.prefixes.retain(|(c, _)| *c != conn);
         }
     }
 

@@ -542,6 +542,7 @@ fn hung_worker_is_killed_and_its_handoffs_wait_for_its_link_to_close() {
             seq: Seq::new(1),
             handle,
             reply: false,
+            prefix: Vec::new(),
         },
         &mut unread,
     )
@@ -561,16 +562,23 @@ fn primary_disconnect_sets_exited_after_disconnect_and_refuses_new_listens() {
     let mut h = Harness::new();
     let w = h.online();
     h.outputs();
-    assert!(h.primary.disconnect(h.now, w, Duration::from_secs(30)));
     assert!(
-        !h.primary.disconnect(h.now, w, Duration::from_secs(30)),
+        h.primary
+            .disconnect(h.now, w, Duration::from_secs(30), true)
+    );
+    assert!(
+        !h.primary
+            .disconnect(h.now, w, Duration::from_secs(30), true),
         "only once"
     );
     assert_eq!(
         h.outputs(),
         [Out::Send(
             w,
-            PrimaryMessage::Disconnect { within_ms: 30_000 },
+            PrimaryMessage::Disconnect {
+                within_ms: 30_000,
+                hand_back: false,
+            },
             None
         )]
     );
@@ -833,7 +841,8 @@ fn a_worker_taken_off_its_handles_may_still_name_them() {
     let w = h.online();
     let handle = h.listen(w, 1, "127.0.0.1:0");
     h.outputs();
-    h.primary.disconnect(h.now, w, Duration::from_secs(30));
+    h.primary
+        .disconnect(h.now, w, Duration::from_secs(30), true);
     h.outputs();
     h.recv(w, &WorkerMessage::Listening { handle });
     h.recv(w, &WorkerMessage::Ready { handle });
@@ -951,7 +960,7 @@ fn a_workers_readiness_is_reported_once_and_not_while_it_leaves() {
     h.outputs();
     assert!(
         h.primary
-            .disconnect(h.now, leaving, Duration::from_secs(30))
+            .disconnect(h.now, leaving, Duration::from_secs(30), true)
     );
     h.recv(leaving, &WorkerMessage::ServiceReady);
     assert_eq!(h.events(), []);
@@ -1154,7 +1163,7 @@ fn a_worker_still_there_at_its_disconnect_deadline_is_killed_by_the_core() {
     h.outputs();
     assert_eq!(h.primary.poll_timeout(), None);
     let asked = h.now;
-    assert!(h.primary.disconnect(asked, w, Duration::from_secs(5)));
+    assert!(h.primary.disconnect(asked, w, Duration::from_secs(5), true));
     h.outputs();
     assert_eq!(
         h.primary.poll_timeout(),
@@ -1197,7 +1206,7 @@ fn a_worker_that_exits_before_its_disconnect_deadline_is_not_killed() {
     let mut h = without_heartbeats();
     let w = h.online();
     h.outputs();
-    assert!(h.primary.disconnect(h.now, w, Duration::from_secs(5)));
+    assert!(h.primary.disconnect(h.now, w, Duration::from_secs(5), true));
     h.outputs();
     // The exit seen before the link's close (the driver's `wait` may win): no kill either.
     h.primary.handle_exit(w, ExitStatus::Code(0));
@@ -1229,14 +1238,17 @@ fn a_worker_leaving_on_its_own_is_bounded_by_the_primarys_deadline() {
     h.outputs();
     assert_eq!(h.primary.poll_timeout(), None);
     // The primary's disconnect (a reload) is not sent again, but its deadline holds.
-    assert!(!h.primary.disconnect(h.now, w, Duration::from_secs(3)));
+    assert!(!h.primary.disconnect(h.now, w, Duration::from_secs(3), true));
     assert_eq!(h.outputs(), []);
     assert_eq!(
         h.primary.poll_timeout(),
         Some(h.now + Duration::from_secs(3))
     );
     // Asked again with a longer one: the earlier deadline stays.
-    assert!(!h.primary.disconnect(h.now, w, Duration::from_secs(30)));
+    assert!(
+        !h.primary
+            .disconnect(h.now, w, Duration::from_secs(30), true)
+    );
     h.primary.handle_timeout(h.now + Duration::from_secs(3));
     assert_eq!(kills(&h.outputs()), [(w, KillReason::DisconnectTimeout)]);
 }
@@ -1246,7 +1258,10 @@ fn a_worker_killed_for_another_reason_is_not_killed_again_at_its_disconnect_dead
     let mut h = Harness::new();
     let w = h.online();
     h.outputs();
-    assert!(h.primary.disconnect(h.now, w, Duration::from_secs(60)));
+    assert!(
+        h.primary
+            .disconnect(h.now, w, Duration::from_secs(60), true)
+    );
     h.outputs();
     // Silent past its heartbeat deadline (30 s), before its disconnect deadline.
     h.primary.handle_timeout(h.now + Duration::from_secs(30));
@@ -1293,7 +1308,7 @@ fn the_disconnect_deadline_holds_while_the_driver_holds_the_workers_frames() {
     let mut h = Harness::new();
     let w = h.online();
     h.outputs();
-    assert!(h.primary.disconnect(h.now, w, Duration::from_secs(5)));
+    assert!(h.primary.disconnect(h.now, w, Duration::from_secs(5), true));
     h.outputs();
     h.primary.hold(h.now + Duration::from_secs(1), w);
     assert_eq!(
@@ -1324,7 +1339,7 @@ fn a_worker_whose_link_closed_still_gets_the_deadline_of_a_later_disconnect() {
     h.primary.handle_link_closed(h.now, w);
     h.outputs();
     // The supervisor's shutdown now disconnects it, and waits for its exit.
-    h.primary.disconnect(h.now, w, Duration::from_secs(3));
+    h.primary.disconnect(h.now, w, Duration::from_secs(3), true);
     h.outputs();
     assert_eq!(
         h.primary.poll_timeout(),

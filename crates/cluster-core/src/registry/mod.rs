@@ -330,13 +330,14 @@ impl<C: Copy + Eq> Registry<C> {
         handle: HandleId,
         conn: C,
         leaving: bool,
+        prefixed: bool,
     ) -> Result<(), C> {
         match self.handles.get_mut(&handle) {
             Some(Handle {
                 state: State::Bound(_, Mode::RoundRobin(rr)),
                 ..
             }) if leaving || rr.is_member(worker) => {
-                rr.give_back(conn)?;
+                rr.give_back(conn, prefixed)?;
                 self.collect(handle);
                 Ok(())
             }
@@ -360,6 +361,31 @@ impl<C: Copy + Eq> Registry<C> {
         rr.ack(worker, conn, accepted)?;
         self.collect(handle);
         Ok(())
+    }
+
+    /// `worker`'s listener on `handle` takes connections that carry a prefix.
+    ///
+    /// # Errors
+    ///
+    /// [`RegistryError::NotHeld`] unless `worker` listens on the round-robin `handle`.
+    pub fn takes_prefixes(
+        &mut self,
+        worker: WorkerId,
+        handle: HandleId,
+    ) -> Result<(), RegistryError> {
+        self.round_robin(worker, handle)?.takes_prefixes(worker)?;
+        self.collect(handle);
+        Ok(())
+    }
+
+    /// Whether `conn`, held on `handle`, carries a prefix.
+    pub fn is_prefixed(&self, handle: HandleId, conn: C) -> bool {
+        match self.handles.get(&handle).map(|h| &h.state) {
+            Some(State::Bound(_, Mode::RoundRobin(rr)) | State::Closing(rr)) => {
+                rr.is_prefixed(conn)
+            }
+            _ => false,
+        }
     }
 
     /// `worker` has room again on `handle` after refusing a connection.

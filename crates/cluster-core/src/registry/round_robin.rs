@@ -46,6 +46,8 @@ struct Member<C> {
     leaving: bool,
     /// Present in `RoundRobin::ready` (each member is there at most once).
     in_ready: bool,
+    /// Takes connections that carry a prefix (bytes another worker read from them).
+    takes_prefixes: bool,
 }
 
 /// Round-robin distribution of accepted connections over the members of one handle.
@@ -61,11 +63,18 @@ struct Member<C> {
 ///   [`Self::wants_connections`] is false and new connections wait in the kernel's backlog.
 ///   Refused and re-dispatched connections return to the front of the queue even past the bound,
 ///   so at most `max_queued + window × members` connections are ever held.
+/// - A connection given back by a worker (leaving, it handed back an idle connection or one it
+///   never accepted) goes to the youngest member with room: in a rolling reload, the leaving
+///   worker's replacement, so that it moves once. One that carries a prefix (bytes the worker
+///   read) goes only to a member that takes prefixes; with no such member left it is closed.
 #[derive(Debug)]
 pub struct RoundRobin<C> {
     window: usize,
     max_queued: usize,
     queue: VecDeque<C>,
+    /// The connections held here (queued or in flight) that a worker gave back, and whether
+    /// each carries a prefix: few, and only during a drain, so a list.
+    given_back: Vec<(C, bool)>,
     members: BTreeMap<WorkerId, Member<C>>,
     ready: VecDeque<WorkerId>,
     out: VecDeque<RoundRobinOutput<C>>,
@@ -78,6 +87,7 @@ impl<C: Copy + Eq> RoundRobin<C> {
             window: window.max(1),
             max_queued: max_queued.max(1),
             queue: VecDeque::new(),
+            given_back: Vec::new(),
             members: BTreeMap::new(),
             ready: VecDeque::new(),
             out: VecDeque::new(),
@@ -91,6 +101,7 @@ impl<C: Copy + Eq> RoundRobin<C> {
             paused: false,
             leaving: false,
             in_ready: false,
+            takes_prefixes: false,
         });
         member.leaving = false;
         member.paused = false;
@@ -113,19 +124,61 @@ impl<C: Copy + Eq> RoundRobin<C> {
         Ok(())
     }
 
-    /// Takes back a connection a worker acked but could not serve. It goes to the front of the
-    /// queue, past the bound (it was accepted already).
+    /// Takes back a connection a worker acked but did not serve, or served and handed back
+    /// between two requests. It goes to the front of the queue, past the bound (it was
+    /// accepted already). `prefixed`: it carries bytes read from it, for a member that takes
+    /// them.
     ///
     /// # Errors
     ///
-    /// Hands `conn` back when no active member is left; the caller closes it.
-    pub fn give_back(&mut self, conn: C) -> Result<(), C> {
-        if !self.has_active_members() {
+    /// Hands `conn` back when no active member (that takes prefixes, for `prefixed`) is left;
+    /// the caller closes it.
+    pub fn give_back(&mut self, conn: C, prefixed: bool) -> Result<(), C> {
+        let taken = |m: &Member<C>| !m.leaving && (!prefixed || m.takes_prefixes);
+        if !self.members.values().any(taken) {
             return Err(conn);
         }
+        self.given_back.push((conn, prefixed));
         self.queue.push_front(conn);
         self.pump();
         Ok(())
+    }
+
+    /// `worker`'s listener takes connections that carry a prefix.
+    ///
+    /// # Errors
+    ///
+    /// [`RoundRobinError::NotMember`].
+    pub fn takes_prefixes(&mut self, worker: WorkerId) -> Result<(), RoundRobinError> {
+        self.members
+            .get_mut(&worker)
+            .ok_or(RoundRobinError::NotMember(worker))?
+            .takes_prefixes = true;
+        self.pump();
+        Ok(())
+    }
+
+    /// Whether `conn` carries a prefix.
+    pub fn is_prefixed(&self, conn: C) -> bool {
+        self.given_back(conn) == Some(true)
+    }
+
+    /// For a connection a worker gave back, whether it carries a prefix.
+    fn given_back(&self, conn: C) -> Option<bool> {
+        if self.given_back.is_empty() {
+            return None;
+        }
+        self.given_back
+            .iter()
+            .find(|(c, _)| *c == conn)
+            .map(|(_, prefixed)| *prefixed)
+    }
+
+    /// `conn` leaves this handle: it is no longer one given back.
+    fn forget_given_back(&mut self, conn: C) {
+        if !self.given_back.is_empty() {
+            self.given_back.retain(|(c, _)| *c != conn);
+        }
     }
 
     /// Whether the driver should accept more connections for this handle now.
@@ -158,6 +211,7 @@ impl<C: Copy + Eq> RoundRobin<C> {
             .ok_or(RoundRobinError::NotInFlight(worker))?;
         member.in_flight.swap_remove(at);
         if accepted {
+            self.forget_given_back(conn);
             self.out
                 .push_back(RoundRobinOutput::Delivered { worker, conn });
         } else {
@@ -268,6 +322,7 @@ impl<C: Copy + Eq> RoundRobin<C> {
 
     fn close_queue_if_orphaned(&mut self) {
         if !self.has_active_members() {
+            self.given_back.clear();
             self.out
                 .extend(self.queue.drain(..).map(RoundRobinOutput::Close));
         }
@@ -307,17 +362,47 @@ impl<C: Copy + Eq> RoundRobin<C> {
     }
 
     fn pump(&mut self) {
-        while !self.queue.is_empty() {
-            let Some(worker) = self.ready.pop_front() else {
+        while let Some(&conn) = self.queue.front() {
+            let worker = match self.given_back(conn) {
+                None => self.ready.pop_front(),
+                Some(prefixed) => {
+                    let members = &self.members;
+                    let takes = |w: &WorkerId| {
+                        !prefixed || members.get(w).is_some_and(|m| m.takes_prefixes)
+                    };
+                    // The youngest that can take it.
+                    let youngest = (0..self.ready.len())
+                        .filter(|&at| takes(&self.ready[at]))
+                        .max_by_key(|&at| self.ready[at]);
+                    match youngest {
+                        Some(at) => self.ready.remove(at),
+                        None if !prefixed
+                            || self
+                                .members
+                                .values()
+                                .any(|m| !m.leaving && m.takes_prefixes) =>
+                        {
+                            break;
+                        }
+                        None => {
+                            // Nobody left can read its bytes first: closed, as its last worker
+                            // would have closed it.
+                            self.queue.pop_front();
+                            self.forget_given_back(conn);
+                            self.out.push_back(RoundRobinOutput::Close(conn));
+                            continue;
+                        }
+                    }
+                }
+            };
+            let Some(worker) = worker else {
                 break;
             };
             let Some(member) = self.members.get_mut(&worker) else {
                 continue;
             };
             member.in_ready = false;
-            let Some(conn) = self.queue.pop_front() else {
-                break;
-            };
+            self.queue.pop_front();
             member.in_flight.push(conn);
             self.out
                 .push_back(RoundRobinOutput::Dispatch { worker, conn });
@@ -467,11 +552,11 @@ mod tests {
         rr.push(1).unwrap();
         rr.push(2).unwrap();
         assert!(!rr.wants_connections(), "queue at its bound");
-        rr.give_back(9).unwrap();
+        rr.give_back(9, false).unwrap();
         assert_eq!(rr.queued().copied().collect::<Vec<_>>(), [9, 2]);
         rr.leave(W1).unwrap();
         drain(&mut rr);
-        assert_eq!(rr.give_back(10), Err(10));
+        assert_eq!(rr.give_back(10, false), Err(10));
     }
 
     #[test]

@@ -133,11 +133,12 @@ mod tests {
                 seq: Seq::new(1),
                 handle: HandleId::new(0),
                 reply: true,
+                prefix: Vec::new(),
             },
             &mut buf,
         )
         .unwrap();
-        assert_eq!(buf, [2, 1, 0, 1]);
+        assert_eq!(buf, [2, 1, 0, 1, 0]);
         buf.clear();
         encode(
             &WorkerMessage::Accepted {

@@ -22,7 +22,13 @@ pub use codec::{
 
 /// The version of this protocol. Both handshake messages carry it; a peer speaking another
 /// version is disconnected with [`crate::LinkError::VersionMismatch`].
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
+
+/// The most unread bytes a connection may carry when a worker hands it back
+/// ([`WorkerMessage::HandBack`]) and when it is handed over again ([`PrimaryMessage::NewConn`]):
+/// half a frame, so both messages always fit in one. A partial request head at an idle point is
+/// far smaller; a connection holding more is served and closed where it is.
+pub const MAX_PREFIX: usize = MAX_FRAME / 2;
 
 /// How often a worker's runtime sends [`WorkerMessage::Heartbeat`].
 pub const HEARTBEAT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
@@ -276,6 +282,25 @@ pub enum WorkerMessage {
     },
     /// The application declared itself ready to serve (its warm-up is done). Sent at most once.
     ServiceReady,
+    /// Gives back a connection of `handle` that the worker served and stopped at an idle point
+    /// (between requests) because it is leaving; exactly one fd is attached. `prefix` holds the
+    /// bytes the worker read from it but did not use (at most [`MAX_PREFIX`]), to be read
+    /// before what is still in the socket. The primary hands it to another worker as if it
+    /// had just been accepted.
+    HandBack {
+        /// The handle it was handed over on.
+        handle: HandleId,
+        /// The bytes read from it and not used, in order.
+        #[serde(with = "serde_bytes")]
+        prefix: Vec<u8>,
+    },
+    /// The worker's listener for `handle` takes connections that carry a prefix
+    /// ([`PrimaryMessage::NewConn::prefix`]); without this it is only offered connections
+    /// without one.
+    TakesPrefixes {
+        /// The handle.
+        handle: HandleId,
+    },
 }
 
 /// Messages from the primary to a worker.
@@ -306,12 +331,22 @@ pub enum PrimaryMessage {
         /// Acknowledge at once: the primary's window for this worker is filling up. Otherwise
         /// the acknowledgement may wait (see [`WorkerMessage::Accepted`]).
         reply: bool,
+        /// Bytes to read before what is in the socket: another worker read them before it
+        /// handed the connection back ([`WorkerMessage::HandBack`]). Empty for a connection
+        /// accepted by the primary, and for every worker that did not send
+        /// [`WorkerMessage::TakesPrefixes`] for `handle`.
+        #[serde(with = "serde_bytes")]
+        prefix: Vec<u8>,
     },
     /// Asks the worker to close its listeners, finish its connections and leave (Node's
     /// `disconnect`) within `within_ms` milliseconds, after which the primary kills it.
     Disconnect {
         /// How long the worker has, from when the primary sent this.
         within_ms: u64,
+        /// Other workers stay: the worker may hand its idle connections back
+        /// ([`WorkerMessage::HandBack`]) instead of closing them. False when the whole cluster
+        /// stops.
+        hand_back: bool,
     },
     /// Answers [`WorkerMessage::ExitedAfterDisconnect`].
     DisconnectAck {
@@ -431,10 +466,14 @@ impl PrimaryMessage {
 }
 
 impl WorkerMessage {
-    /// How many fds must travel with this message (one with `Refused` and `Return`).
+    /// How many fds must travel with this message (one with `Refused`, `Return` and
+    /// `HandBack`).
     pub fn fd_count(&self) -> usize {
         match self {
-            Self::Refused { .. } | Self::Return { .. } | Self::User(Envelope { fd: true, .. }) => 1,
+            Self::Refused { .. }
+            | Self::Return { .. }
+            | Self::HandBack { .. }
+            | Self::User(Envelope { fd: true, .. }) => 1,
             _ => 0,
         }
     }

@@ -2,6 +2,7 @@
 //! [`ClusterUdpSocket`]. Each works the same in a worker (the primary owns the socket) and in a
 //! plain process (it binds itself); this module holds what they share.
 
+mod hand_back;
 mod tcp;
 mod udp;
 mod unix;
@@ -16,12 +17,20 @@ use std::task::{Context, Poll, ready};
 use proto::HandleId;
 use proto::wire::{BoundAddr, ListenFlags, ListenRequest, ListenTarget, SocketKind};
 
+pub use hand_back::{HandBack, HandBackError};
 pub use tcp::ClusterListener;
 pub use udp::ClusterUdpSocket;
 pub use unix::ClusterUnixListener;
 
 use crate::socket::{self, SocketFile};
 use crate::worker::{self, Granted, HandoffQueue, Worker};
+
+/// A connection, with the bytes to read before its own.
+type Prefixed<S> = (S, Vec<u8>);
+
+/// A connection, its peer's address, and the bytes to read before its own.
+#[cfg(any(feature = "axum", feature = "hyper", feature = "tonic"))]
+pub(crate) type Handed<Io, Addr> = (Io, Addr, Vec<u8>);
 
 /// A stream listener the serve helpers take: [`ClusterListener`] or [`ClusterUnixListener`].
 ///
@@ -41,6 +50,26 @@ pub trait Listener: sealed::Sealed + Send + Unpin + 'static {
         &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<io::Result<(Self::Io, Self::Addr)>>;
+
+    /// As [`Self::poll_accept_peer`], with the bytes to read before the socket's (a connection
+    /// another worker handed back); only after [`Self::take_prefixes`].
+    #[doc(hidden)]
+    fn poll_accept_prefixed(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<Handed<Self::Io, Self::Addr>>>;
+
+    /// Says that this listener's connections may come with a prefix.
+    #[doc(hidden)]
+    fn take_prefixes(&mut self);
+
+    /// Where to hand connections back, in a worker whose connections come from the primary.
+    #[doc(hidden)]
+    fn hand_back(&self) -> Option<HandBack>;
+
+    /// The connection's socket, to hand back.
+    #[doc(hidden)]
+    fn into_fd(io: Self::Io) -> io::Result<OwnedFd>;
 
     /// The address it listens on, for `axum::serve::Listener`.
     #[doc(hidden)]
@@ -311,8 +340,8 @@ struct Handoff {
 }
 
 impl Handoff {
-    /// The next connection; `None` once the worker stopped serving.
-    fn poll_next(&self, cx: &Context<'_>) -> Poll<Option<OwnedFd>> {
+    /// The next connection, with its prefix; `None` once the worker stopped serving.
+    fn poll_next(&self, cx: &Context<'_>) -> Poll<Option<worker::Conn>> {
         let Some((conn, room_again)) = ready!(self.queue.poll_pop(cx)) else {
             return Poll::Ready(None);
         };
@@ -353,6 +382,8 @@ trait Family {
 struct Incoming<F: Family> {
     source: Source<F>,
     shutdown: Shutdown,
+    /// The primary was told this listener reads a prefix before the socket.
+    takes_prefixes: bool,
 }
 
 #[derive(Debug)]
@@ -391,6 +422,7 @@ impl<F: Family> Incoming<F> {
         let incoming = Self {
             source,
             shutdown: Shutdown::new(),
+            takes_prefixes: false,
         };
         Ok((incoming, addr))
     }
@@ -404,6 +436,26 @@ impl<F: Family> Incoming<F> {
                 _guard: None,
             },
             shutdown: Shutdown::new(),
+            takes_prefixes: false,
+        }
+    }
+
+    /// From now on, connections may come with a prefix (only from the primary).
+    fn take_prefixes(&mut self) {
+        if let (Source::Handoff(handoff), false) = (&self.source, self.takes_prefixes) {
+            handoff.guard.worker.takes_prefixes(handoff.guard.handle);
+        }
+        self.takes_prefixes = true;
+    }
+
+    /// Where to hand connections back: only those the primary handed over.
+    fn hand_back(&self) -> Option<HandBack> {
+        match &self.source {
+            Source::Handoff(handoff) => Some(HandBack::new(
+                handoff.guard.worker.clone(),
+                handoff.guard.handle,
+            )),
+            Source::Listener { .. } => None,
         }
     }
 
@@ -417,13 +469,31 @@ impl<F: Family> Incoming<F> {
     }
 
     fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<io::Result<F::Stream>>> {
+        Poll::Ready(match ready!(self.poll_next_prefixed(cx)) {
+            Some(Ok((stream, prefix))) if prefix.is_empty() => Some(Ok(stream)),
+            // Only once it said it takes prefixes: the bytes cannot go where they are not read.
+            Some(Ok(_)) => Some(Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "a connection handed back with unread bytes: accept it with `accept_with_prefix`",
+            ))),
+            Some(Err(error)) => Some(Err(error)),
+            None => None,
+        })
+    }
+
+    fn poll_next_prefixed(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<io::Result<Prefixed<F::Stream>>>> {
         if self.shutdown.is_ready(cx) {
             return Poll::Ready(None);
         }
         match &mut self.source {
-            Source::Listener { listener, .. } => F::poll_accept(listener, cx).map(Some),
+            Source::Listener { listener, .. } => F::poll_accept(listener, cx)
+                .map_ok(|stream| (stream, Vec::new()))
+                .map(Some),
             Source::Handoff(handoff) => match ready!(handoff.poll_next(cx)) {
-                Some(conn) => Poll::Ready(Some(F::stream(conn))),
+                Some((conn, prefix)) => Poll::Ready(Some(F::stream(conn).map(|s| (s, prefix)))),
                 None => Poll::Ready(None),
             },
         }

@@ -189,6 +189,39 @@ impl ClusterListener {
         }
     }
 
+    /// As [`Self::accept`], for a server that can read bytes before the socket's: a connection
+    /// another worker handed back ([`HandBack`](super::HandBack)) comes with the bytes it had
+    /// read and not used, to be parsed first; any other comes with none. The first call tells
+    /// the primary that this listener takes such connections; without it, the listener is never
+    /// given one. Once called, use it rather than [`Self::accept`] or the `Stream`, which
+    /// cannot deliver the bytes and return `InvalidData` for such a connection (it is closed).
+    ///
+    /// # Errors
+    ///
+    /// As [`Self::accept`].
+    pub async fn accept_with_prefix(&mut self) -> io::Result<(TcpStream, SocketAddr, Vec<u8>)> {
+        self.incoming.take_prefixes();
+        loop {
+            let next = std::future::poll_fn(|cx| self.incoming.poll_next_prefixed(cx));
+            let Some(accepted) = next.await else {
+                return super::stopped().await;
+            };
+            let (stream, prefix) = accepted?;
+            match stream.peer_addr() {
+                Ok(peer) => return Ok((stream, peer, prefix)),
+                Err(e) if e.kind() == io::ErrorKind::NotConnected => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Where to hand connections back when this worker leaves while others stay (see
+    /// [`HandBack`](super::HandBack)): `None` unless the primary hands this listener its
+    /// connections (outside a worker, with the shared policy, or with a socket of its own).
+    pub fn hand_back(&self) -> Option<super::HandBack> {
+        self.incoming.hand_back()
+    }
+
     /// Polls for the next connection and its peer's address, as tokio's
     /// `TcpListener::poll_accept` does.
     ///
@@ -239,6 +272,30 @@ impl super::Listener for ClusterListener {
         let stream = ready!(self.poll_stream(cx))?;
         let peer = stream.peer_addr();
         Poll::Ready(super::with_peer(stream, peer))
+    }
+
+    fn poll_accept_prefixed(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<(TcpStream, SocketAddr, Vec<u8>)>> {
+        let Some(accepted) = ready!(self.incoming.poll_next_prefixed(cx)) else {
+            return Poll::Ready(Err(super::shutting_down()));
+        };
+        let (stream, prefix) = accepted?;
+        let peer = stream.peer_addr();
+        Poll::Ready(super::with_peer(stream, peer).map(|(s, p)| (s, p, prefix)))
+    }
+
+    fn take_prefixes(&mut self) {
+        self.incoming.take_prefixes();
+    }
+
+    fn hand_back(&self) -> Option<super::HandBack> {
+        self.incoming.hand_back()
+    }
+
+    fn into_fd(io: TcpStream) -> io::Result<OwnedFd> {
+        Ok(io.into_std()?.into())
     }
 
     fn local_addr(&self) -> io::Result<SocketAddr> {

@@ -159,6 +159,13 @@ impl ClusterUnixListener {
         Ok((stream, peer))
     }
 
+    /// Where to hand connections back when this worker leaves while others stay (see
+    /// [`HandBack`](super::HandBack)); `None` unless the primary hands this listener its
+    /// connections.
+    pub fn hand_back(&self) -> Option<super::HandBack> {
+        self.incoming.hand_back()
+    }
+
     /// Polls for the next connection.
     ///
     /// # Errors
@@ -192,6 +199,30 @@ impl super::Listener for ClusterUnixListener {
         let stream = ready!(self.poll_accept(cx))?;
         let peer = stream.peer_addr();
         Poll::Ready(super::with_peer(stream, peer))
+    }
+
+    fn poll_accept_prefixed(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<(UnixStream, tokio::net::unix::SocketAddr, Vec<u8>)>> {
+        let Some(accepted) = ready!(self.incoming.poll_next_prefixed(cx)) else {
+            return Poll::Ready(Err(super::shutting_down()));
+        };
+        let (stream, prefix) = accepted?;
+        let peer = stream.peer_addr();
+        Poll::Ready(super::with_peer(stream, peer).map(|(s, p)| (s, p, prefix)))
+    }
+
+    fn take_prefixes(&mut self) {
+        self.incoming.take_prefixes();
+    }
+
+    fn hand_back(&self) -> Option<super::HandBack> {
+        self.incoming.hand_back()
+    }
+
+    fn into_fd(io: UnixStream) -> io::Result<OwnedFd> {
+        Ok(io.into_std()?.into())
     }
 
     fn local_addr(&self) -> io::Result<tokio::net::unix::SocketAddr> {

@@ -162,6 +162,13 @@ pub(crate) fn encode(status: &ClusterStatus) -> Result<String, std::fmt::Error> 
         reloads,
     );
 
+    let handed_back = Counter::<u64>::default();
+    handed_back.inc_by(status.handed_back);
+    registry.register(
+        "cluster_connections_handed_back",
+        "Idle keep-alive connections leaving workers handed back to be served on by others (reloads, scale-downs)",
+        handed_back,
+    );
     let accept_errors = Counter::<u64>::default();
     accept_errors.inc_by(status.accept_errors);
     registry.register(
@@ -224,6 +231,7 @@ mod tests {
                 handoffs: 0,
                 refused: 0,
                 returned: 0,
+                handed_back: 0,
             },
             slot: None,
             generation: 1,
@@ -251,6 +259,7 @@ mod tests {
             connections_held: 0,
             listeners: 1,
             handoffs: 0,
+            handed_back: 0,
             handoff_latency: HandoffLatency::default(),
             accept_errors: 0,
         }

@@ -48,6 +48,9 @@ pub struct ClusterStatus {
     pub listeners: usize,
     /// As [`Counters::handoffs`]: connections handed to workers since the primary started.
     pub handoffs: u64,
+    /// As [`Counters::handed_back`]: connections leaving workers handed back to be served on
+    /// by others.
+    pub handed_back: u64,
     /// As [`Counters::handoff_latency`].
     pub handoff_latency: crate::primary::HandoffLatency,
     /// As [`Counters::accept_errors`].
@@ -272,6 +275,7 @@ async fn assemble(
         connections_held: stats.connections_held,
         listeners: stats.listeners,
         handoffs: stats.handoffs,
+        handed_back: stats.handed_back,
         handoff_latency: stats.handoff_latency,
         accept_errors: stats.accept_errors,
     }

@@ -304,7 +304,8 @@ impl Primary {
             let mut waits = tokio::task::JoinSet::new();
             for worker in self.workers() {
                 if asked.insert(worker.id()) {
-                    waits.spawn(async move { worker.disconnect_within(deadline).await });
+                    // Everyone stops: nobody to hand connections back to.
+                    waits.spawn(async move { worker.leave(deadline, false).await });
                 }
             }
             if waits.is_empty() {
@@ -404,6 +405,9 @@ pub struct Counters {
     /// Connections handed to workers since the primary started, re-dispatches included (the
     /// sum of every worker's `handoffs`, those gone too).
     pub handoffs: u64,
+    /// Connections that leaving workers served and handed back between two requests, to be
+    /// served on by other workers (rolling reloads, scale-downs), since the primary started.
+    pub handed_back: u64,
     /// How long accepted connections waited in the primary before they were handed over.
     pub handoff_latency: HandoffLatency,
     /// Accepts that failed since the primary started (round robin): connections reset before
@@ -430,4 +434,6 @@ pub struct WorkerCounters {
     pub refused: u64,
     /// Connections it gave back unserved (its listener closed before accepting them).
     pub returned: u64,
+    /// Connections it served and handed back between two requests as it left.
+    pub handed_back: u64,
 }

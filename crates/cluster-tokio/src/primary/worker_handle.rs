@@ -256,8 +256,15 @@ impl WorkerHandle {
     }
 
     /// Asks it to leave within `deadline` (the core kills it then), then waits for its exit.
-    /// The request is sent before the first poll returns.
+    /// The request is sent before the first poll returns. The other workers stay, so its idle
+    /// connections are handed back to them.
     pub(crate) async fn disconnect_within(&self, deadline: Duration) -> io::Result<()> {
+        self.leave(deadline, true).await
+    }
+
+    /// As [`Self::disconnect_within`]; `hand_back`: whether its idle connections may go to the
+    /// other workers (not when they all stop).
+    pub(crate) async fn leave(&self, deadline: Duration, hand_back: bool) -> io::Result<()> {
         self.shared
             .leaving
             .store(true, std::sync::atomic::Ordering::Relaxed);
@@ -265,6 +272,7 @@ impl WorkerHandle {
             .send(Input::Disconnect {
                 worker: self.id(),
                 within: deadline,
+                hand_back,
             })
             .map_err(|_| stopped())?;
         self.exited().await;

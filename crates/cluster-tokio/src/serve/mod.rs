@@ -15,9 +15,13 @@
 pub mod axum;
 mod builder;
 #[cfg(any(feature = "axum", feature = "hyper"))]
+mod connection;
+#[cfg(any(feature = "axum", feature = "hyper"))]
 mod http;
 #[cfg(feature = "hyper")]
 pub mod hyper;
+#[cfg(any(feature = "axum", feature = "hyper"))]
+mod rewind;
 #[cfg(feature = "tonic")]
 pub mod tonic;
 
@@ -144,6 +148,7 @@ impl<L: Listener> Incoming<L> {
     }
 
     /// The next connection and its peer's address; `None` once the worker is shutting down.
+    #[cfg_attr(not(feature = "tonic"), allow(dead_code))]
     pub(crate) fn poll_accept(&mut self, cx: &mut Context<'_>) -> Poll<Option<(L::Io, L::Addr)>> {
         loop {
             if let Some(backoff) = &mut self.backoff {
@@ -165,10 +170,43 @@ impl<L: Listener> Incoming<L> {
         }
     }
 
-    /// As [`Self::poll_accept`].
+    /// As [`Self::poll_accept`], with the bytes to read before the socket's (a connection
+    /// another worker handed back; only once the listener said it takes them).
     #[cfg_attr(not(any(feature = "axum", feature = "hyper")), allow(dead_code))]
-    pub(crate) async fn accept(&mut self) -> Option<(L::Io, L::Addr)> {
-        std::future::poll_fn(|cx| self.poll_accept(cx)).await
+    pub(crate) fn poll_accept_prefixed(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<crate::net::Handed<L::Io, L::Addr>>> {
+        loop {
+            if let Some(backoff) = &mut self.backoff {
+                ready!(backoff.as_mut().poll(cx));
+                self.backoff = None;
+            }
+            let error = match ready!(self.listener.poll_accept_prefixed(cx)) {
+                Ok(accepted) => return Poll::Ready(Some(accepted)),
+                Err(error) => error,
+            };
+            match AcceptError::of(&error) {
+                AcceptError::Leaving => return Poll::Ready(None),
+                AcceptError::Skip => {}
+                AcceptError::Backoff => {
+                    tracing::error!(%error, "accept failed; retrying in 1s");
+                    self.backoff = Some(Box::pin(tokio::time::sleep(ACCEPT_BACKOFF)));
+                }
+            }
+        }
+    }
+
+    /// As [`Self::poll_accept_prefixed`].
+    #[cfg_attr(not(any(feature = "axum", feature = "hyper")), allow(dead_code))]
+    pub(crate) async fn accept_prefixed(&mut self) -> Option<(L::Io, L::Addr, Vec<u8>)> {
+        std::future::poll_fn(|cx| self.poll_accept_prefixed(cx)).await
+    }
+
+    /// The listener, to set it up before serving.
+    #[cfg_attr(not(any(feature = "axum", feature = "hyper")), allow(dead_code))]
+    pub(crate) fn listener_mut(&mut self) -> &mut L {
+        &mut self.listener
     }
 }
 

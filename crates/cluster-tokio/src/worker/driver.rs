@@ -4,13 +4,14 @@
 use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use proto::wire::{BoundAddr, Distribution, ListenInfo, ListenRequest};
 use proto::{HandleId, Seq, SessionEvent, SessionOutput, WorkerSession};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::queue::{HandoffQueue, Offer};
+use super::queue::{Conn, HandoffQueue, Offer};
 use super::{Holds, LinkState};
 use crate::ipc::{Channel, Received};
 use crate::message::{Answer, Message, ReplySender, Waiters};
@@ -29,7 +30,15 @@ pub(crate) enum Command {
     ServiceReady,
     GiveBack {
         handle: HandleId,
-        conns: Vec<OwnedFd>,
+        conns: Vec<Conn>,
+    },
+    HandBack {
+        handle: HandleId,
+        conn: OwnedFd,
+        unread: Vec<u8>,
+    },
+    TakesPrefixes {
+        handle: HandleId,
     },
     Send {
         payload: Vec<u8>,
@@ -78,6 +87,8 @@ pub(crate) struct Driver {
     link: watch::Sender<LinkState>,
     /// When the primary kills this worker, once it asked it to leave.
     deadline: Arc<OnceLock<tokio::time::Instant>>,
+    /// Set when the primary asks this worker to leave while others stay.
+    hand_back: Arc<AtomicBool>,
     messages: mpsc::UnboundedSender<Message>,
     /// Who keeps the link open once this worker is leaving.
     holds: watch::Receiver<Holds>,
@@ -116,6 +127,7 @@ impl Driver {
             shutdown,
             link,
             deadline,
+            hand_back: Arc::new(AtomicBool::new(false)),
             messages,
             holds: watch::Sender::new(Holds::default()).subscribe(),
             listens: HashMap::new(),
@@ -133,6 +145,12 @@ impl Driver {
     /// Who keeps the link open once this worker is leaving ([`super::Worker::hold_link`]).
     pub(crate) fn with_holds(mut self, holds: watch::Receiver<Holds>) -> Self {
         self.holds = holds;
+        self
+    }
+
+    /// Where to say that idle connections may be handed back ([`super::Worker::hand_back_wanted`]).
+    pub(crate) fn with_hand_back(mut self, hand_back: Arc<AtomicBool>) -> Self {
+        self.hand_back = hand_back;
         self
     }
 
@@ -177,7 +195,14 @@ impl Driver {
                 _ = heartbeat.tick() => self.session.heartbeat(),
                 // Its connections are done (every `LinkHold` dropped): the link closes, which
                 // is the primary's `Disconnect`.
-                Ok(_) = holds.wait_for(Holds::released), if self.acked => self.left = true,
+                Ok(_) = holds.wait_for(Holds::released), if self.acked => {
+                    // What the servers asked before they let go goes first (connections
+                    // handed back, above all).
+                    while let Ok(command) = self.commands.try_recv() {
+                        self.command(command);
+                    }
+                    self.left = true;
+                }
             }
         }
         self.link_closed();
@@ -225,7 +250,12 @@ impl Driver {
                 }
             }
             // Answered in the order offered, so answering cannot fail.
-            SessionEvent::Connection { seq, handle, conn } => match self.deliver(handle, conn) {
+            SessionEvent::Connection {
+                seq,
+                handle,
+                conn,
+                prefix,
+            } => match self.deliver(handle, (conn, prefix)) {
                 Ok(()) => {
                     let _ = self.session.accept(seq);
                 }
@@ -241,8 +271,10 @@ impl Driver {
             SessionEvent::Answer { seq, answer } => self.waiters.answer(seq, answer),
             // As Node's workers: close every listener (announced at once, so that the primary
             // knows every handoff is settled), then the link once the connections are done.
-            SessionEvent::DisconnectRequested { within } => {
+            SessionEvent::DisconnectRequested { within, hand_back } => {
                 let _ = self.deadline.set(tokio::time::Instant::now() + within);
+                // Before the listeners stop: whoever sees the shutdown sees this too.
+                self.hand_back.store(hand_back, Ordering::Release);
                 self.leave(None);
             }
             SessionEvent::DisconnectAcked => {
@@ -300,9 +332,9 @@ impl Driver {
     /// Hands a connection to its listener; gives it back if the listener is full or gone (it
     /// goes back to the primary, which offers it elsewhere and offers this worker nothing more
     /// until `Ready`).
-    fn deliver(&mut self, handle: HandleId, conn: OwnedFd) -> Result<(), OwnedFd> {
+    fn deliver(&mut self, handle: HandleId, conn: Conn) -> Result<(), OwnedFd> {
         let Some(queue) = self.queues.get(&handle) else {
-            return Err(conn);
+            return Err(conn.0);
         };
         match queue.offer(conn) {
             Offer::Taken => Ok(()),
@@ -314,10 +346,16 @@ impl Driver {
         }
     }
 
-    /// Gives connections of `handle` back to the primary, to be served by another worker.
-    fn give_back(&mut self, handle: HandleId, conns: Vec<OwnedFd>) {
-        for conn in conns {
-            self.session.give_back(handle, conn);
+    /// Gives connections of `handle` back to the primary, to be served by another worker; one
+    /// that came with a prefix goes back with it.
+    fn give_back(&mut self, handle: HandleId, conns: Vec<Conn>) {
+        for (conn, prefix) in conns {
+            if prefix.is_empty() {
+                self.session.give_back(handle, conn);
+            } else {
+                // Under the bound: it came with it.
+                let _ = self.session.hand_back(handle, conn, prefix);
+            }
         }
     }
 
@@ -363,6 +401,18 @@ impl Driver {
             Command::Ready { handle } => self.session.ready(handle),
             Command::ServiceReady => self.session.service_ready(),
             Command::GiveBack { handle, conns } => self.give_back(handle, conns),
+            Command::HandBack {
+                handle,
+                conn,
+                unread,
+            } => {
+                // The caller checked the bound; past it, or with the link closed, the
+                // connection is closed here.
+                if self.session.hand_back(handle, conn, unread).is_err() {
+                    tracing::debug!(%handle, "connection not handed back; closed");
+                }
+            }
+            Command::TakesPrefixes { handle } => self.session.takes_prefixes(handle),
             Command::Send { payload, fd } => {
                 // Sizes were checked when the value was encoded.
                 if let Err((error, _fd)) = self.session.send_message(payload, fd) {

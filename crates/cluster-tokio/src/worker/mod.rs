@@ -7,6 +7,7 @@ mod queue;
 use std::fmt;
 use std::io;
 use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -21,7 +22,7 @@ use crate::message::{DEFAULT_REQUEST_TIMEOUT, Message, RequestError};
 
 pub(crate) use driver::Granted;
 use driver::{Command, Driver};
-pub(crate) use queue::HandoffQueue;
+pub(crate) use queue::{Conn, HandoffQueue};
 
 /// How long a worker whose primary went away keeps running so in-flight work can finish.
 pub const ORPHAN_GRACE: Duration = Duration::from_secs(1);
@@ -53,6 +54,9 @@ struct Inner {
     shutdown: watch::Receiver<bool>,
     link: watch::Receiver<LinkState>,
     deadline: Arc<OnceLock<tokio::time::Instant>>,
+    /// The primary asked this worker to leave while others stay: idle connections go back to
+    /// it rather than being closed.
+    hand_back: Arc<AtomicBool>,
     messages: Mutex<mpsc::UnboundedReceiver<Message>>,
     holds: Arc<watch::Sender<Holds>>,
 }
@@ -107,6 +111,7 @@ impl Worker {
         let (shutdown_tx, shutdown) = watch::channel(false);
         let (link_tx, link) = watch::channel(LinkState::Open);
         let deadline = Arc::new(OnceLock::new());
+        let hand_back = Arc::new(AtomicBool::new(false));
         let (message_tx, messages) = mpsc::unbounded_channel();
         let holds = Arc::new(watch::Sender::new(Holds::default()));
         let worker = Self {
@@ -116,6 +121,7 @@ impl Worker {
                 shutdown,
                 link,
                 deadline: deadline.clone(),
+                hand_back: hand_back.clone(),
                 messages: Mutex::new(messages),
                 holds: holds.clone(),
             }),
@@ -130,7 +136,8 @@ impl Worker {
             deadline,
             message_tx,
         )
-        .with_holds(holds.subscribe());
+        .with_holds(holds.subscribe())
+        .with_hand_back(hand_back);
         tokio::spawn(driver.run());
         survive_user_signals();
         Ok(CURRENT.get_or_init(|| worker).clone())
@@ -376,10 +383,44 @@ impl Worker {
     }
 
     /// Gives unaccepted connections of `handle` back to the primary, to be served elsewhere.
-    pub(crate) fn give_back(&self, handle: proto::HandleId, conns: Vec<OwnedFd>) {
+    pub(crate) fn give_back(&self, handle: proto::HandleId, conns: Vec<Conn>) {
         if !conns.is_empty() {
             let _ = self.command(Command::GiveBack { handle, conns });
         }
+    }
+
+    /// Hands `conn`, a connection of `handle` stopped between two requests, back to the
+    /// primary with `unread`, the bytes read from it and not used.
+    pub(crate) fn hand_back(
+        &self,
+        handle: proto::HandleId,
+        conn: OwnedFd,
+        unread: Vec<u8>,
+    ) -> Result<(), (OwnedFd, Vec<u8>)> {
+        let command = Command::HandBack {
+            handle,
+            conn,
+            unread,
+        };
+        match self.inner.commands.send(command) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::SendError(Command::HandBack { conn, unread, .. })) => {
+                Err((conn, unread))
+            }
+            Err(_) => unreachable!("the command sent comes back"),
+        }
+    }
+
+    /// Tells the primary this worker's listener on `handle` reads a prefix before the socket.
+    pub(crate) fn takes_prefixes(&self, handle: proto::HandleId) {
+        let _ = self.command(Command::TakesPrefixes { handle });
+    }
+
+    /// Whether the primary asked this worker to leave while other workers stay, so that its
+    /// idle connections can be handed back ([`crate::net::HandBack`]) rather than closed.
+    /// False until it is asked to leave, and when the whole cluster stops.
+    pub fn hand_back_wanted(&self) -> bool {
+        self.inner.hand_back.load(Ordering::Acquire)
     }
 
     pub(crate) fn shutdown_receiver(&self) -> watch::Receiver<bool> {

@@ -14,9 +14,13 @@ use std::os::fd::OwnedFd;
 /// pauses offers to this worker until the listener drains to half).
 pub(crate) const CAPACITY: usize = 128;
 
+/// A connection handed over, and the bytes to read before its socket's (another worker read
+/// them before handing it back; usually none).
+pub(crate) type Conn = (OwnedFd, Vec<u8>);
+
 #[derive(Debug, Default)]
 struct State {
-    items: VecDeque<OwnedFd>,
+    items: VecDeque<Conn>,
     waker: Option<Waker>,
     closed: bool,
     /// A handoff was refused because the queue was full: say `Ready` once it drains.
@@ -45,14 +49,15 @@ impl HandoffQueue {
     }
 
     /// The driver hands over a connection.
-    pub(crate) fn offer(&self, conn: OwnedFd) -> Offer {
+    pub(crate) fn offer(&self, conn: Conn) -> Offer {
         let mut state = self.lock();
+        // Refused, the prefix stays with the primary, which sends it again with the connection.
         if state.closed {
-            return Offer::Closed(conn);
+            return Offer::Closed(conn.0);
         }
         if state.items.len() >= CAPACITY {
             state.refused = true;
-            return Offer::Full(conn);
+            return Offer::Full(conn.0);
         }
         state.items.push_back(conn);
         if let Some(waker) = state.waker.take() {
@@ -63,7 +68,7 @@ impl HandoffQueue {
 
     /// The listener takes the next connection; `None` once closed. The flag is true when the
     /// primary should be told there is room again.
-    pub(crate) fn poll_pop(&self, cx: &Context<'_>) -> Poll<Option<(OwnedFd, bool)>> {
+    pub(crate) fn poll_pop(&self, cx: &Context<'_>) -> Poll<Option<(Conn, bool)>> {
         let mut state = self.lock();
         match state.items.pop_front() {
             Some(stream) => {
@@ -82,7 +87,7 @@ impl HandoffQueue {
     }
 
     /// Closes the queue and returns what the application never accepted.
-    pub(crate) fn close(&self) -> Vec<OwnedFd> {
+    pub(crate) fn close(&self) -> Vec<Conn> {
         let mut state = self.lock();
         state.closed = true;
         if let Some(waker) = state.waker.take() {

@@ -143,15 +143,28 @@ impl Driver {
         Ok(addr)
     }
 
-    /// A worker gave back a connection it could not serve: it is served by another worker, or
-    /// closed if none is left.
-    pub(super) fn take_back(&mut self, worker: WorkerId, handle: HandleId) {
-        // Checked to be a stream socket before the frame was handled.
+    /// A worker gave back a connection it could not serve, or one it served and stopped
+    /// between two requests as it left (`handed_back`, with the bytes it read and did not use):
+    /// it is served by another worker, or closed if none is left.
+    pub(super) fn take_back(
+        &mut self,
+        worker: WorkerId,
+        handle: HandleId,
+        prefix: Vec<u8>,
+        handed_back: bool,
+    ) {
+        // Checked to be a connected stream socket before the frame was handled.
         let Some(fd) = self.received.pop() else {
             return;
         };
+        if handed_back {
+            self.handed_back += 1;
+        }
         let conn = self.tokens.insert(Held::new(fd));
-        if let Err(conn) = self.core.handle_returned(now(), worker, handle, conn) {
+        if let Err(conn) = self
+            .core
+            .handle_returned(now(), worker, handle, conn, prefix)
+        {
             self.tokens.remove(conn);
         }
     }

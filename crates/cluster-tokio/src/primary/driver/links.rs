@@ -302,7 +302,9 @@ fn is_hang_up(e: &io::Error) -> bool {
     )
 }
 
-/// What an fd that came with a frame is: the core decides whether it may be one.
+/// What an fd that came with a frame is: the core decides whether it may be one. A listening
+/// socket is not a connection (a connection the peer has reset still is: its worker did nothing
+/// wrong).
 fn fd_kind(fd: &OwnedFd) -> FdKind {
     let socket = socket2::SockRef::from(fd);
     let stream = matches!(socket.r#type(), Ok(t) if t == Type::STREAM);
@@ -310,7 +312,7 @@ fn fd_kind(fd: &OwnedFd) -> FdKind {
         socket.domain(),
         Ok(d) if d == Domain::IPV4 || d == Domain::IPV6 || d == Domain::UNIX
     );
-    if stream && family {
+    if stream && family && matches!(socket.is_listener(), Ok(false)) {
         FdKind::Connection
     } else {
         FdKind::Other

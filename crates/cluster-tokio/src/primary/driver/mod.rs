@@ -61,6 +61,8 @@ pub(crate) enum Input {
         worker: WorkerId,
         /// When it is killed if it has not left.
         within: Duration,
+        /// Other workers stay: it may hand its idle connections back.
+        hand_back: bool,
     },
     /// Close the sockets kept open for dead workers' replacements (a shutdown).
     ReleaseKeptHandles,
@@ -130,6 +132,8 @@ pub(crate) struct Driver {
     held_messages: std::collections::BTreeSet<WorkerId>,
     /// Connections handed to workers so far, and how long they waited for it.
     handoffs: u64,
+    /// Connections leaving workers handed back between two requests.
+    handed_back: u64,
     handoff_latency: super::HandoffLatency,
     /// Accepts that failed: a connection gone before it was accepted, or out of fds.
     accept_errors: u64,
@@ -208,6 +212,7 @@ impl Driver {
             tokens: Slab::new(),
             held_messages: std::collections::BTreeSet::new(),
             handoffs: 0,
+            handed_back: 0,
             handoff_latency: super::HandoffLatency::default(),
             accept_errors: 0,
             timer: Timer::Unset,
@@ -248,8 +253,12 @@ impl Driver {
                 Input::Fork { env, image, reply } => {
                     let _ = reply.send(self.fork(&env, &image));
                 }
-                Input::Disconnect { worker, within } => {
-                    self.core.disconnect(now(), worker, within);
+                Input::Disconnect {
+                    worker,
+                    within,
+                    hand_back,
+                } => {
+                    self.core.disconnect(now(), worker, within, hand_back);
                     if self.workers.contains_key(&worker) {
                         let shortest = self.disconnect_within.entry(worker).or_insert(within);
                         *shortest = within.min(*shortest);
@@ -346,7 +355,12 @@ impl Driver {
                     self.tokens.try_remove(conn);
                 }
                 Output::CloseLink { worker } => self.close_link(worker),
-                Output::Returned { worker, handle } => self.take_back(worker, handle),
+                Output::Returned {
+                    worker,
+                    handle,
+                    prefix,
+                    handed_back,
+                } => self.take_back(worker, handle, prefix, handed_back),
                 Output::Reclaimed { conn, .. } => {
                     if let (Some(fd), Some(held)) = (self.received.pop(), self.tokens.get_mut(conn))
                     {
@@ -382,6 +396,7 @@ impl Driver {
                 handoffs: counters.handoffs,
                 refused: counters.refused,
                 returned: counters.returned,
+                handed_back: counters.handed_back,
             })
             .collect();
         workers.sort_by_key(|w| w.id);
@@ -390,6 +405,7 @@ impl Driver {
             connections_held: self.tokens.iter().filter(|(_, h)| h.fd.is_some()).count(),
             listeners: self.listeners.len(),
             handoffs: self.handoffs,
+            handed_back: self.handed_back,
             handoff_latency: self.handoff_latency.clone(),
             accept_errors: self.accept_errors,
         }
