@@ -17,7 +17,7 @@ async fn a_rogue_worker_is_disconnected_and_the_primary_carries_on() {
     let mut rogue_cluster = Cluster::with(SchedulingPolicy::RoundRobin, |s| {
         s.exec(env!("CARGO_BIN_EXE_rogue"))
     });
-    let expectations: [(&str, Expected); 5] = [
+    let expectations: [(&str, Expected); 8] = [
         ("garbage", |e| e.kind() == ProtocolErrorKind::Decode),
         ("oversized", |e| e.kind() == ProtocolErrorKind::Truncated),
         ("version", |e| {
@@ -29,6 +29,17 @@ async fn a_rogue_worker_is_disconnected_and_the_primary_carries_on() {
                 && e.to_string() == "expected 0 file descriptors with the message, got 1"
         }),
         ("notconn", |e| e.kind() == ProtocolErrorKind::NotAConnection),
+        // A hand-back of a connection it was never given, of a listening socket, and with more
+        // unread bytes than the bound.
+        ("handback-ungiven", |e| {
+            e.kind() == ProtocolErrorKind::HandBack && e.to_string().contains("not given")
+        }),
+        ("handback-listener", |e| {
+            e.kind() == ProtocolErrorKind::NotAConnection
+        }),
+        ("handback-long", |e| {
+            e.kind() == ProtocolErrorKind::HandBack && e.to_string().contains("over the bound")
+        }),
     ];
     for (offence, expected) in expectations {
         let rogue = rogue_cluster

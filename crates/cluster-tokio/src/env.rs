@@ -12,6 +12,7 @@
 //! | `CLUSTER_DISCONNECT_TIMEOUT` | [`Settings::disconnect_timeout`] | a duration: `20s`, `500ms` |
 //! | `CLUSTER_SHUTDOWN_DELAY` | [`Settings::shutdown_delay`] | a duration, or `0` |
 //! | `CLUSTER_WORKERS_FOLLOW_CPU_LIMIT` | [`Settings::workers_follow_cpu_limit`] | `1` or `0` |
+//! | `CLUSTER_HAND_BACK` | [`Settings::hand_back`] | `1` or `0` |
 //! | `CLUSTER_BOOT_TIMEOUT` | [`Settings::boot_timeout`] | a duration |
 //! | `CLUSTER_HANDOFF_TIMEOUT` | [`Settings::handoff_timeout`] | a duration |
 //! | `CLUSTER_HEARTBEAT_TIMEOUT` | [`Settings::heartbeat_timeout`] | a duration of at least `2s`, or `off` |
@@ -46,6 +47,8 @@ pub const DISCONNECT_TIMEOUT: &str = "CLUSTER_DISCONNECT_TIMEOUT";
 pub const SHUTDOWN_DELAY: &str = "CLUSTER_SHUTDOWN_DELAY";
 /// Whether the worker count follows the CPU limit: `1` or `0`.
 pub const WORKERS_FOLLOW_CPU_LIMIT: &str = "CLUSTER_WORKERS_FOLLOW_CPU_LIMIT";
+/// Whether leaving workers hand idle connections back: `1` or `0`.
+pub const HAND_BACK: &str = "CLUSTER_HAND_BACK";
 /// How long a new worker may take to listen.
 pub const BOOT_TIMEOUT: &str = "CLUSTER_BOOT_TIMEOUT";
 /// How long a worker may take to ack a connection.
@@ -79,7 +82,7 @@ pub(crate) fn answer_queries() {
 }
 
 /// Every variable [`Settings::apply_env`] reads, in the order it reads them.
-pub const VARIABLES: [&str; 12] = [
+pub const VARIABLES: [&str; 13] = [
     WORKERS,
     SCHED_POLICY,
     HANDOFF_WINDOW,
@@ -87,6 +90,7 @@ pub const VARIABLES: [&str; 12] = [
     DISCONNECT_TIMEOUT,
     SHUTDOWN_DELAY,
     WORKERS_FOLLOW_CPU_LIMIT,
+    HAND_BACK,
     BOOT_TIMEOUT,
     HANDOFF_TIMEOUT,
     HEARTBEAT_TIMEOUT,
@@ -246,6 +250,13 @@ impl Settings {
                 }
                 WORKERS_FOLLOW_CPU_LIMIT => {
                     self.workers_follow_cpu_limit = match text {
+                        Some("1") => true,
+                        Some("0") => false,
+                        _ => return Err(fail("`1` or `0`")),
+                    };
+                }
+                HAND_BACK => {
+                    self.hand_back = match text {
                         Some("1") => true,
                         Some("0") => false,
                         _ => return Err(fail("`1` or `0`")),

@@ -95,6 +95,7 @@ pub struct Settings {
     pub(crate) fatal_exit_code: Option<i32>,
     pub(crate) retry_bind_errors: bool,
     pub(crate) wait_ready: bool,
+    pub(crate) hand_back: bool,
     pub(crate) metrics_addr: Option<SocketAddr>,
     pub(crate) control_socket: Option<PathBuf>,
     pub(crate) env_overrides: bool,
@@ -140,6 +141,7 @@ impl Settings {
             fatal_exit_code: supervisor.fatal_exit_code,
             retry_bind_errors: false,
             wait_ready: false,
+            hand_back: true,
             metrics_addr: None,
             control_socket: None,
             env_overrides: true,
@@ -363,6 +365,18 @@ impl Settings {
         self
     }
 
+    /// Whether a worker that leaves while others stay (a rolling reload, a scale-down) hands its
+    /// idle keep-alive connections back to the primary, for another worker to go on serving
+    /// (default: on). The serve helpers then stop each HTTP/1.1 connection between two requests
+    /// and hand it back with the bytes they read from it, so its client neither reconnects nor
+    /// meets a closing connection; a program of its own does the same with
+    /// [`HandBack`](crate::net::HandBack). Off, a leaving worker closes them as when the whole
+    /// cluster stops: each HTTP/1.1 client gets one `Connection: close` and reconnects.
+    pub fn hand_back(mut self, hand_back: bool) -> Self {
+        self.hand_back = hand_back;
+        self
+    }
+
     /// Where the primary serves its HTTP endpoint while a [`Supervisor`](crate::Supervisor)
     /// runs (default: nowhere): `GET /healthz` (200 while the supervisor's loop answers),
     /// `GET /readyz` (200 while at least one worker serves, 503 otherwise) and, with the
@@ -533,6 +547,12 @@ impl Settings {
     #[must_use]
     pub fn get_retry_bind_errors(&self) -> bool {
         self.retry_bind_errors
+    }
+
+    /// What [`Self::hand_back`] set.
+    #[must_use]
+    pub fn get_hand_back(&self) -> bool {
+        self.hand_back
     }
 
     /// What [`Self::wait_ready`] set.

@@ -44,6 +44,29 @@ fn main() {
             cluster_tests::send_raw_on_link(&online, None)
                 .and_then(|()| cluster_tests::send_raw_on_link(&give_back, Some(stdin.as_fd())))
         }
+        "handback-long" | "handback-ungiven" | "handback-listener" => {
+            // Hands back what is not a served connection, or with too many bytes: a listening
+            // socket of its own, or its stdin... the primary must refuse each.
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            let peer =
+                std::net::TcpStream::connect(listener.local_addr().unwrap()).expect("connect");
+            let prefix = if offence == "handback-long" {
+                vec![b'x'; wire::MAX_PREFIX + 1]
+            } else {
+                b"GE".to_vec()
+            };
+            let hand_back = encoded(&WorkerMessage::HandBack {
+                handle: HandleId::new(0),
+                prefix,
+            });
+            let fd = if offence == "handback-listener" {
+                listener.as_fd()
+            } else {
+                peer.as_fd()
+            };
+            cluster_tests::send_raw_on_link(&online, None)
+                .and_then(|()| cluster_tests::send_raw_on_link(&hand_back, Some(fd)))
+        }
         "fd" => {
             let stdin = std::io::stdin();
             cluster_tests::send_raw_on_link(&online, None)

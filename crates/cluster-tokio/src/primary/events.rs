@@ -156,6 +156,9 @@ impl ProtocolError {
             E::MessageTooLarge(_) => ProtocolErrorKind::MessageTooLarge,
             E::NotAConnection => ProtocolErrorKind::NotAConnection,
             E::HandoffTimeout { .. } => ProtocolErrorKind::HandoffTimeout,
+            E::PrefixTooLong { .. } | E::NotGiven { .. } | E::UnexpectedPrefix { .. } => {
+                ProtocolErrorKind::HandBack
+            }
             // The core's error is non-exhaustive: a rule it adds is reported, not lost.
             _ => ProtocolErrorKind::Other,
         }
@@ -222,6 +225,9 @@ pub enum ProtocolErrorKind {
     NotAConnection,
     /// It did not ack a handed-off connection in time: presumed hung.
     HandoffTimeout,
+    /// It handed a connection back against the rules: with more unread bytes than the bound,
+    /// on a handle it was never given connections on, or more of them than it was given.
+    HandBack,
     /// A rule this version does not name.
     Other,
 }

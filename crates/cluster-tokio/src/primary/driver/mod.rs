@@ -258,6 +258,7 @@ impl Driver {
                     within,
                     hand_back,
                 } => {
+                    let hand_back = hand_back && self.settings.hand_back;
                     self.core.disconnect(now(), worker, within, hand_back);
                     if self.workers.contains_key(&worker) {
                         let shortest = self.disconnect_within.entry(worker).or_insert(within);
