@@ -332,20 +332,6 @@ fn the_manifest_matches_the_program() {
     );
 }
 
-/// The pids of `parent`'s children, from `/proc`.
-fn children(parent: u32) -> Vec<u32> {
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(|entry| {
-            let pid: u32 = entry.ok()?.file_name().to_str()?.parse().ok()?;
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-            let (_, rest) = stat.rsplit_once(')')?;
-            let ppid: u32 = rest.split_whitespace().nth(1)?.parse().ok()?;
-            (ppid == parent).then_some(pid)
-        })
-        .collect()
-}
-
 /// The `hello` example running with an environment, and its workers: all SIGKILLed on drop.
 struct Hello {
     program: Program,
@@ -399,7 +385,7 @@ impl Hello {
             );
             std::thread::yield_now();
         }
-        hello.workers = children(hello.program.pid());
+        hello.workers = cluster_tests::children(hello.program.pid());
         assert_eq!(hello.workers.len(), workers, "{:?}", hello.workers);
         hello
     }

@@ -137,6 +137,8 @@ pub struct Status {
     pub listeners: usize,
     /// Connections handed to workers since the primary started.
     pub handoffs: u64,
+    /// Idle keep-alive connections leaving workers handed back since the primary started.
+    pub handed_back: u64,
     /// Accept errors on the primary's listeners.
     pub accept_errors: u64,
     /// Every worker.
@@ -213,6 +215,8 @@ pub struct Reload {
     pub generation: u64,
     /// How many workers were replaced.
     pub replaced: usize,
+    /// Idle keep-alive connections the replaced workers handed back to the others.
+    pub handed_back: u64,
     /// Whether every worker was replaced.
     pub complete: bool,
     /// Whether the replacements run another binary than the workers they replaced.

@@ -160,14 +160,15 @@ fn ask(socket: &std::path::Path, command: Command) -> std::io::Result<String> {
 fn reloaded(reload: &proto::control::Reload) -> String {
     match &reload.aborted {
         None => format!(
-            "reload complete: generation {}, {} workers replaced{}\n",
+            "reload complete: generation {}, {} workers replaced{}, {} idle connections handed back\n",
             reload.generation,
             reload.replaced,
             if reload.binary_changed {
                 ", new binary"
             } else {
                 ""
-            }
+            },
+            reload.handed_back,
         ),
         Some(reason) => format!(
             "reload aborted after {} workers, the old workers keep serving: {reason}\n",
@@ -184,7 +185,7 @@ fn table(status: &Status) -> String {
         phase => format!(" ({phase})"),
     };
     let mut out = format!(
-        "primary pid {}{phase}, up {}, generation {}, {} of {} workers serving, {} restarts, reloads: {} complete, {} aborted, {} failed\n",
+        "primary pid {}{phase}, up {}, generation {}, {} of {} workers serving, {} restarts, reloads: {} complete, {} aborted, {} failed, {} connections handed back\n",
         status.pid,
         duration(Some(status.uptime_seconds)),
         status.generation,
@@ -194,6 +195,7 @@ fn table(status: &Status) -> String {
         reloads.complete,
         reloads.aborted,
         reloads.failed,
+        status.handed_back,
     );
     let header = [
         "id", "slot", "pid", "gen", "state", "uptime", "restarts", "rss", "cpu", "conns",

@@ -171,6 +171,7 @@ async fn execute(command: Command, handle: &SupervisorHandle) -> Answer {
                 Ok(report) => Answer::Reload(control::Reload {
                     generation: report.generation,
                     replaced: report.replaced.len(),
+                    handed_back: report.handed_back,
                     complete: report.is_complete(),
                     binary_changed: report.binary_changed(),
                     aborted: report
@@ -235,6 +236,7 @@ fn status_of(status: &ClusterStatus) -> control::Status {
         connections_held: status.connections_held,
         listeners: status.listeners,
         handoffs: status.handoffs,
+        handed_back: status.handed_back,
         accept_errors: status.accept_errors,
         workers,
     }

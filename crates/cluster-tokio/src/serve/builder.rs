@@ -35,10 +35,12 @@ impl<L, A> Serve<L, A> {
 }
 
 impl<L, A: Http1> Serve<L, A> {
-    /// How long a draining server keeps answering HTTP/1.1 requests with `Connection: close`
-    /// before it closes the connections left: long enough for a busy keep-alive client to send
-    /// one more request. 500 ms unless set. Counted within [`Self::drain_timeout`]. (HTTP/2
-    /// connections are told to go away with a `GOAWAY` at its end.)
+    /// How long a server draining for a shutdown keeps answering HTTP/1.1 requests with
+    /// `Connection: close` before it closes the connections left: long enough for a busy
+    /// keep-alive client to send one more request. 500 ms unless set. Counted within
+    /// [`Self::drain_timeout`]. (HTTP/2 connections are told to go away with a `GOAWAY` at its
+    /// end.) A worker replaced by a reload needs no grace: it hands its idle connections back
+    /// for another worker to serve ([`Settings::hand_back`](crate::Settings::hand_back)).
     pub fn keep_alive_grace(mut self, grace: Duration) -> Self {
         self.drain.grace = Some(grace);
         self

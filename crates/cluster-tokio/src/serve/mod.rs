@@ -3,13 +3,14 @@
 //! the same name).
 //!
 //! What they share is here: the one builder, [`Serve`], with the knobs of the drain; accepting
-//! with a policy for accept errors; and (in `http`, for axum and hyper) the HTTP server and its
-//! drain. Closing an HTTP/1.1 connection hyper considers idle races with a request the client is
-//! sending on it: an idle keep-alive connection, or a fresh one whose first request has not
-//! arrived. So once the worker is asked to leave, the server stops accepting, answers every
-//! HTTP/1.1 request with `Connection: close` for a grace period (keep-alive clients move on after
-//! their next request, cleanly), then shuts down what is left gracefully (HTTP/2 connections get
-//! a `GOAWAY`), within a deadline.
+//! with a policy for accept errors; and (in `http` and `connection`, for axum and hyper) the
+//! HTTP server and its drain. Closing an HTTP/1.1 connection hyper considers idle races with a
+//! request the client is sending on it. So a worker leaving while others stay does not close
+//! them: it stops each at its next idle point and hands it back to the primary with the bytes it
+//! read and did not parse, and another worker goes on serving it. When the whole cluster stops,
+//! the server answers every HTTP/1.1 request with `Connection: close` for a grace period
+//! (keep-alive clients move on after their next request, cleanly), then closes what is left
+//! gently (HTTP/2 connections get a `GOAWAY` either way), within a deadline.
 
 #[cfg(feature = "axum")]
 pub mod axum;

@@ -21,6 +21,9 @@ pub struct ReloadReport {
     pub to: Binary,
     /// `(old, new)` for every worker replaced, in order.
     pub replaced: Vec<(WorkerId, WorkerId)>,
+    /// Idle keep-alive connections the replaced workers handed back, served on by the others
+    /// without their clients noticing ([`Settings::hand_back`](crate::Settings::hand_back)).
+    pub handed_back: u64,
     /// Why the reload stopped early, if it did; the workers not yet replaced keep serving.
     pub aborted: Option<ReloadAborted>,
 }

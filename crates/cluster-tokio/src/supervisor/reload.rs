@@ -31,6 +31,7 @@ pub(super) async fn rolling_reload(primary: &Primary) -> Result<ReloadReport, Re
         from: current.binary.clone(),
         to: next.binary.clone(),
         replaced: Vec::new(),
+        handed_back: 0,
         aborted: None,
     };
     // Until every worker runs the new generation: one that crashed meanwhile came back on the
@@ -84,10 +85,16 @@ pub(super) async fn rolling_reload(primary: &Primary) -> Result<ReloadReport, Re
             old: old.clone(),
             new: new.clone(),
         });
+        let handed_back = || async { primary.counters().await.map_or(0, |c| c.handed_back) };
+        let before = handed_back().await;
         old.disconnect().await.map_err(|_| ReloadError::Stopped)?;
+        // Its idle keep-alive connections, served on by the others (the replacement first).
+        let moved = handed_back().await.saturating_sub(before);
+        report.handed_back += moved;
         tracing::info!(
             old = old.id().get(),
             new = new.id().get(),
+            handed_back = moved,
             "worker replaced"
         );
         report.replaced.push((old.id(), new.id()));

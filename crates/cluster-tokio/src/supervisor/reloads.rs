@@ -105,6 +105,7 @@ impl Reloads {
                 Ok(report) if report.is_complete() => tracing::info!(
                     generation = report.generation,
                     replaced = report.replaced.len(),
+                    handed_back = report.handed_back,
                     binary = %report.to,
                     binary_changed = report.binary_changed(),
                     "reload complete"
