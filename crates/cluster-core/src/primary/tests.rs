@@ -1349,3 +1349,193 @@ fn a_worker_whose_link_closed_still_gets_the_deadline_of_a_later_disconnect() {
     h.primary.handle_timeout(h.now + Duration::from_secs(3));
     assert_eq!(kills(&h.outputs()), [(w, KillReason::DisconnectTimeout)]);
 }
+
+/// A leaving `from` hands connection `conn` back on `handle` with `prefix`; returns the outputs.
+fn hand_back(h: &mut Harness, from: WorkerId, handle: HandleId, prefix: &[u8]) -> Vec<Out> {
+    receive_with_fd(
+        h,
+        from,
+        &WorkerMessage::HandBack {
+            handle,
+            prefix: prefix.to_vec(),
+        },
+    );
+    h.outputs()
+}
+
+#[test]
+fn a_handed_back_connection_goes_to_the_youngest_worker_that_takes_its_bytes() {
+    let mut h = Harness::new();
+    let (w1, w2, handle) = h.two_workers_on_one_handle();
+    h.primary.handle_connection(h.now, handle, 1).unwrap();
+    let [(to, seq, _, 1)] = handoffs(&h.outputs())[..] else {
+        panic!()
+    };
+    assert_eq!(to, w1);
+    h.recv(w1, &WorkerMessage::Accepted { through: seq });
+    h.outputs();
+    // A third worker (the replacement) that takes prefixes, a second that does not.
+    let w3 = h.online();
+    assert_eq!(h.listen(w3, 1, "127.0.0.1:0"), handle);
+    h.recv(w3, &WorkerMessage::TakesPrefixes { handle });
+    h.outputs();
+    // Asked to leave while others stay: it may hand back.
+    assert!(
+        h.primary
+            .disconnect(h.now, w1, Duration::from_secs(5), true)
+    );
+    assert!(h.outputs().contains(&Out::Send(
+        w1,
+        PrimaryMessage::Disconnect {
+            within_ms: 5_000,
+            hand_back: true
+        },
+        None
+    )));
+    let outs = hand_back(&mut h, w1, handle, b"GE");
+    let [
+        Out::Other(Output::Returned {
+            worker,
+            handle: back,
+            ref prefix,
+            handed_back: true,
+        }),
+    ] = outs[..]
+    else {
+        panic!("{outs:?}")
+    };
+    assert_eq!((worker, back, &prefix[..]), (w1, handle, &b"GE"[..]));
+    // The driver keeps it under a new token and gives it to the core with its bytes: it goes
+    // to w3 (the youngest, and it takes prefixes), never to w2, with the bytes.
+    h.primary
+        .handle_returned(h.now, w1, handle, 7, b"GE".to_vec())
+        .unwrap();
+    let outs = h.outputs();
+    let sent: Vec<_> = outs
+        .iter()
+        .filter_map(|o| match o {
+            Out::Send(w, PrimaryMessage::NewConn { seq, prefix, .. }, Some(_)) => {
+                Some((*w, *seq, prefix.clone()))
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(sent.len(), 1, "{outs:?}");
+    let (to, seq, prefix) = sent[0].clone();
+    assert_eq!((to, &prefix[..]), (w3, &b"GE"[..]));
+    assert_eq!(h.primary.counters(w1).unwrap().handed_back, 1);
+    // Refused, it goes out again with its bytes; w2 never gets it.
+    receive_with_fd(&mut h, w3, &WorkerMessage::Refused { ack: seq });
+    let outs = h.outputs();
+    assert!(
+        !outs
+            .iter()
+            .any(|o| matches!(o, Out::Send(w, PrimaryMessage::NewConn { .. }, _) if *w == w2)),
+        "{outs:?}"
+    );
+    h.recv(w3, &WorkerMessage::Ready { handle });
+    let outs = h.outputs();
+    assert!(outs.iter().any(|o| matches!(
+        o,
+        Out::Send(w, PrimaryMessage::NewConn { prefix, .. }, _) if *w == w3 && prefix == b"GE"
+    )));
+}
+
+#[test]
+fn a_connection_with_bytes_nobody_takes_is_closed_and_one_without_goes_anywhere() {
+    let mut h = Harness::new();
+    let (w1, w2, handle) = h.two_workers_on_one_handle();
+    for conn in 1..=2 {
+        h.primary.handle_connection(h.now, handle, conn).unwrap();
+    }
+    for (to, seq, _, _) in handoffs(&h.outputs()) {
+        h.recv(to, &WorkerMessage::Accepted { through: seq });
+    }
+    h.outputs();
+    h.primary
+        .disconnect(h.now, w1, Duration::from_secs(5), true);
+    h.outputs();
+    hand_back(&mut h, w1, handle, b"");
+    h.primary
+        .handle_returned(h.now, w1, handle, 8, Vec::new())
+        .unwrap();
+    assert_eq!(handoffs(&h.outputs()), [(w2, Seq::new(2), false, 8)]);
+    // w2 never said it takes prefixes: a connection with bytes cannot go to it.
+    hand_back(&mut h, w1, handle, b"GE");
+    assert_eq!(
+        h.primary
+            .handle_returned(h.now, w1, handle, 9, b"GE".to_vec()),
+        Err(9)
+    );
+}
+
+#[test]
+fn hand_backs_are_bounded_by_what_the_worker_was_given() {
+    let mut h = Harness::new();
+    let (w1, _, handle) = h.two_workers_on_one_handle();
+    h.primary.handle_connection(h.now, handle, 1).unwrap();
+    let [(to, seq, _, 1)] = handoffs(&h.outputs())[..] else {
+        panic!()
+    };
+    assert_eq!(to, w1);
+    h.recv(w1, &WorkerMessage::Accepted { through: seq });
+    h.outputs();
+    // Too many bytes.
+    let long = vec![b'x'; wire::MAX_PREFIX + 1];
+    let outs = hand_back(&mut h, w1, handle, &long);
+    assert!(outs.contains(&Out::Other(Output::Event(Event::Error {
+        worker: w1,
+        error: ProtocolError::PrefixTooLong {
+            len: wire::MAX_PREFIX + 1
+        }
+    }))));
+
+    // A second worker: one connection given, two handed back.
+    let mut h = Harness::new();
+    let (w1, _, handle) = h.two_workers_on_one_handle();
+    h.primary.handle_connection(h.now, handle, 1).unwrap();
+    let [(_, seq, _, _)] = handoffs(&h.outputs())[..] else {
+        panic!()
+    };
+    h.recv(w1, &WorkerMessage::Accepted { through: seq });
+    h.outputs();
+    let first = hand_back(&mut h, w1, handle, b"");
+    assert!(matches!(first[..], [Out::Other(Output::Returned { .. })]));
+    let second = hand_back(&mut h, w1, handle, b"");
+    assert!(second.contains(&Out::Other(Output::Event(Event::Error {
+        worker: w1,
+        error: ProtocolError::NotGiven { handle }
+    }))));
+
+    // A worker never given a connection on the handle.
+    let mut h = Harness::new();
+    let (_, w2, handle) = h.two_workers_on_one_handle();
+    let outs = hand_back(&mut h, w2, handle, b"");
+    assert!(outs.contains(&Out::Other(Output::Event(Event::Error {
+        worker: w2,
+        error: ProtocolError::NotGiven { handle }
+    }))));
+}
+
+#[test]
+fn the_last_worker_to_leave_is_not_told_to_hand_back() {
+    let mut h = Harness::new();
+    let (w1, w2, _) = h.two_workers_on_one_handle();
+    assert!(
+        h.primary
+            .disconnect(h.now, w1, Duration::from_secs(5), true)
+    );
+    assert!(
+        h.primary
+            .disconnect(h.now, w2, Duration::from_secs(5), true)
+    );
+    let disconnects: Vec<_> = h
+        .outputs()
+        .into_iter()
+        .filter_map(|o| match o {
+            Out::Send(w, PrimaryMessage::Disconnect { hand_back, .. }, _) => Some((w, hand_back)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(disconnects, [(w1, true), (w2, false)]);
+}
