@@ -409,3 +409,136 @@ fn a_request_half_sent_when_the_reload_comes_is_answered_whole_by_the_new_build(
     program.signal(libc::SIGTERM);
     assert!(program.wait().success(), "{}", program.stderr());
 }
+
+/// Asks `stream` to switch to the fixture's echo protocol and checks that it echoes.
+fn upgrade_and_echo(stream: &mut TcpStream, what: &[u8]) {
+    stream
+        .write_all(
+            b"GET /upgrade HTTP/1.1\r\nHost: test\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\n",
+        )
+        .unwrap();
+    let answer = read_answer(stream).unwrap();
+    assert_eq!(answer.status, 101, "{}", answer.body);
+    stream.write_all(what).unwrap();
+    let mut echoed = vec![0; what.len()];
+    stream.read_exact(&mut echoed).unwrap();
+    assert_eq!(echoed, what);
+}
+
+#[test]
+fn connections_still_upgrade_and_upgraded_ones_are_not_moved() {
+    let deploys = Deploys::new("upgrade");
+    deploys.deploy("v1");
+    let app = deploys.app();
+    let mut program = Program::start(
+        app.to_str().unwrap(),
+        &[("CLUSTER_WORKERS", "2"), ("RUST_LOG", "info")],
+    );
+    let (_, _, port) = program.worker();
+    program.worker();
+    // On a fresh connection, and on one that served a request first (it starts as one that
+    // can be handed back, and becomes one that can upgrade when a request asks).
+    let mut fresh = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    fresh.set_read_timeout(Some(WAIT)).unwrap();
+    upgrade_and_echo(&mut fresh, b"first");
+    let mut served = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    served.set_read_timeout(Some(WAIT)).unwrap();
+    served.write_all(&post("before")).unwrap();
+    assert_eq!(read_answer(&mut served).unwrap().status, 200);
+    upgrade_and_echo(&mut served, b"second");
+
+    // A reload: the upgraded connections stay with their worker until it has drained (they are
+    // not handed back, their protocol is not HTTP), and the other connections are served on.
+    let mut idle = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    idle.set_read_timeout(Some(WAIT)).unwrap();
+    idle.write_all(&post("idle")).unwrap();
+    assert_eq!(read_answer(&mut idle).unwrap().status, 200);
+    program.signal(libc::SIGHUP);
+    program.wait_for_log("reload complete");
+    idle.write_all(&post("after")).unwrap();
+    let answer = read_answer(&mut idle).unwrap();
+    assert_eq!((answer.status, answer.close), (200, false));
+    program.signal(libc::SIGTERM);
+    assert!(program.wait().success(), "{}", program.stderr());
+}
+
+#[test]
+fn a_scale_down_moves_the_removed_workers_connections_too() {
+    const CLIENTS: usize = 8;
+    let deploys = Deploys::new("scale-down");
+    deploys.deploy("v1");
+    let app = deploys.app();
+    let mut program = Program::start(
+        app.to_str().unwrap(),
+        &[
+            ("CLUSTER_WORKERS", "2"),
+            ("CLUSTER_METRICS_ADDR", "127.0.0.1:0"),
+            ("RUST_LOG", "info"),
+        ],
+    );
+    let (_, _, port) = program.worker();
+    program.worker();
+    let metrics = endpoint_port(&program);
+    let clients = IdleClients::start(port, CLIENTS);
+    // Round robin: half of them on each worker.
+    clients.wait_each(1);
+    program.signal(libc::SIGTTOU);
+    program.wait_for_log("worker exited");
+    clients.forget_builds();
+    clients.wait_each(2);
+    let (_, connects, failures) = clients.stop();
+    assert!(failures.is_empty(), "failed requests: {failures:?}");
+    assert_eq!(connects, CLIENTS, "clients reconnected");
+    assert!(sample(metrics, "cluster_connections_handed_back_total") >= 1.0);
+    program.signal(libc::SIGTERM);
+    assert!(program.wait().success(), "{}", program.stderr());
+}
+
+#[test]
+fn a_plain_listener_hands_connections_back_and_takes_them_with_their_bytes() {
+    let dir = Deploys::new("plain");
+    let app = dir.app();
+    let stage = |build: &str| {
+        let staged = dir.dir.join(format!("app.{build}"));
+        cluster_tests::stamp(
+            Path::new(env!("CARGO_BIN_EXE_line_fixture")),
+            &staged,
+            build,
+        );
+        std::fs::rename(&staged, &app).unwrap();
+    };
+    stage("v1");
+    let mut program = Program::start(app.to_str().unwrap(), &[("RUST_LOG", "info")]);
+    let (_, _, port) = program.worker();
+    program.worker();
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream.set_read_timeout(Some(WAIT)).unwrap();
+    let read_line = |stream: &mut TcpStream| {
+        let mut line = Vec::new();
+        let mut byte = [0; 1];
+        while byte[0] != b'\n' {
+            assert_eq!(stream.read(&mut byte).unwrap(), 1, "closed: {line:?}");
+            line.push(byte[0]);
+        }
+        String::from_utf8(line).unwrap()
+    };
+    stream.write_all(b"one\n").unwrap();
+    let first = read_line(&mut stream);
+    assert!(
+        first.starts_with("v1 ") && first.ends_with(" one\n"),
+        "{first}"
+    );
+    // Half a line, a reload to a new build, the rest: one line, answered by the new build.
+    stream.write_all(b"par").unwrap();
+    stage("v2");
+    program.signal(libc::SIGHUP);
+    program.wait_for_log("reload complete");
+    stream.write_all(b"tial\n").unwrap();
+    let second = read_line(&mut stream);
+    assert!(
+        second.starts_with("v2 ") && second.ends_with(" partial\n"),
+        "{second}"
+    );
+    program.signal(libc::SIGTERM);
+    assert!(program.wait().success(), "{}", program.stderr());
+}

@@ -5,7 +5,8 @@
 //! `GET /` answers `worker <id>`; `GET /peer` answers the peer's address from `ConnectInfo`;
 //! `GET /version` answers `<build> worker <id>` with the build the binary was stamped as
 //! (`cluster_tests::stamp`); `POST /echo` answers `<build> worker <id> <body>`;
-//! `GET /delay/<ms>` answers `worker <id>` after `ms` milliseconds.
+//! `GET /delay/<ms>` answers `worker <id>` after `ms` milliseconds; `GET /upgrade` switches the
+//! connection to an echo protocol (`101`, then every byte sent comes back).
 //! Workers log to stderr (`RUST_LOG`, default `warn`).
 
 use std::io::Write;
@@ -36,6 +37,7 @@ async fn main() -> std::io::Result<()> {
             "/echo",
             post(move |body: String| async move { format!("{echo_build} worker {id} {body}\n") }),
         )
+        .route("/upgrade", get(upgrade))
         .route(
             "/delay/{ms}",
             get(move |Path(ms): Path<u64>| async move {
@@ -74,6 +76,30 @@ async fn main() -> std::io::Result<()> {
             cluster::axum::serve(listener, app).await
         }
     }
+}
+
+/// Switches to echoing bytes back, as a WebSocket handler switches to its protocol.
+async fn upgrade(mut request: axum::extract::Request) -> axum::response::Response {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let upgrade = hyper::upgrade::on(&mut request);
+    tokio::spawn(async move {
+        let Ok(upgraded) = upgrade.await else {
+            return;
+        };
+        let mut io = hyper_util::rt::TokioIo::new(upgraded);
+        let mut buf = [0; 1024];
+        while let Ok(n @ 1..) = io.read(&mut buf).await {
+            if io.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+        }
+    });
+    axum::response::Response::builder()
+        .status(101)
+        .header("connection", "upgrade")
+        .header("upgrade", "echo")
+        .body(axum::body::Body::empty())
+        .expect("a valid response")
 }
 
 fn say(line: &str) {
