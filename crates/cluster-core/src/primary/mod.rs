@@ -354,7 +354,7 @@ pub struct Primary<C> {
     next_worker: u64,
     out: VecDeque<Queued<C>>,
     /// The bytes each connection handed back with a prefix carries, until a worker has it.
-    prefixes: Vec<(C, Vec<u8>)>,
+    prefixes: BTreeMap<C, Vec<u8>>,
 }
 
 impl<C> std::fmt::Debug for Queued<C> {
@@ -368,7 +368,7 @@ impl<C> std::fmt::Debug for Queued<C> {
     }
 }
 
-impl<C: Copy + Eq + std::fmt::Debug> Primary<C> {
+impl<C: Copy + Ord + std::fmt::Debug> Primary<C> {
     /// A primary with no workers.
     pub fn new(config: Config) -> Self {
         Self {
@@ -377,7 +377,7 @@ impl<C: Copy + Eq + std::fmt::Debug> Primary<C> {
             workers: BTreeMap::new(),
             next_worker: 1,
             out: VecDeque::new(),
-            prefixes: Vec::new(),
+            prefixes: BTreeMap::new(),
         }
     }
 
@@ -558,7 +558,7 @@ impl<C: Copy + Eq + std::fmt::Debug> Primary<C> {
         self.registry
             .give_back(worker, handle, conn, leaving, prefixed)?;
         if prefixed {
-            self.prefixes.push((conn, prefix));
+            self.prefixes.insert(conn, prefix);
         }
         self.drain_registry(now);
         Ok(())
@@ -1272,16 +1272,13 @@ impl<C: Copy + Eq + std::fmt::Debug> Primary<C> {
         if self.prefixes.is_empty() {
             return &[];
         }
-        self.prefixes
-            .iter()
-            .find(|(c, _)| *c == conn)
-            .map_or(&[], |(_, prefix)| prefix)
+        self.prefixes.get(&conn).map_or(&[], Vec::as_slice)
     }
 
     /// `conn` left the primary's hands: its bytes went with it, or it is closed.
     fn take_prefix(&mut self, conn: C) {
         if !self.prefixes.is_empty() {
-            self.prefixes.retain(|(c, _)| *c != conn);
+            self.prefixes.remove(&conn);
         }
     }
 

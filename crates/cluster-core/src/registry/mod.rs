@@ -149,7 +149,7 @@ struct Handle<C> {
     kept: Option<Instant>,
 }
 
-impl<C: Copy + Eq> Handle<C> {
+impl<C: Copy + Ord> Handle<C> {
     /// Whether no worker listens on it (or, closing, still has connections in flight).
     fn is_orphaned(&self) -> bool {
         match &self.state {
@@ -185,7 +185,7 @@ pub struct Registry<C> {
     out: VecDeque<RegistryOutput<C>>,
 }
 
-impl<C: Copy + Eq> Registry<C> {
+impl<C: Copy + Ord> Registry<C> {
     /// An empty registry.
     pub fn new(config: RegistryConfig) -> Self {
         Self {

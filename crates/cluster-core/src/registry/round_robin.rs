@@ -73,21 +73,21 @@ pub struct RoundRobin<C> {
     max_queued: usize,
     queue: VecDeque<C>,
     /// The connections held here (queued or in flight) that a worker gave back, and whether
-    /// each carries a prefix: few, and only during a drain, so a list.
-    given_back: Vec<(C, bool)>,
+    /// each carries a prefix (thousands in a reload under keep-alive load).
+    given_back: BTreeMap<C, bool>,
     members: BTreeMap<WorkerId, Member<C>>,
     ready: VecDeque<WorkerId>,
     out: VecDeque<RoundRobinOutput<C>>,
 }
 
-impl<C: Copy + Eq> RoundRobin<C> {
+impl<C: Copy + Ord> RoundRobin<C> {
     /// An empty handle. `window` and `max_queued` are raised to at least 1.
     pub fn new(window: usize, max_queued: usize) -> Self {
         Self {
             window: window.max(1),
             max_queued: max_queued.max(1),
             queue: VecDeque::new(),
-            given_back: Vec::new(),
+            given_back: BTreeMap::new(),
             members: BTreeMap::new(),
             ready: VecDeque::new(),
             out: VecDeque::new(),
@@ -138,7 +138,7 @@ impl<C: Copy + Eq> RoundRobin<C> {
         if !self.members.values().any(taken) {
             return Err(conn);
         }
-        self.given_back.push((conn, prefixed));
+        self.given_back.insert(conn, prefixed);
         self.queue.push_front(conn);
         self.pump();
         Ok(())
@@ -168,16 +168,13 @@ impl<C: Copy + Eq> RoundRobin<C> {
         if self.given_back.is_empty() {
             return None;
         }
-        self.given_back
-            .iter()
-            .find(|(c, _)| *c == conn)
-            .map(|(_, prefixed)| *prefixed)
+        self.given_back.get(&conn).copied()
     }
 
     /// `conn` leaves this handle: it is no longer one given back.
     fn forget_given_back(&mut self, conn: C) {
         if !self.given_back.is_empty() {
-            self.given_back.retain(|(c, _)| *c != conn);
+            self.given_back.remove(&conn);
         }
     }
 
