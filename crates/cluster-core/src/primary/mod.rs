@@ -280,6 +280,8 @@ pub struct Counters {
     pub refused: u64,
     /// Connections it gave back after acking them (`Return`).
     pub returned: u64,
+    /// Connections it reported ended.
+    pub ended: u64,
 }
 
 #[derive(Debug)]
@@ -898,6 +900,12 @@ impl<C: Copy + Eq + std::fmt::Debug> Primary<C> {
         })
     }
 
+    /// The connections `worker` has open as the scheduler counts them: handed to it and not
+    /// refused, given back or reported ended.
+    pub fn outstanding(&self, worker: WorkerId) -> usize {
+        self.registry.loads().open(worker)
+    }
+
     /// The registry, for inspection.
     pub fn registry(&self) -> &Registry<C> {
         &self.registry
@@ -970,7 +978,7 @@ impl<C: Copy + Eq + std::fmt::Debug> Primary<C> {
                 entry.lifecycle.listening();
                 self.push(Output::Event(event));
             }
-            WorkerMessage::Accepted { through } => {
+            WorkerMessage::Accepted { through, ended } => {
                 // A reclaimed handoff never reached the worker, which cannot have acked it.
                 let acked = entry
                     .link
@@ -981,6 +989,8 @@ impl<C: Copy + Eq + std::fmt::Debug> Primary<C> {
                         self.registry.ack(worker, handle, conn, true)?;
                     }
                 }
+                // After the acks: they cover every connection the count may include.
+                count_ended(entry, &mut self.registry, worker, ended)?;
             }
             WorkerMessage::Refused { ack } => {
                 // Only a live handoff passes, so the `else` is never taken.
@@ -1037,7 +1047,9 @@ impl<C: Copy + Eq + std::fmt::Debug> Primary<C> {
                 self.push(Output::Event(event));
             }
             WorkerMessage::Fragment { data } => entry.reassembly.fragment(&data)?,
-            WorkerMessage::Heartbeat => {}
+            WorkerMessage::Heartbeat { ended } => {
+                count_ended(entry, &mut self.registry, worker, ended)?;
+            }
             WorkerMessage::ServiceReady => {
                 if !entry.service_ready && !entry.leaving {
                     entry.service_ready = true;
@@ -1046,6 +1058,8 @@ impl<C: Copy + Eq + std::fmt::Debug> Primary<C> {
             }
             WorkerMessage::Return { handle } => {
                 entry.counters.returned += 1;
+                // No longer open at the worker: counted here, not in its reports.
+                self.registry.release(worker, 1);
                 self.push(Output::Returned { worker, handle });
             }
         }
@@ -1196,6 +1210,33 @@ impl<C: Copy + Eq + std::fmt::Debug> Primary<C> {
     fn push(&mut self, output: Output<C>) {
         self.out.push_back(Queued::Ready(output));
     }
+}
+
+/// A worker reported `ended` connections ended in all (cumulative): the registry's count of its
+/// open connections goes down by the new ones. More than it acked and kept, or fewer than it
+/// reported before, is a violation.
+fn count_ended<C: Copy + Eq>(
+    entry: &mut WorkerEntry<C>,
+    registry: &mut Registry<C>,
+    worker: WorkerId,
+    ended: u64,
+) -> Result<(), ProtocolError> {
+    let given = entry
+        .counters
+        .delivered
+        .saturating_sub(entry.counters.returned);
+    let previous = entry.counters.ended;
+    if ended < previous || ended > given {
+        return Err(ProtocolError::EndedMiscounted {
+            ended,
+            given,
+            previous,
+        });
+    }
+    entry.counters.ended = ended;
+    let new = ended - previous;
+    registry.release(worker, usize::try_from(new).unwrap_or(usize::MAX));
+    Ok(())
 }
 
 #[cfg(test)]
