@@ -159,6 +159,29 @@ impl ClusterUnixListener {
         Ok((stream, peer))
     }
 
+    /// [`Self::accept`], with a [`ConnectionGuard`](super::ConnectionGuard) to keep while the
+    /// connection is open: the primary counts the connection as this worker's until the guard
+    /// is dropped (for the least-outstanding policy and per-worker caps).
+    ///
+    /// # Errors
+    ///
+    /// As [`Self::accept`].
+    pub async fn accept_tracked(
+        &mut self,
+    ) -> io::Result<(
+        UnixStream,
+        tokio::net::unix::SocketAddr,
+        super::ConnectionGuard,
+    )> {
+        let next = std::future::poll_fn(|cx| self.incoming.poll_next_tracked(cx, true));
+        let Some(accepted) = next.await else {
+            return super::stopped().await;
+        };
+        let (stream, guard) = accepted?;
+        let peer = stream.peer_addr()?;
+        Ok((stream, peer, guard))
+    }
+
     /// Polls for the next connection.
     ///
     /// # Errors
@@ -188,10 +211,19 @@ impl super::Listener for ClusterUnixListener {
     fn poll_accept_peer(
         &mut self,
         cx: &mut Context<'_>,
-    ) -> Poll<io::Result<(UnixStream, tokio::net::unix::SocketAddr)>> {
-        let stream = ready!(self.poll_accept(cx))?;
-        let peer = stream.peer_addr();
-        Poll::Ready(super::with_peer(stream, peer))
+    ) -> Poll<
+        io::Result<(
+            UnixStream,
+            tokio::net::unix::SocketAddr,
+            super::ConnectionGuard,
+        )>,
+    > {
+        let accepted = match ready!(self.incoming.poll_next_tracked(cx, true)) {
+            Some(accepted) => accepted?,
+            None => return Poll::Ready(Err(super::shutting_down())),
+        };
+        let peer = accepted.0.peer_addr();
+        Poll::Ready(super::with_peer(accepted, peer))
     }
 
     fn local_addr(&self) -> io::Result<tokio::net::unix::SocketAddr> {

@@ -50,7 +50,7 @@ where
     let (abort, _) = watch::channel(());
     let mut shutdown = pin!(crate::shutdown());
     loop {
-        let (io, peer) = tokio::select! {
+        let (io, peer, guard) = tokio::select! {
             () = &mut shutdown => break,
             accepted = incoming.accept() => match accepted {
                 Some(accepted) => accepted,
@@ -71,6 +71,8 @@ where
                 _ = connection => {}
                 _ = aborted.changed() => {}
             }
+            // The connection is over: the primary's count of this worker's open ones drops.
+            drop(guard);
         });
     }
     let deadline = drain.deadline();

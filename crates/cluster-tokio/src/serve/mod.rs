@@ -143,8 +143,12 @@ impl<L: Listener> Incoming<L> {
         }
     }
 
-    /// The next connection and its peer's address; `None` once the worker is shutting down.
-    pub(crate) fn poll_accept(&mut self, cx: &mut Context<'_>) -> Poll<Option<(L::Io, L::Addr)>> {
+    /// The next connection, its peer's address, and the guard to keep while it is open; `None`
+    /// once the worker is shutting down.
+    pub(crate) fn poll_accept(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<(L::Io, L::Addr, crate::net::ConnectionGuard)>> {
         loop {
             if let Some(backoff) = &mut self.backoff {
                 ready!(backoff.as_mut().poll(cx));
@@ -167,7 +171,7 @@ impl<L: Listener> Incoming<L> {
 
     /// As [`Self::poll_accept`].
     #[cfg_attr(not(any(feature = "axum", feature = "hyper")), allow(dead_code))]
-    pub(crate) async fn accept(&mut self) -> Option<(L::Io, L::Addr)> {
+    pub(crate) async fn accept(&mut self) -> Option<(L::Io, L::Addr, crate::net::ConnectionGuard)> {
         std::future::poll_fn(|cx| self.poll_accept(cx)).await
     }
 }
