@@ -17,7 +17,7 @@ async fn a_rogue_worker_is_disconnected_and_the_primary_carries_on() {
     let mut rogue_cluster = Cluster::with(SchedulingPolicy::RoundRobin, |s| {
         s.exec(env!("CARGO_BIN_EXE_rogue"))
     });
-    let expectations: [(&str, Expected); 5] = [
+    let expectations: [(&str, Expected); 6] = [
         ("garbage", |e| e.kind() == ProtocolErrorKind::Decode),
         ("oversized", |e| e.kind() == ProtocolErrorKind::Truncated),
         ("version", |e| {
@@ -29,6 +29,7 @@ async fn a_rogue_worker_is_disconnected_and_the_primary_carries_on() {
                 && e.to_string() == "expected 0 file descriptors with the message, got 1"
         }),
         ("notconn", |e| e.kind() == ProtocolErrorKind::NotAConnection),
+        ("ended", |e| e.kind() == ProtocolErrorKind::EndedMiscounted),
     ];
     for (offence, expected) in expectations {
         let rogue = rogue_cluster

@@ -156,6 +156,7 @@ impl ProtocolError {
             E::MessageTooLarge(_) => ProtocolErrorKind::MessageTooLarge,
             E::NotAConnection => ProtocolErrorKind::NotAConnection,
             E::HandoffTimeout { .. } => ProtocolErrorKind::HandoffTimeout,
+            E::EndedMiscounted { .. } => ProtocolErrorKind::EndedMiscounted,
             // The core's error is non-exhaustive: a rule it adds is reported, not lost.
             _ => ProtocolErrorKind::Other,
         }
@@ -222,6 +223,8 @@ pub enum ProtocolErrorKind {
     NotAConnection,
     /// It did not ack a handed-off connection in time: presumed hung.
     HandoffTimeout,
+    /// It reported more ended connections than it was given, or its count went back.
+    EndedMiscounted,
     /// A rule this version does not name.
     Other,
 }
