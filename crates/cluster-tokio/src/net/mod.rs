@@ -42,6 +42,12 @@ pub struct ConnectionGuard {
     ended: Option<(Arc<Ended>, bool)>,
 }
 
+/// A connection just taken, with its peer's address and the guard that says when it ends.
+pub(crate) type Accepted<Io, Addr> = (Io, Addr, ConnectionGuard);
+
+/// A connection just taken and the guard that says when it ends.
+type Tracked<S> = (S, ConnectionGuard);
+
 impl ConnectionGuard {
     /// A guard with nothing to report.
     fn inert() -> Self {
@@ -83,7 +89,7 @@ pub trait Listener: sealed::Sealed + Send + Unpin + 'static {
     fn poll_accept_peer(
         &mut self,
         cx: &mut Context<'_>,
-    ) -> Poll<io::Result<(Self::Io, Self::Addr, ConnectionGuard)>>;
+    ) -> Poll<io::Result<Accepted<Self::Io, Self::Addr>>>;
 
     /// The address it listens on, for `axum::serve::Listener`.
     #[doc(hidden)]
@@ -489,7 +495,7 @@ impl<F: Family> Incoming<F> {
         &mut self,
         cx: &mut Context<'_>,
         tracked: bool,
-    ) -> Poll<Option<io::Result<(F::Stream, ConnectionGuard)>>> {
+    ) -> Poll<Option<io::Result<Tracked<F::Stream>>>> {
         if self.shutdown.is_ready(cx) {
             return Poll::Ready(None);
         }

@@ -148,7 +148,7 @@ impl<L: Listener> Incoming<L> {
     pub(crate) fn poll_accept(
         &mut self,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<(L::Io, L::Addr, crate::net::ConnectionGuard)>> {
+    ) -> Poll<Option<crate::net::Accepted<L::Io, L::Addr>>> {
         loop {
             if let Some(backoff) = &mut self.backoff {
                 ready!(backoff.as_mut().poll(cx));
@@ -171,7 +171,7 @@ impl<L: Listener> Incoming<L> {
 
     /// As [`Self::poll_accept`].
     #[cfg_attr(not(any(feature = "axum", feature = "hyper")), allow(dead_code))]
-    pub(crate) async fn accept(&mut self) -> Option<(L::Io, L::Addr, crate::net::ConnectionGuard)> {
+    pub(crate) async fn accept(&mut self) -> Option<crate::net::Accepted<L::Io, L::Addr>> {
         std::future::poll_fn(|cx| self.poll_accept(cx)).await
     }
 }
