@@ -11,7 +11,10 @@ use std::time::{Duration, Instant};
 
 use support::program::{Program, WAIT, endpoint_port, get};
 
+/// Takes connections with `accept_tracked`.
 const FIXTURE: &str = env!("CARGO_BIN_EXE_http_fixture");
+/// Serves with `cluster::axum::serve`, which reports connection ends itself.
+const AXUM: &str = env!("CARGO_BIN_EXE_axum_fixture");
 
 /// Sends `GET path` on a new connection (`Connection: close`) and returns the connection, to
 /// read the answer from later.
@@ -116,8 +119,19 @@ fn least_outstanding_sends_new_connections_to_the_workers_not_busy() {
 
 #[test]
 fn past_the_per_worker_cap_a_connection_waits_in_the_backlog_until_one_ends() {
+    past_the_cap(FIXTURE);
+}
+
+#[test]
+fn the_serve_helpers_report_connection_ends_for_the_cap() {
+    past_the_cap(AXUM);
+}
+
+/// With `fixture`'s two workers at a cap of one connection each, a third connection is served
+/// once one of theirs ends, by that worker.
+fn past_the_cap(fixture: &str) {
     let mut program = Program::start(
-        FIXTURE,
+        fixture,
         &[
             ("CLUSTER_WORKERS", "2"),
             ("CLUSTER_MAX_CONNECTIONS_PER_WORKER", "1"),

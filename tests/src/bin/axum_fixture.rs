@@ -2,14 +2,16 @@
 //! (default `127.0.0.1:0`; `unix:<path>` for a Unix socket) and prints
 //! `worker <id> pid <pid> port <port>` (port 0 on a Unix socket), then serves with
 //! `cluster::axum::serve` and nothing else: it never looks at `cluster::shutdown()` itself.
-//! `GET /` answers `worker <id>`; `GET /peer` answers the peer's address from `ConnectInfo`.
+//! `GET /` answers `worker <id>`; `GET /peer` answers the peer's address from `ConnectInfo`;
+//! `GET /delay/<ms>` prints `delaying <id> <ms>` and answers `worker <id>` after `ms`
+//! milliseconds.
 //! Workers log to stderr (`RUST_LOG`, default `warn`).
 
 use std::io::Write;
 use std::net::SocketAddr;
 
 use axum::Router;
-use axum::extract::ConnectInfo;
+use axum::extract::{ConnectInfo, Path};
 use axum::routing::get;
 
 #[cluster::main(workers = 2)]
@@ -21,7 +23,16 @@ async fn main() -> std::io::Result<()> {
         .with_writer(std::io::stderr)
         .try_init();
     let id = cluster::Worker::current().map_or(0, |w| w.id().get());
-    let app = Router::new().route("/", get(move || async move { format!("worker {id}\n") }));
+    let app = Router::new()
+        .route("/", get(move || async move { format!("worker {id}\n") }))
+        .route(
+            "/delay/{ms}",
+            get(move |Path(ms): Path<u64>| async move {
+                say(&format!("delaying {id} {ms}"));
+                tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+                format!("worker {id}\n")
+            }),
+        );
     let addr = std::env::var("ADDR").unwrap_or_else(|_| "127.0.0.1:0".to_owned());
     match addr.strip_prefix("unix:") {
         Some(path) => {
