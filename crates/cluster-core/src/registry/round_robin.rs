@@ -221,6 +221,10 @@ impl<C: Copy + Eq> RoundRobin<C> {
     /// more than the queue holds: when every one is at its cap, the driver stops accepting and
     /// the kernel's backlog holds the rest.
     pub fn has_spare(&self, loads: &Loads) -> bool {
+        // Without a cap, not a walk of the members on every accept.
+        if loads.cap().is_none() {
+            return self.has_active_members();
+        }
         let mut spare = 0usize;
         for (worker, member) in &self.members {
             if !member.leaving {

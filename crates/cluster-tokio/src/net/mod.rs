@@ -382,13 +382,14 @@ impl Handoff {
         if room_again {
             self.guard.worker.has_room(self.guard.handle);
         }
-        let guard = ConnectionGuard {
-            ended: Some((self.guard.worker.ended().clone(), self.report_ends)),
-        };
+        let ended = self.guard.worker.ended().clone();
         if !tracked {
-            drop(guard);
+            ended.one(self.report_ends);
             return Poll::Ready(Some((conn, ConnectionGuard::inert())));
         }
+        let guard = ConnectionGuard {
+            ended: Some((ended, self.report_ends)),
+        };
         Poll::Ready(Some((conn, guard)))
     }
 }
