@@ -88,7 +88,9 @@ fn handoff(c: &mut Criterion) {
                 }
                 if let Some(through) = asked {
                     ack.clear();
-                    wire::encode(&WorkerMessage::Accepted { through }, &mut ack).unwrap();
+                    // No connection reported ended: the count only moves the scheduler's books.
+                    let ended = 0;
+                    wire::encode(&WorkerMessage::Accepted { through, ended }, &mut ack).unwrap();
                     primary.handle_frame(now, worker, &ack, &[]);
                     while let Some(output) = primary.poll_output(&mut buf) {
                         black_box(output);
@@ -115,6 +117,7 @@ fn codec(c: &mut Criterion) {
     });
     let frame = encoded(&WorkerMessage::Accepted {
         through: Seq::new(123_456),
+        ended: 123_000,
     });
     c.bench_function("codec: decode Accepted", |b| {
         b.iter(|| wire::decode::<WorkerMessage>(black_box(&frame)).unwrap());

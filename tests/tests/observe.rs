@@ -351,7 +351,7 @@ fn the_control_socket_lists_and_reloads_the_workers() {
     assert!(
         lines[1].split_whitespace().eq([
             "id", "slot", "pid", "gen", "state", "uptime", "restarts", "rss", "cpu", "conns",
-            "handoffs"
+            "open", "handoffs"
         ]),
         "{table}"
     );
@@ -379,6 +379,8 @@ fn the_control_socket_lists_and_reloads_the_workers() {
     assert_eq!(after["reloads"]["complete"], 1, "{after}");
     let workers = after["workers"].as_array().unwrap();
     assert!(workers.iter().all(|w| w["generation"] == 2), "{after}");
+    // Nothing is being served: the scheduler counts no open connection.
+    assert!(workers.iter().all(|w| w["outstanding"] == 0), "{after}");
     let metrics = scrape(cluster.endpoint);
     assert_eq!(
         sample(&metrics, "cluster_reloads_total{result=\"complete\"}"),

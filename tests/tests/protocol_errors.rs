@@ -17,7 +17,7 @@ async fn a_rogue_worker_is_disconnected_and_the_primary_carries_on() {
     let mut rogue_cluster = Cluster::with(SchedulingPolicy::RoundRobin, |s| {
         s.exec(env!("CARGO_BIN_EXE_rogue"))
     });
-    let expectations: [(&str, Expected); 8] = [
+    let expectations: [(&str, Expected); 9] = [
         ("garbage", |e| e.kind() == ProtocolErrorKind::Decode),
         ("oversized", |e| e.kind() == ProtocolErrorKind::Truncated),
         ("version", |e| {
@@ -40,6 +40,7 @@ async fn a_rogue_worker_is_disconnected_and_the_primary_carries_on() {
         ("handback-long", |e| {
             e.kind() == ProtocolErrorKind::HandBack && e.to_string().contains("over the bound")
         }),
+        ("ended", |e| e.kind() == ProtocolErrorKind::EndedMiscounted),
     ];
     for (offence, expected) in expectations {
         let rogue = rogue_cluster

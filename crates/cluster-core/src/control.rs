@@ -185,6 +185,10 @@ pub struct WorkerStatus {
     pub connections: Option<usize>,
     /// Connections handed to it and not yet acknowledged.
     pub in_flight: usize,
+    /// Its open connections as the primary's scheduler counts them (handed to it, and not
+    /// refused, given back or reported ended): what least-outstanding and the per-worker cap
+    /// go by.
+    pub outstanding: usize,
     /// Connections it refused (its queue was full).
     pub refused: u64,
     /// Connections it gave back.

@@ -63,6 +63,18 @@ pub enum ProtocolError {
         /// The handle it named.
         handle: crate::wire::HandleId,
     },
+    /// A worker reported more ended connections than it was given, or its count went back.
+    #[error(
+        "{ended} connections reported ended, but {given} were given and {previous} reported before"
+    )]
+    EndedMiscounted {
+        /// The count it reported.
+        ended: u64,
+        /// The connections it acked and did not give back.
+        given: u64,
+        /// The count it reported before.
+        previous: u64,
+    },
     /// A worker did not ack a handed-off connection in time; it is presumed hung.
     #[error("handoff {seq} not acked in time")]
     HandoffTimeout {

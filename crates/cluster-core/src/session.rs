@@ -133,6 +133,10 @@ pub struct WorkerSession<F> {
     offered: VecDeque<Offered>,
     /// The highest accepted connection not acknowledged yet.
     unacked: Option<Seq>,
+    /// Connections that ended, as the driver last counted them ([`Self::set_ended`]).
+    ended: u64,
+    /// The count last sent to the primary.
+    ended_sent: u64,
     disconnect_requested: bool,
     /// [`WorkerSession::service_ready`] was sent.
     service_ready: bool,
@@ -158,6 +162,8 @@ impl<F> WorkerSession<F> {
             prefixed: BTreeSet::new(),
             offered: VecDeque::new(),
             unacked: None,
+            ended: 0,
+            ended_sent: 0,
             disconnect_requested: false,
             service_ready: false,
             reassembly: Reassembly::default(),
@@ -245,7 +251,34 @@ impl<F> WorkerSession<F> {
     /// Sends the ack of every connection accepted so far, if one is owed.
     fn flush_acks(&mut self) {
         if let Some(through) = self.unacked.take() {
-            self.send(WorkerMessage::Accepted { through });
+            self.ended_sent = self.ended;
+            let ended = self.ended;
+            self.send(WorkerMessage::Accepted { through, ended });
+        }
+    }
+
+    /// How many connections handed to this worker have ended so far (closed, or taken by an
+    /// application that does not say when they end); it travels with the next ack or
+    /// heartbeat. Only count connections already [`accepted`](Self::accept): the primary
+    /// kills a worker that reports more ended connections than it acked. A count lower than
+    /// the last one is ignored.
+    pub fn set_ended(&mut self, total: u64) {
+        self.ended = self.ended.max(total);
+    }
+
+    /// Sends the count of ended connections now if it changed since it was last sent: with the
+    /// acks owed if there are any, in a heartbeat otherwise. For handles whose primary schedules
+    /// by open connections ([`ListenInfo::report_ends`]).
+    pub fn report_ended(&mut self) {
+        if self.ended == self.ended_sent || self.link.is_closed() {
+            return;
+        }
+        if self.unacked.is_some() {
+            self.flush_acks();
+        } else {
+            self.ended_sent = self.ended;
+            let ended = self.ended;
+            self.send(WorkerMessage::Heartbeat { ended });
         }
     }
 
@@ -306,7 +339,9 @@ impl<F> WorkerSession<F> {
     /// [`HEARTBEAT_INTERVAL`](crate::wire::HEARTBEAT_INTERVAL) from a task on that runtime.
     pub fn heartbeat(&mut self) {
         self.flush_acks();
-        self.send(WorkerMessage::Heartbeat);
+        self.ended_sent = self.ended;
+        let ended = self.ended;
+        self.send(WorkerMessage::Heartbeat { ended });
     }
 
     /// Announces that this worker leaves on purpose; wait for [`SessionEvent::DisconnectAcked`]
@@ -619,6 +654,7 @@ mod tests {
             handle,
             addr: BoundAddr::Ip("127.0.0.1:5555".parse().unwrap()),
             distribution: Distribution::RoundRobin,
+            report_ends: false,
         };
         s.handle_frame(
             &frame(&PrimaryMessage::ListenReply {
@@ -717,7 +753,10 @@ mod tests {
         assert_eq!(s.accept(one), Err(UnknownConnection(one)));
         assert_eq!(
             outputs(&mut s),
-            [Ok(WorkerMessage::Accepted { through: one })]
+            [Ok(WorkerMessage::Accepted {
+                through: one,
+                ended: 0
+            })]
         );
         s.refuse(two, 2).unwrap();
         assert_eq!(s.refuse(two, 2), Err((UnknownConnection(two), 2)));
@@ -751,7 +790,8 @@ mod tests {
             outputs(&mut s),
             [
                 Ok(WorkerMessage::Accepted {
-                    through: Seq::new(3)
+                    through: Seq::new(3),
+                    ended: 0
                 }),
                 Ok(WorkerMessage::Refused { ack: Seq::new(4) })
             ]
@@ -767,10 +807,11 @@ mod tests {
             outputs(&mut s),
             [
                 Ok(WorkerMessage::Accepted {
-                    through: Seq::new(5)
+                    through: Seq::new(5),
+                    ended: 0
                 }),
-                Ok(WorkerMessage::Heartbeat),
-                Ok(WorkerMessage::Heartbeat)
+                Ok(WorkerMessage::Heartbeat { ended: 0 }),
+                Ok(WorkerMessage::Heartbeat { ended: 0 })
             ]
         );
         s.handle_frame(&new_conn(6, handle, false), vec![6])
@@ -782,7 +823,8 @@ mod tests {
             outputs(&mut s),
             [
                 Ok(WorkerMessage::Accepted {
-                    through: Seq::new(6)
+                    through: Seq::new(6),
+                    ended: 0
                 }),
                 Ok(WorkerMessage::ExitedAfterDisconnect { seq: leaving })
             ]

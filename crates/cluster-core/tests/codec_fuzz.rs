@@ -64,7 +64,8 @@ fn worker_message() -> impl Strategy<Value = WorkerMessage> {
             .prop_map(|(version, pid)| WorkerMessage::Online { version, pid }),
         (seq(), request()).prop_map(|(seq, request)| WorkerMessage::QueryServer { seq, request }),
         handle().prop_map(|handle| WorkerMessage::Listening { handle }),
-        seq().prop_map(|through| WorkerMessage::Accepted { through }),
+        (seq(), any::<u64>())
+            .prop_map(|(through, ended)| WorkerMessage::Accepted { through, ended }),
         seq().prop_map(|ack| WorkerMessage::Refused { ack }),
         handle().prop_map(|handle| WorkerMessage::Ready { handle }),
         handle().prop_map(|handle| WorkerMessage::Close { handle }),
@@ -74,7 +75,7 @@ fn worker_message() -> impl Strategy<Value = WorkerMessage> {
         (handle(), proptest::collection::vec(any::<u8>(), 0..64))
             .prop_map(|(handle, prefix)| WorkerMessage::HandBack { handle, prefix }),
         handle().prop_map(|handle| WorkerMessage::TakesPrefixes { handle }),
-        Just(WorkerMessage::Heartbeat),
+        any::<u64>().prop_map(|ended| WorkerMessage::Heartbeat { ended }),
         payload().prop_map(|data| WorkerMessage::Fragment { data }),
     ]
 }
@@ -90,6 +91,7 @@ fn primary_message() -> impl Strategy<Value = PrimaryMessage> {
                 } else {
                     Distribution::Shared
                 },
+                report_ends: rr,
             }
         });
     let result = prop_oneof![info.prop_map(Ok), any::<i32>().prop_map(|e| Err(Errno(e)))];

@@ -128,14 +128,16 @@ fn vectors() -> Vec<Vector> {
         worker(
             WorkerMessage::Accepted {
                 through: Seq::new(1),
+                ended: 0,
             },
-            "03 01",
+            "03 01 00",
         ),
         worker(
             WorkerMessage::Accepted {
                 through: Seq::new(300),
+                ended: 7,
             },
-            "03 ac 02",
+            "03 ac 02 07",
         ),
         worker(
             WorkerMessage::Ready {
@@ -175,7 +177,7 @@ fn vectors() -> Vec<Vector> {
             },
             "08 00",
         ),
-        worker(WorkerMessage::Heartbeat, "09"),
+        worker(WorkerMessage::Heartbeat { ended: 2 }, "09 02"),
         worker(
             WorkerMessage::Fragment {
                 data: b"hi".to_vec(),
@@ -210,9 +212,10 @@ fn vectors() -> Vec<Vector> {
                     handle: HandleId::new(0),
                     addr: BoundAddr::Ip("127.0.0.1:40000".parse().unwrap()),
                     distribution: Distribution::RoundRobin,
+                    report_ends: true,
                 }),
             },
-            "01 01 00 00 00 00 7f 00 00 01 c0 b8 02 00",
+            "01 01 00 00 00 00 7f 00 00 01 c0 b8 02 00 01",
         ),
         primary(
             PrimaryMessage::ListenReply {
@@ -221,9 +224,10 @@ fn vectors() -> Vec<Vector> {
                     handle: HandleId::new(1),
                     addr: BoundAddr::Ip("0.0.0.0:5353".parse().unwrap()),
                     distribution: Distribution::Shared,
+                    report_ends: false,
                 }),
             },
-            "01 03 00 01 00 00 00 00 00 00 e9 29 01",
+            "01 03 00 01 00 00 00 00 00 00 e9 29 01 00",
         ),
         primary(
             PrimaryMessage::ListenReply {
@@ -351,7 +355,7 @@ fn variant_index(message: &Message) -> u8 {
             WorkerMessage::ExitedAfterDisconnect { .. } => 6,
             WorkerMessage::User(_) => 7,
             WorkerMessage::Return { .. } => 8,
-            WorkerMessage::Heartbeat => 9,
+            WorkerMessage::Heartbeat { .. } => 9,
             WorkerMessage::Fragment { .. } => 10,
             WorkerMessage::Refused { .. } => 11,
             WorkerMessage::ServiceReady => 12,

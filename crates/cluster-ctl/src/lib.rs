@@ -198,7 +198,7 @@ fn table(status: &Status) -> String {
         status.handed_back,
     );
     let header = [
-        "id", "slot", "pid", "gen", "state", "uptime", "restarts", "rss", "cpu", "conns",
+        "id", "slot", "pid", "gen", "state", "uptime", "restarts", "rss", "cpu", "conns", "open",
         "handoffs",
     ];
     let mut rows = vec![header.map(str::to_owned).to_vec()];
@@ -215,6 +215,7 @@ fn table(status: &Status) -> String {
             bytes(worker.resident_bytes),
             cpu(worker.cpu_seconds),
             number(worker.connections.map(|c| c.to_string())),
+            worker.outstanding.to_string(),
             worker.handoffs.to_string(),
         ]);
     }
@@ -279,7 +280,7 @@ mod tests {
                 "workers":[
                   {"id":3,"slot":0,"pid":11,"generation":2,"state":"listening",
                    "uptime_seconds":65.2,"restarts":1,"resident_bytes":12582912,
-                   "cpu_seconds":1.5,"handoffs":42},
+                   "cpu_seconds":1.5,"outstanding":7,"handoffs":42},
                   {"id":4,"slot":null,"pid":12,"generation":2,"state":"online",
                    "uptime_seconds":0.2,"restarts":0,"resident_bytes":null,
                    "cpu_seconds":null,"handoffs":0}]}"#,
@@ -290,6 +291,8 @@ mod tests {
         assert_eq!(lines.len(), 4, "{table}");
         assert!(lines[0].contains("up 1h1m"), "{table}");
         assert!(lines[1].starts_with("id  slot  pid"), "{table}");
+        assert!(lines[1].contains("conns  open  handoffs"), "{table}");
+        assert!(lines[2].ends_with("7     42"), "{table}");
         assert!(
             lines[2].contains("12.0 MiB") && lines[2].contains("1m5s"),
             "{table}"

@@ -6,8 +6,9 @@
 //! | variable | overrides | accepts |
 //! |---|---|---|
 //! | `CLUSTER_WORKERS` | [`Settings::workers`] | `0` to `1024` (`0`: run unclustered) |
-//! | `CLUSTER_SCHED_POLICY` | [`Settings::policy`] | `rr` or `none` |
+//! | `CLUSTER_SCHED_POLICY` | [`Settings::policy`] | `rr`, `least-outstanding` or `none` |
 //! | `CLUSTER_HANDOFF_WINDOW` | [`Settings::window`] | `1` to `4096` |
+//! | `CLUSTER_MAX_CONNECTIONS_PER_WORKER` | [`Settings::max_connections_per_worker`] | `1` to `1048576`, or `off` |
 //! | `CLUSTER_BATCH_SCHEDULING` | [`Settings::batch_scheduling`] | `1` or `0` |
 //! | `CLUSTER_DISCONNECT_TIMEOUT` | [`Settings::disconnect_timeout`] | a duration: `20s`, `500ms` |
 //! | `CLUSTER_SHUTDOWN_DELAY` | [`Settings::shutdown_delay`] | a duration, or `0` |
@@ -31,14 +32,18 @@ use std::time::Duration;
 
 use proto::SchedulingPolicy;
 
-use crate::settings::{MAX_TIMEOUT, MAX_WINDOW, MAX_WORKERS, MIN_HEARTBEAT_TIMEOUT, Settings};
+use crate::settings::{
+    self, MAX_TIMEOUT, MAX_WINDOW, MAX_WORKERS, MIN_HEARTBEAT_TIMEOUT, Settings,
+};
 
 /// The number of workers.
 pub const WORKERS: &str = "CLUSTER_WORKERS";
-/// The scheduling policy: `rr` or `none`.
+/// The scheduling policy: `rr`, `least-outstanding` or `none`.
 pub const SCHED_POLICY: &str = "CLUSTER_SCHED_POLICY";
 /// The handoff window.
 pub const HANDOFF_WINDOW: &str = "CLUSTER_HANDOFF_WINDOW";
+/// The most connections one worker may have open, or `off`.
+pub const MAX_CONNECTIONS_PER_WORKER: &str = "CLUSTER_MAX_CONNECTIONS_PER_WORKER";
 /// Batch scheduling of the primary's thread: `1` or `0`.
 pub const BATCH_SCHEDULING: &str = "CLUSTER_BATCH_SCHEDULING";
 /// How long a disconnected worker may drain.
@@ -82,10 +87,11 @@ pub(crate) fn answer_queries() {
 }
 
 /// Every variable [`Settings::apply_env`] reads, in the order it reads them.
-pub const VARIABLES: [&str; 13] = [
+pub const VARIABLES: [&str; 14] = [
     WORKERS,
     SCHED_POLICY,
     HANDOFF_WINDOW,
+    MAX_CONNECTIONS_PER_WORKER,
     BATCH_SCHEDULING,
     DISCONNECT_TIMEOUT,
     SHUTDOWN_DELAY,
@@ -232,8 +238,24 @@ impl Settings {
                 SCHED_POLICY => {
                     self.policy = match text {
                         Some("rr") => SchedulingPolicy::RoundRobin,
+                        Some("least-outstanding") => SchedulingPolicy::LeastOutstanding,
                         Some("none") => SchedulingPolicy::Shared,
-                        _ => return Err(fail("`rr` (round robin) or `none` (shared sockets)")),
+                        _ => {
+                            return Err(fail(
+                                "`rr` (round robin), `least-outstanding` or `none` (shared \
+                                 sockets)",
+                            ));
+                        }
+                    };
+                }
+                MAX_CONNECTIONS_PER_WORKER => {
+                    let accepted = "a whole number from 1 to 1048576, or `off` (no cap)";
+                    self.max_connections_per_worker = match text {
+                        Some("off") => None,
+                        _ => Some(
+                            parse_number(text, 1, settings::MAX_CONNECTIONS_PER_WORKER)
+                                .ok_or_else(|| fail(accepted))?,
+                        ),
                     };
                 }
                 HANDOFF_WINDOW => {
@@ -293,7 +315,7 @@ impl Settings {
                     let accepted =
                         "an absolute path to a file, such as `/run/my-service/control.sock`";
                     let path = std::path::PathBuf::from(&value);
-                    if !crate::settings::is_socket_path(&path) {
+                    if !settings::is_socket_path(&path) {
                         return Err(fail(accepted));
                     }
                     self.control_socket = Some(path);
@@ -392,6 +414,22 @@ mod tests {
             apply(SCHED_POLICY, "none").unwrap().policy,
             SchedulingPolicy::Shared
         );
+        assert_eq!(
+            apply(SCHED_POLICY, "least-outstanding").unwrap().policy,
+            SchedulingPolicy::LeastOutstanding
+        );
+        assert_eq!(
+            apply(MAX_CONNECTIONS_PER_WORKER, "64")
+                .unwrap()
+                .max_connections_per_worker,
+            Some(64)
+        );
+        assert_eq!(
+            apply(MAX_CONNECTIONS_PER_WORKER, "off")
+                .unwrap()
+                .max_connections_per_worker,
+            None
+        );
         assert!(!apply(BATCH_SCHEDULING, "0").unwrap().batch_scheduling);
         assert_eq!(apply(HANDOFF_WINDOW, "1").unwrap().window, 1);
         assert_eq!(
@@ -445,8 +483,13 @@ mod tests {
         for value in ["1s", "1999ms", "on", ""] {
             assert!(apply(HEARTBEAT_TIMEOUT, value).is_err(), "{value:?}");
         }
-        for value in ["RR", "round-robin", ""] {
+        for value in ["RR", "round-robin", "least", ""] {
             assert!(apply(SCHED_POLICY, value).is_err(), "{value:?}");
+        }
+        // A cap of 0 would serve nothing: refused, naming the variable.
+        for value in ["0", "", "-1", "1048577", "none"] {
+            let error = apply(MAX_CONNECTIONS_PER_WORKER, value).unwrap_err();
+            assert_eq!(error.variable(), MAX_CONNECTIONS_PER_WORKER, "{value:?}");
         }
         for value in ["true", "yes", ""] {
             assert!(apply(BATCH_SCHEDULING, value).is_err(), "{value:?}");

@@ -4,6 +4,7 @@
 use std::ffi::OsString;
 use std::fmt;
 use std::net::SocketAddr;
+use std::num::NonZeroUsize;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -24,6 +25,10 @@ pub const MAX_WORKERS: usize = 1024;
 
 /// The largest handoff window ([`Settings::window`]).
 pub const MAX_WINDOW: usize = 4096;
+
+/// The largest per-worker cap ([`Settings::max_connections_per_worker`]): past a million open
+/// connections a worker runs out of fds first.
+pub const MAX_CONNECTIONS_PER_WORKER: usize = 1 << 20;
 
 /// The longest any timeout may be: a day. Longer is a typo, and would overflow deadlines.
 pub const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 60 * 60);
@@ -80,6 +85,7 @@ pub struct Settings {
     pub(crate) policy: SchedulingPolicy,
     pub(crate) window: usize,
     pub(crate) max_queued: usize,
+    pub(crate) max_connections_per_worker: Option<usize>,
     pub(crate) handoff_timeout: Duration,
     pub(crate) disconnect_timeout: Duration,
     pub(crate) shutdown_delay: Option<Duration>,
@@ -126,6 +132,10 @@ impl Settings {
             policy: core.registry.policy,
             window: core.registry.window,
             max_queued: core.registry.max_queued,
+            max_connections_per_worker: core
+                .registry
+                .max_connections_per_worker
+                .map(NonZeroUsize::get),
             handoff_timeout: core.handoff_timeout,
             disconnect_timeout: Duration::from_secs(30),
             shutdown_delay: None,
@@ -212,10 +222,25 @@ impl Settings {
         self
     }
 
-    /// Round robin (the default: the primary accepts and hands each connection to a worker) or
-    /// shared listening sockets (workers accept). `CLUSTER_SCHED_POLICY=rr|none` overrides it.
+    /// How connections reach workers: round robin (the default: the primary accepts and hands
+    /// each connection to the next worker), least-outstanding (to the worker with the fewest
+    /// connections open), or shared listening sockets (workers accept). The guide's
+    /// "Scheduling" says when to choose which. `CLUSTER_SCHED_POLICY=rr|least-outstanding|none`
+    /// overrides it.
     pub fn policy(mut self, policy: SchedulingPolicy) -> Self {
         self.policy = policy;
+        self
+    }
+
+    /// The most connections one worker may have open at once over all its listeners (Node's
+    /// `server.maxConnections`, per worker; default: no cap). A worker at its cap is offered
+    /// nothing; when every worker is at its cap, the primary stops accepting and new
+    /// connections wait in the kernel's backlog until one ends. Applies to connections the
+    /// primary hands over (round robin and least-outstanding, not shared sockets); how a
+    /// connection's end is known is in the guide's "Scheduling". 0 is refused.
+    /// `CLUSTER_MAX_CONNECTIONS_PER_WORKER` overrides it.
+    pub fn max_connections_per_worker(mut self, connections: impl Into<Option<usize>>) -> Self {
+        self.max_connections_per_worker = connections.into();
         self
     }
 
@@ -513,6 +538,11 @@ impl Settings {
         self.backlog
     }
 
+    /// What [`Self::max_connections_per_worker`] set.
+    pub fn get_max_connections_per_worker(&self) -> Option<usize> {
+        self.max_connections_per_worker
+    }
+
     /// What [`Self::batch_scheduling`] set.
     #[must_use]
     pub fn get_batch_scheduling(&self) -> bool {
@@ -644,6 +674,14 @@ impl Settings {
         }
         check_range("window", self.window, 1, MAX_WINDOW)?;
         check_range("max_queued", self.max_queued, 1, 1 << 20)?;
+        if let Some(cap) = self.max_connections_per_worker {
+            check_range(
+                "max_connections_per_worker",
+                cap,
+                1,
+                MAX_CONNECTIONS_PER_WORKER,
+            )?;
+        }
         check_range("backlog", self.backlog as usize, 1, i32::MAX as usize)?;
         check_range("crash_loop failures", self.crash_loop_failures, 1, 1000)?;
         for (setting, timeout) in [
@@ -695,7 +733,7 @@ impl Settings {
     /// Whether the primary should switch its thread to `SCHED_BATCH`: only round robin has work
     /// to batch.
     pub(crate) fn wants_batch_scheduling(&self) -> bool {
-        self.batch_scheduling && self.policy == SchedulingPolicy::RoundRobin
+        self.batch_scheduling && self.policy != SchedulingPolicy::Shared
     }
 
     pub(crate) fn core_config(&self) -> proto::Config {
@@ -703,6 +741,8 @@ impl Settings {
         config.registry.policy = self.policy;
         config.registry.window = self.window;
         config.registry.max_queued = self.max_queued;
+        config.registry.max_connections_per_worker =
+            self.max_connections_per_worker.and_then(NonZeroUsize::new);
         config.handoff_timeout = self.handoff_timeout;
         config.heartbeat_timeout = self.heartbeat_timeout;
         config
@@ -849,6 +889,7 @@ mod tests {
             .policy(SchedulingPolicy::Shared)
             .window(5)
             .max_queued(7)
+            .max_connections_per_worker(64)
             .handoff_timeout(Duration::from_secs(1))
             .disconnect_timeout(Duration::from_secs(2))
             .heartbeat_timeout(None)
@@ -878,6 +919,7 @@ mod tests {
         assert_eq!(settings.get_policy(), SchedulingPolicy::Shared);
         assert_eq!(settings.get_window(), 5);
         assert_eq!(settings.get_max_queued(), 7);
+        assert_eq!(settings.get_max_connections_per_worker(), Some(64));
         assert_eq!(settings.get_handoff_timeout(), Duration::from_secs(1));
         assert_eq!(settings.get_disconnect_timeout(), Duration::from_secs(2));
         assert_eq!(settings.get_heartbeat_timeout(), None);
@@ -921,6 +963,14 @@ mod tests {
             refused(Settings::new().workers(MAX_WORKERS + 1)),
             SettingsError::OutOfRange {
                 setting: "workers",
+                ..
+            }
+        ));
+        // A cap of 0 would serve nothing.
+        assert!(matches!(
+            refused(Settings::new().max_connections_per_worker(0)),
+            SettingsError::OutOfRange {
+                setting: "max_connections_per_worker",
                 ..
             }
         ));

@@ -5,8 +5,9 @@
 //! `GET /` answers `worker <id>`; `GET /peer` answers the peer's address from `ConnectInfo`;
 //! `GET /version` answers `<build> worker <id>` with the build the binary was stamped as
 //! (`cluster_tests::stamp`); `POST /echo` answers `<build> worker <id> <body>`;
-//! `GET /delay/<ms>` answers `worker <id>` after `ms` milliseconds; `GET /upgrade` switches the
-//! connection to an echo protocol (`101`, then every byte sent comes back).
+//! `GET /delay/<ms>` prints `delaying <id> <ms>` and answers `worker <id>` after `ms`
+//! milliseconds; `GET /upgrade` switches the connection to an echo protocol (`101`, then every
+//! byte sent comes back).
 //! Workers log to stderr (`RUST_LOG`, default `warn`).
 
 use std::io::Write;
@@ -41,6 +42,7 @@ async fn main() -> std::io::Result<()> {
         .route(
             "/delay/{ms}",
             get(move |Path(ms): Path<u64>| async move {
+                say(&format!("delaying {id} {ms}"));
                 tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
                 format!("worker {id}\n")
             }),

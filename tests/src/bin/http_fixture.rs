@@ -11,7 +11,8 @@
 //! `FIXTURE_BOOT_DELAY_MS` makes every worker wait that long before it binds;
 //! `FIXTURE_DEFAULT_WORKERS=1` runs the default count instead of two. `GET /abandon/<n>`
 //! leaves `n` orphaned processes behind (each lives 2 s) before it answers; `GET /allocate/<mb>`
-//! takes that many megabytes and keeps them.
+//! takes that many megabytes and keeps them. Connections are taken with `accept_tracked`, so the
+//! primary knows when each ends.
 
 use std::convert::Infallible;
 use std::io::Write;
@@ -75,9 +76,11 @@ async fn main() -> std::io::Result<()> {
     let connections = GracefulShutdown::new();
     let draining = Arc::new(AtomicBool::new(false));
     loop {
-        let stream = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
+        // The guard travels with the connection's task: the primary counts the connection as
+        // this worker's until it ends (least-outstanding, per-worker caps).
+        let (stream, guard) = tokio::select! {
+            accepted = listener.accept_tracked() => match accepted {
+                Ok((stream, _, guard)) => (stream, guard),
                 Err(_) => break,
             },
             () = cluster::shutdown() => break,
@@ -148,6 +151,7 @@ async fn main() -> std::io::Result<()> {
             .watch(http1::Builder::new().serve_connection(TokioIo::new(stream), service));
         tokio::spawn(async move {
             let _ = connection.await;
+            drop(guard);
         });
     }
     drop(listener);

@@ -35,6 +35,10 @@ fn main() {
         "oversized" => cluster_tests::send_raw_on_link(&online, None)
             .and_then(|()| cluster_tests::send_raw_on_link(&[7; 70_000], None)),
         "version" => cluster_tests::send_raw_on_link(&[0, 99, 1], None),
+        // Reports connections ended that it was never given.
+        "ended" => cluster_tests::send_raw_on_link(&online, None).and_then(|()| {
+            cluster_tests::send_raw_on_link(&encoded(&WorkerMessage::Heartbeat { ended: 3 }), None)
+        }),
         "notconn" => {
             // Gives back, as a connection, its stdin (/dev/null).
             let stdin = std::io::stdin();
@@ -70,7 +74,7 @@ fn main() {
         "fd" => {
             let stdin = std::io::stdin();
             cluster_tests::send_raw_on_link(&online, None)
-                .and_then(|()| cluster_tests::send_raw_on_link(&[9], Some(stdin.as_fd())))
+                .and_then(|()| cluster_tests::send_raw_on_link(&[9, 0], Some(stdin.as_fd())))
         }
         "hangup" => {
             // Stops reading: every send of the primary now fails with EPIPE. Then it keeps

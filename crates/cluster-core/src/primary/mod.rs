@@ -287,6 +287,8 @@ pub struct Counters {
     pub returned: u64,
     /// Connections it served and handed back between two requests as it left (`HandBack`).
     pub handed_back: u64,
+    /// Connections it reported ended.
+    pub ended: u64,
 }
 
 #[derive(Debug)]
@@ -937,6 +939,12 @@ impl<C: Copy + Ord + std::fmt::Debug> Primary<C> {
         })
     }
 
+    /// The connections `worker` has open as the scheduler counts them: handed to it and not
+    /// refused, given back or reported ended.
+    pub fn outstanding(&self, worker: WorkerId) -> usize {
+        self.registry.loads().open(worker)
+    }
+
     /// The registry, for inspection.
     pub fn registry(&self) -> &Registry<C> {
         &self.registry
@@ -1011,7 +1019,7 @@ impl<C: Copy + Ord + std::fmt::Debug> Primary<C> {
                 entry.lifecycle.listening();
                 self.push(Output::Event(event));
             }
-            WorkerMessage::Accepted { through } => {
+            WorkerMessage::Accepted { through, ended } => {
                 // A reclaimed handoff never reached the worker, which cannot have acked it.
                 let acked = entry
                     .link
@@ -1022,6 +1030,8 @@ impl<C: Copy + Ord + std::fmt::Debug> Primary<C> {
                         self.registry.ack(worker, handle, conn, true)?;
                     }
                 }
+                // After the acks: they cover every connection the count may include.
+                count_ended(entry, &mut self.registry, worker, ended)?;
             }
             WorkerMessage::Refused { ack } => {
                 // Only a live handoff passes, so the `else` is never taken.
@@ -1078,7 +1088,9 @@ impl<C: Copy + Ord + std::fmt::Debug> Primary<C> {
                 self.push(Output::Event(event));
             }
             WorkerMessage::Fragment { data } => entry.reassembly.fragment(&data)?,
-            WorkerMessage::Heartbeat => {}
+            WorkerMessage::Heartbeat { ended } => {
+                count_ended(entry, &mut self.registry, worker, ended)?;
+            }
             WorkerMessage::ServiceReady => {
                 if !entry.service_ready && !entry.leaving {
                     entry.service_ready = true;
@@ -1087,6 +1099,8 @@ impl<C: Copy + Ord + std::fmt::Debug> Primary<C> {
             }
             WorkerMessage::Return { handle } => {
                 entry.counters.returned += 1;
+                // No longer open at the worker: counted here, not in its reports.
+                self.registry.release(worker, 1);
                 self.push(Output::Returned {
                     worker,
                     handle,
@@ -1105,6 +1119,8 @@ impl<C: Copy + Ord + std::fmt::Debug> Primary<C> {
                 if !entry.served.contains(&handle) || back >= given {
                     return Err(ProtocolError::NotGiven { handle });
                 }
+                // It served it: the worker reports it ended, as any connection it is done with
+                // (unlike a `Return`, which it never served).
                 entry.counters.handed_back += 1;
                 self.push(Output::Returned {
                     worker,
@@ -1298,6 +1314,33 @@ impl<C: Copy + Ord + std::fmt::Debug> Primary<C> {
     fn push(&mut self, output: Output<C>) {
         self.out.push_back(Queued::Ready(output));
     }
+}
+
+/// A worker reported `ended` connections ended in all (cumulative): the registry's count of its
+/// open connections goes down by the new ones. More than it acked and kept, or fewer than it
+/// reported before, is a violation.
+fn count_ended<C: Copy + Ord>(
+    entry: &mut WorkerEntry<C>,
+    registry: &mut Registry<C>,
+    worker: WorkerId,
+    ended: u64,
+) -> Result<(), ProtocolError> {
+    let given = entry
+        .counters
+        .delivered
+        .saturating_sub(entry.counters.returned);
+    let previous = entry.counters.ended;
+    if ended < previous || ended > given {
+        return Err(ProtocolError::EndedMiscounted {
+            ended,
+            given,
+            previous,
+        });
+    }
+    entry.counters.ended = ended;
+    let new = ended - previous;
+    registry.release(worker, usize::try_from(new).unwrap_or(usize::MAX));
+    Ok(())
 }
 
 #[cfg(test)]

@@ -268,6 +268,7 @@ fn protocol_violations_are_typed_errors() {
         (
             WorkerMessage::Accepted {
                 through: Seq::new(5),
+                ended: 0,
             },
             LinkError::UnknownAck { ack: Seq::new(5) }.into(),
         ),
@@ -381,7 +382,13 @@ fn handoffs_ask_for_an_ack_every_half_window_and_one_ack_settles_them_all() {
     assert_eq!(asked, [false, false, false, true, false]);
     assert!(sent.iter().all(|(to, ..)| *to == w));
     assert_eq!(h.primary.in_flight(w), 5);
-    h.recv(w, &WorkerMessage::Accepted { through: sent[3].1 });
+    h.recv(
+        w,
+        &WorkerMessage::Accepted {
+            through: sent[3].1,
+            ended: 0,
+        },
+    );
     assert_eq!(
         h.outputs(),
         (1..=4)
@@ -391,7 +398,13 @@ fn handoffs_ask_for_an_ack_every_half_window_and_one_ack_settles_them_all() {
     assert_eq!(h.primary.in_flight(w), 1);
     assert_eq!(h.primary.counters(w).unwrap().delivered, 4);
     // The same ack again covers nothing: a protocol error.
-    h.recv(w, &WorkerMessage::Accepted { through: sent[3].1 });
+    h.recv(
+        w,
+        &WorkerMessage::Accepted {
+            through: sent[3].1,
+            ended: 0,
+        },
+    );
     assert_eq!(
         h.events()[0],
         Event::Error {
@@ -676,7 +689,7 @@ fn a_leaving_worker_releases_its_peer_once_its_handoffs_are_settled() {
     assert_eq!(releases(&h.outputs(), w), 1, "nothing left to take back");
     // No more connections go its way, and it is released once.
     h.primary.handle_connection(h.now, handle, 2).unwrap_err();
-    h.recv(w, &WorkerMessage::Heartbeat);
+    h.recv(w, &WorkerMessage::Heartbeat { ended: 0 });
     assert_eq!(releases(&h.outputs(), w), 0);
 }
 
@@ -793,7 +806,7 @@ fn fragments_from_a_worker_are_put_back_together_and_bounded() {
     let w = h.online();
     h.outputs();
     h.recv(w, &WorkerMessage::Fragment { data: vec![1, 2] });
-    h.recv(w, &WorkerMessage::Heartbeat);
+    h.recv(w, &WorkerMessage::Heartbeat { ended: 0 });
     h.recv(w, &user_message(vec![3]));
     assert_eq!(
         h.events(),
@@ -906,7 +919,13 @@ fn counters_track_handoffs_refusals_and_deliveries() {
             _ => None,
         })
         .unwrap();
-    h.recv(w2, &WorkerMessage::Accepted { through: seq2 });
+    h.recv(
+        w2,
+        &WorkerMessage::Accepted {
+            through: seq2,
+            ended: 0,
+        },
+    );
     let c2 = h.primary.counters(w2).unwrap();
     assert_eq!((c2.handoffs, c2.refused, c2.delivered), (1, 0, 1));
 }
@@ -920,7 +939,7 @@ fn a_silent_worker_is_killed_at_its_heartbeat_deadline_and_the_reason_is_in_its_
     assert_eq!(deadline, h.now + Duration::from_secs(30));
     // A heartbeat (any frame) moves the deadline.
     h.now += Duration::from_secs(20);
-    h.recv(w, &WorkerMessage::Heartbeat);
+    h.recv(w, &WorkerMessage::Heartbeat { ended: 0 });
     assert_eq!(
         h.primary.poll_timeout(),
         Some(h.now + Duration::from_secs(30))
@@ -1030,7 +1049,13 @@ fn a_request_is_numbered_in_the_link_and_its_answer_comes_once() {
     assert_ne!(seq, handoff);
     assert_eq!(h.primary.in_flight(w), 1, "requests are not connections");
     // The worker's cumulative ack covers the handoff, not the request.
-    h.recv(w, &WorkerMessage::Accepted { through: seq });
+    h.recv(
+        w,
+        &WorkerMessage::Accepted {
+            through: seq,
+            ended: 0,
+        },
+    );
     assert_eq!(
         h.outputs(),
         [Out::Other(Output::Delivered { worker: w, conn: 7 })]
@@ -1350,6 +1375,191 @@ fn a_worker_whose_link_closed_still_gets_the_deadline_of_a_later_disconnect() {
     assert_eq!(kills(&h.outputs()), [(w, KillReason::DisconnectTimeout)]);
 }
 
+fn scheduling(policy: crate::SchedulingPolicy, cap: Option<usize>) -> Harness {
+    Harness {
+        primary: Primary::new(Config {
+            registry: RegistryConfig {
+                policy,
+                max_connections_per_worker: cap.and_then(std::num::NonZeroUsize::new),
+                ..RegistryConfig::default()
+            },
+            ..Config::default()
+        }),
+        now: Instant::now(),
+    }
+}
+
+#[test]
+fn least_outstanding_sends_new_connections_away_from_a_busy_worker_until_it_reports() {
+    let mut h = scheduling(crate::SchedulingPolicy::LeastOutstanding, None);
+    let (w1, w2, handle) = h.two_workers_on_one_handle();
+    // Ties in turn: one each.
+    for conn in 1..=2 {
+        h.primary.handle_connection(h.now, handle, conn).unwrap();
+    }
+    let sent = handoffs(&h.outputs());
+    assert_eq!(
+        sent.iter().map(|s| s.0).collect::<Vec<_>>(),
+        [w1, w2],
+        "{sent:?}"
+    );
+    // Both acked; worker 2 reports its connection ended, worker 1's stays open (busy).
+    h.recv(
+        w1,
+        &WorkerMessage::Accepted {
+            through: sent[0].1,
+            ended: 0,
+        },
+    );
+    h.recv(
+        w2,
+        &WorkerMessage::Accepted {
+            through: sent[1].1,
+            ended: 1,
+        },
+    );
+    h.outputs();
+    assert_eq!(
+        (h.primary.outstanding(w1), h.primary.outstanding(w2)),
+        (1, 0)
+    );
+    // Round robin would give the next one to worker 1; it goes to the idle worker 2. Then 1
+    // each: a tie, broken in turn (worker 1 was served longest ago).
+    for conn in 3..=4 {
+        h.primary.handle_connection(h.now, handle, conn).unwrap();
+    }
+    let sent = handoffs(&h.outputs());
+    assert_eq!(
+        sent.iter().map(|s| s.0).collect::<Vec<_>>(),
+        [w2, w1],
+        "{sent:?}"
+    );
+    assert_eq!(
+        (h.primary.outstanding(w1), h.primary.outstanding(w2)),
+        (2, 1)
+    );
+    assert_eq!(h.primary.counters(w2).unwrap().ended, 1);
+}
+
+#[test]
+fn a_worker_reporting_more_ended_connections_than_it_was_given_is_killed() {
+    let mut h = scheduling(crate::SchedulingPolicy::LeastOutstanding, None);
+    let (w1, w2, handle) = h.two_workers_on_one_handle();
+    h.primary.handle_connection(h.now, handle, 1).unwrap();
+    let sent = handoffs(&h.outputs());
+    assert_eq!(sent[0].0, w1);
+    // Not acked yet: nothing can have ended.
+    h.recv(w1, &WorkerMessage::Heartbeat { ended: 1 });
+    let outs = h.outputs();
+    assert_eq!(kills(&outs), [(w1, KillReason::ProtocolViolation)]);
+    assert!(outs.iter().any(|o| matches!(
+        o,
+        Out::Other(Output::Event(Event::Error {
+            error: ProtocolError::EndedMiscounted {
+                ended: 1,
+                given: 0,
+                previous: 0
+            },
+            ..
+        }))
+    )));
+    // A count that goes back is a violation too.
+    h.primary.handle_connection(h.now, handle, 2).unwrap();
+    let sent = handoffs(&h.outputs());
+    assert_eq!(sent[0].0, w2);
+    h.recv(
+        w2,
+        &WorkerMessage::Accepted {
+            through: sent[0].1,
+            ended: 1,
+        },
+    );
+    assert!(kills(&h.outputs()).is_empty());
+    h.recv(w2, &WorkerMessage::Heartbeat { ended: 0 });
+    assert_eq!(kills(&h.outputs()), [(w2, KillReason::ProtocolViolation)]);
+}
+
+#[test]
+fn workers_at_their_cap_are_offered_nothing_and_accepting_stops_until_one_frees() {
+    let mut h = scheduling(crate::SchedulingPolicy::RoundRobin, Some(1));
+    let (w1, w2, handle) = h.two_workers_on_one_handle();
+    for conn in 1..=2 {
+        assert!(h.primary.wants_connections(handle));
+        h.primary.handle_connection(h.now, handle, conn).unwrap();
+    }
+    let sent = handoffs(&h.outputs());
+    assert_eq!(sent.iter().map(|s| s.0).collect::<Vec<_>>(), [w1, w2]);
+    // Both at their cap: the kernel's backlog holds the rest.
+    assert!(!h.primary.wants_connections(handle));
+    // Acks alone free nothing; an ended connection does.
+    h.recv(
+        w1,
+        &WorkerMessage::Accepted {
+            through: sent[0].1,
+            ended: 0,
+        },
+    );
+    assert!(!h.primary.wants_connections(handle));
+    h.recv(w1, &WorkerMessage::Heartbeat { ended: 1 });
+    assert!(h.primary.wants_connections(handle));
+    h.primary.handle_connection(h.now, handle, 3).unwrap();
+    assert_eq!(handoffs(&h.outputs())[0].0, w1);
+    assert!(!h.primary.wants_connections(handle));
+    assert_eq!(
+        (h.primary.outstanding(w1), h.primary.outstanding(w2)),
+        (1, 1)
+    );
+}
+
+#[test]
+fn listen_replies_ask_for_prompt_reports_only_when_the_count_matters() {
+    for (policy, cap, expected) in [
+        (crate::SchedulingPolicy::RoundRobin, None, false),
+        (crate::SchedulingPolicy::LeastOutstanding, None, true),
+        (crate::SchedulingPolicy::RoundRobin, Some(4), true),
+    ] {
+        let mut h = scheduling(policy, cap);
+        let w = h.online();
+        let request = ListenRequest {
+            target: ListenTarget::Ip("127.0.0.1:0".parse().unwrap()),
+            kind: SocketKind::Stream,
+            backlog: 0,
+            flags: ListenFlags::default(),
+        };
+        h.recv(
+            w,
+            &WorkerMessage::QueryServer {
+                seq: Seq::new(1),
+                request,
+            },
+        );
+        let handle = h
+            .outputs()
+            .iter()
+            .find_map(|o| match o {
+                Out::Other(Output::Bind { handle, .. }) => Some(*handle),
+                _ => None,
+            })
+            .unwrap();
+        h.primary.handle_bound(
+            h.now,
+            handle,
+            Ok(BoundAddr::Ip("127.0.0.1:4321".parse().unwrap())),
+        );
+        let report_ends = h.outputs().iter().find_map(|o| match o {
+            Out::Send(
+                _,
+                PrimaryMessage::ListenReply {
+                    result: Ok(info), ..
+                },
+                _,
+            ) => Some(info.report_ends),
+            _ => None,
+        });
+        assert_eq!(report_ends, Some(expected), "{policy:?} {cap:?}");
+    }
+}
+
 /// A leaving `from` hands connection `conn` back on `handle` with `prefix`; returns the outputs.
 fn hand_back(h: &mut Harness, from: WorkerId, handle: HandleId, prefix: &[u8]) -> Vec<Out> {
     receive_with_fd(
@@ -1372,7 +1582,13 @@ fn a_handed_back_connection_goes_to_the_youngest_worker_that_takes_its_bytes() {
         panic!()
     };
     assert_eq!(to, w1);
-    h.recv(w1, &WorkerMessage::Accepted { through: seq });
+    h.recv(
+        w1,
+        &WorkerMessage::Accepted {
+            through: seq,
+            ended: 0,
+        },
+    );
     h.outputs();
     // A third worker (the replacement) that takes prefixes, a second that does not.
     let w3 = h.online();
@@ -1449,7 +1665,13 @@ fn a_connection_with_bytes_nobody_takes_is_closed_and_one_without_goes_anywhere(
         h.primary.handle_connection(h.now, handle, conn).unwrap();
     }
     for (to, seq, _, _) in handoffs(&h.outputs()) {
-        h.recv(to, &WorkerMessage::Accepted { through: seq });
+        h.recv(
+            to,
+            &WorkerMessage::Accepted {
+                through: seq,
+                ended: 0,
+            },
+        );
     }
     h.outputs();
     h.primary
@@ -1478,7 +1700,13 @@ fn hand_backs_are_bounded_by_what_the_worker_was_given() {
         panic!()
     };
     assert_eq!(to, w1);
-    h.recv(w1, &WorkerMessage::Accepted { through: seq });
+    h.recv(
+        w1,
+        &WorkerMessage::Accepted {
+            through: seq,
+            ended: 0,
+        },
+    );
     h.outputs();
     // Too many bytes.
     let long = vec![b'x'; wire::MAX_PREFIX + 1];
@@ -1497,7 +1725,13 @@ fn hand_backs_are_bounded_by_what_the_worker_was_given() {
     let [(_, seq, _, _)] = handoffs(&h.outputs())[..] else {
         panic!()
     };
-    h.recv(w1, &WorkerMessage::Accepted { through: seq });
+    h.recv(
+        w1,
+        &WorkerMessage::Accepted {
+            through: seq,
+            ended: 0,
+        },
+    );
     h.outputs();
     let first = hand_back(&mut h, w1, handle, b"");
     assert!(matches!(first[..], [Out::Other(Output::Returned { .. })]));

@@ -10,9 +10,10 @@
 mod round_robin;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::num::NonZeroUsize;
 use std::time::{Duration, Instant};
 
-pub use round_robin::{RoundRobin, RoundRobinError, RoundRobinOutput};
+pub use round_robin::{Loads, Pick, RoundRobin, RoundRobinError, RoundRobinOutput};
 
 use crate::key::HandleKey;
 use crate::wire::{
@@ -28,6 +29,19 @@ pub enum SchedulingPolicy {
     /// Workers receive the listening socket and the kernel picks who accepts (Node's
     /// `SCHED_NONE`).
     Shared,
+    /// The primary accepts and hands each connection to the worker with the fewest connections
+    /// open (ties in turn).
+    LeastOutstanding,
+}
+
+impl SchedulingPolicy {
+    /// How a handle the primary accepts on picks its worker under this policy.
+    pub fn pick(self) -> Pick {
+        match self {
+            Self::LeastOutstanding => Pick::LeastOutstanding,
+            Self::RoundRobin | Self::Shared => Pick::InTurn,
+        }
+    }
 }
 
 /// Limits of the registry.
@@ -44,6 +58,18 @@ pub struct RegistryConfig {
     pub max_listens_per_worker: usize,
     /// How long a socket whose last worker died stays open for a replacement to listen on it.
     pub keep_for_replacement: Duration,
+    /// The most connections one worker may have open over all its handles (Node's
+    /// `maxConnections`); a worker at its cap is offered nothing. `None`: no cap.
+    pub max_connections_per_worker: Option<NonZeroUsize>,
+}
+
+impl RegistryConfig {
+    /// Whether the primary needs timely reports of ended connections from workers: its policy
+    /// or a cap depends on how many each has open.
+    pub fn counts_connections(&self) -> bool {
+        self.policy == SchedulingPolicy::LeastOutstanding
+            || self.max_connections_per_worker.is_some()
+    }
 }
 
 impl Default for RegistryConfig {
@@ -54,6 +80,7 @@ impl Default for RegistryConfig {
             max_queued: 1024,
             max_listens_per_worker: 1024,
             keep_for_replacement: Duration::from_secs(60),
+            max_connections_per_worker: None,
         }
     }
 }
@@ -182,6 +209,8 @@ pub struct Registry<C> {
     handles: BTreeMap<HandleId, Handle<C>>,
     by_key: HashMap<HandleKey, HandleId>,
     next_id: u32,
+    /// Open connections per worker, over every round-robin handle.
+    loads: Loads,
     out: VecDeque<RegistryOutput<C>>,
 }
 
@@ -193,6 +222,7 @@ impl<C: Copy + Ord> Registry<C> {
             handles: BTreeMap::new(),
             by_key: HashMap::new(),
             next_id: 0,
+            loads: Loads::new(config.policy.pick(), config.max_connections_per_worker),
             out: VecDeque::new(),
         }
     }
@@ -229,7 +259,9 @@ impl<C: Copy + Ord> Registry<C> {
         let distribution = match self.config.policy {
             // UDP, and an inherited datagram fd: never round robin.
             _ if request.kind == SocketKind::Datagram => Distribution::Shared,
-            SchedulingPolicy::RoundRobin => Distribution::RoundRobin,
+            SchedulingPolicy::RoundRobin | SchedulingPolicy::LeastOutstanding => {
+                Distribution::RoundRobin
+            }
             SchedulingPolicy::Shared => Distribution::Shared,
         };
         self.by_key.insert(key.clone(), id);
@@ -292,9 +324,32 @@ impl<C: Copy + Ord> Registry<C> {
     }
 
     /// Whether the driver should accept on `handle` now (round-robin handles with an active
-    /// member and room in the queue).
+    /// member, room in the queue, and a member under its cap).
     pub fn wants_connections(&self, handle: HandleId) -> bool {
-        matches!(self.handles.get(&handle), Some(Handle { state: State::Bound(_, Mode::RoundRobin(rr)), .. }) if rr.wants_connections())
+        matches!(self.handles.get(&handle), Some(Handle { state: State::Bound(_, Mode::RoundRobin(rr)), .. }) if rr.wants_connections() && rr.has_spare(&self.loads))
+    }
+
+    /// `n` of `worker`'s connections are no longer open: it reported them ended, or gave one
+    /// back. Connections wait for it again if it was at its cap. The caller checks that a worker
+    /// never releases more than it was given.
+    pub fn release(&mut self, worker: WorkerId, n: usize) {
+        if n == 0 {
+            return;
+        }
+        let was_full = self.loads.is_full(worker);
+        self.loads.release(worker, n);
+        // Only a cap holds connections back from a member with room in its window.
+        if was_full {
+            let ids: Vec<HandleId> = self.handles.keys().copied().collect();
+            for id in ids {
+                self.collect(id);
+            }
+        }
+    }
+
+    /// The open connections per worker, as the scheduler counts them.
+    pub fn loads(&self) -> &Loads {
+        &self.loads
     }
 
     /// The driver accepted `conn` on `handle`.
@@ -359,6 +414,9 @@ impl<C: Copy + Ord> Registry<C> {
     ) -> Result<(), RegistryError> {
         let rr = self.round_robin(worker, handle)?;
         rr.ack(worker, conn, accepted)?;
+        if !accepted {
+            self.loads.release(worker, 1);
+        }
         self.collect(handle);
         Ok(())
     }
@@ -457,6 +515,7 @@ impl<C: Copy + Ord> Registry<C> {
     /// that closes its listener or disconnects first closes the handle as usual): new
     /// connections wait in the socket's backlog meanwhile; those already queued are closed.
     pub fn remove_worker(&mut self, now: Instant, worker: WorkerId) {
+        self.loads.forget(worker);
         let ids: Vec<HandleId> = self.handles.keys().copied().collect();
         for id in ids {
             let Some(h) = self.handles.get_mut(&id) else {
@@ -581,6 +640,8 @@ impl<C: Copy + Ord> Registry<C> {
             handle: id,
             addr,
             distribution: h.distribution,
+            report_ends: h.distribution == Distribution::RoundRobin
+                && self.config.counts_connections(),
         };
         self.reply(worker, seq, Ok(info));
         self.collect(id);
@@ -616,6 +677,7 @@ impl<C: Copy + Ord> Registry<C> {
             return;
         };
         if let State::Bound(_, Mode::RoundRobin(rr)) | State::Closing(rr) = &mut h.state {
+            rr.pump(&mut self.loads);
             while let Some(out) = rr.poll() {
                 self.out.push_back(match out {
                     RoundRobinOutput::Close(conn) => RegistryOutput::Close(conn),

@@ -1,8 +1,90 @@
 //! The round-robin handle: the primary accepts, queues, and hands each connection to one worker.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::num::NonZeroUsize;
 
 use crate::wire::WorkerId;
+
+/// How a round-robin handle picks the worker for the next connection.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Pick {
+    /// Each eligible worker in turn.
+    #[default]
+    InTurn,
+    /// The eligible worker with the fewest open connections; ties in turn.
+    LeastOutstanding,
+}
+
+/// The connections each worker has open, over all its handles: the counts the scheduler reads,
+/// and the per-worker cap.
+///
+/// A connection counts from its handoff until the worker refuses it, gives it back, reports it
+/// ended ([`Self::release`]), or goes away ([`Self::forget`]).
+#[derive(Clone, Debug, Default)]
+pub struct Loads {
+    pick: Pick,
+    cap: Option<NonZeroUsize>,
+    open: BTreeMap<WorkerId, usize>,
+}
+
+impl Loads {
+    /// Counts for handles that pick with `pick` and offer a worker nothing once it has `cap`
+    /// connections open.
+    pub fn new(pick: Pick, cap: Option<NonZeroUsize>) -> Self {
+        Self {
+            pick,
+            cap,
+            open: BTreeMap::new(),
+        }
+    }
+
+    /// How the next worker is picked.
+    pub fn pick(&self) -> Pick {
+        self.pick
+    }
+
+    /// The most connections a worker may have open, if bounded.
+    pub fn cap(&self) -> Option<NonZeroUsize> {
+        self.cap
+    }
+
+    /// The connections `worker` has open.
+    pub fn open(&self, worker: WorkerId) -> usize {
+        self.open.get(&worker).copied().unwrap_or(0)
+    }
+
+    /// Whether `worker` is at its cap: it is offered nothing.
+    pub fn is_full(&self, worker: WorkerId) -> bool {
+        self.cap.is_some_and(|cap| self.open(worker) >= cap.get())
+    }
+
+    /// How many more connections `worker` may take before its cap (`usize::MAX` without one).
+    pub fn spare(&self, worker: WorkerId) -> usize {
+        self.cap.map_or(usize::MAX, |cap| {
+            cap.get().saturating_sub(self.open(worker))
+        })
+    }
+
+    /// `n` of `worker`'s connections are no longer open (they ended, were refused or given
+    /// back). Never below zero: the caller checks what a worker reports.
+    pub fn release(&mut self, worker: WorkerId, n: usize) {
+        if let Some(open) = self.open.get_mut(&worker) {
+            *open = open.saturating_sub(n);
+            if *open == 0 {
+                self.open.remove(&worker);
+            }
+        }
+    }
+
+    /// `worker` is gone: its count goes with it.
+    pub fn forget(&mut self, worker: WorkerId) {
+        self.open.remove(&worker);
+    }
+
+    fn opened(&mut self, worker: WorkerId) {
+        *self.open.entry(worker).or_default() += 1;
+    }
+}
 
 /// What a [`RoundRobin`] asks its driver to do with a connection.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -56,7 +138,11 @@ struct Member<C> {
 /// exactly one member, or handed back through [`Self::poll`] (`Delivered` or `Close`).
 ///
 /// - A member takes up to `window` unacked connections (1 reproduces Node exactly).
-/// - Members are offered connections in turn (a FIFO of members with room, as Node's free list).
+/// - Members are offered connections in turn (a FIFO of members with room, as Node's free list),
+///   or, with [`Pick::LeastOutstanding`], the one with the fewest open connections in [`Loads`]
+///   (ties in turn). A member at its cap in [`Loads`] is offered nothing.
+/// - Connections move to members only in [`Self::pump`], which the owner calls after every
+///   change (counts are shared by every handle, so only the owner knows when they changed).
 /// - A member that refuses a connection is offered nothing more until [`Self::ready`]: no
 ///   ping-pong when every worker is full.
 /// - The queue holds at most `max_queued` connections taken from the kernel; past that,
@@ -106,7 +192,6 @@ impl<C: Copy + Ord> RoundRobin<C> {
         member.leaving = false;
         member.paused = false;
         self.make_ready(worker);
-        self.pump();
     }
 
     /// Takes a newly accepted connection.
@@ -120,7 +205,6 @@ impl<C: Copy + Ord> RoundRobin<C> {
             return Err(conn);
         }
         self.queue.push_back(conn);
-        self.pump();
         Ok(())
     }
 
@@ -140,7 +224,6 @@ impl<C: Copy + Ord> RoundRobin<C> {
         }
         self.given_back.insert(conn, prefixed);
         self.queue.push_front(conn);
-        self.pump();
         Ok(())
     }
 
@@ -154,7 +237,6 @@ impl<C: Copy + Ord> RoundRobin<C> {
             .get_mut(&worker)
             .ok_or(RoundRobinError::NotMember(worker))?
             .takes_prefixes = true;
-        self.pump();
         Ok(())
     }
 
@@ -178,9 +260,27 @@ impl<C: Copy + Ord> RoundRobin<C> {
         }
     }
 
-    /// Whether the driver should accept more connections for this handle now.
+    /// Whether the driver should accept more connections for this handle now (its queue bound
+    /// and its members; see [`Self::has_spare`] for their caps).
     pub fn wants_connections(&self) -> bool {
         self.has_active_members() && self.queue.len() < self.max_queued
+    }
+
+    /// Whether the active members, under their caps in `loads`, have room for one connection
+    /// more than the queue holds: when every one is at its cap, the driver stops accepting and
+    /// the kernel's backlog holds the rest.
+    pub fn has_spare(&self, loads: &Loads) -> bool {
+        // Without a cap, not a walk of the members on every accept.
+        if loads.cap().is_none() {
+            return self.has_active_members();
+        }
+        let mut spare = 0usize;
+        for (worker, member) in &self.members {
+            if !member.leaving {
+                spare = spare.saturating_add(loads.spare(*worker));
+            }
+        }
+        spare > self.queue.len()
     }
 
     /// Records `worker`'s answer for `conn`.
@@ -218,7 +318,6 @@ impl<C: Copy + Ord> RoundRobin<C> {
             self.requeue_front([conn]);
         }
         self.settle(worker);
-        self.pump();
         Ok(())
     }
 
@@ -234,7 +333,6 @@ impl<C: Copy + Ord> RoundRobin<C> {
             .ok_or(RoundRobinError::NotMember(worker))?;
         member.paused = false;
         self.make_ready(worker);
-        self.pump();
         Ok(())
     }
 
@@ -266,7 +364,6 @@ impl<C: Copy + Ord> RoundRobin<C> {
             self.ready.retain(|w| *w != worker);
         }
         self.requeue_front(member.in_flight);
-        self.pump();
     }
 
     /// Whether some member still takes new connections.
@@ -358,52 +455,76 @@ impl<C: Copy + Ord> RoundRobin<C> {
         }
     }
 
-    fn pump(&mut self) {
+    /// Hands queued connections to members with room, as `loads` says, counting each one in
+    /// `loads`. A connection a worker gave back goes to the youngest member with room (that
+    /// takes prefixes, if it carries one).
+    pub fn pump(&mut self, loads: &mut Loads) {
         while let Some(&conn) = self.queue.front() {
-            let worker = match self.given_back(conn) {
-                None => self.ready.pop_front(),
-                Some(prefixed) => {
-                    let members = &self.members;
-                    let takes = |w: &WorkerId| {
-                        !prefixed || members.get(w).is_some_and(|m| m.takes_prefixes)
-                    };
-                    // The youngest that can take it.
-                    let youngest = (0..self.ready.len())
-                        .filter(|&at| takes(&self.ready[at]))
-                        .max_by_key(|&at| self.ready[at]);
-                    match youngest {
-                        Some(at) => self.ready.remove(at),
-                        None if !prefixed
-                            || self
-                                .members
-                                .values()
-                                .any(|m| !m.leaving && m.takes_prefixes) =>
-                        {
-                            break;
-                        }
-                        None => {
-                            // Nobody left can read its bytes first: closed, as its last worker
-                            // would have closed it.
-                            self.queue.pop_front();
-                            self.forget_given_back(conn);
-                            self.out.push_back(RoundRobinOutput::Close(conn));
-                            continue;
-                        }
+            let picked = match self.given_back(conn) {
+                None => self.next_member(loads),
+                Some(prefixed) => match self.youngest_member(loads, prefixed) {
+                    Some(at) => Some(at),
+                    None if !prefixed
+                        || self
+                            .members
+                            .values()
+                            .any(|m| !m.leaving && m.takes_prefixes) =>
+                    {
+                        None
                     }
-                }
+                    None => {
+                        // Nobody left can read its bytes first: closed, as its last worker
+                        // would have closed it.
+                        self.queue.pop_front();
+                        self.forget_given_back(conn);
+                        self.out.push_back(RoundRobinOutput::Close(conn));
+                        continue;
+                    }
+                },
             };
-            let Some(worker) = worker else {
+            let Some(at) = picked else {
                 break;
             };
+            let worker = self.ready.remove(at).expect("index from the ready list");
             let Some(member) = self.members.get_mut(&worker) else {
                 continue;
             };
             member.in_ready = false;
             self.queue.pop_front();
             member.in_flight.push(conn);
+            loads.opened(worker);
             self.out
                 .push_back(RoundRobinOutput::Dispatch { worker, conn });
             self.make_ready(worker);
+        }
+    }
+
+    /// Where in the ready list the next member is: the first under its cap, or with
+    /// [`Pick::LeastOutstanding`] the first of those with the fewest open connections (the list
+    /// is in turn order: whoever was served last is at its end).
+    /// For a connection a worker gave back, where in `ready` the youngest member is that has
+    /// room and can take it: in a rolling reload, the leaving worker's replacement.
+    fn youngest_member(&self, loads: &Loads, prefixed: bool) -> Option<usize> {
+        self.ready
+            .iter()
+            .enumerate()
+            .filter(|(_, w)| !loads.is_full(**w))
+            .filter(|(_, w)| !prefixed || self.members.get(w).is_some_and(|m| m.takes_prefixes))
+            .max_by_key(|(_, w)| **w)
+            .map(|(at, _)| at)
+    }
+
+    fn next_member(&self, loads: &Loads) -> Option<usize> {
+        let mut eligible = self
+            .ready
+            .iter()
+            .enumerate()
+            .filter(|(_, w)| !loads.is_full(**w));
+        match loads.pick() {
+            Pick::InTurn => eligible.next().map(|(at, _)| at),
+            Pick::LeastOutstanding => eligible
+                .min_by_key(|(at, w)| (loads.open(**w), *at))
+                .map(|(at, _)| at),
         }
     }
 }
@@ -416,7 +537,9 @@ mod tests {
     const W2: WorkerId = WorkerId::new(2);
     const W3: WorkerId = WorkerId::new(3);
 
+    /// Pumps (in turn, no caps) and takes the outputs.
     fn drain(rr: &mut RoundRobin<u32>) -> Vec<RoundRobinOutput<u32>> {
+        rr.pump(&mut Loads::default());
         std::iter::from_fn(|| rr.poll()).collect()
     }
 
@@ -532,13 +655,15 @@ mod tests {
     fn queue_bound_stops_accepting() {
         let mut rr = RoundRobin::new(1, 2);
         rr.add(W1);
-        rr.push(0).unwrap(); // in flight
+        rr.push(0).unwrap();
+        drain(&mut rr); // 0 in flight
         rr.push(1).unwrap();
         rr.push(2).unwrap();
         assert!(!rr.wants_connections());
         assert_eq!(rr.push(3), Err(3));
         drain(&mut rr);
         rr.ack(W1, 0, true).unwrap();
+        drain(&mut rr);
         assert!(rr.wants_connections());
     }
 
@@ -547,6 +672,7 @@ mod tests {
         let mut rr = RoundRobin::new(1, 1);
         rr.add(W1);
         rr.push(1).unwrap();
+        drain(&mut rr);
         rr.push(2).unwrap();
         assert!(!rr.wants_connections(), "queue at its bound");
         rr.give_back(9, false).unwrap();

@@ -74,6 +74,7 @@ fn one_bind_serves_every_worker_asking_meanwhile() {
         handle,
         addr,
         distribution,
+        report_ends: false,
     };
     assert_eq!(
         drain(&mut reg),

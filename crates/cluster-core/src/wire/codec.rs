@@ -143,11 +143,12 @@ mod tests {
         encode(
             &WorkerMessage::Accepted {
                 through: Seq::new(300),
+                ended: 5,
             },
             &mut buf,
         )
         .unwrap();
-        assert_eq!(buf, [3, 0xac, 0x02]);
+        assert_eq!(buf, [3, 0xac, 0x02, 5]);
     }
 
     #[test]
@@ -227,7 +228,7 @@ mod tests {
             Err(DecodeError::Malformed(_))
         ));
         assert!(matches!(
-            decode::<WorkerMessage>(&[3, 1, 9]),
+            decode::<WorkerMessage>(&[3, 1, 9, 9]),
             Err(DecodeError::TrailingBytes { extra: 1 })
         ));
         assert!(matches!(

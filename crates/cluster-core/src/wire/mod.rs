@@ -203,6 +203,11 @@ pub struct ListenInfo {
     pub addr: BoundAddr,
     /// Whether connections will come as `NewConn` or the listening fd is attached to this reply.
     pub distribution: Distribution,
+    /// The primary schedules by the connections each worker has open (least-outstanding, or a
+    /// per-worker cap): the worker reports a connection of this handle that ended as soon as
+    /// it can (in an `Accepted`, or a `Heartbeat` if no ack is owed), not only with the next
+    /// ack or heartbeat due.
+    pub report_ends: bool,
 }
 
 /// Messages from a worker to the primary.
@@ -236,6 +241,9 @@ pub enum WorkerMessage {
     Accepted {
         /// The highest `seq` acknowledged.
         through: Seq,
+        /// How many connections handed to this worker have ended since its handshake
+        /// (cumulative; see [`WorkerMessage::Heartbeat`]).
+        ended: u64,
     },
     /// The worker has capacity again on `handle` after refusing a connection.
     Ready {
@@ -264,8 +272,16 @@ pub enum WorkerMessage {
     },
     /// Sent every [`HEARTBEAT_INTERVAL`] by the worker's runtime: a blocked runtime stops
     /// sending it, and the primary kills a worker it has heard nothing from for its heartbeat
-    /// timeout.
-    Heartbeat,
+    /// timeout. Also sent to report ended connections when no ack is owed to carry them.
+    Heartbeat {
+        /// How many connections handed to this worker have ended since its handshake: closed
+        /// after the application was done with them, or taken by an application that does not
+        /// say when they end (see the guide). Cumulative, so a report is never lost or counted
+        /// twice; it never decreases, and never exceeds the connections the worker acked and
+        /// did not give back (both are protocol violations). Connections refused or given back
+        /// are not in it: the primary counts those itself.
+        ended: u64,
+    },
     /// The next bytes of the payload of the next [`WorkerMessage::User`] (a message larger than
     /// one frame travels as fragments and a final `User`; see [`crate::user`]).
     Fragment {

@@ -23,14 +23,62 @@ pub use udp::ClusterUdpSocket;
 pub use unix::ClusterUnixListener;
 
 use crate::socket::{self, SocketFile};
-use crate::worker::{self, Granted, HandoffQueue, Worker};
+use crate::worker::{self, Ended, Granted, HandoffQueue, Worker};
+
+/// Says when a connection ends, for the primary's count of each worker's open connections: the
+/// `least-outstanding` policy and per-worker caps
+/// ([`Settings::max_connections_per_worker`](crate::Settings::max_connections_per_worker)).
+///
+/// [`ClusterListener::accept_tracked`] and [`ClusterUnixListener::accept_tracked`] give one with
+/// each connection; keep it as long as the connection is open (move it into the task that serves
+/// the connection) and drop it when done. A connection taken with `accept`, `poll_accept` or as
+/// a stream item counts as ended when it is taken, since the runtime cannot see when it ends: the
+/// primary then balances on connections waiting to be taken, not on connections being served.
+/// The serve helpers (axum, hyper, tonic) keep one per connection themselves.
+///
+/// Outside a worker, or for a connection the primary did not hand over (shared sockets,
+/// `reuse_port`, `exclusive`), it does nothing.
+#[must_use = "dropping the guard says the connection ended"]
+pub struct ConnectionGuard {
+    /// `None`: nothing to report.
+    ended: Option<(Arc<Ended>, bool)>,
+}
+
+/// A connection just taken, with its peer's address and the guard that says when it ends.
+pub(crate) type Accepted<Io, Addr> = (Io, Addr, ConnectionGuard);
+
+/// A connection just taken and the guard that says when it ends.
+type Tracked<S> = (S, ConnectionGuard);
+
+impl ConnectionGuard {
+    /// A guard with nothing to report.
+    fn inert() -> Self {
+        Self { ended: None }
+    }
+}
+
+impl std::fmt::Debug for ConnectionGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnectionGuard")
+            .field("counted", &self.ended.is_some())
+            .finish()
+    }
+}
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        if let Some((ended, promptly)) = self.ended.take() {
+            ended.one(promptly);
+        }
+    }
+}
 
 /// A connection, with the bytes to read before its own.
-type Prefixed<S> = (S, Vec<u8>);
+type Prefixed<S> = (S, ConnectionGuard, Vec<u8>);
 
 /// A connection, its peer's address, and the bytes to read before its own.
 #[cfg(any(feature = "axum", feature = "hyper", feature = "tonic"))]
-pub(crate) type Handed<Io, Addr> = (Io, Addr, Vec<u8>);
+pub(crate) type Handed<Io, Addr> = (Io, Addr, ConnectionGuard, Vec<u8>);
 
 /// A stream listener the serve helpers take: [`ClusterListener`] or [`ClusterUnixListener`].
 ///
@@ -43,13 +91,14 @@ pub trait Listener: sealed::Sealed + Send + Unpin + 'static {
     /// The peer's address: `std::net::SocketAddr` or `tokio::net::unix::SocketAddr`.
     type Addr: Clone + std::fmt::Debug + Send + Sync + 'static;
 
-    /// Polls for the next connection and its peer's address: `NotConnected` once the worker is
-    /// shutting down, `ConnectionAborted` for a connection gone before it was looked at.
+    /// Polls for the next connection, its peer's address, and the guard that says when it ends:
+    /// `NotConnected` once the worker is shutting down, `ConnectionAborted` for a connection gone
+    /// before it was looked at.
     #[doc(hidden)]
     fn poll_accept_peer(
         &mut self,
         cx: &mut Context<'_>,
-    ) -> Poll<io::Result<(Self::Io, Self::Addr)>>;
+    ) -> Poll<io::Result<Accepted<Self::Io, Self::Addr>>>;
 
     /// As [`Self::poll_accept_peer`], with the bytes to read before the socket's (a connection
     /// another worker handed back); only after [`Self::take_prefixes`].
@@ -104,7 +153,8 @@ macro_rules! axum_listener {
                     let accepted =
                         std::future::poll_fn(|cx| Listener::poll_accept_peer(self, cx)).await;
                     let error = match accepted {
-                        Ok(accepted) => return accepted,
+                        // axum does not say when a connection ends: it counts as ended now.
+                        Ok((io, peer, _ended)) => return (io, peer),
                         Err(error) => error,
                     };
                     match AcceptError::of(&error) {
@@ -131,9 +181,12 @@ axum_listener!(ClusterListener, ClusterUnixListener);
 /// A connection just accepted, with its peer's address: one reset before it was looked at
 /// (`NotConnected`) is `ConnectionAborted`, nothing to serve.
 #[cfg(any(feature = "axum", feature = "hyper", feature = "tonic"))]
-fn with_peer<S, A>(stream: S, peer: io::Result<A>) -> io::Result<(S, A)> {
+fn with_peer<S, A>(
+    (stream, guard): (S, ConnectionGuard),
+    peer: io::Result<A>,
+) -> io::Result<(S, A, ConnectionGuard)> {
     match peer {
-        Ok(peer) => Ok((stream, peer)),
+        Ok(peer) => Ok((stream, peer, guard)),
         Err(e) if e.kind() == io::ErrorKind::NotConnected => {
             Err(io::Error::new(io::ErrorKind::ConnectionAborted, e))
         }
@@ -276,9 +329,11 @@ async fn acquire(
             handle,
             addr,
             queue,
+            report_ends,
         } => Acquired::Handoff {
             handoff: Handoff {
                 queue,
+                report_ends,
                 guard: HandleGuard { worker, handle },
             },
             addr,
@@ -336,20 +391,35 @@ impl Drop for HandleGuard {
 #[derive(Debug)]
 struct Handoff {
     queue: Arc<HandoffQueue>,
+    /// The primary wants ended connections reported at once.
+    report_ends: bool,
     guard: HandleGuard,
 }
 
 impl Handoff {
-    /// The next connection, with its prefix; `None` once the worker stopped serving.
-    fn poll_next(&self, cx: &Context<'_>) -> Poll<Option<worker::Conn>> {
-        let Some((conn, room_again)) = ready!(self.queue.poll_pop(cx)) else {
+    /// The next connection with its prefix, and the guard that reports its end (`tracked`), or
+    /// counted as ended now (otherwise); `None` once the worker stopped serving.
+    fn poll_next(
+        &self,
+        cx: &Context<'_>,
+        tracked: bool,
+    ) -> Poll<Option<(OwnedFd, ConnectionGuard, Vec<u8>)>> {
+        let Some(((conn, prefix), room_again)) = ready!(self.queue.poll_pop(cx)) else {
             return Poll::Ready(None);
         };
         // The primary stopped offering after we refused while full; say there is room.
         if room_again {
             self.guard.worker.has_room(self.guard.handle);
         }
-        Poll::Ready(Some(conn))
+        let ended = self.guard.worker.ended().clone();
+        if !tracked {
+            ended.one(self.report_ends);
+            return Poll::Ready(Some((conn, ConnectionGuard::inert(), prefix)));
+        }
+        let guard = ConnectionGuard {
+            ended: Some((ended, self.report_ends)),
+        };
+        Poll::Ready(Some((conn, guard, prefix)))
     }
 }
 
@@ -469,8 +539,18 @@ impl<F: Family> Incoming<F> {
     }
 
     fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<io::Result<F::Stream>>> {
-        Poll::Ready(match ready!(self.poll_next_prefixed(cx)) {
-            Some(Ok((stream, prefix))) if prefix.is_empty() => Some(Ok(stream)),
+        self.poll_next_tracked(cx, false)
+            .map(|next| next.map(|result| result.map(|(stream, _)| stream)))
+    }
+
+    /// The next connection and its guard; see [`ConnectionGuard`] for `tracked`.
+    fn poll_next_tracked(
+        &mut self,
+        cx: &mut Context<'_>,
+        tracked: bool,
+    ) -> Poll<Option<io::Result<Tracked<F::Stream>>>> {
+        Poll::Ready(match ready!(self.poll_next_prefixed(cx, tracked)) {
+            Some(Ok((stream, guard, prefix))) if prefix.is_empty() => Some(Ok((stream, guard))),
             // Only once it said it takes prefixes: the bytes cannot go where they are not read.
             Some(Ok(_)) => Some(Err(io::Error::new(
                 io::ErrorKind::InvalidData,
@@ -481,19 +561,24 @@ impl<F: Family> Incoming<F> {
         })
     }
 
+    /// The next connection, its guard, and the bytes to read before its own.
     fn poll_next_prefixed(
         &mut self,
         cx: &mut Context<'_>,
+        tracked: bool,
     ) -> Poll<Option<io::Result<Prefixed<F::Stream>>>> {
         if self.shutdown.is_ready(cx) {
             return Poll::Ready(None);
         }
         match &mut self.source {
-            Source::Listener { listener, .. } => F::poll_accept(listener, cx)
-                .map_ok(|stream| (stream, Vec::new()))
-                .map(Some),
-            Source::Handoff(handoff) => match ready!(handoff.poll_next(cx)) {
-                Some((conn, prefix)) => Poll::Ready(Some(F::stream(conn).map(|s| (s, prefix)))),
+            Source::Listener { listener, .. } => F::poll_accept(listener, cx).map(|result| {
+                Some(result.map(|stream| (stream, ConnectionGuard::inert(), Vec::new())))
+            }),
+            Source::Handoff(handoff) => match ready!(handoff.poll_next(cx, tracked)) {
+                // A connection that cannot be wrapped is closed: it ends here.
+                Some((conn, guard, prefix)) => {
+                    Poll::Ready(Some(F::stream(conn).map(|s| (s, guard, prefix))))
+                }
                 None => Poll::Ready(None),
             },
         }

@@ -9,7 +9,7 @@ use std::task::{Context, Poll, ready};
 use proto::wire::{BoundAddr, ListenTarget, SocketKind};
 use tokio::net::{TcpListener, TcpStream, ToSocketAddrs};
 
-use super::{Acquired, Family, Incoming, ListenOptions};
+use super::{Acquired, ConnectionGuard, Family, Incoming, ListenOptions};
 
 /// A TCP listener for clustered servers.
 ///
@@ -40,6 +40,26 @@ use super::{Acquired, Family, Incoming, ListenOptions};
 ///
 /// [`accept`](Self::accept) and `poll_next` are cancel safe: a connection is never lost by
 /// dropping the future.
+///
+/// # Least-outstanding and per-worker caps
+///
+/// With either, the primary counts the connections each worker has open. Connections taken
+/// with [`accept`](Self::accept) or as stream items count only until they are taken (the runtime
+/// cannot see their end); take them with [`accept_tracked`](Self::accept_tracked) and keep its
+/// [`ConnectionGuard`] while serving for an exact count:
+///
+/// ```no_run
+/// # async fn dox() -> std::io::Result<()> {
+/// let mut listener = cluster_tokio::ClusterListener::bind("127.0.0.1:3000").await?;
+/// while let Ok((stream, peer, guard)) = listener.accept_tracked().await {
+///     tokio::spawn(async move {
+///         // serve `stream`; the connection counts as open until `guard` is dropped
+/// #       let _ = (stream, peer);
+///         drop(guard);
+///     });
+/// }
+/// # Ok(()) }
+/// ```
 pub struct ClusterListener {
     incoming: Incoming<Tcp>,
     local_addr: SocketAddr,
@@ -189,6 +209,29 @@ impl ClusterListener {
         }
     }
 
+    /// [`Self::accept`], with a [`ConnectionGuard`] to keep while the connection is open: the
+    /// primary counts the connection as this worker's until the guard is dropped (for the
+    /// least-outstanding policy and per-worker caps).
+    ///
+    /// # Errors
+    ///
+    /// As [`Self::accept`].
+    pub async fn accept_tracked(&mut self) -> io::Result<(TcpStream, SocketAddr, ConnectionGuard)> {
+        loop {
+            let next = std::future::poll_fn(|cx| self.incoming.poll_next_tracked(cx, true));
+            let Some(accepted) = next.await else {
+                return super::stopped().await;
+            };
+            let (stream, guard) = accepted?;
+            match stream.peer_addr() {
+                Ok(peer) => return Ok((stream, peer, guard)),
+                // Reset before we looked at it: nothing to serve (and it ended).
+                Err(e) if e.kind() == io::ErrorKind::NotConnected => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     /// As [`Self::accept`], for a server that can read bytes before the socket's: a connection
     /// another worker handed back ([`HandBack`](super::HandBack)) comes with the bytes it had
     /// read and not used, to be parsed first; any other comes with none. The first call tells
@@ -202,11 +245,11 @@ impl ClusterListener {
     pub async fn accept_with_prefix(&mut self) -> io::Result<(TcpStream, SocketAddr, Vec<u8>)> {
         self.incoming.take_prefixes();
         loop {
-            let next = std::future::poll_fn(|cx| self.incoming.poll_next_prefixed(cx));
+            let next = std::future::poll_fn(|cx| self.incoming.poll_next_prefixed(cx, false));
             let Some(accepted) = next.await else {
                 return super::stopped().await;
             };
-            let (stream, prefix) = accepted?;
+            let (stream, _, prefix) = accepted?;
             match stream.peer_addr() {
                 Ok(peer) => return Ok((stream, peer, prefix)),
                 Err(e) if e.kind() == io::ErrorKind::NotConnected => continue,
@@ -268,22 +311,25 @@ impl super::Listener for ClusterListener {
     fn poll_accept_peer(
         &mut self,
         cx: &mut Context<'_>,
-    ) -> Poll<io::Result<(TcpStream, SocketAddr)>> {
-        let stream = ready!(self.poll_stream(cx))?;
-        let peer = stream.peer_addr();
-        Poll::Ready(super::with_peer(stream, peer))
+    ) -> Poll<io::Result<(TcpStream, SocketAddr, ConnectionGuard)>> {
+        let accepted = match ready!(self.incoming.poll_next_tracked(cx, true)) {
+            Some(accepted) => accepted?,
+            None => return Poll::Ready(Err(super::shutting_down())),
+        };
+        let peer = accepted.0.peer_addr();
+        Poll::Ready(super::with_peer(accepted, peer))
     }
 
     fn poll_accept_prefixed(
         &mut self,
         cx: &mut Context<'_>,
-    ) -> Poll<io::Result<(TcpStream, SocketAddr, Vec<u8>)>> {
-        let Some(accepted) = ready!(self.incoming.poll_next_prefixed(cx)) else {
+    ) -> Poll<io::Result<super::Handed<TcpStream, SocketAddr>>> {
+        let Some(accepted) = ready!(self.incoming.poll_next_prefixed(cx, true)) else {
             return Poll::Ready(Err(super::shutting_down()));
         };
-        let (stream, prefix) = accepted?;
+        let (stream, guard, prefix) = accepted?;
         let peer = stream.peer_addr();
-        Poll::Ready(super::with_peer(stream, peer).map(|(s, p)| (s, p, prefix)))
+        Poll::Ready(super::with_peer((stream, guard), peer).map(|(s, p, g)| (s, p, g, prefix)))
     }
 
     fn take_prefixes(&mut self) {

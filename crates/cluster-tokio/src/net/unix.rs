@@ -159,6 +159,29 @@ impl ClusterUnixListener {
         Ok((stream, peer))
     }
 
+    /// [`Self::accept`], with a [`ConnectionGuard`](super::ConnectionGuard) to keep while the
+    /// connection is open: the primary counts the connection as this worker's until the guard
+    /// is dropped (for the least-outstanding policy and per-worker caps).
+    ///
+    /// # Errors
+    ///
+    /// As [`Self::accept`].
+    pub async fn accept_tracked(
+        &mut self,
+    ) -> io::Result<(
+        UnixStream,
+        tokio::net::unix::SocketAddr,
+        super::ConnectionGuard,
+    )> {
+        let next = std::future::poll_fn(|cx| self.incoming.poll_next_tracked(cx, true));
+        let Some(accepted) = next.await else {
+            return super::stopped().await;
+        };
+        let (stream, guard) = accepted?;
+        let peer = stream.peer_addr()?;
+        Ok((stream, peer, guard))
+    }
+
     /// Where to hand connections back when this worker leaves while others stay (see
     /// [`HandBack`](super::HandBack)); `None` unless the primary hands this listener its
     /// connections.
@@ -195,22 +218,31 @@ impl super::Listener for ClusterUnixListener {
     fn poll_accept_peer(
         &mut self,
         cx: &mut Context<'_>,
-    ) -> Poll<io::Result<(UnixStream, tokio::net::unix::SocketAddr)>> {
-        let stream = ready!(self.poll_accept(cx))?;
-        let peer = stream.peer_addr();
-        Poll::Ready(super::with_peer(stream, peer))
+    ) -> Poll<
+        io::Result<(
+            UnixStream,
+            tokio::net::unix::SocketAddr,
+            super::ConnectionGuard,
+        )>,
+    > {
+        let accepted = match ready!(self.incoming.poll_next_tracked(cx, true)) {
+            Some(accepted) => accepted?,
+            None => return Poll::Ready(Err(super::shutting_down())),
+        };
+        let peer = accepted.0.peer_addr();
+        Poll::Ready(super::with_peer(accepted, peer))
     }
 
     fn poll_accept_prefixed(
         &mut self,
         cx: &mut Context<'_>,
-    ) -> Poll<io::Result<(UnixStream, tokio::net::unix::SocketAddr, Vec<u8>)>> {
-        let Some(accepted) = ready!(self.incoming.poll_next_prefixed(cx)) else {
+    ) -> Poll<io::Result<super::Handed<UnixStream, tokio::net::unix::SocketAddr>>> {
+        let Some(accepted) = ready!(self.incoming.poll_next_prefixed(cx, true)) else {
             return Poll::Ready(Err(super::shutting_down()));
         };
-        let (stream, prefix) = accepted?;
+        let (stream, guard, prefix) = accepted?;
         let peer = stream.peer_addr();
-        Poll::Ready(super::with_peer(stream, peer).map(|(s, p)| (s, p, prefix)))
+        Poll::Ready(super::with_peer((stream, guard), peer).map(|(s, p, g)| (s, p, g, prefix)))
     }
 
     fn take_prefixes(&mut self) {

@@ -209,6 +209,7 @@ fn status_of(status: &ClusterStatus) -> control::Status {
             handoffs: w.counters.handoffs,
             connections: w.connections,
             in_flight: w.counters.in_flight,
+            outstanding: w.counters.outstanding,
             refused: w.counters.refused,
             returned: w.counters.returned,
             previous: w.previous.map(|p| control::PreviousWorker {

@@ -87,12 +87,16 @@ pub(crate) fn encode(status: &ClusterStatus) -> Result<String, std::fmt::Error> 
     let handoffs = Family::<Labels, Counter>::default();
     let refused = Family::<Labels, Counter>::default();
     let connections = Family::<Labels, Gauge>::default();
+    let outstanding = Family::<Labels, Gauge>::default();
     let memory = Family::<Labels, Gauge>::default();
     let cpu = Family::<Labels, Counter<f64, std::sync::atomic::AtomicU64>>::default();
     for worker in &status.workers {
         let id = label("worker", worker.counters.id.get());
         handoffs.get_or_create(&id).inc_by(worker.counters.handoffs);
         refused.get_or_create(&id).inc_by(worker.counters.refused);
+        outstanding
+            .get_or_create(&id)
+            .set(i64::try_from(worker.counters.outstanding).unwrap_or(i64::MAX));
         if let Some(count) = worker.connections {
             connections
                 .get_or_create(&id)
@@ -114,6 +118,11 @@ pub(crate) fn encode(status: &ClusterStatus) -> Result<String, std::fmt::Error> 
         "cluster_handoff_refused",
         "Handoffs a worker refused (its listener was full or closing)",
         refused,
+    );
+    registry.register(
+        "cluster_worker_outstanding",
+        "A worker's open connections as the scheduler counts them (least-outstanding and the per-worker cap go by it)",
+        outstanding,
     );
     registry.register(
         "cluster_connections_active",
@@ -228,6 +237,7 @@ mod tests {
                 pid: 1000 + u32::try_from(id).unwrap(),
                 state,
                 in_flight: 0,
+                outstanding: 0,
                 handoffs: 0,
                 refused: 0,
                 returned: 0,

@@ -159,6 +159,7 @@ impl ProtocolError {
             E::PrefixTooLong { .. } | E::NotGiven { .. } | E::UnexpectedPrefix { .. } => {
                 ProtocolErrorKind::HandBack
             }
+            E::EndedMiscounted { .. } => ProtocolErrorKind::EndedMiscounted,
             // The core's error is non-exhaustive: a rule it adds is reported, not lost.
             _ => ProtocolErrorKind::Other,
         }
@@ -228,6 +229,8 @@ pub enum ProtocolErrorKind {
     /// It handed a connection back against the rules: with more unread bytes than the bound,
     /// on a handle it was never given connections on, or more of them than it was given.
     HandBack,
+    /// It reported more ended connections than it was given, or its count went back.
+    EndedMiscounted,
     /// A rule this version does not name.
     Other,
 }

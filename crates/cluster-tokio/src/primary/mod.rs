@@ -428,6 +428,10 @@ pub struct WorkerCounters {
     /// Connections handed to it and not yet acked. Acks are cumulative and asked for every half
     /// window, so a few taken connections may count here until the worker's next heartbeat.
     pub in_flight: usize,
+    /// Its open connections as the scheduler counts them: handed to it and not refused, given
+    /// back or reported ended (the guide's "Scheduling" says when a connection's end is
+    /// reported). What least-outstanding and the per-worker cap go by.
+    pub outstanding: usize,
     /// Connections handed to it so far, re-dispatches included.
     pub handoffs: u64,
     /// Handoffs it refused (its listener was full or closing).

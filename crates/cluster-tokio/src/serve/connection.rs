@@ -18,7 +18,7 @@ use tokio::sync::watch;
 
 use super::http::{BoxError, ConnState, Shared, Tracked};
 use super::rewind::Rewind;
-use crate::net::{HandBack, Listener};
+use crate::net::{ConnectionGuard, HandBack, Listener};
 
 /// Where the server's drain is; every connection follows it. The sender dropped means: end now.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -47,6 +47,9 @@ const LINGER_BYTES: usize = 64 * 1024;
 pub(crate) struct Task<L: Listener, S> {
     pub(crate) io: L::Io,
     pub(crate) prefix: Vec<u8>,
+    /// Dropped when the connection is over here (served to its end, closed, or handed back):
+    /// the primary's count of this worker's open connections drops.
+    pub(crate) guard: ConnectionGuard,
     pub(crate) service: S,
     pub(crate) phase: watch::Receiver<Phase>,
     pub(crate) shared: Arc<Shared>,
@@ -67,6 +70,7 @@ where
         let Self {
             io,
             prefix,
+            guard: _guard,
             service,
             mut phase,
             shared,

@@ -67,7 +67,7 @@ where
     let (phase, _) = watch::channel(Phase::Serving);
     let mut shutdown = pin!(crate::shutdown());
     loop {
-        let (io, peer, prefix) = tokio::select! {
+        let (io, peer, guard, prefix) = tokio::select! {
             () = &mut shutdown => break,
             accepted = incoming.accept_prefixed() => match accepted {
                 Some(accepted) => accepted,
@@ -77,6 +77,7 @@ where
         let task = connection::Task::<L, S> {
             io,
             prefix,
+            guard,
             service: service(peer),
             phase: phase.subscribe(),
             shared: shared.clone(),

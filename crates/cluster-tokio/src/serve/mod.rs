@@ -148,9 +148,13 @@ impl<L: Listener> Incoming<L> {
         }
     }
 
-    /// The next connection and its peer's address; `None` once the worker is shutting down.
+    /// The next connection, its peer's address, and the guard to keep while it is open; `None`
+    /// once the worker is shutting down.
     #[cfg_attr(not(feature = "tonic"), allow(dead_code))]
-    pub(crate) fn poll_accept(&mut self, cx: &mut Context<'_>) -> Poll<Option<(L::Io, L::Addr)>> {
+    pub(crate) fn poll_accept(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<crate::net::Accepted<L::Io, L::Addr>>> {
         loop {
             if let Some(backoff) = &mut self.backoff {
                 ready!(backoff.as_mut().poll(cx));
@@ -200,7 +204,7 @@ impl<L: Listener> Incoming<L> {
 
     /// As [`Self::poll_accept_prefixed`].
     #[cfg_attr(not(any(feature = "axum", feature = "hyper")), allow(dead_code))]
-    pub(crate) async fn accept_prefixed(&mut self) -> Option<(L::Io, L::Addr, Vec<u8>)> {
+    pub(crate) async fn accept_prefixed(&mut self) -> Option<crate::net::Handed<L::Io, L::Addr>> {
         std::future::poll_fn(|cx| self.poll_accept_prefixed(cx)).await
     }
 

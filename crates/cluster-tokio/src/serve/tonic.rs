@@ -19,6 +19,7 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http::{Request, Response};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tonic::body::Body;
 use tonic::service::Routes;
 use tonic::transport::server::{Connected, Router};
@@ -26,7 +27,7 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use super::Incoming;
-use crate::net::Listener;
+use crate::net::{ConnectionGuard, Listener};
 
 type BoxError = Box<dyn StdError + Send + Sync>;
 
@@ -113,11 +114,65 @@ where
 struct Connections<L>(Incoming<L>);
 
 impl<L: Listener> futures_core::Stream for Connections<L> {
-    type Item = io::Result<L::Io>;
+    type Item = io::Result<Tracked<L::Io>>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         self.0
             .poll_accept(cx)
-            .map(|accepted| accepted.map(|(io, _peer)| Ok(io)))
+            .map(|accepted| accepted.map(|(io, _peer, guard)| Ok(Tracked { io, _guard: guard })))
+    }
+}
+
+/// A connection with the guard that says when it ends: tonic drops it with the connection.
+struct Tracked<Io> {
+    io: Io,
+    _guard: ConnectionGuard,
+}
+
+impl<Io: Connected> Connected for Tracked<Io> {
+    type ConnectInfo = Io::ConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.io.connect_info()
+    }
+}
+
+impl<Io: AsyncRead + Unpin> AsyncRead for Tracked<Io> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<Io: AsyncWrite + Unpin> AsyncWrite for Tracked<Io> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }

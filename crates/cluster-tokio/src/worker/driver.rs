@@ -12,7 +12,7 @@ use proto::{HandleId, Seq, SessionEvent, SessionOutput, WorkerSession};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::queue::{Conn, HandoffQueue, Offer};
-use super::{Holds, LinkState};
+use super::{Ended, Holds, LinkState};
 use crate::ipc::{Channel, Received};
 use crate::message::{Answer, Message, ReplySender, Waiters};
 
@@ -68,6 +68,8 @@ pub(crate) enum Granted {
         handle: HandleId,
         addr: BoundAddr,
         queue: Arc<HandoffQueue>,
+        /// The primary wants ended connections reported at once.
+        report_ends: bool,
     },
     /// The primary's socket itself.
     Shared {
@@ -92,6 +94,8 @@ pub(crate) struct Driver {
     messages: mpsc::UnboundedSender<Message>,
     /// Who keeps the link open once this worker is leaving.
     holds: watch::Receiver<Holds>,
+    /// Connections that ended, reported to the primary.
+    ended: Arc<Ended>,
     listens: HashMap<Seq, oneshot::Sender<io::Result<Granted>>>,
     queues: HashMap<HandleId, Arc<HandoffQueue>>,
     /// Who waits for answers to this worker's requests.
@@ -130,6 +134,7 @@ impl Driver {
             hand_back: Arc::new(AtomicBool::new(false)),
             messages,
             holds: watch::Sender::new(Holds::default()).subscribe(),
+            ended: Arc::default(),
             listens: HashMap::new(),
             queues: HashMap::new(),
             waiters: Waiters::default(),
@@ -154,13 +159,24 @@ impl Driver {
         self
     }
 
+    /// The count of ended connections the listeners keep.
+    pub(crate) fn with_ended(mut self, ended: Arc<Ended>) -> Self {
+        self.ended = ended;
+        self
+    }
+
     pub(crate) async fn run(mut self) {
         let mut fds = Vec::new();
         // On this worker's runtime: if user code blocks it, the heartbeats stop and the primary
         // notices.
         let mut heartbeat = tokio::time::interval(proto::wire::HEARTBEAT_INTERVAL);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let ended = self.ended.clone();
         loop {
+            // Only connections the session accepted already are counted (a listener gets them
+            // after the driver answered the handoff), so every frame that carries the count
+            // follows their acks.
+            self.session.set_ended(ended.total());
             self.pump();
             if let Err(error) = self.send_all().await {
                 tracing::debug!(%error, "link to the primary broke");
@@ -193,6 +209,12 @@ impl Driver {
                     None => break,
                 },
                 _ = heartbeat.tick() => self.session.heartbeat(),
+                // Connections of a handle whose primary counts them ended: one frame for all
+                // that ended since the last.
+                () = ended.changed.notified() => {
+                    self.session.set_ended(ended.total());
+                    self.session.report_ended();
+                }
                 // Its connections are done (every `LinkHold` dropped): the link closes, which
                 // is the primary's `Disconnect`.
                 Ok(_) = holds.wait_for(Holds::released), if self.acked => {
@@ -297,6 +319,7 @@ impl Driver {
                     handle,
                     addr,
                     queue,
+                    report_ends: info.report_ends,
                 })
             }
             Distribution::Shared => socket

@@ -24,6 +24,30 @@ pub(crate) use driver::Granted;
 use driver::{Command, Driver};
 pub(crate) use queue::{Conn, HandoffQueue};
 
+/// How many connections handed to this worker have ended (for the primary's count of open
+/// connections), and the driver's wake-up to report them.
+#[derive(Debug, Default)]
+pub(crate) struct Ended {
+    count: std::sync::atomic::AtomicU64,
+    changed: tokio::sync::Notify,
+}
+
+impl Ended {
+    /// One more connection ended; `promptly`: the primary wants to know now (its handle said
+    /// `report_ends`), otherwise it learns with the next ack or heartbeat. Wake-ups coalesce: the
+    /// driver sends one frame for every connection that ended meanwhile.
+    pub(crate) fn one(&self, promptly: bool) {
+        self.count.fetch_add(1, Ordering::Release);
+        if promptly {
+            self.changed.notify_one();
+        }
+    }
+
+    fn total(&self) -> u64 {
+        self.count.load(Ordering::Acquire)
+    }
+}
+
 /// How long a worker whose primary went away keeps running so in-flight work can finish.
 pub const ORPHAN_GRACE: Duration = Duration::from_secs(1);
 
@@ -59,6 +83,7 @@ struct Inner {
     hand_back: Arc<AtomicBool>,
     messages: Mutex<mpsc::UnboundedReceiver<Message>>,
     holds: Arc<watch::Sender<Holds>>,
+    ended: Arc<Ended>,
 }
 
 /// Who keeps the link open once this worker is leaving ([`Worker::hold_link`]).
@@ -114,6 +139,7 @@ impl Worker {
         let hand_back = Arc::new(AtomicBool::new(false));
         let (message_tx, messages) = mpsc::unbounded_channel();
         let holds = Arc::new(watch::Sender::new(Holds::default()));
+        let ended = Arc::new(Ended::default());
         let worker = Self {
             inner: Arc::new(Inner {
                 id,
@@ -124,6 +150,7 @@ impl Worker {
                 hand_back: hand_back.clone(),
                 messages: Mutex::new(messages),
                 holds: holds.clone(),
+                ended: ended.clone(),
             }),
         };
         let answers = worker.inner.commands.downgrade();
@@ -137,7 +164,8 @@ impl Worker {
             message_tx,
         )
         .with_holds(holds.subscribe())
-        .with_hand_back(hand_back);
+        .with_hand_back(hand_back)
+        .with_ended(ended);
         tokio::spawn(driver.run());
         survive_user_signals();
         Ok(CURRENT.get_or_init(|| worker).clone())
@@ -421,6 +449,11 @@ impl Worker {
     /// False until it is asked to leave, and when the whole cluster stops.
     pub fn hand_back_wanted(&self) -> bool {
         self.inner.hand_back.load(Ordering::Acquire)
+    }
+
+    /// The count of this worker's connections that ended.
+    pub(crate) fn ended(&self) -> &Arc<Ended> {
+        &self.inner.ended
     }
 
     pub(crate) fn shutdown_receiver(&self) -> watch::Receiver<bool> {

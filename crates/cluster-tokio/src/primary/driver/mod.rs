@@ -394,6 +394,7 @@ impl Driver {
                 pid: w.pid,
                 state: self.core.state(w.id).unwrap_or(proto::WorkerState::Dead),
                 in_flight: self.core.in_flight(w.id),
+                outstanding: self.core.outstanding(w.id),
                 handoffs: counters.handoffs,
                 refused: counters.refused,
                 returned: counters.returned,
