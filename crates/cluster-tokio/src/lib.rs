@@ -17,6 +17,7 @@
 //!   a listener until the worker is asked to leave, then drain it without losing a request.
 
 #![deny(unsafe_code)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod cgroup;
 mod entry;
