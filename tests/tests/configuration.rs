@@ -355,3 +355,54 @@ fn the_role_form_refuses_more_workers_than_the_process_limit_allows() {
         "the primary's code may not run: {stdout}"
     );
 }
+
+#[test]
+fn a_taken_port_stops_the_start_with_one_readable_line() {
+    // Another process holds the port the program serves on.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = taken.local_addr().unwrap().to_string();
+    let (code, stdout, stderr) = run_to_exit(program(
+        Path::new(env!("CARGO_BIN_EXE_hello")),
+        &[
+            ("CLUSTER_WORKERS", OsStr::new("2")),
+            ("ADDR", OsStr::new(&address)),
+        ],
+    ));
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stdout.is_empty(), "{stdout}");
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.contains("ERROR")).collect();
+    assert_eq!(errors.len(), 1, "{stderr}");
+    assert!(
+        errors[0].contains(&address) && errors[0].contains("Address already in use"),
+        "{stderr}"
+    );
+    // No `Error: Os { .. }` dump from `main` (the primary's or a worker's), and no second
+    // report of the same failure.
+    assert!(!stderr.contains("Error:"), "{stderr}");
+    assert!(!stderr.contains("Os {"), "{stderr}");
+    assert_eq!(
+        stderr.matches("Address already in use").count(),
+        1,
+        "{stderr}"
+    );
+}
+
+#[test]
+fn an_error_from_main_is_printed_once_as_a_person_reads_it() {
+    // Unclustered (`CLUSTER_WORKERS=0`): the body's own error, as `Display`, on one line.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = taken.local_addr().unwrap().to_string();
+    let (code, _, stderr) = run_to_exit(program(
+        Path::new(env!("CARGO_BIN_EXE_hello")),
+        &[
+            ("CLUSTER_WORKERS", OsStr::new("0")),
+            ("ADDR", OsStr::new(&address)),
+        ],
+    ));
+    assert_eq!(code, Some(1), "{stderr}");
+    assert_eq!(
+        stderr.trim_end(),
+        "hello: Address already in use (os error 98)",
+        "{stderr}"
+    );
+}

@@ -324,8 +324,15 @@ fn probes_follow_the_workers() {
     assert_eq!(get(cluster.endpoint, "/readyz").unwrap().0, 200);
     assert_eq!(get(cluster.endpoint, "/nothing").unwrap().0, 404);
 
-    // No worker serves: not ready, still alive.
+    // Emptying the service is refused unless forced: nothing changed.
     let (code, out, err) = ctl(&cluster.socket(), &["scale", "0"]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(err.contains("--force"), "{err}");
+    assert_eq!(get(cluster.endpoint, "/readyz").unwrap().0, 200);
+    assert!(!cluster.program.stderr().contains("scale asked"));
+
+    // No worker serves: not ready, still alive.
+    let (code, out, err) = ctl(&cluster.socket(), &["scale", "0", "--force"]);
     assert_eq!(code, 0, "{out}{err}");
     wait_readyz(cluster.endpoint, 503);
     assert_eq!(get(cluster.endpoint, "/healthz").unwrap().0, 200);

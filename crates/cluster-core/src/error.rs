@@ -43,7 +43,7 @@ pub enum ProtocolError {
     #[error("the fd sent back as a connection is not a stream socket")]
     NotAConnection,
     /// A worker did not ack a handed-off connection in time; it is presumed hung.
-    #[error("handoff {seq} not acked in time")]
+    #[error("connection {seq} was not acknowledged within the handoff timeout")]
     HandoffTimeout {
         /// The oldest unacked handoff.
         seq: Seq,

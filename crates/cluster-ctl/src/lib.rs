@@ -4,8 +4,11 @@
 //! ```text
 //! cluster-ctl [--socket PATH] [--json] status     every worker, as a table
 //! cluster-ctl [--socket PATH] [--json] reload     a rolling reload; waits until it ends
-//! cluster-ctl [--socket PATH] [--json] scale N    keep N workers
+//! cluster-ctl [--socket PATH] [--json] scale N    keep N workers (0 only with --force)
 //! ```
+//!
+//! `scale 0` stops every worker and so empties the service: it is refused unless `--force` is
+//! given too.
 //!
 //! The socket is `--socket`, or else `CLUSTER_CONTROL_SOCKET` (the variable the service reads,
 //! so the service's environment file serves both). Only the primary's user and root are
@@ -32,8 +35,9 @@ pub const CONTROL_SOCKET: &str = "CLUSTER_CONTROL_SOCKET";
 /// How long `status` and `scale` wait for their answer; a reload waits as long as it runs.
 const TIMEOUT: Duration = Duration::from_secs(30);
 
-const USAGE: &str = "usage: cluster-ctl [--socket PATH] [--json] <status | reload | scale N>\n\
-                     The socket is --socket, or else $CLUSTER_CONTROL_SOCKET.";
+const USAGE: &str = "usage: cluster-ctl [--socket PATH] [--json] <status | reload | scale N [--force]>\n\
+                     The socket is --socket, or else $CLUSTER_CONTROL_SOCKET. \
+                     `scale 0` (no worker left) needs --force.";
 
 /// Runs `cluster-ctl` with this process's arguments and environment.
 pub fn main() -> ExitCode {
@@ -49,6 +53,7 @@ pub fn main() -> ExitCode {
 pub fn run(args: &[String], env_socket: Option<PathBuf>) -> (u8, String, String) {
     let mut socket = env_socket;
     let mut json = false;
+    let mut force = false;
     let mut words = Vec::new();
     let mut args = args.iter();
     while let Some(arg) = args.next() {
@@ -58,6 +63,7 @@ pub fn run(args: &[String], env_socket: Option<PathBuf>) -> (u8, String, String)
                 None => return usage("--socket needs a path"),
             },
             "--json" => json = true,
+            "--force" => force = true,
             "--help" | "-h" => return (0, format!("{USAGE}\n"), String::new()),
             _ => words.push(arg.as_str()),
         }
@@ -71,6 +77,15 @@ pub fn run(args: &[String], env_socket: Option<PathBuf>) -> (u8, String, String)
         },
         _ => return usage("expected one command: status, reload or scale N"),
     };
+    if command == (Command::Scale { workers: 0 }) && !force {
+        return (
+            1,
+            String::new(),
+            "cluster-ctl: scale 0 stops every worker: nothing would serve. \
+             Add --force to do it anyway.\n"
+                .to_owned(),
+        );
+    }
     let Some(socket) = socket else {
         return usage("no socket: pass --socket PATH or set CLUSTER_CONTROL_SOCKET");
     };
@@ -377,6 +392,15 @@ mod tests {
         assert_eq!(run(&args(&["status"]), None).0, 2);
         assert_eq!(run(&args(&["scale", "x"]), Some("/x".into())).0, 2);
         assert_eq!(run(&args(&["frobnicate"]), Some("/x".into())).0, 2);
+        // Refused before the socket is even tried.
+        let (code, out, err) = run(&args(&["scale", "0"]), Some("/nonexistent/ctl.sock".into()));
+        assert_eq!((code, out.as_str()), (1, ""));
+        assert!(err.contains("--force"), "{err}");
+        let forced = run(
+            &args(&["scale", "0", "--force"]),
+            Some("/nonexistent/ctl.sock".into()),
+        );
+        assert_eq!(forced.0, 69, "with --force it asks the primary");
         assert_eq!(
             run(&args(&["status"]), Some("/nonexistent/ctl.sock".into())).0,
             69

@@ -167,16 +167,24 @@ impl From<EnvError> for std::io::Error {
 /// Prints `error` and its sources on one line, prefixed with the program's name, and exits with
 /// code 78.
 pub(crate) fn exit_misconfigured(error: &dyn std::error::Error) -> ! {
-    let program = std::env::args_os()
+    eprintln!(
+        "{}: configuration error: {}",
+        program_name(),
+        ErrorChain(error)
+    );
+    std::process::exit(proto::supervisor::FATAL_EXIT_CODE)
+}
+
+/// This program's file name, as messages to a person start with it.
+pub(crate) fn program_name() -> String {
+    std::env::args_os()
         .next()
         .map(std::path::PathBuf::from)
         .and_then(|path| {
             path.file_name()
                 .map(|name| name.to_string_lossy().into_owned())
         })
-        .unwrap_or_else(|| "cluster".to_owned());
-    eprintln!("{program}: configuration error: {}", ErrorChain(error));
-    std::process::exit(proto::supervisor::FATAL_EXIT_CODE)
+        .unwrap_or_else(|| "cluster".to_owned())
 }
 
 impl Settings {

@@ -41,6 +41,8 @@ pub mod worker;
 #[doc(hidden)]
 pub use entry::configure;
 pub use entry::{MainOutput, Role, ready, run, run_workers, shutdown};
+#[doc(hidden)]
+pub use entry::{MainReturn, PassOutput, ReportError};
 pub use net::ClusterListener;
 pub use primary::Primary;
 #[cfg(any(feature = "axum", feature = "hyper", feature = "tonic"))]

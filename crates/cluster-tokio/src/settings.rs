@@ -701,6 +701,30 @@ impl Settings {
     }
 }
 
+/// A duration as a person reads it, in the form the `CLUSTER_*` variables take: `30s`, `500ms`,
+/// `2m`, `1h` (and `0`); under a millisecond, in microseconds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Shown(pub(crate) Duration);
+
+impl fmt::Display for Shown {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let duration = self.0;
+        if duration.is_zero() {
+            return f.write_str("0");
+        }
+        if duration.subsec_nanos() % 1_000_000 != 0 {
+            return write!(f, "{}µs", duration.as_micros());
+        }
+        let millis = duration.as_millis();
+        match millis {
+            m if m % 3_600_000 == 0 => write!(f, "{}h", m / 3_600_000),
+            m if m % 60_000 == 0 => write!(f, "{}m", m / 60_000),
+            m if m % 1000 == 0 => write!(f, "{}s", m / 1000),
+            m => write!(f, "{m}ms"),
+        }
+    }
+}
+
 /// An absolute path with a file name and no NUL byte.
 pub(crate) fn is_socket_path(path: &std::path::Path) -> bool {
     use std::os::unix::ffi::OsStrExt;
@@ -734,8 +758,8 @@ fn check_timeout(
     } else {
         Err(SettingsError::out_of_range(
             setting,
-            format_args!("{value:?}"),
-            format_args!("from {min:?} to 24h"),
+            Shown(value),
+            format_args!("from {} to 24h", Shown(min)),
         ))
     }
 }
@@ -766,7 +790,11 @@ pub enum SettingsError {
         path: PathBuf,
     },
     /// The first backoff is longer than the longest.
-    #[error("the first restart backoff ({initial:?}) is longer than the longest ({max:?})")]
+    #[error(
+        "the first restart backoff ({}) is longer than the longest ({})",
+        Shown(*initial),
+        Shown(*max)
+    )]
     BackoffInverted {
         /// The first backoff.
         initial: Duration,
@@ -880,6 +908,18 @@ mod tests {
         );
         assert!(!settings.get_env_overrides());
         assert!(Settings::new().get_env_overrides());
+    }
+
+    #[test]
+    fn durations_read_as_the_variables_take_them() {
+        let shown = |d: Duration| Shown(d).to_string();
+        assert_eq!(shown(Duration::ZERO), "0");
+        assert_eq!(shown(Duration::from_millis(500)), "500ms");
+        assert_eq!(shown(Duration::from_millis(1500)), "1500ms");
+        assert_eq!(shown(Duration::from_secs(30)), "30s");
+        assert_eq!(shown(Duration::from_secs(120)), "2m");
+        assert_eq!(shown(Duration::from_secs(7200)), "2h");
+        assert_eq!(shown(Duration::from_micros(1500)), "1500µs");
     }
 
     #[test]

@@ -84,5 +84,6 @@ pub mod operations {}
 pub mod __private {
     pub use cluster_tokio::configure;
     pub use cluster_tokio::settings::Flavor;
+    pub use cluster_tokio::{MainReturn, PassOutput, ReportError};
     pub use cluster_tokio::{Role, Settings, run, run_workers};
 }

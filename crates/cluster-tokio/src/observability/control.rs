@@ -173,10 +173,7 @@ async fn execute(command: Command, handle: &SupervisorHandle) -> Answer {
                     replaced: report.replaced.len(),
                     complete: report.is_complete(),
                     binary_changed: report.binary_changed(),
-                    aborted: report
-                        .aborted
-                        .as_ref()
-                        .map(|a| format!("worker {}: {}", a.worker, a.reason)),
+                    aborted: report.aborted.as_ref().map(ToString::to_string),
                 }),
                 Err(e) => failed(&e),
             }

@@ -7,7 +7,7 @@ use std::future::Future;
 use std::io;
 use std::pin::{Pin, pin};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::task::{Context, Poll, ready};
 
 use hyper::body::{Body, Incoming as IncomingBody};
@@ -44,6 +44,7 @@ where
     let mut incoming = Incoming::new(listener);
     let builder = auto::Builder::new(TokioExecutor::new());
     let draining = Arc::new(AtomicBool::new(false));
+    let requests = Arc::new(AtomicUsize::new(0));
     let graceful = GracefulShutdown::new();
     // Every connection's task holds a receiver: dropping the sender (the drain deadline passed,
     // or this future was dropped) ends the connections left at once.
@@ -60,6 +61,7 @@ where
         let service = Closing {
             inner: service(peer),
             draining: draining.clone(),
+            requests: requests.clone(),
         };
         let connection = builder
             .serve_connection_with_upgrades(TokioIo::new(io), service)
@@ -85,9 +87,14 @@ where
         .await
         .is_err()
     {
+        // Connections still open, and requests among them not answered yet: what the deadline
+        // cuts (a response still streaming its body counts as a connection only).
+        let connections = abort.receiver_count();
+        let requests = requests.load(Ordering::Relaxed);
         tracing::warn!(
-            connections = abort.receiver_count(),
-            "drain deadline passed; closing the connections left"
+            connections,
+            requests,
+            "the drain deadline passed: cutting {connections} connections, {requests} requests unanswered"
         );
     }
     Ok(())
@@ -99,6 +106,8 @@ where
 struct Closing<S> {
     inner: S,
     draining: Arc<AtomicBool>,
+    /// Requests whose response is not ready yet, over every connection.
+    requests: Arc<AtomicUsize>,
 }
 
 impl<S, B> Service<Request<IncomingBody>> for Closing<S>
@@ -114,6 +123,7 @@ where
         ClosingFuture {
             inner: self.inner.call(request),
             draining: http1.then(|| self.draining.clone()),
+            _unanswered: Unanswered::new(&self.requests),
         }
     }
 }
@@ -126,6 +136,24 @@ pin_project_lite::pin_project! {
         inner: F,
         // `None` for an HTTP/2 request.
         draining: Option<Arc<AtomicBool>>,
+        _unanswered: Unanswered,
+    }
+}
+
+/// One request counted as unanswered until its response is ready (or it is dropped).
+#[derive(Debug)]
+struct Unanswered(Arc<AtomicUsize>);
+
+impl Unanswered {
+    fn new(count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Self(count.clone())
+    }
+}
+
+impl Drop for Unanswered {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

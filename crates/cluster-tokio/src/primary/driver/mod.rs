@@ -171,10 +171,10 @@ fn kill(worker: &Arc<WorkerShared>, reason: proto::KillReason, deadline: Option<
         }
         match holding {
             Some(holding) => {
-                tracing::warn!(worker = %id, pid, ?deadline, "worker did not exit within the disconnect timeout; killing it: {holding}")
+                tracing::warn!(worker = %id, pid, deadline = %crate::settings::Shown(deadline), "worker did not exit within the disconnect timeout; killing it: {holding}")
             }
             None => {
-                tracing::warn!(worker = %id, pid, ?deadline, "worker did not exit within the disconnect timeout; killing it")
+                tracing::warn!(worker = %id, pid, deadline = %crate::settings::Shown(deadline), "worker did not exit within the disconnect timeout; killing it")
             }
         }
         let _ = crate::sys::kill(pid, libc::SIGKILL);
