@@ -210,8 +210,13 @@ fn table(status: &Status) -> String {
         reloads.aborted,
         reloads.failed,
     );
+    // Readiness means something only when the primary waits for it, or a worker declared it.
+    let wait_ready = status
+        .settings
+        .iter()
+        .any(|s| s.name == "wait_ready" && s.value == "on");
     let header = [
-        "id", "slot", "pid", "gen", "state", "uptime", "restarts", "rss", "cpu", "conns",
+        "id", "slot", "pid", "gen", "state", "ready", "uptime", "restarts", "rss", "cpu", "conns",
         "handoffs",
     ];
     let mut rows = vec![header.map(str::to_owned).to_vec()];
@@ -223,6 +228,12 @@ fn table(status: &Status) -> String {
             worker.pid.to_string(),
             worker.generation.to_string(),
             worker.state.clone(),
+            match (worker.ready, wait_ready) {
+                (true, _) => "yes",
+                (false, true) => "no",
+                (false, false) => "-",
+            }
+            .to_owned(),
             duration(Some(worker.uptime_seconds)),
             worker.restarts.to_string(),
             bytes(worker.resident_bytes),
@@ -243,7 +254,52 @@ fn table(status: &Status) -> String {
         out.push_str(cells.join("  ").trim_end());
         out.push('\n');
     }
+    for binary in &status.binaries {
+        out.push_str(&format!(
+            "generation {}: {} (inode {}, {} bytes, modified {})\n",
+            binary.generation,
+            binary.path,
+            binary.inode,
+            binary.len,
+            utc(binary.modified_unix_seconds)
+        ));
+    }
+    if !status.settings.is_empty() {
+        let shown: Vec<String> = status
+            .settings
+            .iter()
+            .map(|s| format!("{}={} ({})", s.name, s.value, s.source))
+            .collect();
+        out.push_str(&format!("settings: {}\n", shown.join(", ")));
+    }
     out
+}
+
+/// Seconds since the Unix epoch as a UTC date and time, `2026-03-21T14:05:09Z`.
+fn utc(seconds: u64) -> String {
+    let days = seconds / 86_400;
+    let time = seconds % 86_400;
+    // Howard Hinnant's days-to-civil, for days since 1970-01-01.
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let day_of_era = z % 146_097;
+    let year_of_era =
+        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let month_index = (5 * day_of_year + 2) / 153;
+    let day = day_of_year - (153 * month_index + 2) / 5 + 1;
+    let month = if month_index < 10 {
+        month_index + 3
+    } else {
+        month_index - 9
+    };
+    let year = year_of_era + era * 400 + u64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        time / 3600,
+        time % 3600 / 60,
+        time % 60
+    )
 }
 
 fn duration(seconds: Option<f64>) -> String {
@@ -308,6 +364,34 @@ mod tests {
             "{table}"
         );
         assert!(lines[3].contains(" -  "), "{table}");
+    }
+
+    #[test]
+    fn the_table_shows_readiness_binaries_and_settings() {
+        let status: Status = serde_json::from_str(
+            r#"{"pid":10,"generation":2,
+                "workers":[{"id":3,"pid":11,"generation":2,"state":"listening","ready":false}],
+                "settings":[{"name":"wait_ready","value":"on","source":"code"},
+                            {"name":"workers","value":"1","source":"CLUSTER_WORKERS"}],
+                "binaries":[{"generation":2,"path":"/srv/app","inode":42,"len":7,
+                             "modified_unix_seconds":1774101909}]}"#,
+        )
+        .unwrap();
+        let table = table(&status);
+        let lines: Vec<&str> = table.lines().collect();
+        assert!(lines[1].contains("state      ready"), "{table}");
+        // Waited for, and not declared: `no`, not only `listening`.
+        assert!(lines[2].contains("listening  no"), "{table}");
+        assert_eq!(
+            lines[3],
+            "generation 2: /srv/app (inode 42, 7 bytes, modified 2026-03-21T14:05:09Z)"
+        );
+        assert_eq!(
+            lines[4],
+            "settings: wait_ready=on (code), workers=1 (CLUSTER_WORKERS)"
+        );
+        assert_eq!(utc(0), "1970-01-01T00:00:00Z");
+        assert_eq!(utc(951_782_400), "2000-02-29T00:00:00Z");
     }
 
     #[test]

@@ -54,8 +54,36 @@ where
 fn configured(settings: Settings) -> Settings {
     role::detect();
     crate::env::answer_queries();
+    let in_primary = !role::is_worker();
+    if in_primary && crate::check::asked() {
+        crate::check::check_and_exit(settings);
+    }
     let settings = if settings.env_overrides {
-        settings.apply_env().unwrap_or_else(|error| error.exit())
+        if in_primary {
+            // A misspelt variable would otherwise be ignored without a word. Before any
+            // subscriber exists: straight to stderr, as the errors below.
+            let unknown = crate::env::unknown_variables(std::env::vars_os().map(|(name, _)| name));
+            for variable in unknown {
+                let _ = writeln!(
+                    io::stderr(),
+                    "{}: warning: {variable}",
+                    crate::env::program_name()
+                );
+            }
+        }
+        let (settings, errors) = settings.apply_env_all(|name| std::env::var_os(name));
+        if let Some(last) = errors.last() {
+            // Every bad variable, one line each, not only the first.
+            for error in &errors[..errors.len() - 1] {
+                let _ = writeln!(
+                    io::stderr(),
+                    "{}: configuration error: {error}",
+                    crate::env::program_name()
+                );
+            }
+            last.exit();
+        }
+        settings
     } else {
         settings
     };

@@ -20,6 +20,7 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod cgroup;
+mod check;
 mod entry;
 pub mod env;
 mod ipc;

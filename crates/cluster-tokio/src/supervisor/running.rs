@@ -102,9 +102,8 @@ impl Running {
     }
 
     pub(super) async fn supervise(mut self, mut signals: Signals) -> Result<(), SupervisorError> {
+        self.banner();
         let settings = self.primary.settings();
-        let (workers, from) = settings.worker_count_and_source();
-        tracing::info!(workers, from = %from, "starting the workers");
         if settings.workers_follow_cpu_limit {
             let mut period = tokio::time::interval(crate::settings::CPU_LIMIT_PERIOD);
             period.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -147,6 +146,42 @@ impl Running {
                 return self.stop(stop, &mut signals).await;
             }
         }
+    }
+
+    /// The line that says what runs: the program, the versions, and the main settings in force
+    /// with where the worker count came from (the rest: `CLUSTER_CHECK_CONFIG=1`, or the
+    /// control socket's status).
+    fn banner(&self) {
+        let settings = self.primary.settings();
+        let in_force = settings.in_force();
+        let value = |name: &str| {
+            in_force
+                .iter()
+                .find(|s| s.name == name)
+                .map(|s| s.value.clone())
+                .unwrap_or_default()
+        };
+        let (workers, workers_from) = settings.worker_count_and_source();
+        let endpoint = self.shared.book.lock().expect("not poisoned").endpoint;
+        let metrics = endpoint.map_or_else(|| value("metrics_addr"), |a| a.to_string());
+        tracing::info!(
+            program = %crate::env::program_name(),
+            binary = %self.primary.image().binary.path.display(),
+            cluster = %env!("CARGO_PKG_VERSION"),
+            protocol = crate::env::PROTOCOL_VERSION,
+            workers,
+            workers_from = %workers_from,
+            policy = %value("policy"),
+            handoff_timeout = %value("handoff_timeout"),
+            disconnect_timeout = %value("disconnect_timeout"),
+            boot_timeout = %value("boot_timeout"),
+            heartbeat_timeout = %value("heartbeat_timeout"),
+            shutdown_delay = %value("shutdown_delay"),
+            wait_ready = %value("wait_ready"),
+            metrics = %metrics,
+            control = %value("control_socket"),
+            "starting the workers"
+        );
     }
 
     /// Carries out what the policy decided.
