@@ -187,7 +187,8 @@ impl SupervisorHandle {
     /// # async fn dox(handle: cluster_tokio::supervisor::SupervisorHandle) -> Result<(), cluster_tokio::supervisor::SupervisorError> {
     /// let status = handle.status().await?;
     /// for worker in &status.workers {
-    ///     println!("worker {} pid {} restarts {}", worker.counters.id, worker.counters.pid, worker.restarts);
+    ///     // A `WorkerId` shows as `worker 3`.
+    ///     println!("{} pid {} restarts {}", worker.counters.id, worker.counters.pid, worker.restarts);
     /// }
     /// # Ok(()) }
     /// ```

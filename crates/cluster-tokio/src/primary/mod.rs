@@ -59,7 +59,7 @@ mod signal;
 /// }
 /// while let Some(event) = events.recv().await {
 ///     if let Event::Exit { worker, status, .. } = event {
-///         eprintln!("worker {} exited: {status}", worker.id());
+///         eprintln!("{} exited: {status}", worker.id());
 ///     }
 /// }
 /// # Ok(()) }
