@@ -915,14 +915,14 @@ impl fmt::Display for Shown {
         if duration.is_zero() {
             return f.write_str("0");
         }
-        if duration.subsec_nanos() % 1_000_000 != 0 {
+        if !duration.subsec_nanos().is_multiple_of(1_000_000) {
             return write!(f, "{}µs", duration.as_micros());
         }
         let millis = duration.as_millis();
         match millis {
-            m if m % 3_600_000 == 0 => write!(f, "{}h", m / 3_600_000),
-            m if m % 60_000 == 0 => write!(f, "{}m", m / 60_000),
-            m if m % 1000 == 0 => write!(f, "{}s", m / 1000),
+            m if m.is_multiple_of(3_600_000) => write!(f, "{}h", m / 3_600_000),
+            m if m.is_multiple_of(60_000) => write!(f, "{}m", m / 60_000),
+            m if m.is_multiple_of(1000) => write!(f, "{}s", m / 1000),
             m => write!(f, "{m}ms"),
         }
     }

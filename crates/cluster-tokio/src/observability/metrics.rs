@@ -227,6 +227,7 @@ mod tests {
             },
             slot: None,
             generation: 1,
+            ready: false,
             uptime: Duration::from_secs(1),
             restarts: 0,
             previous: None,
@@ -253,6 +254,7 @@ mod tests {
             handoffs: 0,
             handoff_latency: HandoffLatency::default(),
             accept_errors: 0,
+            binaries: Vec::new(),
         }
     }
 
