@@ -355,3 +355,209 @@ fn the_role_form_refuses_more_workers_than_the_process_limit_allows() {
         "the primary's code may not run: {stdout}"
     );
 }
+
+#[test]
+fn a_taken_port_stops_the_start_with_one_readable_line() {
+    // Another process holds the port the program serves on.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = taken.local_addr().unwrap().to_string();
+    let (code, stdout, stderr) = run_to_exit(program(
+        Path::new(env!("CARGO_BIN_EXE_hello")),
+        &[
+            ("CLUSTER_WORKERS", OsStr::new("2")),
+            ("ADDR", OsStr::new(&address)),
+        ],
+    ));
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stdout.is_empty(), "{stdout}");
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.contains("ERROR")).collect();
+    assert_eq!(errors.len(), 1, "{stderr}");
+    assert!(
+        errors[0].contains(&address) && errors[0].contains("Address already in use"),
+        "{stderr}"
+    );
+    // No `Error: Os { .. }` dump from `main` (the primary's or a worker's), and no second
+    // report of the same failure.
+    assert!(!stderr.contains("Error:"), "{stderr}");
+    assert!(!stderr.contains("Os {"), "{stderr}");
+    assert_eq!(
+        stderr.matches("Address already in use").count(),
+        1,
+        "{stderr}"
+    );
+}
+
+#[test]
+fn an_error_from_main_is_printed_once_as_a_person_reads_it() {
+    // Unclustered (`CLUSTER_WORKERS=0`): the body's own error, as `Display`, on one line.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = taken.local_addr().unwrap().to_string();
+    let (code, _, stderr) = run_to_exit(program(
+        Path::new(env!("CARGO_BIN_EXE_hello")),
+        &[
+            ("CLUSTER_WORKERS", OsStr::new("0")),
+            ("ADDR", OsStr::new(&address)),
+        ],
+    ));
+    assert_eq!(code, Some(1), "{stderr}");
+    assert_eq!(
+        stderr.trim_end(),
+        "hello: Address already in use (os error 98)",
+        "{stderr}"
+    );
+}
+
+#[test]
+fn the_startup_line_shows_the_settings_in_force_and_where_the_count_came_from() {
+    let mut primary = fixture(&[
+        ("CLUSTER_WORKERS", OsStr::new("1")),
+        ("CLUSTER_HANDOFF_TIMEOUT", OsStr::new("7s")),
+    ])
+    .spawn()
+    .expect("spawn");
+    let worker = first_lines(&mut primary, 1).remove(0);
+    cluster_tests::signal(primary.id(), libc::SIGTERM).unwrap();
+    let status = cluster_tests::wait_for_exit(&mut primary, WAIT);
+    let stderr = cluster_tests::read_all(primary.stderr.take());
+    assert!(status.success(), "{stderr}");
+    cluster_tests::wait_gone(pid_of(&worker), WAIT);
+    let banners: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("starting the workers"))
+        .collect();
+    assert_eq!(banners.len(), 1, "{stderr}");
+    let banner = banners[0];
+    assert!(banner.contains(" INFO "), "{banner}");
+    for field in [
+        "program=settings_fixture",
+        &format!("protocol={}", cluster::env::PROTOCOL_VERSION),
+        "cluster=0.1.0",
+        // The environment's count, and the code's disconnect timeout (not the default 30s).
+        "workers=1",
+        "workers_from=CLUSTER_WORKERS",
+        "handoff_timeout=7s",
+        "disconnect_timeout=2s",
+        "boot_timeout=1m",
+        "heartbeat_timeout=30s",
+        "shutdown_delay=0",
+        "policy=rr",
+        "metrics=none",
+        "control=none",
+    ] {
+        assert!(banner.contains(field), "{field}: {banner}");
+    }
+    assert!(!banner.contains("Some("), "{banner}");
+}
+
+#[test]
+fn check_config_names_every_bad_variable_and_starts_nothing() {
+    let (code, stdout, stderr) = run_to_exit(fixture(&[
+        ("CLUSTER_CHECK_CONFIG", OsStr::new("1")),
+        ("CLUSTER_WORKERS", OsStr::new("abc")),
+        ("CLUSTER_BOOT_TIMEOUT", OsStr::new("5")),
+        ("CLUSTER_SCHED_POLICY", OsStr::new("RR")),
+    ]));
+    assert_eq!(code, Some(78), "{stdout}{stderr}");
+    // One line per problem, each naming its variable and value.
+    assert_eq!(stderr.lines().count(), 3, "{stderr}");
+    for case in [
+        "CLUSTER_WORKERS=\"abc\"",
+        "CLUSTER_BOOT_TIMEOUT=\"5\"",
+        "CLUSTER_SCHED_POLICY=\"RR\"",
+    ] {
+        assert!(stderr.contains(case), "{case}: {stderr}");
+    }
+    // The settings it would run with are printed; no worker started (each prints a line).
+    assert!(stdout.contains("3 problems"), "{stdout}");
+    assert!(
+        !stdout.lines().any(|l| l.starts_with("worker ")),
+        "{stdout}"
+    );
+
+    // A good configuration: 0, and every setting with its source.
+    let (code, stdout, stderr) = run_to_exit(fixture(&[
+        ("CLUSTER_CHECK_CONFIG", OsStr::new("1")),
+        ("CLUSTER_BOOT_TIMEOUT", OsStr::new("5s")),
+    ]));
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    assert!(stderr.is_empty(), "{stderr}");
+    let line = |name: &str| -> Vec<String> {
+        let line = stdout
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(name))
+            .unwrap_or_else(|| panic!("{name}: {stdout}"));
+        line.split_whitespace().map(str::to_owned).collect()
+    };
+    assert_eq!(line("workers"), ["workers", "2", "(code)"]);
+    assert_eq!(
+        line("boot_timeout"),
+        ["boot_timeout", "5s", "(CLUSTER_BOOT_TIMEOUT)"]
+    );
+    assert_eq!(
+        line("disconnect_timeout"),
+        ["disconnect_timeout", "2s", "(code)"]
+    );
+    assert_eq!(
+        line("handoff_timeout"),
+        ["handoff_timeout", "10s", "(default)"]
+    );
+    assert!(stdout.contains("no problem found"), "{stdout}");
+    assert!(
+        !stdout.lines().any(|l| l.starts_with("worker ")),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn every_bad_variable_is_reported_at_start_not_only_the_first() {
+    let (code, stdout, stderr) = run_to_exit(fixture(&[
+        ("CLUSTER_WORKERS", OsStr::new("abc")),
+        ("CLUSTER_HANDOFF_WINDOW", OsStr::new("0")),
+    ]));
+    assert_eq!(code, Some(78), "{stderr}");
+    assert!(stdout.is_empty(), "{stdout}");
+    assert_eq!(stderr.lines().count(), 2, "{stderr}");
+    assert!(
+        stderr.contains("CLUSTER_WORKERS=\"abc\"")
+            && stderr.contains("CLUSTER_HANDOFF_WINDOW=\"0\""),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_misspelt_variable_is_a_warning_naming_the_right_one_and_an_error_under_the_check() {
+    let mut primary = fixture(&[("CLUSTER_WORKER", OsStr::new("1"))])
+        .spawn()
+        .expect("spawn");
+    // It starts as configured in code (the misspelt variable changes nothing): two workers.
+    let workers = first_lines(&mut primary, 2);
+    cluster_tests::signal(primary.id(), libc::SIGTERM).unwrap();
+    let status = cluster_tests::wait_for_exit(&mut primary, WAIT);
+    let stderr = cluster_tests::read_all(primary.stderr.take());
+    assert!(status.success(), "{stderr}");
+    for worker in &workers {
+        cluster_tests::wait_gone(pid_of(worker), WAIT);
+    }
+    let warnings: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("CLUSTER_WORKER "))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{stderr}");
+    assert!(warnings[0].contains("warning"), "{stderr}");
+    assert!(
+        warnings[0].contains("did you mean CLUSTER_WORKERS?"),
+        "{stderr}"
+    );
+
+    let (code, stdout, stderr) = run_to_exit(fixture(&[
+        ("CLUSTER_CHECK_CONFIG", OsStr::new("1")),
+        ("CLUSTER_WORKER", OsStr::new("1")),
+    ]));
+    assert_eq!(code, Some(78), "{stdout}{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("configuration error: CLUSTER_WORKER is not a variable")
+            && stderr.contains("CLUSTER_WORKERS"),
+        "{stderr}"
+    );
+}

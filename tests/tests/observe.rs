@@ -324,8 +324,15 @@ fn probes_follow_the_workers() {
     assert_eq!(get(cluster.endpoint, "/readyz").unwrap().0, 200);
     assert_eq!(get(cluster.endpoint, "/nothing").unwrap().0, 404);
 
-    // No worker serves: not ready, still alive.
+    // Emptying the service is refused unless forced: nothing changed.
     let (code, out, err) = ctl(&cluster.socket(), &["scale", "0"]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(err.contains("--force"), "{err}");
+    assert_eq!(get(cluster.endpoint, "/readyz").unwrap().0, 200);
+    assert!(!cluster.program.stderr().contains("scale asked"));
+
+    // No worker serves: not ready, still alive.
+    let (code, out, err) = ctl(&cluster.socket(), &["scale", "0", "--force"]);
     assert_eq!(code, 0, "{out}{err}");
     wait_readyz(cluster.endpoint, 503);
     assert_eq!(get(cluster.endpoint, "/healthz").unwrap().0, 200);
@@ -347,12 +354,26 @@ fn the_control_socket_lists_and_reloads_the_workers() {
     let (code, table, err) = ctl(&socket, &["status"]);
     assert_eq!(code, 0, "{err}");
     let lines: Vec<&str> = table.lines().collect();
-    assert_eq!(lines.len(), 2 + 2, "{table}");
+    // The summary, the header, a row per worker, the binary, the settings.
+    assert_eq!(lines.len(), 2 + 2 + 2, "{table}");
     assert!(
         lines[1].split_whitespace().eq([
-            "id", "slot", "pid", "gen", "state", "uptime", "restarts", "rss", "cpu", "conns",
-            "open", "handoffs"
+            "id", "slot", "pid", "gen", "state", "ready", "uptime", "restarts", "rss", "cpu",
+            "conns", "open", "handoffs"
         ]),
+        "{table}"
+    );
+    let fixture = Path::new(env!("CARGO_BIN_EXE_http_fixture"));
+    let inode = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(fixture).unwrap());
+    assert!(
+        lines[4].starts_with(&format!(
+            "generation 1: {} (inode {inode}, ",
+            fixture.display()
+        )),
+        "{table}"
+    );
+    assert!(
+        lines[5].starts_with("settings: workers=2 (CLUSTER_WORKERS), policy=rr (default)"),
         "{table}"
     );
     for (id, pid) in &cluster.workers {
@@ -364,7 +385,38 @@ fn the_control_socket_lists_and_reloads_the_workers() {
         assert_eq!(cells[2], pid.to_string(), "{table}");
         assert_eq!(cells[3], "1", "{table}");
         assert_eq!(cells[4], "listening", "{table}");
+        // The fixture declares itself ready (`cluster::ready()`).
+        assert_eq!(cells[5], "yes", "{table}");
     }
+    // The same in JSON: the settings with their sources, the binary, readiness.
+    let before = status(&socket);
+    let settings = before["settings"].as_array().unwrap();
+    let setting = |name: &str| {
+        settings
+            .iter()
+            .find(|s| s["name"] == name)
+            .unwrap_or_else(|| panic!("{name}: {before}"))
+            .clone()
+    };
+    assert_eq!(setting("workers")["value"], "2", "{before}");
+    assert_eq!(setting("workers")["source"], "CLUSTER_WORKERS", "{before}");
+    assert_eq!(setting("control_socket")["value"], socket.to_str().unwrap());
+    assert_eq!(setting("disconnect_timeout")["value"], "30s", "{before}");
+    assert_eq!(
+        setting("disconnect_timeout")["source"],
+        "default",
+        "{before}"
+    );
+    assert_eq!(before["binaries"][0]["generation"], 1, "{before}");
+    assert_eq!(before["binaries"][0]["inode"], inode, "{before}");
+    assert!(
+        before["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|w| w["ready"] == true),
+        "{before}"
+    );
 
     let (code, out, err) = ctl(&socket, &["reload"]);
     assert_eq!(code, 0, "{err}");

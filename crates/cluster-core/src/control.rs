@@ -143,6 +143,41 @@ pub struct Status {
     pub accept_errors: u64,
     /// Every worker.
     pub workers: Vec<WorkerStatus>,
+    /// The settings in force, each with where it came from.
+    pub settings: Vec<Setting>,
+    /// The binary of each generation that has a worker running, and of the generation new
+    /// workers start in.
+    pub binaries: Vec<GenerationBinary>,
+}
+
+/// One setting in force, in a [`Status`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Setting {
+    /// The setting, as its builder method is named (`workers`, `disconnect_timeout`).
+    pub name: String,
+    /// Its value as a person reads it (`30s`, `rr`, `none`).
+    pub value: String,
+    /// Where it came from: a `CLUSTER_*` variable's name, `code`, `default`, or how a default
+    /// was found (`one per CPU: the cgroup's CPU quota`).
+    pub source: String,
+}
+
+/// The binary a generation of workers runs, in a [`Status`]: as it was when the generation
+/// started.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct GenerationBinary {
+    /// The generation.
+    pub generation: u64,
+    /// Where the binary was found.
+    pub path: String,
+    /// Its inode: a deploy by rename always brings a new one.
+    pub inode: u64,
+    /// Its size in bytes.
+    pub len: u64,
+    /// Its modification time, in seconds since the Unix epoch.
+    pub modified_unix_seconds: u64,
 }
 
 /// Reloads, by how they ended.
@@ -171,6 +206,9 @@ pub struct WorkerStatus {
     pub generation: u64,
     /// Its state: `online`, `listening`, `disconnecting`...
     pub state: String,
+    /// Whether it declared itself ready (`cluster::ready()`); what a worker must do to count
+    /// as serving when the primary waits for readiness (the `wait_ready` setting).
+    pub ready: bool,
     /// Since it was started.
     pub uptime_seconds: f64,
     /// Restarts of its slot.

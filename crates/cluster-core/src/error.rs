@@ -76,7 +76,7 @@ pub enum ProtocolError {
         previous: u64,
     },
     /// A worker did not ack a handed-off connection in time; it is presumed hung.
-    #[error("handoff {seq} not acked in time")]
+    #[error("connection {seq} was not acknowledged within the handoff timeout")]
     HandoffTimeout {
         /// The oldest unacked handoff.
         seq: Seq,

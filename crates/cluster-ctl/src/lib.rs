@@ -4,8 +4,11 @@
 //! ```text
 //! cluster-ctl [--socket PATH] [--json] status     every worker, as a table
 //! cluster-ctl [--socket PATH] [--json] reload     a rolling reload; waits until it ends
-//! cluster-ctl [--socket PATH] [--json] scale N    keep N workers
+//! cluster-ctl [--socket PATH] [--json] scale N    keep N workers (0 only with --force)
 //! ```
+//!
+//! `scale 0` stops every worker and so empties the service: it is refused unless `--force` is
+//! given too.
 //!
 //! The socket is `--socket`, or else `CLUSTER_CONTROL_SOCKET` (the variable the service reads,
 //! so the service's environment file serves both). Only the primary's user and root are
@@ -32,8 +35,9 @@ pub const CONTROL_SOCKET: &str = "CLUSTER_CONTROL_SOCKET";
 /// How long `status` and `scale` wait for their answer; a reload waits as long as it runs.
 const TIMEOUT: Duration = Duration::from_secs(30);
 
-const USAGE: &str = "usage: cluster-ctl [--socket PATH] [--json] <status | reload | scale N>\n\
-                     The socket is --socket, or else $CLUSTER_CONTROL_SOCKET.";
+const USAGE: &str = "usage: cluster-ctl [--socket PATH] [--json] <status | reload | scale N [--force]>\n\
+                     The socket is --socket, or else $CLUSTER_CONTROL_SOCKET. \
+                     `scale 0` (no worker left) needs --force.";
 
 /// Runs `cluster-ctl` with this process's arguments and environment.
 pub fn main() -> ExitCode {
@@ -49,6 +53,7 @@ pub fn main() -> ExitCode {
 pub fn run(args: &[String], env_socket: Option<PathBuf>) -> (u8, String, String) {
     let mut socket = env_socket;
     let mut json = false;
+    let mut force = false;
     let mut words = Vec::new();
     let mut args = args.iter();
     while let Some(arg) = args.next() {
@@ -58,6 +63,7 @@ pub fn run(args: &[String], env_socket: Option<PathBuf>) -> (u8, String, String)
                 None => return usage("--socket needs a path"),
             },
             "--json" => json = true,
+            "--force" => force = true,
             "--help" | "-h" => return (0, format!("{USAGE}\n"), String::new()),
             _ => words.push(arg.as_str()),
         }
@@ -71,6 +77,15 @@ pub fn run(args: &[String], env_socket: Option<PathBuf>) -> (u8, String, String)
         },
         _ => return usage("expected one command: status, reload or scale N"),
     };
+    if command == (Command::Scale { workers: 0 }) && !force {
+        return (
+            1,
+            String::new(),
+            "cluster-ctl: scale 0 stops every worker: nothing would serve. \
+             Add --force to do it anyway.\n"
+                .to_owned(),
+        );
+    }
     let Some(socket) = socket else {
         return usage("no socket: pass --socket PATH or set CLUSTER_CONTROL_SOCKET");
     };
@@ -197,9 +212,14 @@ fn table(status: &Status) -> String {
         reloads.failed,
         status.handed_back,
     );
+    // Readiness means something only when the primary waits for it, or a worker declared it.
+    let wait_ready = status
+        .settings
+        .iter()
+        .any(|s| s.name == "wait_ready" && s.value == "on");
     let header = [
-        "id", "slot", "pid", "gen", "state", "uptime", "restarts", "rss", "cpu", "conns", "open",
-        "handoffs",
+        "id", "slot", "pid", "gen", "state", "ready", "uptime", "restarts", "rss", "cpu", "conns",
+        "open", "handoffs",
     ];
     let mut rows = vec![header.map(str::to_owned).to_vec()];
     let number = |n: Option<String>| n.unwrap_or_else(|| "-".to_owned());
@@ -210,6 +230,12 @@ fn table(status: &Status) -> String {
             worker.pid.to_string(),
             worker.generation.to_string(),
             worker.state.clone(),
+            match (worker.ready, wait_ready) {
+                (true, _) => "yes",
+                (false, true) => "no",
+                (false, false) => "-",
+            }
+            .to_owned(),
             duration(Some(worker.uptime_seconds)),
             worker.restarts.to_string(),
             bytes(worker.resident_bytes),
@@ -231,7 +257,52 @@ fn table(status: &Status) -> String {
         out.push_str(cells.join("  ").trim_end());
         out.push('\n');
     }
+    for binary in &status.binaries {
+        out.push_str(&format!(
+            "generation {}: {} (inode {}, {} bytes, modified {})\n",
+            binary.generation,
+            binary.path,
+            binary.inode,
+            binary.len,
+            utc(binary.modified_unix_seconds)
+        ));
+    }
+    if !status.settings.is_empty() {
+        let shown: Vec<String> = status
+            .settings
+            .iter()
+            .map(|s| format!("{}={} ({})", s.name, s.value, s.source))
+            .collect();
+        out.push_str(&format!("settings: {}\n", shown.join(", ")));
+    }
     out
+}
+
+/// Seconds since the Unix epoch as a UTC date and time, `2026-03-21T14:05:09Z`.
+fn utc(seconds: u64) -> String {
+    let days = seconds / 86_400;
+    let time = seconds % 86_400;
+    // Howard Hinnant's days-to-civil, for days since 1970-01-01.
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let day_of_era = z % 146_097;
+    let year_of_era =
+        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let month_index = (5 * day_of_year + 2) / 153;
+    let day = day_of_year - (153 * month_index + 2) / 5 + 1;
+    let month = if month_index < 10 {
+        month_index + 3
+    } else {
+        month_index - 9
+    };
+    let year = year_of_era + era * 400 + u64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        time / 3600,
+        time % 3600 / 60,
+        time % 60
+    )
 }
 
 fn duration(seconds: Option<f64>) -> String {
@@ -298,6 +369,34 @@ mod tests {
             "{table}"
         );
         assert!(lines[3].contains(" -  "), "{table}");
+    }
+
+    #[test]
+    fn the_table_shows_readiness_binaries_and_settings() {
+        let status: Status = serde_json::from_str(
+            r#"{"pid":10,"generation":2,
+                "workers":[{"id":3,"pid":11,"generation":2,"state":"listening","ready":false}],
+                "settings":[{"name":"wait_ready","value":"on","source":"code"},
+                            {"name":"workers","value":"1","source":"CLUSTER_WORKERS"}],
+                "binaries":[{"generation":2,"path":"/srv/app","inode":42,"len":7,
+                             "modified_unix_seconds":1774101909}]}"#,
+        )
+        .unwrap();
+        let table = table(&status);
+        let lines: Vec<&str> = table.lines().collect();
+        assert!(lines[1].contains("state      ready"), "{table}");
+        // Waited for, and not declared: `no`, not only `listening`.
+        assert!(lines[2].contains("listening  no"), "{table}");
+        assert_eq!(
+            lines[3],
+            "generation 2: /srv/app (inode 42, 7 bytes, modified 2026-03-21T14:05:09Z)"
+        );
+        assert_eq!(
+            lines[4],
+            "settings: wait_ready=on (code), workers=1 (CLUSTER_WORKERS)"
+        );
+        assert_eq!(utc(0), "1970-01-01T00:00:00Z");
+        assert_eq!(utc(951_782_400), "2000-02-29T00:00:00Z");
     }
 
     #[test]
@@ -382,6 +481,15 @@ mod tests {
         assert_eq!(run(&args(&["status"]), None).0, 2);
         assert_eq!(run(&args(&["scale", "x"]), Some("/x".into())).0, 2);
         assert_eq!(run(&args(&["frobnicate"]), Some("/x".into())).0, 2);
+        // Refused before the socket is even tried.
+        let (code, out, err) = run(&args(&["scale", "0"]), Some("/nonexistent/ctl.sock".into()));
+        assert_eq!((code, out.as_str()), (1, ""));
+        assert!(err.contains("--force"), "{err}");
+        let forced = run(
+            &args(&["scale", "0", "--force"]),
+            Some("/nonexistent/ctl.sock".into()),
+        );
+        assert_eq!(forced.0, 69, "with --force it asks the primary");
         assert_eq!(
             run(&args(&["status"]), Some("/nonexistent/ctl.sock".into())).0,
             69

@@ -514,14 +514,38 @@ fn expand(mut input: MainFn, config: &Config, form: Form) -> TokenStream {
             return input.into_tokens(body, last_block);
         }
     };
-    // The explicit `return` is intentional: see tokio-rs/tokio#4636. The call spans the last
-    // statement: its callee has the span of the first token, its parentheses that of the last.
+    // An error `main` returns is printed as a person reads it (`Display`, one line), not as
+    // std's `Error: {:?}`: `MainReturn` picks that for a `Result` whose error is `Display` and
+    // passes anything else through. Not for `()`, `!` or `impl Trait`, which have no such error.
+    // The call spans the last statement, as the expression returned: it starts with a token of
+    // the first token's span and ends with one of the last's.
+    let call = quote! { #callee(#args) };
+    let (report, call) = match &input.sig.output {
+        ReturnType::Type(_, ty)
+            if !matches!(**ty, syn::Type::Never(_)) && !contains_impl_trait(ty) =>
+        {
+            let mut wrapped = Group::new(
+                Delimiter::Parenthesis,
+                quote_spanned! {last_end=> &mut __private::MainReturn::new(#call) },
+            );
+            wrapped.set_span(last_start);
+            let report = quote_spanned! {last_end=>
+                // What `MainReturn` needs; one of the two is the one used.
+                #[allow(unused_imports)]
+                use __private::{PassOutput as _, ReportError as _};
+            };
+            (report, quote_spanned! {last_end=> #wrapped.finish_main() })
+        }
+        _ => (TokenStream::new(), call),
+    };
+    // The explicit `return` is intentional: see tokio-rs/tokio#4636.
     let last_block = quote_spanned! {last_end=>
         #[allow(clippy::needless_return, clippy::diverging_sub_expression, unused_qualifications)]
         {
             use #krate::__private;
+            #report
             #settings_stmts
-            return #callee(#args);
+            return #call;
         }
     };
 
@@ -876,10 +900,12 @@ mod tests {
         assert_eq!(
             last_block(&expanded),
             "use :: cluster :: __private ; \
+             # [allow (unused_imports)] use __private :: { PassOutput as _ , ReportError as _ } ; \
              let settings : __private :: Settings = (crate :: config :: settings) () ; \
              let settings = __private :: configure (settings . workers (2usize) \
              . flavor (__private :: Flavor :: MultiThread) . worker_threads (3usize) , false) ; \
-             return __private :: run_workers (settings , body) ; } }"
+             return (& mut __private :: MainReturn :: new (__private :: run_workers (settings , body))) \
+             . finish_main () ; } }"
         );
     }
 

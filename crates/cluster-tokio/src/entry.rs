@@ -1,7 +1,9 @@
 //! Entry points: decide this process's role, build a runtime for it, run `main`.
 
+use std::fmt;
 use std::future::Future;
 use std::io::{self, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -52,8 +54,36 @@ where
 fn configured(settings: Settings) -> Settings {
     role::detect();
     crate::env::answer_queries();
+    let in_primary = !role::is_worker();
+    if in_primary && crate::check::asked() {
+        crate::check::check_and_exit(settings);
+    }
     let settings = if settings.env_overrides {
-        settings.apply_env().unwrap_or_else(|error| error.exit())
+        if in_primary {
+            // A misspelt variable would otherwise be ignored without a word. Before any
+            // subscriber exists: straight to stderr, as the errors below.
+            let unknown = crate::env::unknown_variables(std::env::vars_os().map(|(name, _)| name));
+            for variable in unknown {
+                let _ = writeln!(
+                    io::stderr(),
+                    "{}: warning: {variable}",
+                    crate::env::program_name()
+                );
+            }
+        }
+        let (settings, errors) = settings.apply_env_all(|name| std::env::var_os(name));
+        if let Some(last) = errors.last() {
+            // Every bad variable, one line each, not only the first.
+            for error in &errors[..errors.len() - 1] {
+                let _ = writeln!(
+                    io::stderr(),
+                    "{}: configuration error: {error}",
+                    crate::env::program_name()
+                );
+            }
+            last.exit();
+        }
+        settings
     } else {
         settings
     };
@@ -168,6 +198,7 @@ where
     R: MainOutput,
 {
     let settings = configured(settings);
+    SUPERVISED.store(true, Ordering::Relaxed);
     if !role::is_worker() && settings.worker_count() == 0 {
         // `CLUSTER_WORKERS=0`: no cluster at all, the body runs in this process.
         let runtime = settings
@@ -188,12 +219,99 @@ where
     )
 }
 
-/// The primary of [`run_workers`]: observed, then supervised.
+/// The primary of [`run_workers`]: observed, then supervised. Every error it returns has been
+/// logged (the supervisor and the observability servers log theirs where they happen), so that
+/// `#[cluster::main]` does not print it a second time.
 async fn supervise(primary: Primary) -> io::Result<()> {
     let supervisor = crate::Supervisor::new(primary);
     // Before any worker starts: an address that cannot be served stops the cluster here.
-    let _observed = crate::observability::serve(&supervisor.handle())?;
-    Ok(supervisor.run().await?)
+    let outcome = match crate::observability::serve(&supervisor.handle()) {
+        Ok(_observed) => supervisor.run().await.map_err(io::Error::from),
+        Err(error) => Err(error.into()),
+    };
+    if outcome.is_err() {
+        PRIMARY_ERROR_LOGGED.store(true, Ordering::Relaxed);
+    }
+    outcome
+}
+
+/// Set once the supervised primary of [`run_workers`] has logged the error it returns.
+static PRIMARY_ERROR_LOGGED: AtomicBool = AtomicBool::new(false);
+
+/// Whether this process runs [`run_workers`]: its primary is a supervisor, which reports what
+/// happened to its workers (a worker's failed bind, why it asked a worker to leave).
+static SUPERVISED: AtomicBool = AtomicBool::new(false);
+
+/// What `#[cluster::main]` does with what `main` returns: an error is printed the way a person
+/// reads it ([`Display`](fmt::Display), one line) rather than as std's `Error: {:?}` dump, and
+/// the process exits with code 1 as std would. An error someone already reported is not printed
+/// again: the supervised primary's (logged where it happened), and a worker's that the primary
+/// reports (a bind the primary could not make, or any error once the primary asked the worker
+/// to leave or went away). Outputs whose error is not `Display` are returned as they are.
+///
+/// Autoref specialisation: `(&mut MainReturn::new(output)).finish_main()` finds
+/// [`ReportError`] for a `Result` whose error is `Display`, and [`PassOutput`] otherwise.
+#[doc(hidden)]
+#[derive(Debug)]
+pub struct MainReturn<T>(Option<T>);
+
+impl<T> MainReturn<T> {
+    /// Wraps `main`'s output.
+    pub fn new(output: T) -> Self {
+        Self(Some(output))
+    }
+
+    fn take(&mut self) -> T {
+        self.0.take().expect("main's output is finished once")
+    }
+}
+
+/// [`MainReturn`] for an error that is `Display`.
+#[doc(hidden)]
+pub trait ReportError<T> {
+    /// Prints the error (unless already reported) and exits 1; returns `Ok` as it is.
+    fn finish_main(&mut self) -> T;
+}
+
+impl<T, E: fmt::Display> ReportError<Result<T, E>> for MainReturn<Result<T, E>> {
+    fn finish_main(&mut self) -> Result<T, E> {
+        match self.take() {
+            Err(error) => exit_with_error(&error),
+            ok => ok,
+        }
+    }
+}
+
+/// [`MainReturn`] for anything else.
+#[doc(hidden)]
+pub trait PassOutput<T> {
+    /// Returns the output as it is.
+    fn finish_main(&mut self) -> T;
+}
+
+impl<T> PassOutput<T> for &mut MainReturn<T> {
+    fn finish_main(&mut self) -> T {
+        self.take()
+    }
+}
+
+/// Prints `error` on one line of stderr, prefixed with the program's name (and the worker's id
+/// in a worker), unless it was reported already; exits with code 1.
+fn exit_with_error(error: &dyn fmt::Display) -> ! {
+    let program = crate::env::program_name();
+    let supervised = SUPERVISED.load(Ordering::Relaxed);
+    let line = match worker::current() {
+        Some(worker) if supervised && (worker.is_shutting_down() || !worker.is_connected()) => None,
+        Some(_) if supervised && worker::refused_bind_said(&error.to_string()) => None,
+        Some(worker) => Some(format!("{program} worker {}: {error:#}", worker.id().get())),
+        None if PRIMARY_ERROR_LOGGED.load(Ordering::Relaxed) => None,
+        None => Some(format!("{program}: {error:#}")),
+    };
+    if let Some(line) = line {
+        // Not `eprintln!`, which panics if stderr is gone (a terminal that hung up).
+        let _ = writeln!(io::stderr(), "{line}");
+    }
+    std::process::exit(1)
 }
 
 /// What `#[cluster::main]` does with its settings before [`run`] or [`run_workers`]:
@@ -258,9 +376,8 @@ pub trait MainOutput {
 
 impl MainOutput for () {
     fn from_primary(result: io::Result<()>) {
-        if let Err(error) = result {
-            // Not `eprintln!`, which panics if stderr is gone (a terminal that hung up).
-            let _ = writeln!(io::stderr(), "cluster primary: {error}");
+        // The primary logged its error where it happened.
+        if result.is_err() {
             std::process::exit(1);
         }
     }

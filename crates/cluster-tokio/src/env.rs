@@ -24,7 +24,13 @@
 //! around it (`20s`, `500ms`, `2m`), from 1 ms to 24 h.
 //!
 //! [`PRINT_PROTOCOL_VERSION`] (`CLUSTER_PRINT_PROTOCOL_VERSION=1`) is not an override: it asks a
-//! build for its protocol version and starts nothing.
+//! build for its protocol version and starts nothing. Nor is [`CHECK_CONFIG`]
+//! (`CLUSTER_CHECK_CONFIG=1`): it prints the settings in force and every problem with them, and
+//! starts nothing.
+//!
+//! Every bad value is reported, one line each, not only the first. A `CLUSTER_*` variable that
+//! is none of these (a typo such as `CLUSTER_WORKER`) is reported too, with the nearest known
+//! name: a warning at start, an error under [`CHECK_CONFIG`].
 
 use std::ffi::{OsStr, OsString};
 use std::fmt;
@@ -67,10 +73,16 @@ pub const METRICS_ADDR: &str = "CLUSTER_METRICS_ADDR";
 pub const CONTROL_SOCKET: &str = "CLUSTER_CONTROL_SOCKET";
 
 /// Not an override: set to `1`, the program prints the version of the protocol its workers
-/// speak (`cluster protocol 3`) and exits 0 without starting anything, so deploy tooling can
+/// speak (`cluster protocol 4`) and exits 0 without starting anything, so deploy tooling can
 /// check a new build against the running primary before a reload. A reload is refused unless
 /// the versions are equal.
 pub const PRINT_PROTOCOL_VERSION: &str = "CLUSTER_PRINT_PROTOCOL_VERSION";
+
+/// Not an override: set to `1`, the program prints the settings it would run with (each with
+/// where it came from: the code, a `CLUSTER_*` variable, or the default) and every problem with
+/// them, then exits without starting anything: 0 if there is none, 78 otherwise. An unknown
+/// `CLUSTER_*` variable is a problem here, not only a warning.
+pub const CHECK_CONFIG: &str = "CLUSTER_CHECK_CONFIG";
 
 /// The protocol version of this build (what [`PRINT_PROTOCOL_VERSION`] prints).
 pub const PROTOCOL_VERSION: u16 = proto::PROTOCOL_VERSION;
@@ -177,16 +189,24 @@ impl From<EnvError> for std::io::Error {
 /// Prints `error` and its sources on one line, prefixed with the program's name, and exits with
 /// code 78.
 pub(crate) fn exit_misconfigured(error: &dyn std::error::Error) -> ! {
-    let program = std::env::args_os()
+    eprintln!(
+        "{}: configuration error: {}",
+        program_name(),
+        ErrorChain(error)
+    );
+    std::process::exit(proto::supervisor::FATAL_EXIT_CODE)
+}
+
+/// This program's file name, as messages to a person start with it.
+pub(crate) fn program_name() -> String {
+    std::env::args_os()
         .next()
         .map(std::path::PathBuf::from)
         .and_then(|path| {
             path.file_name()
                 .map(|name| name.to_string_lossy().into_owned())
         })
-        .unwrap_or_else(|| "cluster".to_owned());
-    eprintln!("{program}: configuration error: {}", ErrorChain(error));
-    std::process::exit(proto::supervisor::FATAL_EXIT_CODE)
+        .unwrap_or_else(|| "cluster".to_owned())
 }
 
 impl Settings {
@@ -207,12 +227,28 @@ impl Settings {
     ///
     /// As [`Self::apply_env`].
     pub fn apply_env_from(
-        mut self,
+        self,
         lookup: impl Fn(&str) -> Option<OsString>,
     ) -> Result<Self, EnvError> {
+        let (settings, mut errors) = self.apply_env_all(lookup);
+        if errors.is_empty() {
+            Ok(settings)
+        } else {
+            Err(errors.swap_remove(0))
+        }
+    }
+
+    /// [`Self::apply_env_from`] that goes on past a bad value: the settings with every good
+    /// value applied, and every bad one, in the order of [`VARIABLES`] (renamed variables
+    /// first). Each variable applied is recorded as the source of its setting.
+    pub(crate) fn apply_env_all(
+        mut self,
+        lookup: impl Fn(&str) -> Option<OsString>,
+    ) -> (Self, Vec<EnvError>) {
+        let mut errors = Vec::new();
         for (old, new) in RENAMED {
             if let Some(value) = lookup(old) {
-                return Err(EnvError {
+                errors.push(EnvError {
                     variable: old,
                     value,
                     accepted: format!("no value: the variable was renamed to {new}"),
@@ -220,122 +256,194 @@ impl Settings {
             }
         }
         for variable in VARIABLES {
-            let Some(value) = lookup(variable) else {
-                continue;
-            };
-            let fail = |accepted: &str| EnvError {
-                variable,
-                value: value.clone(),
-                accepted: accepted.to_owned(),
-            };
-            let text = value.to_str();
-            match variable {
-                WORKERS => {
-                    let accepted = "a whole number from 0 to 1024 (0 runs unclustered)";
-                    self.workers =
-                        Some(parse_number(text, 0, MAX_WORKERS).ok_or_else(|| fail(accepted))?);
-                }
-                SCHED_POLICY => {
-                    self.policy = match text {
-                        Some("rr") => SchedulingPolicy::RoundRobin,
-                        Some("least-outstanding") => SchedulingPolicy::LeastOutstanding,
-                        Some("none") => SchedulingPolicy::Shared,
-                        _ => {
-                            return Err(fail(
-                                "`rr` (round robin), `least-outstanding` or `none` (shared \
-                                 sockets)",
-                            ));
-                        }
-                    };
-                }
-                MAX_CONNECTIONS_PER_WORKER => {
-                    let accepted = "a whole number from 1 to 1048576, or `off` (no cap)";
-                    self.max_connections_per_worker = match text {
-                        Some("off") => None,
-                        _ => Some(
-                            parse_number(text, 1, settings::MAX_CONNECTIONS_PER_WORKER)
-                                .ok_or_else(|| fail(accepted))?,
-                        ),
-                    };
-                }
-                HANDOFF_WINDOW => {
-                    let accepted = "a whole number from 1 to 4096";
-                    self.window =
-                        parse_number(text, 1, MAX_WINDOW).ok_or_else(|| fail(accepted))?;
-                }
-                BATCH_SCHEDULING => {
-                    self.batch_scheduling = match text {
-                        Some("1") => true,
-                        Some("0") => false,
-                        _ => return Err(fail("`1` or `0`")),
-                    };
-                }
-                WORKERS_FOLLOW_CPU_LIMIT => {
-                    self.workers_follow_cpu_limit = match text {
-                        Some("1") => true,
-                        Some("0") => false,
-                        _ => return Err(fail("`1` or `0`")),
-                    };
-                }
-                HAND_BACK => {
-                    self.hand_back = match text {
-                        Some("1") => true,
-                        Some("0") => false,
-                        _ => return Err(fail("`1` or `0`")),
-                    };
-                }
-                HEARTBEAT_TIMEOUT => {
-                    let accepted = "a duration from 2s to 24h (such as `30s`), or `off`";
-                    self.heartbeat_timeout = match text {
-                        Some("off") => None,
-                        _ => Some(
-                            parse_duration(text, MIN_HEARTBEAT_TIMEOUT)
-                                .ok_or_else(|| fail(accepted))?,
-                        ),
-                    };
-                }
-                METRICS_ADDR => {
-                    let accepted =
-                        "an IP address and a port, such as `127.0.0.1:9100` or `[::]:9100`";
-                    self.metrics_addr = Some(
-                        text.and_then(|t| t.parse().ok())
+            match self.apply_one(variable, &lookup) {
+                Ok(true) => self.from_env.push(variable),
+                Ok(false) => {}
+                Err(error) => errors.push(error),
+            }
+        }
+        (self, errors)
+    }
+
+    /// Applies `variable` if it is set: `Ok(true)` if it was.
+    fn apply_one(
+        &mut self,
+        variable: &'static str,
+        lookup: &impl Fn(&str) -> Option<OsString>,
+    ) -> Result<bool, EnvError> {
+        let Some(value) = lookup(variable) else {
+            return Ok(false);
+        };
+        let fail = |accepted: &str| EnvError {
+            variable,
+            value: value.clone(),
+            accepted: accepted.to_owned(),
+        };
+        let text = value.to_str();
+        match variable {
+            WORKERS => {
+                let accepted = "a whole number from 0 to 1024 (0 runs unclustered)";
+                self.workers =
+                    Some(parse_number(text, 0, MAX_WORKERS).ok_or_else(|| fail(accepted))?);
+            }
+            SCHED_POLICY => {
+                self.policy = match text {
+                    Some("rr") => SchedulingPolicy::RoundRobin,
+                    Some("least-outstanding") => SchedulingPolicy::LeastOutstanding,
+                    Some("none") => SchedulingPolicy::Shared,
+                    _ => {
+                        return Err(fail(
+                            "`rr` (round robin), `least-outstanding` or `none` (shared sockets)",
+                        ));
+                    }
+                };
+            }
+            MAX_CONNECTIONS_PER_WORKER => {
+                let accepted = "a whole number from 1 to 1048576, or `off` (no cap)";
+                self.max_connections_per_worker = match text {
+                    Some("off") => None,
+                    _ => Some(
+                        parse_number(text, 1, settings::MAX_CONNECTIONS_PER_WORKER)
                             .ok_or_else(|| fail(accepted))?,
-                    );
+                    ),
+                };
+            }
+            HANDOFF_WINDOW => {
+                let accepted = "a whole number from 1 to 4096";
+                self.window = parse_number(text, 1, MAX_WINDOW).ok_or_else(|| fail(accepted))?;
+            }
+            BATCH_SCHEDULING => {
+                self.batch_scheduling = match text {
+                    Some("1") => true,
+                    Some("0") => false,
+                    _ => return Err(fail("`1` or `0`")),
+                };
+            }
+            WORKERS_FOLLOW_CPU_LIMIT => {
+                self.workers_follow_cpu_limit = match text {
+                    Some("1") => true,
+                    Some("0") => false,
+                    _ => return Err(fail("`1` or `0`")),
+                };
+            }
+            HAND_BACK => {
+                self.hand_back = match text {
+                    Some("1") => true,
+                    Some("0") => false,
+                    _ => return Err(fail("`1` or `0`")),
+                };
+            }
+            HEARTBEAT_TIMEOUT => {
+                let accepted = "a duration from 2s to 24h (such as `30s`), or `off`";
+                self.heartbeat_timeout = match text {
+                    Some("off") => None,
+                    _ => Some(
+                        parse_duration(text, MIN_HEARTBEAT_TIMEOUT)
+                            .ok_or_else(|| fail(accepted))?,
+                    ),
+                };
+            }
+            METRICS_ADDR => {
+                let accepted = "an IP address and a port, such as `127.0.0.1:9100` or `[::]:9100`";
+                self.metrics_addr = Some(
+                    text.and_then(|t| t.parse().ok())
+                        .ok_or_else(|| fail(accepted))?,
+                );
+            }
+            SHUTDOWN_DELAY => {
+                let accepted = "a duration up to 24h: `0`, or a whole number and its unit, \
+                                `ms`, `s`, `m` or `h` (such as `5s`)";
+                self.shutdown_delay = Some(if text == Some("0") {
+                    Duration::ZERO
+                } else {
+                    parse_duration(text, Duration::ZERO).ok_or_else(|| fail(accepted))?
+                });
+            }
+            CONTROL_SOCKET => {
+                let accepted = "an absolute path to a file, such as `/run/my-service/control.sock`";
+                let path = std::path::PathBuf::from(&value);
+                if !settings::is_socket_path(&path) {
+                    return Err(fail(accepted));
                 }
-                SHUTDOWN_DELAY => {
-                    let accepted = "a duration up to 24h: `0`, or a whole number and its unit, \
-                                    `ms`, `s`, `m` or `h` (such as `5s`)";
-                    self.shutdown_delay = Some(if text == Some("0") {
-                        Duration::ZERO
-                    } else {
-                        parse_duration(text, Duration::ZERO).ok_or_else(|| fail(accepted))?
-                    });
-                }
-                CONTROL_SOCKET => {
-                    let accepted =
-                        "an absolute path to a file, such as `/run/my-service/control.sock`";
-                    let path = std::path::PathBuf::from(&value);
-                    if !settings::is_socket_path(&path) {
-                        return Err(fail(accepted));
-                    }
-                    self.control_socket = Some(path);
-                }
-                _ => {
-                    let accepted = "a duration from 1ms to 24h: a whole number and its unit, \
-                                    `ms`, `s`, `m` or `h` (such as `20s` or `500ms`)";
-                    let duration = parse_duration(text, Duration::from_millis(1))
-                        .ok_or_else(|| fail(accepted))?;
-                    match variable {
-                        DISCONNECT_TIMEOUT => self.disconnect_timeout = duration,
-                        BOOT_TIMEOUT => self.boot_timeout = duration,
-                        HANDOFF_TIMEOUT => self.handoff_timeout = duration,
-                        _ => unreachable!("every variable has a parser"),
-                    }
+                self.control_socket = Some(path);
+            }
+            _ => {
+                let accepted = "a duration from 1ms to 24h: a whole number and its unit, \
+                                `ms`, `s`, `m` or `h` (such as `20s` or `500ms`)";
+                let duration =
+                    parse_duration(text, Duration::from_millis(1)).ok_or_else(|| fail(accepted))?;
+                match variable {
+                    DISCONNECT_TIMEOUT => self.disconnect_timeout = duration,
+                    BOOT_TIMEOUT => self.boot_timeout = duration,
+                    HANDOFF_TIMEOUT => self.handoff_timeout = duration,
+                    _ => unreachable!("every variable has a parser"),
                 }
             }
         }
-        Ok(self)
+        Ok(true)
     }
+}
+
+/// A `CLUSTER_*` variable that nothing reads, and the known one nearest to its name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Unknown {
+    pub(crate) name: String,
+    pub(crate) nearest: &'static str,
+}
+
+impl fmt::Display for Unknown {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} is not a variable cluster reads (did you mean {}?)",
+            self.name, self.nearest
+        )
+    }
+}
+
+/// The `CLUSTER_*` names among `names` that are none of the variables cluster reads or sets.
+pub(crate) fn unknown_variables(names: impl IntoIterator<Item = OsString>) -> Vec<Unknown> {
+    let known: Vec<&'static str> = VARIABLES
+        .into_iter()
+        .chain([CHECK_CONFIG, PRINT_PROTOCOL_VERSION])
+        .collect();
+    let mut unknown: Vec<Unknown> = names
+        .into_iter()
+        .filter_map(|name| name.into_string().ok())
+        .filter(|name| name.starts_with("CLUSTER_"))
+        .filter(|name| {
+            !known.contains(&name.as_str())
+                && !RENAMED.iter().any(|(old, _)| old == name)
+                && name != crate::role::ENV_WORKER_ID
+                && name != crate::role::ENV_IPC_FD
+        })
+        .map(|name| {
+            let nearest = known
+                .iter()
+                .copied()
+                .min_by_key(|candidate| edit_distance(&name, candidate))
+                .unwrap_or(WORKERS);
+            Unknown { name, nearest }
+        })
+        .collect();
+    unknown.sort_by(|a, b| a.name.cmp(&b.name));
+    unknown
+}
+
+/// The Levenshtein distance between two names (ASCII, short: the plain dynamic programme).
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b = b.as_bytes();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, &ca) in a.as_bytes().iter().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, &cb) in b.iter().enumerate() {
+            let substitution = diagonal + usize::from(ca != cb);
+            diagonal = row[j + 1];
+            row[j + 1] = substitution.min(row[j] + 1).min(diagonal + 1);
+        }
+    }
+    row[b.len()]
 }
 
 /// Plain ASCII digits only (no sign, space, `0x` or `_`), within `min..=max`.
@@ -515,6 +623,49 @@ mod tests {
             renamed.to_string().contains("CLUSTER_HEARTBEAT_TIMEOUT"),
             "{renamed}"
         );
+    }
+
+    #[test]
+    fn every_bad_value_is_reported_and_the_good_ones_applied() {
+        let env = [
+            (WORKERS, "abc"),
+            (BOOT_TIMEOUT, "5s"),
+            (HANDOFF_WINDOW, "0"),
+        ];
+        let (settings, errors) = Settings::new().apply_env_all(|name| {
+            env.iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, v)| (*v).into())
+        });
+        let named: Vec<&str> = errors.iter().map(EnvError::variable).collect();
+        assert_eq!(named, [WORKERS, HANDOFF_WINDOW]);
+        assert_eq!(settings.boot_timeout, Duration::from_secs(5));
+        assert_eq!(settings.from_env, [BOOT_TIMEOUT]);
+    }
+
+    #[test]
+    fn an_unknown_variable_is_named_with_the_nearest_known_one() {
+        let names = [
+            "CLUSTER_WORKER",
+            "CLUSTER_WORKERS",
+            "PATH",
+            "CLUSTER_DISCONECT_TIMEOUT",
+        ];
+        let unknown = unknown_variables(names.map(OsString::from));
+        assert_eq!(
+            unknown,
+            [
+                Unknown {
+                    name: "CLUSTER_DISCONECT_TIMEOUT".into(),
+                    nearest: DISCONNECT_TIMEOUT
+                },
+                Unknown {
+                    name: "CLUSTER_WORKER".into(),
+                    nearest: WORKERS
+                },
+            ]
+        );
+        assert!(unknown_variables([OsString::from(CHECK_CONFIG)]).is_empty());
     }
 
     #[test]

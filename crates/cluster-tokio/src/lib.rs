@@ -17,8 +17,10 @@
 //!   a listener until the worker is asked to leave, then drain it without losing a request.
 
 #![deny(unsafe_code)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod cgroup;
+mod check;
 mod entry;
 pub mod env;
 mod ipc;
@@ -40,6 +42,8 @@ pub mod worker;
 #[doc(hidden)]
 pub use entry::configure;
 pub use entry::{MainOutput, Role, ready, run, run_workers, shutdown};
+#[doc(hidden)]
+pub use entry::{MainReturn, PassOutput, ReportError};
 pub use net::ClusterListener;
 pub use primary::Primary;
 #[cfg(any(feature = "axum", feature = "hyper", feature = "tonic"))]

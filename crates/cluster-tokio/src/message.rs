@@ -251,7 +251,7 @@ impl Message {
 #[non_exhaustive]
 pub enum RequestError {
     /// No answer came in time (a late one is dropped).
-    #[error("no reply within {0:?}")]
+    #[error("no reply within {}", crate::settings::Shown(*.0))]
     TimedOut(Duration),
     /// The other side refused it, or dropped it unanswered.
     #[error("request refused: {0}")]

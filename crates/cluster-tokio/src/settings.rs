@@ -106,6 +106,8 @@ pub struct Settings {
     pub(crate) control_socket: Option<PathBuf>,
     pub(crate) env_overrides: bool,
     pub(crate) workers_follow_cpu_limit: bool,
+    /// The `CLUSTER_*` variables applied to these settings: where those settings came from.
+    pub(crate) from_env: Vec<&'static str>,
 }
 
 impl Default for Settings {
@@ -156,6 +158,7 @@ impl Settings {
             control_socket: None,
             env_overrides: true,
             workers_follow_cpu_limit: false,
+            from_env: Vec::new(),
         }
     }
 
@@ -638,17 +641,211 @@ impl Settings {
     /// process may use (the cgroup's CPU quota, the CPU affinity, or the host's CPUs).
     pub(crate) fn worker_count_and_source(&self) -> (usize, String) {
         match self.workers {
-            Some(workers)
-                if self.env_overrides && std::env::var_os(crate::env::WORKERS).is_some() =>
-            {
+            Some(workers) if self.from_env.contains(&crate::env::WORKERS) => {
                 (workers, crate::env::WORKERS.to_owned())
             }
-            Some(workers) => (workers, "the settings".to_owned()),
+            Some(workers) => (workers, "code".to_owned()),
             None => {
                 let cpus = crate::cgroup::available();
                 (cpus.count, format!("one per CPU: {}", cpus.source))
             }
         }
+    }
+
+    /// Every setting in force, as a person reads it, with where it came from: the `CLUSTER_*`
+    /// variable that set it, `default`, or `code` (a value other than the default, set by the
+    /// program). What the startup line, `CLUSTER_CHECK_CONFIG=1` and the control socket's status
+    /// show.
+    pub(crate) fn in_force(&self) -> Vec<InForce> {
+        use crate::env;
+        let defaults = Self::new();
+        let from = |variable: Option<&'static str>, is_default: bool| -> String {
+            match variable {
+                Some(variable) if self.from_env.contains(&variable) => variable.to_owned(),
+                _ if is_default => "default".to_owned(),
+                _ => "code".to_owned(),
+            }
+        };
+        let on = |on: bool| if on { "on" } else { "off" }.to_owned();
+        let or_none = |value: Option<String>| value.unwrap_or_else(|| "none".to_owned());
+        let (workers, workers_from) = self.worker_count_and_source();
+        let (delay, delay_from) = self.shutdown_delay_in_force();
+        let mut list = vec![InForce::new("workers", workers.to_string(), workers_from)];
+        let mut add = |name: &'static str, value: String, source: String| {
+            list.push(InForce::new(name, value, source));
+        };
+        let policy = match self.policy {
+            SchedulingPolicy::RoundRobin => "rr",
+            SchedulingPolicy::LeastOutstanding => "least-outstanding",
+            SchedulingPolicy::Shared => "none",
+        };
+        add(
+            "policy",
+            policy.to_owned(),
+            from(Some(env::SCHED_POLICY), self.policy == defaults.policy),
+        );
+        add(
+            "window",
+            self.window.to_string(),
+            from(Some(env::HANDOFF_WINDOW), self.window == defaults.window),
+        );
+        let timeouts = [
+            (
+                "handoff_timeout",
+                env::HANDOFF_TIMEOUT,
+                self.handoff_timeout,
+                defaults.handoff_timeout,
+            ),
+            (
+                "disconnect_timeout",
+                env::DISCONNECT_TIMEOUT,
+                self.disconnect_timeout,
+                defaults.disconnect_timeout,
+            ),
+            (
+                "boot_timeout",
+                env::BOOT_TIMEOUT,
+                self.boot_timeout,
+                defaults.boot_timeout,
+            ),
+        ];
+        for (name, variable, value, default) in timeouts {
+            add(
+                name,
+                Shown(value).to_string(),
+                from(Some(variable), value == default),
+            );
+        }
+        add(
+            "heartbeat_timeout",
+            self.heartbeat_timeout
+                .map_or_else(|| "off".to_owned(), |t| Shown(t).to_string()),
+            from(
+                Some(env::HEARTBEAT_TIMEOUT),
+                self.heartbeat_timeout == defaults.heartbeat_timeout,
+            ),
+        );
+        let delay_from = if self.from_env.contains(&env::SHUTDOWN_DELAY) {
+            env::SHUTDOWN_DELAY.to_owned()
+        } else if delay_from == "set" {
+            "code".to_owned()
+        } else {
+            delay_from.to_owned()
+        };
+        add("shutdown_delay", Shown(delay).to_string(), delay_from);
+        add(
+            "metrics_addr",
+            or_none(self.metrics_addr.map(|a| a.to_string())),
+            from(Some(env::METRICS_ADDR), self.metrics_addr.is_none()),
+        );
+        add(
+            "control_socket",
+            or_none(
+                self.control_socket
+                    .as_ref()
+                    .map(|p| p.display().to_string()),
+            ),
+            from(Some(env::CONTROL_SOCKET), self.control_socket.is_none()),
+        );
+        add(
+            "batch_scheduling",
+            on(self.batch_scheduling),
+            from(
+                Some(env::BATCH_SCHEDULING),
+                self.batch_scheduling == defaults.batch_scheduling,
+            ),
+        );
+        add(
+            "workers_follow_cpu_limit",
+            on(self.workers_follow_cpu_limit),
+            from(
+                Some(env::WORKERS_FOLLOW_CPU_LIMIT),
+                !self.workers_follow_cpu_limit,
+            ),
+        );
+        add(
+            "max_connections_per_worker",
+            self.max_connections_per_worker
+                .map_or_else(|| "off".to_owned(), |n| n.to_string()),
+            from(
+                Some(env::MAX_CONNECTIONS_PER_WORKER),
+                self.max_connections_per_worker.is_none(),
+            ),
+        );
+        add(
+            "hand_back",
+            on(self.hand_back),
+            from(Some(env::HAND_BACK), self.hand_back == defaults.hand_back),
+        );
+        // Set in code only.
+        let flavor = match self.flavor {
+            Flavor::CurrentThread => "current_thread",
+            Flavor::MultiThread => "multi_thread",
+        };
+        add(
+            "flavor",
+            flavor.to_owned(),
+            from(None, self.flavor == defaults.flavor),
+        );
+        add(
+            "wait_ready",
+            on(self.wait_ready),
+            from(None, !self.wait_ready),
+        );
+        add(
+            "max_queued",
+            self.max_queued.to_string(),
+            from(None, self.max_queued == defaults.max_queued),
+        );
+        add(
+            "backlog",
+            self.backlog.to_string(),
+            from(None, self.backlog == defaults.backlog),
+        );
+        add(
+            "backoff",
+            format!(
+                "{} to {}",
+                Shown(self.backoff_initial),
+                Shown(self.backoff_max)
+            ),
+            from(
+                None,
+                (self.backoff_initial, self.backoff_max)
+                    == (defaults.backoff_initial, defaults.backoff_max),
+            ),
+        );
+        add(
+            "crash_loop",
+            format!(
+                "{} crashes in {}",
+                self.crash_loop_failures,
+                Shown(self.crash_loop_window)
+            ),
+            from(
+                None,
+                (self.crash_loop_failures, self.crash_loop_window)
+                    == (defaults.crash_loop_failures, defaults.crash_loop_window),
+            ),
+        );
+        add(
+            "fatal_exit_code",
+            or_none(self.fatal_exit_code.map(|c| c.to_string())),
+            from(None, self.fatal_exit_code == defaults.fatal_exit_code),
+        );
+        add(
+            "retry_bind_errors",
+            on(self.retry_bind_errors),
+            from(None, !self.retry_bind_errors),
+        );
+        add(
+            "exec",
+            self.exec
+                .as_ref()
+                .map_or_else(|| "this program".to_owned(), |p| p.display().to_string()),
+            from(None, self.exec.is_none()),
+        );
+        list
     }
 
     /// Checks the settings against each other and against their bounds.
@@ -761,6 +958,51 @@ impl Settings {
     }
 }
 
+/// One setting in force ([`Settings::in_force`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct InForce {
+    /// As its builder method is named.
+    pub(crate) name: &'static str,
+    /// As a person reads it, in the form its `CLUSTER_*` variable takes when it has one.
+    pub(crate) value: String,
+    /// A variable's name, `code`, `default`, or how a default was found.
+    pub(crate) source: String,
+}
+
+impl InForce {
+    fn new(name: &'static str, value: String, source: String) -> Self {
+        Self {
+            name,
+            value,
+            source,
+        }
+    }
+}
+
+/// A duration as a person reads it, in the form the `CLUSTER_*` variables take: `30s`, `500ms`,
+/// `2m`, `1h` (and `0`); under a millisecond, in microseconds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Shown(pub(crate) Duration);
+
+impl fmt::Display for Shown {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let duration = self.0;
+        if duration.is_zero() {
+            return f.write_str("0");
+        }
+        if !duration.subsec_nanos().is_multiple_of(1_000_000) {
+            return write!(f, "{}µs", duration.as_micros());
+        }
+        let millis = duration.as_millis();
+        match millis {
+            m if m.is_multiple_of(3_600_000) => write!(f, "{}h", m / 3_600_000),
+            m if m.is_multiple_of(60_000) => write!(f, "{}m", m / 60_000),
+            m if m.is_multiple_of(1000) => write!(f, "{}s", m / 1000),
+            m => write!(f, "{m}ms"),
+        }
+    }
+}
+
 /// An absolute path with a file name and no NUL byte.
 pub(crate) fn is_socket_path(path: &std::path::Path) -> bool {
     use std::os::unix::ffi::OsStrExt;
@@ -794,8 +1036,8 @@ fn check_timeout(
     } else {
         Err(SettingsError::out_of_range(
             setting,
-            format_args!("{value:?}"),
-            format_args!("from {min:?} to 24h"),
+            Shown(value),
+            format_args!("from {} to 24h", Shown(min)),
         ))
     }
 }
@@ -826,7 +1068,11 @@ pub enum SettingsError {
         path: PathBuf,
     },
     /// The first backoff is longer than the longest.
-    #[error("the first restart backoff ({initial:?}) is longer than the longest ({max:?})")]
+    #[error(
+        "the first restart backoff ({}) is longer than the longest ({})",
+        Shown(*initial),
+        Shown(*max)
+    )]
     BackoffInverted {
         /// The first backoff.
         initial: Duration,
@@ -942,6 +1188,18 @@ mod tests {
         );
         assert!(!settings.get_env_overrides());
         assert!(Settings::new().get_env_overrides());
+    }
+
+    #[test]
+    fn durations_read_as_the_variables_take_them() {
+        let shown = |d: Duration| Shown(d).to_string();
+        assert_eq!(shown(Duration::ZERO), "0");
+        assert_eq!(shown(Duration::from_millis(500)), "500ms");
+        assert_eq!(shown(Duration::from_millis(1500)), "1500ms");
+        assert_eq!(shown(Duration::from_secs(30)), "30s");
+        assert_eq!(shown(Duration::from_secs(120)), "2m");
+        assert_eq!(shown(Duration::from_secs(7200)), "2h");
+        assert_eq!(shown(Duration::from_micros(1500)), "1500µs");
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! A notification is one datagram, sent without blocking; an error is logged once and
 //! otherwise ignored: nothing systemd does or fails to do can stall or stop the primary.
 
+use std::ffi::OsStr;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::linux::net::SocketAddrExt;
@@ -131,7 +132,7 @@ pub(crate) fn named(name: &str, kind: SocketKind) -> io::Result<Bound> {
         let passed: Vec<_> = sockets.iter().filter_map(|s| s.name.as_deref()).collect();
         tracing::warn!(
             name,
-            ?passed,
+            passed = %passed.join(", "),
             "no socket of that name was passed by the service manager"
         );
         // The errno a worker gets back; the log line above says the rest.
@@ -222,7 +223,7 @@ impl Notifier {
             Some(b'/') => SocketAddr::from_pathname(&value),
             Some(b'@') => SocketAddr::from_abstract_name(&bytes[1..]),
             _ => {
-                tracing::warn!(notify_socket = ?value, "NOTIFY_SOCKET is neither a path nor an abstract socket name: not notifying systemd");
+                tracing::warn!(notify_socket = %value.to_string_lossy(), "NOTIFY_SOCKET is neither a path nor an abstract socket name: not notifying systemd");
                 return None;
             }
         };
@@ -238,7 +239,7 @@ impl Notifier {
                 failed: AtomicBool::new(false),
             }),
             Err(error) => {
-                tracing::warn!(notify_socket = ?value, %error, "cannot notify systemd");
+                tracing::warn!(notify_socket = %value.to_string_lossy(), %error, "cannot notify systemd");
                 None
             }
         }
@@ -262,7 +263,7 @@ fn watchdog_from_env() -> Option<Duration> {
     if let Some(pid) = std::env::var_os("WATCHDOG_PID")
         && pid.to_str().and_then(|p| p.parse::<u32>().ok()) != Some(std::process::id())
     {
-        tracing::debug!(watchdog_pid = ?pid, "WATCHDOG_USEC is for another process");
+        tracing::debug!(watchdog_pid = %pid.to_string_lossy(), "WATCHDOG_USEC is for another process");
         return None;
     }
     match usec.parse::<u64>() {
@@ -304,14 +305,18 @@ fn sockets_from_env() -> Vec<Activated> {
             return Vec::new();
         }
         None => {
-            tracing::warn!(listen_pid = ?pid, "LISTEN_FDS without a valid LISTEN_PID: not taking its sockets");
+            let pid = pid
+                .as_deref()
+                .map(OsStr::to_string_lossy)
+                .unwrap_or_default();
+            tracing::warn!(listen_pid = %pid, "LISTEN_FDS without a valid LISTEN_PID: not taking its sockets");
             return Vec::new();
         }
     }
     let count = match fds.to_str().and_then(|n| n.parse::<u32>().ok()) {
         Some(count) if count <= MAX_LISTEN_FDS => count,
         _ => {
-            tracing::warn!(listen_fds = ?fds, "LISTEN_FDS is not a number of sockets: not taking any");
+            tracing::warn!(listen_fds = %fds.to_string_lossy(), "LISTEN_FDS is not a number of sockets: not taking any");
             return Vec::new();
         }
     };
@@ -319,7 +324,7 @@ fn sockets_from_env() -> Vec<Activated> {
         Ok(names) => names.split(':').map(|n| Some(n.to_owned())).collect(),
         Err(std::env::VarError::NotPresent) => Vec::new(),
         Err(std::env::VarError::NotUnicode(names)) => {
-            tracing::warn!(listen_fdnames = ?names, "LISTEN_FDNAMES is not UTF-8: ignoring the names");
+            tracing::warn!(listen_fdnames = %names.to_string_lossy(), "LISTEN_FDNAMES is not UTF-8: ignoring the names");
             Vec::new()
         }
     };
@@ -344,7 +349,7 @@ fn sockets_from_env() -> Vec<Activated> {
         let listen = listen_of(&socket);
         match &listen {
             Some((kind, addr)) => {
-                tracing::info!(fd, name, ?kind, address = %shown(addr), "systemd passed a socket");
+                tracing::info!(fd, name, kind = kind_name(*kind), address = %shown(addr), "systemd passed a socket");
             }
             None => {
                 tracing::warn!(
@@ -373,6 +378,14 @@ fn shown(addr: &BoundAddr) -> String {
 }
 
 /// The kind and address a bind request names `socket` by, if it can.
+/// What a passed socket is, for the log.
+fn kind_name(kind: SocketKind) -> &'static str {
+    match kind {
+        SocketKind::Stream => "stream",
+        SocketKind::Datagram => "datagram",
+    }
+}
+
 fn listen_of(socket: &Socket) -> Option<(SocketKind, BoundAddr)> {
     let kind = match socket.r#type().ok()? {
         Type::STREAM if socket.is_listener().ok()? => SocketKind::Stream,

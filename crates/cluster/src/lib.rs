@@ -56,6 +56,8 @@
 //!   ([`Settings::metrics_addr`]), in the Prometheus text format; `/healthz` and `/readyz`
 //!   are served without it.
 
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
 #[cfg(feature = "macros")]
 pub use cluster_macros::main;
 #[cfg(feature = "axum")]
@@ -69,10 +71,12 @@ pub use cluster_tokio::{
     observability, primary, ready, run, run_workers, settings, shutdown, supervisor, worker,
 };
 
-#[doc = include_str!("../../../docs/guide.md")]
+// `docs/` in this crate links to the repository's `docs/` pages: one text, on GitHub and on
+// docs.rs alike, and `cargo package` puts the pages themselves in the crate.
+#[doc = include_str!("../docs/guide.md")]
 pub mod guide {}
 
-#[doc = include_str!("../../../docs/operations.md")]
+#[doc = include_str!("../docs/operations.md")]
 pub mod operations {}
 
 /// What `#[cluster::main]` expands to. Not public API.
@@ -80,5 +84,6 @@ pub mod operations {}
 pub mod __private {
     pub use cluster_tokio::configure;
     pub use cluster_tokio::settings::Flavor;
+    pub use cluster_tokio::{MainReturn, PassOutput, ReportError};
     pub use cluster_tokio::{Role, Settings, run, run_workers};
 }

@@ -162,7 +162,7 @@ async fn execute(command: Command, handle: &SupervisorHandle) -> Answer {
     let failed = |e: &dyn std::error::Error| error(ErrorKind::Failed, ErrorChain(e).to_string());
     match command {
         Command::Status => match handle.status().await {
-            Ok(status) => Answer::Status(status_of(&status)),
+            Ok(status) => Answer::Status(status_of(&status, handle.primary().settings())),
             Err(e) => failed(&e),
         },
         Command::Reload => {
@@ -174,10 +174,7 @@ async fn execute(command: Command, handle: &SupervisorHandle) -> Answer {
                     handed_back: report.handed_back,
                     complete: report.is_complete(),
                     binary_changed: report.binary_changed(),
-                    aborted: report
-                        .aborted
-                        .as_ref()
-                        .map(|a| format!("worker {}: {}", a.worker, a.reason)),
+                    aborted: report.aborted.as_ref().map(ToString::to_string),
                 }),
                 Err(e) => failed(&e),
             }
@@ -192,7 +189,7 @@ async fn execute(command: Command, handle: &SupervisorHandle) -> Answer {
     }
 }
 
-fn status_of(status: &ClusterStatus) -> control::Status {
+fn status_of(status: &ClusterStatus, settings: &crate::Settings) -> control::Status {
     let workers = status
         .workers
         .iter()
@@ -202,6 +199,7 @@ fn status_of(status: &ClusterStatus) -> control::Status {
             slot: w.slot.map(|s| s.index()),
             generation: w.generation,
             state: w.counters.state.to_string(),
+            ready: w.ready,
             uptime_seconds: w.uptime.as_secs_f64(),
             restarts: w.restarts,
             resident_bytes: w.usage.map(|u| u.resident_bytes),
@@ -240,5 +238,28 @@ fn status_of(status: &ClusterStatus) -> control::Status {
         handed_back: status.handed_back,
         accept_errors: status.accept_errors,
         workers,
+        settings: settings
+            .in_force()
+            .into_iter()
+            .map(|s| control::Setting {
+                name: s.name.to_owned(),
+                value: s.value,
+                source: s.source,
+            })
+            .collect(),
+        binaries: status
+            .binaries
+            .iter()
+            .map(|(generation, binary)| control::GenerationBinary {
+                generation: *generation,
+                path: binary.path.display().to_string(),
+                inode: binary.inode,
+                len: binary.len,
+                modified_unix_seconds: binary
+                    .modified
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs()),
+            })
+            .collect(),
     }
 }

@@ -245,6 +245,7 @@ mod tests {
             },
             slot: None,
             generation: 1,
+            ready: false,
             uptime: Duration::from_secs(1),
             restarts: 0,
             previous: None,
@@ -272,6 +273,7 @@ mod tests {
             handed_back: 0,
             handoff_latency: HandoffLatency::default(),
             accept_errors: 0,
+            binaries: Vec::new(),
         }
     }
 

@@ -106,6 +106,7 @@ pub fn serve(handle: &SupervisorHandle) -> Result<Observability, BindError> {
                 BindError::Endpoint { address, source }
             })?;
             let bound = listener.local_addr().unwrap_or(address);
+            handle.shared.book.lock().expect("not poisoned").endpoint = Some(bound);
             tracing::info!(address = %bound, "serving /metrics, /healthz and /readyz");
             let task = tokio::spawn(endpoint::serve(listener, handle.clone()));
             Some((bound, AbortOnDrop(task)))

@@ -55,6 +55,9 @@ pub struct ClusterStatus {
     pub handoff_latency: crate::primary::HandoffLatency,
     /// As [`Counters::accept_errors`].
     pub accept_errors: u64,
+    /// The binary of each generation that has a worker in this snapshot, and of
+    /// [`Self::generation`], in order.
+    pub binaries: Vec<(u64, crate::primary::Binary)>,
 }
 
 /// One worker in a [`ClusterStatus`].
@@ -68,6 +71,9 @@ pub struct WorkerStatus {
     pub slot: Option<SlotId>,
     /// Its generation ([`WorkerHandle::generation`](crate::primary::WorkerHandle::generation)).
     pub generation: u64,
+    /// Whether it declared itself ready
+    /// ([`WorkerHandle::is_ready`](crate::primary::WorkerHandle::is_ready)).
+    pub ready: bool,
     /// How long ago the primary started it.
     pub uptime: Duration,
     /// Restarts of its slot so far.
@@ -184,7 +190,8 @@ impl SupervisorHandle {
     /// # async fn dox(handle: cluster_tokio::supervisor::SupervisorHandle) -> Result<(), cluster_tokio::supervisor::SupervisorError> {
     /// let status = handle.status().await?;
     /// for worker in &status.workers {
-    ///     println!("worker {} pid {} restarts {}", worker.counters.id, worker.counters.pid, worker.restarts);
+    ///     // A `WorkerId` shows as `worker 3`.
+    ///     println!("{} pid {} restarts {}", worker.counters.id, worker.counters.pid, worker.restarts);
     /// }
     /// # Ok(()) }
     /// ```
@@ -251,6 +258,7 @@ async fn assemble(
             Some(WorkerStatus {
                 slot,
                 generation: handle.generation(),
+                ready: handle.is_ready(),
                 uptime: handle.uptime(),
                 restarts: of_slot.map_or(0, |s| s.restarts),
                 previous: of_slot.and_then(|s| s.previous),
@@ -259,6 +267,15 @@ async fn assemble(
                 counters,
             })
         })
+        .collect::<Vec<WorkerStatus>>();
+    let generations: std::collections::BTreeSet<u64> = workers
+        .iter()
+        .map(|w| w.generation)
+        .chain([generation])
+        .collect();
+    let binaries = generations
+        .into_iter()
+        .filter_map(|g| Some((g, primary.binary_of(g)?)))
         .collect();
     ClusterStatus {
         pid: std::process::id(),
@@ -278,6 +295,7 @@ async fn assemble(
         handed_back: stats.handed_back,
         handoff_latency: stats.handoff_latency,
         accept_errors: stats.accept_errors,
+        binaries,
     }
 }
 

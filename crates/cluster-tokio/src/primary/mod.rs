@@ -59,7 +59,7 @@ mod signal;
 /// }
 /// while let Some(event) = events.recv().await {
 ///     if let Event::Exit { worker, status, .. } = event {
-///         eprintln!("worker {} exited: {status}", worker.id());
+///         eprintln!("{} exited: {status}", worker.id());
 ///     }
 /// }
 /// # Ok(()) }
@@ -78,6 +78,8 @@ pub(crate) struct PrimaryShared {
     settings: Settings,
     /// The program of the current generation: what forks, respawns and scale-ups run.
     image: Mutex<Arc<Image>>,
+    /// The binary of every generation opened, for the status.
+    binaries: Mutex<BTreeMap<u64, Binary>>,
     /// The number the next reload's generation gets (never reused, aborted reloads included).
     next_generation: std::sync::atomic::AtomicU64,
 }
@@ -143,6 +145,7 @@ impl Primary {
             messages: messages::Slot::default(),
             workers: Mutex::new(BTreeMap::new()),
             settings: settings.clone(),
+            binaries: Mutex::new(BTreeMap::from([(image.generation, image.binary.clone())])),
             image: Mutex::new(Arc::new(image)),
             next_generation: std::sync::atomic::AtomicU64::new(2),
         });
@@ -325,7 +328,23 @@ impl Primary {
             .shared
             .next_generation
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Image::open(&path, generation)
+        let image = Image::open(&path, generation)?;
+        self.shared
+            .binaries
+            .lock()
+            .expect("not poisoned")
+            .insert(generation, image.binary.clone());
+        Ok(image)
+    }
+
+    /// The binary `generation` runs (or would have run, for a reload that aborted).
+    pub(crate) fn binary_of(&self, generation: u64) -> Option<Binary> {
+        self.shared
+            .binaries
+            .lock()
+            .expect("not poisoned")
+            .get(&generation)
+            .cloned()
     }
 
     /// From now on, forks, respawns and scale-ups run `image`.

@@ -38,6 +38,8 @@ pub(crate) struct Shared {
     pub(crate) closing: AtomicBool,
     /// Connections handed back to the primary.
     pub(crate) handed_back: AtomicU64,
+    /// Requests not answered yet, on all connections: what a drain deadline cuts.
+    pub(crate) unanswered: AtomicUsize,
 }
 
 /// Serves HTTP/1.1 (with upgrades) and h2c on every connection of `listener`, with the service
@@ -103,10 +105,15 @@ where
     let finished = tokio::time::timeout_at(deadline, phase.closed()).await;
     let handed_back = shared.handed_back.load(Ordering::Relaxed);
     if finished.is_err() {
+        // Connections still open, and requests among them not answered yet: what the deadline
+        // cuts (a response still streaming its body counts as a connection only).
+        let connections = phase.receiver_count();
+        let requests = shared.unanswered.load(Ordering::Relaxed);
         tracing::warn!(
-            connections = phase.receiver_count(),
+            connections,
+            requests,
             handed_back,
-            "drain deadline passed; closing the connections left"
+            "the drain deadline passed: cutting {connections} connections, {requests} requests unanswered"
         );
     } else if handing_back {
         tracing::debug!(handed_back, "drained: idle connections handed back");
@@ -154,6 +161,7 @@ where
     fn call(&self, request: Request<IncomingBody>) -> Self::Future {
         self.state.requests.fetch_add(1, Ordering::Relaxed);
         let guard = InFlight::new(self.state.clone());
+        let unanswered = Unanswered::new(self.shared.clone());
         let http1 = self.http1;
         if http1 {
             if request.version() < Version::HTTP_11 || has_token(&request, "close") {
@@ -168,6 +176,7 @@ where
         let response = self.inner.call(request);
         Box::pin(async move {
             let mut response = response.await?;
+            drop(unanswered);
             if http1 {
                 if state.wants_upgrades.load(Ordering::Relaxed) {
                     // The driver switches the connection to one that can upgrade before this
@@ -219,6 +228,22 @@ fn token_in(value: &HeaderValue, token: &str) -> bool {
     value
         .to_str()
         .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+}
+
+/// A request counted unanswered by the server until its response is ready.
+struct Unanswered(Arc<Shared>);
+
+impl Unanswered {
+    fn new(shared: Arc<Shared>) -> Self {
+        shared.unanswered.fetch_add(1, Ordering::Relaxed);
+        Self(shared)
+    }
+}
+
+impl Drop for Unanswered {
+    fn drop(&mut self) {
+        self.0.unanswered.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// A request counted in flight until its response body is done with (written or dropped).

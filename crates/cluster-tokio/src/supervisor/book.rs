@@ -83,6 +83,8 @@ pub(crate) struct Book {
     pub(crate) phase: Phase,
     /// Workers the OOM killer killed.
     pub(crate) oom_kills: u64,
+    /// The address the HTTP endpoint bound (the port the kernel chose, for port 0).
+    pub(crate) endpoint: Option<std::net::SocketAddr>,
 }
 
 /// One slot in the [`Book`].
@@ -107,6 +109,7 @@ impl Book {
             forked: 0,
             phase: Phase::Serving,
             oom_kills: 0,
+            endpoint: None,
         }
     }
 

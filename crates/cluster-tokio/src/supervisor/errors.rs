@@ -51,6 +51,13 @@ pub struct ReloadAborted {
     pub reason: AbortReason,
 }
 
+impl std::fmt::Display for ReloadAborted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // `WorkerId` shows as `worker 3`.
+        write!(f, "replacing {}: {}", self.worker, self.reason)
+    }
+}
+
 /// What happened to a replacement worker that aborted a rolling reload.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -60,7 +67,7 @@ pub enum AbortReason {
     ExitedBeforeListening(ExitStatus),
     /// It did not listen (with [`Settings::wait_ready`](crate::Settings::wait_ready): declare itself ready) within the boot
     /// timeout; it was killed.
-    #[error("the replacement was not up within the boot timeout ({0:?})")]
+    #[error("the replacement was not up within the boot timeout ({})", crate::settings::Shown(*.0))]
     BootTimeout(Duration),
     /// It speaks another protocol version than this primary (a deploy across an incompatible
     /// release of `cluster`: restart the service instead).

@@ -5,6 +5,8 @@ use std::io;
 use proto::supervisor::{SlotId, SupervisorEvent};
 use proto::{ExitStatus, KillReason, WorkerId};
 
+use crate::settings::Shown;
+
 /// Failures to start a worker process, logged once per burst: the first with its error, the
 /// rest counted and summed up when the burst ends (a fork that fails with `EAGAIN` fails for
 /// every slot at once, and each slot retries on its own backoff).
@@ -45,21 +47,21 @@ pub(super) fn report(event: SupervisorEvent, spawn_failures: &SpawnFailures) {
             delay,
             recent_failures,
         } if spawn_failures.in_burst(slot) => {
-            tracing::debug!(%slot, ?delay, recent_failures, "starting a worker again");
+            tracing::debug!(%slot, delay = %Shown(delay), recent_failures, "starting a worker again");
         }
         SupervisorEvent::Respawning {
             slot,
             delay,
             recent_failures,
         } => {
-            tracing::warn!(%slot, ?delay, recent_failures, "restarting a crashed worker");
+            tracing::warn!(%slot, delay = %Shown(delay), recent_failures, "restarting a crashed worker");
         }
         SupervisorEvent::Killed {
             slot,
             worker,
             delay,
         } => {
-            tracing::warn!(%slot, worker = worker.get(), ?delay, "worker killed from outside; restarting it");
+            tracing::warn!(%slot, worker = worker.get(), delay = %Shown(delay), "worker killed from outside; restarting it");
         }
         SupervisorEvent::CrashLoop {
             slot,
@@ -67,7 +69,7 @@ pub(super) fn report(event: SupervisorEvent, spawn_failures: &SpawnFailures) {
             at_boot,
             cooldown,
         } => {
-            tracing::error!(%slot, failures, at_boot, ?cooldown, "crash loop: this slot cools down before it tries again; the other workers keep serving");
+            tracing::error!(%slot, failures, at_boot, cooldown = %Shown(cooldown), "crash loop: this slot cools down before it tries again; the other workers keep serving");
         }
         SupervisorEvent::Fatal { slot, worker, code } => {
             tracing::error!(%slot, worker = worker.get(), code, "worker exited with the fatal exit code; not restarting it");

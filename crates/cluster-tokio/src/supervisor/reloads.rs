@@ -110,12 +110,15 @@ impl Reloads {
                     binary_changed = report.binary_changed(),
                     "reload complete"
                 ),
-                Ok(report) => tracing::error!(
-                    generation = report.generation,
-                    replaced = report.replaced.len(),
-                    aborted = ?report.aborted,
-                    "reload aborted; the old workers keep serving"
-                ),
+                Ok(report) => {
+                    let why = report.aborted.as_ref().map(ToString::to_string);
+                    tracing::error!(
+                        generation = report.generation,
+                        replaced = report.replaced.len(),
+                        "reload aborted, the old workers keep serving: {}",
+                        why.unwrap_or_default()
+                    );
+                }
                 Err(error) => {
                     tracing::error!(error = %ErrorChain(error), "reload failed; the old workers keep serving")
                 }
@@ -148,10 +151,7 @@ pub(super) fn reload_status(outcome: &Result<ReloadReport, ReloadError>) -> Stri
                     "same binary"
                 }
             ),
-            Some(aborted) => format!(
-                "reload aborted, the old workers keep serving: {}",
-                aborted.reason
-            ),
+            Some(aborted) => format!("reload aborted, the old workers keep serving: {aborted}"),
         },
         Err(error) => format!(
             "reload failed, the old workers keep serving: {}",

@@ -19,7 +19,7 @@ use super::reloads::Reloads;
 use super::signals::{Asked, Signals};
 use super::{ReloadError, SupervisorError};
 use crate::primary::{Event, Events, ExitStatus, Primary, Signal, WorkerHandle};
-use crate::settings::SettingsError;
+use crate::settings::{SettingsError, Shown};
 
 /// How long a fast shutdown (SIGINT) lets workers drain before it kills them.
 const FAST_SHUTDOWN: Duration = Duration::from_secs(5);
@@ -67,6 +67,8 @@ pub(super) struct Running {
     /// The OOM kills the memory cgroup counted at the last look: one more when a worker died
     /// of SIGKILL means the OOM killer killed it.
     oom_kills: Option<u64>,
+    /// The last bind the primary could not make for a worker, reported when that worker exits.
+    listen_failure: Option<(String, i32)>,
 }
 
 impl Running {
@@ -95,24 +97,24 @@ impl Running {
             oom_kills: crate::cgroup::oom_kills(),
             forward_log: RateLimit::default(),
             ignore_log: RateLimit::default(),
+            listen_failure: None,
         }
     }
 
     pub(super) async fn supervise(mut self, mut signals: Signals) -> Result<(), SupervisorError> {
+        self.banner();
         let settings = self.primary.settings();
-        let (workers, from) = settings.worker_count_and_source();
-        tracing::info!(workers, from = %from, "starting the workers");
         if settings.workers_follow_cpu_limit {
             let mut period = tokio::time::interval(crate::settings::CPU_LIMIT_PERIOD);
             period.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             period.reset();
             self.cpu_limit = Some((period, crate::cgroup::available().count));
-            tracing::info!(period = ?crate::settings::CPU_LIMIT_PERIOD, "the worker count follows the CPU limit");
+            tracing::info!(period = %Shown(crate::settings::CPU_LIMIT_PERIOD), "the worker count follows the CPU limit");
         }
         let (delay, from) = self.primary.settings().shutdown_delay_in_force();
         if !delay.is_zero() {
             tracing::info!(
-                ?delay,
+                delay = %Shown(delay),
                 from,
                 "on SIGTERM the cluster serves on for the shutdown delay, then drains"
             );
@@ -144,6 +146,42 @@ impl Running {
                 return self.stop(stop, &mut signals).await;
             }
         }
+    }
+
+    /// The line that says what runs: the program, the versions, and the main settings in force
+    /// with where the worker count came from (the rest: `CLUSTER_CHECK_CONFIG=1`, or the
+    /// control socket's status).
+    fn banner(&self) {
+        let settings = self.primary.settings();
+        let in_force = settings.in_force();
+        let value = |name: &str| {
+            in_force
+                .iter()
+                .find(|s| s.name == name)
+                .map(|s| s.value.clone())
+                .unwrap_or_default()
+        };
+        let (workers, workers_from) = settings.worker_count_and_source();
+        let endpoint = self.shared.book.lock().expect("not poisoned").endpoint;
+        let metrics = endpoint.map_or_else(|| value("metrics_addr"), |a| a.to_string());
+        tracing::info!(
+            program = %crate::env::program_name(),
+            binary = %self.primary.image().binary.path.display(),
+            cluster = %env!("CARGO_PKG_VERSION"),
+            protocol = crate::env::PROTOCOL_VERSION,
+            workers,
+            workers_from = %workers_from,
+            policy = %value("policy"),
+            handoff_timeout = %value("handoff_timeout"),
+            disconnect_timeout = %value("disconnect_timeout"),
+            boot_timeout = %value("boot_timeout"),
+            heartbeat_timeout = %value("heartbeat_timeout"),
+            shutdown_delay = %value("shutdown_delay"),
+            wait_ready = %value("wait_ready"),
+            metrics = %metrics,
+            control = %value("control_socket"),
+            "starting the workers"
+        );
     }
 
     /// Carries out what the policy decided.
@@ -274,7 +312,12 @@ impl Running {
                 return None;
             }
             Asked::Reload | Asked::Scale { .. } if leaving => {
-                tracing::warn!(?asked, "shutting down: not reloading or scaling");
+                let what = if matches!(asked, Asked::Reload) {
+                    "not reloading"
+                } else {
+                    "not scaling"
+                };
+                tracing::warn!("shutting down: {what}");
                 return None;
             }
             Asked::Reload => {
@@ -305,7 +348,8 @@ impl Running {
         self.reloads.cancel();
         self.shared.book.lock().expect("not poisoned").phase = super::Phase::Delaying;
         let why = format!(
-            "SIGTERM: serving {delay:?} more while load balancers stop sending, then draining"
+            "SIGTERM: serving {} more while load balancers stop sending, then draining",
+            Shown(delay)
         );
         crate::systemd::stopping(&why);
         tracing::info!("{why}");
@@ -412,6 +456,7 @@ impl Running {
                 }
             }
             Event::ListenFailed { address, errno } => {
+                self.listen_failure = Some((address.clone(), errno));
                 self.policy.handle_listen_failed(address, errno);
             }
             Event::Listening { worker, address } => {
@@ -454,6 +499,14 @@ impl Running {
                     signal_from_outside: is_kill_from_outside(status),
                 };
                 self.policy.handle_exit(now, worker.id(), exit);
+                // The worker that asked exits without a word about it (`#[cluster::main]`):
+                // this is its report. When the cluster gives up instead, its one line says it.
+                if let Some((address, errno)) = self.listen_failure.take()
+                    && !self.policy.is_done()
+                {
+                    let error = io::Error::from_raw_os_error(errno);
+                    tracing::warn!(worker = worker.id().get(), %address, %error, "the worker could not listen");
+                }
             }
             Event::Fork(_) => self.shared.book.lock().expect("not poisoned").forked += 1,
             _ => {}

@@ -257,7 +257,10 @@ impl Driver {
                 socket,
             } => {
                 let granted = result
-                    .map_err(|errno| io::Error::from_raw_os_error(errno.0))
+                    .map_err(|errno| {
+                        super::bind_refused(errno.0);
+                        io::Error::from_raw_os_error(errno.0)
+                    })
                     .and_then(|info| self.grant(info, socket));
                 let handle = granted.as_ref().ok().map(Granted::handle);
                 let delivered = match self.listens.remove(&seq) {

@@ -111,6 +111,23 @@ impl fmt::Debug for Worker {
     }
 }
 
+/// The last error the primary answered a bind of this worker with (an errno; 0: none): the
+/// primary reports that failure itself, with the address.
+static REFUSED_BIND: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+pub(crate) fn bind_refused(errno: i32) {
+    REFUSED_BIND.store(errno, Ordering::Relaxed);
+}
+
+/// Whether `message` is what the bind the primary refused last says: the error `main` returns
+/// when it passed that failure on as it came.
+pub(crate) fn refused_bind_said(message: &str) -> bool {
+    match REFUSED_BIND.load(Ordering::Relaxed) {
+        0 => false,
+        errno => io::Error::from_raw_os_error(errno).to_string() == message,
+    }
+}
+
 /// The current worker, if this process is one ([`Worker::current`]).
 pub(crate) fn current() -> Option<Worker> {
     CURRENT.get().cloned()

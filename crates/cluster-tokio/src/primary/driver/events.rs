@@ -123,7 +123,12 @@ impl Driver {
             proto::Event::Error { worker, error } => {
                 // The whole chain names the rule (`link protocol violated: protocol version
                 // mismatch: ours 2, peer 99`), not only its family.
-                tracing::warn!(%worker, error = %crate::env::ErrorChain(&error), "worker broke the protocol; disconnecting and killing it");
+                if let proto::ProtocolError::HandoffTimeout { seq } = &error {
+                    // Not a broken rule: the worker stopped answering.
+                    tracing::warn!(worker = worker.get(), connection = %seq, "worker did not acknowledge a connection within the handoff timeout: presumed hung; killing it (the connections it did not take go to other workers)");
+                } else {
+                    tracing::warn!(worker = worker.get(), error = %crate::env::ErrorChain(&error), "worker broke the protocol; disconnecting and killing it");
+                }
                 let Some(w) = handle(&self.workers, &worker) else {
                     return;
                 };
@@ -155,7 +160,7 @@ impl Driver {
         let token = fd.map(|fd| self.tokens.insert(Held::new(fd)));
         // Sizes were checked when the value was encoded.
         if let Err((error, token)) = self.core.send_message(worker, payload, token) {
-            tracing::warn!(%worker, %error, "message not sent");
+            tracing::warn!(worker = worker.get(), %error, "message not sent");
             if let Some(token) = token {
                 self.tokens.remove(token);
             }

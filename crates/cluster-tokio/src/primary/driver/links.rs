@@ -111,7 +111,10 @@ impl Driver {
             }
             Err(dropped) => {
                 self.shared.messages.count_dropped();
-                tracing::debug!(%worker, "message dropped: nobody reads `Primary::messages()`");
+                tracing::debug!(
+                    worker = worker.get(),
+                    "message dropped: nobody reads `Primary::messages()`"
+                );
                 drop(dropped);
             }
         }
@@ -234,7 +237,7 @@ impl Driver {
                 if attachment.is_some() && fd.is_none() {
                     // The fd stays here until its frame is sent, so this is a bug; a frame
                     // without its fd would be a protocol error at the worker.
-                    tracing::error!(worker = %id, "dropping a frame whose fd is gone");
+                    tracing::error!(worker = id.get(), "dropping a frame whose fd is gone");
                     link.outgoing.pop_front();
                     continue;
                 }
@@ -262,14 +265,17 @@ impl Driver {
                         }
                     }
                     Poll::Ready(Err(error)) if is_hang_up(&error) => {
-                        tracing::debug!(worker = %id, "the worker shut its link for reading; reading what it sends");
+                        tracing::debug!(
+                            worker = id.get(),
+                            "the worker shut its link for reading; reading what it sends"
+                        );
                         link.hung_up = true;
                         hung_up.push(*id);
                         progress = true;
                         break;
                     }
                     Poll::Ready(Err(error)) => {
-                        tracing::debug!(worker = %id, %error, "link send failed");
+                        tracing::debug!(worker = id.get(), %error, "link send failed");
                         broken.push(*id);
                         break;
                     }

@@ -157,7 +157,7 @@ pub(crate) struct Driver {
 fn kill(worker: &Arc<WorkerShared>, reason: proto::KillReason, deadline: Option<Duration>) {
     let (id, pid) = (worker.id, worker.pid);
     if reason != proto::KillReason::DisconnectTimeout {
-        tracing::warn!(worker = %id, %reason, "killing worker");
+        tracing::warn!(worker = id.get(), %reason, "killing worker");
         let _ = crate::sys::kill(pid, libc::SIGKILL);
         return;
     }
@@ -175,10 +175,10 @@ fn kill(worker: &Arc<WorkerShared>, reason: proto::KillReason, deadline: Option<
         }
         match holding {
             Some(holding) => {
-                tracing::warn!(worker = %id, pid, ?deadline, "worker did not exit within the disconnect timeout; killing it: {holding}")
+                tracing::warn!(worker = id.get(), pid, deadline = %crate::settings::Shown(deadline), "worker did not exit within the disconnect timeout; killing it: {holding}")
             }
             None => {
-                tracing::warn!(worker = %id, pid, ?deadline, "worker did not exit within the disconnect timeout; killing it")
+                tracing::warn!(worker = id.get(), pid, deadline = %crate::settings::Shown(deadline), "worker did not exit within the disconnect timeout; killing it")
             }
         }
         let _ = crate::sys::kill(pid, libc::SIGKILL);
@@ -294,7 +294,7 @@ impl Driver {
                 } => {
                     // Sizes were checked when the value was encoded.
                     if let Err(error) = self.core.send_answer(worker, ack, answer) {
-                        tracing::warn!(%worker, %error, "answer not sent");
+                        tracing::warn!(worker = worker.get(), %error, "answer not sent");
                     }
                     self.drain_core();
                 }
@@ -463,7 +463,7 @@ impl Driver {
                     (None, None) => ExitStatus::Code(-1),
                 },
                 Err(error) => {
-                    tracing::error!(worker = %id, %error, "waiting for worker failed");
+                    tracing::error!(worker = id.get(), %error, "waiting for worker failed");
                     ExitStatus::Code(-1)
                 }
             };
