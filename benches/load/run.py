@@ -285,6 +285,22 @@ def main():
 TAIL_HEADING = "## Requests of uneven length"
 
 
+def replace_section(path, heading, section):
+    """Writes `section` (which starts with `heading`) in place of the section of `path` under
+    `heading` (up to the next `## ` heading), or at the end; the rest stays."""
+    with open(path) as f:
+        text = f.read()
+    at = text.find("\n" + heading)
+    if at < 0:
+        text = text.rstrip("\n") + "\n\n" + section.strip("\n") + "\n"
+    else:
+        end = text.find("\n## ", at + 1)
+        rest = "" if end < 0 else text[end:]
+        text = text[:at].rstrip("\n") + "\n\n" + section.strip("\n") + "\n" + rest
+    with open(path, "w") as f:
+        f.write(text)
+
+
 def tail_section(path):
     """The section benches/load/tail.py wrote in `path`, with a blank line before, or ''."""
     try:

@@ -18,7 +18,7 @@ primary's CPU per connection. With --write it puts them in docs/benchmarks.md, i
 import argparse, json, os, statistics, subprocess, sys, time, urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from run import ROOT, TARGET, TAIL_HEADING, cpu_ticks, free_port, launch, stop, HZ  # noqa: E402
+from run import ROOT, TARGET, TAIL_HEADING, cpu_ticks, free_port, launch, replace_section, stop, HZ  # noqa: E402
 
 SERVER = os.path.join(TARGET, "release/tail")
 CLIENT = os.path.join(TARGET, "release/openloop")
@@ -148,12 +148,7 @@ The load generator runs on CPU 1, the servers unpinned. Errors are requests not 
 {rows}
 """
     path = os.path.join(ROOT, "docs/benchmarks.md")
-    with open(path) as f:
-        text = f.read()
-    at = text.find("\n" + TAIL_HEADING)
-    text = (text if at < 0 else text[:at]).rstrip("\n") + "\n" + section
-    with open(path, "w") as f:
-        f.write(text)
+    replace_section(path, TAIL_HEADING, section)
     print(f"wrote {path}")
 
 
