@@ -131,6 +131,8 @@ pub struct Status {
     pub oom_kills: u64,
     /// Reloads, by how they ended.
     pub reloads: ReloadCounts,
+    /// Workers recycled, by why.
+    pub recycles: RecycleCounts,
     /// Connections the primary holds (accepted, not yet handed to a worker for good).
     pub connections_held: usize,
     /// Listening sockets the primary holds.
@@ -153,6 +155,16 @@ pub struct ReloadCounts {
     pub aborted: u64,
     /// Could not start.
     pub failed: u64,
+}
+
+/// Workers recycled (replaced while serving), by why.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RecycleCounts {
+    /// Handed their limit of connections.
+    pub requests: u64,
+    /// Over the memory limit.
+    pub memory: u64,
 }
 
 /// One worker in a [`Status`].

@@ -232,6 +232,10 @@ fn status_of(status: &ClusterStatus) -> control::Status {
             aborted: status.reloads.aborted,
             failed: status.reloads.failed,
         },
+        recycles: control::RecycleCounts {
+            requests: status.recycles.requests,
+            memory: status.recycles.memory,
+        },
         connections_held: status.connections_held,
         listeners: status.listeners,
         handoffs: status.handoffs,

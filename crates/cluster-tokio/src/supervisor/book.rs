@@ -43,6 +43,24 @@ impl ReloadCounts {
     }
 }
 
+/// Workers recycled ([`Settings::max_requests`](crate::Settings::max_requests),
+/// [`Settings::max_memory`](crate::Settings::max_memory)), by why: replaced, and drained.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RecycleCounts {
+    /// Handed their limit of connections.
+    pub requests: u64,
+    /// Over the memory limit.
+    pub memory: u64,
+}
+
+impl RecycleCounts {
+    /// Every worker recycled.
+    pub fn total(&self) -> u64 {
+        self.requests + self.memory
+    }
+}
+
 /// Where a supervised cluster is in its life.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
@@ -83,6 +101,7 @@ pub(crate) struct Book {
     pub(crate) phase: Phase,
     /// Workers the OOM killer killed.
     pub(crate) oom_kills: u64,
+    pub(crate) recycles: RecycleCounts,
 }
 
 /// One slot in the [`Book`].
@@ -107,6 +126,7 @@ impl Book {
             forked: 0,
             phase: Phase::Serving,
             oom_kills: 0,
+            recycles: RecycleCounts::default(),
         }
     }
 
@@ -170,6 +190,14 @@ impl Book {
             Ok(_) => self.reloads.aborted += 1,
             Err(ReloadError::AlreadyRunning) => {}
             Err(_) => self.reloads.failed += 1,
+        }
+    }
+
+    /// A worker was recycled, for `reason`.
+    pub(crate) fn recycled(&mut self, reason: &proto::supervisor::RecycleReason) {
+        match reason {
+            proto::supervisor::RecycleReason::Requests { .. } => self.recycles.requests += 1,
+            proto::supervisor::RecycleReason::Memory { .. } => self.recycles.memory += 1,
         }
     }
 
