@@ -125,6 +125,9 @@ pub struct Status {
     pub wanted: usize,
     /// The workers that serve (listening).
     pub serving: usize,
+    /// Whether the cluster is ready for traffic, as `/readyz` answers it: it serves (not in its
+    /// shutdown delay, not draining) and at least one worker serves.
+    pub ready: bool,
     /// Workers restarted after they died.
     pub restarts: u64,
     /// Workers the kernel's OOM killer killed.
@@ -141,8 +144,21 @@ pub struct Status {
     pub handoffs: u64,
     /// Accept errors on the primary's listeners.
     pub accept_errors: u64,
+    /// How long accepted connections waited in the primary before they were handed to a
+    /// worker: a histogram, bucket by bucket (not cumulative), the unbounded one last.
+    pub handoff_latency: Vec<LatencyBucket>,
     /// Every worker.
     pub workers: Vec<WorkerStatus>,
+}
+
+/// One bucket of [`Status::handoff_latency`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct LatencyBucket {
+    /// Its upper bound, in seconds; `None` for the last bucket, which has none.
+    pub le_seconds: Option<f64>,
+    /// The handoffs that waited longer than the previous bucket's bound and at most this one's.
+    pub count: u64,
 }
 
 /// Reloads, by how they ended.

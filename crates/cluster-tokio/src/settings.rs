@@ -380,7 +380,9 @@ impl Settings {
 
     /// Where the primary serves its HTTP endpoint while a [`Supervisor`](crate::Supervisor)
     /// runs (default: nowhere): `GET /healthz` (200 while the supervisor's loop answers),
-    /// `GET /readyz` (200 while at least one worker serves, 503 otherwise) and, with the
+    /// `GET /readyz` (200 while at least one worker serves, 503 otherwise), `GET /status` (a
+    /// page for people that refreshes itself: the workers, the totals, the handoff latency),
+    /// `GET /status.json` (the same status as `cluster-ctl status --json`) and, with the
     /// `metrics` feature, `GET /metrics` in the Prometheus text format. An address that cannot be
     /// bound stops the supervisor at start with an error naming it. Port 0 picks a free port;
     /// the primary logs the address it bound.

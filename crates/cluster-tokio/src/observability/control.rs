@@ -191,7 +191,8 @@ async fn execute(command: Command, handle: &SupervisorHandle) -> Answer {
     }
 }
 
-fn status_of(status: &ClusterStatus) -> control::Status {
+/// `status` as the control protocol (and `/status.json`) shows it.
+pub(super) fn status_of(status: &ClusterStatus) -> control::Status {
     let workers = status
         .workers
         .iter()
@@ -225,6 +226,7 @@ fn status_of(status: &ClusterStatus) -> control::Status {
         phase: status.phase.to_string(),
         wanted: status.wanted,
         serving: status.serving,
+        ready: status.phase == crate::supervisor::Phase::Serving && status.serving > 0,
         restarts: status.restarts,
         oom_kills: status.oom_kills,
         reloads: control::ReloadCounts {
@@ -240,6 +242,14 @@ fn status_of(status: &ClusterStatus) -> control::Status {
         listeners: status.listeners,
         handoffs: status.handoffs,
         accept_errors: status.accept_errors,
+        handoff_latency: status
+            .handoff_latency
+            .buckets()
+            .map(|(bound, count)| control::LatencyBucket {
+                le_seconds: bound.map(|b| b.as_secs_f64()),
+                count,
+            })
+            .collect(),
         workers,
     }
 }
