@@ -1,7 +1,8 @@
 //! Recycling: a worker that has been handed enough connections
-//! ([`SupervisorConfig::max_requests`]) or grew past a memory limit
-//! ([`SupervisorConfig::max_memory`]) is replaced, as one step of a rolling reload does it (the
-//! replacement is up before the old worker drains), to contain leaks without a deploy.
+//! ([`SupervisorConfig::max_requests`](super::SupervisorConfig::max_requests)) or grew past a
+//! memory limit ([`SupervisorConfig::max_memory`](super::SupervisorConfig::max_memory)) is
+//! replaced, as one step of a rolling reload does it (the replacement is up before the old
+//! worker drains), to contain leaks without a deploy.
 //!
 //! The rules: each worker's handoff limit is drawn once, when it takes its slot, uniformly in
 //! `[max_requests, max_requests + jitter]`, so that workers started together do not all
