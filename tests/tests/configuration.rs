@@ -200,6 +200,14 @@ fn every_bad_environment_value_stops_the_program_with_78_before_any_worker_start
         cases.push(("CLUSTER_BATCH_SCHEDULING", value));
     }
     cases.push(("CLUSTER_HEARTBEAT_TIMEOUT_MS", "3000"));
+    for value in ["", "-1", "0", "1000+", "+100", "1000+-1", "1e3", "on"] {
+        cases.push(("CLUSTER_MAX_REQUESTS", value));
+    }
+    for value in [
+        "", "12XB", "512", "512M", "512 MiB", "-1MiB", "1.5GiB", "1KiB",
+    ] {
+        cases.push(("CLUSTER_MAX_MEMORY", value));
+    }
     for (variable, value) in cases {
         let (code, stdout, stderr) = run_to_exit(fixture(&[(variable, OsStr::new(value))]));
         let case = format!("{variable}={value:?}");

@@ -125,12 +125,17 @@ pub struct Status {
     pub wanted: usize,
     /// The workers that serve (listening).
     pub serving: usize,
+    /// Whether the cluster is ready for traffic, as `/readyz` answers it: it serves (not in its
+    /// shutdown delay, not draining) and at least one worker serves.
+    pub ready: bool,
     /// Workers restarted after they died.
     pub restarts: u64,
     /// Workers the kernel's OOM killer killed.
     pub oom_kills: u64,
     /// Reloads, by how they ended.
     pub reloads: ReloadCounts,
+    /// Workers recycled, by why.
+    pub recycles: RecycleCounts,
     /// Connections the primary holds (accepted, not yet handed to a worker for good).
     pub connections_held: usize,
     /// Listening sockets the primary holds.
@@ -141,6 +146,9 @@ pub struct Status {
     pub handed_back: u64,
     /// Accept errors on the primary's listeners.
     pub accept_errors: u64,
+    /// How long accepted connections waited in the primary before they were handed to a
+    /// worker: a histogram, bucket by bucket (not cumulative), the unbounded one last.
+    pub handoff_latency: Vec<LatencyBucket>,
     /// Every worker.
     pub workers: Vec<WorkerStatus>,
     /// The settings in force, each with where it came from.
@@ -180,6 +188,16 @@ pub struct GenerationBinary {
     pub modified_unix_seconds: u64,
 }
 
+/// One bucket of [`Status::handoff_latency`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct LatencyBucket {
+    /// Its upper bound, in seconds; `None` for the last bucket, which has none.
+    pub le_seconds: Option<f64>,
+    /// The handoffs that waited longer than the previous bucket's bound and at most this one's.
+    pub count: u64,
+}
+
 /// Reloads, by how they ended.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
@@ -190,6 +208,16 @@ pub struct ReloadCounts {
     pub aborted: u64,
     /// Could not start.
     pub failed: u64,
+}
+
+/// Workers recycled (replaced while serving), by why.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RecycleCounts {
+    /// Handed their limit of connections.
+    pub requests: u64,
+    /// Over the memory limit.
+    pub memory: u64,
 }
 
 /// One worker in a [`Status`].

@@ -1,17 +1,21 @@
 //! Model-based property tests of the supervisor's policy: a driver that carries out every
 //! output faithfully, under random schedules of boots, readiness, listen failures, crashes,
-//! kills from outside, leaving, scaling, reload replacements, time and a stop.
+//! kills from outside, leaving, scaling, reload replacements, handoff and memory readings,
+//! recycles that succeed or fail, reloads pausing them, time and a stop.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use cluster_core::supervisor::{
-    GiveUp, SlotId, Supervisor, SupervisorConfig, SupervisorOutput, WorkerExit,
+    GiveUp, RecycleReason, SlotId, Supervisor, SupervisorConfig, SupervisorOutput, WorkerExit,
 };
 use cluster_core::{ExitStatus, KillReason, WorkerId};
 use proptest::prelude::*;
 
 const MAX_WORKERS: usize = 4;
+const MAX_REQUESTS: u64 = 100;
+const JITTER: u64 = 10;
+const MAX_MEMORY: u64 = 1 << 30;
 
 #[derive(Clone, Debug)]
 enum Op {
@@ -32,6 +36,17 @@ enum Op {
     Replace(usize),
     Advance(u64),
     Stop,
+    /// The primary counted this many handoffs to a worker.
+    Handoffs(usize, u64),
+    /// A worker's resident memory.
+    Memory(usize, u64),
+    /// The recycle under way ends: its replacement came up (and the old worker drained), or
+    /// not.
+    RecycleEnds {
+        replaced: bool,
+    },
+    /// A rolling reload starts or ends.
+    Reloading(bool),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -46,6 +61,10 @@ fn op() -> impl Strategy<Value = Op> {
         1 => any::<usize>().prop_map(Op::Replace),
         4 => (1u64..20_000).prop_map(Op::Advance),
         1 => Just(Op::Stop),
+        4 => (any::<usize>(), 0..=MAX_REQUESTS + JITTER + 5).prop_map(|(p, n)| Op::Handoffs(p, n)),
+        2 => (any::<usize>(), MAX_MEMORY - 2..=MAX_MEMORY + 2).prop_map(|(p, b)| Op::Memory(p, b)),
+        3 => any::<bool>().prop_map(|replaced| Op::RecycleEnds { replaced }),
+        1 => any::<bool>().prop_map(Op::Reloading),
     ]
 }
 
@@ -61,6 +80,11 @@ struct Model {
     killed: BTreeSet<WorkerId>,
     disconnected: BTreeSet<WorkerId>,
     stopped: bool,
+    /// The recycle asked for and not ended yet.
+    recycling: Option<WorkerId>,
+    /// Every worker a recycle was asked for.
+    recycled: BTreeSet<WorkerId>,
+    reloading: bool,
 }
 
 impl Model {
@@ -91,9 +115,31 @@ fn carry_out(s: &mut Supervisor, model: &mut Model) -> Result<(), TestCaseError>
                     "{worker:?} disconnected twice"
                 );
             }
+            SupervisorOutput::Recycle { worker, reason } => {
+                prop_assert!(!model.stopped, "a recycle after the stop");
+                prop_assert!(!model.reloading, "a recycle during a reload");
+                prop_assert_eq!(model.recycling, None, "two recycles at once");
+                prop_assert!(model.alive.contains(&worker));
+                prop_assert!(s.slot_of(worker).is_some(), "{worker:?} has no slot");
+                prop_assert!(!s.is_booting(worker), "{worker:?} still boots");
+                prop_assert!(model.recycled.insert(worker), "{worker:?} recycled twice");
+                match reason {
+                    RecycleReason::Requests { handoffs, limit } => {
+                        prop_assert!((MAX_REQUESTS..=MAX_REQUESTS + JITTER).contains(&limit));
+                        prop_assert!(handoffs >= limit);
+                        prop_assert_eq!(s.recycle_limit(worker), Some(limit));
+                    }
+                    RecycleReason::Memory { resident, limit } => {
+                        prop_assert_eq!(limit, MAX_MEMORY);
+                        prop_assert!(resident > limit);
+                    }
+                }
+                model.recycling = Some(worker);
+            }
             SupervisorOutput::Event(_) => {}
         }
     }
+    prop_assert_eq!(s.recycling(), model.recycling);
     Ok(())
 }
 
@@ -132,6 +178,9 @@ proptest! {
         config.retry_bind_errors = retry_bind_errors;
         config.max_workers = MAX_WORKERS;
         config.boot_timeout = Some(Duration::from_secs(5));
+        config.max_requests = Some(MAX_REQUESTS);
+        config.max_requests_jitter = JITTER;
+        config.max_memory = Some(MAX_MEMORY);
         let mut s = Supervisor::new(config, workers, seed);
         let mut model = Model::default();
         let mut now = Instant::now();
@@ -225,6 +274,39 @@ proptest! {
                     s.stop();
                     model.stopped = true;
                     model.forking.clear();
+                }
+                Op::Handoffs(pick, handoffs) => {
+                    if let Some(worker) = model.pick(pick) {
+                        s.handle_handoffs(now, worker, handoffs);
+                    }
+                }
+                Op::Memory(pick, resident) => {
+                    if let Some(worker) = model.pick(pick) {
+                        s.handle_memory(now, worker, resident);
+                    }
+                }
+                Op::RecycleEnds { replaced } => {
+                    let Some(old) = model.recycling.take() else { continue };
+                    if replaced && model.alive.contains(&old) {
+                        model.next_id += 1;
+                        let new = WorkerId::new(model.next_id);
+                        model.alive.insert(new);
+                        s.handle_listening(now, new);
+                        s.handle_ready(now, new);
+                        if s.handle_replaced(now, old, new) {
+                            model.disconnected.insert(old);
+                        } else {
+                            // Its slot is gone meanwhile: the driver disconnects the new one.
+                            model.disconnected.insert(new);
+                        }
+                        s.handle_recycled(old);
+                    } else {
+                        s.handle_recycle_failed(now, old);
+                    }
+                }
+                Op::Reloading(on) => {
+                    model.reloading = on;
+                    s.pause_recycling(on);
                 }
             }
             if s.is_done() {

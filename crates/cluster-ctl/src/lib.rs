@@ -199,8 +199,16 @@ fn table(status: &Status) -> String {
         "" | "serving" => String::new(),
         phase => format!(" ({phase})"),
     };
+    let recycles = &status.recycles;
+    let recycled = match recycles.requests + recycles.memory {
+        0 => String::new(),
+        total => format!(
+            ", {total} recycled ({} at the request limit, {} over the memory limit)",
+            recycles.requests, recycles.memory
+        ),
+    };
     let mut out = format!(
-        "primary pid {}{phase}, up {}, generation {}, {} of {} workers serving, {} restarts, reloads: {} complete, {} aborted, {} failed, {} connections handed back\n",
+        "primary pid {}{phase}, up {}, generation {}, {} of {} workers serving, {} restarts, reloads: {} complete, {} aborted, {} failed, {} connections handed back{recycled}\n",
         status.pid,
         duration(Some(status.uptime_seconds)),
         status.generation,
@@ -369,6 +377,19 @@ mod tests {
             "{table}"
         );
         assert!(lines[3].contains(" -  "), "{table}");
+        assert!(!lines[0].contains("recycled"), "{table}");
+        let recycled = Status {
+            recycles: proto::control::RecycleCounts {
+                requests: 2,
+                memory: 1,
+            },
+            ..status
+        };
+        let table = super::table(&recycled);
+        assert!(
+            table.contains(", 3 recycled (2 at the request limit, 1 over the memory limit)\n"),
+            "{table}"
+        );
     }
 
     #[test]

@@ -19,9 +19,13 @@
 //! | `CLUSTER_HEARTBEAT_TIMEOUT` | [`Settings::heartbeat_timeout`] | a duration of at least `2s`, or `off` |
 //! | `CLUSTER_METRICS_ADDR` | [`Settings::metrics_addr`] | an IP address and port: `127.0.0.1:9100`, `[::]:9100` |
 //! | `CLUSTER_CONTROL_SOCKET` | [`Settings::control_socket`] | an absolute path: `/run/my-service/control.sock` |
+//! | `CLUSTER_MAX_REQUESTS` | [`Settings::max_requests`] | `1000`, or `1000+100` (up to 100 more, drawn per worker), or `off` |
+//! | `CLUSTER_MAX_MEMORY` | [`Settings::max_memory`] | a size of at least 1 MiB: `512MiB`, `2GiB`, `500MB`, or `off` |
 //!
 //! A duration is a whole number followed by its unit, `ms`, `s`, `m` or `h`, with nothing
-//! around it (`20s`, `500ms`, `2m`), from 1 ms to 24 h.
+//! around it (`20s`, `500ms`, `2m`), from 1 ms to 24 h. A size is a whole number followed by
+//! its unit, `B`, `KiB`, `MiB`, `GiB`, `TiB` (powers of 1024) or `kB`, `MB`, `GB`, `TB`
+//! (powers of 1000), with nothing around it.
 //!
 //! [`PRINT_PROTOCOL_VERSION`] (`CLUSTER_PRINT_PROTOCOL_VERSION=1`) is not an override: it asks a
 //! build for its protocol version and starts nothing. Nor is [`CHECK_CONFIG`]
@@ -71,6 +75,10 @@ pub const HEARTBEAT_TIMEOUT: &str = "CLUSTER_HEARTBEAT_TIMEOUT";
 pub const METRICS_ADDR: &str = "CLUSTER_METRICS_ADDR";
 /// Where the primary listens for `status`, `reload` and `scale` commands.
 pub const CONTROL_SOCKET: &str = "CLUSTER_CONTROL_SOCKET";
+/// Recycle a worker after this many connections: `1000`, `1000+100` (with jitter), or `off`.
+pub const MAX_REQUESTS: &str = "CLUSTER_MAX_REQUESTS";
+/// Recycle a worker past this resident memory: `512MiB`, or `off`.
+pub const MAX_MEMORY: &str = "CLUSTER_MAX_MEMORY";
 
 /// Not an override: set to `1`, the program prints the version of the protocol its workers
 /// speak (`cluster protocol 4`) and exits 0 without starting anything, so deploy tooling can
@@ -99,7 +107,7 @@ pub(crate) fn answer_queries() {
 }
 
 /// Every variable [`Settings::apply_env`] reads, in the order it reads them.
-pub const VARIABLES: [&str; 14] = [
+pub const VARIABLES: [&str; 16] = [
     WORKERS,
     SCHED_POLICY,
     HANDOFF_WINDOW,
@@ -114,6 +122,8 @@ pub const VARIABLES: [&str; 14] = [
     HEARTBEAT_TIMEOUT,
     METRICS_ADDR,
     CONTROL_SOCKET,
+    MAX_REQUESTS,
+    MAX_MEMORY,
 ];
 
 /// A variable that was renamed, and what replaced it: setting it is an error that says so.
@@ -367,6 +377,27 @@ impl Settings {
                 }
                 self.control_socket = Some(path);
             }
+            MAX_REQUESTS => {
+                let accepted = "a whole number of connections of at least 1, with the jitter \
+                                after a `+` if any (`1000` or `1000+100`), or `off`";
+                self.max_requests = match text {
+                    Some("off") => None,
+                    _ => Some(parse_max_requests(text).ok_or_else(|| fail(accepted))?),
+                };
+            }
+            MAX_MEMORY => {
+                let accepted = "a size of at least 1 MiB: a whole number and its unit, `B`, \
+                                `KiB`, `MiB`, `GiB`, `TiB`, `kB`, `MB`, `GB` or `TB` (such as \
+                                `512MiB`), or `off`";
+                self.max_memory = match text {
+                    Some("off") => None,
+                    _ => Some(
+                        parse_size(text)
+                            .filter(|b| *b >= settings::MIN_MAX_MEMORY)
+                            .ok_or_else(|| fail(accepted))?,
+                    ),
+                };
+            }
             _ => {
                 let accepted = "a duration from 1ms to 24h: a whole number and its unit, \
                                 `ms`, `s`, `m` or `h` (such as `20s` or `500ms`)";
@@ -453,6 +484,44 @@ fn parse_number(text: Option<&str>, min: usize, max: usize) -> Option<usize> {
         return None;
     }
     text.parse().ok().filter(|n| (min..=max).contains(n))
+}
+
+/// `<digits>` or `<digits>+<digits>`: at least one connection, and a sum that fits.
+fn parse_max_requests(text: Option<&str>) -> Option<(u64, u64)> {
+    let text = text?;
+    let (requests, jitter) = text.split_once('+').unwrap_or((text, "0"));
+    let number = |digits: &str| {
+        (!digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| digits.parse::<u64>().ok())
+            .flatten()
+    };
+    let (requests, jitter) = (number(requests)?, number(jitter)?);
+    (requests >= 1 && requests.checked_add(jitter).is_some()).then_some((requests, jitter))
+}
+
+/// `<digits><unit>`, the unit one of `B`, `KiB`, `MiB`, `GiB`, `TiB`, `kB`, `MB`, `GB`, `TB`.
+fn parse_size(text: Option<&str>) -> Option<u64> {
+    let text = text?;
+    let digits = text.bytes().take_while(u8::is_ascii_digit).count();
+    let (number, unit) = text.split_at(digits);
+    let number: u64 = if digits == 0 {
+        None
+    } else {
+        number.parse().ok()
+    }?;
+    let scale: u64 = match unit {
+        "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "TiB" => 1 << 40,
+        "kB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        "TB" => 1_000_000_000_000,
+        _ => return None,
+    };
+    number.checked_mul(scale)
 }
 
 /// `<digits><unit>` with the unit one of `ms`, `s`, `m`, `h`, within `min..=MAX_TIMEOUT`.
@@ -666,6 +735,65 @@ mod tests {
             ]
         );
         assert!(unknown_variables([OsString::from(CHECK_CONFIG)]).is_empty());
+    }
+
+    #[test]
+    fn recycling_limits_take_a_count_with_jitter_and_a_size_with_its_unit() {
+        let requests = |value| apply(MAX_REQUESTS, value).map(|s| s.max_requests);
+        assert_eq!(requests("1000"), Ok(Some((1000, 0))));
+        assert_eq!(requests("1000+100"), Ok(Some((1000, 100))));
+        assert_eq!(requests("1+0"), Ok(Some((1, 0))));
+        assert_eq!(requests("off"), Ok(None));
+        for bad in [
+            "",
+            "-1",
+            "0",
+            "0+5",
+            "1000+",
+            "+100",
+            "1000+-1",
+            "1000 + 100",
+            "1e3",
+            "1_000",
+            "100+10+1",
+            "18446744073709551615+1",
+            "99999999999999999999",
+        ] {
+            let error = requests(bad).unwrap_err();
+            assert_eq!(error.variable(), MAX_REQUESTS, "{bad:?}");
+            assert!(
+                error.to_string().starts_with("CLUSTER_MAX_REQUESTS="),
+                "{error}"
+            );
+        }
+        let memory = |value| apply(MAX_MEMORY, value).map(|s| s.max_memory);
+        assert_eq!(memory("512MiB"), Ok(Some(512 << 20)));
+        assert_eq!(memory("2GiB"), Ok(Some(2 << 30)));
+        assert_eq!(memory("1024KiB"), Ok(Some(1 << 20)));
+        assert_eq!(memory("500MB"), Ok(Some(500_000_000)));
+        assert_eq!(memory("1048576B"), Ok(Some(1 << 20)));
+        assert_eq!(memory("off"), Ok(None));
+        for bad in [
+            "",
+            "12XB",
+            "512",
+            "512M",
+            "512mib",
+            "512 MiB",
+            "-1MiB",
+            "1.5GiB",
+            "1023KiB",
+            "0B",
+            "99999999999TiB",
+            "MiB",
+        ] {
+            let error = memory(bad).unwrap_err();
+            assert_eq!(error.variable(), MAX_MEMORY, "{bad:?}");
+            assert!(
+                error.to_string().starts_with("CLUSTER_MAX_MEMORY="),
+                "{error}"
+            );
+        }
     }
 
     #[test]

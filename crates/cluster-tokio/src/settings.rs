@@ -36,6 +36,17 @@ pub const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 60 * 60);
 /// The shortest heartbeat timeout: two heartbeat intervals, so one late heartbeat is not a hang.
 pub const MIN_HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// The smallest [`Settings::max_memory`]: below it every worker, however idle, would be over
+/// it at once.
+pub const MIN_MAX_MEMORY: u64 = 1 << 20;
+
+/// How often the supervisor reads the handoffs of each worker, for [`Settings::max_requests`].
+pub const MAX_REQUESTS_PERIOD: Duration = Duration::from_millis(100);
+
+/// How often the supervisor reads the resident memory of each worker, for
+/// [`Settings::max_memory`].
+pub const MAX_MEMORY_PERIOD: Duration = Duration::from_secs(1);
+
 /// The Tokio runtime flavor of workers.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Flavor {
@@ -108,6 +119,8 @@ pub struct Settings {
     pub(crate) workers_follow_cpu_limit: bool,
     /// The `CLUSTER_*` variables applied to these settings: where those settings came from.
     pub(crate) from_env: Vec<&'static str>,
+    pub(crate) max_requests: Option<(u64, u64)>,
+    pub(crate) max_memory: Option<u64>,
 }
 
 impl Default for Settings {
@@ -159,6 +172,8 @@ impl Settings {
             env_overrides: true,
             workers_follow_cpu_limit: false,
             from_env: Vec::new(),
+            max_requests: None,
+            max_memory: None,
         }
     }
 
@@ -407,7 +422,9 @@ impl Settings {
 
     /// Where the primary serves its HTTP endpoint while a [`Supervisor`](crate::Supervisor)
     /// runs (default: nowhere): `GET /healthz` (200 while the supervisor's loop answers),
-    /// `GET /readyz` (200 while at least one worker serves, 503 otherwise) and, with the
+    /// `GET /readyz` (200 while at least one worker serves, 503 otherwise), `GET /status` (a
+    /// page for people that refreshes itself: the workers, the totals, the handoff latency),
+    /// `GET /status.json` (the same status as `cluster-ctl status --json`) and, with the
     /// `metrics` feature, `GET /metrics` in the Prometheus text format. An address that cannot be
     /// bound stops the supervisor at start with an error naming it. Port 0 picks a free port;
     /// the primary logs the address it bound.
@@ -424,6 +441,47 @@ impl Settings {
     pub fn control_socket(mut self, path: impl Into<Option<PathBuf>>) -> Self {
         self.control_socket = path.into();
         self
+    }
+
+    /// Recycles a worker once the primary has handed it `requests` connections, plus a number
+    /// drawn once per worker from 0 to `jitter` (default: never), as gunicorn's `--max-requests`
+    /// and `--max-requests-jitter` do: a leak is contained without a deploy, and workers started
+    /// together are not all recycled together. The worker is replaced as one step of a rolling
+    /// reload replaces it: a replacement starts and must be up within [`Self::boot_timeout`],
+    /// then the old worker drains (within [`Self::disconnect_timeout`]). One worker is recycled
+    /// at a time, and none while a rolling reload runs; a replacement that fails leaves the old
+    /// worker serving, to be tried again after the longest [`Self::backoff`].
+    ///
+    /// Connections are counted, not requests: a keep-alive connection counts once, however many
+    /// requests it carries. The count is read ten times a second
+    /// ([`MAX_REQUESTS_PERIOD`]), and the worker serves on until its replacement is up, so it
+    /// is handed a few more than its limit under load. Only round robin hands connections out
+    /// ([`Self::policy`]): with shared sockets the settings are refused. `CLUSTER_MAX_REQUESTS`
+    /// overrides it (`1000`, or `1000+100` with jitter).
+    pub fn max_requests(mut self, requests: u64, jitter: u64) -> Self {
+        self.max_requests = Some((requests, jitter));
+        self
+    }
+
+    /// Recycles a worker whose resident memory (RSS, as the status reports it) is over `bytes`
+    /// (default: never; at least [`MIN_MAX_MEMORY`]), as PM2's `max_memory_restart` does,
+    /// replaced like [`Self::max_requests`] replaces it. Memory is read every second
+    /// ([`MAX_MEMORY_PERIOD`]). `CLUSTER_MAX_MEMORY` overrides it (`512MiB`).
+    pub fn max_memory(mut self, bytes: impl Into<Option<u64>>) -> Self {
+        self.max_memory = bytes.into();
+        self
+    }
+
+    /// What [`Self::max_requests`] set, if anything: the connections, and the jitter.
+    #[must_use]
+    pub fn get_max_requests(&self) -> Option<(u64, u64)> {
+        self.max_requests
+    }
+
+    /// What [`Self::max_memory`] set, if anything.
+    #[must_use]
+    pub fn get_max_memory(&self) -> Option<u64> {
+        self.max_memory
     }
 
     /// Whether [`run`](crate::run), [`run_workers`](crate::run_workers) and `#[cluster::main]`
@@ -777,6 +835,26 @@ impl Settings {
             on(self.hand_back),
             from(Some(env::HAND_BACK), self.hand_back == defaults.hand_back),
         );
+        add(
+            "max_requests",
+            self.max_requests.map_or_else(
+                || "off".to_owned(),
+                |(n, jitter)| {
+                    if jitter == 0 {
+                        n.to_string()
+                    } else {
+                        format!("{n}+{jitter}")
+                    }
+                },
+            ),
+            from(Some(env::MAX_REQUESTS), self.max_requests.is_none()),
+        );
+        add(
+            "max_memory",
+            self.max_memory
+                .map_or_else(|| "off".to_owned(), |bytes| format!("{bytes}B")),
+            from(Some(env::MAX_MEMORY), self.max_memory.is_none()),
+        );
         // Set in code only.
         let flavor = match self.flavor {
             Flavor::CurrentThread => "current_thread",
@@ -909,6 +987,27 @@ impl Settings {
         {
             return Err(SettingsError::ControlSocket { path: path.clone() });
         }
+        if let Some((requests, jitter)) = self.max_requests {
+            if requests == 0 || requests.checked_add(jitter).is_none() {
+                return Err(SettingsError::out_of_range(
+                    "max_requests",
+                    format_args!("{requests} + {jitter}"),
+                    "at least 1 connection, and a sum below 2^64",
+                ));
+            }
+            if self.policy != SchedulingPolicy::RoundRobin {
+                return Err(SettingsError::MaxRequestsNeedRoundRobin);
+            }
+        }
+        if let Some(bytes) = self.max_memory
+            && bytes < MIN_MAX_MEMORY
+        {
+            return Err(SettingsError::out_of_range(
+                "max_memory",
+                format_args!("{bytes} bytes"),
+                "at least 1 MiB",
+            ));
+        }
         Ok(())
     }
 
@@ -924,6 +1023,9 @@ impl Settings {
         config.wait_ready = self.wait_ready;
         config.retry_bind_errors = self.retry_bind_errors;
         config.max_workers = MAX_WORKERS;
+        config.max_requests = self.max_requests.map(|(requests, _)| requests);
+        config.max_requests_jitter = self.max_requests.map_or(0, |(_, jitter)| jitter);
+        config.max_memory = self.max_memory;
         config
     }
 
@@ -1061,6 +1163,13 @@ pub enum SettingsError {
         "`worker_threads` needs the multi-thread worker runtime (`flavor(Flavor::MultiThread)`)"
     )]
     WorkerThreadsNeedMultiThread,
+    /// [`Settings::max_requests`] was set with shared sockets, where the primary hands out no
+    /// connection to count.
+    #[error(
+        "`max_requests` counts the connections the primary hands out, which only round robin does \
+         (`policy(SchedulingPolicy::RoundRobin)`, `CLUSTER_SCHED_POLICY=rr`)"
+    )]
+    MaxRequestsNeedRoundRobin,
     /// The control socket's path is not an absolute path to a file.
     #[error("the control socket {} is not an absolute path to a file", path.display())]
     ControlSocket {
@@ -1150,7 +1259,9 @@ mod tests {
             .wait_ready(true)
             .metrics_addr("127.0.0.1:1".parse::<SocketAddr>().unwrap())
             .control_socket(PathBuf::from("/run/c.sock"))
-            .env_overrides(false);
+            .env_overrides(false)
+            .max_requests(100, 10)
+            .max_memory(512 << 20);
         assert_eq!(settings.get_workers(), Some(3));
         assert_eq!(settings.get_flavor(), Flavor::MultiThread);
         assert_eq!(settings.get_worker_threads(), Some(2));
@@ -1188,6 +1299,19 @@ mod tests {
         );
         assert!(!settings.get_env_overrides());
         assert!(Settings::new().get_env_overrides());
+        assert_eq!(settings.get_max_requests(), Some((100, 10)));
+        assert_eq!(settings.get_max_memory(), Some(512 << 20));
+        let config = settings.supervisor_config();
+        assert_eq!(
+            (
+                config.max_requests,
+                config.max_requests_jitter,
+                config.max_memory
+            ),
+            (Some(100), 10, Some(512 << 20))
+        );
+        assert_eq!(Settings::new().get_max_requests(), None);
+        assert_eq!(Settings::new().get_max_memory(), None);
     }
 
     #[test]
@@ -1261,6 +1385,37 @@ mod tests {
             refused(Settings::new().backoff(Duration::from_secs(2), Duration::from_secs(1))),
             SettingsError::BackoffInverted { .. }
         ));
+        for (requests, jitter) in [(0, 0), (u64::MAX, 1)] {
+            assert!(matches!(
+                refused(Settings::new().max_requests(requests, jitter)),
+                SettingsError::OutOfRange {
+                    setting: "max_requests",
+                    ..
+                }
+            ));
+        }
+        assert_eq!(
+            refused(
+                Settings::new()
+                    .max_requests(100, 0)
+                    .policy(SchedulingPolicy::Shared)
+            ),
+            SettingsError::MaxRequestsNeedRoundRobin
+        );
+        assert!(matches!(
+            refused(Settings::new().max_memory(MIN_MAX_MEMORY - 1)),
+            SettingsError::OutOfRange {
+                setting: "max_memory",
+                ..
+            }
+        ));
+        assert!(
+            Settings::new()
+                .max_requests(1, u64::MAX - 1)
+                .max_memory(MIN_MAX_MEMORY)
+                .validate()
+                .is_ok()
+        );
         assert!(
             Settings::new()
                 .flavor(Flavor::MultiThread)

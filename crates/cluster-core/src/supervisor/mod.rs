@@ -9,8 +9,9 @@
 //! the breaker. The policy gives up only on what a restart cannot fix: a worker that exits with
 //! the fatal code, every slot crash-looping before its workers even listen, or a socket the
 //! workers asked for that cannot be bound while nothing serves. One that exits 0 or leaves on
-//! purpose has finished and is not replaced. Like the rest of the core this performs no I/O and
-//! reads no clock; randomness comes from a seed.
+//! purpose has finished and is not replaced. A worker past its limit of handoffs or of memory is
+//! recycled: replaced while it serves, one at a time ([`recycle`]). Like the rest of the core
+//! this performs no I/O and reads no clock; randomness comes from a seed.
 //!
 //! Every rule of supervision lives here, so the driver only executes: when a worker counts as up
 //! (listening, or declared ready), which exits are kills from outside and which are the
@@ -33,6 +34,9 @@ use std::time::{Duration, Instant};
 use crate::lifecycle::ExitStatus;
 pub use crate::lifecycle::KillReason;
 use crate::wire::WorkerId;
+
+pub mod recycle;
+pub use recycle::RecycleReason;
 
 /// The supervisor's settings (defaults from PM2, systemd and gunicorn; see
 /// `docs/operations.md`).
@@ -62,6 +66,14 @@ pub struct SupervisorConfig {
     pub retry_bind_errors: bool,
     /// The most slots [`Supervisor::scale`] keeps.
     pub max_workers: usize,
+    /// Recycle a worker once it was handed this many connections (plus its share of
+    /// [`Self::max_requests_jitter`]); `None` never does.
+    pub max_requests: Option<u64>,
+    /// Each worker's handoff limit is drawn once, uniformly from [`Self::max_requests`] to this
+    /// many more, so that workers started together are not recycled together.
+    pub max_requests_jitter: u64,
+    /// Recycle a worker whose resident memory is over this many bytes; `None` never does.
+    pub max_memory: Option<u64>,
 }
 
 impl Default for SupervisorConfig {
@@ -77,6 +89,9 @@ impl Default for SupervisorConfig {
             wait_ready: false,
             retry_bind_errors: false,
             max_workers: MAX_WORKERS,
+            max_requests: None,
+            max_requests_jitter: 0,
+            max_memory: None,
         }
     }
 }
@@ -214,6 +229,17 @@ pub enum SupervisorOutput {
         /// The worker.
         worker: WorkerId,
     },
+    /// Replace `worker`, which serves, as one step of a rolling reload does: start a
+    /// replacement; once it is up, report it with [`Supervisor::handle_replaced`] and disconnect
+    /// `worker`; when `worker` has drained, [`Supervisor::handle_recycled`]. If the replacement
+    /// does not come up, [`Supervisor::handle_recycle_failed`]. No other `Recycle` comes until
+    /// then.
+    Recycle {
+        /// The worker.
+        worker: WorkerId,
+        /// Why.
+        reason: RecycleReason,
+    },
     /// Tell the user.
     Event(SupervisorEvent),
 }
@@ -259,6 +285,7 @@ struct Slot {
     failures: VecDeque<(Instant, bool)>,
     /// Kills from outside within the breaker's window (their backoff exponent).
     kills: VecDeque<Instant>,
+    recycling: recycle::SlotRecycling,
 }
 
 /// The policy that keeps N workers running.
@@ -276,6 +303,10 @@ pub struct Supervisor {
     listen_failure: Option<(String, i32)>,
     /// Why the cluster was given up before every slot finished.
     given_up: Option<GiveUp>,
+    /// The worker being recycled, and those due after it, in order.
+    recycling: Option<WorkerId>,
+    due: VecDeque<(WorkerId, RecycleReason)>,
+    recycling_paused: bool,
 }
 
 impl Supervisor {
@@ -292,6 +323,9 @@ impl Supervisor {
             killed: BTreeSet::new(),
             listen_failure: None,
             given_up: None,
+            recycling: None,
+            due: VecDeque::new(),
+            recycling_paused: false,
         };
         for index in 0..workers {
             supervisor.out.push_back(SupervisorOutput::Spawn {
@@ -314,6 +348,7 @@ impl Supervisor {
                     since: now,
                 };
                 s.last = Some(worker);
+                self.draw_recycle_limit(slot.0);
                 true
             }
             _ => {
@@ -348,6 +383,7 @@ impl Supervisor {
                         slot: SlotId(index),
                     }
                 });
+                self.draw_recycle_limit(index);
                 true
             }
             State::Broken { .. } | State::Stopped | State::Removed => false,
@@ -558,6 +594,7 @@ impl Supervisor {
     /// The cluster is shutting down: nothing is restarted any more.
     pub fn stop(&mut self) {
         self.stopping = true;
+        self.due.clear();
         self.out
             .retain(|o| !matches!(o, SupervisorOutput::Spawn { .. }));
         for slot in &mut self.slots {
@@ -803,6 +840,7 @@ impl Slot {
             attempt: 0,
             failures: VecDeque::new(),
             kills: VecDeque::new(),
+            recycling: recycle::SlotRecycling::default(),
         }
     }
 }

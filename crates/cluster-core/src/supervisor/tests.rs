@@ -721,3 +721,212 @@ fn a_failed_start_for_a_slot_scaled_away_meanwhile_does_not_bring_it_back() {
     s.handle_timeout(now + Duration::from_secs(60));
     assert_eq!(drain(&mut s), [], "no restart of a removed slot");
 }
+
+fn recycling(max_requests: u64, jitter: u64, max_memory: Option<u64>) -> SupervisorConfig {
+    SupervisorConfig {
+        max_requests: Some(max_requests),
+        max_requests_jitter: jitter,
+        max_memory,
+        ..SupervisorConfig::default()
+    }
+}
+
+fn recycles(outputs: &[SupervisorOutput]) -> Vec<(WorkerId, RecycleReason)> {
+    outputs
+        .iter()
+        .filter_map(|o| match o {
+            SupervisorOutput::Recycle { worker, reason } => Some((*worker, *reason)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Carries out the recycle of `old` as the driver does: `new` comes up, takes the slot, and
+/// `old` drains and exits.
+fn recycle_with(s: &mut Supervisor, now: Instant, old: WorkerId, new: WorkerId) {
+    s.handle_listening(now, new);
+    assert!(s.handle_replaced(now, old, new));
+    s.handle_exit(now, old, left(ExitStatus::Code(0)));
+    s.handle_recycled(old);
+}
+
+#[test]
+fn a_worker_is_recycled_at_its_drawn_limit_one_at_a_time_in_the_order_they_became_due() {
+    let mut s = Supervisor::new(recycling(100, 10, None), 3, 21);
+    let now = Instant::now();
+    let mut next = 1;
+    let workers = start_all(&mut s, now, &mut next);
+    let limits: Vec<u64> = workers
+        .iter()
+        .map(|w| s.recycle_limit(*w).unwrap())
+        .collect();
+    assert!(limits.iter().all(|l| (100..=110).contains(l)), "{limits:?}");
+    // Below its limit: nothing.
+    s.handle_handoffs(now, workers[0], limits[0] - 1);
+    assert_eq!(drain(&mut s), []);
+    s.handle_handoffs(now, workers[2], limits[2]);
+    assert_eq!(
+        recycles(&drain(&mut s)),
+        [(
+            workers[2],
+            RecycleReason::Requests {
+                handoffs: limits[2],
+                limit: limits[2]
+            }
+        )]
+    );
+    assert_eq!(s.recycling(), Some(workers[2]));
+    // Two more due meanwhile wait; readings again do not ask twice.
+    s.handle_handoffs(now, workers[0], limits[0] + 5);
+    s.handle_handoffs(now, workers[1], limits[1] + 1);
+    s.handle_handoffs(now, workers[0], limits[0] + 9);
+    s.handle_handoffs(now, workers[2], limits[2] + 9);
+    assert_eq!(drain(&mut s), []);
+    let new = WorkerId::new(100);
+    recycle_with(&mut s, now, workers[2], new);
+    let out = drain(&mut s);
+    assert_eq!(recycles(&out).len(), 1, "{out:?}");
+    assert_eq!(recycles(&out)[0].0, workers[0], "first due, first recycled");
+    // The replacement has a limit of its own, and its slot is not restarted.
+    assert!((100..=110).contains(&s.recycle_limit(new).unwrap()));
+    assert_eq!(s.slot_of(new), Some(2));
+    assert_eq!(s.active(), 3);
+    recycle_with(&mut s, now, workers[0], WorkerId::new(101));
+    assert_eq!(recycles(&drain(&mut s))[0].0, workers[1]);
+    recycle_with(&mut s, now, workers[1], WorkerId::new(102));
+    assert_eq!(drain(&mut s), []);
+    assert_eq!(s.recycling(), None);
+}
+
+#[test]
+fn limits_are_drawn_over_the_whole_jitter() {
+    let mut s = Supervisor::new(recycling(1000, 4, None), 200, 22);
+    let now = Instant::now();
+    let mut next = 1;
+    let workers = start_all(&mut s, now, &mut next);
+    let drawn: BTreeSet<u64> = workers
+        .iter()
+        .map(|w| s.recycle_limit(*w).unwrap())
+        .collect();
+    assert_eq!(drawn, (1000..=1004).collect(), "every value, none outside");
+    // Without jitter every worker has the same limit.
+    let mut s = Supervisor::new(recycling(7, 0, None), 5, 23);
+    let workers = start_all(&mut s, now, &mut next);
+    assert!(workers.iter().all(|w| s.recycle_limit(*w) == Some(7)));
+    // Off: no limit, and no reading recycles.
+    let mut s = Supervisor::new(SupervisorConfig::default(), 1, 24);
+    let worker = start_all(&mut s, now, &mut next)[0];
+    assert_eq!(s.recycle_limit(worker), None);
+    s.handle_handoffs(now, worker, u64::MAX);
+    s.handle_memory(now, worker, u64::MAX);
+    assert_eq!(drain(&mut s), []);
+}
+
+#[test]
+fn a_worker_over_the_memory_limit_is_recycled() {
+    let config = SupervisorConfig {
+        max_memory: Some(512 << 20),
+        ..SupervisorConfig::default()
+    };
+    let mut s = Supervisor::new(config, 2, 25);
+    let now = Instant::now();
+    let mut next = 1;
+    let workers = start_all(&mut s, now, &mut next);
+    s.handle_memory(now, workers[1], 512 << 20);
+    assert_eq!(drain(&mut s), [], "at the limit is not over it");
+    s.handle_memory(now, workers[1], (512 << 20) + 1);
+    let out = recycles(&drain(&mut s));
+    assert_eq!(
+        out,
+        [(
+            workers[1],
+            RecycleReason::Memory {
+                resident: (512 << 20) + 1,
+                limit: 512 << 20
+            }
+        )]
+    );
+    assert_eq!(out[0].1.label(), "memory");
+    assert_eq!(
+        out[0].1.to_string(),
+        "resident memory 512.0 MiB over the limit of 512.0 MiB"
+    );
+}
+
+#[test]
+fn no_recycle_starts_during_a_reload_or_the_stop_and_one_due_waits_for_the_reload() {
+    let mut s = Supervisor::new(recycling(10, 0, None), 2, 26);
+    let now = Instant::now();
+    let mut next = 1;
+    let workers = start_all(&mut s, now, &mut next);
+    s.pause_recycling(true);
+    s.handle_handoffs(now, workers[0], 10);
+    assert_eq!(drain(&mut s), []);
+    s.pause_recycling(false);
+    assert_eq!(recycles(&drain(&mut s))[0].0, workers[0]);
+    recycle_with(&mut s, now, workers[0], WorkerId::new(50));
+    // Due during a reload that then replaced it: nothing left to recycle.
+    s.pause_recycling(true);
+    s.handle_handoffs(now, workers[1], 10);
+    let reloaded = WorkerId::new(51);
+    s.handle_listening(now, reloaded);
+    assert!(s.handle_replaced(now, workers[1], reloaded));
+    s.pause_recycling(false);
+    assert_eq!(drain(&mut s), []);
+    // Stopping: nothing more.
+    s.handle_handoffs(now, WorkerId::new(50), 10);
+    assert_eq!(recycles(&drain(&mut s)).len(), 1);
+    s.stop();
+    s.handle_recycled(WorkerId::new(50));
+    s.handle_handoffs(now, reloaded, 10);
+    assert_eq!(drain(&mut s), []);
+}
+
+#[test]
+fn a_failed_recycle_keeps_the_worker_and_tries_again_after_the_longest_backoff() {
+    let mut s = Supervisor::new(recycling(10, 0, None), 2, 27);
+    let now = Instant::now();
+    let mut next = 1;
+    let workers = start_all(&mut s, now, &mut next);
+    s.handle_handoffs(now, workers[0], 10);
+    s.handle_handoffs(now, workers[1], 10);
+    assert_eq!(recycles(&drain(&mut s))[0].0, workers[0]);
+    s.handle_recycle_failed(now, workers[0]);
+    // The next one due goes; the failed one keeps its slot.
+    assert_eq!(recycles(&drain(&mut s))[0].0, workers[1]);
+    assert_eq!(s.slot_of(workers[0]), Some(0));
+    s.handle_recycle_failed(now, workers[1]);
+    drain(&mut s);
+    s.handle_handoffs(now + Duration::from_secs(14), workers[0], 20);
+    assert_eq!(drain(&mut s), []);
+    s.handle_handoffs(now + Duration::from_secs(15), workers[0], 30);
+    assert_eq!(recycles(&drain(&mut s))[0].0, workers[0]);
+}
+
+#[test]
+fn a_worker_due_that_exits_or_is_booting_is_not_recycled() {
+    let mut s = Supervisor::new(recycling(10, 0, None), 3, 28);
+    let now = Instant::now();
+    let mut next = 1;
+    let workers = start_all(&mut s, now, &mut next);
+    s.handle_handoffs(now, workers[0], 10);
+    s.handle_handoffs(now, workers[1], 10);
+    drain(&mut s);
+    // Due and waiting, it crashes: its slot restarts it as usual.
+    s.handle_exit(now, workers[1], crash(ExitStatus::Code(1)));
+    assert!(matches!(
+        drain(&mut s)[..],
+        [SupervisorOutput::Event(SupervisorEvent::Respawning { .. })]
+    ));
+    // The worker being recycled crashes too: the driver still ends its recycle.
+    s.handle_exit(now, workers[0], crash(ExitStatus::Code(1)));
+    s.handle_recycled(workers[0]);
+    assert!(recycles(&drain(&mut s)).is_empty());
+    // A booting worker is not recycled.
+    s.handle_timeout(now + Duration::from_secs(20));
+    let slots = spawns(&drain(&mut s));
+    let booting = WorkerId::new(60);
+    assert!(s.handle_spawned(now, SlotId(slots[0]), booting));
+    s.handle_handoffs(now, booting, 10);
+    assert_eq!(drain(&mut s), []);
+}

@@ -189,7 +189,8 @@ async fn execute(command: Command, handle: &SupervisorHandle) -> Answer {
     }
 }
 
-fn status_of(status: &ClusterStatus, settings: &crate::Settings) -> control::Status {
+/// `status` as the control protocol (and `/status.json`) shows it.
+pub(super) fn status_of(status: &ClusterStatus, settings: &crate::Settings) -> control::Status {
     let workers = status
         .workers
         .iter()
@@ -225,6 +226,7 @@ fn status_of(status: &ClusterStatus, settings: &crate::Settings) -> control::Sta
         phase: status.phase.to_string(),
         wanted: status.wanted,
         serving: status.serving,
+        ready: status.phase == crate::supervisor::Phase::Serving && status.serving > 0,
         restarts: status.restarts,
         oom_kills: status.oom_kills,
         reloads: control::ReloadCounts {
@@ -232,11 +234,23 @@ fn status_of(status: &ClusterStatus, settings: &crate::Settings) -> control::Sta
             aborted: status.reloads.aborted,
             failed: status.reloads.failed,
         },
+        recycles: control::RecycleCounts {
+            requests: status.recycles.requests,
+            memory: status.recycles.memory,
+        },
         connections_held: status.connections_held,
         listeners: status.listeners,
         handoffs: status.handoffs,
         handed_back: status.handed_back,
         accept_errors: status.accept_errors,
+        handoff_latency: status
+            .handoff_latency
+            .buckets()
+            .map(|(bound, count)| control::LatencyBucket {
+                le_seconds: bound.map(|b| b.as_secs_f64()),
+                count,
+            })
+            .collect(),
         workers,
         settings: settings
             .in_force()

@@ -1,5 +1,6 @@
 //! The primary's HTTP endpoint ([`Settings::metrics_addr`](crate::Settings::metrics_addr)):
-//! `/healthz`, `/readyz` and, with the `metrics` feature, `/metrics`.
+//! `/healthz`, `/readyz`, the status page `/status` and its data `/status.json`, and, with the
+//! `metrics` feature, `/metrics`.
 //!
 //! A deliberately small HTTP/1.1 responder: one request per connection, answered with
 //! `Connection: close`; the request head is bounded in size and in time, and connections beyond
@@ -25,7 +26,7 @@ const HEAD_TIMEOUT: Duration = Duration::from_secs(2);
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long `/healthz` waits for the supervisor's loop to answer.
 const PING_TIMEOUT: Duration = Duration::from_secs(1);
-/// How long `/metrics` waits for a snapshot.
+/// How long `/metrics` and `/status.json` wait for a snapshot.
 const STATUS_TIMEOUT: Duration = Duration::from_secs(5);
 /// Connections served at once: more than a slow or flooding client is likely to hold (and
 /// when they are all taken, the oldest that has not sent its request gives way).
@@ -110,11 +111,35 @@ async fn route(path: &str, handle: &SupervisorHandle) -> (u16, &'static str, Str
             phase => (503, TEXT, format!("shutting down ({phase})\n")),
         },
         "/metrics" => metrics(handle).await,
+        "/status" => (200, HTML, STATUS_PAGE.to_owned()),
+        "/status.json" => status_json(handle).await,
         _ => (
             404,
             TEXT,
-            "not found: try /metrics, /healthz or /readyz\n".to_owned(),
+            "not found: try /status, /status.json, /metrics, /healthz or /readyz\n".to_owned(),
         ),
+    }
+}
+
+const HTML: &str = "text/html; charset=utf-8";
+const JSON: &str = "application/json";
+
+/// The status page: self-contained (its style and script inline, nothing else fetched but
+/// `/status.json`), it asks for the status every 2 s and draws it.
+const STATUS_PAGE: &str = include_str!("status.html");
+
+/// The status as `cluster-ctl status --json` shows it, for the status page and scripts.
+async fn status_json(handle: &SupervisorHandle) -> (u16, &'static str, String) {
+    match tokio::time::timeout(STATUS_TIMEOUT, handle.status()).await {
+        Ok(Ok(status)) => match serde_json::to_string(&super::control::status_of(
+            &status,
+            handle.primary().settings(),
+        )) {
+            Ok(json) => (200, JSON, json),
+            Err(_) => (500, TEXT, "could not encode the status\n".to_owned()),
+        },
+        Ok(Err(error)) => (503, TEXT, format!("{error}\n")),
+        Err(_) => (503, TEXT, "the primary does not answer\n".to_owned()),
     }
 }
 
@@ -132,7 +157,6 @@ async fn metrics(handle: &SupervisorHandle) -> (u16, &'static str, String) {
 
 #[cfg(not(feature = "metrics"))]
 async fn metrics(_: &SupervisorHandle) -> (u16, &'static str, String) {
-    let _ = STATUS_TIMEOUT;
     let body = "this build has no metrics: enable the `metrics` feature of `cluster`\n";
     (404, TEXT, body.to_owned())
 }

@@ -178,6 +178,22 @@ pub(crate) fn encode(status: &ClusterStatus) -> Result<String, std::fmt::Error> 
         "Idle keep-alive connections leaving workers handed back to be served on by others (reloads, scale-downs)",
         handed_back,
     );
+
+    let recycles = Family::<Labels, Counter>::default();
+    for (reason, count) in [
+        ("requests", status.recycles.requests),
+        ("memory", status.recycles.memory),
+    ] {
+        recycles
+            .get_or_create(&label("reason", reason))
+            .inc_by(count);
+    }
+    registry.register(
+        "cluster_worker_recycles",
+        "Workers recycled (replaced while serving), by why: handed their limit of connections, or over the memory limit",
+        recycles,
+    );
+
     let accept_errors = Counter::<u64>::default();
     accept_errors.inc_by(status.accept_errors);
     registry.register(
@@ -266,6 +282,7 @@ mod tests {
             slots: Vec::new(),
             restarts: 0,
             reloads: crate::supervisor::ReloadCounts::default(),
+            recycles: crate::supervisor::RecycleCounts::default(),
             oom_kills: 0,
             connections_held: 0,
             listeners: 1,
@@ -275,6 +292,26 @@ mod tests {
             accept_errors: 0,
             binaries: Vec::new(),
         }
+    }
+
+    #[test]
+    fn recycles_are_counted_by_reason() {
+        let mut cluster = status(1, vec![worker(1, WorkerState::Listening, Some(0))]);
+        cluster.recycles.requests = 3;
+        cluster.recycles.memory = 1;
+        let text = encode(&cluster).unwrap();
+        assert!(
+            text.contains("# TYPE cluster_worker_recycles_total counter\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("cluster_worker_recycles_total{reason=\"requests\"} 3\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("cluster_worker_recycles_total{reason=\"memory\"} 1\n"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! What a supervised cluster shows outside: a status snapshot ([`ClusterStatus`], also
 //! [`SupervisorHandle::status`]), and the servers that serve it, started by [`serve`]: the
 //! HTTP endpoint of [`Settings::metrics_addr`](crate::Settings::metrics_addr) (`/healthz`,
-//! `/readyz` and, with the `metrics` feature, Prometheus' `/metrics`) and the control socket of
+//! `/readyz`, the status page `/status` with its `/status.json`, and, with the `metrics`
+//! feature, Prometheus' `/metrics`) and the control socket of
 //! [`Settings::control_socket`](crate::Settings::control_socket) behind `cluster-ctl`.
 //!
 //! Everything here reads the cluster through a [`SupervisorHandle`]; nothing below (the
@@ -107,7 +108,7 @@ pub fn serve(handle: &SupervisorHandle) -> Result<Observability, BindError> {
             })?;
             let bound = listener.local_addr().unwrap_or(address);
             handle.shared.book.lock().expect("not poisoned").endpoint = Some(bound);
-            tracing::info!(address = %bound, "serving /metrics, /healthz and /readyz");
+            tracing::info!(address = %bound, "serving /metrics, /healthz, /readyz and /status");
             let task = tokio::spawn(endpoint::serve(listener, handle.clone()));
             Some((bound, AbortOnDrop(task)))
         }

@@ -11,7 +11,7 @@ use proto::supervisor::SlotId;
 
 use crate::primary::{Counters, Primary, WorkerCounters};
 use crate::supervisor::{
-    Book, Phase, PreviousWorker, ReloadCounts, SupervisorError, SupervisorHandle,
+    Book, Phase, PreviousWorker, RecycleCounts, ReloadCounts, SupervisorError, SupervisorHandle,
 };
 
 /// A snapshot of a supervised cluster.
@@ -40,6 +40,9 @@ pub struct ClusterStatus {
     pub restarts: u64,
     /// Rolling reloads, by how they ended.
     pub reloads: ReloadCounts,
+    /// Workers recycled ([`Settings::max_requests`](crate::Settings::max_requests),
+    /// [`Settings::max_memory`](crate::Settings::max_memory)), by why.
+    pub recycles: RecycleCounts,
     /// Workers the kernel's OOM killer killed (their memory cgroup ran out of memory).
     pub oom_kills: u64,
     /// As [`Counters::connections_held`].
@@ -288,6 +291,7 @@ async fn assemble(
         slots,
         restarts: book.restarts(),
         reloads: book.reloads,
+        recycles: book.recycles,
         oom_kills: book.oom_kills,
         connections_held: stats.connections_held,
         listeners: stats.listeners,

@@ -85,7 +85,9 @@ pub enum Event {
     /// [`Settings::wait_ready`](crate::Settings::wait_ready) the supervisor and rolling reloads
     /// count a worker as up from this event instead of its first `Listening`.
     Ready(WorkerHandle),
-    /// A rolling reload replaced `old` with `new`, which listens; `old` is disconnected next.
+    /// A rolling reload, or a recycle ([`Settings::max_requests`](crate::Settings::max_requests),
+    /// [`Settings::max_memory`](crate::Settings::max_memory)), replaced `old` with `new`, which
+    /// is up; `old` is disconnected next.
     Replaced {
         /// The worker being retired.
         old: WorkerHandle,

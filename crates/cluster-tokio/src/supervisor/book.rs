@@ -43,6 +43,24 @@ impl ReloadCounts {
     }
 }
 
+/// Workers recycled ([`Settings::max_requests`](crate::Settings::max_requests),
+/// [`Settings::max_memory`](crate::Settings::max_memory)), by why: replaced, and drained.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RecycleCounts {
+    /// Handed their limit of connections.
+    pub requests: u64,
+    /// Over the memory limit.
+    pub memory: u64,
+}
+
+impl RecycleCounts {
+    /// Every worker recycled.
+    pub fn total(&self) -> u64 {
+        self.requests + self.memory
+    }
+}
+
 /// Where a supervised cluster is in its life.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
@@ -85,6 +103,7 @@ pub(crate) struct Book {
     pub(crate) oom_kills: u64,
     /// The address the HTTP endpoint bound (the port the kernel chose, for port 0).
     pub(crate) endpoint: Option<std::net::SocketAddr>,
+    pub(crate) recycles: RecycleCounts,
 }
 
 /// One slot in the [`Book`].
@@ -110,6 +129,7 @@ impl Book {
             phase: Phase::Serving,
             oom_kills: 0,
             endpoint: None,
+            recycles: RecycleCounts::default(),
         }
     }
 
@@ -173,6 +193,14 @@ impl Book {
             Ok(_) => self.reloads.aborted += 1,
             Err(ReloadError::AlreadyRunning) => {}
             Err(_) => self.reloads.failed += 1,
+        }
+    }
+
+    /// A worker was recycled, for `reason`.
+    pub(crate) fn recycled(&mut self, reason: &proto::supervisor::RecycleReason) {
+        match reason {
+            proto::supervisor::RecycleReason::Requests { .. } => self.recycles.requests += 1,
+            proto::supervisor::RecycleReason::Memory { .. } => self.recycles.memory += 1,
         }
     }
 

@@ -37,6 +37,9 @@ impl std::fmt::Debug for Control {
 pub(crate) struct Shared {
     pub(crate) book: Mutex<Book>,
     pub(crate) primary: Primary,
+    /// Held by a rolling reload throughout and by a recycle for its step: workers are replaced
+    /// one at a time.
+    pub(crate) replacing: tokio::sync::Mutex<()>,
 }
 
 /// Asks a running [`Supervisor`](super::Supervisor) for a rolling reload, a new number of

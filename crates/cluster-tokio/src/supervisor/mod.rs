@@ -9,6 +9,7 @@ mod book;
 mod errors;
 mod handle;
 mod log;
+mod recycle;
 mod reload;
 mod reloads;
 mod running;
@@ -17,11 +18,11 @@ mod signals;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-pub use proto::supervisor::{FATAL_EXIT_CODE, SlotId};
+pub use proto::supervisor::{FATAL_EXIT_CODE, RecycleReason, SlotId};
 use tokio::sync::mpsc;
 
 pub(crate) use self::book::Book;
-pub use self::book::{Phase, PreviousWorker, ReloadCounts};
+pub use self::book::{Phase, PreviousWorker, RecycleCounts, ReloadCounts};
 pub use self::errors::{AbortReason, ReloadAborted, ReloadError, ReloadReport, SupervisorError};
 pub use self::handle::SupervisorHandle;
 use self::handle::{Control, Shared};
@@ -74,6 +75,7 @@ impl Supervisor {
         let shared = Arc::new(Shared {
             book: Mutex::new(Book::new()),
             primary,
+            replacing: tokio::sync::Mutex::new(()),
         });
         Self {
             control,

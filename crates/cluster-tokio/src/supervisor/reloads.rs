@@ -99,7 +99,10 @@ impl Reloads {
         let shared = self.shared.clone();
         let queued = self.queued.clone();
         self.running = Some(tokio::spawn(async move {
+            // After a recycle under way, if any: one replacement at a time.
+            let turn = shared.replacing.lock().await;
             let outcome = super::reload::rolling_reload(&primary).await;
+            drop(turn);
             shared.book.lock().expect("not poisoned").reloaded(&outcome);
             match &outcome {
                 Ok(report) if report.is_complete() => tracing::info!(

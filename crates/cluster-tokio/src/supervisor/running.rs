@@ -15,6 +15,7 @@ use tokio::sync::mpsc;
 
 use super::handle::{Control, Shared};
 use super::log::{SpawnFailures, is_kill_from_outside, log_exit, report};
+use super::recycle::{Outcome, Reading, Readings, Recycler};
 use super::reloads::Reloads;
 use super::signals::{Asked, Signals};
 use super::{ReloadError, SupervisorError};
@@ -50,6 +51,8 @@ pub(super) struct Running {
     /// slot is known before its `Listening`.
     forks: FuturesUnordered<Fork>,
     reloads: Reloads,
+    recycler: Recycler,
+    readings: Readings,
     spawn_failures: SpawnFailures,
     progress: crate::systemd::Progress,
     watchdog: crate::systemd::Watchdog,
@@ -83,6 +86,8 @@ impl Running {
         Self {
             events: primary.events(),
             reloads: Reloads::new(shared.clone()),
+            recycler: Recycler::default(),
+            readings: Readings::new(&primary),
             primary,
             shared,
             policy,
@@ -120,6 +125,9 @@ impl Running {
             );
         }
         loop {
+            // A reload replaces every worker anyway, and a cluster about to stop keeps them.
+            self.policy
+                .pause_recycling(self.reloads.is_running() || self.leave_at.is_some());
             self.carry_out();
             if let Some(stop) = self.given_up() {
                 return self.stop(stop, &mut signals).await;
@@ -141,6 +149,8 @@ impl Running {
                 () = sleep_until(timer) => self.on_timer(),
                 () = sleep_until(self.leave_at) => self.drain_after_delay(),
                 () = tick(&mut self.cpu_limit) => self.follow_cpu_limit(),
+                Some(reading) = self.readings.next() => self.on_reading(reading),
+                (old, reason, outcome) = self.recycler.finished() => self.recycled(old, reason, outcome),
             };
             if let Some(stop) = stop {
                 return self.stop(stop, &mut signals).await;
@@ -204,9 +214,70 @@ impl Running {
                         tokio::spawn(async move { handle.disconnect().await });
                     }
                 }
+                SupervisorOutput::Recycle { worker, reason } => {
+                    let pid = self.primary.worker(worker).map(|w| w.pid());
+                    tracing::info!(worker = worker.get(), pid, %reason, "recycling worker: starting its replacement");
+                    self.recycler.start(&self.shared, worker, reason);
+                }
                 SupervisorOutput::Event(event) => report(event, &self.spawn_failures),
             }
         }
+    }
+
+    /// Hands a reading of the workers' handoffs or memory to the policy.
+    fn on_reading(&mut self, reading: Reading) -> Option<Stop> {
+        let now = now();
+        match reading {
+            Reading::Handoffs(workers) => {
+                for (worker, handoffs) in workers {
+                    self.policy.handle_handoffs(now, worker, handoffs);
+                }
+            }
+            Reading::Memory(workers) => {
+                for (worker, resident) in workers {
+                    self.policy.handle_memory(now, worker, resident);
+                }
+            }
+        }
+        None
+    }
+
+    /// A recycle ended.
+    fn recycled(
+        &mut self,
+        old: proto::WorkerId,
+        reason: proto::supervisor::RecycleReason,
+        outcome: Outcome,
+    ) -> Option<Stop> {
+        match outcome {
+            Outcome::Replaced { new } => {
+                tracing::info!(
+                    old = old.get(),
+                    new = new.get(),
+                    reason = reason.label(),
+                    "worker recycled"
+                );
+                self.shared
+                    .book
+                    .lock()
+                    .expect("not poisoned")
+                    .recycled(&reason);
+                self.policy.handle_recycled(old);
+            }
+            Outcome::Gone => {
+                tracing::info!(
+                    worker = old.get(),
+                    "worker recycled: it had already left (replaced by a reload, or exited)"
+                );
+                self.policy.handle_recycled(old);
+            }
+            Outcome::Failed(why) => {
+                let retry = self.primary.settings().backoff_max;
+                tracing::error!(worker = old.get(), %why, ?retry, "recycle aborted: the worker serves on, and is recycled again after the longest backoff at the earliest");
+                self.policy.handle_recycle_failed(now(), old);
+            }
+        }
+        None
     }
 
     /// The end, if the policy says there is nothing left to supervise.
@@ -431,9 +502,11 @@ impl Running {
         };
         match event {
             Event::Replaced { old, new } => {
-                crate::systemd::reload_progress(crate::systemd::reload_step(
-                    self.primary.settings(),
-                ));
+                if self.reloads.is_running() {
+                    crate::systemd::reload_progress(crate::systemd::reload_step(
+                        self.primary.settings(),
+                    ));
+                }
                 let supervised = self
                     .shared
                     .book
@@ -557,6 +630,8 @@ impl Running {
     async fn stop(mut self, stop: Stop, signals: &mut Signals) -> Result<(), SupervisorError> {
         self.policy.stop();
         self.reloads.cancel();
+        self.recycler.cancel();
+        self.readings.cancel();
         let (within, outcome) = match stop {
             Stop::PrimaryGone => {
                 crate::systemd::stopping("the primary stopped");
