@@ -29,10 +29,10 @@ async fn a_rogue_worker_is_disconnected_and_the_primary_carries_on() {
                 && e.to_string() == "expected 0 file descriptors with the message, got 1"
         }),
         ("notconn", |e| e.kind() == ProtocolErrorKind::NotAConnection),
-        // A hand-back of a connection it was never given, of a listening socket, and with more
-        // unread bytes than the bound.
+        // A hand-back of a connection it was never given (and without being asked to), of a
+        // listening socket, and with more unread bytes than the bound.
         ("handback-ungiven", |e| {
-            e.kind() == ProtocolErrorKind::HandBack && e.to_string().contains("not given")
+            e.kind() == ProtocolErrorKind::HandBack && e.to_string().contains("not asked")
         }),
         ("handback-listener", |e| {
             e.kind() == ProtocolErrorKind::NotAConnection

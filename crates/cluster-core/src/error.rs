@@ -56,6 +56,9 @@ pub enum ProtocolError {
         /// How many bytes came.
         len: usize,
     },
+    /// A worker handed a connection back without being asked to leave with `hand_back`.
+    #[error("a connection handed back by a worker not asked to hand its connections back")]
+    HandBackNotAsked,
     /// A worker handed back more connections than it was given, or one of a handle it was never
     /// given a connection on.
     #[error("{handle} handed back a connection it was not given")]

@@ -138,6 +138,8 @@ pub struct WorkerSession<F> {
     /// The count last sent to the primary.
     ended_sent: u64,
     disconnect_requested: bool,
+    /// The primary asked this worker to leave and said it may hand its connections back.
+    hand_back_asked: bool,
     /// [`WorkerSession::service_ready`] was sent.
     service_ready: bool,
     reassembly: Reassembly,
@@ -165,6 +167,7 @@ impl<F> WorkerSession<F> {
             ended: 0,
             ended_sent: 0,
             disconnect_requested: false,
+            hand_back_asked: false,
             service_ready: false,
             reassembly: Reassembly::default(),
             out: VecDeque::new(),
@@ -311,15 +314,16 @@ impl<F> WorkerSession<F> {
     ///
     /// # Errors
     ///
-    /// Gives both back when `prefix` is over [`MAX_PREFIX`](crate::wire::MAX_PREFIX): the
-    /// connection is this worker's to finish.
+    /// Gives both back when `prefix` is over [`MAX_PREFIX`](crate::wire::MAX_PREFIX), or the
+    /// primary did not ask this worker to hand connections back (it is not leaving, or the
+    /// whole cluster stops), or the link is closed: the connection is this worker's to finish.
     pub fn hand_back(
         &mut self,
         handle: HandleId,
         conn: F,
         prefix: Vec<u8>,
     ) -> Result<(), (F, Vec<u8>)> {
-        if prefix.len() > wire::MAX_PREFIX || self.link.is_closed() {
+        if prefix.len() > wire::MAX_PREFIX || !self.hand_back_asked || self.link.is_closed() {
             return Err((conn, prefix));
         }
         self.flush_acks();
@@ -512,6 +516,7 @@ impl<F> WorkerSession<F> {
                 hand_back,
             } => {
                 self.disconnect_requested = true;
+                self.hand_back_asked = hand_back;
                 self.event(SessionEvent::DisconnectRequested {
                     within: Duration::from_millis(within_ms),
                     hand_back,

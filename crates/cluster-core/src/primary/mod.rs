@@ -305,6 +305,9 @@ struct WorkerEntry<C> {
     peer_released: bool,
     /// Told to be killed, and why: it is offered nothing more.
     killed: Option<KillReason>,
+    /// Was told it may hand its idle connections back (`Disconnect { hand_back: true }`): the
+    /// only time a `HandBack` is accepted from it.
+    hand_back_asked: bool,
     /// Declared ready to serve.
     service_ready: bool,
     /// Shut its end of the link for reading ([`Primary::handle_deaf`]).
@@ -404,6 +407,7 @@ impl<C: Copy + Ord + std::fmt::Debug> Primary<C> {
             failed: false,
             unasked: 0,
             served: Vec::new(),
+            hand_back_asked: false,
             counters: Counters::default(),
             reassembly: Reassembly::default(),
         };
@@ -763,6 +767,9 @@ impl<C: Copy + Ord + std::fmt::Debug> Primary<C> {
                 .workers
                 .iter()
                 .any(|(id, e)| *id != worker && !e.is_retired() && !e.link.is_closed());
+        if let Some(entry) = self.workers.get_mut(&worker) {
+            entry.hand_back_asked = hand_back;
+        }
         self.send(
             worker,
             PrimaryMessage::Disconnect {
@@ -1111,6 +1118,11 @@ impl<C: Copy + Ord + std::fmt::Debug> Primary<C> {
             WorkerMessage::HandBack { handle, prefix } => {
                 if prefix.len() > wire::MAX_PREFIX {
                     return Err(ProtocolError::PrefixTooLong { len: prefix.len() });
+                }
+                // Only when told: a worker that hands back while it serves would be given its
+                // own connections again, round and round.
+                if !entry.hand_back_asked {
+                    return Err(ProtocolError::HandBackNotAsked);
                 }
                 // Never more than it was given: a worker cannot loop a connection through the
                 // primary faster than the primary hands it out.

@@ -1708,7 +1708,19 @@ fn hand_backs_are_bounded_by_what_the_worker_was_given() {
         },
     );
     h.outputs();
+    // Not asked to hand back (it is not leaving): refused, whatever it sends.
+    let outs = hand_back(&mut h, w1, handle, b"");
+    assert!(outs.contains(&Out::Other(Output::Event(Event::Error {
+        worker: w1,
+        error: ProtocolError::HandBackNotAsked
+    }))));
+
     // Too many bytes.
+    let mut h = Harness::new();
+    let (w1, _, handle) = h.two_workers_on_one_handle();
+    h.primary
+        .disconnect(h.now, w1, Duration::from_secs(5), true);
+    h.outputs();
     let long = vec![b'x'; wire::MAX_PREFIX + 1];
     let outs = hand_back(&mut h, w1, handle, &long);
     assert!(outs.contains(&Out::Other(Output::Event(Event::Error {
@@ -1733,6 +1745,9 @@ fn hand_backs_are_bounded_by_what_the_worker_was_given() {
         },
     );
     h.outputs();
+    h.primary
+        .disconnect(h.now, w1, Duration::from_secs(5), true);
+    h.outputs();
     let first = hand_back(&mut h, w1, handle, b"");
     assert!(matches!(first[..], [Out::Other(Output::Returned { .. })]));
     let second = hand_back(&mut h, w1, handle, b"");
@@ -1744,6 +1759,9 @@ fn hand_backs_are_bounded_by_what_the_worker_was_given() {
     // A worker never given a connection on the handle.
     let mut h = Harness::new();
     let (_, w2, handle) = h.two_workers_on_one_handle();
+    h.primary
+        .disconnect(h.now, w2, Duration::from_secs(5), true);
+    h.outputs();
     let outs = hand_back(&mut h, w2, handle, b"");
     assert!(outs.contains(&Out::Other(Output::Event(Event::Error {
         worker: w2,

@@ -62,11 +62,18 @@ impl HandBack {
     ///
     /// # Errors
     ///
-    /// [`HandBackError`], with the connection and its bytes, when `unread` is longer than
-    /// [`Self::MAX_UNREAD`] or this worker's link to the primary is gone: the connection is yours
-    /// to finish.
+    /// [`HandBackError`], with the connection and its bytes, when hand-back is not wanted
+    /// ([`Self::is_wanted`]), `unread` is longer than [`Self::MAX_UNREAD`], or this worker's
+    /// link to the primary is gone: the connection is yours to finish.
     pub fn send(&self, conn: impl Into<OwnedFd>, unread: Vec<u8>) -> Result<(), HandBackError> {
         let conn = conn.into();
+        if !self.is_wanted() {
+            return Err(HandBackError {
+                reason: Reason::NotWanted,
+                conn,
+                unread,
+            });
+        }
         if unread.len() > MAX_PREFIX {
             return Err(HandBackError {
                 reason: Reason::TooLong,
@@ -104,6 +111,7 @@ pub struct HandBackError {
 
 #[derive(Clone, Copy, Debug)]
 enum Reason {
+    NotWanted,
     TooLong,
     Disconnected,
 }
@@ -132,6 +140,10 @@ impl fmt::Debug for HandBackError {
 impl fmt::Display for HandBackError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.reason {
+            Reason::NotWanted => f.write_str(
+                "connection not handed back: the primary did not ask this worker to hand its \
+                 connections back",
+            ),
             Reason::TooLong => write!(
                 f,
                 "connection not handed back: {} unread bytes, over the bound of {MAX_PREFIX}",

@@ -158,9 +158,10 @@ impl ProtocolError {
             E::MessageTooLarge(_) => ProtocolErrorKind::MessageTooLarge,
             E::NotAConnection => ProtocolErrorKind::NotAConnection,
             E::HandoffTimeout { .. } => ProtocolErrorKind::HandoffTimeout,
-            E::PrefixTooLong { .. } | E::NotGiven { .. } | E::UnexpectedPrefix { .. } => {
-                ProtocolErrorKind::HandBack
-            }
+            E::PrefixTooLong { .. }
+            | E::NotGiven { .. }
+            | E::UnexpectedPrefix { .. }
+            | E::HandBackNotAsked => ProtocolErrorKind::HandBack,
             E::EndedMiscounted { .. } => ProtocolErrorKind::EndedMiscounted,
             // The core's error is non-exhaustive: a rule it adds is reported, not lost.
             _ => ProtocolErrorKind::Other,
@@ -228,8 +229,9 @@ pub enum ProtocolErrorKind {
     NotAConnection,
     /// It did not ack a handed-off connection in time: presumed hung.
     HandoffTimeout,
-    /// It handed a connection back against the rules: with more unread bytes than the bound,
-    /// on a handle it was never given connections on, or more of them than it was given.
+    /// It handed a connection back against the rules: without being asked to, with more unread
+    /// bytes than the bound, on a handle it was never given connections on, or more of them than
+    /// it was given.
     HandBack,
     /// It reported more ended connections than it was given, or its count went back.
     EndedMiscounted,

@@ -378,9 +378,10 @@ impl Driver {
         for (conn, prefix) in conns {
             if prefix.is_empty() {
                 self.session.give_back(handle, conn);
-            } else {
-                // Under the bound: it came with it.
-                let _ = self.session.hand_back(handle, conn, prefix);
+            } else if self.session.hand_back(handle, conn, prefix).is_err() {
+                // Its bytes can only go back with a hand-back, which the primary did not ask
+                // for (the whole cluster stops): it is closed here, its request lost with it.
+                tracing::debug!(%handle, "a connection with unread bytes closed unserved");
             }
         }
     }
