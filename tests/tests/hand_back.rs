@@ -542,3 +542,40 @@ fn a_plain_listener_hands_connections_back_and_takes_them_with_their_bytes() {
     program.signal(libc::SIGTERM);
     assert!(program.wait().success(), "{}", program.stderr());
 }
+
+#[test]
+fn a_request_body_left_unread_is_never_handed_back_as_a_request() {
+    let deploys = Deploys::new("unread-body");
+    deploys.deploy("v1");
+    let app = deploys.app();
+    let mut program = Program::start(
+        app.to_str().unwrap(),
+        &[("CLUSTER_WORKERS", "1"), ("RUST_LOG", "info")],
+    );
+    let (_, _, port) = program.worker();
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream.set_read_timeout(Some(WAIT)).unwrap();
+    // A body of 100 bytes announced, 10 sent; the application answers, once its worker is
+    // asked to leave, without reading it.
+    stream
+        .write_all(
+            b"POST /at-drain HTTP/1.1\r\nHost: test\r\nContent-Length: 100\r\n\r\n0123456789",
+        )
+        .unwrap();
+    program.signal(libc::SIGHUP);
+    let answer = read_answer(&mut stream).unwrap();
+    assert_eq!((answer.status, answer.body.as_str()), (200, "drained"));
+    program.wait_for_log("reload complete");
+    // The rest of the body, which reads like a request: had the connection been handed back,
+    // the new worker would answer it.
+    let _ = stream.write_all(b"GET /version HTTP/1.1\r\nHost: test\r\n\r\n");
+    let mut rest = Vec::new();
+    let _ = stream.read_to_end(&mut rest);
+    let rest = String::from_utf8_lossy(&rest);
+    assert!(
+        !rest.contains("HTTP/1.1"),
+        "the body was served as a request: {rest}"
+    );
+    program.signal(libc::SIGTERM);
+    assert!(program.wait().success(), "{}", program.stderr());
+}

@@ -248,7 +248,8 @@ fn a_reload_runs_the_build_deployed_by_rename_and_refuses_bad_builds() {
     // A build that exits at start: the reload is aborted, v2 serves on.
     deploy(fixture, "exit");
     program.signal(libc::SIGHUP);
-    program.wait_for_log("reload aborted");
+    // The supervisor's line, which follows the reload's own `reload aborted`.
+    program.wait_for_log("reload aborted, the old workers keep serving");
     let log = program.stderr();
     // One readable line: which worker, what happened, no `Some(ReloadAborted { .. })`.
     assert!(

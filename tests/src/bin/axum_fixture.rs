@@ -7,7 +7,8 @@
 //! (`cluster_tests::stamp`); `POST /echo` answers `<build> worker <id> <body>`;
 //! `GET /delay/<ms>` prints `delaying <id> <ms>` and answers `worker <id>` after `ms`
 //! milliseconds; `GET /upgrade` switches the connection to an echo protocol (`101`, then every
-//! byte sent comes back).
+//! byte sent comes back); `POST /at-drain` answers `drained` once the worker is asked to leave,
+//! without reading the request's body.
 //! Workers log to stderr (`RUST_LOG`, default `warn`).
 
 use std::io::Write;
@@ -39,6 +40,15 @@ async fn main() -> std::io::Result<()> {
             post(move |body: String| async move { format!("{echo_build} worker {id} {body}\n") }),
         )
         .route("/upgrade", get(upgrade))
+        .route(
+            "/at-drain",
+            post(|| async {
+                cluster::shutdown().await;
+                // After the server's own drain has begun.
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                "drained\n"
+            }),
+        )
         .route(
             "/delay/{ms}",
             get(move |Path(ms): Path<u64>| async move {

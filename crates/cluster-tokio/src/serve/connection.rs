@@ -195,26 +195,39 @@ async fn serve_h1<L, S, B>(
     // upgrade, so it becomes one that can when a request asks (`Step::Upgrade`).
     let mut conn = http1::Builder::new().serve_connection(TokioIo::new(io), service);
     let mut handing_back = false;
+    let mut closing_idle = false;
     let mut shut = false;
     let step = loop {
         match *phase.borrow_and_update() {
             Phase::HandBack => handing_back = true,
-            Phase::CloseIdle if !shut => {
-                shut = true;
-                Pin::new(&mut conn).graceful_shutdown();
-            }
+            Phase::CloseIdle => closing_idle = true,
             _ => {}
         }
+        // Stopped only between two requests: an idle connection ends at once, without writing
+        // anything; a busy one once its response is written. Never one whose response says
+        // `Connection: close`: hyper closes it itself once that response is flushed (stopping
+        // it earlier would drop the unflushed end of the response).
+        let stoppable = |state: &ConnState| {
+            state.in_flight.load(Ordering::Relaxed) == 0
+                && !state.must_close.load(Ordering::Relaxed)
+        };
         let polled = std::future::poll_fn(|cx| {
             loop {
                 if handing_back && state.requests.load(Ordering::Relaxed) == 0 {
                     return Poll::Ready(Step::Fresh);
                 }
-                // Stopped only between two requests: an idle connection ends at once, without
-                // writing anything; a busy one once its response is written.
-                if handing_back && !shut && state.in_flight.load(Ordering::Relaxed) == 0 {
-                    shut = true;
-                    Pin::new(&mut conn).graceful_shutdown();
+                let mut settling = false;
+                if (handing_back || closing_idle) && !shut && stoppable(&state) {
+                    if state.body_unsettled.swap(false, Ordering::Relaxed) {
+                        // The last request had a body: hyper learns whether the application
+                        // read it all only on its next poll (an unread rest closes the
+                        // connection). Stopped before that, the rest would go to the next
+                        // worker as if it were a request.
+                        settling = true;
+                    } else {
+                        shut = true;
+                        Pin::new(&mut conn).graceful_shutdown();
+                    }
                 }
                 if let Poll::Ready(done) = conn.poll_without_shutdown(cx) {
                     return Poll::Ready(Step::Done(done));
@@ -222,8 +235,8 @@ async fn serve_h1<L, S, B>(
                 if state.wants_upgrades.load(Ordering::Relaxed) {
                     return Poll::Ready(Step::Upgrade);
                 }
-                // Its last response was just written: stop it now.
-                if !(handing_back && !shut && state.in_flight.load(Ordering::Relaxed) == 0) {
+                // Settled, or its last response was just written: stop it now.
+                if !(settling || ((handing_back || closing_idle) && !shut && stoppable(&state))) {
                     return Poll::Pending;
                 }
             }
@@ -288,9 +301,12 @@ async fn serve_h1<L, S, B>(
             if unread.len() > HandBack::MAX_UNREAD {
                 // Too much to carry: finish the request it started here, then close.
                 let io = TokioIo::new(Rewind::new(io, unread));
+                // Its next request may ask to upgrade: this connection can.
+                state.upgrades.store(true, Ordering::Relaxed);
                 let last = http1::Builder::new()
                     .keep_alive(false)
-                    .serve_connection(io, parts.service);
+                    .serve_connection(io, parts.service)
+                    .with_upgrades();
                 tokio::select! {
                     _ = last => {}
                     _ = phase.wait_for(|_| false) => {}

@@ -126,6 +126,9 @@ where
 pub(crate) struct ConnState {
     /// Requests it has had, answered or not.
     pub(crate) requests: AtomicU64,
+    /// The last request came with a body: whether the application read all of it is known
+    /// only once hyper has polled again (see `connection::serve_h1`).
+    pub(crate) body_unsettled: AtomicBool,
     /// Requests whose response is not completely written yet.
     pub(crate) in_flight: AtomicUsize,
     /// A request asked to switch protocols: the connection must be able to upgrade before its
@@ -164,7 +167,12 @@ where
         let unanswered = Unanswered::new(self.shared.clone());
         let http1 = self.http1;
         if http1 {
-            if request.version() < Version::HTTP_11 || has_token(&request, "close") {
+            if !request.body().is_end_stream() {
+                self.state.body_unsettled.store(true, Ordering::Relaxed);
+            }
+            let old_without_keep_alive =
+                request.version() < Version::HTTP_11 && !has_token(&request, "keep-alive");
+            if old_without_keep_alive || has_token(&request, "close") {
                 self.state.must_close.store(true, Ordering::Relaxed);
             }
             if request.method() == Method::CONNECT || request.headers().contains_key(UPGRADE) {
