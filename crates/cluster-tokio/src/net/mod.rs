@@ -45,6 +45,7 @@ pub struct ConnectionGuard {
 }
 
 /// A connection just taken, with its peer's address and the guard that says when it ends.
+#[cfg(any(feature = "axum", feature = "hyper", feature = "tonic"))]
 pub(crate) type Accepted<Io, Addr> = (Io, Addr, ConnectionGuard);
 
 /// A connection just taken and the guard that says when it ends.
