@@ -947,6 +947,9 @@ fn every_leaving_echo_worker_exits_0_over_five_reloads_and_a_sigterm() {
             let before = ok.load(Ordering::Relaxed);
             program.signal(libc::SIGHUP);
             program.wait_for_logs("reload complete", reload);
+            // The supervisor logs an exit as it learns of it, which may be just after the
+            // reload completes: a SIGTERM then would leave it unlogged.
+            program.wait_for_logs("worker exited", 2 * reload);
             // Served between reloads: the load is real. Bounded by the log waits' deadline.
             let deadline = Instant::now() + WAIT;
             while ok.load(Ordering::Relaxed) < before + 20 {
