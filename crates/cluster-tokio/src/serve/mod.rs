@@ -155,24 +155,7 @@ impl<L: Listener> Incoming<L> {
         &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<Option<crate::net::Accepted<L::Io, L::Addr>>> {
-        loop {
-            if let Some(backoff) = &mut self.backoff {
-                ready!(backoff.as_mut().poll(cx));
-                self.backoff = None;
-            }
-            let error = match ready!(self.listener.poll_accept_peer(cx)) {
-                Ok(accepted) => return Poll::Ready(Some(accepted)),
-                Err(error) => error,
-            };
-            match AcceptError::of(&error) {
-                AcceptError::Leaving => return Poll::Ready(None),
-                AcceptError::Skip => {}
-                AcceptError::Backoff => {
-                    tracing::error!(%error, "accept failed; retrying in 1s");
-                    self.backoff = Some(Box::pin(tokio::time::sleep(ACCEPT_BACKOFF)));
-                }
-            }
-        }
+        self.poll_with_policy(cx, L::poll_accept_peer)
     }
 
     /// As [`Self::poll_accept`], with the bytes to read before the socket's (a connection
@@ -182,12 +165,21 @@ impl<L: Listener> Incoming<L> {
         &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<Option<crate::net::Handed<L::Io, L::Addr>>> {
+        self.poll_with_policy(cx, L::poll_accept_prefixed)
+    }
+
+    /// Polls `accept` on the listener with the policy for accept errors (see the type's doc).
+    fn poll_with_policy<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        accept: fn(&mut L, &mut Context<'_>) -> Poll<std::io::Result<T>>,
+    ) -> Poll<Option<T>> {
         loop {
             if let Some(backoff) = &mut self.backoff {
                 ready!(backoff.as_mut().poll(cx));
                 self.backoff = None;
             }
-            let error = match ready!(self.listener.poll_accept_prefixed(cx)) {
+            let error = match ready!(accept(&mut self.listener, cx)) {
                 Ok(accepted) => return Poll::Ready(Some(accepted)),
                 Err(error) => error,
             };
